@@ -1,0 +1,80 @@
+"""Storage seam: how a node persists records.
+
+Theory of operation
+-------------------
+A ``Storage`` is an ordered map from ``(token, key)`` to an opaque ``bytes``
+blob.  Records are ordered by ring token first so that a token range (a vnode's
+share of the ring) can be scanned in order: hinted handoff and Merkle
+anti-entropy walk ranges, never the whole store.  The blob's meaning belongs
+to the caller (a versioned object, a hint, a Paxos acceptor state).
+
+Durability contract, by ``fsync`` policy:
+
+* ``always``: when ``put``/``delete`` returns, the change is on stable storage.
+* ``batch``: the same promise, but writes arriving within a short window share
+  one fsync (group commit); every caller still waits for that fsync.
+* ``never``: the change is in the OS page cache or memory; a crash may lose it.
+
+A node acknowledges a replica write only after ``put`` returns, so under
+``always`` and ``batch`` an acknowledged write survives ``kill -9``.
+
+Engines must not block the event loop: blocking I/O runs on a thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+FsyncPolicy = Literal["always", "batch", "never"]
+FSYNC_POLICIES: tuple[str, ...] = ("always", "batch", "never")
+ENGINES: tuple[str, ...] = ("memory", "sqlite")
+
+
+class StorageError(Exception):
+    """An operating error of the storage engine (disk full, corrupt file, closed store)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    token: int
+    key: str
+    blob: bytes
+
+
+class Storage(Protocol):
+    async def get(self, key: str, token: int) -> bytes | None:
+        """The blob stored under (token, key), or None."""
+        ...
+
+    async def put(self, key: str, token: int, blob: bytes) -> None:
+        """Store (replace) a blob; returns once durable per the fsync policy."""
+        ...
+
+    async def delete(self, key: str, token: int) -> None:
+        """Remove a record (used to reap tombstones and to drop delivered hints)."""
+        ...
+
+    async def scan(
+        self, start_token: int, end_token: int, limit: int, after: tuple[int, str] | None = None
+    ) -> list[Record]:
+        """Records with start_token < token <= end_token, in ring order, at most ``limit``.
+
+        The range is half-open on the left like a ring range.  When ``start_token >= end_token``
+        the range wraps around the end of the token space (tokens are signed 64-bit: records with
+        token > start_token come first, then those with token <= end_token).  ``after`` resumes a
+        paged scan strictly after the (token, key) of the last record of the previous page.
+        """
+        ...
+
+    async def count(self) -> int:
+        """Number of records stored."""
+        ...
+
+    async def size_bytes(self) -> int:
+        """Approximate bytes used (for metrics)."""
+        ...
+
+    async def close(self) -> None:
+        """Flush and release resources; idempotent."""
+        ...
