@@ -1,0 +1,245 @@
+"""Per-key causal history: dotted version vectors (DVV sets), or last-write-wins.
+
+Theory of operation
+-------------------
+Follows "Dotted Version Vectors: Logical Clocks for Optimistic Replication"
+(Preguiça, Baquero, Almeida, Fonte, Gonçalves, 2010) in the compact "DVV set" form
+that Riak 2.0 adopted (``dvv_enabled``) to end sibling explosion.
+
+A stored object is a version vector ``clock`` (member -> counter: everything this
+object has seen) plus a set of ``siblings``, each tagged with the *dot*
+``(member, counter)`` of the write that created it.  Rules:
+
+* **update** (a coordinator applies a client write): the new sibling gets dot
+  ``(coordinator, clock[coordinator] + 1)``; every stored sibling whose dot the
+  client's *context* covers is superseded (the client saw it); the others stay,
+  because the client wrote without knowing them: they are concurrent.
+* **sync** (two replicas merge): a sibling survives iff the other side has it too or
+  the other side's clock does not cover its dot (it has not seen it, so it cannot
+  have superseded it).
+* A read returns every surviving sibling plus the merged clock as the opaque
+  context; writing back with that context resolves all of them.
+
+Why dots and not plain vector clocks: with a per-server vector clock alone, two
+clients writing through the same coordinator with the same stale context are
+either wrongly ordered (a lost update) or, in Riak's pre-2.0 "vnode vclocks",
+kept as siblings that no later write can ever individually supersede, so they
+pile up (sibling explosion).  A dot names each write exactly, so a context
+supersedes exactly what it saw; the number of siblings is bounded by the number
+of truly concurrent writes, and the clock's size by the number of members that
+coordinate writes (the test tables check both).
+
+Uniqueness of dots assumes a dot's member coordinates the update with that key's
+latest local state (the coordinator of a sibling-mode write is always one of the
+key's replicas, which holds every dot it ever issued for that key).
+
+In ``lww`` mode the same structure is kept, but after every update or sync only
+the sibling with the greatest ``(timestamp_ns, member, counter)`` survives: the
+coordinator's wall clock decides, and a skewed clock silently discards
+acknowledged writes (that is the experiment).
+
+A sibling whose ``value`` is None is a tombstone (a delete).  Everything here is
+pure and deterministic: no clock reads, no unordered iteration in outputs.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import msgpack
+
+ConflictMode = Literal["siblings", "lww"]
+CONFLICT_MODES: tuple[str, ...] = ("siblings", "lww")
+MAX_CONTEXT_ENTRIES = 1024  # far above any real cluster; a bound against hostile contexts
+MAX_CONTEXT_BYTES = 16 * 1024
+
+VersionVector = dict[str, int]
+
+
+class InvalidContext(ValueError):
+    """A client-supplied causal context could not be decoded."""
+
+
+@dataclass(frozen=True, slots=True)
+class Sibling:
+    node: str  # the dot: (node, counter)
+    counter: int
+    timestamp_ns: int  # the coordinator's wall clock when written (LWW order, information)
+    value: bytes | None  # None = tombstone
+
+    @property
+    def dot(self) -> tuple[str, int]:
+        return (self.node, self.counter)
+
+    @property
+    def is_tombstone(self) -> bool:
+        return self.value is None
+
+    def lww_key(self) -> tuple[int, str, int]:
+        return (self.timestamp_ns, self.node, self.counter)
+
+
+@dataclass(frozen=True, slots=True)
+class VersionedObject:
+    clock: tuple[tuple[str, int], ...]  # sorted by member id
+    siblings: tuple[Sibling, ...]  # sorted by dot
+
+    @staticmethod
+    def empty() -> VersionedObject:
+        return VersionedObject((), ())
+
+    def vector(self) -> VersionVector:
+        return dict(self.clock)
+
+    @property
+    def live_values(self) -> list[bytes]:
+        return [s.value for s in self.siblings if s.value is not None]
+
+    @property
+    def is_deleted(self) -> bool:
+        """Every sibling is a tombstone (and there is at least one): reads treat it as absent."""
+        return bool(self.siblings) and all(s.is_tombstone for s in self.siblings)
+
+    def check_invariants(self) -> None:
+        vector = self.vector()
+        dots = [s.dot for s in self.siblings]
+        assert len(set(dots)) == len(dots), "duplicate dots"
+        for s in self.siblings:
+            assert s.counter <= vector.get(s.node, 0), f"sibling dot {s.dot} not covered by clock"
+
+
+def _covers(vector: Mapping[str, int], node: str, counter: int) -> bool:
+    return counter <= vector.get(node, 0)
+
+
+def merge_vectors(a: Mapping[str, int], b: Mapping[str, int]) -> VersionVector:
+    merged = dict(a)
+    for node, counter in b.items():
+        if counter > merged.get(node, 0):
+            merged[node] = counter
+    return merged
+
+
+def descends(a: Mapping[str, int], b: Mapping[str, int]) -> bool:
+    """a has seen everything b has (a >= b)."""
+    return all(a.get(node, 0) >= counter for node, counter in b.items())
+
+
+def concurrent(a: Mapping[str, int], b: Mapping[str, int]) -> bool:
+    return not descends(a, b) and not descends(b, a)
+
+
+def _make(vector: Mapping[str, int], siblings: Iterable[Sibling], mode: ConflictMode) -> VersionedObject:
+    ordered = sorted(siblings, key=lambda s: s.dot)
+    if mode == "lww" and len(ordered) > 1:
+        ordered = [max(ordered, key=Sibling.lww_key)]
+    return VersionedObject(tuple(sorted((k, v) for k, v in vector.items() if v > 0)), tuple(ordered))
+
+
+def update(
+    stored: VersionedObject,
+    context: Mapping[str, int],
+    node: str,
+    value: bytes | None,
+    timestamp_ns: int,
+    mode: ConflictMode = "siblings",
+) -> VersionedObject:
+    """Apply a client write (value None = delete) coordinated by ``node``."""
+    vector = stored.vector()
+    # max() with the context guards dot uniqueness even if this node lost state it had issued.
+    counter = max(vector.get(node, 0), context.get(node, 0)) + 1
+    kept = [s for s in stored.siblings if not _covers(context, s.node, s.counter)]
+    new_vector = merge_vectors(vector, context)
+    new_vector[node] = counter
+    return _make(new_vector, [*kept, Sibling(node, counter, timestamp_ns, value)], mode)
+
+
+def sync(a: VersionedObject, b: VersionedObject, mode: ConflictMode = "siblings") -> VersionedObject:
+    """Merge two replicas' versions of one key (commutative, associative, idempotent)."""
+    if a == b:
+        return a
+    va, vb = a.vector(), b.vector()
+    dots_a = {s.dot for s in a.siblings}
+    dots_b = {s.dot for s in b.siblings}
+    survivors = [s for s in a.siblings if s.dot in dots_b or not _covers(vb, s.node, s.counter)]
+    survivors += [s for s in b.siblings if s.dot not in dots_a and not _covers(va, s.node, s.counter)]
+    return _make(merge_vectors(va, vb), survivors, mode)
+
+
+def sync_all(objects: Iterable[VersionedObject], mode: ConflictMode = "siblings") -> VersionedObject:
+    merged = VersionedObject.empty()
+    for obj in objects:
+        merged = sync(merged, obj, mode)
+    return merged
+
+
+def supersedes(a: VersionedObject, b: VersionedObject) -> bool:
+    """a already contains everything of b (syncing b into a changes nothing)."""
+    return sync(a, b) == a
+
+
+# --- encoding -------------------------------------------------------------------------
+
+
+def encode(obj: VersionedObject) -> bytes:
+    return msgpack.packb(
+        [[list(e) for e in obj.clock], [[s.node, s.counter, s.timestamp_ns, s.value] for s in obj.siblings]],
+        use_bin_type=True,
+    )
+
+
+def decode(blob: bytes) -> VersionedObject:
+    clock, siblings = msgpack.unpackb(blob, raw=False)
+    return VersionedObject(
+        tuple((str(n), int(c)) for n, c in clock),
+        tuple(Sibling(str(n), int(c), int(t), v) for n, c, t, v in siblings),
+    )
+
+
+def digest(obj: VersionedObject) -> bytes:
+    """A short fingerprint of the causal state (clock + dots): equal iff replicas agree."""
+    h = hashlib.blake2b(digest_size=8)
+    for node, counter in obj.clock:
+        h.update(f"{node}:{counter},".encode())
+    h.update(b"|")
+    for s in obj.siblings:
+        h.update(f"{s.node}:{s.counter}:{'t' if s.value is None else 'v'},".encode())
+    return h.digest()
+
+
+def encode_context(vector: Mapping[str, int]) -> str:
+    """The opaque causal context a client carries back (base64url, no padding)."""
+    packed = msgpack.packb(sorted(vector.items()), use_bin_type=True)
+    return base64.urlsafe_b64encode(packed).rstrip(b"=").decode("ascii")
+
+
+def decode_context(text: str | None) -> VersionVector:
+    if not text:
+        return {}
+    if len(text) > MAX_CONTEXT_BYTES:
+        raise InvalidContext("context too large")
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        entries = msgpack.unpackb(raw, raw=False)
+    except (binascii.Error, ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        raise InvalidContext(f"context is not valid base64url msgpack: {exc}") from None
+    if not isinstance(entries, list) or len(entries) > MAX_CONTEXT_ENTRIES:
+        raise InvalidContext("context must be a list of [member, counter] entries")
+    vector: VersionVector = {}
+    for entry in entries:
+        if (
+            not isinstance(entry, list)
+            or len(entry) != 2
+            or not isinstance(entry[0], str)
+            or not isinstance(entry[1], int)
+            or isinstance(entry[1], bool)
+            or entry[1] < 0
+        ):
+            raise InvalidContext("context entries must be [member, non-negative counter]")
+        vector[entry[0]] = entry[1]
+    return vector
