@@ -1,0 +1,87 @@
+"""Typed operating errors raised by the node and mapped to HTTP by ``kvstore.api``.
+
+Each carries a stable ``code`` (the JSON ``error`` field) and an HTTP ``status``.
+Programmer errors are asserts, not these.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class NodeError(Exception):
+    status = 500
+    code = "internal"
+
+    def __init__(self, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.extra = extra
+
+    def body(self) -> dict[str, Any]:
+        return {"error": self.code, "message": self.message, **self.extra}
+
+
+class BadRequest(NodeError):
+    status = 400
+    code = "bad_request"
+
+    def __init__(self, code: str, message: str, **extra: Any) -> None:
+        super().__init__(message, **extra)
+        self.code = code
+
+
+class Unauthorized(NodeError):
+    status = 401
+    code = "unauthorized"
+
+
+class NotFound(NodeError):
+    status = 404
+    code = "not_found"
+
+
+class ConsistencyConflict(NodeError):
+    status = 409
+    code = "consistency_conflict"
+
+
+class PreconditionFailed(NodeError):
+    status = 412
+    code = "precondition_failed"
+
+
+class ValueTooLarge(NodeError):
+    status = 413
+    code = "value_too_large"
+
+
+class Overloaded(NodeError):
+    status = 503
+    code = "overloaded"
+
+
+class QuorumUnavailable(NodeError):
+    """Fewer than the needed replicas answered.  ``indeterminate``: a write may still appear."""
+
+    status = 503
+    code = "quorum_unavailable"
+
+    def __init__(self, needed: int, acknowledged: int, indeterminate: bool, detail: str = "") -> None:
+        what = "may still become visible on the replicas that took it" if indeterminate else "was not applied"
+        message = f"{acknowledged} of the {needed} required replicas answered; the request {what}"
+        if detail:
+            message += f" ({detail})"
+        super().__init__(message, needed=needed, acknowledged=acknowledged, indeterminate=indeterminate)
+        self.needed = needed
+        self.acknowledged = acknowledged
+        self.indeterminate = indeterminate
+
+
+class RequestTimeout(NodeError):
+    status = 503
+    code = "timeout"
+
+    def __init__(self, message: str, indeterminate: bool) -> None:
+        super().__init__(message, indeterminate=indeterminate)
+        self.indeterminate = indeterminate

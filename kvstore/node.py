@@ -1,0 +1,562 @@
+"""A kvstore node: coordinator for any key, replica for the keys the ring gives it.
+
+Theory of operation
+-------------------
+The request paths follow Dynamo (DeCandia et al. 2007, §4.5-4.7) and Riak KV:
+
+**Write.**  The node that receives a client write forwards it to a *primary*
+(one of the key's N preference-list members) believed up, unless it is one
+itself.  The coordinating primary applies the write to its local copy under a
+per-key lock (``versions.update``: a new dotted sibling), persists it, then sends
+the resulting object to the other N-1 targets in parallel; it answers once W
+targets (itself included) stored it durably.  Coordinating at a replica is what
+keeps dots unique: the coordinator holds every dot it ever issued for the key.
+The remaining targets complete in the background, bounded.
+
+**Sloppy quorum.**  With ``sloppy`` on, a primary believed down (or failing the
+call) is replaced by the next healthy fallback in the ring's order; the fallback
+stores the object as a *hint* naming the intended owner, and it counts toward W.
+When no primary is reachable at all, the receiving node coordinates as a
+fallback, under a fresh one-shot actor id (``node!incarnation.seq``): it lacks
+the key's history, so only a never-reused actor keeps the dot unique (the fix
+Riak applied for KV-679).  With ``sloppy`` off only primaries count, and a
+request that cannot reach W of them fails *before* writing anything.
+
+**Read.**  Ask the N targets, answer after R replies, merging their objects with
+``versions.sync`` (concurrent siblings are all returned).  The rest of the
+replies are awaited briefly afterwards for read repair.
+
+**Outcomes.**  A write that reached fewer than W targets answers 503
+``quorum_unavailable``; when any target may have stored it, the body says
+``indeterminate: true``: the write may still become visible (Jepsen's ``info``).
+
+Everything time- or randomness-dependent comes from the injected ``Clock`` and
+``random.Random``; I/O goes through the ``Transport`` and ``Storage`` seams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import random
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+from kvstore import versions
+from kvstore.clock import Clock
+from kvstore.config import NodeConfig
+from kvstore.errors import NodeError, Overloaded, QuorumUnavailable
+from kvstore.metrics import Metrics
+from kvstore.quorum import QuorumTracker
+from kvstore.ring import Ring, key_token
+from kvstore.storage.base import Storage, StorageError
+from kvstore.transport.base import Message, PeerUnavailable, RemoteError, Transport
+from kvstore.versions import VersionedObject
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReadOutcome:
+    obj: VersionedObject
+    replies: int
+    responders: list[str] = field(default_factory=list)
+
+
+@dataclass
+class WriteOutcome:
+    obj: VersionedObject
+    acknowledged: int
+    hinted: list[str] = field(default_factory=list)
+
+
+class KeyLocks:
+    """Per-key asyncio locks, created on demand and dropped when free (bounded by keys in flight)."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> Any:
+        lock, users = self._locks.get(key, (None, 0))
+        if lock is None:
+            lock = asyncio.Lock()
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock_now, users_now = self._locks[key]
+            if users_now <= 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock_now, users_now - 1)
+
+
+def hint_storage_key(target: str, key: str) -> str:
+    # "\x00" cannot appear in a member id, so (target, key) pairs never collide.
+    return f"{target}\x00{key}"
+
+
+def encode_hint(target: str, key: str, created_at_ns: int, obj: VersionedObject) -> bytes:
+    return msgpack.packb([target, key, created_at_ns, versions.encode(obj)], use_bin_type=True)
+
+
+def decode_hint(blob: bytes) -> tuple[str, str, int, VersionedObject]:
+    target, key, created_at_ns, obj_blob = msgpack.unpackb(blob, raw=False)
+    return target, key, created_at_ns, versions.decode(obj_blob)
+
+
+class Node:
+    def __init__(
+        self,
+        cfg: NodeConfig,
+        *,
+        transport: Transport,
+        data: Storage,
+        hints: Storage,
+        paxos: Storage,
+        clock: Clock,
+        rng: random.Random,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.node_id = cfg.node_id
+        self.transport = transport
+        self.data = data
+        self.hints = hints
+        self.paxos_storage = paxos
+        self.clock = clock
+        self.rng = rng
+        self.metrics = metrics or Metrics()
+        self.ring = Ring(cfg.member_ids, cfg.vnodes)
+        self.n = cfg.replicas
+        self.mode: versions.ConflictMode = "lww" if cfg.conflict_mode == "lww" else "siblings"
+        self.peers = [m for m in cfg.member_ids if m != self.node_id]
+        self.locks = KeyLocks()
+        self.incarnation = os.urandom(4).hex()
+        self._fallback_seq = itertools.count(1)
+        durable = cfg.storage == "sqlite" and cfg.fsync != "never"
+        # A node that may lose its own acknowledged dots on restart must not reuse its actor id.
+        self.actor = self.node_id if durable else f"{self.node_id}.{self.incarnation}"
+        self._background: set[asyncio.Task[Any]] = set()
+        self._background_slots = asyncio.Semaphore(cfg.limits.max_background_tasks)
+        self._inflight = asyncio.Semaphore(cfg.limits.max_inflight_requests)
+        self._loops: list[asyncio.Task[Any]] = []
+        self.handlers: dict[str, Callable[[str, Message], Awaitable[Message]]] = {
+            "ping": self._on_ping,
+            "replica_get": self._on_replica_get,
+            "replica_put": self._on_replica_put,
+            "coordinate_write": self._on_coordinate_write,
+        }
+        self.membership = self._make_membership()
+        self.extensions: list[Any] = []  # AP/CP components that add handlers and loops
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def _make_membership(self) -> Any:
+        from kvstore.failure import MembershipView
+
+        return MembershipView(
+            self.cfg.member_ids, self.node_id, threshold=self.cfg.ap.phi_threshold,
+        )
+
+    async def start(self) -> None:
+        await self.transport.start(self.handle_message)
+        self._loops.append(asyncio.create_task(self._heartbeat_loop(), name="heartbeat"))
+        for ext in self.extensions:
+            await ext.start()
+
+    async def stop(self) -> None:
+        for ext in reversed(self.extensions):
+            with contextlib.suppress(Exception):
+                await ext.stop()
+        for task in self._loops:
+            task.cancel()
+        for task in self._loops:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=2.0)
+        await self.transport.close()
+        for store in (self.data, self.hints, self.paxos_storage):
+            await store.close()
+
+    def spawn(self, coro: Awaitable[Any], name: str = "background") -> asyncio.Task[Any] | None:
+        """Run ``coro`` in the background if a slot is free; None means the caller must await it."""
+        if self._background_slots.locked():
+            return None
+
+        async def run() -> None:
+            async with self._background_slots:
+                try:
+                    await coro
+                except Exception:
+                    log.exception("background task %s failed", name)
+
+        task = asyncio.create_task(run(), name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    # --- membership ------------------------------------------------------------------------
+
+    def is_up(self, member: str) -> bool:
+        if member == self.node_id:
+            return True
+        return bool(self.membership.state(member, self.clock.monotonic_ns()) == "up")
+
+    async def _heartbeat_loop(self) -> None:
+        interval_s = self.cfg.ap.heartbeat_interval_ms / 1000.0
+        timeout_s = max(0.05, interval_s * 2)
+        while True:
+            await asyncio.gather(*(self._ping(peer, timeout_s) for peer in self.peers))
+            for member, old, new in self.membership.transitions(self.clock.monotonic_ns()):
+                log.warning("failure detector: %s %s -> %s", member, old, new)
+                self.metrics.fd_transitions.labels(member=member, state=new).inc()
+            await asyncio.sleep(interval_s)
+
+    async def _ping(self, peer: str, timeout_s: float) -> None:
+        with contextlib.suppress(PeerUnavailable, RemoteError):
+            await self.transport.call(peer, {"op": "ping"}, timeout_s)
+            self.membership.heartbeat(peer, self.clock.monotonic_ns())
+
+    # --- messaging -------------------------------------------------------------------------
+
+    async def call(self, peer: str, message: Message, timeout_s: float) -> Message:
+        """Send to a peer, or handle locally when the peer is this node (same code path)."""
+        if peer == self.node_id:
+            return await self.handle_message(self.node_id, message)
+        try:
+            reply = await self.transport.call(peer, message, timeout_s)
+        except PeerUnavailable as exc:
+            self.metrics.replica_errors.labels(peer=peer, reason="unavailable").inc()
+            log.debug("call to %s failed: %s", peer, exc)
+            raise
+        self.membership.heartbeat(peer, self.clock.monotonic_ns())
+        return reply
+
+    async def handle_message(self, sender: str, message: Message) -> Message:
+        op = message.get("op")
+        handler = self.handlers.get(op) if isinstance(op, str) else None
+        if handler is None:
+            return {"error": "unknown_op", "message": f"unknown internal op {op!r}", "remote_error": True}
+        try:
+            return await handler(sender, message)
+        except StorageError as exc:
+            return {"error": "storage", "message": str(exc), "remote_error": True}
+
+    async def _on_ping(self, sender: str, message: Message) -> Message:
+        if sender != self.node_id:
+            self.membership.heartbeat(sender, self.clock.monotonic_ns())
+        return {"ok": True}
+
+    # --- local replica operations ---------------------------------------------------------
+
+    async def read_local(self, key: str, token: int) -> VersionedObject:
+        """This node's knowledge of a key: its data plus any hints it holds for the key."""
+        blob = await self.data.get(key, token)
+        obj = versions.decode(blob) if blob is not None else VersionedObject.empty()
+        if await self.hints.count():
+            for target in self.ring.walk_token(token)[: self.n]:
+                hint_blob = await self.hints.get(hint_storage_key(target, key), token)
+                if hint_blob is not None:
+                    obj = versions.sync(obj, decode_hint(hint_blob)[3], self.mode)
+        return obj
+
+    async def apply_local(self, key: str, token: int, incoming: VersionedObject) -> VersionedObject:
+        """Merge an object into this node's data copy of a key (replica write, repair, handoff)."""
+        async with self.locks.hold(key):
+            blob = await self.data.get(key, token)
+            current = versions.decode(blob) if blob is not None else VersionedObject.empty()
+            merged = versions.sync(current, incoming, self.mode)
+            if merged != current or blob is None:
+                await self.data.put(key, token, versions.encode(merged))
+            return merged
+
+    async def store_hint(self, target: str, key: str, token: int, incoming: VersionedObject) -> None:
+        hkey = hint_storage_key(target, key)
+        async with self.locks.hold(hkey):
+            blob = await self.hints.get(hkey, token)
+            created_at_ns = self.clock.wall_ns()
+            if blob is not None:
+                _, _, created_at_ns, current = decode_hint(blob)
+                incoming = versions.sync(current, incoming, self.mode)
+            elif await self.hints.count() >= self.cfg.ap.hint_max_per_target * max(1, len(self.peers)):
+                self.metrics.hints_dropped.labels(reason="full").inc()
+                raise Overloaded("hint store is full")
+            await self.hints.put(hkey, token, encode_hint(target, key, created_at_ns, incoming))
+        self.metrics.hints_stored.labels(target=target).inc()
+
+    async def _on_replica_get(self, sender: str, message: Message) -> Message:
+        obj = await self.read_local(message["key"], int(message["token"]))
+        return {"obj": versions.encode(obj) if obj.siblings or obj.clock else None}
+
+    async def _on_replica_put(self, sender: str, message: Message) -> Message:
+        key, token = message["key"], int(message["token"])
+        incoming = versions.decode(message["obj"])
+        hint_for = message.get("hint_for")
+        if hint_for and hint_for != self.node_id and self.node_id not in self.ring.walk_token(token)[: self.n]:
+            try:
+                await self.store_hint(hint_for, key, token, incoming)
+            except Overloaded as exc:
+                return {"error": "overloaded", "message": exc.message, "remote_error": True}
+        else:
+            await self.apply_local(key, token, incoming)
+        return {"ok": True}
+
+    # --- coordinator: writes ---------------------------------------------------------------
+
+    def write_targets(self, key: str, sloppy: bool) -> tuple[list[str], list[str], list[str]]:
+        """(primaries believed up, primaries believed down, healthy fallbacks in ring order)."""
+        walk = self.ring.walk(key)
+        primaries, fallbacks = walk[: self.n], walk[self.n :]
+        up = [p for p in primaries if self.is_up(p)]
+        down = [p for p in primaries if p not in up]
+        spare = [f for f in fallbacks if self.is_up(f)] if sloppy else []
+        return up, down, spare
+
+    async def put(
+        self,
+        key: str,
+        value: bytes | None,
+        context: dict[str, int],
+        w: int,
+        sloppy: bool,
+        timeout_s: float,
+    ) -> WriteOutcome:
+        """Client write entry point on any node: forward to a primary or coordinate here."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        up, down, spare = self.write_targets(key, sloppy)
+        if not sloppy and len(up) < w:
+            raise QuorumUnavailable(w, 0, indeterminate=False, detail=f"primaries believed down: {down}")
+        if self.node_id in up:
+            return await self.coordinate_write(key, value, context, w, sloppy, deadline, as_fallback=False)
+        for primary in up:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                break
+            self.metrics.forwarded.inc()
+            try:
+                reply = await self.call(
+                    primary,
+                    {
+                        "op": "coordinate_write", "key": key, "value": value,
+                        "context": sorted(context.items()), "w": w, "sloppy": sloppy,
+                        "timeout_ms": int(remaining * 1000),
+                    },
+                    remaining,
+                )
+            except PeerUnavailable as exc:
+                if exc.maybe_delivered:
+                    raise QuorumUnavailable(
+                        w, 0, indeterminate=True, detail=f"forward to {primary} timed out"
+                    ) from None
+                continue
+            if reply.get("status") == "ok":
+                return WriteOutcome(versions.decode(reply["obj"]), int(reply["acknowledged"]), reply.get("hinted", []))
+            raise _error_from_body(reply["body"])
+        if not sloppy:
+            raise QuorumUnavailable(w, 0, indeterminate=False, detail="no primary reachable")
+        return await self.coordinate_write(key, value, context, w, sloppy, deadline, as_fallback=True)
+
+    async def _on_coordinate_write(self, sender: str, message: Message) -> Message:
+        deadline = asyncio.get_running_loop().time() + int(message["timeout_ms"]) / 1000.0
+        try:
+            outcome = await self.coordinate_write(
+                message["key"], message["value"], dict(message["context"]), int(message["w"]),
+                bool(message["sloppy"]), deadline, as_fallback=False,
+            )
+        except NodeError as exc:
+            return {"status": "error", "body": exc.body(), "http": exc.status}
+        return {
+            "status": "ok", "obj": versions.encode(outcome.obj),
+            "acknowledged": outcome.acknowledged, "hinted": outcome.hinted,
+        }
+
+    async def coordinate_write(
+        self,
+        key: str,
+        value: bytes | None,
+        context: dict[str, int],
+        w: int,
+        sloppy: bool,
+        deadline: float,
+        as_fallback: bool,
+    ) -> WriteOutcome:
+        loop = asyncio.get_running_loop()
+        token = key_token(key)
+        up, down, spare = self.write_targets(key, sloppy)
+        # Who stores what: primaries believed up store data; each primary believed down is
+        # replaced by the next spare fallback, which stores a hint naming it.
+        plan: list[tuple[str, str | None]] = [(p, None) for p in up]
+        spare_iter = iter([f for f in spare if f != self.node_id])
+        if as_fallback:
+            assert down, "a fallback coordinates only when a primary is unreachable"
+            plan.append((self.node_id, down[0]))
+            down = down[1:]
+        for owner in down:
+            fallback = next(spare_iter, None)
+            if fallback is not None:
+                plan.append((fallback, owner))
+        if len(plan) < w:
+            # Refuse before writing anything: this request is a certain failure, not indeterminate.
+            raise QuorumUnavailable(w, 0, indeterminate=False, detail=f"only {len(plan)} healthy targets")
+
+        if as_fallback:
+            actor = f"{self.node_id}!{self.incarnation}.{next(self._fallback_seq)}"
+            async with self.locks.hold(key):
+                base = await self.read_local(key, token)
+                obj = versions.update(base, context, actor, value, self.clock.wall_ns(), self.mode)
+                await self.store_hint(_hint_owner(plan, self.node_id), key, token, obj)
+        else:
+            async with self.locks.hold(key):
+                blob = await self.data.get(key, token)
+                base = versions.decode(blob) if blob is not None else VersionedObject.empty()
+                obj = versions.update(base, context, self.actor, value, self.clock.wall_ns(), self.mode)
+                await self.data.put(key, token, versions.encode(obj))
+
+        tracker = QuorumTracker(needed=w, total=len(plan))
+        tracker.ack(self.node_id)
+        hinted = [self.node_id] if as_fallback else []
+        remote = [(m, hint) for m, hint in plan if m != self.node_id]
+        unused_spares = list(spare_iter)
+        done = asyncio.Event()
+        if tracker.satisfied:
+            done.set()
+
+        async def replicate(member: str, hint_for: str | None) -> None:
+            message = {"op": "replica_put", "key": key, "token": token, "obj": versions.encode(obj)}
+            if hint_for is not None:
+                message["hint_for"] = hint_for
+            remaining = max(0.001, min(deadline - loop.time(), self.cfg.limits.replica_timeout_ms / 1000.0))
+            try:
+                await self.call(member, message, remaining)
+                ok = True
+            except (PeerUnavailable, RemoteError):
+                ok = False
+            if not ok and sloppy and unused_spares:
+                # The primary did not answer in time: hand its copy to the next fallback.
+                fallback = unused_spares.pop(0)
+                owner = hint_for or member
+                try:
+                    await self.call(fallback, {**message, "hint_for": owner}, max(0.001, deadline - loop.time()))
+                    ok = True
+                    member = fallback
+                    hinted.append(fallback)
+                except (PeerUnavailable, RemoteError):
+                    ok = False
+            elif ok and hint_for is not None:
+                hinted.append(member)
+            if tracker.done:
+                return  # the answer was already given; this completion is background work
+            if ok:
+                tracker.ack(member)
+            else:
+                tracker.fail()
+            if tracker.done:
+                done.set()
+
+        tasks = [asyncio.create_task(replicate(m, h)) for m, h in remote]
+        if not done.is_set() and tasks:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), max(0.0, deadline - loop.time()))
+        pending = [t for t in tasks if not t.done()]
+        if pending:
+            self._adopt(pending)
+        if not tracker.satisfied:
+            # The coordinator itself stored the write, so it may become visible: indeterminate.
+            raise QuorumUnavailable(
+                w, tracker.acknowledged, indeterminate=True,
+                detail="targets: " + ", ".join(m for m, _ in plan),
+            )
+        return WriteOutcome(obj, tracker.acknowledged, hinted)
+
+    def _adopt(self, tasks: Iterable[asyncio.Task[Any]]) -> None:
+        """Let replica writes still in flight finish after the reply (bounded: cancelled at stop)."""
+        for task in tasks:
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    # --- coordinator: reads ----------------------------------------------------------------
+
+    def read_targets(self, key: str, sloppy: bool) -> list[str]:
+        walk = self.ring.walk(key)
+        primaries = [p for p in walk[: self.n] if self.is_up(p)]
+        if sloppy and len(primaries) < self.n:
+            extra = [f for f in walk[self.n :] if self.is_up(f)]
+            primaries += extra[: self.n - len(primaries)]
+        return primaries
+
+    async def get(self, key: str, r: int, sloppy: bool, timeout_s: float) -> ReadOutcome:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        token = key_token(key)
+        targets = self.read_targets(key, sloppy)
+        if len(targets) < r:
+            raise QuorumUnavailable(r, 0, indeterminate=False, detail="not enough replicas believed up")
+        tracker = QuorumTracker(needed=r, total=len(targets))
+        replies: dict[str, VersionedObject | None] = {}
+        done = asyncio.Event()
+
+        async def ask(member: str) -> None:
+            remaining = max(0.001, min(deadline - loop.time(), self.cfg.limits.replica_timeout_ms / 1000.0))
+            try:
+                reply = await self.call(member, {"op": "replica_get", "key": key, "token": token}, remaining)
+            except (PeerUnavailable, RemoteError):
+                if not tracker.done:
+                    tracker.fail()
+                    if tracker.done:
+                        done.set()
+                return
+            replies[member] = versions.decode(reply["obj"]) if reply.get("obj") is not None else None
+            if not tracker.done:
+                tracker.ack(member)
+                if tracker.done:
+                    done.set()
+
+        tasks = [asyncio.create_task(ask(m)) for m in targets]
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done.wait(), max(0.0, deadline - loop.time()))
+        if not tracker.satisfied:
+            for t in tasks:
+                t.cancel()
+            raise QuorumUnavailable(r, tracker.acknowledged, indeterminate=False)
+        first = dict(replies)
+        merged = versions.sync_all((o for o in first.values() if o is not None), self.mode)
+        repair = self.read_repair
+        if repair is not None:
+            await repair(key, token, targets, tasks, replies, merged, deadline)
+        else:
+            self._adopt(t for t in tasks if not t.done())
+        return ReadOutcome(merged, tracker.acknowledged, list(first))
+
+    # Set by the AP machinery: called after R replies with the outstanding asks.
+    read_repair: Callable[..., Awaitable[None]] | None = None
+
+
+def _hint_owner(plan: list[tuple[str, str | None]], node_id: str) -> str:
+    for member, owner in plan:
+        if member == node_id and owner is not None:
+            return owner
+    raise AssertionError("fallback coordinator without a hint slot")
+
+
+def _error_from_body(body: dict[str, Any]) -> NodeError:
+    code = body.get("error")
+    if code == "quorum_unavailable":
+        return QuorumUnavailable(
+            int(body.get("needed", 0)), int(body.get("acknowledged", 0)), bool(body.get("indeterminate", True))
+        )
+    if code == "overloaded":
+        return Overloaded(str(body.get("message", "")))
+    err = NodeError(str(body.get("message", "")))
+    err.code = str(code)
+    err.status = 503
+    return err

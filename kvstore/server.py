@@ -1,0 +1,190 @@
+"""Running a node as a process: wiring config, storage, transport, clock and HTTP.
+
+Theory of operation
+-------------------
+``build_node`` is the single place where the real seams are chosen: sqlite (or
+memory) storage, the multiplexed stream transport, the system clock.  Tests and
+simulations build a ``Node`` with other seams directly.  The Paxos acceptor
+state is always kept in sqlite with ``fsync=always`` when the node has a data
+directory: a promise forgotten by a restart would break linearizability, so it
+is never held in memory only.
+
+Admin routes added here (all need the cluster secret) let the chaos harness
+change a running node: ``/admin/faults`` (per-link drop/delay/loss rules) and
+``/admin/clock`` (skew the wall clock, which moves LWW timestamps).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from kvstore import config as config_mod
+from kvstore.api import NODE_KEY, admin_json, build_app, require_secret
+from kvstore.clock import SystemClock
+from kvstore.config import NodeConfig
+from kvstore.errors import BadRequest
+from kvstore.node import Node
+from kvstore.storage import open_storage
+from kvstore.transport.base import LinkRule
+from kvstore.transport.stream import StreamTransport
+
+log = logging.getLogger("kvstore.server")
+
+
+def build_node(cfg: NodeConfig) -> Node:
+    node_dir = Path(cfg.data_dir) / cfg.node_id
+    node_dir.mkdir(parents=True, exist_ok=True)
+    engine = cfg.storage
+    fsync: Any = cfg.fsync
+    data = open_storage(engine, str(node_dir / "data.db"), fsync, cfg.batch_window_ms)
+    hints = open_storage(engine, str(node_dir / "hints.db"), fsync, cfg.batch_window_ms)
+    paxos = open_storage("sqlite", str(node_dir / "paxos.db"), "always", cfg.batch_window_ms)
+    peers = {m.id: (m.host, m.peer_port) for m in cfg.members if m.id != cfg.node_id}
+    transport = StreamTransport(cfg.node_id, cfg.secret, peers, (cfg.bind, cfg.me.peer_port))
+    # The node's rng only drives jitter/backoff; seeding from the node id keeps runs comparable.
+    rng = random.Random(f"{cfg.node_id}:{os.getpid()}")
+    node = Node(cfg, transport=transport, data=data, hints=hints, paxos=paxos, clock=SystemClock(), rng=rng)
+    install_extensions(node)
+    return node
+
+
+def install_extensions(node: Node) -> None:
+    """Plug in the AP and CP machinery when their modules are present."""
+    with contextlib.suppress(ImportError):
+        from kvstore.ap import install as install_ap
+
+        install_ap(node)
+    with contextlib.suppress(ImportError):
+        from kvstore.cp_node import install as install_cp
+
+        install_cp(node)
+
+
+def _rule_from_json(raw: Any) -> LinkRule:
+    if not isinstance(raw, dict):
+        raise BadRequest("invalid_body", "each rule must be an object")
+    try:
+        rule = LinkRule(
+            drop_out=bool(raw.get("drop_out", False)),
+            drop_in=bool(raw.get("drop_in", False)),
+            delay_ms=float(raw.get("delay_ms", 0.0)),
+            jitter_ms=float(raw.get("jitter_ms", 0.0)),
+            loss=float(raw.get("loss", 0.0)),
+        )
+    except (TypeError, ValueError):
+        raise BadRequest("invalid_body", "rule fields must be booleans and numbers") from None
+    if not 0.0 <= rule.loss <= 1.0 or rule.delay_ms < 0 or rule.jitter_ms < 0:
+        raise BadRequest("invalid_body", "loss must be in [0,1], delays non-negative")
+    return rule
+
+
+async def faults_get(request: web.Request) -> web.Response:
+    require_secret(request)
+    node = request.app[NODE_KEY]
+    return web.json_response({"rules": node.transport.faults.to_json()})
+
+
+async def faults_put(request: web.Request) -> web.Response:
+    """Replace this node's link rules: {"rules": {peer: {drop_out, drop_in, delay_ms, jitter_ms, loss}}}."""
+    data = await admin_json(request)
+    node = request.app[NODE_KEY]
+    rules = data.get("rules", {})
+    if not isinstance(rules, dict):
+        raise BadRequest("invalid_body", "rules must be an object keyed by peer id")
+    parsed = {}
+    for peer, raw in rules.items():
+        if peer not in node.cfg.member_ids or peer == node.node_id:
+            raise BadRequest("invalid_body", f"{peer!r} is not a peer of {node.node_id}")
+        parsed[peer] = _rule_from_json(raw)
+    node.transport.faults.clear()
+    for peer, rule in parsed.items():
+        node.transport.faults.set_rule(peer, rule)
+    return web.json_response({"rules": node.transport.faults.to_json()})
+
+
+async def faults_delete(request: web.Request) -> web.Response:
+    require_secret(request)
+    request.app[NODE_KEY].transport.faults.clear()
+    return web.json_response({"rules": {}})
+
+
+async def clock_post(request: web.Request) -> web.Response:
+    """Skew this node's wall clock: {"skew_ms": int} (0 heals)."""
+    data = await admin_json(request)
+    node = request.app[NODE_KEY]
+    skew_ms = data.get("skew_ms")
+    if not isinstance(skew_ms, int | float) or isinstance(skew_ms, bool) or abs(skew_ms) > 10 * 365 * 86_400_000:
+        raise BadRequest("invalid_body", "skew_ms must be a number of milliseconds")
+    assert isinstance(node.clock, SystemClock)
+    node.clock.skew_ns = int(skew_ms * 1_000_000)
+    return web.json_response({"skew_ms": node.clock.skew_ns / 1e6})
+
+
+def admin_routes() -> list[web.RouteDef]:
+    return [
+        web.get("/admin/faults", faults_get),
+        web.put("/admin/faults", faults_put),
+        web.delete("/admin/faults", faults_delete),
+        web.post("/admin/clock", clock_post),
+    ]
+
+
+async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
+    node = build_node(cfg)
+    app = build_app(node, admin_routes())
+    for hook in getattr(node, "app_hooks", []):
+        hook(app)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    await node.start()
+    site = web.TCPSite(runner, cfg.bind, cfg.me.http_port, reuse_address=True)
+    await site.start()
+    log.info("node %s serving http://%s:%d (peer port %d)", cfg.node_id, cfg.bind, cfg.me.http_port, cfg.me.peer_port)
+    try:
+        await stop.wait()
+    finally:
+        log.info("node %s stopping", cfg.node_id)
+        await runner.cleanup()
+        await node.stop()
+
+
+def run_node(config_path: str) -> int:
+    try:
+        cfg = config_mod.load(config_path)
+    except config_mod.ConfigError as exc:
+        print(f"kvstore node: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=os.environ.get("KVSTORE_LOG", "INFO"),
+        format=f"%(asctime)s {cfg.node_id} %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # uvloop is a dependency, but a node still runs without it
+        log.warning("uvloop not available; using the default event loop")
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(cfg, stop)
+
+    try:
+        asyncio.run(main())
+    except OSError as exc:
+        print(f"kvstore node {cfg.node_id}: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,263 @@
+"""The real inter-node transport: persistent, multiplexed, framed msgpack over TCP.
+
+Theory of operation
+-------------------
+Each node keeps at most one outgoing TCP connection per peer and sends every
+call on it, tagged with a request id; the peer answers out of order as its
+handlers finish, and a reader task matches replies to waiting futures.  This
+is the shape of Cassandra's and Riak's internode messaging: no connection set-up
+or HTTP parsing per message, and many replica writes in flight on one socket.
+
+Frames are ``4-byte big-endian length + msgpack``.  A connection starts with a
+hello frame carrying the sender's member id and the cluster secret; a peer with
+the wrong secret is disconnected before any message is read (the internal
+protocol is as protected as the admin HTTP routes).
+
+Failure semantics: a call that cannot connect fails with
+``PeerUnavailable(maybe_delivered=False)``; once the frame was written, a
+timeout or a dropped connection gives ``maybe_delivered=True``.  Fault rules
+(partitions, delay, loss) are applied on send and on receipt, so a symmetric
+partition holds even if only one side has installed it yet.
+
+Bounds: frame size, in-flight calls per peer, and concurrent handlers per
+incoming connection are all capped; over the cap a call fails fast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import itertools
+import logging
+import struct
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+
+from kvstore.transport.base import FaultRules, Handler, Message, PeerUnavailable, RemoteError
+
+log = logging.getLogger(__name__)
+
+MAX_FRAME_BYTES = 16 * 1024 * 1024
+MAX_INFLIGHT_PER_PEER = 8192
+MAX_HANDLERS_PER_CONNECTION = 4096
+CONNECT_TIMEOUT_S = 1.0
+_HEADER = struct.Struct(">I")
+
+
+def _pack(obj: Any) -> bytes:
+    body = msgpack.packb(obj, use_bin_type=True)
+    return _HEADER.pack(len(body)) + body
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> Any:
+    header = await reader.readexactly(_HEADER.size)
+    (length,) = _HEADER.unpack(header)
+    if length > MAX_FRAME_BYTES:
+        raise ConnectionError(f"frame of {length} bytes exceeds {MAX_FRAME_BYTES}")
+    return msgpack.unpackb(await reader.readexactly(length), raw=False)
+
+
+class _PeerConnection:
+    """One outgoing connection and its table of pending calls."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.pending: dict[int, asyncio.Future[Any]] = {}
+        self.ids = itertools.count(1)
+        self.reader_task: asyncio.Task[None] | None = None
+        self.closed = False
+
+    def fail_all(self, exc_factory: Callable[[], Exception]) -> None:
+        self.closed = True
+        for fut in self.pending.values():
+            if not fut.done():
+                fut.set_exception(exc_factory())
+        self.pending.clear()
+
+
+class StreamTransport:
+    def __init__(
+        self,
+        node_id: str,
+        secret: str,
+        peers: dict[str, tuple[str, int]],
+        listen: tuple[str, int],
+        faults: FaultRules | None = None,
+    ) -> None:
+        self.node_id = node_id
+        self._secret = secret
+        self._peers = peers
+        self._listen = listen
+        self.faults = faults or FaultRules()
+        self._handler: Handler | None = None
+        self._server: asyncio.Server | None = None
+        self._conns: dict[str, _PeerConnection] = {}
+        self._connecting: dict[str, asyncio.Lock] = {}
+        self._incoming: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # --- server side ------------------------------------------------------------------
+
+    async def start(self, handler: Handler) -> None:
+        self._handler = handler
+        self._server = await asyncio.start_server(self._serve, self._listen[0], self._listen[1])
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._incoming.add(writer)
+        sender = "?"
+        try:
+            hello = await asyncio.wait_for(_read_frame(reader), CONNECT_TIMEOUT_S)
+            if (
+                not isinstance(hello, dict)
+                or not isinstance(hello.get("secret"), str)
+                or not hmac.compare_digest(hello["secret"], self._secret)
+                or not isinstance(hello.get("node"), str)
+            ):
+                log.warning("rejected an internal connection with a bad hello")
+                return
+            sender = hello["node"]
+            writer.write(_pack({"ok": True}))
+            slots = asyncio.Semaphore(MAX_HANDLERS_PER_CONNECTION)
+            while True:
+                frame = await _read_frame(reader)
+                request_id, message = frame
+                if self.faults.incoming_dropped(sender):
+                    continue  # a partitioned peer's message vanishes: the caller times out
+                await slots.acquire()
+                task = asyncio.create_task(self._answer(sender, request_id, message, writer, slots))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        except (asyncio.IncompleteReadError, ConnectionError, TimeoutError, ValueError, TypeError):
+            pass
+        except Exception:  # a bug in framing must not kill the server loop
+            log.exception("internal connection from %s failed", sender)
+        finally:
+            self._incoming.discard(writer)
+            writer.close()
+
+    async def _answer(
+        self,
+        sender: str,
+        request_id: int,
+        message: Message,
+        writer: asyncio.StreamWriter,
+        slots: asyncio.Semaphore,
+    ) -> None:
+        try:
+            assert self._handler is not None
+            try:
+                reply = await self._handler(sender, message)
+            except Exception as exc:  # report, don't hang the caller until its timeout
+                log.exception("handler failed for %s from %s", message.get("op"), sender)
+                reply = {"error": "internal", "message": str(exc), "remote_error": True}
+            # A reply is subject to the partition too: the way back is an outgoing message.
+            delay_s = self.faults.outgoing_delay_s(sender)
+            if delay_s is None:
+                return
+            if delay_s:
+                await asyncio.sleep(delay_s)
+            if not writer.is_closing():
+                writer.write(_pack([request_id, reply]))
+                if writer.transport.get_write_buffer_size() > 1 << 20:
+                    await writer.drain()
+        except (ConnectionError, RuntimeError):
+            pass
+        finally:
+            slots.release()
+
+    # --- client side ------------------------------------------------------------------
+
+    async def _connection(self, peer: str) -> _PeerConnection:
+        conn = self._conns.get(peer)
+        if conn is not None and not conn.closed:
+            return conn
+        lock = self._connecting.setdefault(peer, asyncio.Lock())
+        async with lock:
+            conn = self._conns.get(peer)
+            if conn is not None and not conn.closed:
+                return conn
+            if peer not in self._peers:
+                raise PeerUnavailable(peer, "unknown peer", maybe_delivered=False)
+            host, port = self._peers[peer]
+            try:
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), CONNECT_TIMEOUT_S)
+                writer.write(_pack({"node": self.node_id, "secret": self._secret}))
+                ack = await asyncio.wait_for(_read_frame(reader), CONNECT_TIMEOUT_S)
+                if not isinstance(ack, dict) or not ack.get("ok"):
+                    raise ConnectionError("handshake refused")
+            except (OSError, TimeoutError, asyncio.IncompleteReadError, ConnectionError) as exc:
+                raise PeerUnavailable(peer, f"connect failed: {exc!r}", maybe_delivered=False) from None
+            conn = _PeerConnection(reader, writer)
+            conn.reader_task = asyncio.create_task(self._read_replies(peer, conn))
+            self._conns[peer] = conn
+            return conn
+
+    async def _read_replies(self, peer: str, conn: _PeerConnection) -> None:
+        try:
+            while True:
+                request_id, reply = await _read_frame(conn.reader)
+                fut = conn.pending.pop(request_id, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(reply)
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError, TypeError):
+            pass
+        finally:
+            conn.fail_all(lambda: PeerUnavailable(peer, "connection lost", maybe_delivered=True))
+            conn.writer.close()
+            if self._conns.get(peer) is conn:
+                del self._conns[peer]
+
+    async def call(self, peer: str, message: Message, timeout_s: float) -> Message:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        delay_s = self.faults.outgoing_delay_s(peer)
+        if delay_s is None:
+            # Cut: the message is never sent.  Waiting out the timeout (rather than failing at
+            # once) is what a real partition looks like to the caller.
+            await asyncio.sleep(max(0.0, timeout_s))
+            raise PeerUnavailable(peer, "timeout (link cut)", maybe_delivered=False)
+        if delay_s:
+            await asyncio.sleep(min(delay_s, max(0.0, timeout_s)))
+        try:
+            conn = await asyncio.wait_for(self._connection(peer), max(0.001, deadline - loop.time()))
+        except TimeoutError:
+            raise PeerUnavailable(peer, "connect timeout", maybe_delivered=False) from None
+        if len(conn.pending) >= MAX_INFLIGHT_PER_PEER:
+            raise PeerUnavailable(peer, "too many calls in flight", maybe_delivered=False)
+        request_id = next(conn.ids)
+        fut: asyncio.Future[Any] = loop.create_future()
+        conn.pending[request_id] = fut
+        try:
+            conn.writer.write(_pack([request_id, message]))
+        except (ConnectionError, RuntimeError) as exc:
+            conn.pending.pop(request_id, None)
+            raise PeerUnavailable(peer, f"send failed: {exc!r}", maybe_delivered=False) from None
+        try:
+            reply = await asyncio.wait_for(fut, max(0.001, deadline - loop.time()))
+        except TimeoutError:
+            conn.pending.pop(request_id, None)
+            raise PeerUnavailable(peer, "timeout", maybe_delivered=True) from None
+        if isinstance(reply, dict) and reply.get("remote_error"):
+            raise RemoteError(peer, str(reply.get("error")), str(reply.get("message", "")))
+        return reply  # type: ignore[no-any-return]
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self._conns.values()):
+            conn.fail_all(lambda: PeerUnavailable("?", "transport closed", maybe_delivered=True))
+            conn.writer.close()
+            if conn.reader_task is not None:
+                conn.reader_task.cancel()
+        self._conns.clear()
+        for writer in list(self._incoming):
+            writer.close()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
