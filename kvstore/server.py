@@ -36,6 +36,7 @@ from kvstore.errors import BadRequest
 from kvstore.node import Node
 from kvstore.storage import open_storage
 from kvstore.transport.base import LinkRule
+from kvstore.transport.http import HttpTransport
 from kvstore.transport.stream import StreamTransport
 
 log = logging.getLogger("kvstore.server")
@@ -50,7 +51,12 @@ def build_node(cfg: NodeConfig) -> Node:
     hints = open_storage(engine, str(node_dir / "hints.db"), fsync, cfg.batch_window_ms)
     paxos = open_storage("sqlite", str(node_dir / "paxos.db"), "always", cfg.batch_window_ms)
     peers = {m.id: (m.host, m.peer_port) for m in cfg.members if m.id != cfg.node_id}
-    transport = StreamTransport(cfg.node_id, cfg.secret, peers, (cfg.bind, cfg.me.peer_port))
+    transport: Any
+    if os.environ.get("KVSTORE_TRANSPORT") == "http":  # the benchmark's baseline only
+        peer_urls = {m.id: m.url for m in cfg.members if m.id != cfg.node_id}
+        transport = HttpTransport(cfg.node_id, cfg.secret, peer_urls)
+    else:
+        transport = StreamTransport(cfg.node_id, cfg.secret, peers, (cfg.bind, cfg.me.peer_port))
     # The node's rng only drives jitter/backoff; seeding from the node id keeps runs comparable.
     rng = random.Random(f"{cfg.node_id}:{os.getpid()}")
     node = Node(cfg, transport=transport, data=data, hints=hints, paxos=paxos, clock=SystemClock(), rng=rng)

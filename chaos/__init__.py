@@ -1,0 +1,1 @@
+"""The chaos harness: fault injection, workloads and Jepsen-style histories (see docs/chaos.md)."""

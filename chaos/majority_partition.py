@@ -1,0 +1,8 @@
+"""Scenario: majority-partition -- run with `python chaos/majority_partition.py --mode eventual|quorum|linearizable --duration 30 --seed 7 --out runs/NAME`."""
+
+import sys
+
+from chaos.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(scenario="majority-partition"))

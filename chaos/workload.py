@@ -1,0 +1,242 @@
+"""The workload: concurrent clients, each bound to one node, doing register ops.
+
+Theory of operation
+-------------------
+As in Jepsen's ``independent`` register tests, each key is its own register and
+every written value is unique (``client * 1_000_000 + sequence``), so a read
+names exactly the write it observed.  Client ``i`` talks only to node
+``i mod n``: partitions cut nodes from each other, never a client from its node,
+so what a client sees is what its side of the partition can do.
+
+Each client draws its operations from its own ``random.Random(seed, i)``: the same
+seed gives the same sequence of choices (their timing still depends on the
+cluster).  Outcomes map to history types by what the client *knows*:
+``ok`` it happened; ``fail`` it certainly did not (a 4xx, a 503 that says nothing
+was written, a refused connection); ``info`` unknown (timeout, cut connection,
+an indeterminate 503).  After an ``info`` the client takes a fresh process id,
+because its old operation may still be in flight.  A read never changes state,
+so a read with an unknown outcome is recorded as ``fail`` (it constrains nothing).
+
+Eventual-mode clients keep the last causal context they saw per key and send it
+with writes, as a real Dynamo client does (read-your-context), so siblings mark
+genuinely concurrent writes rather than every blind write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import itertools
+import random
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from chaos.history import HistoryWriter
+
+MODES: dict[str, dict[str, Any]] = {
+    # AP: sloppy quorum, R=W=1, hinted handoff, siblings
+    "eventual": {"conflict_mode": "siblings", "read": {"consistency": "eventual", "r": 1, "sloppy": "true"},
+                 "write": {"consistency": "eventual", "w": 1, "sloppy": "true"}, "cas": False},
+    "eventual-lww": {"conflict_mode": "lww", "read": {"consistency": "eventual", "r": 1, "sloppy": "true"},
+                     "write": {"consistency": "eventual", "w": 1, "sloppy": "true"}, "cas": False},
+    # strict R=W=2 of N=3 on primaries only
+    "quorum": {"conflict_mode": "siblings", "read": {"consistency": "quorum", "r": 2},
+               "write": {"consistency": "quorum", "w": 2}, "cas": False},
+    # CP: CASPaxos per key
+    "linearizable": {"conflict_mode": "siblings", "read": {"consistency": "linearizable"},
+                     "write": {"consistency": "linearizable"}, "cas": True},
+}
+
+
+def etag_of(value: bytes) -> str:
+    return '"' + hashlib.blake2b(value, digest_size=8).hexdigest() + '"'
+
+
+@dataclass
+class WorkloadSpec:
+    mode: str
+    keys: list[str]
+    clients: int = 10
+    rate_per_s: float = 100.0  # all clients together
+    read_fraction: float = 0.5
+    cas_fraction: float = 0.15  # only where the mode supports compare-and-set
+    delete_fraction: float = 0.03
+    timeout_s: float = 1.0
+
+
+@dataclass
+class Counters:
+    ok: int = 0
+    fail: int = 0
+    info: int = 0
+    completed_times_ns: list[int] = field(default_factory=list)
+
+
+class Workload:
+    def __init__(
+        self, spec: WorkloadSpec, node_urls: dict[str, str], history: HistoryWriter, seed: int
+    ) -> None:
+        assert spec.mode in MODES, spec.mode
+        self.spec = spec
+        self.mode = MODES[spec.mode]
+        self.nodes = sorted(node_urls)
+        self.urls = node_urls
+        self.history = history
+        self.seed = seed
+        self.counters = Counters()
+        self._next_process = itertools.count(spec.clients)
+        self._stop = asyncio.Event()
+        self._session: aiohttp.ClientSession | None = None
+
+    def new_process(self) -> int:
+        return next(self._next_process)
+
+    async def __aenter__(self) -> Workload:
+        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=False))
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        await asyncio.gather(*(self._client(i) for i in range(self.spec.clients)))
+
+    async def _client(self, index: int) -> None:
+        rng = random.Random(f"{self.seed}:client:{index}")
+        node = self.nodes[index % len(self.nodes)]
+        process = index
+        contexts: dict[str, str] = {}
+        last_read: dict[str, int | None] = {}
+        interval_s = self.spec.clients / self.spec.rate_per_s
+        for seq in itertools.count():
+            if self._stop.is_set():
+                return
+            key = rng.choice(self.spec.keys)
+            roll = rng.random()
+            value: Any
+            if roll < self.spec.read_fraction:
+                f, value = "read", None
+            elif self.mode["cas"] and roll < self.spec.read_fraction + self.spec.cas_fraction:
+                expected = last_read.get(key)
+                f, value = ("cas", [expected, index * 1_000_000 + seq]) if expected is not None else ("read", None)
+            elif roll > 1.0 - self.spec.delete_fraction:
+                f, value = "delete", None
+            else:
+                f, value = "write", index * 1_000_000 + seq
+            pause_s = interval_s * rng.uniform(0.5, 1.5)
+            completion = await self.perform(process, node, f, key, value, contexts, last_read)
+            if completion == "info":
+                process = self.new_process()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), pause_s)
+
+    async def perform(
+        self,
+        process: int,
+        node: str,
+        f: str,
+        key: str,
+        value: Any,
+        contexts: dict[str, str] | None = None,
+        last_read: dict[str, int | None] | None = None,
+        params_override: dict[str, Any] | None = None,
+    ) -> str:
+        """Run one op, recording invoke and completion; returns the completion type."""
+        contexts = contexts if contexts is not None else {}
+        base = {"process": process, "f": f, "key": key, "node": node, "mode": self.spec.mode}
+        self.history.record({**base, "type": "invoke", "value": value})
+        try:
+            kind, extra = await self._request(node, f, key, value, contexts, params_override)
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            kind, extra = ("fail" if f == "read" else "info"), {"error": "timeout"}
+        except aiohttp.ClientConnectorError:
+            kind, extra = "fail", {"error": "connection_refused"}
+        except aiohttp.ClientError as exc:
+            kind, extra = ("fail" if f == "read" else "info"), {"error": type(exc).__name__}
+        event = {**base, "type": kind, "value": value, **extra}
+        if kind == "ok" and f == "read" and last_read is not None:
+            last_read[key] = extra.get("value")
+        self.history.record(event)
+        setattr(self.counters, kind, getattr(self.counters, kind) + 1)
+        self.counters.completed_times_ns.append(self.history.now())
+        return kind
+
+    async def _request(
+        self,
+        node: str,
+        f: str,
+        key: str,
+        value: Any,
+        contexts: dict[str, str],
+        params_override: dict[str, Any] | None,
+    ) -> tuple[str, dict[str, Any]]:
+        assert self._session is not None
+        section = "read" if f == "read" else "write"
+        params = {**self.mode[section], **(params_override or {})}
+        timeout_ms = int(self.spec.timeout_s * 1000 * 0.8)
+        params["timeout_ms"] = timeout_ms
+        url = self.urls[node] + "/kv/" + urllib.parse.quote(key, safe="") + "?" + urllib.parse.urlencode(params)
+        headers: dict[str, str] = {}
+        if key in contexts and self.spec.mode != "linearizable":
+            headers["X-Context"] = contexts[key]
+        timeout = aiohttp.ClientTimeout(total=self.spec.timeout_s)
+        method, body = "GET", None
+        if f == "write":
+            method, body = "PUT", str(value).encode()
+        elif f == "delete":
+            method = "DELETE"
+        elif f == "cas":
+            method, body = "PUT", str(value[1]).encode()
+            headers["If-Match"] = etag_of(str(value[0]).encode())
+        async with self._session.request(method, url, data=body, headers=headers, timeout=timeout) as resp:
+            raw = await resp.read()
+            status = resp.status
+            if resp.headers.get("X-Context"):
+                contexts[key] = resp.headers["X-Context"]
+            doc: Any = None
+            if resp.content_type == "application/json":
+                try:
+                    doc = await resp.json(content_type=None)
+                except ValueError:
+                    doc = None
+        return classify(f, status, raw, doc)
+
+
+def _as_int(raw: bytes) -> int | str:
+    try:
+        return int(raw.decode())
+    except (UnicodeDecodeError, ValueError):
+        return raw.decode(errors="replace")
+
+
+def classify(f: str, status: int, raw: bytes, doc: Any) -> tuple[str, dict[str, Any]]:
+    """Map an HTTP outcome to (history type, extra fields)."""
+    error = doc.get("error") if isinstance(doc, dict) else None
+    if f == "read":
+        if status == 200:
+            return "ok", {"value": _as_int(raw)}
+        if status == 404:
+            return "ok", {"value": None}
+        if status == 300 and isinstance(doc, dict):
+            import base64
+
+            siblings = [_as_int(base64.b64decode(s["value"])) for s in doc.get("siblings", [])]
+            return "ok", {"value": None, "siblings": siblings}
+        return "fail", {"error": error or f"http_{status}"}
+    if status in (200, 204):
+        return "ok", {}
+    if status == 412:
+        return "fail", {"error": "precondition_failed"}
+    if status in (400, 401, 404, 409, 413, 429):
+        return "fail", {"error": error or f"http_{status}"}
+    if status == 503 and isinstance(doc, dict) and doc.get("indeterminate") is False:
+        return "fail", {"error": error or "unavailable"}
+    return "info", {"error": error or f"http_{status}"}

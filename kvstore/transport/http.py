@@ -1,0 +1,63 @@
+"""HTTP-per-message transport: the naive baseline the stream transport is measured against.
+
+Theory of operation
+-------------------
+Every internal message is one HTTP POST of a msgpack body to the peer's
+``/internal/msg`` route (keep-alive connection pooling, as a typical aiohttp
+client would do).  Same contract and fault rules as ``StreamTransport``; it
+exists so ``benchmarks/bench_transport.py`` can compare the two in one run.
+Nodes use it only when started with ``KVSTORE_TRANSPORT=http``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import aiohttp
+import msgpack
+
+from kvstore.transport.base import FaultRules, Handler, Message, PeerUnavailable, RemoteError
+
+
+class HttpTransport:
+    def __init__(self, node_id: str, secret: str, peer_urls: dict[str, str], faults: FaultRules | None = None) -> None:
+        self.node_id = node_id
+        self._secret = secret
+        self._peer_urls = peer_urls
+        self.faults = faults or FaultRules()
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self, handler: Handler) -> None:
+        # Incoming messages arrive through the node's HTTP app (/internal/msg), not here.
+        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256))
+
+    async def call(self, peer: str, message: Message, timeout_s: float) -> Message:
+        assert self._session is not None, "transport not started"
+        delay_s = self.faults.outgoing_delay_s(peer)
+        if delay_s is None:
+            await asyncio.sleep(timeout_s)
+            raise PeerUnavailable(peer, "timeout (link cut)", maybe_delivered=False)
+        if delay_s:
+            await asyncio.sleep(delay_s)
+        url = self._peer_urls[peer] + "/internal/msg"
+        try:
+            async with self._session.post(
+                url,
+                data=msgpack.packb(message, use_bin_type=True),
+                headers={"X-Cluster-Secret": self._secret, "X-Node": self.node_id},
+                timeout=aiohttp.ClientTimeout(total=timeout_s),
+            ) as resp:
+                body = await resp.read()
+        except aiohttp.ClientConnectorError as exc:
+            raise PeerUnavailable(peer, f"connect failed: {exc}", maybe_delivered=False) from None
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise PeerUnavailable(peer, f"{type(exc).__name__}", maybe_delivered=True) from None
+        reply: Any = msgpack.unpackb(body, raw=False)
+        if isinstance(reply, dict) and (reply.get("remote_error") or "error" in reply and resp.status >= 400):
+            raise RemoteError(peer, str(reply.get("error")), str(reply.get("message", "")))
+        return reply  # type: ignore[no-any-return]
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()

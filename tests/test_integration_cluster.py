@@ -1,0 +1,202 @@
+"""Integration: real node processes on 127.0.0.1 (issue: a working cluster)."""
+
+from __future__ import annotations
+
+import base64
+import time
+
+import msgpack
+import pytest
+
+from kvstore import versions
+from kvstore.cluster import LocalCluster
+from kvstore.ring import Ring, key_token
+from tests.conftest import http, kv_path
+
+pytestmark = pytest.mark.integration
+
+
+def preference(cluster: LocalCluster, key: str) -> tuple[str, ...]:
+    return Ring(cluster.node_ids, cluster.base_config.vnodes).preference_list(key, cluster.base_config.replicas)
+
+
+def local_values(cluster: LocalCluster, node_id: str, key: str) -> list[bytes]:
+    """The live values one node holds for a key, read through its authenticated internal route."""
+    message = {"op": "replica_get", "key": key, "token": key_token(key)}
+    reply = http(
+        cluster.url(node_id), "POST", "/internal/msg", body=msgpack.packb(message, use_bin_type=True),
+        headers={"X-Cluster-Secret": cluster.secret, "X-Node": "test"},
+    )
+    assert reply.status == 200, reply
+    blob = msgpack.unpackb(reply.body, raw=False)["obj"]
+    return [] if blob is None else versions.decode(blob).live_values
+
+
+def non_replica(cluster: LocalCluster, key: str) -> str:
+    return next(n for n in cluster.node_ids if n not in preference(cluster, key))
+
+
+@pytest.mark.parametrize("r", [1, 2, 3])
+@pytest.mark.parametrize("w", [1, 2, 3])
+def test_every_r_w_combination(cluster5: LocalCluster, r: int, w: int) -> None:
+    key = f"rw:{r}:{w}"
+    writer, reader = cluster5.urls[0], cluster5.urls[3]
+    put = http(writer, "PUT", kv_path(key, w=w), body=f"value-{r}-{w}".encode())
+    assert put.status == 204, put.body
+    assert put.headers["x-context"]
+    if r + w > 3:
+        # Read and write quorums intersect: the read must see the acknowledged write at once.
+        got = http(reader, "GET", kv_path(key, r=r))
+        assert got.status == 200 and got.body == f"value-{r}-{w}".encode()
+    else:
+        deadline = time.monotonic() + 5
+        while True:  # no overlap promised: the value must still arrive once replication completes
+            got = http(reader, "GET", kv_path(key, r=r))
+            if got.status == 200 and got.body == f"value-{r}-{w}".encode():
+                break
+            assert time.monotonic() < deadline, f"value never became visible: {got}"
+            time.sleep(0.05)
+    assert got.headers["etag"].startswith('"')
+
+
+def test_quorum_words_and_bounds(cluster5: LocalCluster) -> None:
+    url = cluster5.urls[1]
+    for word in ("one", "quorum", "all"):
+        assert http(url, "PUT", kv_path("words", w=word), body=b"x").status == 204
+        assert http(url, "GET", kv_path("words", r=word)).status == 200
+    for bad in ("0", "4", "-1", "many", "1.5"):
+        reply = http(url, "GET", kv_path("words", r=bad))
+        assert reply.status == 400 and reply.json()["error"] == "invalid_quorum"  # type: ignore[index]
+        reply = http(url, "PUT", kv_path("words", w=bad), body=b"x")
+        assert reply.status == 400 and reply.json()["error"] == "invalid_quorum"  # type: ignore[index]
+
+
+def test_siblings_then_resolution(cluster5: LocalCluster) -> None:
+    key = "user:siblings"
+    a, b = cluster5.urls[0], cluster5.urls[2]
+    assert http(a, "PUT", kv_path(key, w=3), body=b"from-a").status == 204
+    assert http(b, "PUT", kv_path(key, w=3), body=b"from-b").status == 204  # no context: concurrent
+    got = http(a, "GET", kv_path(key, r=3))
+    assert got.status == 300, got
+    doc = got.json()
+    assert isinstance(doc, dict)
+    values = sorted(base64.b64decode(s["value"]) for s in doc["siblings"])
+    assert values == [b"from-a", b"from-b"]
+    assert got.headers["x-context"] == doc["context"]
+    resolved = http(b, "PUT", kv_path(key, w=3), body=b"merged", headers={"X-Context": doc["context"]})
+    assert resolved.status == 204
+    final = http(cluster5.urls[4], "GET", kv_path(key, r=3))
+    assert final.status == 200 and final.body == b"merged"
+
+
+def test_delete_with_context_and_tombstone(cluster5: LocalCluster) -> None:
+    url = cluster5.urls[0]
+    key = "to-delete"
+    put = http(url, "PUT", kv_path(key, w=3), body=b"bye")
+    deleted = http(url, "DELETE", kv_path(key, w=3), headers={"X-Context": put.headers["x-context"]})
+    assert deleted.status == 204
+    got = http(cluster5.urls[2], "GET", kv_path(key, r=3))
+    assert got.status == 404
+    assert got.json()["error"] == "not_found"  # type: ignore[index]
+    assert got.headers.get("x-context"), "a known tombstone returns its context"
+    never = http(url, "GET", kv_path("never-written", r=2))
+    assert never.status == 404 and "x-context" not in never.headers
+
+
+@pytest.mark.parametrize(
+    "method,path,headers,body,status,code",
+    [
+        ("GET", "/kv/", {}, None, 400, "invalid_key"),
+        ("GET", "/kv/" + "k" * 1025, {}, None, 400, "invalid_key"),
+        ("GET", "/kv/%FF%FE", {}, None, 400, "invalid_key"),
+        ("GET", "/kv/ok?consistency=psychic", {}, None, 400, "invalid_parameter"),
+        ("GET", "/kv/ok?sloppy=maybe", {}, None, 400, "invalid_parameter"),
+        ("GET", "/kv/ok?timeout_ms=soon", {}, None, 400, "invalid_parameter"),
+        ("GET", "/kv/ok?bogus=1", {}, None, 400, "invalid_parameter"),
+        ("PUT", "/kv/ok", {"X-Context": "!!not-base64!!"}, b"v", 400, "invalid_context"),
+        ("PUT", "/kv/ok", {"X-Context": "bm90IG1zZ3BhY2s"}, b"v", 400, "invalid_context"),
+        ("PUT", "/kv/ok", {"If-Match": '"abc"'}, b"v", 400, "invalid_parameter"),
+        ("PUT", "/kv/big", {}, b"x" * (1024 * 1024 + 1), 413, "value_too_large"),
+        ("POST", "/admin/repair", {}, None, 401, "unauthorized"),
+        ("POST", "/admin/repair", {"X-Cluster-Secret": "wrong-secret"}, None, 401, "unauthorized"),
+        ("POST", "/internal/msg", {}, b"\x80", 401, "unauthorized"),
+        ("PUT", "/admin/faults", {}, b"{}", 401, "unauthorized"),
+        ("GET", "/nowhere", {}, None, 404, "not_found"),
+        ("POST", "/kv/ok", {}, b"v", 405, "method_not_allowed"),
+    ],
+)
+def test_bad_requests_get_json_errors(
+    cluster5: LocalCluster, method: str, path: str, headers: dict[str, str], body: bytes | None, status: int, code: str
+) -> None:
+    reply = http(cluster5.urls[0], method, path, body=body, headers=headers)
+    assert reply.status == status, reply
+    doc = reply.json()
+    assert isinstance(doc, dict) and doc["error"] == code and doc["message"]
+
+
+def test_oversized_value_loses_nothing(cluster5: LocalCluster) -> None:
+    url = cluster5.urls[0]
+    assert http(url, "PUT", kv_path("keep", w=3), body=b"original").status == 204
+    assert http(url, "PUT", kv_path("keep", w=3), body=b"y" * (1024 * 1024 + 10)).status == 413
+    assert http(url, "GET", kv_path("keep", r=3)).body == b"original"
+
+
+def test_cluster_health_metrics(cluster5: LocalCluster) -> None:
+    url = cluster5.urls[0]
+    health = http(url, "GET", "/health")
+    assert health.status == 200 and health.json() == {"status": "ok", "node": "n1"}
+    info = http(url, "GET", "/cluster").json()
+    assert isinstance(info, dict)
+    assert [m["id"] for m in info["members"]] == cluster5.node_ids
+    assert abs(sum(m["ownership"] for m in info["members"]) - 100.0) < 0.1
+    assert (info["replicas"], info["r"], info["w"]) == (3, 2, 2)
+    http(url, "PUT", kv_path("metric-key"), body=b"m")
+    metrics = http(url, "GET", "/metrics").body.decode()
+    assert 'kvstore_requests_total{op="put",status="204"}' in metrics
+    assert "kvstore_request_latency_seconds_bucket" in metrics
+    assert "kvstore_storage_records" in metrics
+
+
+def test_forwarded_write_from_non_replica(cluster5: LocalCluster) -> None:
+    key = "forward-me"
+    outsider = non_replica(cluster5, key)
+    assert http(cluster5.url(outsider), "PUT", kv_path(key, w=3), body=b"fwd").status == 204
+    for member in preference(cluster5, key):
+        got = http(cluster5.url(member), "GET", kv_path(key, r=3))
+        assert got.body == b"fwd"
+
+
+def test_replica_killed_w2_succeeds_w3_strict_fails(fresh_cluster: LocalCluster) -> None:
+    key = "kill:replica"
+    pref = preference(fresh_cluster, key)
+    fresh_cluster.kill(pref[2])
+    url = fresh_cluster.url(pref[0])
+    ok = http(url, "PUT", kv_path(key, w=2, sloppy="false"), body=b"two-of-three")
+    assert ok.status == 204, ok
+    refused = http(url, "PUT", kv_path(key, w=3, sloppy="false"), body=b"three")
+    assert refused.status == 503, refused
+    doc = refused.json()
+    assert isinstance(doc, dict)
+    assert doc["error"] == "quorum_unavailable" and doc["needed"] == 3 and doc["acknowledged"] <= 2
+    assert "indeterminate" in doc
+    # A strict read of 3 fails too, but R=2 still answers.
+    assert http(url, "GET", kv_path(key, r=3, sloppy="false")).status == 503
+    assert http(url, "GET", kv_path(key, r=2, sloppy="false")).status in (200, 300)
+
+
+def test_restart_from_sqlite_keeps_acknowledged_writes(fresh_cluster: LocalCluster) -> None:
+    url = fresh_cluster.urls[0]
+    keys = [f"durable:{i}" for i in range(30)]
+    for key in keys:
+        assert http(url, "PUT", kv_path(key, w=3), body=key.encode()).status == 204
+    victim = "n2"
+    fresh_cluster.kill(victim)  # SIGKILL: no clean shutdown
+    fresh_cluster.restart(victim)
+    victim_url = fresh_cluster.url(victim)
+    held = [k for k in keys if victim in preference(fresh_cluster, k)]
+    assert held, "n2 should replicate some of 30 keys"
+    for key in held:
+        # Ask n2's own storage (not a quorum) so the other replicas cannot mask a loss.
+        assert local_values(fresh_cluster, victim, key) == [key.encode()]
+        got = http(victim_url, "GET", kv_path(key, r=3))
+        assert got.status == 200 and got.body == key.encode()
