@@ -161,7 +161,7 @@ class LocalCluster:
         log = open(path.parent / "node.log", "ab")  # noqa: SIM115 - handed to the child process
         env = {**os.environ, "KVSTORE_LOG": self.log_level}
         self.procs[node_id] = subprocess.Popen(
-            [sys.executable, "-m", "kvstore", "node", "--config", str(path)],
+            [sys.executable, "-m", "kvstore.server", "--config", str(path)],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

@@ -164,7 +164,11 @@ class Node:
         from kvstore.failure import MembershipView
 
         return MembershipView(
-            self.cfg.member_ids, self.node_id, threshold=self.cfg.ap.phi_threshold,
+            self.cfg.member_ids,
+            self.node_id,
+            threshold=self.cfg.ap.phi_threshold,
+            min_sample_interval_ms=self.cfg.ap.heartbeat_interval_ms / 2,
+            first_heartbeat_estimate_ms=self.cfg.ap.heartbeat_interval_ms,
         )
 
     async def start(self) -> None:

@@ -194,3 +194,11 @@ def run_node(config_path: str) -> int:
         print(f"kvstore node {cfg.node_id}: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+if __name__ == "__main__":  # ``python -m kvstore.server --config node.toml`` (what LocalCluster runs)
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m kvstore.server", description="Run one kvstore node.")
+    parser.add_argument("--config", required=True, help="the node's TOML config")
+    sys.exit(run_node(parser.parse_args().config))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import http.client
+import http.client as httpclient
 import json
 import urllib.parse
 from collections.abc import Iterator
@@ -37,7 +37,7 @@ def http(
     timeout_s: float = 10.0,
 ) -> Reply:
     parsed = urllib.parse.urlparse(base_url)
-    conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=timeout_s)
+    conn = httpclient.HTTPConnection(parsed.hostname, parsed.port, timeout=timeout_s)
     try:
         conn.request(method, path, body=body, headers=headers or {})
         resp = conn.getresponse()

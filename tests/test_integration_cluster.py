@@ -62,8 +62,8 @@ def test_every_r_w_combination(cluster5: LocalCluster, r: int, w: int) -> None:
 def test_quorum_words_and_bounds(cluster5: LocalCluster) -> None:
     url = cluster5.urls[1]
     for word in ("one", "quorum", "all"):
-        assert http(url, "PUT", kv_path("words", w=word), body=b"x").status == 204
-        assert http(url, "GET", kv_path("words", r=word)).status == 200
+        assert http(url, "PUT", kv_path(f"words:{word}", w=word), body=b"x").status == 204
+        assert http(url, "GET", kv_path(f"words:{word}", r=word)).status == 200
     for bad in ("0", "4", "-1", "many", "1.5"):
         reply = http(url, "GET", kv_path("words", r=bad))
         assert reply.status == 400 and reply.json()["error"] == "invalid_quorum"  # type: ignore[index]
