@@ -23,6 +23,7 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
+from jsonschema.exceptions import best_match
 from openapi_schema_validator import OAS30Validator, oas30_format_checker
 
 HTTP_METHODS = ("get", "put", "post", "delete", "patch", "head", "options", "trace")
@@ -105,10 +106,13 @@ def _headers_dict(headers: HeadersLike) -> dict[str, str]:
 def schema_errors(instance: Any, schema: Mapping[str, Any]) -> list[str]:
     """Every way ``instance`` violates the (already dereferenced) OpenAPI 3.0 ``schema``."""
     validator = OAS30Validator(dict(schema), format_checker=oas30_format_checker)
-    return [
-        f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
-        for e in sorted(validator.iter_errors(instance), key=lambda e: list(map(str, e.absolute_path)))
-    ]
+    problems = []
+    for error in sorted(validator.iter_errors(instance), key=lambda e: list(map(str, e.absolute_path))):
+        # For oneOf/anyOf, the closest branch's complaint is the useful one.
+        detail = best_match(error.context) if error.context else None
+        shown = detail if detail is not None else error
+        problems.append(f"{'/'.join(map(str, shown.absolute_path)) or '<root>'}: {shown.message}")
+    return problems
 
 
 def validate_response(
