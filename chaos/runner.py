@@ -148,8 +148,9 @@ class FaultDriver:
         if kind in PARTITION_KINDS:
             grudge, description = partition_grudge(kind, nodes, self.rng)
             await self.control.partition(grudge)
-            self.history.nemesis("start-partition", {"kind": kind, "groups": description})
-            self.active.append((kind, description))
+            value = {"kind": kind, "groups": description}
+            self.history.nemesis("start-partition", value)
+            self.active.append((kind, value))
         elif kind == "kill":
             victim = self.rng.choice(nodes)
             self.history.nemesis("kill", [victim])
@@ -241,19 +242,15 @@ async def run_scenario(
     interrupted = False
     loop = asyncio.get_running_loop()
     started = loop.time()
-    phase_name = "healthy"
     async with Workload(workload_spec, control.urls, history, spec.seed) as workload:
         load = asyncio.create_task(workload.run())
         try:
             for phase in schedule:
-                phase_name = phase.name
-                await _sleep_until(started + phase.start_s, loop, progress, phase.name, workload, started)
-                if phase.name == "fault":
-                    for kind in phase.faults:
-                        await driver.start(kind)
-                    await _sleep_until(started + phase.end_s, loop, progress, phase.name, workload, started)
+                for kind in phase.faults:
+                    await driver.start(kind)
+                await _sleep_until(started + phase.end_s, loop, progress, phase.name, workload, started)
+                if phase.faults:
                     await driver.stop_all()
-            await _sleep_until(started + spec.duration_s, loop, progress, phase_name, workload, started)
         except (asyncio.CancelledError, KeyboardInterrupt):
             interrupted = True
             raise
