@@ -377,13 +377,16 @@ class SqliteStorage:
             batch = self._take_batch()
             if batch is None:
                 return
-            error: str | None = "storage writer failed"
             try:
                 error = self._apply(cur, batch)
-            finally:  # settle the batch even if _apply blew up, then let the error kill us
-                with self._cond:
-                    self._pending -= len(batch)
-                self._dispatch(batch, error)
+            except BaseException as exc:
+                # Stop intake *before* settling, so no caller sees its write fail and then
+                # gets a later write queued to a writer that is gone.
+                self._fail_queued(f"storage writer failed: {exc!r}", batch)
+                raise
+            with self._cond:
+                self._pending -= len(batch)
+            self._dispatch(batch, error)
 
     def _apply(self, cur: sqlite3.Cursor, batch: list[_Op]) -> str | None:
         """Apply one batch in one transaction; the error message if it was rolled back."""
@@ -428,11 +431,12 @@ class SqliteStorage:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_settle, futs, error)
 
-    def _fail_queued(self, reason: str) -> None:
+    def _fail_queued(self, reason: str, in_flight: list[_Op] | None = None) -> None:
+        """Stop intake for good and fail every write not yet settled."""
         with self._cond:
             self._stopping = True
             self._stop_reason = reason
-            batch = list(self._queue)
+            batch = (in_flight or []) + list(self._queue)
             self._queue.clear()
             self._pending -= len(batch)
         self._dispatch(batch, reason)
