@@ -442,6 +442,12 @@ class Client:
             self._session = aiohttp.ClientSession(
                 connector=connector, headers={"User-Agent": f"kvstore-client/{__version__}"}
             )
+            # aiohttp silently re-sends "idempotent" methods (PUT and DELETE included) once after a
+            # disconnect.  A re-sent write is not idempotent here and must never be silent, so switch
+            # that off; there is no public knob (aiohttp's own test client sets this attribute), and
+            # tests/test_client.py counts requests to catch a version where this stops working.
+            if hasattr(self._session, "_retry_connection"):
+                self._session._retry_connection = False
         return self._session
 
     # -- key-value operations
