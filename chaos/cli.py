@@ -90,7 +90,7 @@ async def _run(args: argparse.Namespace, scenario: str) -> int:
         await asyncio.to_thread(cluster.start)
         control = ClusterControl(urls={n: cluster.url(n) for n in cluster.node_ids}, secret=cluster.secret, local=cluster)
         info = {"nodes": 5, "replicas": 3, "storage": args.storage, "conflict_mode": MODES[args.mode]["conflict_mode"],
-                "urls": control.urls}
+                "urls": control.urls, "pids": {n: cluster.pid(n) for n in cluster.node_ids}}
     progress = ProgressLine(f"[{scenario}/{args.mode}]")
     try:
         result = await run_scenario(spec, control, out, cluster_info=info, progress=progress,

@@ -268,6 +268,9 @@ async def run_scenario(
                 await _converge(control, spec, progress, workload, started)
                 await _final_reads(workload, keys, control.node_ids)
             run_info["finished_at_unix_s"] = time.time()
+            if control.local is not None:  # PIDs change when a killed node is restarted
+                run_info["cluster"] = {**run_info["cluster"],
+                                       "final_pids": {n: control.local.pid(n) for n in control.local.node_ids}}
             run_info["interrupted"] = interrupted
             history.close()
             (out_dir / "run.json").write_text(json.dumps(run_info, indent=2))
