@@ -164,6 +164,12 @@ def sync(a: VersionedObject, b: VersionedObject, mode: ConflictMode = "siblings"
     if a == b:
         return a
     va, vb = a.vector(), b.vector()
+    if mode == "lww":
+        # LWW discards a losing write without any context having covered it, yet its dot is in the
+        # clock; the coverage rule below could then let two replicas each drop the other's winner
+        # (sync non-associative; a third merge left no sibling at all).  The max over the union
+        # is a semilattice: every replica converges on the greatest (timestamp_ns, node, counter).
+        return _make(merge_vectors(va, vb), {s.dot: s for s in (*a.siblings, *b.siblings)}.values(), mode)
     dots_a = {s.dot for s in a.siblings}
     dots_b = {s.dot for s in b.siblings}
     survivors = [s for s in a.siblings if s.dot in dots_b or not _covers(vb, s.node, s.counter)]
