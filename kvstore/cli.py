@@ -1,0 +1,510 @@
+"""The ``kvstore`` command line.
+
+Theory of operation
+-------------------
+``main(argv)`` parses with argparse and dispatches to one handler per
+subcommand; it returns the exit status instead of raising ``SystemExit``, so
+tests (and ``python -m kvstore``) call it directly.
+
+Exit status: 0 success; 1 an operating error (a node unreachable, a 4xx/5xx
+answer, a failed precondition), reported as ONE line on stderr and never as a
+traceback; 2 a usage error (argparse's message, or a missing argument we
+check ourselves); 3 ``get`` found no value; 130 interrupted.  A traceback
+means a bug in kvstore, and is left visible on purpose.
+
+Output: values go to stdout byte-for-byte (so ``kvstore get k > file`` is
+exact); metadata (context, ETag, a retried-write note) goes to stderr, except
+with ``--json``, which prints one JSON document on stdout for scripts.
+
+Startup is kept cheap (``kvstore --help`` must be instant): this module
+imports only the standard library at import time; aiohttp (via
+``kvstore.client``), rich and the node/cluster machinery are imported inside
+the handler that needs them.
+
+Adding a subcommand: write ``def register_x(sub: Subparsers) -> None`` that
+adds a parser and sets ``handler=`` with ``set_defaults``, and append
+``("x", register_x)`` to ``COMMANDS``.  A command whose implementation owns its
+own argument parsing (``check``, ``chaos``) goes in ``DELEGATED`` instead: it
+receives the rest of argv untouched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import importlib
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
+
+from kvstore import __version__
+
+if TYPE_CHECKING:
+    from kvstore.client import Client, GetResult, PutResult
+
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+Handler = Callable[[argparse.Namespace], int]
+T = TypeVar("T")
+
+DEFAULT_NODE = "http://127.0.0.1:7001"
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+EPILOG = (
+    "exit status: 0 ok, 1 operating error (one line on stderr), 2 usage error, 3 key not found (get).\n"
+    f"--node defaults to $KVSTORE_NODE (comma-separated URLs allowed) or {DEFAULT_NODE}."
+)
+
+
+class UsageError(Exception):
+    """A usage problem argparse cannot see (e.g. a missing secret); exit status 2."""
+
+
+# --------------------------------------------------------------------------- shared option groups
+
+
+def quorum_arg(text: str) -> int | str:
+    word = text.strip().lower()
+    if word in ("one", "quorum", "all"):
+        return word
+    try:
+        value = int(word)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or one|quorum|all, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def connection_options() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("connection")
+    group.add_argument(
+        "--node", action="append", metavar="URL",
+        help=f"a node to talk to; repeat for failover (default $KVSTORE_NODE or {DEFAULT_NODE})",
+    )
+    group.add_argument("--timeout", type=positive_float, default=5.0, metavar="SECONDS",
+                       help="per-attempt timeout (default 5)")
+    return parent
+
+
+def consistency_options() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("consistency")
+    group.add_argument("--consistency", choices=["eventual", "quorum", "linearizable"],
+                       help="consistency level (default: the node's)")
+    group.add_argument("--sloppy", action=argparse.BooleanOptionalAction, default=None,
+                       help="allow fallback replicas (hinted handoff); default: the node's")
+    return parent
+
+
+def node_urls(args: argparse.Namespace) -> list[str]:
+    if args.node:
+        urls = [u for item in args.node for u in item.split(",")]
+    else:
+        urls = os.environ.get("KVSTORE_NODE", DEFAULT_NODE).split(",")
+    urls = [u.strip() for u in urls if u.strip()]
+    if not urls:
+        raise UsageError("no node URL given (--node or $KVSTORE_NODE)")
+    return urls
+
+
+def with_client(args: argparse.Namespace, use: Callable[[Client], Awaitable[T]], *, secret: str | None = None) -> T:
+    """Run ``use(client)`` on a fresh event loop with a client for ``--node``/``--timeout``."""
+    import asyncio
+
+    from kvstore.client import Client
+
+    try:
+        client = Client(node_urls(args), timeout_s=args.timeout, secret=secret)
+    except ValueError as exc:  # a malformed --node URL
+        raise UsageError(str(exc)) from None
+
+    async def run() -> T:
+        async with client:
+            return await use(client)
+
+    return asyncio.run(run())
+
+
+# --------------------------------------------------------------------------- output helpers
+
+
+def display(value: bytes) -> str:
+    """A value as one line of text: itself if it is printable UTF-8, else ``base64:...``."""
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and text.isprintable():
+        return text
+    return "base64:" + base64.b64encode(value).decode("ascii")
+
+
+def value_json(value: bytes) -> dict[str, Any]:
+    try:
+        text: str | None = value.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    return {"value": text, "value_b64": base64.b64encode(value).decode("ascii")}
+
+
+def write_stdout(data: bytes) -> None:
+    sys.stdout.flush()
+    sys.stdout.buffer.write(data)
+    if sys.stdout.isatty() and not data.endswith(b"\n"):
+        sys.stdout.buffer.write(b"\n")  # for a person at a terminal only: piped output stays exact
+    sys.stdout.buffer.flush()
+
+
+def note(text: str) -> None:
+    print(text, file=sys.stderr)
+
+
+def print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=False))
+
+
+def report_write(result: PutResult) -> None:
+    if result.context:
+        print(f"context: {result.context}")
+    if result.etag:
+        print(f"etag: {result.etag}")
+    if result.retried:
+        earlier = "; ".join(f"{a.node}: {a.error}" for a in result.attempts if a.may_have_been_applied)
+        note(f"note: the write was re-sent to {result.node} after a failure that may have applied it "
+             f"({earlier}); if both copies landed the key has siblings")
+
+
+def read_value(arg: str) -> bytes:
+    return sys.stdin.buffer.read() if arg == "-" else arg.encode("utf-8")
+
+
+# --------------------------------------------------------------------------- key-value commands
+
+
+def cmd_get(args: argparse.Namespace) -> int:
+    got: GetResult = with_client(
+        args, lambda kv: kv.get(args.key, r=args.r, consistency=args.consistency, sloppy=args.sloppy)
+    )
+    if args.json:
+        print_json({
+            "key": args.key,
+            "found": got.found,
+            **(value_json(got.value) if got.value is not None else {"value": None, "value_b64": None}),
+            "siblings": [{**value_json(s.value), "timestamp_ns": s.timestamp_ns} for s in got.siblings],
+            "context": got.context,
+            "etag": got.etag,
+            "node": got.node,
+        })
+        return EXIT_OK if got.found else EXIT_NOT_FOUND
+    if not got.found:
+        note(f"kvstore get: {args.key!r} not found")
+        return EXIT_NOT_FOUND
+    if got.conflict:
+        for index, sibling in enumerate(got.siblings):
+            print(f"[{index}] {display(sibling.value)}")
+        print(f"context: {got.context}")
+        note(f"{len(got.siblings)} siblings (concurrent writes): to resolve, put the value to keep "
+             f"with --context {got.context}")
+        return EXIT_OK
+    assert got.value is not None
+    write_stdout(got.value)
+    note(f"context: {got.context}  etag: {got.etag}")
+    return EXIT_OK
+
+
+def cmd_put(args: argparse.Namespace) -> int:
+    value = read_value(args.value)
+    result: PutResult = with_client(args, lambda kv: kv.put(
+        args.key, value, context=args.context, w=args.w, consistency=args.consistency, sloppy=args.sloppy,
+        if_match=args.if_match, if_absent=args.if_absent,
+    ))
+    report_write(result)
+    return EXIT_OK
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    result: PutResult = with_client(args, lambda kv: kv.delete(
+        args.key, context=args.context, w=args.w, consistency=args.consistency, sloppy=args.sloppy,
+    ))
+    report_write(result)
+    return EXIT_OK
+
+
+def cmd_cas(args: argparse.Namespace) -> int:
+    result: PutResult = with_client(args, lambda kv: kv.cas(
+        args.key, args.expected.encode("utf-8"), args.new.encode("utf-8"), w=args.w, consistency=args.consistency,
+    ))
+    report_write(result)
+    return EXIT_OK
+
+
+def register_kv(sub: Subparsers) -> None:
+    conn, cons = connection_options(), consistency_options()
+
+    p = sub.add_parser("get", parents=[conn, cons], help="read a key",
+                       description="Print the value of KEY (or its siblings, one per line, and the context).",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("key", metavar="KEY")
+    p.add_argument("--r", type=quorum_arg, help="read quorum: 1..N or one|quorum|all")
+    p.add_argument("--json", action="store_true", help="print one JSON object (values as text and base64)")
+    p.set_defaults(handler=cmd_get)
+
+    p = sub.add_parser("put", parents=[conn, cons], help="write a key",
+                       description="Write VALUE (or stdin with '-') to KEY.  Pass the context of the read "
+                                   "the write is based on, or it becomes a sibling.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("key", metavar="KEY")
+    p.add_argument("value", metavar="VALUE", help="the value as UTF-8 text, or - to read bytes from stdin")
+    p.add_argument("--context", help="the causal context from a previous get")
+    p.add_argument("--w", type=quorum_arg, help="write quorum: 1..N or one|quorum|all")
+    cond = p.add_mutually_exclusive_group()
+    cond.add_argument("--if-match", metavar="ETAG", help="write only if the current value has this ETag")
+    cond.add_argument("--if-absent", action="store_true", help="write only if the key has no value")
+    p.set_defaults(handler=cmd_put)
+
+    p = sub.add_parser("delete", parents=[conn, cons], help="delete a key (writes a tombstone)",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("key", metavar="KEY")
+    p.add_argument("--context", help="the causal context from a previous get")
+    p.add_argument("--w", type=quorum_arg, help="write quorum: 1..N or one|quorum|all")
+    p.set_defaults(handler=cmd_delete)
+
+    p = sub.add_parser("cas", parents=[conn], help="compare-and-set",
+                       description="Set KEY to NEW only if its current value is EXPECTED (both UTF-8 text).",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("key", metavar="KEY")
+    p.add_argument("expected", metavar="EXPECTED")
+    p.add_argument("new", metavar="NEW")
+    p.add_argument("--w", type=quorum_arg, help="write quorum: 1..N or one|quorum|all")
+    p.add_argument("--consistency", choices=["eventual", "quorum", "linearizable"],
+                   help="default linearizable (the only level the node offers compare-and-set at)")
+    p.set_defaults(handler=cmd_cas)
+
+
+# --------------------------------------------------------------------------- cluster commands
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    info: dict[str, Any] = with_client(args, lambda kv: kv.cluster())
+    if args.json:
+        print_json(info)
+        return EXIT_OK
+    from rich.console import Console
+    from rich.table import Table
+
+    hints = info.get("pending_hints") or {}
+    table = Table(title=f"kvstore cluster as seen by {info.get('node', '?')}")
+    table.add_column("id")
+    table.add_column("url", no_wrap=True)
+    table.add_column("state")
+    table.add_column("phi", justify="right")
+    table.add_column("ownership", justify="right")
+    table.add_column("pending hints", justify="right")
+    for member in info.get("members", []):
+        state = str(member.get("state", "?"))
+        phi = member.get("phi")
+        ownership = member.get("ownership")
+        table.add_row(
+            str(member.get("id", "?")),
+            str(member.get("url", "?")),
+            f"[green]{state}[/green]" if state == "up" else f"[red]{state}[/red]",
+            "-" if phi is None else f"{phi:.2f}",
+            "-" if ownership is None else f"{ownership:.2f}%",
+            str(hints.get(member.get("id"), 0)),
+        )
+    console = Console(highlight=False)
+    console.print(table)
+    settings = ("replicas", "r", "w", "vnodes", "conflict_mode", "consistency")
+    n, r, w, vnodes, mode, consistency = (info.get(k, "?") for k in settings)
+    console.print(f"N={n} R={r} W={w}  vnodes={vnodes}  conflict_mode={mode}  consistency={consistency}")
+    return EXIT_OK
+
+
+def cmd_repair(args: argparse.Namespace) -> int:
+    if not args.secret:
+        raise UsageError("the admin route needs the cluster secret: --secret or $KVSTORE_SECRET")
+    result: dict[str, Any] = with_client(args, lambda kv: kv.repair(), secret=args.secret)
+    print_json(result)
+    return EXIT_OK
+
+
+def register_admin(sub: Subparsers) -> None:
+    conn = connection_options()
+    p = sub.add_parser("status", parents=[conn], help="show cluster membership and settings",
+                       description="A table of members (state, phi, ring ownership, pending hints) and N/R/W.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", action="store_true", help="print GET /cluster as JSON")
+    p.set_defaults(handler=cmd_status)
+
+    p = sub.add_parser("repair", parents=[conn], help="start an anti-entropy round on a node",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--secret", default=os.environ.get("KVSTORE_SECRET"),
+                   help="the cluster secret (default $KVSTORE_SECRET)")
+    p.set_defaults(handler=cmd_repair)
+
+
+# --------------------------------------------------------------------------- running nodes
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    run_node = find_run_node()
+    return run_node(args.config)
+
+
+def find_run_node() -> Callable[[str], int]:
+    # kvstore.node is the agreed home; kvstore.server is where the runner lives today.
+    for module_name in ("kvstore.node", "kvstore.server"):
+        module = importlib.import_module(module_name)
+        run_node = getattr(module, "run_node", None)
+        if callable(run_node):
+            result: Callable[[str], int] = run_node
+            return result
+    raise RuntimeError("no run_node(config_path) in kvstore.node or kvstore.server")
+
+
+def cmd_cluster_up(args: argparse.Namespace) -> int:
+    from kvstore.cluster import cluster_up
+
+    return cluster_up(args)
+
+
+def register_nodes(sub: Subparsers) -> None:
+    p = sub.add_parser("node", help="run one node in the foreground",
+                       description="Run one node from its TOML config until SIGINT/SIGTERM.")
+    p.add_argument("--config", required=True, metavar="PATH", help="the node's TOML config file")
+    p.set_defaults(handler=cmd_node)
+
+    p = sub.add_parser("cluster", help="local clusters (see: kvstore cluster up --help)")
+    cluster_sub = p.add_subparsers(dest="cluster_command", metavar="SUBCOMMAND", required=True)
+    up = cluster_sub.add_parser(
+        "up", help="start N local node processes on 127.0.0.1; Ctrl-C stops them all",
+        description="Start a local cluster of node processes on 127.0.0.1 and keep it up until Ctrl-C.",
+    )
+    up.add_argument("--nodes", type=positive_int, default=5, help="number of nodes (default 5)")
+    up.add_argument("--replicas", type=positive_int, default=3, help="N, replicas per key (default 3)")
+    up.add_argument("--data-dir", metavar="DIR", help="where node data and logs go (default: a temp dir)")
+    up.add_argument("--base-port", type=positive_int, metavar="PORT",
+                    help="first HTTP port, e.g. 7001 (default: free ports)")
+    up.add_argument("--storage", choices=["sqlite", "memory"], default="sqlite", help="storage engine (default sqlite)")
+    up.add_argument("--fsync", choices=["always", "batch", "never"], default="batch",
+                    help="durability of sqlite writes (default batch)")
+    up.add_argument("--vnodes", type=positive_int, default=64, help="virtual nodes per member (default 64)")
+    up.add_argument("--conflict-mode", choices=["siblings", "lww"], default="siblings",
+                    help="keep concurrent writes as siblings, or last-write-wins (default siblings)")
+    up.add_argument("--r", type=positive_int, help="default read quorum (default min(2, N))")
+    up.add_argument("--w", type=positive_int, help="default write quorum (default min(2, N))")
+    up.set_defaults(handler=cmd_cluster_up)
+
+
+# --------------------------------------------------------------------------- registry and entry point
+
+COMMANDS: list[tuple[str, Callable[[Subparsers], None]]] = [
+    ("kv", register_kv),
+    ("admin", register_admin),
+    ("nodes", register_nodes),
+]
+
+# name -> (module with main(argv) -> int, one-line help).  They parse their own arguments.
+DELEGATED: dict[str, tuple[str, str]] = {
+    "check": ("kvstore.checker.cli", "check a recorded history for consistency anomalies"),
+    "chaos": ("chaos.cli", "run a fault-injection scenario against a local cluster"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvstore",
+        description="kvstore: a Dynamo-style key-value store with tunable consistency (a CAP explorer).",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"kvstore {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for _name, register in COMMANDS:
+        register(sub)
+    for name, (_module, help_text) in DELEGATED.items():
+        # Listed for --help only: main() hands these their argv before argparse sees it.
+        sub.add_parser(name, help=help_text + f" (see: kvstore {name} --help)", add_help=False)
+    return parser
+
+
+def run_delegated(name: str, argv: list[str]) -> int:
+    module_name, _help = DELEGATED[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        # Only "that module is not installed" is an operating error; a missing import inside it is a bug.
+        if exc.name is None or not module_name.startswith(exc.name):
+            raise
+        note(f"kvstore {name}: not available in this installation ({module_name} is missing)")
+        return EXIT_ERROR
+    result = module.main(argv)
+    return int(result or 0)
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if args_list and args_list[0] in DELEGATED:
+            return run_delegated(args_list[0], args_list[1:])
+        parser = build_parser()
+        args = parser.parse_args(args_list)
+        handler: Handler | None = getattr(args, "handler", None)
+        if handler is None:
+            parser.print_help(sys.stderr)
+            return EXIT_USAGE
+        return run_handler(args, handler)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USAGE)
+    except KeyboardInterrupt:
+        note("kvstore: interrupted")
+        return EXIT_INTERRUPTED
+
+
+def run_handler(args: argparse.Namespace, handler: Handler) -> int:
+    from kvstore.client import KVError, NodeUnreachable
+
+    name = "kvstore " + " ".join(a for a in (args.command, getattr(args, "cluster_command", None)) if a)
+    try:
+        return handler(args)
+    except UsageError as exc:
+        note(f"{name}: {exc}")
+        return EXIT_USAGE
+    except NodeUnreachable as exc:
+        note(f"{name}: {one_line(exc.message)}; is a node running there? (--node or $KVSTORE_NODE)")
+        return EXIT_ERROR
+    except KVError as exc:
+        note(f"{name}: {one_line(str(exc))}")
+        return EXIT_ERROR
+    except BrokenPipeError:  # `kvstore get k | head -c1`: the reader left; not an error worth a traceback
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
