@@ -57,6 +57,9 @@ ConflictMode = Literal["siblings", "lww"]
 CONFLICT_MODES: tuple[str, ...] = ("siblings", "lww")
 MAX_CONTEXT_ENTRIES = 1024  # far above any real cluster; a bound against hostile contexts
 MAX_CONTEXT_BYTES = 16 * 1024
+# Counters are stored as msgpack uint64 and a write issues max(stored, context) + 1: a counter near
+# 2**64 from a client would make every later write to the key unencodable (poisoned).
+MAX_CONTEXT_COUNTER = 2**63 - 1
 
 VersionVector = dict[str, int]
 
@@ -244,8 +247,8 @@ def decode_context(text: str | None) -> VersionVector:
             or not isinstance(entry[0], str)
             or not isinstance(entry[1], int)
             or isinstance(entry[1], bool)
-            or entry[1] < 0
+            or not 0 <= entry[1] <= MAX_CONTEXT_COUNTER
         ):
-            raise InvalidContext("context entries must be [member, non-negative counter]")
+            raise InvalidContext("context entries must be [member, counter in 0..2**63-1]")
         vector[entry[0]] = entry[1]
     return vector
