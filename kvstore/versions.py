@@ -212,13 +212,10 @@ def decode(blob: bytes) -> VersionedObject:
 
 def digest(obj: VersionedObject) -> bytes:
     """A short fingerprint of the causal state (clock + dots): equal iff replicas agree."""
-    h = hashlib.blake2b(digest_size=8)
-    for node, counter in obj.clock:
-        h.update(f"{node}:{counter},".encode())
-    h.update(b"|")
-    for s in obj.siblings:
-        h.update(f"{s.node}:{s.counter}:{'t' if s.value is None else 'v'},".encode())
-    return h.digest()
+    # msgpack is self-delimiting, so member ids containing ':' or ',' cannot make two different
+    # states serialize alike (the config allows such ids and client contexts carry any string).
+    causal = [[list(e) for e in obj.clock], [[s.node, s.counter, s.value is None] for s in obj.siblings]]
+    return hashlib.blake2b(msgpack.packb(causal, use_bin_type=True), digest_size=8).digest()
 
 
 def encode_context(vector: Mapping[str, int]) -> str:
