@@ -217,19 +217,29 @@ class Node:
         return bool(self.membership.state(member, self.clock.monotonic_ns()) == "up")
 
     async def _heartbeat_loop(self) -> None:
+        """One pinger per peer: a dead peer's timeouts must not delay the others' heartbeats
+        (a stretched gap would look like a failure to the phi detector)."""
+        pingers = [asyncio.create_task(self._pinger(peer), name=f"ping-{peer}") for peer in self.peers]
         interval_s = self.cfg.ap.heartbeat_interval_ms / 1000.0
-        timeout_s = max(0.05, interval_s * 2)
-        while True:
-            await asyncio.gather(*(self._ping(peer, timeout_s) for peer in self.peers))
-            for member, old, new in self.membership.transitions(self.clock.monotonic_ns()):
-                log.warning("failure detector: %s %s -> %s", member, old, new)
-                self.metrics.fd_transitions.labels(member=member, state=new).inc()
-            await asyncio.sleep(interval_s)
+        try:
+            while True:
+                for member, old, new in self.membership.transitions(self.clock.monotonic_ns()):
+                    log.warning("failure detector: %s %s -> %s", member, old, new)
+                    self.metrics.fd_transitions.labels(member=member, state=new).inc()
+                await asyncio.sleep(interval_s)
+        finally:
+            for task in pingers:
+                task.cancel()
 
-    async def _ping(self, peer: str, timeout_s: float) -> None:
-        with contextlib.suppress(PeerUnavailable, RemoteError):
-            await self.transport.call(peer, {"op": "ping"}, timeout_s)
-            self.membership.heartbeat(peer, self.clock.monotonic_ns())
+    async def _pinger(self, peer: str) -> None:
+        interval_s = self.cfg.ap.heartbeat_interval_ms / 1000.0
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            with contextlib.suppress(PeerUnavailable, RemoteError):
+                await self.transport.call(peer, {"op": "ping"}, max(0.05, interval_s * 2))
+                self.membership.heartbeat(peer, self.clock.monotonic_ns())
+            await asyncio.sleep(max(0.0, interval_s - (loop.time() - started)))
 
     # --- messaging -------------------------------------------------------------------------
 
