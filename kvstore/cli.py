@@ -61,6 +61,14 @@ class UsageError(Exception):
     """A usage problem argparse cannot see (e.g. a missing secret); exit status 2."""
 
 
+class Formatter(argparse.HelpFormatter):
+    """Wraps descriptions and epilogs to the terminal but keeps their explicit line breaks."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        fill = super()._fill_text  # bound here: zero-argument super() does not work inside a comprehension
+        return "\n".join(fill(line, width, indent) for line in text.splitlines())
+
+
 # --------------------------------------------------------------------------- shared option groups
 
 
@@ -266,16 +274,17 @@ def register_kv(sub: Subparsers) -> None:
 
     p = sub.add_parser("get", parents=[conn, cons], help="read a key",
                        description="Print the value of KEY (or its siblings, one per line, and the context).",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=EPILOG, formatter_class=Formatter)
     p.add_argument("key", metavar="KEY")
     p.add_argument("--r", type=quorum_arg, help="read quorum: 1..N or one|quorum|all")
     p.add_argument("--json", action="store_true", help="print one JSON object (values as text and base64)")
     p.set_defaults(handler=cmd_get)
 
     p = sub.add_parser("put", parents=[conn, cons], help="write a key",
-                       description="Write VALUE (or stdin with '-') to KEY.  Pass the context of the read "
-                                   "the write is based on, or it becomes a sibling.",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description="Write VALUE (or stdin with '-') to KEY.  Pass the --context of the read "
+                                   "the write is based on: without it the write is concurrent with what is "
+                                   "stored, and the old value survives as a sibling.",
+                       epilog=EPILOG, formatter_class=Formatter)
     p.add_argument("key", metavar="KEY")
     p.add_argument("value", metavar="VALUE", help="the value as UTF-8 text, or - to read bytes from stdin")
     p.add_argument("--context", help="the causal context from a previous get")
@@ -286,7 +295,9 @@ def register_kv(sub: Subparsers) -> None:
     p.set_defaults(handler=cmd_put)
 
     p = sub.add_parser("delete", parents=[conn, cons], help="delete a key (writes a tombstone)",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description="Write a tombstone for KEY.  Pass the --context of a read: a delete "
+                                   "without it is concurrent with the stored value, which then survives.",
+                       epilog=EPILOG, formatter_class=Formatter)
     p.add_argument("key", metavar="KEY")
     p.add_argument("--context", help="the causal context from a previous get")
     p.add_argument("--w", type=quorum_arg, help="write quorum: 1..N or one|quorum|all")
@@ -294,7 +305,7 @@ def register_kv(sub: Subparsers) -> None:
 
     p = sub.add_parser("cas", parents=[conn], help="compare-and-set",
                        description="Set KEY to NEW only if its current value is EXPECTED (both UTF-8 text).",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=EPILOG, formatter_class=Formatter)
     p.add_argument("key", metavar="KEY")
     p.add_argument("expected", metavar="EXPECTED")
     p.add_argument("new", metavar="NEW")
@@ -355,12 +366,12 @@ def register_admin(sub: Subparsers) -> None:
     conn = connection_options()
     p = sub.add_parser("status", parents=[conn], help="show cluster membership and settings",
                        description="A table of members (state, phi, ring ownership, pending hints) and N/R/W.",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=EPILOG, formatter_class=Formatter)
     p.add_argument("--json", action="store_true", help="print GET /cluster as JSON")
     p.set_defaults(handler=cmd_status)
 
     p = sub.add_parser("repair", parents=[conn], help="start an anti-entropy round on a node",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=EPILOG, formatter_class=Formatter)
     p.add_argument("--secret", default=os.environ.get("KVSTORE_SECRET"),
                    help="the cluster secret (default $KVSTORE_SECRET)")
     p.set_defaults(handler=cmd_repair)
@@ -438,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kvstore",
         description="kvstore: a Dynamo-style key-value store with tunable consistency (a CAP explorer).",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG, formatter_class=Formatter,
     )
     parser.add_argument("--version", action="version", version=f"kvstore {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
