@@ -34,6 +34,7 @@ from kvstore.config import CONSISTENCY_LEVELS
 from kvstore.errors import BadRequest, NodeError, Unauthorized, ValueTooLarge
 from kvstore.node import Node
 from kvstore.quorum import InvalidQuorum, majority, parse_quorum
+from kvstore.storage import StorageBusy, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,12 @@ async def error_middleware(request: web.Request, handler: Route) -> web.StreamRe
         response = await handler(request)
     except NodeError as exc:
         response = web.json_response(exc.body(), status=exc.status)
+    except StorageBusy:
+        response = json_error(503, "overloaded", "the storage write queue is full; retry later",
+                              indeterminate=False)
+    except StorageError as exc:
+        log.error("storage error on %s %s: %s", request.method, request.path, exc)
+        response = json_error(503, "storage_unavailable", f"storage error: {exc}", indeterminate=True)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

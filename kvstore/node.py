@@ -55,6 +55,7 @@ from kvstore.errors import NodeError, Overloaded, QuorumUnavailable
 from kvstore.metrics import Metrics
 from kvstore.quorum import QuorumTracker
 from kvstore.ring import Ring, key_token
+from kvstore.storage import StorageBusy
 from kvstore.storage.base import Storage, StorageError
 from kvstore.transport.base import Message, PeerUnavailable, RemoteError, Transport
 from kvstore.versions import VersionedObject
@@ -263,6 +264,8 @@ class Node:
             return {"error": "unknown_op", "message": f"unknown internal op {op!r}", "remote_error": True}
         try:
             return await handler(sender, message)
+        except StorageBusy as exc:
+            return {"error": "overloaded", "message": str(exc), "remote_error": True}
         except StorageError as exc:
             return {"error": "storage", "message": str(exc), "remote_error": True}
 
