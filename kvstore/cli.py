@@ -511,7 +511,11 @@ def run_handler(args: argparse.Namespace, handler: Handler) -> int:
         note(f"{name}: {one_line(exc.message)}; is a node running there? (--node or $KVSTORE_NODE)")
         return EXIT_ERROR
     except KVError as exc:
-        note(f"{name}: {one_line(str(exc))}")
+        # The server's message already speaks for itself when it says indeterminate; otherwise the client
+        # knows more than the message (an earlier copy may have landed, or a 5xx struck mid-write).
+        unknown = exc.indeterminate and exc.code != "indeterminate" and exc.body.get("indeterminate") is not True
+        suffix = " (outcome unknown: the write may have been applied)" if unknown else ""
+        note(f"{name}: {one_line(str(exc))}{suffix}")
         return EXIT_ERROR
     except BrokenPipeError:  # `kvstore get k | head -c1`: the reader left; not an error worth a traceback
         return EXIT_ERROR

@@ -29,7 +29,13 @@ What it guarantees, and what it refuses to hide:
 * **Every error is typed** (tree below) and carries ``status`` (None when no
   HTTP response arrived), ``code`` (the server's JSON ``error`` field, or a
   client-side code), ``message``, ``node`` (the URL that answered or was last
-  tried) and ``attempts``.
+  tried), ``attempts`` and ``indeterminate``.  ``indeterminate=False`` on a
+  write's error means it was not applied (as far as anyone can know);
+  ``True`` means it may have been, or may still become visible: the server
+  said so, or an earlier attempt of this call may have landed before the
+  retry failed, or the node failed with an unexplained 5xx mid-write.  A
+  history checker should record the first as a failure and the second as
+  unknown.  Reads are never indeterminate.
 * **Timeouts**: ``timeout_s`` (on the client, overridable per call) bounds
   each attempt, connect included.  The server is sent ``timeout_ms`` at 90% of
   it so that, when the replicas are slow, the coordinator gives up first and
@@ -47,7 +53,7 @@ the chosen value with ``context=result.context``.
 
 Exceptions::
 
-    KVError                       .status .code .message .node .attempts
+    KVError                       .status .code .message .node .attempts .indeterminate
      +-- BadRequest               400  .code = invalid_quorum | invalid_key | invalid_context | invalid_parameter
      +-- Unauthorized             401  admin route without the right X-Cluster-Secret
      +-- PreconditionFailed       412  .current = ETag of the current value (None: absent)
@@ -224,6 +230,7 @@ class KVError(Exception):
         node: str = "",
         body: Mapping[str, Any] | None = None,
         attempts: Sequence[Attempt] = (),
+        indeterminate: bool = False,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -232,6 +239,7 @@ class KVError(Exception):
         self.node = node
         self.body: dict[str, Any] = dict(body or {})
         self.attempts: list[Attempt] = list(attempts)
+        self.indeterminate = indeterminate
 
     def __str__(self) -> str:
         where = f" [{self.node}]" if self.node else ""
@@ -274,21 +282,15 @@ class QuorumUnavailable(KVError):
     """
 
     def __init__(
-        self, message: str, *, needed: int | None = None, acknowledged: int | None = None,
-        indeterminate: bool = False, **kw: Any,
+        self, message: str, *, needed: int | None = None, acknowledged: int | None = None, **kw: Any,
     ) -> None:
         super().__init__(message, **kw)
         self.needed = needed
         self.acknowledged = acknowledged
-        self.indeterminate = indeterminate
 
 
 class RequestTimeout(KVError):
     """No answer in time (server 503 ``timeout``, or client-side).  ``indeterminate``: a write may have been applied."""
-
-    def __init__(self, message: str, *, indeterminate: bool = False, **kw: Any) -> None:
-        super().__init__(message, **kw)
-        self.indeterminate = indeterminate
 
 
 class NodeUnreachable(KVError):
@@ -639,7 +641,12 @@ class Client:
             may_retry=may_retry and self.retry_writes,
         )
         if not 200 <= reply.status < 300:
-            raise error_from_response(reply.status, reply.body, reply.node, reply.attempts)
+            error = error_from_response(reply.status, reply.body, reply.node, reply.attempts)
+            # This answer is about the last copy only; an earlier copy may have landed.  An unexplained
+            # 5xx (a node bug) may have struck after the replicas took the write.
+            if any(a.may_have_been_applied for a in reply.attempts) or type(error) is ServerError:
+                error.indeterminate = True
+            raise error
         return PutResult(
             context=reply.headers.get("X-Context") or None,
             etag=reply.headers.get("ETag") or None,

@@ -202,6 +202,14 @@ def test_a_503_is_a_one_line_error(fake: FakeNode, capsys: pytest.CaptureFixture
     assert_one_line_error(capsys.readouterr().err, "503 quorum_unavailable")
 
 
+def test_an_unknown_write_outcome_is_said_so(fake: FakeNode, capsys: pytest.CaptureFixture[str]) -> None:
+    fake.script = lambda rec: Canned.error(500, "internal", "internal error; see the node's log")
+    assert main(["put", "k", "v", "--node", fake.url]) == 1
+    assert_one_line_error(capsys.readouterr().err, "500 internal", "outcome unknown")
+    assert main(["get", "k", "--node", fake.url]) == 1
+    assert "outcome unknown" not in capsys.readouterr().err
+
+
 def test_env_node_list_fails_over(
     fake: FakeNode, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

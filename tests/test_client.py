@@ -398,11 +398,11 @@ async def test_client_side_argument_errors(fake: FakeNode) -> None:
         (Canned.error(400, "invalid_quorum", "w=9 is outside 1..N (N=3)"), BadRequest,
          {"status": 400, "code": "invalid_quorum", "message": "w=9 is outside 1..N (N=3)"}),
         (Canned.error(400, "invalid_key", "the key is empty"), BadRequest, {"code": "invalid_key"}),
-        (Canned.error(400, "invalid_context", "bad"), BadRequest, {"code": "invalid_context"}),
+        (Canned.error(400, "invalid_context", "bad"), BadRequest, {"code": "invalid_context", "indeterminate": False}),
         (Canned.error(412, "precondition_failed", current=None), PreconditionFailed,
          {"status": 412, "current": None}),
         (Canned.error(413, "value_too_large", limit=1048576), ValueTooLarge, {"status": 413, "limit": 1048576}),
-        (Canned.error(429, "overloaded"), Overloaded, {"status": 429, "code": "overloaded"}),
+        (Canned.error(429, "overloaded"), Overloaded, {"status": 429, "code": "overloaded", "indeterminate": False}),
         (Canned.error(503, "overloaded"), Overloaded, {"status": 503}),
         (Canned.error(503, "quorum_unavailable", needed=2, acknowledged=1, indeterminate=True), QuorumUnavailable,
          {"status": 503, "needed": 2, "acknowledged": 1, "indeterminate": True}),
@@ -410,8 +410,9 @@ async def test_client_side_argument_errors(fake: FakeNode) -> None:
          {"needed": 3, "acknowledged": 0, "indeterminate": False}),
         (Canned.error(503, "timeout", indeterminate=True), RequestTimeout,
          {"status": 503, "code": "timeout", "indeterminate": True}),
+        # A node bug mid-write may strike after the replicas took it: the client cannot call that a failure.
         (Canned.error(500, "internal", "internal error; see the node's log"), ServerError,
-         {"status": 500, "code": "internal"}),
+         {"status": 500, "code": "internal", "indeterminate": True}),
     ],
 )
 async def test_each_error_code_raises_its_exception(
@@ -521,6 +522,27 @@ async def test_write_after_a_disconnect_is_retried_and_says_so(fake_factory: Cal
     assert result.attempts[0].may_have_been_applied and result.attempts[0].error
     assert flaky.requests[0].body == b"v" and good.requests[0].body == b"v"
     assert flaky.count() == 1, "no hidden re-send to the same node (aiohttp's own retry must stay off)"
+
+
+async def test_an_error_after_a_retried_write_is_indeterminate(fake_factory: Callable[[], FakeNode]) -> None:
+    """The second node's definite refusal says nothing about the first copy, which may have landed."""
+    flaky, refusing = fake_factory(), fake_factory()
+    flaky.script = lambda rec: Canned(204, disconnect=True)
+    refusing.script = lambda rec: Canned.error(503, "quorum_unavailable", needed=2, acknowledged=0,
+                                               indeterminate=False)
+    async with Client([flaky.url, refusing.url]) as kv:
+        with pytest.raises(QuorumUnavailable) as info:
+            await kv.put("k", b"v")
+    assert info.value.indeterminate is True and info.value.acknowledged == 0
+    assert [a.outcome for a in info.value.attempts] == ["disconnected", "response"]
+
+
+async def test_reads_are_never_indeterminate(fake: FakeNode) -> None:
+    fake.script = lambda rec: Canned.error(500, "internal", "boom")
+    async with Client([fake.url]) as kv:
+        with pytest.raises(ServerError) as info:
+            await kv.get("k")
+    assert info.value.indeterminate is False
 
 
 async def test_write_after_a_disconnect_without_retry_is_indeterminate(fake_factory: Callable[[], FakeNode]) -> None:
