@@ -62,7 +62,7 @@ Exceptions::
      +-- QuorumUnavailable        503  .needed .acknowledged .indeterminate
      +-- RequestTimeout           503 "timeout", or no answer in time  .indeterminate
      +-- NodeUnreachable          no node could be reached (status None)
-     +-- ServerError              any other 5xx
+     +-- ServerError              any other 5xx (e.g. 503 storage_unavailable)
 
 Any other unexpected status raises ``KVError`` itself.  A ``GET`` of a missing
 key is not an error: it returns ``found=False``.
@@ -312,7 +312,10 @@ def error_from_response(status: int, body: bytes, node: str, attempts: Sequence[
         pass  # not our node (a proxy?): still a typed error, with the text as message
     code = str(data.get("error") or f"http_{status}")
     message = str(data.get("message") or body[:200].decode("utf-8", "replace").strip() or f"HTTP {status}")
-    kw: dict[str, Any] = {"status": status, "code": code, "node": node, "body": data, "attempts": attempts}
+    kw: dict[str, Any] = {
+        "status": status, "code": code, "node": node, "body": data, "attempts": attempts,
+        "indeterminate": data.get("indeterminate") is True,
+    }
     if status == 400:
         return BadRequest(message, **kw)
     if status == 401:
@@ -328,10 +331,10 @@ def error_from_response(status: int, body: bytes, node: str, attempts: Sequence[
     if status == 503 and code == "quorum_unavailable":
         return QuorumUnavailable(
             message, needed=_int_or_none(data.get("needed")), acknowledged=_int_or_none(data.get("acknowledged")),
-            indeterminate=bool(data.get("indeterminate", False)), **kw,
+            **kw,
         )
     if status == 503 and code == "timeout":
-        return RequestTimeout(message, indeterminate=bool(data.get("indeterminate", False)), **kw)
+        return RequestTimeout(message, **kw)
     if status >= 500:
         return ServerError(message, **kw)
     return KVError(message, **kw)
@@ -483,7 +486,9 @@ class Client:
             )
         if reply.status == 404 and _error_code(reply.body) == "not_found":
             return GetResult(value=None, siblings=[], context=context, etag=None, node=reply.node, found=False)
-        raise error_from_response(reply.status, reply.body, reply.node, reply.attempts)
+        error = error_from_response(reply.status, reply.body, reply.node, reply.attempts)
+        error.indeterminate = False  # a read changes nothing, whatever the body says
+        raise error
 
     async def put(
         self,

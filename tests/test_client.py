@@ -410,6 +410,10 @@ async def test_client_side_argument_errors(fake: FakeNode) -> None:
          {"needed": 3, "acknowledged": 0, "indeterminate": False}),
         (Canned.error(503, "timeout", indeterminate=True), RequestTimeout,
          {"status": 503, "code": "timeout", "indeterminate": True}),
+        (Canned.error(503, "storage_unavailable", "storage error: disk full", indeterminate=True), ServerError,
+         {"status": 503, "code": "storage_unavailable", "indeterminate": True}),
+        (Canned.error(503, "overloaded", "the storage write queue is full", indeterminate=False), Overloaded,
+         {"status": 503, "indeterminate": False}),
         # A node bug mid-write may strike after the replicas took it: the client cannot call that a failure.
         (Canned.error(500, "internal", "internal error; see the node's log"), ServerError,
          {"status": 500, "code": "internal", "indeterminate": True}),
@@ -537,8 +541,12 @@ async def test_an_error_after_a_retried_write_is_indeterminate(fake_factory: Cal
     assert [a.outcome for a in info.value.attempts] == ["disconnected", "response"]
 
 
-async def test_reads_are_never_indeterminate(fake: FakeNode) -> None:
-    fake.script = lambda rec: Canned.error(500, "internal", "boom")
+@pytest.mark.parametrize(
+    "canned",
+    [Canned.error(500, "internal", "boom"), Canned.error(503, "storage_unavailable", "io", indeterminate=True)],
+)
+async def test_reads_are_never_indeterminate(fake: FakeNode, canned: Canned) -> None:
+    fake.script = lambda rec: canned
     async with Client([fake.url]) as kv:
         with pytest.raises(ServerError) as info:
             await kv.get("k")

@@ -165,6 +165,8 @@ def test_accepts_a_concrete_path_and_lowercase_header_pairs() -> None:
                "indeterminate": True}),
         (503, {"error": "timeout", "message": "m", "indeterminate": False}),
         (503, {"error": "overloaded", "message": "m"}),
+        (503, {"error": "overloaded", "message": "m", "indeterminate": False}),
+        (503, {"error": "storage_unavailable", "message": "storage error: disk I/O", "indeterminate": True}),
     ],
 )
 def test_accepts_each_documented_put_error(status: int, body: dict[str, Any]) -> None:
