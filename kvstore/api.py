@@ -161,11 +161,29 @@ class RequestParams:
         self.timeout_s = timeout_ms / 1000.0
 
 
+MAX_CONTEXT_ACTORS_PER_MEMBER = 16
+
+
 def parse_context(request: web.Request) -> dict[str, int]:
+    """Decode X-Context, accepting only actors this cluster can have issued.
+
+    Actors are member ids, optionally with an incarnation (``n1.ab12``) or a one-shot
+    fallback suffix (``n1!ab12.7``).  Refusing anything else keeps a client from growing
+    a key's clock with arbitrary names (the context is merged into the stored clock).
+    """
+    node = request.app[NODE_KEY]
     try:
-        return versions.decode_context(request.headers.get("X-Context"))
+        context = versions.decode_context(request.headers.get("X-Context"))
     except versions.InvalidContext as exc:
         raise BadRequest("invalid_context", str(exc)) from None
+    members = set(node.cfg.member_ids)
+    if len(context) > MAX_CONTEXT_ACTORS_PER_MEMBER * len(members):
+        raise BadRequest("invalid_context", "the context names more actors than this cluster can have")
+    for actor in context:
+        base = actor.split("!", 1)[0].split(".", 1)[0]
+        if base not in members:
+            raise BadRequest("invalid_context", f"the context names {actor!r}, which is not a member of this cluster")
+    return context
 
 
 async def read_body(request: web.Request) -> bytes:

@@ -156,7 +156,13 @@ def update(
     vector = stored.vector()
     # max() with the context guards dot uniqueness even if this node lost state it had issued.
     counter = max(vector.get(node, 0), context.get(node, 0)) + 1
-    kept = [s for s in stored.siblings if not _covers(context, s.node, s.counter)]
+    if mode == "lww":
+        # Pure last-write-wins (Cassandra, Riak's last_write_wins): the timestamp alone decides,
+        # even against a causally later write.  Filtering by context here would let the outcome
+        # depend on which replica saw what first.
+        kept = list(stored.siblings)
+    else:
+        kept = [s for s in stored.siblings if not _covers(context, s.node, s.counter)]
     new_vector = merge_vectors(vector, context)
     new_vector[node] = counter
     return _make(new_vector, [*kept, Sibling(node, counter, timestamp_ns, value)], mode)
@@ -247,5 +253,6 @@ def decode_context(text: str | None) -> VersionVector:
             or not 0 <= entry[1] <= MAX_CONTEXT_COUNTER
         ):
             raise InvalidContext("context entries must be [member, counter in 0..2**63-1]")
-        vector[entry[0]] = entry[1]
+        # A duplicated member keeps its highest counter: never claim less than the client saw.
+        vector[entry[0]] = max(entry[1], vector.get(entry[0], 0))
     return vector

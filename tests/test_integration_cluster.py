@@ -115,6 +115,7 @@ def test_delete_with_context_and_tombstone(cluster5: LocalCluster) -> None:
         ("GET", "/kv/ok?bogus=1", {}, None, 400, "invalid_parameter"),
         ("PUT", "/kv/ok", {"X-Context": "!!not-base64!!"}, b"v", 400, "invalid_context"),
         ("PUT", "/kv/ok", {"X-Context": "bm90IG1zZ3BhY2s"}, b"v", 400, "invalid_context"),
+        ("PUT", "/kv/ok", {"X-Context": "kZKnbWFsbG9yeQE"}, b"v", 400, "invalid_context"),  # {"mallory": 1}: not a member
         ("PUT", "/kv/ok", {"If-Match": '"abc"'}, b"v", 400, "invalid_parameter"),
         ("PUT", "/kv/big", {}, b"x" * (1024 * 1024 + 1), 413, "value_too_large"),
         ("POST", "/admin/repair", {}, None, 401, "unauthorized"),

@@ -376,9 +376,9 @@ def random_history(seed: int, mode: ConflictMode = "siblings", steps: int = 50) 
                     s for s in before.siblings if s.counter > ctx.get(s.node, 0)
                 }
             else:
-                # update() still drops what the context covers, then keeps the greatest.
-                unseen = [s for s in before.siblings if s.counter > ctx.get(s.node, 0)]
-                assert list(after.siblings) == [max([*unseen, new], key=Sibling.lww_key)]
+                # Pure LWW: the context does not matter; the greatest timestamp of all wins,
+                # even over a causally later write with a smaller timestamp.
+                assert list(after.siblings) == [max([*before.siblings, new], key=Sibling.lww_key)]
             history.writes.append((new, ctx))
             replicas[coordinator] = after
         else:
