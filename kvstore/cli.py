@@ -440,6 +440,7 @@ COMMANDS: list[tuple[str, Callable[[Subparsers], None]]] = [
 
 # name -> (module with main(argv) -> int, one-line help).  They parse their own arguments.
 DELEGATED: dict[str, tuple[str, str]] = {
+    "explore": ("kvstore.explore", "run CP and AP side by side under faults and report the trade-off"),
     "check": ("kvstore.checker.cli", "check a recorded history for consistency anomalies"),
     "chaos": ("chaos.cli", "run a fault-injection scenario against a local cluster"),
 }
@@ -491,8 +492,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help(sys.stderr)
             return EXIT_USAGE
         return run_handler(args, handler)
-    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_USAGE)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2); sys.exit("message") from a command
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        note(str(exc.code))  # what the interpreter would have printed, had we not caught it
+        return EXIT_ERROR
     except KeyboardInterrupt:
         note("kvstore: interrupted")
         return EXIT_INTERRUPTED

@@ -56,7 +56,7 @@ def test_help_exits_zero(words: list[str], capsys: pytest.CaptureFixture[str]) -
 def test_top_level_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for name in ("get", "put", "delete", "cas", "status", "repair", "node", "cluster", "check", "chaos"):
+    for name in ("get", "put", "delete", "cas", "status", "repair", "node", "cluster", "check", "chaos", "explore"):
         assert f"\n    {name} " in out, name
 
 
@@ -317,6 +317,20 @@ def test_check_gets_the_rest_of_argv_untouched(monkeypatch: pytest.MonkeyPatch) 
     argv = ["run.jsonl", "--model", "register", "--help", "--node", "x", "--", "-v"]
     assert main(["check", *argv]) == 4
     assert received == [argv]
+
+
+def test_a_delegated_command_exiting_with_a_message_prints_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    module = types.ModuleType("fake_explore")
+
+    def explore_main(argv: list[str]) -> int:
+        raise SystemExit("kvstore explore: unknown mode: strong")
+
+    module.main = explore_main  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "kvstore.explore", module)
+    assert main(["explore", "--modes", "strong"]) == 1
+    assert_one_line_error(capsys.readouterr().err, "kvstore explore: unknown mode: strong")
 
 
 def test_a_missing_delegated_module_is_a_one_line_error(
