@@ -23,6 +23,8 @@ What it guarantees, and what it refuses to hide:
   re-sent, because the re-send would be judged against the state the first
   copy may have created (a spurious 412).  When a write may have been applied
   and the client stops, it raises ``RequestTimeout(indeterminate=True)``.
+  (aiohttp's own hidden re-send of PUT/DELETE after a disconnect is switched
+  off, so every copy sent is one listed in ``attempts``.)
 * **Server answers are final.**  An HTTP response is never retried on another
   node: a 503 from one coordinator describes the replicas, which the next
   coordinator would ask too.  Retry policy above that is the caller's.
