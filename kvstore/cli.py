@@ -417,12 +417,12 @@ def register_nodes(sub: Subparsers) -> None:
     up.add_argument("--nodes", type=positive_int, default=5, help="number of nodes (default 5)")
     up.add_argument("--replicas", type=positive_int, default=3, help="N, replicas per key (default 3)")
     up.add_argument("--data-dir", metavar="DIR", help="where node data and logs go (default: a temp dir)")
-    up.add_argument("--base-port", type=positive_int, metavar="PORT",
-                    help="first HTTP port, e.g. 7001 (default: free ports)")
+    up.add_argument("--base-port", type=positive_int, metavar="PORT", default=7001,
+                    help="first HTTP port; node i serves HTTP on PORT+i-1 and peers on PORT+100+i-1 (default 7001)")
     up.add_argument("--storage", choices=["sqlite", "memory"], default="sqlite", help="storage engine (default sqlite)")
     up.add_argument("--fsync", choices=["always", "batch", "never"], default="batch",
                     help="durability of sqlite writes (default batch)")
-    up.add_argument("--vnodes", type=positive_int, default=64, help="virtual nodes per member (default 64)")
+    up.add_argument("--vnodes", type=positive_int, default=256, help="virtual nodes per member (default 256)")
     up.add_argument("--conflict-mode", choices=["siblings", "lww"], default="siblings",
                     help="keep concurrent writes as siblings, or last-write-wins (default siblings)")
     up.add_argument("--r", type=positive_int, help="default read quorum (default min(2, N))")

@@ -298,9 +298,9 @@ def test_cluster_up_passes_every_option(monkeypatch: pytest.MonkeyPatch) -> None
     )
     assert main(["cluster", "up"]) == 0
     defaults = seen[1]
-    assert (defaults.nodes, defaults.replicas, defaults.base_port, defaults.data_dir) == (5, 3, None, None)
+    assert (defaults.nodes, defaults.replicas, defaults.base_port, defaults.data_dir) == (5, 3, 7001, None)
     assert (defaults.storage, defaults.fsync, defaults.vnodes, defaults.r, defaults.w) == (
-        "sqlite", "batch", 64, None, None,
+        "sqlite", "batch", 256, None, None,
     )
 
 
