@@ -46,21 +46,30 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack
-
 from kvstore import versions
 from kvstore.clock import Clock
 from kvstore.config import NodeConfig
 from kvstore.errors import NodeError, Overloaded, QuorumUnavailable
+from kvstore.hints import (
+    NS_PER_S,
+    Admission,
+    HintDecodeError,
+    HintLedger,
+    HintPolicy,
+    HintRecord,
+    hint_storage_key,
+)
 from kvstore.metrics import Metrics
 from kvstore.quorum import QuorumTracker
-from kvstore.ring import Ring, key_token
+from kvstore.ring import TOKEN_MIN, Ring, key_token
 from kvstore.storage import StorageBusy
 from kvstore.storage.base import Storage, StorageError
 from kvstore.transport.base import Message, PeerUnavailable, RemoteError, Transport
 from kvstore.versions import VersionedObject
 
 log = logging.getLogger(__name__)
+
+HINT_SCAN_PAGE = 500
 
 
 @dataclass
@@ -100,18 +109,18 @@ class KeyLocks:
                 self._locks[key] = (lock_now, users_now - 1)
 
 
-def hint_storage_key(target: str, key: str) -> str:
-    # "\x00" cannot appear in a member id, so (target, key) pairs never collide.
-    return f"{target}\x00{key}"
+class HintStoreFull(Overloaded):
+    """A fallback refused a hint (its ledger's count or byte bound): it must not count toward W."""
+
+    def __init__(self, admission: Admission) -> None:
+        super().__init__(admission.message, reason=admission.reason)
+        self.admission = admission
 
 
-def encode_hint(target: str, key: str, created_at_ns: int, obj: VersionedObject) -> bytes:
-    return msgpack.packb([target, key, created_at_ns, versions.encode(obj)], use_bin_type=True)
-
-
-def decode_hint(blob: bytes) -> tuple[str, str, int, VersionedObject]:
-    target, key, created_at_ns, obj_blob = msgpack.unpackb(blob, raw=False)
-    return target, key, created_at_ns, versions.decode(obj_blob)
+def hint_policy(cfg: NodeConfig) -> HintPolicy:
+    """The hint bounds of a node's config (``ap.hint_max_*``), as the pure policy wants them."""
+    ap = cfg.ap
+    return HintPolicy(ap.hint_max_per_target, ap.hint_max_bytes, int(ap.hint_max_age_s * NS_PER_S))
 
 
 class Node:
@@ -132,6 +141,7 @@ class Node:
         self.transport = transport
         self.data = data
         self.hints = hints
+        self.hint_ledger = HintLedger(hint_policy(cfg))  # bounds of the hint store, rebuilt at start
         self.paxos_storage = paxos
         self.clock = clock
         self.rng = rng
@@ -173,6 +183,7 @@ class Node:
         )
 
     async def start(self) -> None:
+        await self.load_hint_ledger()  # before any peer can send a hint
         await self.transport.start(self.handle_message)
         self._loops.append(asyncio.create_task(self._heartbeat_loop(), name="heartbeat"))
         for ext in self.extensions:
@@ -277,14 +288,25 @@ class Node:
     # --- local replica operations ---------------------------------------------------------
 
     async def read_local(self, key: str, token: int) -> VersionedObject:
-        """This node's knowledge of a key: its data plus any hints it holds for the key."""
+        """This node's knowledge of a key: its data plus any unexpired hints it holds for the key.
+
+        A hint beyond the hint window is never served (the replay loop drops it, counted and
+        logged): serving it could bring back a value whose tombstone was reaped meanwhile.
+        """
         blob = await self.data.get(key, token)
         obj = versions.decode(blob) if blob is not None else VersionedObject.empty()
-        if await self.hints.count():
+        if self.hint_ledger.total_bytes:
+            now_ns = self.clock.wall_ns()
             for target in self.ring.walk_token(token)[: self.n]:
                 hint_blob = await self.hints.get(hint_storage_key(target, key), token)
-                if hint_blob is not None:
-                    obj = versions.sync(obj, decode_hint(hint_blob)[3], self.mode)
+                if hint_blob is None:
+                    continue
+                try:
+                    record = HintRecord.decode(hint_blob)
+                except HintDecodeError:
+                    continue  # dropped (counted) by store_hint or the next startup scan
+                if not self.hint_ledger.policy.expired(record.created_at_ns, now_ns):
+                    obj = versions.sync(obj, record.obj(), self.mode)
         return obj
 
     async def apply_local(self, key: str, token: int, incoming: VersionedObject) -> VersionedObject:
@@ -298,18 +320,101 @@ class Node:
             return merged
 
     async def store_hint(self, target: str, key: str, token: int, incoming: VersionedObject) -> None:
+        """Keep ``incoming`` as a hint for ``target``, coalesced into the hint already held for the pair.
+
+        Raises ``HintStoreFull`` when the ledger refuses it (count per target, total bytes): the
+        replica handler answers an error, so the coordinator does not count this fallback toward
+        W.  A hint is never dropped silently at admission.
+        """
         hkey = hint_storage_key(target, key)
         async with self.locks.hold(hkey):
-            blob = await self.hints.get(hkey, token)
-            created_at_ns = self.clock.wall_ns()
-            if blob is not None:
-                _, _, created_at_ns, current = decode_hint(blob)
-                incoming = versions.sync(current, incoming, self.mode)
-            elif await self.hints.count() >= self.cfg.ap.hint_max_per_target * max(1, len(self.peers)):
-                self.metrics.hints_dropped.labels(reason="full").inc()
-                raise Overloaded("hint store is full")
-            await self.hints.put(hkey, token, encode_hint(target, key, created_at_ns, incoming))
+            now_ns = self.clock.wall_ns()
+            record = HintRecord(target, key, token, now_ns, versions.encode(incoming))
+            current_blob = await self.hints.get(hkey, token)
+            if current_blob is not None:
+                current = self._live_hint_locked(hkey, token, current_blob, now_ns)
+                if current is None:
+                    await self.hints.delete(hkey, token)
+                    current_blob = None
+                else:
+                    record = current.coalesce(record, self.mode)
+            blob = record.encode()
+            replacing = len(current_blob) if current_blob is not None else None
+            admission = self.hint_ledger.admit(target, len(blob), replacing)
+            if not admission.ok:
+                self.metrics.hints_dropped.labels(reason=str(admission.reason)).inc()
+                log.warning("refused a hint for %s key %r: %s", target, key, admission.message)
+                raise HintStoreFull(admission)
+            try:
+                await self.hints.put(hkey, token, blob)
+            except Exception:
+                self.hint_ledger.cancel(target, len(blob), replacing)
+                raise
         self.metrics.hints_stored.labels(target=target).inc()
+
+    def _live_hint_locked(self, hkey: str, token: int, blob: bytes, now_ns: int) -> HintRecord | None:
+        """Decode a stored hint; None (ledger released, counted, logged) if corrupt or expired.
+
+        The caller holds the hint's lock and deletes the record when this returns None: an
+        expired hint must not be coalesced into a fresh one, which would extend its window.
+        """
+        try:
+            record = HintRecord.decode(blob)
+        except HintDecodeError as exc:
+            self.metrics.hints_dropped.labels(reason="corrupt").inc()
+            log.error("dropping an undecodable hint %r: %s", hkey, exc)
+            return None  # load_hint_ledger never accounted it
+        if self.hint_ledger.policy.expired(record.created_at_ns, now_ns):
+            self.hint_ledger.remove(record.target, len(blob))
+            self.metrics.hints_dropped.labels(reason="expired").inc()
+            log.warning(
+                "dropped a hint for %s key %r: older than the hint window; anti-entropy will repair it",
+                record.target, record.key,
+            )
+            return None
+        return record
+
+    async def forget_hint(self, record: HintRecord, blob: bytes, reason: str) -> bool:
+        """Delete a hint only if the stored record is still ``blob`` (delivered or expired).
+
+        A newer write may have been coalesced into it meanwhile; then it stays.  ``reason``
+        "expired" counts and logs the drop.
+        """
+        hkey = record.storage_key
+        async with self.locks.hold(hkey):
+            if await self.hints.get(hkey, record.token) != blob:
+                return False
+            await self.hints.delete(hkey, record.token)
+            self.hint_ledger.remove(record.target, len(blob))
+        if reason == "expired":
+            self.metrics.hints_dropped.labels(reason="expired").inc()
+            log.warning(
+                "dropped a hint for %s key %r: older than the hint window; anti-entropy will repair it",
+                record.target, record.key,
+            )
+        return True
+
+    async def load_hint_ledger(self) -> int:
+        """Account every stored hint in the ledger (hints survive restarts); returns their count.
+
+        Undecodable records are deleted (counted, logged): they could never be delivered.
+        """
+        self.hint_ledger = HintLedger(hint_policy(self.cfg))
+        after: tuple[int, str] | None = None
+        while True:
+            page = await self.hints.scan(TOKEN_MIN, TOKEN_MIN, HINT_SCAN_PAGE, after)
+            for rec in page:
+                try:
+                    record = HintRecord.decode(rec.blob)
+                except HintDecodeError as exc:
+                    self.metrics.hints_dropped.labels(reason="corrupt").inc()
+                    log.error("dropping an undecodable hint %r: %s", rec.key, exc)
+                    await self.hints.delete(rec.key, rec.token)
+                    continue
+                self.hint_ledger.record_existing(record.target, len(rec.blob))
+            if len(page) < HINT_SCAN_PAGE:
+                return self.hint_ledger.total_hints
+            after = (page[-1].token, page[-1].key)
 
     async def _on_replica_get(self, sender: str, message: Message) -> Message:
         obj = await self.read_local(message["key"], int(message["token"]))
