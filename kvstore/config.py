@@ -18,6 +18,7 @@ from typing import Any
 
 from kvstore.ring import DEFAULT_VNODES
 from kvstore.storage.base import ENGINES, FSYNC_POLICIES
+from kvstore.tombstones import UnsafeGracePeriod, check_grace_covers_hint_window
 from kvstore.versions import CONFLICT_MODES
 
 CONSISTENCY_LEVELS: tuple[str, ...] = ("eventual", "quorum", "linearizable")
@@ -65,7 +66,8 @@ class APSettings:
     read_repair_wait_ms: int = 200
     anti_entropy_interval_s: float = 30.0
     anti_entropy_keys_per_s: int = 20_000
-    tombstone_grace_s: float = 60.0
+    # >= the hint window (+1 h of clock-skew margin): a late hint cannot resurrect a reaped delete.
+    tombstone_grace_s: float = 4 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -219,6 +221,14 @@ def validate(cfg: NodeConfig) -> NodeConfig:
         raise ConfigError("secret", "must be at least 8 characters")
     if cfg.ap.read_repair not in READ_REPAIR_MODES:
         raise ConfigError("ap.read_repair", f"must be one of {READ_REPAIR_MODES}")
+    try:
+        check_grace_covers_hint_window(int(cfg.ap.tombstone_grace_s * 1e9), int(cfg.ap.hint_max_age_s * 1e9))
+    except UnsafeGracePeriod:
+        raise ConfigError(
+            "ap.tombstone_grace_s",
+            f"{cfg.ap.tombstone_grace_s} s is shorter than the hint window ap.hint_max_age_s = "
+            f"{cfg.ap.hint_max_age_s} s: a hint delivered after a reap could resurrect a delete",
+        ) from None
     for f in fields(Limits):
         if getattr(cfg.limits, f.name) <= 0:
             raise ConfigError(f"limits.{f.name}", "must be positive")
