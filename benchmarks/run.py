@@ -1,0 +1,744 @@
+"""``kvstore bench`` (issue 8): throughput, latency, recovery and memory of a real local cluster.
+
+Why it is built this way
+------------------------
+A figure means something only next to a baseline measured in the same run, on the same
+(shared, 2-core) machine, with the same load generator.  So every section starts its own
+processes, drives them with wrk (``benchmarks/bench.lua``; a Python generator if wrk is
+missing, with a warning) and the summary prints ratios against two baselines:
+
+* ``single``: one in-memory node, N=1, no replication: the ceiling of our HTTP stack;
+* ``etcd``: a 3-member etcd cluster on 127.0.0.1 through its HTTP/JSON gateway (PUT, and
+  linearizable range reads), the reference for a replicated, fsyncing CP store.
+
+Sections (``--only a,b`` selects; the order below is the run order):
+
+``cluster3``     3 nodes, N=3, sqlite ``fsync=batch``: eventual (W=1/R=1), quorum (W=2/R=2) and
+                 linearizable (reported "not available" while the node answers 400
+                 ``invalid_parameter`` ... "not available") x PUT/GET x 100 B/10 KiB, each at
+                 saturation (closed loop, 64 connections) and at half that rate (paced).
+``etcd``         the same PUT/GET x sizes x loads against etcd (linearizable reads).
+``single``       the same PUT/GET x sizes x loads against one in-memory N=1 node.
+``client``       quorum PUT/GET through ``kvstore.Client`` (Python): what an application sees.
+``antientropy``  convergence of keys a node missed, via ``POST /admin/repair`` (if it answers 202).
+``cluster5``     5 nodes, N=3: eventual and quorum PUT/GET, 100 B.
+``recovery``     on the 5-node cluster: SIGKILL a node, write keys with a sloppy quorum, restart
+                 it; time to /health, to a first successful read, and for the hints to drain.
+``memory``       resident memory (VmRSS) per node per million keys, memory and sqlite engines:
+                 writes a sample of keys to one node and extrapolates linearly.
+
+Bounds: every load run stops at an op count or a time limit, whichever comes first; the whole
+default run has a budget of under 5 minutes (``--quick``: about 1 minute) and skips what no
+longer fits, saying so.  Every process (nodes, etcd members, wrk) is stopped by its PID, also
+on an error, Ctrl-C or SIGTERM.
+
+Entry points: ``python -m benchmarks.run`` or ``python benchmarks/run.py``, and
+``main(argv) -> int`` for the ``kvstore bench`` CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import json
+import shlex
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+if __package__ in (None, ""):  # ``python benchmarks/run.py``: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.etcd import EtcdCluster, EtcdError, ensure_etcd, etcd_version  # noqa: E402
+from benchmarks.loadgen import (  # noqa: E402
+    LoadResult,
+    LoadSpec,
+    ensure_wrk,
+    machine_info,
+    prepopulate,
+    rss_kib,
+    run_load,
+    warn,
+)
+from kvstore.cluster import ClusterError, LocalCluster  # noqa: E402
+
+SECTIONS = ("cluster3", "etcd", "single", "client", "antientropy", "cluster5", "recovery", "memory")
+
+MODES: dict[str, dict[str, str]] = {
+    "eventual": {"put": "w=1", "get": "r=1"},
+    "quorum": {"put": "consistency=quorum&w=2", "get": "consistency=quorum&r=2"},
+    "linearizable": {"put": "consistency=linearizable", "get": "consistency=linearizable"},
+}
+
+
+@dataclass(frozen=True)
+class Plan:
+    sat_s: float  # time bound of a saturation run
+    half_s: float  # time bound of a half-saturation run
+    sizes: tuple[int, ...]
+    c5_sizes: tuple[int, ...]
+    read_keys: int  # keys loaded before read runs
+    mem_keys: int  # keys written per engine for the memory figures
+    hint_keys: int  # keys written while a node is down (recovery)
+    ae_keys: int  # keys a node misses (anti-entropy)
+    client_s: float
+    budget_s: float  # the whole run; what does not fit is skipped
+    count: int = 200_000  # op-count bound of a saturation run
+    connections: int = 64
+    half_connections: int = 32
+
+
+FULL = Plan(
+    sat_s=3, half_s=3, sizes=(100, 10 * 1024), c5_sizes=(100,), read_keys=2000, mem_keys=100_000,
+    hint_keys=2000, ae_keys=10_000, client_s=3, budget_s=280,
+)
+QUICK = Plan(
+    sat_s=1, half_s=1, sizes=(100,), c5_sizes=(), read_keys=500, mem_keys=20_000, hint_keys=500,
+    ae_keys=2000, client_s=1, budget_s=70,
+)
+
+
+@dataclass
+class Row:
+    system: str  # kvstore-3 | kvstore-5 | single | etcd | client
+    mode: str  # eventual | quorum | linearizable | n1 | etcd
+    op: str
+    size: int
+    load: str  # sat | half
+    result: LoadResult | None
+    note: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{self.system}/{self.mode}/{self.op}/{self.size}/{self.load}"
+
+
+@dataclass
+class Report:
+    rows: list[Row] = field(default_factory=list)
+    facts: dict[str, Any] = field(default_factory=dict)  # recovery, memory, anti-entropy, ...
+
+    def find(self, system: str, mode: str, op: str, size: int, load: str) -> LoadResult | None:
+        for row in self.rows:
+            if (row.system, row.mode, row.op, row.size, row.load) == (system, mode, op, size, load):
+                return row.result
+        return None
+
+
+# --- small HTTP helpers ----------------------------------------------------------------------
+
+
+def http_call(
+    url: str, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None,
+    timeout_s: float = 5.0,
+) -> tuple[int, bytes]:
+    """One request on its own connection; (599, reason) when the node cannot be reached."""
+    parsed = urlparse(url)
+    conn = http.client.HTTPConnection(parsed.hostname or "127.0.0.1", parsed.port, timeout=timeout_s)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    except (OSError, http.client.HTTPException) as exc:
+        return 599, str(exc).encode()
+    finally:
+        conn.close()
+
+
+def probe_linearizable(url: str) -> tuple[bool, str]:
+    """Does ``?consistency=linearizable`` work on this node?  (available, why not)."""
+    status, body = http_call(url, "PUT", "/kv/bench-probe-linearizable?consistency=linearizable", b"probe")
+    if 200 <= status < 300:
+        status, body = http_call(url, "GET", "/kv/bench-probe-linearizable?consistency=linearizable")
+        if status == 200:
+            return True, ""
+        return False, f"linearizable GET answered {status}: {body[:200]!r}"
+    try:
+        err = json.loads(body)
+    except ValueError:
+        err = {}
+    if status == 400 and err.get("error") == "invalid_parameter" and "not available" in str(err.get("message")):
+        return False, "not available (node answers 400 invalid_parameter: " + str(err.get("message")) + ")"
+    return False, f"linearizable PUT answered {status}: {body[:200]!r}"
+
+
+def cluster_json(url: str) -> dict[str, Any] | None:
+    status, body = http_call(url, "GET", "/cluster", timeout_s=2.0)
+    if status != 200:
+        return None
+    data: dict[str, Any] = json.loads(body)
+    return data
+
+
+def storage_records(url: str) -> int | None:
+    status, body = http_call(url, "GET", "/metrics", timeout_s=5.0)
+    if status != 200:
+        return None
+    for line in body.decode(errors="replace").splitlines():
+        if line.startswith("kvstore_storage_records "):
+            return int(float(line.split()[1]))
+    return None
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+# --- the benchmark ---------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, plan: Plan) -> None:
+        self.args = args
+        self.plan = plan
+        self.report = Report()
+        self.started = time.monotonic()
+        self.clusters: dict[str, LocalCluster] = {}
+        self.loaded: dict[tuple[str, int], str] = {}  # (system, size) -> prefix of read keys
+        self.etcd: EtcdCluster | None = None
+        self.generator = args.generator
+        self.linearizable: tuple[bool, str] | None = None
+
+    # -- budget and output
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def over_budget(self, reserve_s: float = 0.0) -> bool:
+        return self.elapsed() + reserve_s > self.plan.budget_s
+
+    def print_row(self, row: Row) -> None:
+        r = row.result
+        size = f"{row.size // 1024}KiB" if row.size >= 1024 else f"{row.size}B"
+        head = f"{row.system:<10} {row.mode:<12} {row.op:<4} {size:>6} {row.load:<4}"
+        if r is None:
+            print(f"{head} {'-':>9}  {row.note}", flush=True)
+            return
+        offered = f"(offered {r.offered_rate:.0f}/s)" if r.offered_rate else ""
+        print(
+            f"{head} {r.ops_per_s:>9.0f} {r.p('p50'):>7.2f} {r.p('p99'):>7.2f} {r.p('p999'):>8.2f}  "
+            f"{offered} {r.error_text()} {row.note}".rstrip(),
+            flush=True,
+        )
+
+    @staticmethod
+    def print_header(title: str) -> None:
+        print(f"\n== {title}")
+        print(f"{'system':<10} {'mode':<12} {'op':<4} {'size':>6} {'load':<4} {'ops/s':>9} {'p50 ms':>7} "
+              f"{'p99 ms':>7} {'p999 ms':>8}")
+
+    # -- processes
+
+    def cluster(self, name: str) -> LocalCluster:
+        if name not in self.clusters:
+            args = self.args
+            if name == "kvstore-3":
+                c = LocalCluster(3, 3, storage=args.storage, fsync=args.fsync, r=2, w=2)
+            elif name == "kvstore-5":
+                c = LocalCluster(5, 3, storage=args.storage, fsync=args.fsync, r=2, w=2)
+            elif name == "single":
+                c = LocalCluster(1, 1, storage="memory", fsync="never", r=1, w=1)
+            else:
+                raise KeyError(name)
+            self.clusters[name] = c
+            try:
+                c.start()
+            except BaseException:
+                c.stop()
+                del self.clusters[name]
+                raise
+        return self.clusters[name]
+
+    def release(self, name: str) -> None:
+        c = self.clusters.pop(name, None)
+        if c is not None:
+            c.stop()
+        self.loaded = {k: v for k, v in self.loaded.items() if k[0] != name}
+
+    def stop_all(self) -> None:
+        for name in list(self.clusters):
+            with contextlib.suppress(Exception):
+                self.release(name)
+        if self.etcd is not None:
+            with contextlib.suppress(Exception):
+                self.etcd.stop()
+            self.etcd = None
+
+    # -- throughput / latency matrix
+
+    def read_keys(self, system: str, urls: list[str], size: int, target: str = "kvstore", query: str = "") -> str:
+        prefix = self.loaded.get((system, size))
+        if prefix is None:
+            prefix = f"pre{size}-"
+            prepopulate(urls, prefix, self.plan.read_keys, size, target=target, query=query)  # type: ignore[arg-type]
+            self.loaded[(system, size)] = prefix
+        return prefix
+
+    def matrix(
+        self, system: str, urls: list[str], modes: dict[str, dict[str, str]], sizes: tuple[int, ...],
+        target: str = "kvstore", load_query: str = "", threads: int | None = None,
+    ) -> None:
+        plan = self.plan
+        for size in sizes:
+            per_size = len(modes) * 2 * (plan.sat_s + plan.half_s + 0.5)
+            if self.over_budget(min(per_size, 10)):
+                for mode in modes:
+                    for op in ("put", "get"):
+                        self.add(Row(system, mode, op, size, "sat", None, "skipped: time budget"))
+                continue
+            prefix_get = self.read_keys(system, urls, size, target, load_query)
+            for mode, queries in modes.items():
+                for op in ("put", "get"):
+                    if self.over_budget(plan.sat_s + plan.half_s):
+                        self.add(Row(system, mode, op, size, "sat", None, "skipped: time budget"))
+                        continue
+                    base = dict(
+                        urls=urls, op=op, target=target, query=queries[op], value_size=size,
+                        prefix=f"{system}-{mode}-{size}-" if op == "put" else prefix_get,
+                        keys=plan.read_keys, threads=threads,
+                    )
+                    sat = run_load(
+                        LoadSpec(**base, count=plan.count, duration_s=plan.sat_s,  # type: ignore[arg-type]
+                                 connections=plan.connections),
+                        self.generator,
+                    )
+                    self.add(Row(system, mode, op, size, "sat", sat))
+                    rate = 0.5 * sat.ops_per_s
+                    if rate < 1:
+                        self.add(Row(system, mode, op, size, "half", None, "skipped: nothing succeeded at saturation"))
+                        continue
+                    if op == "put":
+                        base["prefix"] = f"{system}-{mode}-{size}-half-"
+                    half = run_load(
+                        LoadSpec(**base, count=int(rate * plan.half_s) + 1,  # type: ignore[arg-type]
+                                 duration_s=plan.half_s, connections=plan.half_connections, rate=rate),
+                        self.generator,
+                    )
+                    self.add(Row(system, mode, op, size, "half", half))
+
+    def add(self, row: Row) -> None:
+        self.report.rows.append(row)
+        self.print_row(row)
+
+    # -- sections
+
+    def section_cluster3(self) -> None:
+        self.print_header(f"kvstore, 3 nodes, N=3, storage={self.args.storage} fsync={self.args.fsync}")
+        c = self.cluster("kvstore-3")
+        self.linearizable = probe_linearizable(c.urls[0])
+        modes = dict(MODES)
+        if not self.linearizable[0]:
+            del modes["linearizable"]
+            print(f"linearizable: {self.linearizable[1]}")
+            self.report.facts["linearizable"] = self.linearizable[1]
+        # Read keys are written to all N replicas, so R=1 reads find them wherever they land.
+        self.matrix("kvstore-3", c.urls, modes, self.plan.sizes, load_query="w=3")
+        if not self.linearizable[0]:
+            for op in ("put", "get"):
+                self.report.rows.append(Row("kvstore-3", "linearizable", op, 100, "sat", None, "not available"))
+
+    def section_etcd(self) -> None:
+        self.print_header("etcd, 3 members (HTTP/JSON gateway; linearizable range reads)")
+        binary = ensure_etcd(install=not self.args.no_install)
+        if binary is None:
+            print("etcd: not available (no etcd binary; apt-get install etcd-server needs root)")
+            self.report.facts["etcd"] = "not available"
+            return
+        self.report.facts["etcd_version"] = etcd_version(binary)
+        try:
+            self.etcd = EtcdCluster(binary).start()
+        except EtcdError as exc:
+            print(f"etcd: not available ({exc})")
+            self.report.facts["etcd"] = f"not available: {exc}"
+            return
+        try:
+            self.matrix("etcd", self.etcd.urls, {"etcd": {"put": "", "get": ""}}, self.plan.sizes, target="etcd")
+        finally:
+            self.etcd.stop()
+            self.etcd = None
+
+    def section_single(self) -> None:
+        self.print_header("baseline: one in-memory node, N=1 (no replication)")
+        c = self.cluster("single")
+        try:
+            self.matrix("single", c.urls, {"n1": {"put": "w=1", "get": "r=1"}}, self.plan.sizes, load_query="w=1")
+        finally:
+            self.release("single")
+
+    def section_client(self) -> None:
+        self.print_header("kvstore.Client (Python, in this process), 3 nodes, quorum, 100 B")
+        c = self.cluster("kvstore-3")
+        prefix = self.read_keys("kvstore-3", c.urls, 100, query="w=3")
+        for op in ("put", "get"):
+            spec = LoadSpec(
+                urls=c.urls, op=op, query=MODES["quorum"][op], value_size=100,  # type: ignore[arg-type]
+                prefix="client-put-" if op == "put" else prefix, keys=self.plan.read_keys, count=self.plan.count,
+                duration_s=self.plan.client_s, connections=32,
+            )
+            self.add(Row("client", "quorum", op, 100, "sat", run_load(spec, "client")))
+
+    def section_antientropy(self) -> None:
+        print("\n== anti-entropy convergence (3 nodes)")
+        c = self.cluster("kvstore-3")
+        status, body = http_call(c.urls[0], "POST", "/admin/repair", b"", {"X-Cluster-Secret": c.secret})
+        if status != 202:
+            why = body.decode(errors="replace")[:160]
+            print(f"anti-entropy: not available (POST /admin/repair answered {status}: {why})")
+            self.report.facts["anti_entropy"] = f"not available ({status})"
+            return
+        n = self.plan.ae_keys
+        victim = c.node_ids[-1]
+        before = storage_records(c.url(victim)) or 0
+        c.kill(victim)
+        live = [c.url(x) for x in c.node_ids if x != victim]
+        # Strict quorum: with 3 nodes and N=3 there is no fallback, so the victim simply misses these.
+        wrote = prepopulate(live, "ae-", n, 100, query="w=2&sloppy=false")
+        c.restart(victim)
+        t0 = time.monotonic()
+        limit_s = 90.0 if self.plan is FULL else 30.0
+        next_trigger = 0.0
+        converged_s: float | None = None
+        got = before
+        while time.monotonic() - t0 < limit_s:
+            if time.monotonic() - t0 >= next_trigger:
+                for url in c.urls:
+                    http_call(url, "POST", "/admin/repair", b"", {"X-Cluster-Secret": c.secret})
+                next_trigger += 5.0
+            got = storage_records(c.url(victim)) or got
+            if got >= before + wrote.ok:
+                converged_s = time.monotonic() - t0
+                break
+            time.sleep(0.25)
+        fact = {"keys": wrote.ok, "converged_s": converged_s, "records_seen": got - before}
+        self.report.facts["anti_entropy"] = fact
+        if converged_s is None:
+            print(f"anti-entropy: {victim} holds {got - before}/{wrote.ok} missed keys after {limit_s:.0f} s")
+        else:
+            print(f"anti-entropy: {wrote.ok} missed keys repaired on {victim} in {converged_s:.2f} s "
+                  f"({wrote.ok / max(converged_s, 1e-9):.0f} keys/s)")
+
+    def section_cluster5(self) -> None:
+        self.print_header(f"kvstore, 5 nodes, N=3, storage={self.args.storage} fsync={self.args.fsync}")
+        self.release("kvstore-3")
+        c = self.cluster("kvstore-5")
+        modes = {k: MODES[k] for k in ("eventual", "quorum")}
+        self.matrix("kvstore-5", c.urls, modes, self.plan.c5_sizes or (100,), load_query="w=3")
+
+    def section_recovery(self) -> None:
+        print("\n== recovery (5 nodes, N=3): hinted handoff and restart")
+        self.release("kvstore-3")
+        c = self.cluster("kvstore-5")
+        victim = c.node_ids[-1]
+        live = [x for x in c.node_ids if x != victim]
+        c.kill(victim)
+        wrote = prepopulate([c.url(x) for x in live], "hint-", self.plan.hint_keys, 100, query="w=2&sloppy=true")
+
+        def pending() -> int | None:
+            """Hints waiting on every live node; None if a node gives no figure (no AP machinery)."""
+            total = 0
+            for x in c.node_ids:
+                if not c.alive(x):
+                    continue
+                data = cluster_json(c.url(x))
+                counts = (data or {}).get("pending_hints") or {}
+                if not counts:  # a node with hinted handoff lists every peer, with 0 if none
+                    return None
+                total += sum(int(v) for v in counts.values())
+            return total
+
+        hints = pending()
+        if hints is None:
+            print(f"wrote {wrote.ok} keys with {victim} down; hinted handoff: not available "
+                  "(GET /cluster gives no pending_hints: the AP machinery is not installed on the nodes)")
+            self.report.facts["hinted_handoff"] = "not available"
+        else:
+            print(f"wrote {wrote.ok} keys with {victim} down (W=2, sloppy); hints pending: {hints}")
+        errors: list[BaseException] = []
+
+        def restart() -> None:
+            try:
+                c.restart(victim)
+            except BaseException as exc:  # reported by the main thread
+                errors.append(exc)
+
+        t0 = time.monotonic()
+        thread = threading.Thread(target=restart, name="restart", daemon=True)
+        thread.start()
+        health_s = read_s = drained_s = None
+        url = c.url(victim)
+        deadline = t0 + (60.0 if self.plan is FULL else 30.0)
+        while time.monotonic() < deadline and not errors:
+            now = time.monotonic() - t0
+            if health_s is None:
+                if http_call(url, "GET", "/health", timeout_s=0.5)[0] == 200:
+                    health_s = now
+            elif read_s is None and http_call(url, "GET", "/kv/hint-0", timeout_s=1.0)[0] == 200:
+                read_s = now
+            if health_s is not None and drained_s is None and hints is not None and pending() == 0:
+                drained_s = time.monotonic() - t0
+            if health_s is not None and read_s is not None and (drained_s is not None or hints is None):
+                break
+            time.sleep(0.02 if read_s is None else 0.1)
+        thread.join(timeout=35)
+        if errors:
+            raise errors[0]
+        fact = {
+            "keys_written": wrote.ok, "hints": hints, "restart_to_health_s": health_s,
+            "restart_to_first_read_s": read_s, "restart_to_hints_drained_s": drained_s,
+        }
+        self.report.facts["recovery"] = fact
+
+        def fmt(x: float | None) -> str:
+            return f"{x:.2f} s" if x is not None else "not reached"
+
+        print(f"restart -> first /health 200: {fmt(health_s)}")
+        print(f"restart -> first successful read on {victim}: {fmt(read_s)}")
+        if hints is None:
+            print("restart -> hints drained: not available")
+        else:
+            detail = ""
+            if drained_s is not None and health_s is not None and hints:
+                rate = hints / max(drained_s - health_s, 1e-9)
+                detail = f" ({drained_s - health_s:.2f} s after healthy, {rate:.0f} hints/s)"
+            print(f"restart -> all {hints} hints drained: {fmt(drained_s)}{detail}")
+        self.release("kvstore-5")
+
+    def section_memory(self) -> None:
+        print("\n== memory: VmRSS per node per million keys (100 B values; sample extrapolated linearly)")
+        self.release("kvstore-3")
+        self.release("kvstore-5")
+        results: dict[str, Any] = {}
+        for engine in ("memory", "sqlite"):
+            if self.over_budget(15):
+                print(f"{engine}: skipped: time budget")
+                continue
+            c = LocalCluster(1, 1, storage=engine, fsync="batch", r=1, w=1)
+            try:
+                c.start()
+                node = c.node_ids[0]
+                url = c.url(node)
+                prepopulate(c.urls, "warm-", 1000, 100, query="w=1")  # allocator and code paths warm
+                rss0, rec0 = rss_kib(c.pid(node)), storage_records(url) or 0
+                spec = LoadSpec(
+                    urls=c.urls, op="put", query="w=1", value_size=100, prefix="mem-", count=self.plan.mem_keys,
+                    duration_s=60.0 if self.plan is FULL else 20.0, connections=self.plan.connections,
+                )
+                run_load(spec, self.generator)
+                time.sleep(0.5)
+                rss1, rec1 = rss_kib(c.pid(node)), storage_records(url) or 0
+                keys = rec1 - rec0
+                if keys <= 0:
+                    print(f"{engine}: no keys were written")
+                    continue
+                per_m = (rss1 - rss0) / 1024 / keys * 1e6
+                disk = dir_bytes(c.data_dir / node) / 1024 / 1024
+                results[engine] = {
+                    "keys": keys, "rss_before_mib": rss0 / 1024, "rss_after_mib": rss1 / 1024,
+                    "rss_mib_per_million_keys": per_m, "disk_mib": disk,
+                    "disk_mib_per_million_keys": disk / rec1 * 1e6 if engine == "sqlite" else None,
+                }
+                line = (f"{engine:<7} {keys} keys: RSS {rss0 / 1024:.1f} -> {rss1 / 1024:.1f} MiB; "
+                        f"~{per_m:.0f} MiB RSS per million keys per node")
+                if engine == "sqlite":
+                    line += f"; on disk {disk:.1f} MiB (~{disk / rec1 * 1e6:.0f} MiB per million keys)"
+                print(line, flush=True)
+            finally:
+                c.stop()
+        self.report.facts["memory"] = results
+
+    # -- summary
+
+    def summary(self) -> None:
+        rep = self.report
+        print("\n== ratios (throughput at saturation; p99 at half saturation)")
+        for size in self.plan.sizes:
+            for op in ("put", "get"):
+                etcd = rep.find("etcd", "etcd", op, size, "sat")
+                single = rep.find("single", "n1", op, size, "sat")
+                for mode in MODES:
+                    ours = rep.find("kvstore-3", mode, op, size, "sat")
+                    if ours is None:
+                        continue
+                    parts = [f"kvstore-3 {mode:<12} {op:<3} {size:>5} B: {ours.ops_per_s:>7.0f}/s"]
+                    if single is not None:
+                        parts.append(f"ours/single {ratio(ours.ops_per_s, single.ops_per_s)}")
+                    if etcd is not None:
+                        parts.append(f"ours/etcd {ratio(ours.ops_per_s, etcd.ops_per_s)}")
+                        half_ours = rep.find("kvstore-3", mode, op, size, "half")
+                        half_etcd = rep.find("etcd", "etcd", op, size, "half")
+                        if half_ours and half_etcd:
+                            parts.append(f"p99@half ours {half_ours.p('p99'):.1f} ms vs etcd {half_etcd.p('p99'):.1f} ms")
+                    print("  " + "; ".join(parts))
+        client_put = rep.find("client", "quorum", "put", 100, "sat")
+        client_get = rep.find("client", "quorum", "get", 100, "sat")
+        for op, cr in (("put", client_put), ("get", client_get)):
+            wrk = rep.find("kvstore-3", "quorum", op, 100, "sat")
+            if cr is not None and wrk is not None:
+                print(f"  kvstore.Client quorum {op}: {cr.ops_per_s:.0f}/s = {ratio(cr.ops_per_s, wrk.ops_per_s)} "
+                      f"of the {wrk.generator} figure")
+        print("\n== targets (issue 8)")
+        for line in self.targets():
+            print("  " + line)
+
+    def targets(self) -> list[str]:
+        rep = self.report
+        lines: list[str] = []
+
+        def verdict(ok: bool | None) -> str:
+            return "n/a    " if ok is None else ("MET    " if ok else "NOT MET")
+
+        def cmp(label: str, ours: LoadResult | None, theirs: LoadResult | None, factor: float) -> None:
+            if ours is None or theirs is None:
+                missing = "kvstore" if ours is None else "etcd"
+                lines.append(f"{verdict(None)} {label}: {missing} figure not measured")
+                return
+            ok = ours.ops_per_s >= factor * theirs.ops_per_s
+            lines.append(f"{verdict(ok)} {label}: {ours.ops_per_s:.0f}/s vs etcd {theirs.ops_per_s:.0f}/s "
+                         f"= {ratio(ours.ops_per_s, theirs.ops_per_s)} (target >= {factor:g}x)")
+
+        storage = f"{self.args.storage}/fsync={self.args.fsync}"
+        cmp(f"quorum writes (3 nodes, N=3, W=2, {storage}) >= 2x etcd writes",
+            rep.find("kvstore-3", "quorum", "put", 100, "sat"), rep.find("etcd", "etcd", "put", 100, "sat"), 2)
+        cmp("quorum reads >= 2x etcd linearizable reads",
+            rep.find("kvstore-3", "quorum", "get", 100, "sat"), rep.find("etcd", "etcd", "get", 100, "sat"), 2)
+        if self.linearizable is not None and not self.linearizable[0]:
+            lines.append(f"n/a     linearizable >= etcd: {self.linearizable[1]}")
+        else:
+            for op in ("put", "get"):
+                cmp(f"linearizable {op} >= etcd {op}", rep.find("kvstore-3", "linearizable", op, 100, "sat"),
+                    rep.find("etcd", "etcd", op, 100, "sat"), 1)
+        for op in ("put", "get"):
+            for size in self.plan.sizes:
+                half = rep.find("kvstore-3", "quorum", op, size, "half")
+                if half is None:
+                    lines.append(f"{verdict(None)} p99 at half saturation < 10 ms, quorum {op} {size} B: not measured")
+                    continue
+                ok = half.p("p99") < 10.0
+                lines.append(f"{verdict(ok)} p99 at half saturation < 10 ms, quorum {op} {size} B: "
+                             f"{half.p('p99'):.2f} ms at {half.ops_per_s:.0f}/s")
+        return lines
+
+    def to_json(self, info: dict[str, str], command: str) -> dict[str, Any]:
+        return {
+            "machine": info, "command": command, "plan": self.plan.__dict__,
+            "rows": {r.key: (r.result.to_json() if r.result else {"note": r.note}) for r in self.report.rows},
+            "facts": self.report.facts, "targets": self.targets(),
+        }
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b > 0 else "n/a"
+
+
+def compare(previous: dict[str, Any], current: dict[str, Any]) -> None:
+    print(f"\n== against {previous.get('machine', {}).get('commit', '?')} "
+          f"({previous.get('machine', {}).get('date', '?')}): new/old")
+    for key, row in current["rows"].items():
+        old = previous.get("rows", {}).get(key)
+        if not old or "ops_per_s" not in old or "ops_per_s" not in row:
+            continue
+        print(f"  {key:<40} ops/s {ratio(row['ops_per_s'], old['ops_per_s']):>7}   "
+              f"p99 {ratio(row['latency_ms']['p99'], old['latency_ms']['p99']):>7}")
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C, so the ``finally`` blocks stop every process by PID."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="kvstore bench", description="Benchmark a local kvstore cluster against baselines (issue 8)."
+    )
+    parser.add_argument("--quick", action="store_true", help="a ~1 minute subset")
+    parser.add_argument(
+        "--only", action="append", default=[], metavar="SECTION",
+        help=f"run only these sections (repeat or comma-separate): {', '.join(SECTIONS)}",
+    )
+    parser.add_argument("--storage", choices=("memory", "sqlite"), default="sqlite", help="engine of our clusters")
+    parser.add_argument("--fsync", choices=("always", "batch", "never"), default="batch")
+    parser.add_argument("--generator", choices=("auto", "wrk", "python"), default="auto")
+    parser.add_argument("--no-install", action="store_true", help="never apt-get install wrk/etcd")
+    parser.add_argument("--json", help="write every figure to this JSON file")
+    parser.add_argument("--compare", help="a previous --json file: print new/old ratios")
+    args = parser.parse_args(argv)
+    only = [s.strip() for item in args.only for s in item.split(",") if s.strip()]
+    unknown = [s for s in only if s not in SECTIONS]
+    if unknown:
+        parser.error(f"unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}")
+    args.sections = [s for s in SECTIONS if not only or s in only]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; returns a process exit code (``kvstore bench`` maps to this)."""
+    args = parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    if args.generator in ("auto", "wrk") and ensure_wrk(install=not args.no_install) is None:
+        if args.generator == "wrk":
+            print("kvstore bench: wrk is not installed and could not be installed", file=sys.stderr)
+            return 1
+        warn("wrk not available: using the Python generator, whose CPU cost understates the store")
+    info = machine_info()
+    command = "python -m benchmarks.run " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    print(f"# kvstore bench  {info['date']}  commit {info['commit']}")
+    print(f"machine: nproc={info['nproc']} cpu={info['cpu']} python={info['python']} kernel={info['kernel']} "
+          f"loadavg={info['loadavg']}")
+    print(f"command: {command.strip()}")
+    print(f"kvstore measured from: {info['kvstore_source']}")
+    print(f"sections: {', '.join(args.sections)}; budget {plan.budget_s:.0f} s; saturation = closed loop, "
+          f"{plan.connections} connections; half = paced at 50% of the measured saturation rate, "
+          f"{plan.half_connections} connections; each run bounded by {plan.sat_s:g} s and an op count")
+    bench = Bench(args, plan)
+    sections: dict[str, Callable[[], None]] = {s: getattr(bench, f"section_{s}") for s in SECTIONS}
+    code = 0
+    with sigterm_as_interrupt():
+        try:
+            for name in args.sections:
+                if bench.over_budget(5):
+                    print(f"\n== {name}: skipped: time budget ({plan.budget_s:.0f} s) spent")
+                    continue
+                try:
+                    sections[name]()
+                except (ClusterError, EtcdError, RuntimeError, OSError) as exc:
+                    print(f"\n{name}: FAILED: {exc}", flush=True)
+                    code = 1
+        except KeyboardInterrupt:
+            print("\ninterrupted: stopping every process; figures so far follow", file=sys.stderr)
+            code = 130
+        finally:
+            bench.stop_all()
+    bench.summary()
+    print(f"\ntotal time {bench.elapsed():.0f} s")
+    current = bench.to_json(info, command.strip())
+    if args.json:
+        Path(args.json).write_text(json.dumps(current, indent=2, default=str))
+    if args.compare:
+        try:
+            compare(json.loads(Path(args.compare).read_text()), current)
+        except (OSError, ValueError) as exc:
+            warn(f"cannot compare with {args.compare}: {exc}")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
