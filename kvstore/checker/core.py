@@ -100,16 +100,39 @@ class Result:
         stuck = self.op(ce.stuck)
         others = [self.op(i) for i in ce.pending if i != ce.stuck]
         text = (
-            f"after the longest linearizable prefix ({len(ce.prefix)} ops, leaving the value "
-            f"{history_mod._show(ce.state)}), op #{stuck.id} `{stuck.describe()}` by process {stuck.process} "
-            f"(line {stuck.line}) has to take effect before it completes, and no order of the ops "
-            "still pending gets it there"
+            f"the search linearized at most {len(ce.prefix)} ops (the longest linearizable prefix, leaving "
+            f"the value {history_mod._show(ce.state)}); then op #{stuck.id} `{stuck.describe()}` by process "
+            f"{stuck.process} (line {stuck.line}) must take effect before it completes, and no op still "
+            "pending can make that legal"
         )
         if others:
             shown = ", ".join(f"#{o.id} `{o.describe()}`" for o in others[:8])
             more = f" and {len(others) - 8} more" if len(others) > 8 else ""
             text += f" (pending: {shown}{more})"
-        return text
+        hint = self._writers_hint(stuck)
+        return f"{text}; {hint}" if hint else text
+
+    def _writers_hint(self, op: Op) -> str:
+        """For a read: which ops could have produced what it returned."""
+        if op.f not in ("read", "get") or op.type != "ok":
+            return ""
+        values = op.siblings if op.siblings is not None else (op.result,)
+        hints = []
+        for value in values:
+            end = op.complete if op.complete is not None else self.history.length
+            writers = [w for w in self.history.ops if w.key == op.key and w.type != "fail" and w.invoke < end and (
+                (w.f in ("write", "put") and w.value == value)
+                or (w.f == "delete" and value is None)
+                or (w.f == "cas" and isinstance(w.value, tuple) and len(w.value) == 2 and w.value[1] == value))]
+            shown = history_mod._show(value)
+            if value == self.initial:
+                hints.append(f"{shown} is the initial value")
+            elif not writers:
+                hints.append(f"no op invoked before it completed wrote {shown}")
+            else:
+                listed = ", ".join(f"#{w.id} `{w.describe()}` (line {w.line})" for w in writers[-3:])
+                hints.append(f"{shown} was written by {listed}")
+        return "; ".join(hints)
 
     def to_dict(self) -> dict[str, Any]:
         return {

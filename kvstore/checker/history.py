@@ -170,6 +170,10 @@ def _show(value: Any) -> str:
     return str(value)
 
 
+def _clip(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def freeze(value: Any) -> Any:
     """A hashable copy: sequences become tuples, maps frozensets of items, keywords strings."""
     if value is None or isinstance(value, (bool, int, float, str)):
@@ -346,7 +350,7 @@ def _kw(value: Any) -> Any:
 
 def _parse_edn(text: str) -> list[Event]:
     forms = _load_edn(text)
-    if len(forms) == 1 and isinstance(forms[0], (list, tuple)) and not isinstance(forms[0], Mapping):
+    if len(forms) == 1 and isinstance(forms[0], (list, tuple, edn_format.ImmutableList)):
         forms = list(forms[0])
     # The reader does not report where each form was: Jepsen writes one op per line, so the
     # n-th line that opens a map is the n-th op (exact for that layout; a fallback otherwise).
@@ -355,7 +359,7 @@ def _parse_edn(text: str) -> list[Event]:
     for n, form in enumerate(forms):
         line = map_lines[n] if len(map_lines) == len(forms) else n + 1
         if not isinstance(form, Mapping):
-            raise HistoryFormatError(f"expected an op map, got {form!r}", line)
+            raise HistoryFormatError(f"expected an op map, got {_clip(repr(form))}", line)
         row: dict[str, Any] = {}
         for k, v in form.items():
             row[str(_kw(k))] = v
