@@ -40,6 +40,12 @@ prepare requires a ballot *strictly* greater than the promise).
 
 The one-round-trip fast path (paper §2.2.1) is described in ``on_accept``.
 
+An addition to the paper: each accepted state carries its *lineage*, the ballots at which
+its last few changes were made (see ``change_status``).  It lets a proposer whose accept
+reached only some acceptors find out, on retry, whether its change is already part of the
+latest state, so that a retry neither applies a change twice nor reports as failed a change
+that took effect.
+
 Everything here is pure: no I/O, no clock, no global randomness (``backoff_s``
 takes an injected ``random.Random``).  The asynchronous driver lives in
 ``kvstore.cp``.
@@ -132,6 +138,80 @@ ABSENT = RegisterValue(None, None)
 
 
 # --------------------------------------------------------------------------------------------
+# Lineage: which changes a register state contains
+# --------------------------------------------------------------------------------------------
+#
+# Every change that modifies the register is applied by one proposer at one ballot, its
+# *origin*; ballots are unique per key, so the origin names the change.  Along the chain of
+# states, origins strictly increase (a change is computed at a ballot above the accepted
+# ballot it read, which is at least the origin of the state it read).  Each accepted state
+# carries the origins of its last ``LINEAGE_DEPTH`` changes, newest first; a state re-committed
+# unchanged (a read, a failed precondition) keeps its lineage.
+#
+# Why: a proposer whose accept for a change reached only some acceptors must not retry that
+# change blindly -- another proposer may already have picked the partial value up and built on
+# it, and applying it again would apply it twice (a compare-and-set would then spuriously fail).
+# ``change_status`` tells from the lineage of the latest state whether the change is in it.
+
+LINEAGE_DEPTH = 8
+
+Lineage = tuple[Ballot, ...]
+
+
+def extend_lineage(lineage: Lineage, origin: Ballot) -> Lineage:
+    """The lineage of the state a change at ``origin`` produces from a state with ``lineage``."""
+    assert not lineage or origin > lineage[0], "origins increase along the chain"
+    return (origin, *lineage[: LINEAGE_DEPTH - 1])
+
+
+ChangeStatus = Literal["applied", "not_applied", "unknown"]
+
+
+def change_status(origin: Ballot, lineage: Lineage, parent: Ballot | None = None) -> ChangeStatus:
+    """Whether the change made at ``origin`` is part of the state whose lineage is ``lineage``.
+
+    ``parent`` is the origin of the state the change was applied to (``lineage[0]`` of that
+    state; None if it had no change yet or is not known).
+
+    * ``applied``: the origin is in the lineage.
+    * ``not_applied``: it is not, and the lineage proves it cannot be further back: either
+      the lineage is complete (fewer than ``LINEAGE_DEPTH`` changes since the register was
+      created), or its oldest entry is older than ``origin`` (every ancestor newer than that
+      entry is listed, and origins increase along the chain), or the parent is listed with a
+      different successor (the chain is linear: the parent has one successor, and the change
+      could only have come right after its parent).
+    * ``unknown``: at least ``LINEAGE_DEPTH`` changes happened since, the trail is lost.
+    """
+    if origin in lineage:
+        return "applied"
+    if len(lineage) < LINEAGE_DEPTH or lineage[-1] < origin:
+        return "not_applied"
+    if parent is not None and parent in lineage:
+        return "not_applied"  # listed, and its successor (if any) is not ``origin``
+    return "unknown"
+
+
+def _check_lineage(lineage: Lineage) -> bool:
+    return len(lineage) <= LINEAGE_DEPTH and all(a > b for a, b in zip(lineage, lineage[1:], strict=False))
+
+
+def lineage_to_wire(lineage: Lineage) -> list[Any]:
+    return [ballot.to_wire() for ballot in lineage]
+
+
+def lineage_from_wire(obj: Any) -> Lineage:
+    """Parse a lineage (untrusted input); raises ``ValueError`` when malformed."""
+    if obj is None:
+        return ()
+    if not isinstance(obj, list | tuple):
+        raise ValueError(f"malformed lineage {obj!r}")
+    lineage = tuple(Ballot.from_wire(item) for item in obj)
+    if not _check_lineage(lineage):
+        raise ValueError(f"lineage must be at most {LINEAGE_DEPTH} strictly decreasing ballots")
+    return lineage
+
+
+# --------------------------------------------------------------------------------------------
 # Acceptor
 # --------------------------------------------------------------------------------------------
 
@@ -148,20 +228,22 @@ class AcceptorState:
     """One acceptor's durable state for one key.
 
     ``promised``: the highest ballot this acceptor promised (it takes part in no lower ballot).
-    ``accepted``/``value``: the last accepted ballot and the register state accepted with it;
-    both None until the first accept.
+    ``accepted``/``value``/``lineage``: the last accepted ballot, the register state accepted
+    with it and that state's lineage; None (and empty) until the first accept.
     Invariant: ``accepted <= promised`` (an accept also promises its own ballot).
     """
 
     promised: Ballot | None = None
     accepted: Ballot | None = None
     value: RegisterValue | None = None
+    lineage: Lineage = ()
 
     def __post_init__(self) -> None:
         assert (self.accepted is None) == (self.value is None), "a value is accepted with a ballot"
         assert self.accepted is None or (self.promised is not None and self.promised >= self.accepted), (
             "an acceptor has always promised at least the ballot it accepted"
         )
+        assert _check_lineage(self.lineage) and (not self.lineage or self.accepted is not None)
 
     def encode(self) -> bytes:
         wire_value = None if self.value is None else [self.value.value]
@@ -172,6 +254,7 @@ class AcceptorState:
                 "a": ballot_to_wire(self.accepted),
                 # [bytes | None] when something was accepted (None inside = absent), else None.
                 "v": wire_value,
+                "l": lineage_to_wire(self.lineage),
             },
             use_bin_type=True,
         )
@@ -197,7 +280,10 @@ class AcceptorState:
                 raise ValueError("accepted ballot and value must be both set or both unset")
             if accepted is not None and (promised is None or promised < accepted):
                 raise ValueError("promised ballot is below the accepted ballot")
-            return AcceptorState(promised, accepted, value)
+            lineage = lineage_from_wire(obj.get("l"))
+            if lineage and accepted is None:
+                raise ValueError("lineage without an accepted value")
+            return AcceptorState(promised, accepted, value, lineage)
         except CorruptState:
             raise
         except Exception as exc:  # msgpack raises several unrelated types on garbage
@@ -214,6 +300,7 @@ class Promise:
     ballot: Ballot
     accepted: Ballot | None
     value: RegisterValue | None
+    lineage: Lineage = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,14 +339,19 @@ def on_prepare(state: AcceptorState, ballot: Ballot) -> tuple[AcceptorState, Pre
         state.accepted is None or ballot > state.accepted
     ):
         new_state = replace(state, promised=ballot)
-        return new_state, Promise(ballot, state.accepted, state.value)
+        return new_state, Promise(ballot, state.accepted, state.value, state.lineage)
     conflict = _highest(state)
     assert conflict is not None and conflict >= ballot
     return state, Rejected(conflict)
 
 
 def on_accept(
-    state: AcceptorState, ballot: Ballot, value: RegisterValue, *, promise_next: Ballot | None
+    state: AcceptorState,
+    ballot: Ballot,
+    value: RegisterValue,
+    *,
+    promise_next: Ballot | None,
+    lineage: Lineage = (),
 ) -> tuple[AcceptorState, AcceptReply]:
     """Phase 2 at an acceptor, optionally fused with the proposer's next phase 1.
 
@@ -290,11 +382,12 @@ def on_accept(
     assert promise_next is None or (promise_next > ballot and promise_next.node == ballot.node), (
         "promise_next must be a later ballot of the same proposer"
     )
+    assert _check_lineage(lineage) and (not lineage or lineage[0] <= ballot), "a change precedes its accept"
     if (state.promised is None or ballot >= state.promised) and (
         state.accepted is None or ballot > state.accepted
     ):
         promised = promise_next if promise_next is not None else ballot
-        new_state = AcceptorState(promised=promised, accepted=ballot, value=value)
+        new_state = AcceptorState(promised=promised, accepted=ballot, value=value, lineage=lineage)
         return new_state, Accepted(ballot, promise_next)
     conflict = _highest(state)
     assert conflict is not None and conflict >= ballot
@@ -312,25 +405,28 @@ def majority(n: int) -> int:
     return n // 2 + 1
 
 
-def highest_accepted(promises: Iterable[Promise]) -> tuple[Ballot, RegisterValue] | None:
-    """The (ballot, value) of the highest accepted ballot among ``promises``, or None."""
-    best: tuple[Ballot, RegisterValue] | None = None
+def highest_accepted(promises: Iterable[Promise]) -> Promise | None:
+    """The promise reporting the highest accepted ballot (its value and lineage), or None."""
+    best: Promise | None = None
+    best_ballot: Ballot | None = None
     for promise in promises:
         if promise.accepted is None:
             continue
         assert promise.value is not None
-        if best is None or promise.accepted > best[0]:
-            best = (promise.accepted, promise.value)
-        elif promise.accepted == best[0]:
-            # One ballot carries one value (ballots are unique and accepts are strict).
-            assert promise.value == best[1], "two values accepted at one ballot"
+        if best is None or best_ballot is None or promise.accepted > best_ballot:
+            best, best_ballot = promise, promise.accepted
+        elif promise.accepted == best_ballot:
+            # One ballot carries one state (ballots are unique and accepts are strict).
+            assert (promise.value, promise.lineage) == (best.value, best.lineage), (
+                "two values accepted at one ballot"
+            )
     return best
 
 
 def choose_value(promises: Iterable[Promise]) -> RegisterValue | None:
     """The current register state per a majority of promises: the highest accepted value."""
     best = highest_accepted(promises)
-    return None if best is None else best[1]
+    return None if best is None else best.value
 
 
 def next_ballot(last: Ballot | None, seen_max_counter: int, node: str) -> Ballot:
@@ -429,4 +525,3 @@ def apply_change(change: Change, current: RegisterValue | None) -> tuple[Registe
         case _:
             raise AssertionError(f"unknown change {change!r}")
     return new, ChangeOutcome("ok", new.etag)
-

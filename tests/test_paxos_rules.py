@@ -11,6 +11,7 @@ import pytest
 from kvstore.paxos import (
     ABSENT,
     EMPTY_STATE,
+    LINEAGE_DEPTH,
     Accepted,
     AcceptorState,
     Ballot,
@@ -19,6 +20,7 @@ from kvstore.paxos import (
     CompareAndSet,
     CorruptState,
     Delete,
+    Lineage,
     Promise,
     PutIfAbsent,
     Read,
@@ -27,9 +29,13 @@ from kvstore.paxos import (
     Write,
     apply_change,
     backoff_s,
+    change_status,
     choose_value,
     etag_of,
+    extend_lineage,
     highest_accepted,
+    lineage_from_wire,
+    lineage_to_wire,
     majority,
     next_ballot,
     on_accept,
@@ -45,7 +51,9 @@ def V(value: bytes | None) -> RegisterValue:
     return RegisterValue.of(value)
 
 
-def S(promised: Ballot | None = None, accepted: Ballot | None = None, value: bytes | None | str = "-") -> AcceptorState:
+def S(
+    promised: Ballot | None = None, accepted: Ballot | None = None, value: bytes | None | str = "-"
+) -> AcceptorState:
     """State shorthand: value "-" means nothing accepted."""
     if accepted is None:
         return AcceptorState(promised, None, None)
@@ -77,7 +85,9 @@ def test_ballot_wire_round_trip(ballot: Ballot) -> None:
     assert Ballot.from_wire(wire) == ballot
 
 
-@pytest.mark.parametrize("wire", [None, [], [1], [1, 2], ["1", "a"], [-1, "a"], [1, ""], [True, "a"], "1a", [1, "a", 2]])
+@pytest.mark.parametrize(
+    "wire", [None, [], [1], [1, 2], ["1", "a"], [-1, "a"], [1, ""], [True, "a"], "1a", [1, "a", 2]]
+)
 def test_ballot_from_wire_rejects_malformed(wire: object) -> None:
     with pytest.raises(ValueError):
         Ballot.from_wire(wire)
@@ -117,6 +127,7 @@ def test_register_value_rejects_wrong_etag() -> None:
         S(B(5, "b"), B(3), b"v"),  # fast-path promise above the accepted ballot
         S(B(4), B(4), None),  # accepted a deletion
         S(B(4), B(4), b""),  # accepted an empty (present) value
+        AcceptorState(B(9), B(8), V(b"v"), (B(8), B(5, "b"), B(2))),  # with a lineage
     ],
 )
 def test_acceptor_state_round_trip(state: AcceptorState) -> None:
@@ -249,6 +260,8 @@ def test_choose_value(promises: list[Promise], expected: RegisterValue | None) -
     assert choose_value(promises) == expected
     best = highest_accepted(promises)
     assert (best is None) == (expected is None)
+    if best is not None:
+        assert best.accepted == max(p.accepted for p in promises if p.accepted is not None)
 
 
 def test_choose_value_detects_two_values_at_one_ballot() -> None:
@@ -335,19 +348,28 @@ class Acceptors:
     def __init__(self, n: int = 3) -> None:
         self.states = [EMPTY_STATE] * n
         self.accepted_by: dict[Ballot, tuple[RegisterValue, set[int]]] = {}
+        self.lineages: dict[Ballot, Lineage] = {}
 
     def prepare(self, i: int, ballot: Ballot) -> Promise | Rejected:
         self.states[i], reply = on_prepare(self.states[i], ballot)
         return reply
 
     def accept(
-        self, i: int, ballot: Ballot, value: RegisterValue, promise_next: Ballot | None = None
+        self,
+        i: int,
+        ballot: Ballot,
+        value: RegisterValue,
+        promise_next: Ballot | None = None,
+        lineage: Lineage = (),
     ) -> Accepted | Rejected:
-        self.states[i], reply = on_accept(self.states[i], ballot, value, promise_next=promise_next)
+        self.states[i], reply = on_accept(
+            self.states[i], ballot, value, promise_next=promise_next, lineage=lineage
+        )
         if isinstance(reply, Accepted):
             old, who = self.accepted_by.setdefault(ballot, (value, set()))
             assert old == value, "two values accepted at one ballot"
             who.add(i)
+            self.lineages[ballot] = lineage
         return reply
 
     def restart(self, i: int) -> None:
@@ -513,6 +535,7 @@ class Msg:
     value: RegisterValue | None = None
     promise_next: Ballot | None = None
     reply: Promise | Accepted | Rejected | None = None
+    lineage: Lineage = ()
 
 
 @dataclass
@@ -531,8 +554,11 @@ class SimProposer:
     promised_acks: set[int] = field(default_factory=set)
     value: RegisterValue | None = None
     next_b: Ballot | None = None
-    fast: tuple[Ballot, RegisterValue] | None = None
+    fast: tuple[Ballot, RegisterValue, Lineage] | None = None
+    lineage: Lineage = ()
     seq: int = 0
+    # token -> (origin, parent): every change this proposer ever sent, for the lineage oracle
+    origins: dict[bytes, tuple[Ballot, Ballot | None]] = field(default_factory=dict)
 
     def token(self) -> bytes:
         return f"{self.name}.{self.seq};".encode()
@@ -541,9 +567,9 @@ class SimProposer:
         self.seq += 1
         self.promises, self.acks, self.promised_acks = {}, set(), set()
         if use_fast and self.fast is not None:
-            ballot, current = self.fast
+            ballot, current, lineage = self.fast
             self.fast = None
-            self._send_accept(out, ballot, current)
+            self._send_accept(out, ballot, current, lineage)
             return
         self.fast = None
         self.ballot = next_ballot(self.last, self.seen, self.name)
@@ -551,14 +577,17 @@ class SimProposer:
         self.phase = "prepare"
         out.extend(Msg("prepare", self.name, f"A{i}", self.ballot) for i in range(self.n))
 
-    def _send_accept(self, out: list[Msg], ballot: Ballot, current: RegisterValue) -> None:
+    def _send_accept(self, out: list[Msg], ballot: Ballot, current: RegisterValue, lineage: Lineage) -> None:
         self.ballot = ballot
         self.value = RegisterValue.of((current.value or b"") + self.token())
+        self.origins[self.token()] = (ballot, lineage[0] if lineage else None)
+        self.lineage = extend_lineage(lineage, ballot)
         self.next_b = next_ballot(self.last, self.seen, self.name)
         self.last = self.next_b
         self.phase = "accept"
         out.extend(
-            Msg("accept", self.name, f"A{i}", ballot, self.value, self.next_b) for i in range(self.n)
+            Msg("accept", self.name, f"A{i}", ballot, self.value, self.next_b, lineage=self.lineage)
+            for i in range(self.n)
         )
 
     def receive(self, msg: Msg, out: list[Msg], use_fast: bool) -> None:
@@ -572,9 +601,10 @@ class SimProposer:
         if self.phase == "prepare" and isinstance(reply, Promise):
             self.promises[i] = reply
             if len(self.promises) == majority(self.n):
-                current = choose_value(self.promises.values()) or ABSENT
+                best = highest_accepted(self.promises.values())
+                current = ABSENT if best is None or best.value is None else best.value
                 assert self.ballot is not None
-                self._send_accept(out, self.ballot, current)
+                self._send_accept(out, self.ballot, current, () if best is None else best.lineage)
         elif self.phase == "accept" and isinstance(reply, Accepted):
             self.acks.add(i)
             if reply.promised_next == self.next_b:
@@ -584,12 +614,19 @@ class SimProposer:
                 self.phase = "idle"
                 if len(self.promised_acks) >= majority(self.n):
                     assert self.next_b is not None and self.value is not None
-                    self.fast = (self.next_b, self.value)
+                    self.fast = (self.next_b, self.value, self.lineage)
                 if self.todo > 0:
                     self.start(out, use_fast)
 
 
-def run_interleaving(seed: int, proposers: int, acceptors: int = 3) -> list[tuple[Ballot, RegisterValue]]:
+@dataclass
+class SimResult:
+    chosen: list[tuple[Ballot, RegisterValue]]
+    acceptors: Acceptors
+    origins: dict[bytes, tuple[Ballot, Ballot | None]]
+
+
+def run_interleaving(seed: int, proposers: int, acceptors: int = 3) -> SimResult:
     rng = random.Random(seed)
     drop = rng.choice([0.0, 0.05, 0.2])
     dup = rng.choice([0.0, 0.05])
@@ -623,11 +660,12 @@ def run_interleaving(seed: int, proposers: int, acceptors: int = 3) -> list[tupl
         elif msg.kind == "accept":
             i = int(msg.dst[1:])
             assert msg.value is not None
-            reply = acc.accept(i, msg.ballot, msg.value, msg.promise_next)
+            reply = acc.accept(i, msg.ballot, msg.value, msg.promise_next, msg.lineage)
             queue.append(Msg("reply", msg.dst, msg.src, msg.ballot, reply=reply))
         else:
             props[msg.dst].receive(msg, queue, use_fast)
-    return sorted(acc.chosen().items())
+    origins = {token: o for p in props.values() for token, o in p.origins.items()}
+    return SimResult(sorted(acc.chosen().items()), acc, origins)
 
 
 def assert_linear_chain(chosen: list[tuple[Ballot, RegisterValue]]) -> None:
@@ -635,7 +673,9 @@ def assert_linear_chain(chosen: list[tuple[Ballot, RegisterValue]]) -> None:
     previous = b""
     for ballot, value in chosen:
         assert value.value is not None
-        assert value.value.startswith(previous), f"chosen at {ballot} does not extend {previous!r}: {value.value!r}"
+        assert value.value.startswith(previous), (
+            f"chosen at {ballot} does not extend {previous!r}: {value.value!r}"
+        )
         previous = value.value
 
 
@@ -643,7 +683,7 @@ def assert_linear_chain(chosen: list[tuple[Ballot, RegisterValue]]) -> None:
 def test_random_interleavings_choose_a_single_linear_chain(proposers: int) -> None:
     committed_something = 0
     for seed in range(300):
-        chosen = run_interleaving(seed * 7919 + proposers, proposers)
+        chosen = run_interleaving(seed * 7919 + proposers, proposers).chosen
         assert_linear_chain(chosen)
         committed_something += bool(chosen)
     assert committed_something > 250  # the harness does make progress, so the check is not vacuous
@@ -651,9 +691,105 @@ def test_random_interleavings_choose_a_single_linear_chain(proposers: int) -> No
 
 def test_random_interleavings_five_acceptors() -> None:
     for seed in range(100):
-        assert_linear_chain(run_interleaving(10_000 + seed, 3, acceptors=5))
+        assert_linear_chain(run_interleaving(10_000 + seed, 3, acceptors=5).chosen)
 
 
 def test_chain_checker_catches_a_fork() -> None:
     with pytest.raises(AssertionError):
         assert_linear_chain([(B(1), V(b"a;")), (B(2), V(b"b;"))])
+
+
+def check_lineage_oracle(sim: SimResult) -> tuple[int, int]:
+    """Every state ever accepted spells out its whole history (tokens), so ``change_status`` can be
+    checked against the truth for every (change, accepted state) pair."""
+    decided = unknown = 0
+    for ballot, (value, _) in sim.acceptors.accepted_by.items():
+        assert value.value is not None
+        history = set(value.value.split(b";")[:-1])
+        lineage = sim.acceptors.lineages[ballot]
+        assert lineage and lineage[0] <= ballot
+        for token, (origin, parent) in sim.origins.items():
+            status = change_status(origin, lineage, parent)
+            truth = token.rstrip(b";") in history
+            if status == "unknown":
+                unknown += 1
+                continue
+            decided += 1
+            assert (status == "applied") == truth, (token, origin, parent, lineage, value.value)
+    return decided, unknown
+
+
+@pytest.mark.parametrize("depth", [1, 2, LINEAGE_DEPTH])
+def test_random_interleavings_lineage_tells_the_truth(depth: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("kvstore.paxos.LINEAGE_DEPTH", depth)
+    decided = unknown = 0
+    for seed in range(150):
+        d, u = check_lineage_oracle(run_interleaving(20_000 + seed, 3))
+        decided, unknown = decided + d, unknown + u
+    assert decided > 10 * max(1, unknown) or depth < LINEAGE_DEPTH
+    assert decided > 1000
+
+
+# --- lineage ----------------------------------------------------------------------------------
+
+
+def test_extend_lineage_keeps_the_newest() -> None:
+    lineage: Lineage = ()
+    for c in range(1, LINEAGE_DEPTH + 3):
+        lineage = extend_lineage(lineage, B(c))
+    assert len(lineage) == LINEAGE_DEPTH
+    assert lineage[0] == B(LINEAGE_DEPTH + 2) and list(lineage) == sorted(lineage, reverse=True)
+    with pytest.raises(AssertionError):
+        extend_lineage(lineage, B(1))  # origins increase along the chain
+
+
+FULL = tuple(B(c) for c in range(20, 20 - LINEAGE_DEPTH, -1))  # newest 20 ... oldest 20-DEPTH+1
+
+
+@pytest.mark.parametrize(
+    ("origin", "lineage", "parent", "status"),
+    [
+        (B(5), (), None, "not_applied"),  # nothing ever changed
+        (B(5), (B(5),), None, "applied"),
+        (B(5), (B(9), B(5), B(2)), B(2), "applied"),
+        (B(5), (B(9), B(6), B(2)), B(2), "not_applied"),  # short lineage: complete history
+        (B(20), FULL, None, "applied"),
+        (FULL[-1], FULL, None, "applied"),
+        (B(14, "z"), FULL, None, "not_applied"),  # inside the window but absent
+        (B(3), FULL, None, "unknown"),  # older than the window: trail lost
+        (B(3), FULL, B(15), "not_applied"),  # its parent is listed with another successor
+        (B(3), FULL, FULL[-1], "not_applied"),
+        (B(3), FULL, B(2), "unknown"),  # parent older than the window too
+    ],
+)
+def test_change_status(origin: Ballot, lineage: Lineage, parent: Ballot | None, status: str) -> None:
+    assert change_status(origin, lineage, parent) == status
+
+
+@pytest.mark.parametrize("lineage", [(), (B(3),), FULL])
+def test_lineage_wire_round_trip(lineage: Lineage) -> None:
+    wire = msgpack.unpackb(msgpack.packb(lineage_to_wire(lineage)), raw=False)
+    assert lineage_from_wire(wire) == lineage
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        "x",
+        [[1]],
+        [[1, "a"], [2, "a"]],
+        [[1, "a"], [1, "a"]],
+        [[c, "a"] for c in range(40, 40 - LINEAGE_DEPTH - 1, -1)],
+    ],
+)
+def test_lineage_from_wire_rejects_malformed(wire: object) -> None:
+    with pytest.raises(ValueError):
+        lineage_from_wire(wire)
+
+
+def test_prepare_reports_the_lineage() -> None:
+    state, _ = on_accept(S(B(1)), B(1), V(b"x"), promise_next=None, lineage=(B(1),))
+    _, promise = on_prepare(state, B(2))
+    assert promise == Promise(B(2), B(1), V(b"x"), (B(1),))
+    with pytest.raises(AssertionError):
+        on_accept(S(B(1)), B(1), V(b"x"), promise_next=None, lineage=(B(2),))  # change after its accept
