@@ -225,6 +225,7 @@ def _plain(value: Any) -> Any:
 # --- format detection -----------------------------------------------------------------------
 
 _LOG_LINE = re.compile(r"^\s*[A-Z]+\s+\S+\s+-\s+(\S+)\s+(:\S+)\s+(:\S+)(?:\s+(.*?))?\s*$")
+_LOG_PREFIX = re.compile(r"^\s*(TRACE|DEBUG|INFO|WARN|WARNING|ERROR|FATAL)\s+[\w.$-]+\s+-\s")
 
 
 def detect_format(text: str) -> str:
@@ -234,7 +235,7 @@ def detect_format(text: str) -> str:
             continue
         if line.startswith('{"') or line.startswith("{ \"") or line == "{":
             return "jsonl"
-        if _LOG_LINE.match(line):
+        if _LOG_LINE.match(line) or _LOG_PREFIX.match(line):
             return "jepsen-log"
         if line[0] in "[({#":
             return "edn"
