@@ -223,7 +223,7 @@ async def run_scenario(
     workload_spec = WorkloadSpec(mode=spec.mode, keys=keys, clients=spec.clients, rate_per_s=spec.rate_per_s)
     rng = random.Random(f"{spec.seed}:nemesis")
     driver = FaultDriver(control, history, rng)
-    run_info = {
+    run_info: dict[str, Any] = {
         "scenario": spec.scenario,
         "mode": spec.mode,
         "seed": spec.seed,
@@ -266,6 +266,7 @@ async def run_scenario(
                 await control.heal_all()
             if not interrupted:
                 await _converge(control, spec, progress, workload, started)
+                run_info["final_reads_from_index"] = history.index
                 await _final_reads(workload, keys, control.node_ids)
             run_info["finished_at_unix_s"] = time.time()
             if control.local is not None:  # PIDs change when a killed node is restarted

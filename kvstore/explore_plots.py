@@ -14,6 +14,7 @@ display needed), embedded into the self-contained HTML report.
 from __future__ import annotations
 
 import io
+import textwrap
 from typing import Any
 
 import matplotlib
@@ -86,12 +87,15 @@ def _shade(ax: Any, windows: list[tuple[float, float, str]]) -> None:
                 fontsize=8, color="#495057")
 
 
-def run_figure(events: list[dict[str, Any]], title: str, minority: list[str] | None = None) -> bytes:
+def run_figure(events: list[dict[str, Any]], title: str, minority: list[str] | None = None,
+               subtitle: str = "", final_reads_from_s: float | None = None) -> bytes:
     ops = completed_ops(events)
     windows = fault_windows(events)
-    fig, (ax_lat, ax_rate) = plt.subplots(2, 1, figsize=(10, 6.2), sharex=True,
+    fig, (ax_lat, ax_rate) = plt.subplots(2, 1, figsize=(10, 6.4), sharex=True,
                                           gridspec_kw={"height_ratios": [3, 2]})
-    fig.suptitle(title, fontsize=12, fontweight="bold")
+    fig.suptitle(title, fontsize=13, fontweight="bold", y=0.99)
+    if subtitle:
+        fig.text(0.5, 0.935, textwrap.fill(subtitle, 120), ha="center", va="top", fontsize=9, color="#343a40")
     for kind, style in OUTCOME_STYLE.items():
         xs = [o["end_s"] for o in ops if o["type"] == kind]
         ys = [max(o["latency_ms"], 0.05) for o in ops if o["type"] == kind]
@@ -102,41 +106,49 @@ def run_figure(events: list[dict[str, Any]], title: str, minority: list[str] | N
     ax_lat.set_ylabel("latency (ms, log)")
     ax_lat.legend(loc="upper right", fontsize=8, framealpha=0.9)
     _shade(ax_lat, windows)
+    if final_reads_from_s is not None:
+        for ax in (ax_lat, ax_rate):
+            ax.axvline(final_reads_from_s, color="#495057", lw=1, ls=":")
+        ax_lat.text(final_reads_from_s, 0.02, " final reads\n (after healing)", transform=ax_lat.get_xaxis_transform(),
+                    fontsize=8, color="#495057", va="bottom")
     horizon = max((o["end_s"] for o in ops), default=1.0)
-    seconds = list(range(int(horizon) + 1))
+    # Bins short enough to show a few-second fault window, long enough to hold several ops.
+    bin_s = max(0.25, round(horizon / 40, 2))
+    bins = [i * bin_s for i in range(int(horizon / bin_s) + 1)]
 
-    def per_second(selector: Any) -> tuple[list[int], list[float | None]]:
-        ok = [0] * len(seconds)
-        total = [0] * len(seconds)
+    def per_bin(selector: Any) -> tuple[list[float], list[float | None]]:
+        ok = [0] * len(bins)
+        total = [0] * len(bins)
         for o in ops:
             if not selector(o):
                 continue
-            i = min(int(o["end_s"]), len(seconds) - 1)
+            i = min(int(o["end_s"] / bin_s), len(bins) - 1)
             total[i] += 1
             ok[i] += o["type"] == "ok"
-        avail = [ok[i] / total[i] if total[i] else None for i in range(len(seconds))]
-        return total, avail
+        avail = [ok[i] / total[i] if total[i] else None for i in range(len(bins))]
+        return [t / bin_s for t in total], avail
 
-    total, avail = per_second(lambda o: True)
-    ax_rate.bar(seconds, total, width=0.9, color="#a5d8ff", label="ops completed / s", align="edge")
+    rate, avail = per_bin(lambda o: True)
+    ax_rate.bar(bins, rate, width=bin_s * 0.9, color="#a5d8ff", label="ops completed / s", align="edge")
     ax_rate.set_ylabel("ops / s")
     ax_av = ax_rate.twinx()
     ax_av.set_ylim(-0.05, 1.05)
     ax_av.set_ylabel("availability (ok share)")
-    xs = [s + 0.5 for s in seconds]
+    xs = [b + bin_s / 2 for b in bins]
     if minority:
-        _, av_min = per_second(lambda o: o["node"] in minority)
-        _, av_maj = per_second(lambda o: o["node"] not in minority)
-        ax_av.plot(xs, av_maj, color="#1864ab", lw=2, label="availability: majority-side clients")
-        ax_av.plot(xs, av_min, color="#c92a2a", lw=2, ls="--", label="availability: minority-side clients")
+        _, av_min = per_bin(lambda o: o["node"] in minority)
+        _, av_maj = per_bin(lambda o: o["node"] not in minority)
+        ax_av.plot(xs, av_maj, color="#1864ab", lw=2, marker=".", label="availability: other clients")
+        ax_av.plot(xs, av_min, color="#c92a2a", lw=2, ls="--", marker=".",
+                   label=f"availability: clients of {','.join(minority)}")
     else:
-        ax_av.plot(xs, avail, color="#1864ab", lw=2, label="availability: all clients")
+        ax_av.plot(xs, avail, color="#1864ab", lw=2, marker=".", label="availability: all clients")
     _shade(ax_rate, windows)
     ax_rate.set_xlabel("time since start of run (s)")
     handles = ax_rate.get_legend_handles_labels()[0] + ax_av.get_legend_handles_labels()[0]
     labels = ax_rate.get_legend_handles_labels()[1] + ax_av.get_legend_handles_labels()[1]
     ax_rate.legend(handles, labels, loc="lower left", fontsize=8, framealpha=0.9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.92 if subtitle else 0.96))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
     plt.close(fig)
