@@ -48,6 +48,7 @@ from benchmarks.loadgen import (  # noqa: E402
     LoadSpec,
     ensure_wrk,
     env_var,
+    loadavg,
     machine_info,
     run_load,
     warn,
@@ -176,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  stream/single {ratio(med('stream', 'ops'), med('single', 'ops'))}")
     print(f"  http/single   {ratio(med('http', 'ops'), med('single', 'ops'))}")
     print(f"  p99 http/stream {ratio(med('http', 'p99'), med('stream', 'p99'))}")
+    print(f"\nloadavg at the end: {loadavg()} (at the start: {info['loadavg']}; {info['nproc']} CPUs)")
     if args.json:
         payload = {
             "machine": info, "command": command.strip(), "args": vars(args),

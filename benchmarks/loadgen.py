@@ -164,13 +164,20 @@ def ensure_wrk(install: bool = True) -> str | None:
 
 
 def git_commit() -> str:
+    """The commit measured: ``git rev-parse`` here, or ``KVSTORE_BENCH_COMMIT`` for a snapshot.
+
+    A ``git archive`` snapshot (the way to measure a commit while others edit the working
+    tree) has no ``.git``; whoever made it says which commit it is.
+    """
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10
         )
-        return out.stdout.strip() or "unknown"
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
+        pass
+    return os.environ.get("KVSTORE_BENCH_COMMIT") or "unknown (not a git checkout)"
 
 
 def source_state() -> str:
@@ -196,6 +203,14 @@ def source_state() -> str:
     return f"{src} (uncommitted changes: {', '.join(dirty)})" if dirty else f"{src} (clean)"
 
 
+def loadavg() -> str:
+    """1/5/15-minute load averages: on a shared machine, the context every figure needs."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
+
+
 def machine_info() -> dict[str, str]:
     cpu = "unknown"
     with contextlib.suppress(OSError):
@@ -213,7 +228,7 @@ def machine_info() -> dict[str, str]:
         "kernel": platform.release(),
         "wrk": wrk or "not installed",
         "kvstore_source": source_state(),
-        "loadavg": " ".join(Path("/proc/loadavg").read_text().split()[:3]) if Path("/proc/loadavg").exists() else "",
+        "loadavg": loadavg(),
     }
 
 

@@ -61,6 +61,7 @@ from benchmarks.loadgen import (  # noqa: E402
     LoadResult,
     LoadSpec,
     ensure_wrk,
+    loadavg,
     machine_info,
     prepopulate,
     rss_kib,
@@ -728,7 +729,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             bench.stop_all()
     bench.summary()
-    print(f"\ntotal time {bench.elapsed():.0f} s")
+    print(f"\ntotal time {bench.elapsed():.0f} s; loadavg at the end: {loadavg()} "
+          f"(at the start: {info['loadavg']}; {info['nproc']} CPUs)")
     current = bench.to_json(info, command.strip())
     if args.json:
         Path(args.json).write_text(json.dumps(current, indent=2, default=str))
