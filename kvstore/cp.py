@@ -23,8 +23,15 @@ replica in parallel and answered by a majority; the local node is reached
 through the same ``call`` (the node short-circuits calls to itself).  On a
 rejection it jumps its ballot counter past the conflicting ballot and retries
 after randomized, bounded, exponential backoff, until ``max_attempts`` or the
-deadline.  Calls never outlive the deadline: stragglers are cancelled once a
-round is decided.
+deadline.  Nothing waits beyond the deadline: every call's timeout ends there,
+undecided calls of a failed round are cancelled, and the late accepts of a
+successful round finish in the background (bounded) so replicas keep up.
+
+Ballot counters are one strictly increasing counter per proposer, never below
+the wall clock in milliseconds (``clock_ballots``, like Cassandra's timestamp
+ballots): a proposer new to a key then usually outbids the ballots already
+there instead of losing its first prepare.  Any counter is safe; only liveness
+depends on it.
 
 **Fast path** (CASPaxos §2.2.1).  Each accept also asks the acceptors to
 promise the proposer's *next* ballot.  When a majority accepted that way, the
@@ -33,6 +40,9 @@ value and the replica list; its next operation on the key skips phase 1 and
 costs one round trip and one fsync per acceptor instead of two.  If anyone else
 prepared in between, the fast accept is rejected and the proposer falls back
 to the full protocol.  The safety argument is in ``kvstore.paxos.on_accept``.
+A fast accept reaches the local acceptor only after a peer took it: the local
+acceptor answers first and is the likeliest to hold a stale fast-path promise,
+and a stale partial accept would be hard to trace on retry (see below).
 
 **Outcomes.**  Success returns a ``ProposeResult``.  A failed precondition
 (compare-and-set, put-if-absent) is a *successful* proposal that re-commits the
@@ -288,7 +298,9 @@ class PaxosAcceptor:
         # deadline), the read-modify-write still finishes under the lock.  Without this, a put
         # still running in a storage thread could land after a later message's put and roll back
         # a promise that was already replied.
-        return await asyncio.shield(self._apply(op, key, token, ballot, value, promise_next, lineage))
+        work = asyncio.ensure_future(self._apply(op, key, token, ballot, value, promise_next, lineage))
+        work.add_done_callback(_consume_outcome)  # abandoned by a cancelled caller: no warning
+        return await asyncio.shield(work)
 
     async def _apply(
         self,
@@ -553,21 +565,25 @@ class PaxosProposer:
                 best = highest_accepted(prepared.oks)
                 current = ABSENT if best is None or best.value is None else best.value
                 lineage = () if best is None else best.lineage
-                for origin, attempt_state in pending.items():
-                    status = change_status(origin, lineage, attempt_state.parent)
-                    if status == "unknown":
-                        raise ConsensusUnavailable(
-                            need,
-                            acknowledged,
-                            True,
-                            "an attempt of this request was partially accepted and too many changes "
-                            "followed to tell whether it took effect",
-                        )
-                    if status == "applied":
-                        # Two attempts of one request can never both be in one chain: each fresh
-                        # attempt was made only after proving the earlier ones absent.
-                        assert applied is None, "a change applied twice"
-                        applied = attempt_state
+                statuses = {
+                    origin: change_status(origin, lineage, attempt_state.parent)
+                    for origin, attempt_state in pending.items()
+                }
+                found = [pending[origin] for origin, status in statuses.items() if status == "applied"]
+                # Two attempts of one request are never both in one chain: each fresh attempt was
+                # made only after proving the earlier ones absent from the state it extended.  So
+                # one found applied settles it, even if older attempts' trails are lost.
+                assert len(found) <= 1, "a change applied twice"
+                if found:
+                    applied = found[0]
+                elif "unknown" in statuses.values():
+                    raise ConsensusUnavailable(
+                        need,
+                        acknowledged,
+                        True,
+                        "an attempt of this request was partially accepted and too many changes "
+                        "followed to tell whether it took effect",
+                    )
 
             if applied is not None:
                 # Our change took effect (possibly built upon since): make that state chosen.
@@ -578,6 +594,9 @@ class PaxosProposer:
                 new_lineage = extend_lineage(lineage, ballot) if changed else lineage
                 reported = new_value
 
+            if self._remaining_s(deadline_ns) <= 0:
+                # Nothing sent in this attempt: only earlier attempts can make this indeterminate.
+                raise ConsensusUnavailable(need, acknowledged, bool(pending), f"timed out: {reason}")
             promise_next = self._reserve_next(ballot) if self.fast_path else None
             round_trips += 1
             accepted = await self._round(
@@ -665,9 +684,9 @@ class PaxosProposer:
                 for finished in done:
                     self._classify(finished, result, ballot, parse)
         finally:
-            if deferred is not None and result.oks:
-                waiting.add(send(deferred))
             keep = keep_stragglers and len(result.oks) >= need
+            if deferred is not None and keep:
+                waiting.add(send(deferred))  # the round succeeded without it: bring it up to date
             for straggler in waiting:
                 if keep and len(self._stragglers) < 4 * self.max_in_flight:
                     self._stragglers.add(straggler)
@@ -748,7 +767,7 @@ class PaxosProposer:
         return (deadline_ns - self.clock.monotonic_ns()) / 1e9
 
 
-def _consume_outcome(task: asyncio.Future[Message]) -> None:
+def _consume_outcome(task: asyncio.Future[Any]) -> None:
     # A straggler that fails after its round was decided must not log "exception never retrieved".
     if not task.cancelled():
         task.exception()

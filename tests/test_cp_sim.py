@@ -445,8 +445,10 @@ async def test_fast_path_round_trips_and_fsyncs() -> None:
     other = await propose(n2, Write(b"3"), r)  # another proposer intervenes
     assert other.round_trips == 2
 
-    back = await propose(n1, CompareAndSet(etag_of(b"3"), b"4"), r)
+    back, puts = await puts_during(propose(n1, CompareAndSet(etag_of(b"3"), b"4"), r))
     assert back.round_trips == 3  # rejected fast accept, then the full protocol
+    # The peers rejected the fast accept (no write), so it never went to n1's own acceptor.
+    assert puts == [2, 2, 2]
     assert back.outcome == "ok" and back.value.value == b"4"
     assert n1.proposer.stats.fast_path_misses == 1
 
