@@ -199,7 +199,9 @@ class Workload:
         async with self._session.request(method, url, data=body, headers=headers, timeout=timeout) as resp:
             raw = await resp.read()
             status = resp.status
-            if resp.headers.get("X-Context"):
+            # A read's context covers exactly what the client saw.  A write's context covers all the
+            # coordinator knew; it is only safe to reuse when the write left no other sibling.
+            if resp.headers.get("X-Context") and (method == "GET" or resp.headers.get("X-Siblings") == "1"):
                 contexts[key] = resp.headers["X-Context"]
             doc: Any = None
             if resp.content_type == "application/json":

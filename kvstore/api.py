@@ -250,7 +250,10 @@ async def kv_handler(request: web.Request) -> web.StreamResponse:
         context = parse_context(request)
         value = await read_body(request) if request.method == "PUT" else None
         outcome = await node.put(key, value, context, params.quorum, params.sloppy, params.timeout_s)
-        headers = {"X-Context": versions.encode_context(outcome.obj.vector())}
+        # X-Siblings tells the writer whether the context now covers values it never saw:
+        # reusing this context for another write would silently supersede them unless it is 1.
+        live = len(outcome.obj.live_values)
+        headers = {"X-Context": versions.encode_context(outcome.obj.vector()), "X-Siblings": str(live)}
         if value is not None:
             headers["ETag"] = etag_of(value)
         return web.Response(status=204, headers=headers)
