@@ -221,7 +221,12 @@ def _parse_prepare_reply(reply: Message, ballot: Ballot) -> Promise | Rejected:
         raw = _bytes_or_none(reply.get("value"), "value")
         if accepted is None:
             return Promise(ballot, None, None)
-        return Promise(ballot, accepted, RegisterValue.of(raw), lineage_from_wire(reply.get("lineage")))
+        if "value" not in reply:
+            raise ValueError("a promise with an accepted ballot must carry its value")
+        lineage = lineage_from_wire(reply.get("lineage"))
+        if lineage and lineage[0] > accepted:
+            raise ValueError("a state's latest change cannot be newer than its accepted ballot")
+        return Promise(ballot, accepted, RegisterValue.of(raw), lineage)
     if reply.get("ok") is False:
         return Rejected(Ballot.from_wire(reply.get("conflict")))
     raise ValueError(f"malformed prepare reply {reply!r}")

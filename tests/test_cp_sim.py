@@ -780,6 +780,27 @@ async def test_error_replies_count_as_failures() -> None:
     assert err.value.indeterminate is False
 
 
+@pytest.mark.parametrize(
+    "reply",
+    [
+        {"ok": True, "accepted": [1, "a"]},  # accepted ballot without its value
+        {"ok": True, "accepted": [1, "a"], "value": b"x", "lineage": [[5, "a"]]},  # change after accept
+        {"ok": True, "accepted": [1, "a"], "value": "not bytes"},
+        {"ok": "yes"},
+        {"ok": False},
+        {"ok": False, "conflict": "high"},
+    ],
+)
+async def test_malformed_replies_count_as_failures(reply: Message) -> None:
+    async def bad(peer: str, message: Message, timeout_s: float) -> Message:
+        return reply
+
+    proposer = PaxosProposer("n1", bad, CLOCK, random.Random(1), max_attempts=2)
+    with pytest.raises(ConsensusUnavailable) as err:
+        await proposer.propose("k", TOKEN, ["n1", "n2", "n3"], Write(b"x"), 1.0)
+    assert err.value.indeterminate is False and err.value.acknowledged == 0
+
+
 async def test_acceptor_locks_are_dropped_when_free() -> None:
     _, nodes = await make_cluster(3)
     r = ids(nodes)
