@@ -232,6 +232,7 @@ class APMachinery:
             "ae_push": self._on_push,
             "reap_check": self._on_reap_check,
             "reap": self._on_reap,
+            "ae_status": self._on_status,
         }
 
     async def _call(self, peer: str, message: Message) -> Message:
@@ -406,6 +407,17 @@ class APMachinery:
             self._round_task = asyncio.create_task(self.run_round("trigger"), name="anti-entropy-round")
         return {"ranges": ranges, "already_running": running, "rounds_completed": self.rounds_completed}
 
+    def status(self) -> dict[str, Any]:
+        """Whether a round is running, how many finished, and what the last one did."""
+        return {
+            "running": self._round_task is not None and not self._round_task.done(),
+            "rounds_completed": self.rounds_completed,
+            "last_round": self.last_round.as_dict() if self.last_round is not None else None,
+        }
+
+    async def _on_status(self, sender: str, message: Message) -> Message:
+        return self.status()
+
     async def _anti_entropy_loop(self) -> None:
         interval_s = self.cfg.anti_entropy_interval_s
         while True:
@@ -417,28 +429,27 @@ class APMachinery:
                 await asyncio.shield(self._round_task)
 
     async def run_round(self, reason: str = "manual") -> RoundStats:
-        """One anti-entropy pass over every range this node replicates, then a reap pass."""
+        """One anti-entropy pass over every range this node replicates, then a reap pass.
+
+        Ranges go in chunks of ``SUMMARY_BATCH``: scan the chunk's leaves once, sync them with
+        every other owner (one summary message per peer, concurrently), drop them.  Memory is
+        bounded by one chunk's leaves, not by the store.
+        """
         node = self.node
         started_ns = node.clock.monotonic_ns()
         stats = RoundStats()
         ranges = self.my_ranges()
         stats.ranges = len(ranges)
-        leaves_cache: dict[tuple[int, int], list[Leaf]] = {}
         candidates: list[ReapCandidate] = []
-        by_peer: dict[str, list[TokenRange]] = {}
-        for token_range in ranges:
-            for owner in token_range.owners:
-                if owner != node.node_id:
-                    by_peer.setdefault(owner, []).append(token_range)
         slots = asyncio.Semaphore(AE_CONCURRENCY)
         try:
-            for peer in sorted(by_peer):
-                await self._sync_with_peer(peer, by_peer[peer], leaves_cache, candidates, stats, slots)
-            # Ranges shared with no other owner (N=1) still feed the reaper.
-            for token_range in ranges:
-                await self._local_leaves(token_range, leaves_cache, candidates, stats)
+            for offset in range(0, len(ranges), SUMMARY_BATCH):
+                chunk = ranges[offset : offset + SUMMARY_BATCH]
+                leaves = [await self._local_leaves(r, candidates, stats) for r in chunk]
+                peers = sorted({o for r in chunk for o in r.owners if o != node.node_id})
+                await asyncio.gather(*(self._sync_with_peer(p, chunk, leaves, stats, slots) for p in peers))
             stats.tombstones_reaped = await self.reap(candidates)
-        except Exception as exc:
+        except Exception as exc:  # a background round must log, not vanish with its task
             node.metrics.ae_rounds.labels(result="error").inc()
             log.exception("anti-entropy round failed")
             stats.errors.append(repr(exc))
@@ -451,17 +462,9 @@ class APMachinery:
     # --- anti-entropy: initiator ------------------------------------------------------------
 
     async def _local_leaves(
-        self,
-        token_range: TokenRange,
-        cache: dict[tuple[int, int], list[Leaf]],
-        candidates: list[ReapCandidate] | None = None,
-        stats: RoundStats | None = None,
+        self, token_range: TokenRange, candidates: list[ReapCandidate], stats: RoundStats
     ) -> list[Leaf]:
-        """Our (token, key, digest) leaves of a range, scanned once per round (rate-limited)."""
-        bounds = (token_range.start, token_range.end)
-        cached = cache.get(bounds)
-        if cached is not None:
-            return cached
+        """Our (token, key, digest) leaves of a range (rate-limited); collects reap candidates."""
         node = self.node
         now_ns = node.clock.wall_ns()
         grace_ns = int(self.cfg.tombstone_grace_s * NS_PER_S)
@@ -474,8 +477,7 @@ class APMachinery:
                 obj = versions.decode(rec.blob)
                 leaves.append((rec.token, rec.key, versions.digest(obj)))
                 if (
-                    candidates is not None
-                    and obj.is_deleted
+                    obj.is_deleted
                     and len(candidates) < MAX_REAP_CANDIDATES
                     and tombstone_written_at_ns(obj) + grace_ns <= now_ns
                     and node.ring.walk_token(rec.token)[0] == node.node_id
@@ -484,47 +486,41 @@ class APMachinery:
             if len(page) < SCAN_PAGE:
                 break
             after = (page[-1].token, page[-1].key)
-        if stats is not None:
-            stats.keys_scanned += len(leaves)
-        cache[bounds] = leaves
+        stats.keys_scanned += len(leaves)
         return leaves
 
     async def _sync_with_peer(
         self,
         peer: str,
-        ranges: list[TokenRange],
-        cache: dict[tuple[int, int], list[Leaf]],
-        candidates: list[ReapCandidate],
+        chunk: list[TokenRange],
+        chunk_leaves: list[list[Leaf]],
         stats: RoundStats,
         slots: asyncio.Semaphore,
     ) -> None:
+        """Summaries of the chunk's ranges shared with ``peer``, then an exchange per differing range."""
         metrics = self.node.metrics
+        shared = [(r, leaves) for r, leaves in zip(chunk, chunk_leaves, strict=True) if peer in r.owners]
         if not self.node.is_up(peer):
-            stats.exchanges_failed += len(ranges)
-            metrics.ae_rounds.labels(result="peer_down").inc(len(ranges))
+            stats.exchanges_failed += len(shared)
+            metrics.ae_rounds.labels(result="peer_down").inc(len(shared))
             return
-        for offset in range(0, len(ranges), SUMMARY_BATCH):
-            batch = ranges[offset : offset + SUMMARY_BATCH]
-            local = [await self._local_leaves(r, cache, candidates, stats) for r in batch]
-            try:
-                reply = await self._call(
-                    peer, {"op": "ae_summary", "ranges": [[r.start, r.end] for r in batch]}
-                )
-                summaries = _parse_summaries(reply, len(batch))
-            except (PeerUnavailable, RemoteError, APProtocolError) as exc:
-                log.warning("anti-entropy summary with %s failed: %s", peer, exc)
-                stats.exchanges_failed += len(ranges) - offset
-                metrics.ae_rounds.labels(result="failed").inc(len(ranges) - offset)
-                return
-            jobs = []
-            for token_range, leaves, (remote_count, remote_flat) in zip(batch, local, summaries, strict=True):
-                if _flat_hash(token_range, leaves) == remote_flat:
-                    stats.exchanges_in_sync += 1
-                    metrics.ae_rounds.labels(result="in_sync").inc()
-                    continue
-                jobs.append(self._bounded(slots, self._exchange(peer, token_range, leaves, remote_count,
-                                                                remote_flat, stats)))
-            await asyncio.gather(*jobs)
+        try:
+            reply = await self._call(peer, {"op": "ae_summary", "ranges": [[r.start, r.end] for r, _ in shared]})
+            summaries = _parse_summaries(reply, len(shared))
+        except (PeerUnavailable, RemoteError, APProtocolError) as exc:
+            log.warning("anti-entropy summary with %s failed: %s", peer, exc)
+            stats.exchanges_failed += len(shared)
+            metrics.ae_rounds.labels(result="failed").inc(len(shared))
+            return
+        jobs = []
+        for (token_range, leaves), (remote_count, remote_flat) in zip(shared, summaries, strict=True):
+            if _flat_hash(token_range, leaves) == remote_flat:
+                stats.exchanges_in_sync += 1
+                metrics.ae_rounds.labels(result="in_sync").inc()
+                continue
+            exchange = self._exchange(peer, token_range, leaves, remote_count, remote_flat, stats)
+            jobs.append(self._bounded(slots, exchange))
+        await asyncio.gather(*jobs)
 
     @staticmethod
     async def _bounded(slots: asyncio.Semaphore, job: Awaitable[None]) -> None:

@@ -1,0 +1,225 @@
+"""Anti-entropy convergence: how long a replica that missed K writes takes to catch up, with no reads.
+
+Theory of operation
+-------------------
+Read repair only fixes keys that are read and hinted handoff only covers writes that went to
+fallbacks; anti-entropy is what repairs everything else.  This benchmark builds the worst case
+for it on real node processes (``LocalCluster``: 5 nodes, N=3, sqlite, fsync=batch):
+
+1. isolate one node with ``/admin/faults`` (both directions, on every node) and wait until
+   the others' failure detectors call it down;
+2. write K keys through the other nodes with ``sloppy=false, w=2``: strict quorums, so no
+   fallback keeps a hint and the isolated node's share of the keys (about 3/5 of K) exists
+   only on the two other primaries;
+3. heal, wait until everyone sees it up, then ``POST /admin/repair`` on every node and time
+   until the isolated node's *own* copy (read from its data store through the authenticated
+   internal route, never a client read) holds every key it replicates.
+
+Printed: keys written, keys the node missed, seconds to converge, keys exchanged (the
+``kvstore_anti_entropy_keys`` counter summed over nodes; both sides of a pair may exchange the
+same key), range exchanges by result, and the duration of one more, already-converged round.
+Client reads are counted from the nodes' metrics and must be 0.
+
+Usage: ``python benchmarks/bench_anti_entropy.py [--keys 10000] [--nodes 5] [--rate 20000]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import re
+import sys
+import tempfile
+import time
+import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import msgpack
+
+from kvstore import versions
+from kvstore.cluster import LocalCluster
+from kvstore.config import APSettings
+from kvstore.ring import Ring, key_token
+
+PULL_BATCH = 256
+
+
+def request(url: str, method: str, path: str, body: bytes | None = None,
+            headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    parsed = urllib.parse.urlparse(url)
+    conn = http.client.HTTPConnection(parsed.hostname or "127.0.0.1", parsed.port, timeout=30)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+class Bench:
+    def __init__(self, cluster: LocalCluster) -> None:
+        self.c = cluster
+        self.secret = {"X-Cluster-Secret": cluster.secret}
+
+    def admin(self, node: str, method: str, path: str, body: Any = None) -> Any:
+        status, raw = request(self.c.url(node), method, path, None if body is None else json.dumps(body).encode(),
+                              {**self.secret, "Content-Type": "application/json"})
+        if status not in (200, 202):
+            raise RuntimeError(f"{method} {path} on {node}: {status} {raw[:200]!r}")
+        return json.loads(raw)
+
+    def state(self, observer: str, member: str) -> str:
+        _, raw = request(self.c.url(observer), "GET", "/cluster")
+        return str(next(m["state"] for m in json.loads(raw)["members"] if m["id"] == member))
+
+    def wait_state(self, observers: list[str], member: str, state: str, timeout_s: float = 30) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not all(self.state(o, member) == state for o in observers):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{observers} never saw {member} {state}")
+            time.sleep(0.1)
+
+    def stored(self, node: str, keys: list[str]) -> dict[str, bytes | None]:
+        """The node's own data-store copies (live value or None), through the internal ae_pull route."""
+        out: dict[str, bytes | None] = {}
+        pending = list(keys)
+        while pending:
+            batch = pending[:PULL_BATCH]
+            message = {"op": "ae_pull", "keys": [[key_token(k), k] for k in batch]}
+            status, raw = request(self.c.url(node), "POST", "/internal/msg", msgpack.packb(message),
+                                  {**self.secret, "X-Node": "bench"})
+            assert status == 200, raw
+            objects = msgpack.unpackb(raw, raw=False)["objects"]
+            for key, blob in objects:
+                live = versions.decode(blob).live_values if blob is not None else []
+                out[key] = live[0] if len(live) == 1 else None
+            pending = pending[len(objects):]
+        return out
+
+    def metric(self, name: str, **labels: str) -> float:
+        total = 0.0
+        for node in self.c.node_ids:
+            _, raw = request(self.c.url(node), "GET", "/metrics")
+            for m in re.finditer(rf"^{re.escape(name)}(?:\{{([^}}]*)\}})? (\S+)$", raw.decode(), re.MULTILINE):
+                got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1) or ""))
+                if all(got.get(k) == v for k, v in labels.items()):
+                    total += float(m.group(2))
+        return total
+
+    def ae_status(self, node: str) -> dict[str, Any]:
+        status, raw = request(self.c.url(node), "POST", "/internal/msg", msgpack.packb({"op": "ae_status"}),
+                              {**self.secret, "X-Node": "bench"})
+        assert status == 200, raw
+        doc: dict[str, Any] = msgpack.unpackb(raw, raw=False)
+        return doc
+
+    def wait_rounds_done(self, nodes: list[str], timeout_s: float = 600) -> list[dict[str, Any]]:
+        """Until no node is running an anti-entropy round; returns each node's last round."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            status = [self.ae_status(n) for n in nodes]
+            if not any(s["running"] for s in status):
+                return [s["last_round"] for s in status]
+            if time.monotonic() > deadline:
+                raise RuntimeError("rounds did not finish")
+            time.sleep(0.1)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--keys", type=int, default=10_000)
+    parser.add_argument("--nodes", type=int, default=5)
+    parser.add_argument("--rate", type=int, default=20_000, help="ap.anti_entropy_keys_per_s")
+    parser.add_argument("--writers", type=int, default=16)
+    args = parser.parse_args()
+    ap = APSettings(heartbeat_interval_ms=100, anti_entropy_interval_s=3600.0, anti_entropy_keys_per_s=args.rate)
+    with tempfile.TemporaryDirectory(prefix="bench-ae-") as tmp:
+        cluster = LocalCluster(args.nodes, 3, data_dir=tmp, ap=ap)
+        try:
+            cluster.start()
+            return run(Bench(cluster), args)
+        finally:
+            cluster.stop()
+
+
+def run(b: Bench, args: argparse.Namespace) -> int:
+    c = b.c
+    victim = c.node_ids[-1]
+    others = [n for n in c.node_ids if n != victim]
+    ring = Ring(c.node_ids, c.base_config.vnodes)
+    off = {"drop_in": True, "drop_out": True}
+    b.admin(victim, "PUT", "/admin/faults", {"rules": {o: off for o in others}})
+    for o in others:
+        b.admin(o, "PUT", "/admin/faults", {"rules": {victim: off}})
+    b.wait_state(others, victim, "down")
+
+    keys = [f"bench-ae:{i:06d}" for i in range(args.keys)]
+
+    def write(i: int) -> int:
+        key = keys[i]
+        q = urllib.parse.urlencode({"w": 2, "sloppy": "false"})
+        return request(c.url(others[i % len(others)]), "PUT", f"/kv/{urllib.parse.quote(key, safe='')}?{q}",
+                       key.encode())[0]
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(args.writers) as pool:
+        statuses = list(pool.map(write, range(len(keys))))
+    if statuses.count(204) != len(keys):
+        print(f"writes failed: { {s: statuses.count(s) for s in set(statuses)} }", file=sys.stderr)
+        return 1
+    print(f"wrote {len(keys)} keys (w=2, sloppy=false) with {victim} partitioned in "
+          f"{time.monotonic() - started:.1f}s")
+    held = [k for k in keys if victim in ring.preference_list(k, 3)]
+    missing = [k for k, v in b.stored(victim, held).items() if v is None]
+    print(f"{victim} replicates {len(held)} of them and holds {len(held) - len(missing)}: {len(missing)} diverged")
+
+    for n in c.node_ids:
+        b.admin(n, "DELETE", "/admin/faults")
+    b.wait_state(others, victim, "up")
+    for o in others:
+        b.wait_state([victim], o, "up")
+
+    started = time.monotonic()
+    for n in c.node_ids:
+        b.admin(n, "POST", "/admin/repair")
+    polls = 0
+    while True:
+        polls += 1
+        now = b.stored(victim, held)
+        if all(now[k] == k.encode() for k in held):
+            break
+        if time.monotonic() - started > 600:
+            print("did not converge within 600 s", file=sys.stderr)
+            return 1
+        time.sleep(0.2)
+    converged_s = time.monotonic() - started
+    rounds = b.wait_rounds_done(c.node_ids)
+    rounds_s = time.monotonic() - started
+    exchanged = b.metric("kvstore_anti_entropy_keys_total")
+    by_result = {r: b.metric("kvstore_anti_entropy_rounds_total", result=r)
+                 for r in ("in_sync", "repaired", "failed", "peer_down", "error")}
+    reads = b.metric("kvstore_requests_total", op="get")
+
+    # One more round over converged replicas: the cost of anti-entropy when nothing differs.
+    idle_started = time.monotonic()
+    for n in c.node_ids:
+        b.admin(n, "POST", "/admin/repair")
+    idle_rounds = b.wait_rounds_done(c.node_ids)
+    idle_s = time.monotonic() - idle_started
+
+    print(f"converged: {len(missing)} diverged keys on {victim} repaired in {converged_s:.2f}s "
+          f"(all nodes' rounds finished after {rounds_s:.2f}s), no client reads ({reads:.0f} GETs)")
+    print(f"keys exchanged (all nodes): {exchanged:.0f}; range exchanges: "
+          + ", ".join(f"{k}={v:.0f}" for k, v in by_result.items() if v))
+    for node, r in zip(c.node_ids, rounds, strict=True):
+        print(f"  {node} repair round: {r}")
+    print(f"an already-converged round on every node: {idle_s:.2f}s")
+    for node, r in zip(c.node_ids, idle_rounds, strict=True):
+        print(f"  {node} idle round: {r}")
+    return 0 if reads == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
