@@ -49,7 +49,7 @@ from typing import Any
 from kvstore import versions
 from kvstore.clock import Clock
 from kvstore.config import NodeConfig
-from kvstore.errors import NodeError, Overloaded, QuorumUnavailable
+from kvstore.errors import ConsistencyConflict, NodeError, Overloaded, QuorumUnavailable
 from kvstore.hints import (
     NS_PER_S,
     Admission,
@@ -417,8 +417,16 @@ class Node:
             after = (page[-1].token, page[-1].key)
 
     async def _on_replica_get(self, sender: str, message: Message) -> Message:
-        obj = await self.read_local(message["key"], int(message["token"]))
-        return {"obj": versions.encode(obj) if obj.siblings or obj.clock else None}
+        key, token = message["key"], int(message["token"])
+        obj = await self.read_local(key, token)
+        reply: Message = {"obj": versions.encode(obj) if obj.siblings or obj.clock else None}
+        if await self._holds_register(key, token):
+            reply["cp"] = True  # this key is linearizable: the coordinator refuses the mixed access
+        return reply
+
+    async def _holds_register(self, key: str, token: int) -> bool:
+        check = getattr(self, "has_register", None)
+        return bool(check is not None and await check(key, token))
 
     async def _on_replica_put(self, sender: str, message: Message) -> Message:
         key, token = message["key"], int(message["token"])
@@ -531,6 +539,10 @@ class Node:
             # Refuse before writing anything: this request is a certain failure, not indeterminate.
             raise QuorumUnavailable(w, 0, indeterminate=False, detail=f"only {len(plan)} healthy targets")
 
+        if await self._holds_register(key, token):
+            raise ConsistencyConflict(
+                "this key is used with consistency=linearizable; an eventual/quorum write would bypass its register"
+            )
         if as_fallback:
             actor = f"{self.node_id}!{self.incarnation}.{next(self._fallback_seq)}"
             async with self.locks.hold(key):
@@ -638,14 +650,21 @@ class Node:
                         done.set()
                 return
             replies[member] = versions.decode(reply["obj"]) if reply.get("obj") is not None else None
+            if reply.get("cp"):
+                mixed.append(member)
             if not tracker.done:
                 tracker.ack(member)
                 if tracker.done:
                     done.set()
 
+        mixed: list[str] = []
         tasks = [asyncio.create_task(ask(m)) for m in targets]
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(done.wait(), max(0.0, deadline - loop.time()))
+        if mixed:
+            raise ConsistencyConflict(
+                "this key is used with consistency=linearizable; read it with consistency=linearizable"
+            )
         if not tracker.satisfied:
             for t in tasks:
                 t.cancel()
@@ -678,6 +697,8 @@ def _error_from_body(body: dict[str, Any]) -> NodeError:
         )
     if code == "overloaded":
         return Overloaded(str(body.get("message", "")))
+    if code == "consistency_conflict":
+        return ConsistencyConflict(str(body.get("message", "")))
     err = NodeError(str(body.get("message", "")))
     err.code = str(code)
     err.status = 503

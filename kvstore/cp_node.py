@@ -1,0 +1,222 @@
+"""CP mode wired into a node: linearizable GET/PUT/DELETE with compare-and-set over CASPaxos.
+
+Theory of operation
+-------------------
+``consistency=linearizable`` requests are CASPaxos proposals (``kvstore.cp``) on
+the key's N primaries, which are also its acceptors; a majority of them must
+answer, so on the minority side of a partition a request fails with 503
+``quorum_unavailable`` instead of answering from stale or unconfirmed data.
+
+Every proposal for a key is run by the key's *first primary believed up*: a
+receiving node that is not that primary forwards the operation (one extra hop),
+so one proposer keeps the key's one-round-trip fast path across requests.  Any
+node could propose safely; this is only about latency.  If the forward may have
+reached the proposer and no answer came back, a change is reported as
+indeterminate (it may still take effect), a read as a plain failure.
+
+HTTP mapping: ``If-Match: "<etag>"`` is compare-and-set on the value's ETag,
+``If-None-Match: *`` is create-if-absent; a failed precondition is 412 with the
+current ETag.  A linearizable read answers 200 with ``ETag`` (no causal
+context: the register has none) or 404.
+
+Mixing modes on one key would silently break both guarantees (the register and
+the eventual data are separate states), so the node refuses it with 409
+``consistency_conflict``: a linearizable operation on a key that holds eventual
+data on its proposer, and an eventual/quorum operation on a key that has
+register state on a replica it reaches (see docs/consistency.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiohttp import web
+
+from kvstore.api import CP_KEY, RequestParams, etag_of, json_error
+from kvstore.cp import ConsensusUnavailable, PaxosAcceptor, PaxosProposer
+from kvstore.errors import BadRequest, ConsistencyConflict, NodeError, QuorumUnavailable
+from kvstore.node import Node, _error_from_body
+from kvstore.paxos import CompareAndSet, Delete, PutIfAbsent, Read, Write
+from kvstore.ring import key_token
+from kvstore.transport.base import Message, PeerUnavailable
+
+AP_CONFLICT = "this key holds eventual-mode data; linearizable access would ignore it (use a separate key)"
+
+
+def _change(kind: str, value: bytes | None, if_match: str | None, if_none_match: str | None) -> Any:
+    if if_match is not None and if_none_match is not None:
+        raise BadRequest("invalid_parameter", "use either If-Match or If-None-Match, not both")
+    if if_none_match is not None:
+        if if_none_match.strip() != "*":
+            raise BadRequest("invalid_parameter", "If-None-Match supports only *")
+        if kind != "put":
+            raise BadRequest("invalid_parameter", "If-None-Match: * applies to PUT")
+        assert value is not None
+        return PutIfAbsent(value)
+    if if_match is not None:
+        etag = if_match.strip()
+        if not (etag.startswith('"') and etag.endswith('"') and len(etag) > 2):
+            raise BadRequest("invalid_parameter", 'If-Match takes a quoted ETag, e.g. "0123abcd..."')
+        return CompareAndSet(etag, value if kind == "put" else None)
+    if kind == "get":
+        return Read()
+    if kind == "delete":
+        return Delete()
+    assert value is not None
+    return Write(value)
+
+
+def _change_to_wire(change: Any) -> list[Any]:
+    match change:
+        case Read():
+            return ["read"]
+        case Write(value=v):
+            return ["write", v]
+        case Delete():
+            return ["delete"]
+        case CompareAndSet(expected_etag=e, new_value=v):
+            return ["cas", e, v]
+        case PutIfAbsent(value=v):
+            return ["put_if_absent", v]
+    raise AssertionError(f"unknown change {change!r}")
+
+
+def _change_from_wire(raw: Any) -> Any:
+    kind = raw[0]
+    if kind == "read":
+        return Read()
+    if kind == "write":
+        return Write(raw[1])
+    if kind == "delete":
+        return Delete()
+    if kind == "cas":
+        return CompareAndSet(raw[1], raw[2])
+    if kind == "put_if_absent":
+        return PutIfAbsent(raw[1])
+    raise ValueError(f"unknown change {kind!r}")
+
+
+class CPMode:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.acceptor = PaxosAcceptor(node.paxos_storage)
+        self.proposer = PaxosProposer(node.node_id, node.call, node.clock, node.rng)
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    # --- internal messages ----------------------------------------------------------------
+
+    async def on_paxos(self, sender: str, message: Message) -> Message:
+        return await self.acceptor.handle(message)
+
+    async def on_cp_propose(self, sender: str, message: Message) -> Message:
+        try:
+            outcome = await self.propose_here(message["key"], _change_from_wire(message["change"]),
+                                              int(message["timeout_ms"]) / 1000.0)
+        except NodeError as exc:
+            return {"status": "error", "body": exc.body(), "http": exc.status}
+        return {"status": "ok", **outcome}
+
+    async def has_register(self, key: str, token: int) -> bool:
+        return await self.node.paxos_storage.get(key, token) is not None
+
+    # --- proposing ------------------------------------------------------------------------
+
+    async def propose_here(self, key: str, change: Any, timeout_s: float) -> dict[str, Any]:
+        node = self.node
+        token = key_token(key)
+        replicas = list(node.ring.preference_list(key, node.n))
+        blob = await node.data.get(key, token)
+        if blob is not None:
+            from kvstore import versions
+
+            if not versions.decode(blob).is_deleted:
+                raise ConsistencyConflict(AP_CONFLICT)
+        result = await self.proposer.propose(key, token, replicas, change, timeout_s)
+        node.metrics.paxos_rounds.inc(result.round_trips)
+        return {
+            "outcome": result.outcome,
+            "value": result.value.value,
+            "etag": result.current_etag,
+        }
+
+    async def run(self, key: str, change: Any, timeout_s: float) -> dict[str, Any]:
+        """Run the change on the key's first primary believed up (forwarding if that is not us)."""
+        node = self.node
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        is_read = isinstance(change, Read)
+        majority = node.n // 2 + 1
+        up = [p for p in node.ring.preference_list(key, node.n) if node.is_up(p)]
+        if len(up) < majority:
+            raise QuorumUnavailable(majority, len(up), indeterminate=False,
+                                    detail="fewer than a majority of the key's replicas are believed up")
+        for primary in up:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            if primary == node.node_id:
+                return await self.propose_here(key, change, remaining)
+            try:
+                reply = await node.call(
+                    primary,
+                    {"op": "cp_propose", "key": key, "change": _change_to_wire(change),
+                     "timeout_ms": max(1, int(remaining * 1000) - 20)},
+                    remaining,
+                )
+            except PeerUnavailable as exc:
+                if exc.maybe_delivered:
+                    raise QuorumUnavailable(majority, 0, indeterminate=not is_read,
+                                            detail=f"proposer {primary} did not answer in time") from None
+                continue
+            if reply.get("status") == "ok":
+                return reply
+            raise _error_from_body(reply["body"])
+        raise QuorumUnavailable(majority, 0, indeterminate=False, detail="no replica of the key reachable")
+
+    # --- HTTP -----------------------------------------------------------------------------
+
+    async def get(self, request: web.Request, key: str, params: RequestParams) -> web.Response:
+        outcome = await self._run_http(key, Read(), params)
+        value = outcome["value"]
+        if value is None:
+            return json_error(404, "not_found", "no value for this key")
+        return web.Response(body=value, headers={"ETag": etag_of(value)}, content_type="application/octet-stream")
+
+    async def write(self, request: web.Request, key: str, value: bytes | None, params: RequestParams) -> web.Response:
+        if "X-Context" in request.headers:
+            raise BadRequest("invalid_parameter", "X-Context is for eventual/quorum writes; linearizable writes "
+                                                  "use If-Match for compare-and-set")
+        kind = "put" if request.method == "PUT" else "delete"
+        change = _change(kind, value, request.headers.get("If-Match"), request.headers.get("If-None-Match"))
+        outcome = await self._run_http(key, change, params)
+        if outcome["outcome"] == "precondition_failed":
+            return json_error(412, "precondition_failed", "the current value does not match the precondition",
+                              current=outcome["etag"])
+        headers = {"ETag": outcome["etag"]} if outcome.get("etag") else {}
+        return web.Response(status=204, headers=headers)
+
+    async def _run_http(self, key: str, change: Any, params: RequestParams) -> dict[str, Any]:
+        try:
+            return await self.run(key, change, params.timeout_s)
+        except ConsensusUnavailable as exc:
+            raise QuorumUnavailable(exc.needed, exc.acknowledged, exc.indeterminate,
+                                    detail=getattr(exc, "reason", "")) from None
+
+
+def install(node: Node) -> CPMode:
+    cp = CPMode(node)
+    node.extensions.append(cp)
+    node.handlers["paxos_prepare"] = cp.on_paxos
+    node.handlers["paxos_accept"] = cp.on_paxos
+    node.handlers["cp_propose"] = cp.on_cp_propose
+    node.has_register = cp.has_register  # type: ignore[attr-defined]
+    hooks: list[Any] = getattr(node, "app_hooks", [])
+    hooks.append(lambda app: app.__setitem__(CP_KEY, cp))
+    node.app_hooks = hooks  # type: ignore[attr-defined]
+    return cp
