@@ -20,7 +20,11 @@ Printed: keys written, keys the node missed, seconds to converge, keys exchanged
 same key), range exchanges by result, and the duration of one more, already-converged round.
 Client reads are counted from the nodes' metrics and must be 0.
 
-Usage: ``python benchmarks/bench_anti_entropy.py [--keys 10000] [--nodes 5] [--rate 20000]``.
+Each run uses a fresh cluster; with ``--runs R`` the summary gives the median and every run.
+The machine, load average, commit and where ``kvstore`` was imported from are printed first
+(``benchmarks.loadgen.machine_info``): measure a ``git archive`` snapshot, see docs/benchmarks.md.
+
+Usage: ``python benchmarks/bench_anti_entropy.py [--keys 10000] [--runs 3] [--nodes 5] [--rate 20000]``.
 """
 
 from __future__ import annotations
@@ -29,19 +33,26 @@ import argparse
 import http.client
 import json
 import re
+import statistics
 import sys
 import tempfile
 import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import msgpack
 
-from kvstore import versions
-from kvstore.cluster import LocalCluster
-from kvstore.config import APSettings
-from kvstore.ring import Ring, key_token
+if __package__ in (None, ""):  # ``python benchmarks/bench_anti_entropy.py``: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.loadgen import loadavg, machine_info  # noqa: E402
+from kvstore import versions  # noqa: E402
+from kvstore.cluster import LocalCluster  # noqa: E402
+from kvstore.config import APSettings  # noqa: E402
+from kvstore.ring import Ring, key_token  # noqa: E402
 
 PULL_BATCH = 256
 
@@ -127,24 +138,49 @@ class Bench:
             time.sleep(0.1)
 
 
+@dataclass
+class RunResult:
+    diverged: int
+    converge_s: float
+    rounds_s: float
+    exchanged: float
+    idle_round_s: float
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--keys", type=int, default=10_000)
+    parser.add_argument("--runs", type=int, default=1, help="fresh clusters, one after the other")
     parser.add_argument("--nodes", type=int, default=5)
     parser.add_argument("--rate", type=int, default=20_000, help="ap.anti_entropy_keys_per_s")
     parser.add_argument("--writers", type=int, default=16)
     args = parser.parse_args()
+    for name, value in machine_info().items():
+        if name != "wrk":
+            print(f"{name}: {value}")
     ap = APSettings(heartbeat_interval_ms=100, anti_entropy_interval_s=3600.0, anti_entropy_keys_per_s=args.rate)
-    with tempfile.TemporaryDirectory(prefix="bench-ae-") as tmp:
-        cluster = LocalCluster(args.nodes, 3, data_dir=tmp, ap=ap)
-        try:
-            cluster.start()
-            return run(Bench(cluster), args)
-        finally:
-            cluster.stop()
+    results: list[RunResult] = []
+    for run_index in range(args.runs):
+        print(f"--- run {run_index + 1}/{args.runs} (loadavg {loadavg()})")
+        with tempfile.TemporaryDirectory(prefix="bench-ae-") as tmp:
+            cluster = LocalCluster(args.nodes, 3, data_dir=tmp, ap=ap)
+            try:
+                cluster.start()
+                result = run(Bench(cluster), args)
+            finally:
+                cluster.stop()
+        if result is None:
+            return 1
+        results.append(result)
+    converge = [r.converge_s for r in results]
+    print(f"=== {args.keys} keys written, {args.nodes} nodes, N=3, rate {args.rate} keys/s: "
+          f"converged in {statistics.median(converge):.2f}s (median of {len(results)}; runs: "
+          + " / ".join(f"{r.converge_s:.2f}s ({r.diverged} diverged, {r.exchanged:.0f} exchanged)" for r in results)
+          + f"); already-converged round {statistics.median(r.idle_round_s for r in results):.2f}s")
+    return 0
 
 
-def run(b: Bench, args: argparse.Namespace) -> int:
+def run(b: Bench, args: argparse.Namespace) -> RunResult | None:
     c = b.c
     victim = c.node_ids[-1]
     others = [n for n in c.node_ids if n != victim]
@@ -168,7 +204,7 @@ def run(b: Bench, args: argparse.Namespace) -> int:
         statuses = list(pool.map(write, range(len(keys))))
     if statuses.count(204) != len(keys):
         print(f"writes failed: { {s: statuses.count(s) for s in set(statuses)} }", file=sys.stderr)
-        return 1
+        return None
     print(f"wrote {len(keys)} keys (w=2, sloppy=false) with {victim} partitioned in "
           f"{time.monotonic() - started:.1f}s")
     held = [k for k in keys if victim in ring.preference_list(k, 3)]
@@ -192,7 +228,7 @@ def run(b: Bench, args: argparse.Namespace) -> int:
             break
         if time.monotonic() - started > 600:
             print("did not converge within 600 s", file=sys.stderr)
-            return 1
+            return None
         time.sleep(0.2)
     converged_s = time.monotonic() - started
     rounds = b.wait_rounds_done(c.node_ids)
@@ -218,7 +254,10 @@ def run(b: Bench, args: argparse.Namespace) -> int:
     print(f"an already-converged round on every node: {idle_s:.2f}s")
     for node, r in zip(c.node_ids, idle_rounds, strict=True):
         print(f"  {node} idle round: {r}")
-    return 0 if reads == 0 else 1
+    if reads:
+        print(f"{reads:.0f} client reads happened: the measurement is void", file=sys.stderr)
+        return None
+    return RunResult(len(missing), converged_s, rounds_s, exchanged, idle_s)
 
 
 if __name__ == "__main__":

@@ -99,6 +99,7 @@ MESSAGE_BYTES_BUDGET = 4 * 1024 * 1024  # pull replies and pushes stop adding ob
 AE_CONCURRENCY = 4  # range exchanges in flight in one round
 AE_CALL_TIMEOUT_S = 10.0
 PEER_TREE_CACHE = 64  # trees built for peers' exchanges, kept between their level requests
+PEER_TREE_TTL_S = 30.0  # ... and never reused after this long
 JITTER = 0.25  # a round starts every interval * [1 - JITTER, 1 + JITTER]
 
 # Tombstone reaping.
@@ -205,7 +206,7 @@ class APMachinery:
         # Anti-entropy state.
         self._limiter = KeyRateLimiter(self.cfg.anti_entropy_keys_per_s, node.clock)
         self._round_task: asyncio.Task[RoundStats] | None = None
-        self._peer_trees: OrderedDict[tuple[str, TreeShape], MerkleTree] = OrderedDict()
+        self._peer_trees: OrderedDict[tuple[str, TreeShape], tuple[MerkleTree, int]] = OrderedDict()
         self.rounds_completed = 0
         self.last_round: RoundStats | None = None
 
@@ -553,7 +554,8 @@ class APMachinery:
             remote_items: list[tuple[str, bytes]] = []
             for offset in range(0, len(differing), BUCKETS_PER_REQUEST):
                 buckets = BucketRequest(tree.shape, tuple(differing[offset : offset + BUCKETS_PER_REQUEST]))
-                reply = await self._call(peer, {"op": "ae_buckets", **buckets.to_wire()})
+                # Depth 0 skipped the level requests: the responder must build its tree now.
+                reply = await self._call(peer, {"op": "ae_buckets", **buckets.to_wire(), "fresh": depth == 0})
                 remote_items += BucketReply.from_wire(reply, buckets).items()
             local_items = exchange.local_items()
             keys = keys_to_exchange(local_items, remote_items)
@@ -632,18 +634,24 @@ class APMachinery:
         return {"summaries": summaries}
 
     async def _peer_tree(self, sender: str, shape: TreeShape, fresh: bool) -> MerkleTree:
-        """The tree a peer's exchange is walking: rebuilt at its level 0, reused for the deeper levels."""
+        """The tree a peer's exchange is walking: rebuilt when the exchange starts (``fresh``: its
+        level 0, or its bucket request when the summary stood in for the levels), then reused
+        for its deeper levels so that one exchange sees one snapshot.  Entries are bounded in
+        number and age, so a tree from an earlier round is never answered from."""
         if shape.depth > AE_MAX_DEPTH:
             raise MerkleWireError(f"depth {shape.depth} exceeds {AE_MAX_DEPTH}")
         cache_key = (sender, shape)
-        tree = None if fresh else self._peer_trees.get(cache_key)
-        if tree is None:
-            leaves = await self._scan_leaves(shape.start, shape.end)
-            tree = MerkleTree.build(shape.start, shape.end, leaves, shape.depth)
-            self._peer_trees[cache_key] = tree
-            while len(self._peer_trees) > PEER_TREE_CACHE:
-                self._peer_trees.popitem(last=False)
+        now_ns = self.node.clock.monotonic_ns()
+        cached = None if fresh else self._peer_trees.get(cache_key)
+        if cached is not None and now_ns - cached[1] <= PEER_TREE_TTL_S * NS_PER_S:
+            self._peer_trees.move_to_end(cache_key)
+            return cached[0]
+        leaves = await self._scan_leaves(shape.start, shape.end)
+        tree = MerkleTree.build(shape.start, shape.end, leaves, shape.depth)
+        self._peer_trees[cache_key] = (tree, now_ns)
         self._peer_trees.move_to_end(cache_key)
+        while len(self._peer_trees) > PEER_TREE_CACHE:
+            self._peer_trees.popitem(last=False)
         return tree
 
     async def _on_level(self, sender: str, message: Message) -> Message:
@@ -657,7 +665,7 @@ class APMachinery:
     async def _on_buckets(self, sender: str, message: Message) -> Message:
         try:
             request = BucketRequest.from_wire(message)
-            tree = await self._peer_tree(sender, request.shape, fresh=False)
+            tree = await self._peer_tree(sender, request.shape, fresh=bool(message.get("fresh")))
             return tree.answer_buckets(request).to_wire()
         except MerkleError as exc:
             return _remote_error("bad_request", str(exc))

@@ -278,16 +278,13 @@ def write_many(cluster: LocalCluster, via: list[str], keys: list[str], **params:
     assert statuses.count(204) == len(keys), {s: statuses.count(s) for s in set(statuses)}
 
 
-def test_anti_entropy_converges_diverged_replicas_without_reads(fresh_cluster: LocalCluster) -> None:
-    cluster = fresh_cluster
-    victim = "n5"
+def _diverge_and_converge(cluster: LocalCluster, victim: str, keys: list[str]) -> list[str]:
+    """Write ``keys`` while ``victim`` is partitioned, heal, repair; returns the keys it replicates."""
     others = [n for n in cluster.node_ids if n != victim]
     isolate(cluster, victim)
     wait_state(cluster, others, victim, "down")
-    keys = [f"ae:{i}" for i in range(1000)]
     write_many(cluster, others, keys, w=2, sloppy="false")  # strict: the victim gets no hints
     held = [k for k in keys if victim in walk(cluster, k)[:3]]
-    assert len(held) > 300
     before = stored_objects(cluster, victim, held)
     assert all(obj is None for obj in before.values()), "the partitioned replica should have missed every write"
     heal(cluster)
@@ -300,14 +297,29 @@ def test_anti_entropy_converges_diverged_replicas_without_reads(fresh_cluster: L
         return all(obj is not None and obj.live_values == [k.encode()] for k, obj in now.items())
 
     wait_until("the victim's own copies converge", converged, timeout_s=90, every_s=0.5)
+    return held
+
+
+def test_anti_entropy_converges_diverged_replicas_without_reads(fresh_cluster: LocalCluster) -> None:
+    cluster = fresh_cluster
+    keys = [f"ae:{i}" for i in range(1000)]
+    held = _diverge_and_converge(cluster, "n5", keys)
+    assert len(held) > 300
     assert client_reads(cluster) == 0
     exchanged = sum(metric(cluster, n, "kvstore_anti_entropy_keys_total") for n in cluster.node_ids)
     assert exchanged >= len(held)
     assert sum(metric(cluster, n, "kvstore_anti_entropy_rounds_total", result="repaired") for n in cluster.node_ids)
+    # A second divergence right after: the next rounds must not answer from the first round's trees.
+    wait_until("the first rounds finish", lambda: not any(
+        internal(cluster, n, {"op": "ae_status"})["running"] for n in cluster.node_ids))
+    more = [f"ae2:{i}" for i in range(300)]
+    _diverge_and_converge(cluster, "n5", more)
+    assert client_reads(cluster) == 0
     # Every replica of every key now agrees, not just the victim.
     for node_id in cluster.node_ids:
-        mine = [k for k in keys if node_id in walk(cluster, k)[:3]]
-        assert all(o is not None and o.live_values == [k.encode()] for k, o in stored_objects(cluster, node_id, mine).items())
+        mine = [k for k in keys + more if node_id in walk(cluster, k)[:3]]
+        copies = stored_objects(cluster, node_id, mine)
+        assert all(o is not None and o.live_values == [k.encode()] for k, o in copies.items()), node_id
 
 
 def test_a_second_trigger_does_not_start_a_parallel_round(fresh_cluster: LocalCluster) -> None:
