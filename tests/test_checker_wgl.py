@@ -15,7 +15,7 @@ import pytest
 
 from kvstore.checker.history import History, Op, from_dicts
 from kvstore.checker.models import ModelError, make_model
-from kvstore.checker.wgl import check_ops, deadline_after
+from kvstore.checker.wgl import Search, check_ops, deadline_after
 
 
 def rows(*lines: str, key: str = "k") -> list[dict[str, Any]]:
@@ -87,6 +87,18 @@ def _hard_invalid() -> History:
 def test_state_budget_gives_unknown_never_a_guess() -> None:
     result = check_ops("k", _hard_invalid().ops, make_model("register"), max_states=100)
     assert result.verdict == "unknown" and "states" in (result.reason or "")
+
+
+def test_search_resumes_where_the_budget_stopped_it() -> None:
+    ops = _hard_invalid().ops
+    fresh = check_ops("k", ops, make_model("register"))
+    search = Search("k", ops, make_model("register"))
+    first = search.run(max_states=5000)
+    assert first.verdict == "unknown" and 5000 < first.explored < fresh.explored
+    second = search.run(max_states=10 * fresh.explored)
+    assert second.verdict == fresh.verdict == "invalid"
+    assert second.explored == fresh.explored  # nothing was explored twice
+    assert search.run(max_states=1) is second  # a decided search keeps its verdict
 
 
 def test_time_budget_gives_unknown() -> None:

@@ -5,21 +5,23 @@ Theory of operation
 Linearizability is *local* (Herlihy & Wing) and, for a map of independent registers,
 P-compositional (Horn & Kroening, 2015): a history is linearizable iff each key's sub-history
 is.  So we split by key and run the WGL search (``wgl.py``) once per key.  Keys climb a ladder
-of budgets (20k, 200k cache entries, then the full budget), the way Porcupine's parallel
+of budgets (5k, 50k, 500k cache entries, then the full budget), the way Porcupine's parallel
 checker stops at the first failing partition:
 
 * most keys are decided in milliseconds on the first rung, and a violation is usually found
   there; unless ``exhaustive`` is set, once a key is invalid the history is invalid, the
   ladder stops and the unfinished keys say ``unknown`` with the reason;
-* only the keys that resisted 200k states (about a third of a second each) reach the last
-  rung, which runs in worker processes when at least two are left and there is more than one
-  CPU (a spawn-safe ``ProcessPoolExecutor``; starting one costs ~0.3 s, which only pays for
-  such keys; early rungs go parallel only for very big histories).  Workers share a stop
-  event, so the first invalid key stops the others.  If worker processes cannot start, the
-  same work runs serially.
+* hard keys run in worker processes when there is more than one CPU (a spawn-safe
+  ``ProcessPoolExecutor``): starting one costs ~0.3 s, so only where it pays -- the last rung
+  with at least two keys left (each resisted 500k states, about a second), the 500k rung with
+  at least four, smaller rungs only for very big histories.  Workers share a stop event, so
+  the first invalid key stops the others.  If worker processes cannot start, the same work
+  runs serially.
 
-A restarted key redoes at most a tenth of the work of its next rung.  A single key skips the
-ladder: there is no other key to stop early for.
+In this process a key's search is kept between rungs and resumed (up to ``RETAIN_STATES``
+cached states in all); a key moved to a worker starts over there, which redoes at most a
+quarter of the last rung's work.  A single key skips the ladder: there is no other key to stop
+early for.
 
 Verdict of the history: ``false`` if any key is invalid, else ``unknown`` if any key ran out
 of budget, else ``true``.  Time is read only through ``wgl.deadline_after`` (monotonic).
@@ -32,7 +34,7 @@ import multiprocessing
 import os
 import pickle
 import time
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -44,10 +46,12 @@ from kvstore.checker import analysis
 from kvstore.checker import history as history_mod
 from kvstore.checker.history import History, HistoryFormatError, Op, freeze, thaw
 from kvstore.checker.models import UNSET, Model, ModelError, guess_model, make_model
-from kvstore.checker.wgl import DEFAULT_MAX_STATES, KeyResult, check_ops, deadline_after
+from kvstore.checker.wgl import DEFAULT_MAX_STATES, KeyResult, Search, check_ops, deadline_after
 
-STAGE_STATES = (20_000, 200_000)  # the budget ladder before the full budget (cache entries)
-PARALLEL_MIN_OPS = 20_000  # early rungs go parallel only for histories this big (and >= 4 keys)
+STAGE_STATES = (5_000, 50_000, 500_000)  # the budget ladder before the full budget (cache entries)
+RETAIN_STATES = 2_000_000  # cached states kept alive between rungs, over all keys
+PARALLEL_STATES = 500_000  # rungs this big (about a second per key) are worth worker processes
+PARALLEL_MIN_OPS = 20_000  # smaller rungs go parallel only for histories this big (and >= 4 keys)
 
 
 class Verdict(StrEnum):
@@ -222,34 +226,54 @@ def _worker_check(task: Task) -> KeyResult:
     return kr
 
 
-def _serial(task: Task) -> KeyResult:
-    key, ops, model, max_states, time_limit_s = task
-    started = time.monotonic()
-    kr = check_ops(key, ops, model, deadline_after(time_limit_s), max_states)
-    kr.seconds = time.monotonic() - started
-    return kr
+class _Searches:
+    """Serial runs keep each key's search between rungs, so a rung continues the last one
+    instead of starting over -- up to ``RETAIN_STATES`` cached states in all (memory)."""
+
+    def __init__(self) -> None:
+        self.kept: dict[Hashable, Search] = {}
+
+    def run(self, task: Task) -> KeyResult:
+        key, ops, model, max_states, time_limit_s = task
+        search = self.kept.pop(key, None) or Search(key, ops, model)
+        started = time.monotonic()
+        kr = search.run(max_states, deadline_after(time_limit_s))
+        kr.seconds = time.monotonic() - started
+        if kr.verdict == "unknown" and sum(s.explored for s in self.kept.values()) + kr.explored <= RETAIN_STATES:
+            self.kept[key] = search
+        return kr
+
+    def forget(self, keys: Iterable[Hashable]) -> None:
+        for key in keys:
+            self.kept.pop(key, None)
 
 
-def _run_serial(tasks: Sequence[Task], stop_on_invalid: bool) -> list[KeyResult]:
+def _run_serial(tasks: Sequence[Task], stop_on_invalid: bool, searches: _Searches) -> list[KeyResult]:
     results: list[KeyResult] = []
     for task in tasks:
         if stop_on_invalid and any(kr.verdict == "invalid" for kr in results):
             results.append(KeyResult(task[0], "unknown", 0, 0, reason="stopped: another key is already invalid"))
             continue
-        results.append(_serial(task))
+        results.append(searches.run(task))
     return results
 
 
-def _run(tasks: Sequence[Task], workers: int, stop_on_invalid: bool) -> tuple[list[KeyResult], bool]:
+def _run(
+    tasks: Sequence[Task], workers: int, stop_on_invalid: bool, searches: _Searches | None = None
+) -> tuple[list[KeyResult], bool]:
     """(results, whether worker processes were used)."""
+    searches = searches or _Searches()
     if workers > 1 and len(tasks) > 1:
         try:
-            return _parallel(tasks, min(workers, len(tasks)), stop_on_invalid), True
+            results = _parallel(tasks, min(workers, len(tasks)), stop_on_invalid)
         except (BrokenProcessPool, RuntimeError, OSError, pickle.PicklingError):
             # e.g. a caller's script without ``if __name__ == "__main__"`` under spawn:
             # the check must still give its answer, only slower.
             pass
-    return _run_serial(tasks, stop_on_invalid), False
+        else:
+            searches.forget(t[0] for t in tasks)  # the workers started over
+            return results, True
+    return _run_serial(tasks, stop_on_invalid, searches), False
 
 
 def _parallel(tasks: Sequence[Task], workers: int, stop_on_invalid: bool) -> list[KeyResult]:
@@ -291,15 +315,20 @@ def check_keys(
     total_ops = sum(len(ops) for ops in groups.values())
     results: dict[Hashable, KeyResult] = {}
     stats: dict[str, Any] = {"stages": [], "parallel": False}
+    searches = _Searches()
     undecided = sorted(groups, key=lambda k: len(groups[k]))
     # A single key gains nothing from the ladder (there is no other key to stop early for).
     ladder = [b for b in STAGE_STATES if b < max_states] if len(groups) > 1 else []
     for stage, budget in enumerate([*ladder, max_states]):
         final = stage == len(ladder)
-        # the last rung only holds keys that resisted 200k states: worth a fork
-        parallel = len(undecided) >= 2 if final else len(undecided) >= 4 and total_ops >= PARALLEL_MIN_OPS
+        if final and budget >= PARALLEL_STATES:  # keys that resisted 500k states: worth a fork
+            parallel = len(undecided) >= 2
+        elif budget >= PARALLEL_STATES:
+            parallel = len(undecided) >= 4
+        else:
+            parallel = len(undecided) >= 4 and total_ops >= PARALLEL_MIN_OPS
         tasks = [(k, groups[k], model, budget, _remaining(time_limit_s, results.get(k))) for k in undecided]
-        batch, used = _run(tasks, max_workers if parallel else 1, stop_on_invalid=final and not exhaustive)
+        batch, used = _run(tasks, max_workers if parallel else 1, final and not exhaustive, searches)
         stats["stages"].append({"states": budget, "keys": len(tasks), "parallel": used})
         stats["parallel"] = stats["parallel"] or used
         for kr in batch:
@@ -307,7 +336,7 @@ def check_keys(
             if before is not None:
                 kr.seconds += before.seconds
                 if kr.ops == 0:  # stopped before it ran: keep the earlier figures
-                    kr.ops, kr.explored = before.ops, before.explored
+                    kr.ops, kr.explored, kr.pruned = before.ops, before.explored, before.pruned
             results[kr.key] = kr
         undecided = [k for k in undecided if results[k].verdict == "unknown" and results[k].reason != "time limit"]
         if final or not undecided:

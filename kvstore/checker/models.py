@@ -68,6 +68,7 @@ class Step:
     fn: StepFn
     required: bool
     produces: Any = UNSET  # the state a (successful) write or cas leaves, whatever came before
+    signature: Hashable = None  # equal signatures = the same step function (None: unique)
 
 
 @dataclass(frozen=True)
@@ -100,15 +101,14 @@ class Model:
                 return Step(_cas_mismatch(expected), True)
             return None
         required = op.type == "ok"
-        if f in WRITES:
-            return Step(_write(op.value), required, op.value)
-        if f == "delete":
-            return Step(_write(None), required, None)
+        if f in WRITES or f == "delete":
+            value = None if f == "delete" else op.value
+            return Step(_write(value), required, value, _signature("write", value))
         if f == "cas" and self.cas:
             expected, new = _cas_args(op)
-            return Step(_cas(expected, new), required, new)
+            return Step(_cas(expected, new), required, new, _signature("cas", expected, new))
         if f == "append" and self.append:
-            return Step(_append(op.value), required)
+            return Step(_append(op.value), required, UNSET, _signature("append", op.value))
         raise ModelError(f"model {self.name!r} has no {f!r} operation (op at line {op.line}); {_hint(f)}")
 
 
@@ -145,6 +145,14 @@ class Model:
             if step.required or step.produces is UNSET or _observable(step.produces, observed)
         ]
         return kept, len(compiled) - len(kept)
+
+
+def _signature(*parts: Any) -> Hashable:
+    try:
+        hash(parts)
+    except TypeError:
+        return None
+    return parts
 
 
 def _observable(value: Any, observed: set[Any]) -> bool:

@@ -82,121 +82,173 @@ def check_ops(
     want_witness: bool = False,
 ) -> KeyResult:
     """Is this one key's sub-history linearizable under ``model``?"""
-    deadline = deadline or _never
-    compiled, pruned = model.compile_all(ops)
-    n = len(compiled)
-    required_total = sum(1 for _, step in compiled if step.required)
-    if required_total == 0:
-        return KeyResult(key, "valid", n, 0, pruned, linearization=[] if want_witness else None)
+    return Search(key, ops, model, want_witness).run(max_states, deadline)
 
-    # Entries: calls are 0..n-1, returns n..2n-1, the head sentinel is 2n.  Optional ops return
-    # after every real event; their relative order does not matter.
-    inf_pos = 1 << 62
-    order = sorted(
-        [(op.invoke, i) for i, (op, _) in enumerate(compiled)]
-        + [
-            ((op.complete if step.required and op.complete is not None else inf_pos), n + i)
-            for i, (op, step) in enumerate(compiled)
-        ]
-    )
-    head, tail = 2 * n, 2 * n + 1  # sentinels: never lifted, so no end-of-list tests
-    nxt = [-1] * (2 * n + 2)
-    prv = [-1] * (2 * n + 2)
-    last = head
-    for _, entry in order:
-        nxt[last] = entry
-        prv[entry] = last
-        last = entry
-    nxt[last] = tail
-    prv[tail] = last
 
-    steps = [step.fn for _, step in compiled]
-    required = [step.required for _, step in compiled]
-    bits = [1 << i for i in range(n)]
+class Search:
+    """One key's search, resumable: ``run`` stops at the budget with an ``unknown`` result and a
+    later ``run`` with a bigger budget continues where it stopped (nothing is redone)."""
 
-    state: Any = model.initial
-    linearized = 0
-    left = required_total
-    cache: set[tuple[int, Any]] = set()
-    cache_add = cache.add
-    size = 0
-    stack: list[tuple[int, Any]] = []  # (call entry, state before it)
-    push = stack.append
-    pop = stack.pop
-    best_depth = -1
-    best: Counterexample | None = None
-    check_mask = _BUDGET_CHECK_EVERY - 1
-    bad = BAD
+    def __init__(self, key: Any, ops: Sequence[Op], model: Model, want_witness: bool = False) -> None:
+        self.key = key
+        self.want_witness = want_witness
+        compiled, self.pruned = model.compile_all(ops)
+        self.compiled = compiled
+        n = self.n = len(compiled)
+        self.left = sum(1 for _, step in compiled if step.required)
+        self.result: KeyResult | None = None
+        if self.left == 0:
+            self.result = KeyResult(key, "valid", n, 0, self.pruned, linearization=[] if want_witness else None)
+            return
 
-    entry = nxt[head]
-    while True:
-        if entry < n:  # a call: try to linearize it now
-            new_state = steps[entry](state)
-            if new_state is not bad:
-                new_linearized = linearized | bits[entry]
-                cache_add((new_linearized, new_state))  # one hash: membership by size change
-                if len(cache) != size:
-                    size += 1
-                    push((entry, state))
-                    state = new_state
-                    linearized = new_linearized
-                    # lift the call and its return out of the list
-                    p = prv[entry]
-                    q = nxt[entry]
-                    nxt[p] = q
-                    prv[q] = p
-                    r = entry + n
-                    p = prv[r]
-                    q = nxt[r]
-                    nxt[p] = q
-                    prv[q] = p
-                    if required[entry]:
-                        left -= 1
-                        if not left:
-                            witness = [compiled[e][0].id for e, _ in stack] if want_witness else None
-                            return KeyResult(key, "valid", n, size, pruned, linearization=witness)
-                    entry = nxt[head]
-                    if not size & check_mask:
-                        # pops never outnumber pushes, so checking here bounds all the work
-                        if size > max_states:
-                            return KeyResult(key, "unknown", n, size, pruned, f"over {max_states} states")
-                        if deadline():
-                            return KeyResult(key, "unknown", n, size, pruned, "time limit")
-                    continue
+        # Entries: calls are 0..n-1, returns n..2n-1, sentinels head 2n and tail 2n+1 (never
+        # lifted, so no end-of-list tests).  Optional ops return after every real event.
+        inf_pos = 1 << 62
+        order = sorted(
+            [(op.invoke, i) for i, (op, _) in enumerate(compiled)]
+            + [
+                ((op.complete if step.required and op.complete is not None else inf_pos), n + i)
+                for i, (op, step) in enumerate(compiled)
+            ]
+        )
+        self.head, self.tail = head, tail = 2 * n, 2 * n + 1
+        nxt = self.nxt = [-1] * (2 * n + 2)
+        prv = self.prv = [-1] * (2 * n + 2)
+        last = head
+        for _, entry in order:
+            nxt[last] = entry
+            prv[entry] = last
+            last = entry
+        nxt[last] = tail
+        prv[tail] = last
+
+        self.steps = [step.fn for _, step in compiled]
+        self.required = [step.required for _, step in compiled]
+        self.bits = bits = [1 << i for i in range(n)]
+        # Optional ops with the same signature are interchangeable once invoked (neither has a
+        # return to meet), so the memo records how many of each class are linearized, not
+        # which: the k-th one linearized takes the class's k-th bit.
+        self.op_class = op_class = [-1] * n
+        classes: dict[Any, list[int]] = {}
+        for i, (_, step) in enumerate(compiled):
+            if not step.required and step.signature is not None:
+                members = classes.setdefault(step.signature, [])
+                op_class[i] = len(classes) - 1 if not members else op_class[members[0]]
+                members.append(i)
+        self.class_bits = [[bits[i] for i in members] for members in classes.values()]
+        self.class_count = [0] * len(self.class_bits)
+
+        self.state: Any = model.initial
+        self.linearized = 0
+        self.cache: set[tuple[int, Any]] = set()
+        self.stack: list[tuple[int, Any, int]] = []  # (call entry, state before it, its memo bit)
+        self.best_depth = -1
+        self.best: Counterexample | None = None
+        self.entry = nxt[head]
+
+    @property
+    def explored(self) -> int:
+        return len(self.cache) if self.result is None else self.result.explored
+
+    def run(self, max_states: int = DEFAULT_MAX_STATES, deadline: Deadline | None = None) -> KeyResult:
+        if self.result is not None:
+            return self.result
+        deadline = deadline or _never
+        key, n, pruned = self.key, self.n, self.pruned
+        steps, required, bits = self.steps, self.required, self.bits
+        op_class, class_bits, class_count = self.op_class, self.class_bits, self.class_count
+        nxt, prv, head, tail = self.nxt, self.prv, self.head, self.tail
+        cache, stack = self.cache, self.stack
+        cache_add, push, pop = cache.add, stack.append, stack.pop
+        state, linearized, left, entry = self.state, self.linearized, self.left, self.entry
+        size = len(cache)
+        check_mask = _BUDGET_CHECK_EVERY - 1
+        bad = BAD
+
+        while True:
+            if entry < n:  # a call: try to linearize it now
+                new_state = steps[entry](state)
+                if new_state is not bad:
+                    c = op_class[entry]
+                    bit = bits[entry] if c < 0 else class_bits[c][class_count[c]]
+                    new_linearized = linearized | bit
+                    cache_add((new_linearized, new_state))  # one hash: membership by size change
+                    if len(cache) != size:
+                        size += 1
+                        push((entry, state, bit))
+                        if c >= 0:
+                            class_count[c] += 1
+                        state = new_state
+                        linearized = new_linearized
+                        # lift the call and its return out of the list
+                        p = prv[entry]
+                        q = nxt[entry]
+                        nxt[p] = q
+                        prv[q] = p
+                        r = entry + n
+                        p = prv[r]
+                        q = nxt[r]
+                        nxt[p] = q
+                        prv[q] = p
+                        if required[entry]:
+                            left -= 1
+                            if not left:
+                                witness = [self.compiled[e][0].id for e, _, _ in stack] if self.want_witness else None
+                                return self._finish(KeyResult(key, "valid", n, size, pruned, linearization=witness))
+                        entry = nxt[head]
+                        if not size & check_mask:
+                            # pops never outnumber pushes, so checking here bounds all the work
+                            over = size > max_states
+                            if over or deadline():
+                                self.state, self.linearized, self.left, self.entry = state, linearized, left, entry
+                                reason = f"over {max_states} states" if over else "time limit"
+                                return KeyResult(key, "unknown", n, size, pruned, reason)
+                        continue
+                entry = nxt[entry]
+                continue
+            if entry == tail:  # cannot happen: a pending required return precedes the tail
+                raise AssertionError("search ran off the end of the history")
+            # A return whose op has not taken effect: everything before it was tried.
+            if len(stack) > self.best_depth:
+                self.best_depth = len(stack)
+                self.best = _counterexample(self.compiled, stack, state, entry - n, nxt, head, n)
+            if not stack:
+                return self._finish(KeyResult(key, "invalid", n, size, pruned, counterexample=self.best))
+            entry, state, bit = pop()
+            linearized ^= bit
+            if required[entry]:
+                left += 1
+            else:
+                c = op_class[entry]
+                if c >= 0:
+                    class_count[c] -= 1
+            # unlift: return first, then call (reverse order of lifting)
+            r = entry + n
+            nxt[prv[r]] = r
+            prv[nxt[r]] = r
+            nxt[prv[entry]] = entry
+            prv[nxt[entry]] = entry
             entry = nxt[entry]
-            continue
-        if entry == tail:  # cannot happen: a pending required return precedes the tail
-            raise AssertionError("search ran off the end of the history")
-        # A return whose op has not taken effect: everything before it was tried.
-        if len(stack) > best_depth:
-            best_depth = len(stack)
-            best = _counterexample(compiled, stack, state, entry - n, nxt, head, n)
-        if not stack:
-            return KeyResult(key, "invalid", n, size, pruned, counterexample=best)
-        entry, state = pop()
-        linearized ^= bits[entry]
-        if required[entry]:
-            left += 1
-        # unlift: return first, then call (reverse order of lifting)
-        r = entry + n
-        nxt[prv[r]] = r
-        prv[nxt[r]] = r
-        nxt[prv[entry]] = entry
-        prv[nxt[entry]] = entry
-        entry = nxt[entry]
+
+    def _finish(self, result: KeyResult) -> KeyResult:
+        """Keep the verdict, drop the search structures (the cache can be big)."""
+        self.result = result
+        self.cache = set()
+        self.stack = []
+        return result
 
 
 def _counterexample(
     compiled: Sequence[tuple[Op, Any]],
-    stack: Sequence[tuple[int, Any]],
+    stack: Sequence[tuple[int, Any, int]],
     state: Any,
     stuck: int,
     nxt: Sequence[int],
     head: int,
     n: int,
 ) -> Counterexample:
-    prefix = [compiled[e][0].id for e, _ in stack]
-    states = [s for _, s in stack[1:]] + [state] if stack else []
+    prefix = [compiled[e][0].id for e, _, _ in stack]
+    states = [s for _, s, _ in stack[1:]] + [state] if stack else []
     pending: list[int] = []
     entry = nxt[head]
     while entry < 2 * n and entry != stuck + n:
