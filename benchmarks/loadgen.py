@@ -240,6 +240,26 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User+system CPU time used so far by these processes (all their threads), from /proc.
+
+    CPU per operation is the figure that survives a shared machine: throughput moves with
+    whatever else runs, but the CPU a node spends on a request hardly does.
+    """
+    total = 0.0
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+        total += (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime, stime
+    return total
+
+
 @contextlib.contextmanager
 def env_var(name: str, value: str | None) -> Iterator[None]:
     """Set (or unset) one environment variable for the block and restore it after."""

@@ -60,6 +60,7 @@ from benchmarks.etcd import EtcdCluster, EtcdError, ensure_etcd, etcd_version  #
 from benchmarks.loadgen import (  # noqa: E402
     LoadResult,
     LoadSpec,
+    cpu_seconds,
     ensure_wrk,
     loadavg,
     machine_info,
@@ -115,6 +116,7 @@ class Row:
     load: str  # sat | half
     result: LoadResult | None
     note: str = ""
+    cpu_us_per_op: float | None = None  # server-side CPU (all nodes/members) per successful op
 
     @property
     def key(self) -> str:
@@ -127,9 +129,13 @@ class Report:
     facts: dict[str, Any] = field(default_factory=dict)  # recovery, memory, anti-entropy, ...
 
     def find(self, system: str, mode: str, op: str, size: int, load: str) -> LoadResult | None:
+        row = self.row(system, mode, op, size, load)
+        return row.result if row is not None else None
+
+    def row(self, system: str, mode: str, op: str, size: int, load: str) -> Row | None:
         for row in self.rows:
             if (row.system, row.mode, row.op, row.size, row.load) == (system, mode, op, size, load):
-                return row.result
+                return row
         return None
 
 
@@ -202,7 +208,7 @@ class Bench:
         self.report = Report()
         self.started = time.monotonic()
         self.clusters: dict[str, LocalCluster] = {}
-        self.loaded: dict[tuple[str, int], str] = {}  # (system, size) -> prefix of read keys
+        self.loaded: dict[tuple[str, int, bool], tuple[str, int]] = {}  # (system, size, cp) -> (prefix, keys)
         self.etcd: EtcdCluster | None = None
         self.generator = args.generator
         self.linearizable: tuple[bool, str] | None = None
@@ -223,8 +229,9 @@ class Bench:
             print(f"{head} {'-':>9}  {row.note}", flush=True)
             return
         offered = f"(offered {r.offered_rate:.0f}/s)" if r.offered_rate else ""
+        cpu = f"{row.cpu_us_per_op:>7.0f}" if row.cpu_us_per_op is not None else f"{'-':>7}"
         print(
-            f"{head} {r.ops_per_s:>9.0f} {r.p('p50'):>7.2f} {r.p('p99'):>7.2f} {r.p('p999'):>8.2f}  "
+            f"{head} {r.ops_per_s:>9.0f} {r.p('p50'):>7.2f} {r.p('p99'):>7.2f} {r.p('p999'):>8.2f} {cpu}  "
             f"{offered} {r.error_text()} {row.note}".rstrip(),
             flush=True,
         )
@@ -233,7 +240,7 @@ class Bench:
     def print_header(title: str) -> None:
         print(f"\n== {title}")
         print(f"{'system':<10} {'mode':<12} {'op':<4} {'size':>6} {'load':<4} {'ops/s':>9} {'p50 ms':>7} "
-              f"{'p99 ms':>7} {'p999 ms':>8}")
+              f"{'p99 ms':>7} {'p999 ms':>8} {'cpu us':>7}  (cpu us = server CPU per op, all processes)")
 
     # -- processes
 
@@ -257,6 +264,10 @@ class Bench:
                 raise
         return self.clusters[name]
 
+    @staticmethod
+    def pids_of(c: LocalCluster) -> Callable[[], list[int]]:
+        return lambda: [c.pid(n) for n in c.node_ids if c.alive(n)]
+
     def release(self, name: str) -> None:
         c = self.clusters.pop(name, None)
         if c is not None:
@@ -274,17 +285,28 @@ class Bench:
 
     # -- throughput / latency matrix
 
-    def read_keys(self, system: str, urls: list[str], size: int, target: str = "kvstore", query: str = "") -> str:
-        prefix = self.loaded.get((system, size))
-        if prefix is None:
-            prefix = f"pre{size}-"
-            prepopulate(urls, prefix, self.plan.read_keys, size, target=target, query=query)  # type: ignore[arg-type]
-            self.loaded[(system, size)] = prefix
-        return prefix
+    def read_keys(
+        self, system: str, urls: list[str], size: int, target: str = "kvstore", query: str = "", cp: bool = False,
+    ) -> tuple[str, int]:
+        """Load (once) the keys read runs pick from; (prefix, count).
+
+        A key belongs to one mode: a linearizable read of a key written outside CASPaxos is
+        refused (409), so linearizable reads get their own, smaller set written through CASPaxos.
+        """
+        loaded = self.loaded.get((system, size, cp))
+        if loaded is None:
+            keys = max(100, self.plan.read_keys // 4) if cp else self.plan.read_keys
+            prefix = f"pre{size}-{'cp-' if cp else ''}"
+            if cp:
+                query = "consistency=linearizable"
+            prepopulate(urls, prefix, keys, size, target=target, query=query)  # type: ignore[arg-type]
+            loaded = self.loaded[(system, size, cp)] = (prefix, keys)
+        return loaded
 
     def matrix(
         self, system: str, urls: list[str], modes: dict[str, dict[str, str]], sizes: tuple[int, ...],
         target: str = "kvstore", load_query: str = "", threads: int | None = None,
+        pids: Callable[[], list[int]] | None = None,
     ) -> None:
         plan = self.plan
         for size in sizes:
@@ -294,35 +316,41 @@ class Bench:
                     for op in ("put", "get"):
                         self.add(Row(system, mode, op, size, "sat", None, "skipped: time budget"))
                 continue
-            prefix_get = self.read_keys(system, urls, size, target, load_query)
             for mode, queries in modes.items():
                 for op in ("put", "get"):
                     if self.over_budget(plan.sat_s + plan.half_s):
                         self.add(Row(system, mode, op, size, "sat", None, "skipped: time budget"))
                         continue
+                    prefix_get, keys = self.read_keys(system, urls, size, target, load_query, cp=mode == "linearizable")
                     base = dict(
                         urls=urls, op=op, target=target, query=queries[op], value_size=size,
                         prefix=f"{system}-{mode}-{size}-" if op == "put" else prefix_get,
-                        keys=plan.read_keys, threads=threads,
+                        keys=keys, threads=threads,
                     )
-                    sat = run_load(
-                        LoadSpec(**base, count=plan.count, duration_s=plan.sat_s,  # type: ignore[arg-type]
-                                 connections=plan.connections),
-                        self.generator,
-                    )
-                    self.add(Row(system, mode, op, size, "sat", sat))
+                    sat, cpu = self.measured(LoadSpec(
+                        **base, count=plan.count, duration_s=plan.sat_s,  # type: ignore[arg-type]
+                        connections=plan.connections,
+                    ), pids)
+                    self.add(Row(system, mode, op, size, "sat", sat, cpu_us_per_op=cpu))
                     rate = 0.5 * sat.ops_per_s
                     if rate < 1:
                         self.add(Row(system, mode, op, size, "half", None, "skipped: nothing succeeded at saturation"))
                         continue
                     if op == "put":
                         base["prefix"] = f"{system}-{mode}-{size}-half-"
-                    half = run_load(
-                        LoadSpec(**base, count=int(rate * plan.half_s) + 1,  # type: ignore[arg-type]
-                                 duration_s=plan.half_s, connections=plan.half_connections, rate=rate),
-                        self.generator,
-                    )
-                    self.add(Row(system, mode, op, size, "half", half))
+                    half, cpu = self.measured(LoadSpec(
+                        **base, count=int(rate * plan.half_s) + 1,  # type: ignore[arg-type]
+                        duration_s=plan.half_s, connections=plan.half_connections, rate=rate,
+                    ), pids)
+                    self.add(Row(system, mode, op, size, "half", half, cpu_us_per_op=cpu))
+
+    def measured(self, spec: LoadSpec, pids: Callable[[], list[int]] | None) -> tuple[LoadResult, float | None]:
+        """One run, plus the server processes' CPU per successful op (None without pids)."""
+        before = cpu_seconds(pids()) if pids else 0.0
+        result = run_load(spec, self.generator)
+        if not pids or not result.ok:
+            return result, None
+        return result, (cpu_seconds(pids()) - before) / result.ok * 1e6
 
     def add(self, row: Row) -> None:
         self.report.rows.append(row)
@@ -340,7 +368,7 @@ class Bench:
             print(f"linearizable: {self.linearizable[1]}")
             self.report.facts["linearizable"] = self.linearizable[1]
         # Read keys are written to all N replicas, so R=1 reads find them wherever they land.
-        self.matrix("kvstore-3", c.urls, modes, self.plan.sizes, load_query="w=3")
+        self.matrix("kvstore-3", c.urls, modes, self.plan.sizes, load_query="w=3", pids=self.pids_of(c))
         if not self.linearizable[0]:
             for op in ("put", "get"):
                 self.report.rows.append(Row("kvstore-3", "linearizable", op, 100, "sat", None, "not available"))
@@ -360,7 +388,9 @@ class Bench:
             self.report.facts["etcd"] = f"not available: {exc}"
             return
         try:
-            self.matrix("etcd", self.etcd.urls, {"etcd": {"put": "", "get": ""}}, self.plan.sizes, target="etcd")
+            etcd = self.etcd
+            self.matrix("etcd", etcd.urls, {"etcd": {"put": "", "get": ""}}, self.plan.sizes, target="etcd",
+                        pids=lambda: list(etcd.pids().values()))
         finally:
             self.etcd.stop()
             self.etcd = None
@@ -369,21 +399,25 @@ class Bench:
         self.print_header("baseline: one in-memory node, N=1 (no replication)")
         c = self.cluster("single")
         try:
-            self.matrix("single", c.urls, {"n1": {"put": "w=1", "get": "r=1"}}, self.plan.sizes, load_query="w=1")
+            self.matrix("single", c.urls, {"n1": {"put": "w=1", "get": "r=1"}}, self.plan.sizes, load_query="w=1",
+                        pids=self.pids_of(c))
         finally:
             self.release("single")
 
     def section_client(self) -> None:
         self.print_header("kvstore.Client (Python, in this process), 3 nodes, quorum, 100 B")
         c = self.cluster("kvstore-3")
-        prefix = self.read_keys("kvstore-3", c.urls, 100, query="w=3")
+        prefix, keys = self.read_keys("kvstore-3", c.urls, 100, query="w=3")
         for op in ("put", "get"):
             spec = LoadSpec(
                 urls=c.urls, op=op, query=MODES["quorum"][op], value_size=100,  # type: ignore[arg-type]
-                prefix="client-put-" if op == "put" else prefix, keys=self.plan.read_keys, count=self.plan.count,
+                prefix="client-put-" if op == "put" else prefix, keys=keys, count=self.plan.count,
                 duration_s=self.plan.client_s, connections=32,
             )
-            self.add(Row("client", "quorum", op, 100, "sat", run_load(spec, "client")))
+            before = cpu_seconds(self.pids_of(c)())
+            result = run_load(spec, "client")
+            cpu = (cpu_seconds(self.pids_of(c)()) - before) / result.ok * 1e6 if result.ok else None
+            self.add(Row("client", "quorum", op, 100, "sat", result, cpu_us_per_op=cpu))
 
     def section_antientropy(self) -> None:
         print("\n== anti-entropy convergence (3 nodes)")
@@ -430,7 +464,7 @@ class Bench:
         self.release("kvstore-3")
         c = self.cluster("kvstore-5")
         modes = {k: MODES[k] for k in ("eventual", "quorum")}
-        self.matrix("kvstore-5", c.urls, modes, self.plan.c5_sizes or (100,), load_query="w=3")
+        self.matrix("kvstore-5", c.urls, modes, self.plan.c5_sizes or (100,), load_query="w=3", pids=self.pids_of(c))
 
     def section_recovery(self) -> None:
         print("\n== recovery (5 nodes, N=3): hinted handoff and restart")
@@ -572,6 +606,11 @@ class Bench:
                         parts.append(f"ours/single {ratio(ours.ops_per_s, single.ops_per_s)}")
                     if etcd is not None:
                         parts.append(f"ours/etcd {ratio(ours.ops_per_s, etcd.ops_per_s)}")
+                        our_row = rep.row("kvstore-3", mode, op, size, "sat")
+                        etcd_row = rep.row("etcd", "etcd", op, size, "sat")
+                        if our_row and etcd_row and our_row.cpu_us_per_op and etcd_row.cpu_us_per_op:
+                            parts.append(f"CPU/op ours {our_row.cpu_us_per_op:.0f} us vs etcd "
+                                         f"{etcd_row.cpu_us_per_op:.0f} us")
                         half_ours = rep.find("kvstore-3", mode, op, size, "half")
                         half_etcd = rep.find("etcd", "etcd", op, size, "half")
                         if half_ours and half_etcd:
@@ -629,7 +668,10 @@ class Bench:
     def to_json(self, info: dict[str, str], command: str) -> dict[str, Any]:
         return {
             "machine": info, "command": command, "plan": self.plan.__dict__,
-            "rows": {r.key: (r.result.to_json() if r.result else {"note": r.note}) for r in self.report.rows},
+            "rows": {
+                r.key: ({**r.result.to_json(), "cpu_us_per_op": r.cpu_us_per_op} if r.result else {"note": r.note})
+                for r in self.report.rows
+            },
             "facts": self.report.facts, "targets": self.targets(),
         }
 
