@@ -3,6 +3,7 @@ sibling reads, latency."""
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
 
@@ -190,3 +191,100 @@ def test_analyses_to_dict_is_plain_data() -> None:
     data = json.loads(json.dumps(result.to_dict()))
     assert data["sibling_reads"]["count"] == 1
     assert data["stale_reads"][0]["value"] == [1, 2]
+
+
+# --- the fast analyses agree with their definitions, written naively ---------------------------
+
+
+def _naive_produces(op: Any) -> tuple[bool, Any]:
+    if op.f == "write":
+        return True, op.value
+    if op.f == "delete":
+        return True, None
+    if op.f == "cas":
+        return True, op.value[1]
+    return False, None
+
+
+def naive_lost(hist: History) -> list[int]:
+    ops = hist.ops
+    reads = [r for r in ops if r.f == "read" and r.type == "ok"]
+    seen = {v for r in reads for v in (r.siblings if r.siblings is not None else (r.result,))}
+    writers = [w for w in ops if w.type != "fail" and _naive_produces(w)[0]]
+    lost = []
+    for w in writers:
+        if w.type != "ok" or w.f == "delete" or _naive_produces(w)[1] in seen:
+            continue
+        later = sorted((r for r in reads if r.invoke > w.complete), key=lambda r: r.invoke)
+        if not later:
+            continue
+        first = later[0]
+        if not any(o is not w and o.end > w.invoke and o.invoke < first.complete for o in writers):
+            lost.append(w.id)
+    return lost
+
+
+def naive_stale(hist: History, initial: Any = None) -> list[int]:
+    ops = hist.ops
+    acked = [w for w in ops if w.type == "ok" and _naive_produces(w)[0]]
+    stale = []
+    for r in ops:
+        if r.f != "read" or r.type != "ok":
+            continue
+        values = r.siblings if r.siblings is not None else (r.result,)
+        all_stale = True
+        for v in values:
+            ends = [w.end for w in ops if w.type != "fail" and _naive_produces(w) == (True, v)]
+            if v == initial:
+                ends.append(-1)
+            if not ends or not all(
+                any(w2.invoke > end and w2.complete < r.invoke and _naive_produces(w2)[1] != v for w2 in acked)
+                for end in ends
+            ):
+                all_stale = False
+                break
+        if all_stale:
+            stale.append(r.id)
+    return stale
+
+
+def random_register_history(rng: random.Random) -> History:
+    events: list[dict[str, Any]] = []
+    open_ops: dict[int, dict[str, Any]] = {}
+    for _ in range(rng.randint(4, 24)):
+        p = rng.randrange(4)
+        if p in open_ops:
+            op = open_ops.pop(p)
+            kind = rng.choice(["ok", "ok", "ok", "fail", "info"])
+            row = {**op, "type": kind}
+            if op["f"] == "read" and kind == "ok":
+                if rng.random() < 0.15:
+                    row["siblings"] = [rng.choice([None, 1, 2, 3, 4]) for _ in range(2)]
+                else:
+                    row["value"] = rng.choice([None, 1, 2, 3, 4])
+            events.append(row)
+        else:
+            f = rng.choice(["read", "write", "write", "cas", "delete"])
+            value: Any = None
+            if f == "write":
+                value = rng.randint(1, 4)
+            elif f == "cas":
+                value = [rng.randint(1, 4), rng.randint(1, 4)]
+            op = {"process": p, "f": f, "key": "k", "value": value}
+            open_ops[p] = op
+            events.append({**op, "type": "invoke"})
+    return from_dicts(events)
+
+
+def test_fast_lost_writes_and_stale_reads_match_their_definitions() -> None:
+    rng = random.Random("analyses-vs-naive")
+    found = {"lost": 0, "stale": 0}
+    for _ in range(1500):
+        hist = random_register_history(rng)
+        lost = [lw.op for lw in analysis.lost_writes(hist)]
+        stale = [s.op for s in analysis.stale_reads(hist)]
+        assert lost == naive_lost(hist)
+        assert stale == naive_stale(hist)
+        found["lost"] += len(lost)
+        found["stale"] += len(stale)
+    assert found["lost"] > 10 and found["stale"] > 30  # both analyses had something to find

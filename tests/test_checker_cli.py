@@ -73,7 +73,7 @@ def test_report_is_self_contained(tmp_path: Path) -> None:
     out = tmp_path / "report"
     assert main([str(GOLDEN / "lost-write.jsonl"), "--report", str(out), "--json"]) == 1
     page = (out / "report.html").read_text()
-    assert page.count("<svg") == 2  # the counterexample and the whole timeline
+    assert page.count("<svg") == 3  # the counterexample, the activity chart, every op
     assert not re.search(r"<script|<link|@import|url\(|src=", page)
     assert "http" not in page.replace("http://www.w3.org/2000/svg", "")
     assert "cannot be linearized" in page and "#e53935" in page  # the blocked op is drawn red

@@ -327,7 +327,19 @@ def lost_writes(history: History) -> list[LostWrite]:
         observed: set[Any] = set()
         for r in reads:
             observed.update(_hashable(v) for v in _read_values(r))
-        writers = [op for op in ops if op.type != "fail" and _produces(op)[0]]
+        writers = sorted((op for op in ops if op.type != "fail" and _produces(op)[0]), key=lambda o: o.invoke)
+        writer_starts = [w.invoke for w in writers]
+        # the two latest ends among writers invoked before each point (two: to leave one out)
+        top2: list[tuple[tuple[float, int], tuple[float, int]]] = []
+        best: tuple[float, int] = (-1.0, -1)
+        second: tuple[float, int] = (-1.0, -1)
+        for w in writers:
+            candidate = (w.end, w.id)
+            if candidate > best:
+                best, second = candidate, best
+            elif candidate > second:
+                second = candidate
+            top2.append((best, second))
         for w in writers:
             sets, value = _produces(w)
             if w.type != "ok" or w.f == "delete" or w.complete is None or _hashable(value) in observed:
@@ -337,11 +349,14 @@ def lost_writes(history: History) -> list[LostWrite]:
                 continue  # nothing read the key afterwards: no evidence either way
             first = reads[after]
             assert first.complete is not None
-            explained = any(
-                other is not w and other.end > w.invoke and other.invoke < first.complete for other in writers
-            )
-            if not explained:
-                found.append(LostWrite(w.id, key, value, first.id, len(reads) - after))
+            # another write invoked before that read completed, still running after w began?
+            i = bisect.bisect_left(writer_starts, first.complete) - 1
+            if i >= 0:
+                best, second = top2[i]
+                latest_end = second[0] if best[1] == w.id else best[0]
+                if latest_end > w.invoke:
+                    continue  # explained: it may have overwritten w before the read
+            found.append(LostWrite(w.id, key, value, first.id, len(reads) - after))
     return sorted(found, key=lambda lw: lw.op)
 
 

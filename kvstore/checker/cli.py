@@ -22,6 +22,7 @@ from kvstore.checker.models import MODEL_NAMES, UNSET, ModelError
 from kvstore.checker.wgl import DEFAULT_MAX_STATES
 
 EXIT_INPUT_ERROR = 3
+SHOWN_INVALID_KEYS = 2  # in detail on the terminal; the report and --json have them all
 
 
 def parse_initial(text: str) -> Any:
@@ -117,7 +118,7 @@ def print_result(result: Result, report_path: Any = None) -> None:
                       f"{len(unknown)} unknown")
     for kr in unknown[:10]:
         console.print(f"  [yellow]unknown[/] key {_show(kr.key)}: {kr.reason} ({kr.explored} states explored)")
-    for kr in invalid[:5]:
+    for kr in invalid[:SHOWN_INVALID_KEYS]:
         ce = kr.counterexample
         console.print(f"\n[bold red]key {_show(kr.key)}[/]: {result.explain(kr)}.")
         if ce is None:
@@ -140,8 +141,11 @@ def print_result(result: Result, report_path: Any = None) -> None:
                 prefix.add_row(str(len(ce.prefix) - len(tail) + i + 1), f"#{op_id}",
                                result.op(op_id).describe(), _show(state))
             console.print(prefix)
-    if len(invalid) > 5:
-        console.print(f"... and {len(invalid) - 5} more invalid keys")
+    if len(invalid) > SHOWN_INVALID_KEYS:
+        others = ", ".join(_show(kr.key) for kr in invalid[SHOWN_INVALID_KEYS:SHOWN_INVALID_KEYS + 20])
+        more = ", ..." if len(invalid) > SHOWN_INVALID_KEYS + 20 else ""
+        console.print(f"\n... and {len(invalid) - SHOWN_INVALID_KEYS} more invalid keys ({others}{more}); "
+                      "--report or --json for all")
     a = result.analyses
     av = a.availability
     table = Table(title="availability", title_justify="left")

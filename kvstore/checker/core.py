@@ -12,10 +12,11 @@ checker stops at the first failing partition:
   there; unless ``exhaustive`` is set, once a key is invalid the history is invalid, the
   ladder stops and the unfinished keys say ``unknown`` with the reason;
 * hard keys run in worker processes when there is more than one CPU (a spawn-safe
-  ``ProcessPoolExecutor``): starting one costs ~0.3 s, so only where it pays -- the last rung
-  with at least two keys left (each resisted 500k states, about a second), the 500k rung with
-  at least four, smaller rungs only for very big histories.  Workers share a stop event, so
-  the first invalid key stops the others.  If worker processes cannot start, the same work
+  ``ProcessPoolExecutor``): starting one costs ~0.3 s (seconds on a loaded machine), so only
+  where it pays -- the last rung with at least two keys left (each resisted 500k states, about
+  a second), the 500k rung with at least four, never the small rungs (even a history of 20k
+  ops on a few keys checks in a fraction of a second serially).  Workers share a stop event,
+  so the first invalid key stops the others.  If worker processes cannot start, the same work
   runs serially.
 
 In this process a key's search is kept between rungs and resumed (up to ``RETAIN_STATES``
@@ -51,7 +52,6 @@ from kvstore.checker.wgl import DEFAULT_MAX_STATES, KeyResult, Search, check_ops
 STAGE_STATES = (5_000, 50_000, 500_000)  # the budget ladder before the full budget (cache entries)
 RETAIN_STATES = 2_000_000  # cached states kept alive between rungs, over all keys
 PARALLEL_STATES = 500_000  # rungs this big (about a second per key) are worth worker processes
-PARALLEL_MIN_OPS = 20_000  # smaller rungs go parallel only for histories this big (and >= 4 keys)
 
 
 class Verdict(StrEnum):
@@ -312,7 +312,6 @@ def check_keys(
     """Every key's verdict (see the module docstring for the budget ladder)."""
     cpus = os.cpu_count() or 1
     max_workers = cpus if workers is None else max(1, workers)
-    total_ops = sum(len(ops) for ops in groups.values())
     results: dict[Hashable, KeyResult] = {}
     stats: dict[str, Any] = {"stages": [], "parallel": False}
     searches = _Searches()
@@ -321,12 +320,9 @@ def check_keys(
     ladder = [b for b in STAGE_STATES if b < max_states] if len(groups) > 1 else []
     for stage, budget in enumerate([*ladder, max_states]):
         final = stage == len(ladder)
-        if final and budget >= PARALLEL_STATES:  # keys that resisted 500k states: worth a fork
-            parallel = len(undecided) >= 2
-        elif budget >= PARALLEL_STATES:
-            parallel = len(undecided) >= 4
-        else:
-            parallel = len(undecided) >= 4 and total_ops >= PARALLEL_MIN_OPS
+        # Small rungs: most keys take milliseconds, a worker costs more than it saves.  Bigger
+        # ones hold keys that resisted 50k (or 500k) states: worth a fork if there are enough.
+        parallel = budget >= PARALLEL_STATES and len(undecided) >= (2 if final else 4)
         tasks = [(k, groups[k], model, budget, _remaining(time_limit_s, results.get(k))) for k in undecided]
         batch, used = _run(tasks, max_workers if parallel else 1, final and not exhaustive, searches)
         stats["stages"].append({"states": budget, "keys": len(tasks), "parallel": used})

@@ -41,7 +41,7 @@ COLORS = {
     "info": "#fff59d",
 }
 MAX_FOCUS_OPS = 80
-MAX_OVERVIEW_OPS = 4000
+MAX_OVERVIEW_OPS = 600
 
 
 @dataclass
@@ -98,8 +98,11 @@ def _tooltip(op: Op) -> str:
     return " | ".join(parts)
 
 
-def layout(result: Result, ops: Sequence[Op], title: str, kr: KeyResult | None = None) -> Layout:
-    """Bars for ``ops`` on a compressed event axis, coloured by their part in ``kr``."""
+def layout(
+    result: Result, ops: Sequence[Op], title: str, kr: KeyResult | None = None, start: int | None = None
+) -> Layout:
+    """Bars for ``ops`` on a compressed event axis, coloured by their part in ``kr``; ops invoked
+    before ``start`` are clipped to the left edge (their label starts with an ellipsis)."""
     roles: dict[int, str] = {}
     order: dict[int, int] = {}
     if kr is not None and kr.counterexample is not None:
@@ -110,10 +113,10 @@ def layout(result: Result, ops: Sequence[Op], title: str, kr: KeyResult | None =
         for op_id in ce.pending:
             roles[op_id] = "pending"
         roles[ce.stuck] = "stuck"
-    lo = min((op.invoke for op in ops), default=0)
+    lo = start if start is not None else min((op.invoke for op in ops), default=0)
     hi = max((op.complete if op.complete is not None else op.invoke for op in ops), default=0)
     windows = [w for w in fault_windows(result.history) if w.end > lo and w.start <= hi]
-    marks = sorted({p for op in ops for p in (op.invoke, op.complete) if p is not None}
+    marks = sorted({lo} | {p for op in ops for p in (op.invoke, op.complete) if p is not None and p >= lo}
                    | {max(lo, w.start) for w in windows} | {min(hi + 1, w.end) for w in windows})
     x_of = {p: float(i) for i, p in enumerate(marks)}
     width = float(len(marks))
@@ -125,9 +128,11 @@ def layout(result: Result, ops: Sequence[Op], title: str, kr: KeyResult | None =
     bars: list[Bar] = []
     for op in ops:
         open_end = op.complete is None or op.type == "info"
-        x1 = width if op.complete is None else x_of[op.complete]
+        x1 = width if op.complete is None else x_of[max(op.complete, lo)]
+        clipped = op.invoke < lo
         role = roles.get(op.id) or ("ok" if op.type == "ok" else op.type)
-        bars.append(Bar(lane_of[op.process], x_of[op.invoke], x1, open_end, role, op.describe(),
+        label = ("\u2026 " if clipped else "") + op.describe()
+        bars.append(Bar(lane_of[op.process], x_of[max(op.invoke, lo)], x1, open_end, role, label,
                         _tooltip(op), order.get(op.id)))
     shades = [Shade(x_of[max(lo, w.start)], x_of[min(hi + 1, w.end)] if w.end <= hi else width,
                     f"{w.fault} {_short(w.value)}".strip()) for w in windows]
@@ -151,39 +156,49 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def focus_ops(result: Result, kr: KeyResult, limit: int = MAX_FOCUS_OPS) -> list[Op]:
-    """The ops of the key around its counterexample: the blocked op, the pending ones, and the
-    tail of the prefix, plus every op of the key that overlaps that stretch."""
+def focus_ops(result: Result, kr: KeyResult, limit: int = MAX_FOCUS_OPS) -> tuple[list[Op], int]:
+    """(ops, first position) around a key's counterexample: from the last few ops of the prefix
+    that had to complete, to the blocked op's completion; the blocked and pending ops, the recent
+    prefix, and every op of the key that overlaps that stretch (info ops only if they matter)."""
     ce = kr.counterexample
     key_ops = [op for op in result.history.ops if op.key == kr.key]
-    if ce is None:
-        return key_ops[:limit]
-    core = [result.op(i) for i in [*ce.pending, *ce.prefix[-12:]]]
-    start = min(op.invoke for op in core)
+    if ce is None or not key_ops:
+        return key_ops[:limit], key_ops[0].invoke if key_ops else 0
     stuck = result.op(ce.stuck)
-    end = stuck.complete if stuck.complete is not None else max(op.invoke for op in core)
-    chosen = [op for op in key_ops if op.invoke <= end and (op.complete is None or op.complete >= start
-                                                           or op.type == "info")]
+    anchors = [stuck] + [result.op(i) for i in ce.pending if result.op(i).type != "info"]
+    recent = [op for op in (result.op(i) for i in ce.prefix) if op.type != "info"][-8:]
+    start = min(op.invoke for op in anchors + recent)
+    end = stuck.complete if stuck.complete is not None else max(op.invoke for op in anchors)
+    must = {ce.stuck, *ce.pending, *ce.prefix[-12:]}
+    chosen: list[Op] = []
+    for op in key_ops:
+        if op.invoke > end:
+            continue
+        finished = op.complete if op.complete is not None and op.type != "info" else None
+        if finished is not None and finished < start and op.id not in must:
+            continue
+        if finished is None and op.invoke < start and op.id not in must:
+            continue  # an old info op the search did not need: noise
+        chosen.append(op)
     if len(chosen) > limit:
-        must = {op.id for op in core}
-        rest = [op for op in chosen if op.id not in must]
-        rest.sort(key=lambda op: -op.invoke)
+        rest = sorted((op for op in chosen if op.id not in must), key=lambda op: -op.invoke)
         keep = must | {op.id for op in rest[: max(0, limit - len(must))]}
         chosen = [op for op in chosen if op.id in keep]
-    return chosen
+    return chosen, start
 
 
 # --- SVG ------------------------------------------------------------------------------------
 
 LANE_H = 26
 LABEL_W = 70
+RIGHT_MARGIN = 220  # room for the labels of the last ops
 TOP = 28
 
 
 def svg(lay: Layout, px_per_unit: float | None = None, max_width: int = 1400) -> str:
     unit = px_per_unit or max(6.0, min(40.0, (max_width - LABEL_W - 20) / max(lay.width, 1.0)))
     plot_w = lay.width * unit
-    w = int(LABEL_W + plot_w + 20)
+    w = int(LABEL_W + plot_w + RIGHT_MARGIN)
     h = int(TOP + LANE_H * max(1, len(lay.lanes)) + (26 if lay.note else 10))
     out: list[str] = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" '
@@ -219,7 +234,7 @@ def svg(lay: Layout, px_per_unit: float | None = None, max_width: int = 1400) ->
         out.append(f'<rect x="{x0:.1f}" y="{y}" width="{bw:.1f}" height="{LANE_H - 8}" rx="3" fill="{color}" '
                    f'stroke="{stroke}" stroke-width="{width_attr}"{dash}/>')
         label = bar.label if bar.order is None else f"{bar.order}. {bar.label}"
-        max_chars = int(room.get(n, 0.0) * unit / 6.0)
+        max_chars = int(min(room.get(n, 0.0) * unit, w - x0 - 4) / 6.0)
         if max_chars >= 2:
             shown = label if len(label) <= max_chars else label[: max_chars - 1] + "\u2026"
             weight = ' font-weight="bold"' if bar.role == "stuck" else ""
@@ -227,6 +242,56 @@ def svg(lay: Layout, px_per_unit: float | None = None, max_width: int = 1400) ->
         out.append("</g>")
     if lay.note:
         out.append(f'<text x="{LABEL_W}" y="{h - 4}" fill="#b71c1c">{html.escape(lay.note)}</text>')
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def activity_svg(result: Result, buckets: int = 120, plot_w: int = 1100, plot_h: int = 110) -> str:
+    """The whole history at a glance, at any size: ok/fail/info counts per slice of the history
+    (by invoke), nemesis faults shaded, the ops of counterexamples marked."""
+    hist = result.history
+    n = max(hist.length, 1)
+    counts = [[0, 0, 0] for _ in range(buckets)]
+    index = {"ok": 0, "fail": 1, "info": 2}
+    for op in hist.ops:
+        counts[min(buckets - 1, op.invoke * buckets // n)][index.get(op.type, 2)] += 1
+    peak = max((sum(c) for c in counts), default=1) or 1
+    left, top = 50, 24
+    w, h = left + plot_w + 20, top + plot_h + 40
+    x = lambda pos: left + pos / n * plot_w  # noqa: E731 - a local scale
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" '
+           f'font-family="sans-serif" font-size="11">',
+           '<text x="4" y="16" font-weight="bold" font-size="13">the whole history: ops per slice '
+           '(ok / fail / info), faults shaded</text>']
+    for win in fault_windows(hist):
+        x0, x1 = x(win.start), x(win.end)
+        label = f"{win.fault} {_short(win.value)}".strip()
+        out.append(f'<rect x="{x0:.1f}" y="{top}" width="{max(x1 - x0, 1.5):.1f}" height="{plot_h}" fill="#7e57c2" '
+                   f'fill-opacity="0.14"><title>{html.escape(label)}</title></rect>')
+        out.append(f'<text x="{x0 + 2:.1f}" y="{top + 10}" fill="#5e35b1" font-size="10">{html.escape(label[:30])}</text>')
+    slice_w = plot_w / buckets
+    colors = (COLORS["ok"], "#bdbdbd", "#fbc02d")
+    for b, (ok, fail, info) in enumerate(counts):
+        y = float(top + plot_h)
+        for value, color in zip((ok, fail, info), colors, strict=True):
+            if value:
+                bh = value / peak * (plot_h - 14)
+                y -= bh
+                out.append(f'<rect x="{left + b * slice_w:.1f}" y="{y:.1f}" width="{max(slice_w - 1, 1):.1f}" '
+                           f'height="{bh:.1f}" fill="{color}"/>')
+    for kr in result.invalid_keys:
+        if kr.counterexample is None:
+            continue
+        op = result.op(kr.counterexample.stuck)
+        px = x(op.invoke)
+        out.append(f'<g><title>{html.escape(_tooltip(op))}</title><path d="M{px - 5:.1f},{top + plot_h + 12} '
+                   f'L{px + 5:.1f},{top + plot_h + 12} L{px:.1f},{top + plot_h + 2} Z" fill="{COLORS["stuck"]}"/></g>')
+    out.append(f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="#555"/>')
+    out.append(f'<text x="4" y="{top + 10}" fill="#555">{peak}</text>')
+    for phase in result.analyses.phases:
+        out.append(f'<text x="{x(phase.start) + 2:.1f}" y="{top + plot_h + 26}" fill="#333">'
+                   f'{html.escape(phase.name)}</text>')
+    out.append(f'<text x="{left}" y="{h - 2}" fill="#777">red marks: ops that could not be linearized</text>')
     out.append("</svg>")
     return "\n".join(out)
 
@@ -280,8 +345,8 @@ def render_html(result: Result) -> str:
         _legend(),
     ]
     for kr in result.invalid_keys:
-        ops = focus_ops(result, kr)
-        lay = layout(result, ops, f"key {_show(kr.key)}: around the counterexample", kr)
+        ops, first = focus_ops(result, kr)
+        lay = layout(result, ops, f"key {_show(kr.key)}: around the counterexample", kr, first)
         ce = kr.counterexample
         assert ce is not None
         parts.append(f"<h2>Key {html.escape(_show(kr.key))}: not linearizable</h2>")
@@ -301,18 +366,21 @@ def render_html(result: Result) -> str:
                         [(_show(kr.key), kr.verdict, kr.ops, kr.explored, kr.pruned, f"{kr.seconds:.3f}",
                           kr.reason or "") for kr in result.keys]))
     parts.extend(_analyses_html(result))
-    overview_ops = hist.ops[:MAX_OVERVIEW_OPS]
-    roles: dict[int, str] = {}
-    for kr in result.invalid_keys:
-        if kr.counterexample is not None:
-            roles.update({i: "pending" for i in kr.counterexample.pending})
-            roles[kr.counterexample.stuck] = "stuck"
-    more = f" (first {MAX_OVERVIEW_OPS})" if len(hist.ops) > MAX_OVERVIEW_OPS else ""
-    lay = layout(result, overview_ops, "all operations" + more)
-    for bar, op in zip(lay.bars, overview_ops, strict=True):
-        bar.role = roles.get(op.id, bar.role)
     parts.append("<h2>Timeline</h2>")
-    parts.append(f"<div class='scroll'>{svg(lay, px_per_unit=4.0 if lay.width > 300 else None)}</div>")
+    parts.append(f"<div class='scroll'>{activity_svg(result)}</div>")
+    if len(hist.ops) <= MAX_OVERVIEW_OPS:
+        roles: dict[int, str] = {}
+        for kr in result.invalid_keys:
+            if kr.counterexample is not None:
+                roles.update({i: "pending" for i in kr.counterexample.pending})
+                roles[kr.counterexample.stuck] = "stuck"
+        lay = layout(result, hist.ops, "every operation")
+        for bar, op in zip(lay.bars, hist.ops, strict=True):
+            bar.role = roles.get(op.id, bar.role)
+        parts.append(f"<div class='scroll'>{svg(lay, px_per_unit=4.0 if lay.width > 300 else None)}</div>")
+    else:
+        parts.append(f"<p>({len(hist.ops)} ops: the per-operation timeline is drawn for histories of at most "
+                     f"{MAX_OVERVIEW_OPS} ops; see the counterexamples above.)</p>")
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -362,7 +430,8 @@ def write_report(result: Result, directory: str | Path, png: bool = False) -> Pa
     (out / "result.json").write_text(result.to_json(indent=2), encoding="utf-8")
     if png:
         for n, kr in enumerate(result.invalid_keys):
-            lay = layout(result, focus_ops(result, kr), f"key {_show(kr.key)}: around the counterexample", kr)
+            ops, first = focus_ops(result, kr)
+            lay = layout(result, ops, f"key {_show(kr.key)}: around the counterexample", kr, first)
             write_png(lay, out / f"counterexample-{n}.png")
     return page
 
