@@ -239,6 +239,38 @@ def test_hints_survive_a_restart_of_their_holder(fresh_cluster: LocalCluster) ->
     _wait_delivered(fresh_cluster, key, dead, fallback)
 
 
+def test_a_full_hint_store_refuses_and_the_fallback_does_not_count(tmp_path: Path) -> None:
+    """4 nodes, N=3: each key has one fallback.  With room for one hint per target, the second
+    hint for the dead primary is refused, so a W=3 sloppy write cannot count the fallback."""
+    settings = APSettings(heartbeat_interval_ms=100, anti_entropy_interval_s=3600.0, hint_max_per_target=1)
+    cluster = LocalCluster(4, 3, data_dir=str(tmp_path / "cluster"), ap=settings)
+    try:
+        cluster.start()
+        first = "ap:full-1"
+        order = walk(cluster, first)
+        dead, fallback = order[2], order[3]
+        second = next(
+            k for k in (f"ap:full-{i}" for i in range(2, 10_000))
+            if walk(cluster, k)[3] == fallback and walk(cluster, k)[0] != dead
+        )
+        cluster.kill(dead)
+        coordinator = walk(cluster, second)[0]
+        wait_state(cluster, [order[0], coordinator], dead, "down")
+        assert put(cluster, order[0], first, b"one", w=3) == 204
+        assert pending_hints(cluster, fallback)[dead] == 1
+        refused = http(cluster.url(coordinator), "PUT", kv_path(second, w=3), body=b"two")
+        assert refused.status == 503, refused
+        body = refused.json()
+        assert isinstance(body, dict) and body["error"] == "quorum_unavailable"
+        assert body["acknowledged"] < 3 and body["indeterminate"] is True  # the primaries may hold it
+        assert pending_hints(cluster, fallback)[dead] == 1  # refused, not stored and not counted
+        assert metric(cluster, fallback, "kvstore_hints_dropped_total", reason="target_full") >= 1
+        assert local_object(cluster, fallback, second).live_values == []
+        assert put(cluster, coordinator, second, b"two", w=2) == 204  # W=2 needs no hint
+    finally:
+        cluster.stop()
+
+
 # --- read repair ------------------------------------------------------------------------------
 
 
