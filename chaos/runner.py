@@ -153,8 +153,8 @@ class FaultDriver:
             self.active.append((kind, value))
         elif kind == "kill":
             victim = self.rng.choice(nodes)
-            self.history.nemesis("kill", [victim])
             await self.control.kill(victim)
+            self.history.nemesis("kill", [victim])
             self.active.append((kind, victim))
         elif kind == "pause":
             victim = self.rng.choice(nodes)
@@ -181,23 +181,25 @@ class FaultDriver:
             raise NemesisError(f"unknown fault {kind!r}")
 
     async def stop_all(self) -> None:
+        # The stop event is recorded *before* the fault is undone (and the start event after it
+        # was installed), so every op inside a recorded window ran with the fault fully in force.
         for kind, value in reversed(self.active):
             if kind in PARTITION_KINDS:
-                await self.control.set_rules({})
                 self.history.nemesis("stop-partition", value)
+                await self.control.set_rules({})
             elif kind == "kill":
-                await self.control.restart(value)
                 self.history.nemesis("restart", [value])
+                await self.control.restart(value)
             elif kind == "pause":
-                await self.control.resume(value)
                 self.history.nemesis("resume", [value])
+                await self.control.resume(value)
             elif kind == "clock-skew":
+                self.history.nemesis("stop-skew", value)
                 for node in value:
                     await self.control.skew(node, 0)
-                self.history.nemesis("stop-skew", value)
             elif kind in ("latency", "loss"):
-                await self.control.set_rules({})
                 self.history.nemesis(f"stop-{kind}", value)
+                await self.control.set_rules({})
         self.active.clear()
         self.link = {"delay_ms": 0.0, "jitter_ms": 0.0, "loss": 0.0}
 

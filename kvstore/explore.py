@@ -217,13 +217,25 @@ async def _run_cells(
                 result = await run_scenario(spec, control, cell.out_dir, cluster_info=info, progress=progress,
                                             command=f"{command}  # cell {cell.mode}/{cell.scenario}")
                 bar.update(task, status=f"{label}: checking")
-                cell.summary = await asyncio.to_thread(judge, result.events, cell.mode, cell.out_dir)
+                members, vnodes, replicas = ring_info(control, cluster)
+                cell.summary = await asyncio.to_thread(judge, result.events, cell.mode, cell.out_dir, members,
+                                                       vnodes, replicas)
             except Exception as exc:  # one broken run must not hide the others' results
                 cell.error = f"{type(exc).__name__}: {exc}"
                 if cluster is not None:
                     await control.heal_all()
             cell.seconds = time.monotonic() - t0
             bar.advance(task)
+
+
+def ring_info(control: ClusterControl, cluster: LocalCluster | None) -> tuple[list[str], int, int]:
+    """Members, vnodes and N of the cluster, so the judge can tell each key's replica majority."""
+    if cluster is not None:
+        return cluster.node_ids, cluster.base_config.vnodes, cluster.base_config.replicas
+    first = next(iter(control.urls.values()))
+    with urllib.request.urlopen(first + "/cluster", timeout=5) as resp:
+        info = json.loads(resp.read())
+    return [m["id"] for m in info["members"]], int(info["vnodes"]), int(info["replicas"])
 
 
 def _cell_json(cell: Cell) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from typing import Any
 
 from kvstore.checker import Result, check
 from kvstore.checker.analysis import Counts, fault_windows, partition_sides, percentile
+from kvstore.ring import Ring
 
 CHECK_TIME_LIMIT_S = 30.0
 
@@ -48,21 +49,47 @@ def _affected_nodes(result: Result) -> list[str]:
     return sorted(nodes)
 
 
-def _during_fault(result: Result) -> tuple[Counts, Counts, str, list[str]]:
-    """(majority-side counts, minority-side counts, how sides were defined, minority nodes)."""
+class SideOps(Counts):
+    """Counts that also keep the ops (to say what kind of ops succeeded on a side)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[Any] = []
+
+    def add(self, op: Any) -> None:
+        super().add(op)
+        self.ops.append(op)
+
+
+def _during_fault(
+    result: Result, ring: Ring | None = None, replicas: int = 3
+) -> tuple[SideOps, SideOps, str, list[str]]:
+    """(majority-side counts, minority-side counts, how sides were defined, minority nodes).
+
+    With a ring, partition sides are judged *per key*: an op is on the majority side when its
+    node's group holds a majority of that key's replicas.  That is the side a quorum system can
+    serve; a 2-node group holding 2 of a key's 3 replicas is that key's majority.
+    """
     windows = fault_windows(result.history)
     partitions = [w for w in windows if w.fault == "partition"]
-    majority, minority = Counts(), Counts()
+    majority, minority = SideOps(), SideOps()
     if partitions:
         minority_nodes: set[str] = set()
         for window in partitions:
             sides = partition_sides(window.value) or {}
             minority_nodes.update(n for n, info in sides.items() if info.side != "majority")
             for op in result.history.ops:
-                if window.start <= op.invoke < window.end and op.node is not None:
-                    side = sides.get(op.node)
+                if not (window.start <= op.invoke < window.end) or op.node is None:
+                    continue
+                side = sides.get(op.node)
+                if ring is not None and side is not None:
+                    owners = ring.preference_list(str(op.key), replicas)
+                    reachable = sum(1 for o in owners if o in side.group)
+                    (majority if 2 * reachable > replicas else minority).add(op)
+                else:
                     (majority if side is not None and side.side == "majority" else minority).add(op)
-        return majority, minority, "partition sides", sorted(minority_nodes)
+        rule = "per-key replica majority" if ring is not None else "partition sides"
+        return majority, minority, rule, sorted(minority_nodes)
     affected = _affected_nodes(result)
     for window in windows:
         for op in result.history.ops:
@@ -71,10 +98,18 @@ def _during_fault(result: Result) -> tuple[Counts, Counts, str, list[str]]:
     return majority, minority, "clients of the affected node(s)" if affected else "all clients", affected
 
 
-def judge(events: list[dict[str, Any]], mode: str, out_dir: Path | None = None) -> dict[str, Any]:
+def judge(
+    events: list[dict[str, Any]],
+    mode: str,
+    out_dir: Path | None = None,
+    members: list[str] | None = None,
+    vnodes: int = 256,
+    replicas: int = 3,
+) -> dict[str, Any]:
     model = "cas-register" if mode == "linearizable" else "register"
     result = check(events, model=model, time_limit_s=CHECK_TIME_LIMIT_S, workers=1)
-    majority, minority, sides_rule, minority_nodes = _during_fault(result)
+    ring = Ring(members, vnodes) if members else None
+    majority, minority, sides_rule, minority_nodes = _during_fault(result, ring, replicas)
     a = result.analyses
     ok_latencies = sorted(
         (op.complete_time - op.invoke_time) / 1e6
@@ -83,11 +118,7 @@ def judge(events: list[dict[str, Any]], mode: str, out_dir: Path | None = None) 
     )
     invalid = [str(kr.key) for kr in result.keys if kr.verdict == "invalid"]
     unknown = [str(kr.key) for kr in result.keys if kr.verdict == "unknown"]
-    writes_ok_minority = sum(
-        1 for op in result.history.ops
-        if op.node in minority_nodes and op.type == "ok" and op.f in ("write", "cas", "delete")
-        and any(w.start <= op.invoke < w.end for w in fault_windows(result.history))
-    )
+    writes_ok_minority = sum(1 for op in minority.ops if op.type == "ok" and op.f in ("write", "cas", "delete"))
     summary: dict[str, Any] = {
         "model": model,
         "linearizable": str(result.valid),
@@ -126,8 +157,8 @@ def _counterexample_svg(result: Result) -> str | None:
     if not bad:
         return None
     kr = bad[0]
-    ops = report.focus_ops(result, kr)
-    lay = report.layout(result, ops, f"key {kr.key}: not linearizable", kr)
+    ops, first = report.focus_ops(result, kr)
+    lay = report.layout(result, ops, f"key {kr.key}: not linearizable", kr, first)
     return report.svg(lay, max_width=1100)
 
 
@@ -139,7 +170,8 @@ def findings_for(s: dict[str, Any]) -> str:
     """One plain-language line, derived only from the figures in ``s``."""
     parts: list[str] = []
     minority, majority = s["availability_fault_minority"], s["availability_fault_majority"]
-    side = "minority side" if s["sides_rule"] == "partition sides" else "faulty node's clients"
+    partitioned = s["sides_rule"] in ("partition sides", "per-key replica majority")
+    side = "minority side" if partitioned else "faulty node's clients"
     if minority is not None:
         if minority >= 0.9:
             parts.append(f"{side} stayed available ({_pct(minority)})")
@@ -147,7 +179,7 @@ def findings_for(s: dict[str, Any]) -> str:
             parts.append(f"{side} refused requests ({_pct(minority)} ok)")
         else:
             parts.append(f"{side} partly available ({_pct(minority)})")
-        if s["writes_ok_on_minority_during_fault"] and minority > 0.1 and s["sides_rule"] == "partition sides":
+        if s["writes_ok_on_minority_during_fault"] and minority > 0.1 and partitioned:
             parts[-1] += f", {s['writes_ok_on_minority_during_fault']} writes accepted there"
     if majority is not None and majority < 0.9:
         parts.append(f"majority side only {_pct(majority)} available")
