@@ -116,8 +116,13 @@ def print_result(result: Result, report_path: Any = None) -> None:
     if len(result.keys) > 1 or unknown:
         console.print(f"keys: {len(result.keys) - len(invalid) - len(unknown)} valid, {len(invalid)} invalid, "
                       f"{len(unknown)} unknown")
-    for kr in unknown[:10]:
-        console.print(f"  [yellow]unknown[/] key {_show(kr.key)}: {kr.reason} ({kr.explored} states explored)")
+    by_reason: dict[str, list[str]] = {}
+    for kr in unknown:
+        by_reason.setdefault(kr.reason or "budget", []).append(_show(kr.key))
+    for reason, names in by_reason.items():
+        shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+        hint = " (--exhaustive to keep going)" if "another key" in reason else ""
+        console.print(f"  [yellow]unknown[/] {len(names)} key(s), {reason}{hint}: {shown}")
     for kr in invalid[:SHOWN_INVALID_KEYS]:
         ce = kr.counterexample
         console.print(f"\n[bold red]key {_show(kr.key)}[/]: {result.explain(kr)}.")

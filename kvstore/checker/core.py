@@ -120,6 +120,8 @@ class Result:
         """For a read: which ops could have produced what it returned."""
         if op.f not in ("read", "get") or op.type != "ok":
             return ""
+        if any(o.f == "append" for o in self.history.ops if o.key == op.key):
+            return ""  # values are built by appends: "who wrote it" has no single answer
         values = op.siblings if op.siblings is not None else (op.result,)
         hints = []
         for value in values:
