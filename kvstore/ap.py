@@ -24,8 +24,8 @@ what each one guarantees and what it does not):
   (count and flat hash of up to ``SUMMARY_BATCH`` ranges in one message), then,
   only for ranges that differ, the level-by-level Merkle exchange of
   ``kvstore.merkle`` with a depth chosen from the key count (about
-  ``KEYS_PER_BUCKET`` keys per bucket, so a small range costs 2 round trips and a
-  big one ``depth + 2``), then only the objects of differing keys: pulled from the
+  ``KEYS_PER_BUCKET`` keys per bucket; a depth-0 tree needs no level request, since
+  the summary's hash is its root), then only the objects of differing keys: pulled from the
   peer, merged into our data store, and pushed back when the peer lacks the merge.
   Trees are built from the *data* store only, from a fresh scan each round (hints
   are handed off, not anti-entropied).  Rounds are periodic (jittered), one at a
