@@ -16,7 +16,15 @@ of Knossos's ``wgl`` checker, and we follow Porcupine's structure:
   ``(bitset, state)`` tuples;
 * ``info`` ops have their return at the end of time and are *optional*: the search succeeds as
   soon as every required op is linearized, so an info op may take effect anywhere after its
-  invoke or never (Jepsen's semantics).
+  invoke or never (Jepsen's semantics);
+* optional ops with the same effect (same signature: a write of the same value, a cas with
+  the same arguments) are interchangeable once invoked -- neither has a return to meet -- so
+  the memo records how many of each class are linearized, not which: the k-th one linearized
+  sets the class's k-th bit.  (``Model.compile_all`` has already dropped the optional ops
+  nobody could observe.)  Both reductions only merge configurations with identical futures;
+  tests/test_checker_wgl.py checks the verdicts against brute force;
+* the search is an object that stops at its budget and resumes later with a bigger one
+  (``core.py`` raises budgets step by step across keys), so no work is done twice.
 
 Guarantees: ``valid`` is returned only with a witness linearization in hand, ``invalid`` only
 after the whole space was exhausted (the cache only removes revisits of an explored pair), and
@@ -32,7 +40,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from kvstore.checker.history import Op
@@ -66,7 +74,6 @@ class KeyResult:
     linearization: list[int] | None = None  # a witness order when valid
     counterexample: Counterexample | None = None
     seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _never() -> bool:
