@@ -26,6 +26,10 @@ Models (the initial value is configurable; reading an absent key returns ``None`
 
 Sibling reads (docs/history-format.md): a read that returned siblings is legal at a
 linearization point where the register's value equals at least one of the siblings.
+
+``compile_all`` also drops the optional ops whose written value nobody can observe (see its
+docstring for why that is sound), and gives each step a signature so the search can treat
+optional ops with the same effect as interchangeable.
 """
 
 from __future__ import annotations
