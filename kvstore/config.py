@@ -232,6 +232,10 @@ def validate(cfg: NodeConfig) -> NodeConfig:
     for f in fields(Limits):
         if getattr(cfg.limits, f.name) <= 0:
             raise ConfigError(f"limits.{f.name}", "must be positive")
+    for f in fields(APSettings):
+        value = getattr(cfg.ap, f.name)
+        if isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
+            raise ConfigError(f"ap.{f.name}", "must be positive")
     if cfg.limits.max_key_bytes > 1024:
         raise ConfigError("limits.max_key_bytes", "keys are limited to 1 KiB")
     return cfg
