@@ -138,8 +138,8 @@ def judge(
         "lost_write_values": [lw.value for lw in a.lost_writes][:20],
         "sibling_reads": len(a.sibling_reads),
         "ops": a.availability.overall.to_dict(),
-        "latency_p50_ms": percentile(ok_latencies, 0.50) if ok_latencies else None,
-        "latency_p99_ms": percentile(ok_latencies, 0.99) if ok_latencies else None,
+        "latency_p50_ms": percentile(ok_latencies, 50) if ok_latencies else None,
+        "latency_p99_ms": percentile(ok_latencies, 99) if ok_latencies else None,
         "check_seconds": round(result.seconds, 2),
     }
     summary["finding"] = findings_for(summary)

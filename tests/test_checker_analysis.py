@@ -128,6 +128,31 @@ def test_lost_write_needs_evidence_and_no_explanation() -> None:
                                   "2 invoke read", "2 ok read nil")) == []
 
 
+def test_read_cut_off_from_the_writer_is_not_evidence_of_loss() -> None:
+    part = 'nemesis start-partition {"kind": "majority", "groups": [["n1", "n2", "n3"], ["n4", "n5"]]}'
+    heal = 'nemesis stop-partition {"kind": "majority", "groups": [["n1", "n2", "n3"], ["n4", "n5"]]}'
+    # Written on the minority side; a majority-side read during the partition misses it (a stale
+    # read), then the writer's own next write replaces it: nothing was lost.
+    assert analysis.lost_writes(h(part, "0 invoke write 1 @n4", "0 ok write 1 @n4", "1 invoke read @n1",
+                                  "1 ok read nil @n1", "0 invoke write 2 @n4", "0 ok write 2 @n4", heal,
+                                  "1 invoke read @n2", "1 ok read 2 @n2")) == []
+    # The same, but the first read that could reach it (after healing) still misses it: lost.
+    lost = analysis.lost_writes(h(part, "0 invoke write 1 @n4", "0 ok write 1 @n4", "1 invoke read @n1",
+                                  "1 ok read nil @n1", heal, "1 invoke read @n2", "1 ok read nil @n2"))
+    assert [(lw.value, lw.first_read) for lw in lost] == [(1, 2)]
+    # A read on the writer's own side during the partition is evidence.
+    lost = analysis.lost_writes(h(part, "0 invoke write 1 @n4", "0 ok write 1 @n4", "1 invoke read @n5",
+                                  "1 ok read nil @n5", "0 invoke write 2 @n4", "0 ok write 2 @n4"))
+    assert [lw.value for lw in lost] == [1]
+    # While the writer's node is killed, other nodes' reads cannot see its copy either.
+    killed = ("0 invoke write 1 @n2", "0 ok write 1 @n2", 'nemesis kill ["n2"]', "1 invoke read @n1",
+              "1 ok read nil @n1", 'nemesis restart ["n2"]', "0 invoke write 2 @n2", "0 ok write 2 @n2",
+              "1 invoke read @n1", "1 ok read 2 @n1")
+    assert analysis.lost_writes(h(*killed)) == []
+    # ... whereas the same read with no kill is evidence.
+    assert [lw.value for lw in analysis.lost_writes(h(*(x for x in killed if "nemesis" not in x)))] == [1]
+
+
 def test_stale_read_needs_a_completed_overwrite_before_the_read() -> None:
     stale = analysis.stale_reads(h("0 invoke write 1", "0 ok write 1", "0 invoke write 2", "0 ok write 2",
                                    "1 invoke read", "1 ok read 1"))

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -319,8 +319,42 @@ class LostWrite:
         return {**asdict(self), "key": thaw(self.key), "value": thaw(self.value)}
 
 
+def _unreachable_reads(history: History) -> Callable[[Op, Op], bool]:
+    """(write, read) -> True when the read could not have reached the write's node: an active
+    partition separated the two nodes, or the write's node was killed or paused, when the read
+    began.  Such a read missing the write is a stale read, not evidence that the write was lost.
+    """
+    cuts: list[tuple[int, int, dict[str, SideInfo] | None, str | None]] = []
+    for window in fault_windows(history):
+        if window.fault == "partition":
+            sides = partition_sides(window.value)
+            if sides is not None:
+                cuts.append((window.start, window.end, sides, None))
+        elif window.fault in ("kill", "pause"):
+            target = window.value[0] if isinstance(window.value, list) and window.value else window.value
+            if isinstance(target, str):
+                cuts.append((window.start, window.end, None, target))
+
+    def unreachable(write: Op, read: Op) -> bool:
+        if write.node is None or read.node is None:
+            return False
+        for start, end, sides, down in cuts:
+            if not start <= read.invoke < end:
+                continue
+            if down is not None and down == write.node and read.node != write.node:
+                return True
+            if sides is not None:
+                a, b = sides.get(write.node), sides.get(read.node)
+                if a is not None and b is not None and "bridge" not in (a.side, b.side) and read.node not in a.group:
+                    return True
+        return False
+
+    return unreachable
+
+
 def lost_writes(history: History) -> list[LostWrite]:
     found: list[LostWrite] = []
+    unreachable = _unreachable_reads(history)
     for key, ops in _register_keys(history).items():
         reads = sorted((op for op in ops if op.f in READ_FS and op.type == "ok"), key=lambda o: o.invoke)
         read_starts = [r.invoke for r in reads]
@@ -345,8 +379,11 @@ def lost_writes(history: History) -> list[LostWrite]:
             if w.type != "ok" or w.f == "delete" or w.complete is None or _hashable(value) in observed:
                 continue
             after = bisect.bisect_right(read_starts, w.complete)
+            # Reads cut off from the writer's node cannot tell whether the write survived.
+            while after < len(reads) and unreachable(w, reads[after]):
+                after += 1
             if after == len(reads):
-                continue  # nothing read the key afterwards: no evidence either way
+                continue  # nothing that could see it read the key afterwards: no evidence either way
             first = reads[after]
             assert first.complete is not None
             # another write invoked before that read completed, still running after w began?
