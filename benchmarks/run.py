@@ -94,11 +94,11 @@ class Plan:
     budget_s: float  # the whole run; what does not fit is skipped
     count: int = 200_000  # op-count bound of a saturation run
     connections: int = 64
-    half_connections: int = 32
+    half_connections: int = 64  # idle connections let the paced schedule hold through a latency spike
 
 
 FULL = Plan(
-    sat_s=3, half_s=3, sizes=(100, 10 * 1024), c5_sizes=(100,), read_keys=2000, mem_keys=100_000,
+    sat_s=3, half_s=2, sizes=(100, 10 * 1024), c5_sizes=(100,), read_keys=2000, mem_keys=50_000,
     hint_keys=2000, ae_keys=10_000, client_s=3, budget_s=280,
 )
 QUICK = Plan(
@@ -230,8 +230,9 @@ class Bench:
             return
         offered = f"(offered {r.offered_rate:.0f}/s)" if r.offered_rate else ""
         cpu = f"{row.cpu_us_per_op:>7.0f}" if row.cpu_us_per_op is not None else f"{'-':>7}"
+        cores = f"{row.cpu_us_per_op * r.ops_per_s / 1e6:>5.2f}" if row.cpu_us_per_op is not None else f"{'-':>5}"
         print(
-            f"{head} {r.ops_per_s:>9.0f} {r.p('p50'):>7.2f} {r.p('p99'):>7.2f} {r.p('p999'):>8.2f} {cpu}  "
+            f"{head} {r.ops_per_s:>9.0f} {r.p('p50'):>7.2f} {r.p('p99'):>7.2f} {r.p('p999'):>8.2f} {cpu} {cores}  "
             f"{offered} {r.error_text()} {row.note}".rstrip(),
             flush=True,
         )
@@ -240,7 +241,7 @@ class Bench:
     def print_header(title: str) -> None:
         print(f"\n== {title}")
         print(f"{'system':<10} {'mode':<12} {'op':<4} {'size':>6} {'load':<4} {'ops/s':>9} {'p50 ms':>7} "
-              f"{'p99 ms':>7} {'p999 ms':>8} {'cpu us':>7}  (cpu us = server CPU per op, all processes)")
+              f"{'p99 ms':>7} {'p999 ms':>8} {'cpu us':>7} {'cores':>5}")
 
     # -- processes
 
@@ -461,10 +462,14 @@ class Bench:
 
     def section_cluster5(self) -> None:
         self.print_header(f"kvstore, 5 nodes, N=3, storage={self.args.storage} fsync={self.args.fsync}")
+        sizes = self.plan.c5_sizes or ((100,) if self.args.explicit_sections else ())
+        if not sizes:
+            print("skipped in --quick (run without --quick, or with --only cluster5)")
+            return
         self.release("kvstore-3")
         c = self.cluster("kvstore-5")
         modes = {k: MODES[k] for k in ("eventual", "quorum")}
-        self.matrix("kvstore-5", c.urls, modes, self.plan.c5_sizes or (100,), load_query="w=3", pids=self.pids_of(c))
+        self.matrix("kvstore-5", c.urls, modes, sizes, load_query="w=3", pids=self.pids_of(c))
 
     def section_recovery(self) -> None:
         print("\n== recovery (5 nodes, N=3): hinted handoff and restart")
@@ -561,9 +566,10 @@ class Bench:
                 url = c.url(node)
                 prepopulate(c.urls, "warm-", 1000, 100, query="w=1")  # allocator and code paths warm
                 rss0, rec0 = rss_kib(c.pid(node)), storage_records(url) or 0
+                left_s = self.plan.budget_s - self.elapsed() - 5
                 spec = LoadSpec(
                     urls=c.urls, op="put", query="w=1", value_size=100, prefix="mem-", count=self.plan.mem_keys,
-                    duration_s=60.0 if self.plan is FULL else 20.0, connections=self.plan.connections,
+                    duration_s=max(5.0, min(60.0, left_s)), connections=self.plan.connections,
                 )
                 run_load(spec, self.generator)
                 time.sleep(0.5)
@@ -729,6 +735,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}")
     args.sections = [s for s in SECTIONS if not only or s in only]
+    args.explicit_sections = bool(only)
     return args
 
 
@@ -751,6 +758,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"sections: {', '.join(args.sections)}; budget {plan.budget_s:.0f} s; saturation = closed loop, "
           f"{plan.connections} connections; half = paced at 50% of the measured saturation rate, "
           f"{plan.half_connections} connections; each run bounded by {plan.sat_s:g} s and an op count")
+    print("columns: ops/s = successful replies per second; latency from wrk (send to reply); cpu us = CPU time "
+          "(user+sys, from /proc) of all the server's processes per successful op; cores = that CPU per second "
+          "of the run (2 CPUs are shared with the load generator and anything else running)")
     bench = Bench(args, plan)
     sections: dict[str, Callable[[], None]] = {s: getattr(bench, f"section_{s}") for s in SECTIONS}
     code = 0
