@@ -69,6 +69,7 @@ def completed_ops(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
             inv = invokes.pop(p)
             ops.append(
                 {
+                    "invoke_index": inv["index"],
                     "f": e["f"],
                     "type": e["type"],
                     "start_s": inv["time"] / 1e9,
@@ -87,8 +88,17 @@ def _shade(ax: Any, windows: list[tuple[float, float, str]]) -> None:
                 fontsize=8, color="#495057")
 
 
-def run_figure(events: list[dict[str, Any]], title: str, minority: list[str] | None = None,
-               subtitle: str = "", final_reads_from_s: float | None = None) -> bytes:
+def run_figure(
+    events: list[dict[str, Any]],
+    title: str,
+    minority: set[int] | None = None,
+    subtitle: str = "",
+    final_reads_from_s: float | None = None,
+    minority_label: str = "minority side",
+    lost: set[int] | None = None,
+    stale: set[int] | None = None,
+) -> bytes:
+    """``minority``, ``lost`` and ``stale`` are sets of invoke indexes (as judged by the checker)."""
     ops = completed_ops(events)
     windows = fault_windows(events)
     fig, (ax_lat, ax_rate) = plt.subplots(2, 1, figsize=(10, 6.4), sharex=True,
@@ -102,6 +112,13 @@ def run_figure(events: list[dict[str, Any]], title: str, minority: list[str] | N
         if xs:
             ax_lat.scatter(xs, ys, s=10 if kind == "ok" else 22, c=style["color"], marker=style["marker"],
                            label=f"{style['label']} ({len(xs)})", alpha=0.75, linewidths=1)
+    for marked, style in ((lost, {"color": "#5f3dc4", "marker": "D", "label": "acknowledged, later lost"}),
+                          (stale, {"color": "#0b7285", "marker": "s", "label": "stale read"})):
+        chosen = [o for o in ops if marked and o["invoke_index"] in marked]
+        if chosen:
+            ax_lat.scatter([o["end_s"] for o in chosen], [max(o["latency_ms"], 0.05) for o in chosen], s=46,
+                           facecolors="none", edgecolors=style["color"], marker=style["marker"], linewidths=1.6,
+                           label=f"{style['label']} ({len(chosen)})", zorder=5)
     ax_lat.set_yscale("log")
     ax_lat.set_ylabel("latency (ms, log)")
     ax_lat.legend(loc="upper right", fontsize=8, framealpha=0.9)
@@ -136,11 +153,10 @@ def run_figure(events: list[dict[str, Any]], title: str, minority: list[str] | N
     ax_av.set_ylabel("availability (ok share)")
     xs = [b + bin_s / 2 for b in bins]
     if minority:
-        _, av_min = per_bin(lambda o: o["node"] in minority)
-        _, av_maj = per_bin(lambda o: o["node"] not in minority)
-        ax_av.plot(xs, av_maj, color="#1864ab", lw=2, marker=".", label="availability: other clients")
-        ax_av.plot(xs, av_min, color="#c92a2a", lw=2, ls="--", marker=".",
-                   label=f"availability: clients of {','.join(minority)}")
+        _, av_min = per_bin(lambda o: o["invoke_index"] in minority)
+        _, av_maj = per_bin(lambda o: o["invoke_index"] not in minority)
+        ax_av.plot(xs, av_maj, color="#1864ab", lw=2, marker=".", label="availability: everyone else")
+        ax_av.plot(xs, av_min, color="#c92a2a", lw=2, ls="--", marker=".", label=f"availability: {minority_label}")
     else:
         ax_av.plot(xs, avail, color="#1864ab", lw=2, marker=".", label="availability: all clients")
     _shade(ax_rate, windows)

@@ -142,6 +142,12 @@ def judge(
         "latency_p99_ms": percentile(ok_latencies, 99) if ok_latencies else None,
         "check_seconds": round(result.seconds, 2),
     }
+    # For the plots: which ops (by invoke index) were on the minority side, lost, or stale.
+    summary["plot_marks"] = {
+        "minority": [op.invoke for op in minority.ops],
+        "lost": [result.op(lw.op).invoke for lw in a.lost_writes],
+        "stale": [result.op(sr.op).invoke for sr in a.stale_reads],
+    }
     summary["finding"] = findings_for(summary)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -244,9 +250,10 @@ GUIDE = """
 5-node cluster with N=3, while a nemesis injects the fault for the middle 40% of the run. The
 checker then judges the recorded history.</p>
 <ul>
-<li><b>avail. during fault</b>: the share of operations that succeeded while the fault was active,
-for clients on the majority side and on the minority side of a partition (for a kill or a clock
-skew: everyone else, and the clients of the affected node).</li>
+<li><b>avail. during fault</b>: the share of operations that succeeded while the fault was active.
+For a partition the sides are judged per key: an operation is on the majority side when its
+node's side holds a majority (2 of 3) of that key's replicas. For a kill or a clock skew:
+everyone else, and the clients of the affected node.</li>
 <li><b>linearizable</b>: whether every key's history can be explained by a single register that
 changes atomically between each operation's start and end (Wing–Gong–Lowe search). "no" lists how
 many keys failed; the timeline below the plots shows why.</li>
@@ -255,9 +262,10 @@ completed before the read began. <b>lost writes</b>: acknowledged writes that no
 saw, with no later overwrite to explain it. <b>sibling reads</b>: reads that returned several
 concurrent values.</li>
 <li>In the plots, each operation is a mark at its completion time and latency: green circles
-succeeded, red crosses certainly failed, orange triangles have an unknown outcome (timeouts). The
-grey band is the fault window. The lower panel shows throughput and the share of successes per
-second, split by side when there are sides.</li>
+succeeded, red crosses certainly failed, orange triangles have an unknown outcome (timeouts);
+purple diamonds are acknowledged writes the checker found lost, teal squares stale reads. The
+grey band is the fault window. The lower panel shows throughput and the share of successes over
+time, for the minority side (or the affected node's clients) and everyone else.</li>
 </ul>
 <p>What to expect if the store and the checker are right: <i>linearizable</i> is never
 non-linearizable and refuses requests on the minority side; <i>eventual</i> modes stay available on
@@ -298,8 +306,12 @@ def write_report(out: Path, cells: Sequence[Any], meta: dict[str, Any]) -> Path:
         events = read_history(history_path) if history_path.exists() else []
         first_final = run_json.get("final_reads_from_index")
         final_from = events[first_final]["time"] / 1e9 if isinstance(first_final, int) and first_final < len(events) else None
-        png = run_figure(events, f"{c.mode} × {c.scenario}", minority=s.get("minority_nodes") or None,
-                         subtitle=s["finding"], final_reads_from_s=final_from)
+        marks = s.get("plot_marks", {})
+        label = ("minority side (no majority of the key's replicas)" if s["sides_rule"] == "per-key replica majority"
+                 else f"clients of {','.join(s.get('minority_nodes') or [])}")
+        png = run_figure(events, f"{c.mode} × {c.scenario}", minority=set(marks.get("minority", [])) or None,
+                         subtitle=s["finding"], final_reads_from_s=final_from, minority_label=label,
+                         lost=set(marks.get("lost", [])), stale=set(marks.get("stale", [])))
         (c.out_dir / "plot.png").write_bytes(png)
         timeline = s.get("timeline_svg")
         repro = (f"python chaos/{c.scenario.replace('-', '_')}.py --mode {c.mode} "
