@@ -186,6 +186,7 @@ class Node:
         await self.load_hint_ledger()  # before any peer can send a hint
         await self.transport.start(self.handle_message)
         self._loops.append(asyncio.create_task(self._heartbeat_loop(), name="heartbeat"))
+        self._loops.append(asyncio.create_task(self._loop_lag_monitor(), name="loop-lag"))
         for ext in self.extensions:
             await ext.start()
 
@@ -203,6 +204,15 @@ class Node:
         await self.transport.close()
         for store in (self.data, self.hints, self.paxos_storage):
             await store.close()
+
+    async def _loop_lag_monitor(self, interval_s: float = 0.1) -> None:
+        """How late the event loop wakes a 100 ms timer: blocking work on the loop shows up here
+        (metric ``kvstore_event_loop_lag_seconds``)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            expected = loop.time() + interval_s
+            await asyncio.sleep(interval_s)
+            self.metrics.loop_lag.observe(max(0.0, loop.time() - expected))
 
     def spawn(self, coro: Awaitable[Any], name: str = "background") -> asyncio.Task[Any] | None:
         """Run ``coro`` in the background if a slot is free; None means the caller must await it."""

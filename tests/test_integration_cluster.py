@@ -158,6 +158,7 @@ def test_cluster_health_metrics(cluster5: LocalCluster) -> None:
     assert 'kvstore_requests_total{op="put",status="204"}' in metrics
     assert "kvstore_request_latency_seconds_bucket" in metrics
     assert "kvstore_storage_records" in metrics
+    assert "kvstore_event_loop_lag_seconds_count" in metrics
 
 
 def test_forwarded_write_from_non_replica(cluster5: LocalCluster) -> None:
