@@ -105,6 +105,15 @@ class LoadResult:
             parts.append(f"socket/timeout x{self.transport_errors}")
         return "errors: " + ", ".join(parts)
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LoadResult:
+        return cls(
+            generator=str(data["generator"]), requests=int(data["requests"]), ok=int(data["ok"]),
+            duration_s=float(data["duration_s"]), latency_ms={k: float(v) for k, v in data["latency_ms"].items()},
+            statuses={str(k): int(v) for k, v in data.get("statuses", {}).items()},
+            transport_errors=int(data.get("transport_errors", 0)), offered_rate=data.get("offered_rate"),
+        )
+
     def to_json(self) -> dict[str, Any]:
         return {
             "generator": self.generator, "requests": self.requests, "ok": self.ok,

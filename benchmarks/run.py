@@ -634,42 +634,10 @@ class Bench:
             print("  " + line)
 
     def targets(self) -> list[str]:
-        rep = self.report
-        lines: list[str] = []
-
-        def verdict(ok: bool | None) -> str:
-            return "n/a    " if ok is None else ("MET    " if ok else "NOT MET")
-
-        def cmp(label: str, ours: LoadResult | None, theirs: LoadResult | None, factor: float) -> None:
-            if ours is None or theirs is None:
-                missing = "kvstore" if ours is None else "etcd"
-                lines.append(f"{verdict(None)} {label}: {missing} figure not measured")
-                return
-            ok = ours.ops_per_s >= factor * theirs.ops_per_s
-            lines.append(f"{verdict(ok)} {label}: {ours.ops_per_s:.0f}/s vs etcd {theirs.ops_per_s:.0f}/s "
-                         f"= {ratio(ours.ops_per_s, theirs.ops_per_s)} (target >= {factor:g}x)")
-
-        storage = f"{self.args.storage}/fsync={self.args.fsync}"
-        cmp(f"quorum writes (3 nodes, N=3, W=2, {storage}) >= 2x etcd writes",
-            rep.find("kvstore-3", "quorum", "put", 100, "sat"), rep.find("etcd", "etcd", "put", 100, "sat"), 2)
-        cmp("quorum reads >= 2x etcd linearizable reads",
-            rep.find("kvstore-3", "quorum", "get", 100, "sat"), rep.find("etcd", "etcd", "get", 100, "sat"), 2)
-        if self.linearizable is not None and not self.linearizable[0]:
-            lines.append(f"n/a     linearizable >= etcd: {self.linearizable[1]}")
-        else:
-            for op in ("put", "get"):
-                cmp(f"linearizable {op} >= etcd {op}", rep.find("kvstore-3", "linearizable", op, 100, "sat"),
-                    rep.find("etcd", "etcd", op, 100, "sat"), 1)
-        for op in ("put", "get"):
-            for size in self.plan.sizes:
-                half = rep.find("kvstore-3", "quorum", op, size, "half")
-                if half is None:
-                    lines.append(f"{verdict(None)} p99 at half saturation < 10 ms, quorum {op} {size} B: not measured")
-                    continue
-                ok = half.p("p99") < 10.0
-                lines.append(f"{verdict(ok)} p99 at half saturation < 10 ms, quorum {op} {size} B: "
-                             f"{half.p('p99'):.2f} ms at {half.ops_per_s:.0f}/s")
-        return lines
+        missing = self.linearizable[1] if self.linearizable is not None and not self.linearizable[0] else None
+        return target_lines(
+            self.report, f"{self.args.storage}/fsync={self.args.fsync}", self.plan.sizes, missing
+        )
 
     def to_json(self, info: dict[str, str], command: str) -> dict[str, Any]:
         return {
@@ -679,7 +647,147 @@ class Bench:
                 for r in self.report.rows
             },
             "facts": self.report.facts, "targets": self.targets(),
+            "storage": f"{self.args.storage}/fsync={self.args.fsync}",
+            "linearizable_missing": (
+                self.linearizable[1] if self.linearizable is not None and not self.linearizable[0] else None
+            ),
         }
+
+
+def target_lines(rep: Report, storage: str, sizes: tuple[int, ...], linearizable_missing: str | None) -> list[str]:
+    """The issue's targets, each MET / NOT MET / n/a with its figures (and CPU-normalized ratios)."""
+    lines: list[str] = []
+
+    def verdict(ok: bool | None) -> str:
+        return "n/a    " if ok is None else ("MET    " if ok else "NOT MET")
+
+    def cmp(label: str, mode: str, op: str, factor: float) -> None:
+        ours_row = rep.row("kvstore-3", mode, op, 100, "sat")
+        etcd_row = rep.row("etcd", "etcd", op, 100, "sat")
+        ours = ours_row.result if ours_row else None
+        theirs = etcd_row.result if etcd_row else None
+        if ours is None or theirs is None or ours_row is None or etcd_row is None:
+            missing = "kvstore" if ours is None else "etcd"
+            lines.append(f"{verdict(None)} {label}: {missing} figure not measured")
+            return
+        ok = ours.ops_per_s >= factor * theirs.ops_per_s
+        line = (f"{verdict(ok)} {label}: {ours.ops_per_s:.0f}/s vs etcd {theirs.ops_per_s:.0f}/s "
+                f"= {ratio(ours.ops_per_s, theirs.ops_per_s)} (target >= {factor:g}x)")
+        if ours_row.cpu_us_per_op and etcd_row.cpu_us_per_op:
+            # Throughput at equal CPU: the ratio that survives a noisy shared machine.
+            line += (f"; CPU/op {ours_row.cpu_us_per_op:.0f} vs {etcd_row.cpu_us_per_op:.0f} us "
+                     f"= {ratio(etcd_row.cpu_us_per_op, ours_row.cpu_us_per_op)} at equal CPU")
+        lines.append(line)
+
+    cmp(f"quorum writes (3 nodes, N=3, W=2, {storage}) >= 2x etcd writes", "quorum", "put", 2)
+    cmp("quorum reads >= 2x etcd linearizable reads", "quorum", "get", 2)
+    if linearizable_missing is not None:
+        lines.append(f"n/a     linearizable >= etcd: {linearizable_missing}")
+    else:
+        for op in ("put", "get"):
+            cmp(f"linearizable {op} >= etcd {op}", "linearizable", op, 1)
+    for op in ("put", "get"):
+        for size in sizes:
+            half = rep.find("kvstore-3", "quorum", op, size, "half")
+            if half is None:
+                lines.append(f"{verdict(None)} p99 at half saturation < 10 ms, quorum {op} {size} B: not measured")
+                continue
+            ok = half.p("p99") < 10.0
+            etcd_half = rep.find("etcd", "etcd", op, size, "half")
+            context = f" (etcd, same run: {etcd_half.p('p99'):.2f} ms)" if etcd_half else ""
+            lines.append(f"{verdict(ok)} p99 at half saturation < 10 ms, quorum {op} {size} B: "
+                         f"{half.p('p99'):.2f} ms at {half.ops_per_s:.0f}/s{context}")
+    return lines
+
+
+def report_from_json(data: dict[str, Any]) -> Report:
+    rep = Report(facts=dict(data.get("facts", {})))
+    for key, row in data.get("rows", {}).items():
+        system, mode, op, size, load = key.split("/")
+        result = LoadResult.from_json(row) if "ops_per_s" in row else None
+        rep.rows.append(Row(system, mode, op, int(size), load, result, row.get("note", ""), row.get("cpu_us_per_op")))
+    return rep
+
+
+def render_markdown(data: dict[str, Any]) -> str:
+    """A docs/benchmarks.md entry for one run (from its --json file)."""
+    m = data.get("machine", {})
+    rep = report_from_json(data)
+    sizes = tuple(data.get("plan", {}).get("sizes", (100,)))
+    out = [
+        f"### {m.get('date', '?')}, commit {m.get('commit', '?')}",
+        "",
+        f"* Machine: nproc={m.get('nproc')} ({m.get('cpu')}), Linux {m.get('kernel')}, Python {m.get('python')}; "
+        f"load average {m.get('loadavg')} at the start, {data.get('loadavg_end', '?')} at the end.",
+        f"* Code measured: {m.get('kvstore_source')}.",
+        f"* Command: `{data.get('command')}`",
+        "",
+        "| system | mode | op | value | load | ops/s | p50 ms | p99 ms | p99.9 ms | server CPU us/op | errors |",
+        "|---|---|---|---:|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for row in rep.rows:
+        size = f"{row.size // 1024} KiB" if row.size >= 1024 else f"{row.size} B"
+        r = row.result
+        if r is None:
+            out.append(f"| {row.system} | {row.mode} | {row.op} | {size} | {row.load} | - | | | | | {row.note} |")
+            continue
+        load = row.load if not r.offered_rate else f"half ({r.offered_rate:.0f}/s offered)"
+        cpu = f"{row.cpu_us_per_op:.0f}" if row.cpu_us_per_op else "-"
+        out.append(
+            f"| {row.system} | {row.mode} | {row.op} | {size} | {load} | {r.ops_per_s:.0f} | {r.p('p50'):.1f} | "
+            f"{r.p('p99'):.1f} | {r.p('p999'):.1f} | {cpu} | {r.error_text().removeprefix('errors: ') or '0'} |"
+        )
+    out += ["", "Ratios at saturation (ours = 3 nodes, N=3):", "",
+            "| op | value | mode | ours/single | ours/etcd | CPU/op ours vs etcd | etcd/ours CPU/op (= ratio at equal CPU) |",
+            "|---|---:|---|---:|---:|---:|---:|"]
+    for size in sizes:
+        for op in ("put", "get"):
+            single = rep.find("single", "n1", op, size, "sat")
+            etcd_row = rep.row("etcd", "etcd", op, size, "sat")
+            for mode in MODES:
+                ours_row = rep.row("kvstore-3", mode, op, size, "sat")
+                if ours_row is None or ours_row.result is None:
+                    continue
+                o = ours_row.result.ops_per_s
+                s_ratio = ratio(o, single.ops_per_s) if single else "-"
+                e = etcd_row.result if etcd_row else None
+                e_ratio = ratio(o, e.ops_per_s) if e else "-"
+                cpu_o, cpu_e = ours_row.cpu_us_per_op, etcd_row.cpu_us_per_op if etcd_row else None
+                cpus = f"{cpu_o:.0f} vs {cpu_e:.0f} us" if cpu_o and cpu_e else "-"
+                eq = ratio(cpu_e, cpu_o) if cpu_o and cpu_e else "-"
+                out.append(f"| {op} | {size} B | {mode} | {s_ratio} | {e_ratio} | {cpus} | {eq} |")
+    out += ["", "Targets (issue 8):", ""]
+    out += [f"* {line}" for line in target_lines(
+        rep, str(data.get("storage", "sqlite/fsync=batch")), sizes, data.get("linearizable_missing"),
+    )]
+    facts = rep.facts
+    rec = facts.get("recovery")
+    if isinstance(rec, dict):
+        def s(x: Any) -> str:
+            return f"{x:.2f} s" if isinstance(x, int | float) else "not reached"
+
+        out += ["", f"Recovery (5 nodes, N=3; {rec.get('keys_written')} keys written with a node SIGKILLed, "
+                    f"W=2 sloppy, {rec.get('hints')} hints): restart to /health {s(rec.get('restart_to_health_s'))}, "
+                    f"to a first successful read {s(rec.get('restart_to_first_read_s'))}, "
+                    f"to every hint delivered {s(rec.get('restart_to_hints_drained_s'))}."]
+    ae = facts.get("anti_entropy")
+    if isinstance(ae, dict):
+        conv = ae.get("converged_s")
+        out += ["", f"Anti-entropy: {ae.get('keys')} keys missed by a node (3 nodes, strict W=2 while it was down) "
+                    + (f"repaired in {conv:.2f} s after its restart ({ae.get('keys', 0) / conv:.0f} keys/s)."
+                       if conv else f"not converged ({ae.get('records_seen')} seen).")]
+    elif ae:
+        out += ["", f"Anti-entropy: {ae}."]
+    mem = facts.get("memory")
+    if isinstance(mem, dict) and mem:
+        out += ["", "Memory (one node, 100 B values, a sample of keys extrapolated linearly):", "",
+                "| engine | keys written | RSS before -> after | RSS per million keys | on disk per million keys |",
+                "|---|---:|---|---:|---:|"]
+        for engine, v in mem.items():
+            disk = v.get("disk_mib_per_million_keys")
+            out.append(f"| {engine} | {v['keys']} | {v['rss_before_mib']:.1f} -> {v['rss_after_mib']:.1f} MiB | "
+                       f"{v['rss_mib_per_million_keys']:.0f} MiB | {f'{disk:.0f} MiB' if disk else '-'} |")
+    return "\n".join(out) + "\n"
 
 
 def ratio(a: float, b: float) -> str:
@@ -729,6 +837,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-install", action="store_true", help="never apt-get install wrk/etcd")
     parser.add_argument("--json", help="write every figure to this JSON file")
     parser.add_argument("--compare", help="a previous --json file: print new/old ratios")
+    parser.add_argument("--markdown", help="write a docs/benchmarks.md entry for this run to this file")
+    parser.add_argument("--render", metavar="JSON", help="only print the markdown entry of a --json file; no run")
     args = parser.parse_args(argv)
     only = [s.strip() for item in args.only for s in item.split(",") if s.strip()]
     unknown = [s for s in only if s not in SECTIONS]
@@ -742,6 +852,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; returns a process exit code (``kvstore bench`` maps to this)."""
     args = parse_args(argv)
+    if args.render:
+        print(render_markdown(json.loads(Path(args.render).read_text())), end="")
+        return 0
     plan = QUICK if args.quick else FULL
     if args.generator in ("auto", "wrk") and ensure_wrk(install=not args.no_install) is None:
         if args.generator == "wrk":
@@ -784,6 +897,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ntotal time {bench.elapsed():.0f} s; loadavg at the end: {loadavg()} "
           f"(at the start: {info['loadavg']}; {info['nproc']} CPUs)")
     current = bench.to_json(info, command.strip())
+    current["loadavg_end"] = loadavg()
+    if args.markdown:
+        Path(args.markdown).write_text(render_markdown(current))
     if args.json:
         Path(args.json).write_text(json.dumps(current, indent=2, default=str))
     if args.compare:
