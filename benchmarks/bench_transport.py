@@ -14,7 +14,8 @@ a shared machine evenly):
 
 * ``stream``  3 nodes, N=3, W=2, stream transport,
 * ``http``    3 nodes, N=3, W=2, ``KVSTORE_TRANSPORT=http``,
-* ``single``  1 node, N=1, W=1: no replication at all, the ceiling of the HTTP stack.
+* ``single``  1 node, N=1, W=1, memory storage whatever ``--storage`` says: no replication
+  and no disk, the ceiling of the node's HTTP stack.
 
 Load: PUT of unique keys with 100-byte values, W in the query string, a closed loop of
 ``--concurrency`` connections spread over all nodes, bounded by ``--count`` operations and
@@ -63,12 +64,13 @@ class Config:
     replicas: int
     w: int
     transport: str  # "stream" | "http" (the nodes' KVSTORE_TRANSPORT)
+    storage: str | None = None  # None: --storage; the ceiling is always in memory
 
 
 CONFIGS = (
     Config("stream", 3, 3, 2, "stream"),
     Config("http", 3, 3, 2, "http"),
-    Config("single", 1, 1, 1, "stream"),
+    Config("single", 1, 1, 1, "stream", storage="memory"),
 )
 
 
@@ -84,7 +86,8 @@ def measure(cfg: Config, args: argparse.Namespace, round_no: int, generator: str
     env_value = "http" if cfg.transport == "http" else None
     with env_var("KVSTORE_TRANSPORT", env_value):  # read by LocalCluster when it spawns the nodes
         cluster = LocalCluster(
-            cfg.nodes, cfg.replicas, storage=args.storage, fsync=args.fsync, r=min(2, cfg.replicas), w=cfg.w,
+            cfg.nodes, cfg.replicas, storage=cfg.storage or args.storage, fsync=args.fsync, r=min(2, cfg.replicas),
+            w=cfg.w,
         )
         try:
             cluster.start()
