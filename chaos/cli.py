@@ -67,8 +67,11 @@ class ProgressLine:
 def _existing_cluster(urls: list[str], secret: str | None) -> ClusterControl:
     if not secret:
         raise SystemExit("kvstore chaos: --nodes needs --secret (or $KVSTORE_SECRET) for the admin routes")
-    with urllib.request.urlopen(urls[0].rstrip("/") + "/cluster", timeout=5) as resp:
-        info = json.loads(resp.read())
+    try:
+        with urllib.request.urlopen(urls[0].rstrip("/") + "/cluster", timeout=5) as resp:
+            info = json.loads(resp.read())
+    except (OSError, ValueError) as exc:
+        raise ClusterError(f"cannot reach the cluster at {urls[0]}: {exc}") from None
     members = {m["id"]: m["url"] for m in info["members"]}
     return ClusterControl(urls=members, secret=secret)
 

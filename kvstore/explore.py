@@ -172,8 +172,11 @@ def _attach(args: argparse.Namespace) -> tuple[ClusterControl, str]:
     if not args.secret:
         raise SystemExit("kvstore explore: --nodes needs --secret (the cluster secret, for the nemesis)")
     first = args.nodes.split(",")[0].strip().rstrip("/")
-    with urllib.request.urlopen(first + "/cluster", timeout=5) as resp:
-        info = json.loads(resp.read())
+    try:
+        with urllib.request.urlopen(first + "/cluster", timeout=5) as resp:
+            info = json.loads(resp.read())
+    except (OSError, ValueError) as exc:
+        raise ClusterError(f"cannot reach the cluster at {first}: {exc}") from None
     urls = {m["id"]: m["url"] for m in info["members"]}
     return ClusterControl(urls=urls, secret=args.secret), str(info.get("conflict_mode", "siblings"))
 

@@ -50,3 +50,11 @@ def test_explore_refuses_unknown_names(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "kvstore", "explore", "--modes", "psychic"],
                           capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert proc.returncode != 0 and "unknown mode" in proc.stderr
+
+
+def test_explore_says_clearly_when_no_cluster_can_be_reached(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "kvstore", "explore", "--nodes", "http://127.0.0.1:9",
+                           "--secret", "abcdefgh", "--quick", "--out", str(tmp_path / "r")],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "cannot reach the cluster" in proc.stderr and "Traceback" not in proc.stderr
