@@ -47,6 +47,7 @@ if __package__ in (None, ""):  # ``python benchmarks/bench_transport.py``: make 
 from benchmarks.loadgen import (  # noqa: E402
     LoadResult,
     LoadSpec,
+    cpu_seconds,
     ensure_wrk,
     env_var,
     loadavg,
@@ -82,7 +83,8 @@ def peer_port_listening(cluster: LocalCluster) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def measure(cfg: Config, args: argparse.Namespace, round_no: int, generator: str) -> LoadResult:
+def measure(cfg: Config, args: argparse.Namespace, round_no: int, generator: str) -> tuple[LoadResult, float]:
+    """One configuration on a fresh cluster: (load result, node CPU microseconds per write)."""
     env_value = "http" if cfg.transport == "http" else None
     with env_var("KVSTORE_TRANSPORT", env_value):  # read by LocalCluster when it spawns the nodes
         cluster = LocalCluster(
@@ -109,7 +111,11 @@ def measure(cfg: Config, args: argparse.Namespace, round_no: int, generator: str
             urls=cluster.urls, op="put", query=query, value_size=args.value_size, prefix=f"r{round_no}-",
             count=args.count, duration_s=args.duration, connections=args.concurrency,
         )
-        return run_load(spec, generator)  # type: ignore[arg-type]
+        pids = [cluster.pid(n) for n in cluster.node_ids]
+        before = cpu_seconds(pids)
+        result = run_load(spec, generator)  # type: ignore[arg-type]
+        cpu_us = (cpu_seconds(pids) - before) / max(1, result.ok) * 1e6
+        return result, cpu_us
     finally:
         cluster.stop()
 
@@ -148,15 +154,18 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     results: dict[str, list[LoadResult]] = {c.name: [] for c in CONFIGS}
-    print(f"{'round':>5} {'config':<7} {'gen':<6} {'writes/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'p999 ms':>8}  errors")
+    cpus: dict[str, list[float]] = {c.name: [] for c in CONFIGS}
+    print(f"{'round':>5} {'config':<7} {'gen':<6} {'writes/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'p999 ms':>8} "
+          f"{'cpu us':>7}  errors   (cpu us = CPU of all nodes per write)")
     try:
         for round_no in range(1, args.rounds + 1):
             for cfg in CONFIGS:
-                r = measure(cfg, args, round_no, args.generator)
+                r, cpu_us = measure(cfg, args, round_no, args.generator)
                 results[cfg.name].append(r)
+                cpus[cfg.name].append(cpu_us)
                 print(
                     f"{round_no:>5} {cfg.name:<7} {r.generator:<6} {r.ops_per_s:>9.0f} {r.p('p50'):>7.2f} "
-                    f"{r.p('p99'):>7.2f} {r.p('p999'):>8.2f}  {r.error_text()}",
+                    f"{r.p('p99'):>7.2f} {r.p('p999'):>8.2f} {cpu_us:>7.0f}  {r.error_text()}",
                     flush=True,
                 )
     except KeyboardInterrupt:
@@ -166,12 +175,15 @@ def main(argv: list[str] | None = None) -> int:
         rs = results[name]
         if not rs:
             return float("nan")
+        if what == "cpu":
+            return statistics.median(cpus[name])
         return statistics.median(r.ops_per_s if what == "ops" else r.p(what) for r in rs)
 
     print("\nmedian over rounds:")
-    print(f"{'config':<7} {'writes/s':>9} {'p50 ms':>7} {'p99 ms':>7}")
+    print(f"{'config':<7} {'writes/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'cpu us':>7}")
     for cfg in CONFIGS:
-        print(f"{cfg.name:<7} {med(cfg.name, 'ops'):>9.0f} {med(cfg.name, 'p50'):>7.2f} {med(cfg.name, 'p99'):>7.2f}")
+        print(f"{cfg.name:<7} {med(cfg.name, 'ops'):>9.0f} {med(cfg.name, 'p50'):>7.2f} {med(cfg.name, 'p99'):>7.2f} "
+              f"{med(cfg.name, 'cpu'):>7.0f}")
     per_round = [
         ratio(s.ops_per_s, h.ops_per_s) for s, h in zip(results["stream"], results["http"], strict=False)
     ]
@@ -180,11 +192,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  stream/single {ratio(med('stream', 'ops'), med('single', 'ops'))}")
     print(f"  http/single   {ratio(med('http', 'ops'), med('single', 'ops'))}")
     print(f"  p99 http/stream {ratio(med('http', 'p99'), med('stream', 'p99'))}")
+    print(f"  CPU per write http/stream {ratio(med('http', 'cpu'), med('stream', 'cpu'))} "
+          "(= stream/http throughput at equal CPU)")
     print(f"\nloadavg at the end: {loadavg()} (at the start: {info['loadavg']}; {info['nproc']} CPUs)")
     if args.json:
         payload = {
             "machine": info, "command": command.strip(), "args": vars(args),
             "results": {k: [r.to_json() for r in v] for k, v in results.items()},
+            "cpu_us_per_write": cpus,
         }
         with contextlib.suppress(OSError):
             Path(args.json).write_text(json.dumps(payload, indent=2))
