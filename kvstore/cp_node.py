@@ -102,9 +102,21 @@ class CPMode:
         self.node = node
         self.acceptor = PaxosAcceptor(node.paxos_storage)
         self.proposer = PaxosProposer(node.node_id, node.call, node.clock, node.rng)
+        # Keys this acceptor has seen Paxos traffic for: the mixed-mode guard asks this set on
+        # every eventual request instead of reading the Paxos store (a thread hop each time).
+        # It holds one entry per linearizable key, like the Paxos store itself.
+        self.register_keys: set[str] = set()
 
     async def start(self) -> None:
-        return None
+        from kvstore.ring import TOKEN_MIN
+
+        after: tuple[int, str] | None = None
+        while True:  # loaded before serving: the node starts its transport after its extensions
+            page = await self.node.paxos_storage.scan(TOKEN_MIN, TOKEN_MIN, 1000, after)
+            self.register_keys.update(r.key for r in page)
+            if len(page) < 1000:
+                return
+            after = (page[-1].token, page[-1].key)
 
     async def stop(self) -> None:
         return None
@@ -112,6 +124,10 @@ class CPMode:
     # --- internal messages ----------------------------------------------------------------
 
     async def on_paxos(self, sender: str, message: Message) -> Message:
+        key = message.get("key")
+        if isinstance(key, str):
+            # Before handling: from the first prepare on, eventual access to the key is refused.
+            self.register_keys.add(key)
         return await self.acceptor.handle(message)
 
     async def on_cp_propose(self, sender: str, message: Message) -> Message:
@@ -123,7 +139,7 @@ class CPMode:
         return {"status": "ok", **outcome}
 
     async def has_register(self, key: str, token: int) -> bool:
-        return await self.node.paxos_storage.get(key, token) is not None
+        return key in self.register_keys
 
     # --- proposing ------------------------------------------------------------------------
 

@@ -184,11 +184,11 @@ class Node:
 
     async def start(self) -> None:
         await self.load_hint_ledger()  # before any peer can send a hint
+        for ext in self.extensions:  # before any peer can reach us: they load state they guard
+            await ext.start()
         await self.transport.start(self.handle_message)
         self._loops.append(asyncio.create_task(self._heartbeat_loop(), name="heartbeat"))
         self._loops.append(asyncio.create_task(self._loop_lag_monitor(), name="loop-lag"))
-        for ext in self.extensions:
-            await ext.start()
 
     async def stop(self) -> None:
         for ext in reversed(self.extensions):
@@ -553,30 +553,26 @@ class Node:
             raise ConsistencyConflict(
                 "this key is used with consistency=linearizable; an eventual/quorum write would bypass its register"
             )
-        if as_fallback:
-            actor = f"{self.node_id}!{self.incarnation}.{next(self._fallback_seq)}"
-            async with self.locks.hold(key):
-                base = await self.read_local(key, token)
-                obj = versions.update(base, context, actor, value, self.clock.wall_ns(), self.mode)
-                await self.store_hint(_hint_owner(plan, self.node_id), key, token, obj)
-        else:
-            async with self.locks.hold(key):
-                blob = await self.data.get(key, token)
-                base = versions.decode(blob) if blob is not None else VersionedObject.empty()
-                obj = versions.update(base, context, self.actor, value, self.clock.wall_ns(), self.mode)
-                await self.data.put(key, token, versions.encode(obj))
-
         tracker = QuorumTracker(needed=w, total=len(plan))
-        tracker.ack(self.node_id)
-        hinted = [self.node_id] if as_fallback else []
+        hinted: list[str] = []
         remote = [(m, hint) for m, hint in plan if m != self.node_id]
         unused_spares = list(spare_iter)
         done = asyncio.Event()
-        if tracker.satisfied:
-            done.set()
+        obj = VersionedObject.empty()
+        encoded = b""
+
+        def record(ok: bool, member: str) -> None:
+            if tracker.done:
+                return  # the answer was already given; this completion is background work
+            if ok:
+                tracker.ack(member)
+            else:
+                tracker.fail()
+            if tracker.done:
+                done.set()
 
         async def replicate(member: str, hint_for: str | None) -> None:
-            message = {"op": "replica_put", "key": key, "token": token, "obj": versions.encode(obj)}
+            message = {"op": "replica_put", "key": key, "token": token, "obj": encoded}
             if hint_for is not None:
                 message["hint_for"] = hint_for
             remaining = max(0.001, min(deadline - loop.time(), self.cfg.limits.replica_timeout_ms / 1000.0))
@@ -598,24 +594,46 @@ class Node:
                     ok = False
             elif ok and hint_for is not None:
                 hinted.append(member)
-            if tracker.done:
-                return  # the answer was already given; this completion is background work
-            if ok:
-                tracker.ack(member)
-            else:
-                tracker.fail()
-            if tracker.done:
-                done.set()
+            record(ok, member)
 
-        tasks = [asyncio.create_task(replicate(m, h)) for m, h in remote]
-        if not done.is_set() and tasks:
+        tasks: list[asyncio.Task[Any]] = []
+        if as_fallback:
+            actor = f"{self.node_id}!{self.incarnation}.{next(self._fallback_seq)}"
+            async with self.locks.hold(key):
+                base = await self.read_local(key, token)
+                obj = versions.update(base, context, actor, value, self.clock.wall_ns(), self.mode)
+                encoded = versions.encode(obj)
+                await self.store_hint(_hint_owner(plan, self.node_id), key, token, obj)
+            hinted.append(self.node_id)
+            record(True, self.node_id)
+            tasks = [asyncio.create_task(replicate(m, h)) for m, h in remote]
+        else:
+            async with self.locks.hold(key):
+                blob = await self.data.get(key, token)
+                base = versions.decode(blob) if blob is not None else VersionedObject.empty()
+                obj = versions.update(base, context, self.actor, value, self.clock.wall_ns(), self.mode)
+                encoded = versions.encode(obj)
+                # Replicas start now, in parallel with the local fsync: W counts acknowledgements
+                # either way, and this takes one group-commit wait off the write's latency.
+                tasks = [asyncio.create_task(replicate(m, h)) for m, h in remote]
+                try:
+                    await self.data.put(key, token, encoded)
+                    local_ok = True
+                except StorageError as exc:
+                    local_ok = False
+                    # Replicas may hold a dot this node failed to store; never issue it again.
+                    self.actor = f"{self.node_id}.{os.urandom(4).hex()}"
+                    log.error("local write of %r failed (%s); new actor id %s", key, exc, self.actor)
+            record(local_ok, self.node_id)
+
+        if not done.is_set() and not tracker.done and tasks:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(done.wait(), max(0.0, deadline - loop.time()))
         pending = [t for t in tasks if not t.done()]
         if pending:
             self._adopt(pending)
         if not tracker.satisfied:
-            # The coordinator itself stored the write, so it may become visible: indeterminate.
+            # Some target (the coordinator or a replica) may hold the write: indeterminate.
             raise QuorumUnavailable(
                 w, tracker.acknowledged, indeterminate=True,
                 detail="targets: " + ", ".join(m for m, _ in plan),

@@ -202,3 +202,16 @@ def test_linearizable_http_semantics(cluster5: LocalCluster) -> None:
     deleted = http(url, "DELETE", kv_path(key, consistency=LIN), headers={"If-Match": etag(b"two")})
     assert deleted.status == 204
     assert http(url, "GET", kv_path(key, consistency=LIN)).status == 404
+
+
+def test_mixed_mode_guard_survives_restarts(fresh_cluster: LocalCluster) -> None:
+    key = "cp:guard-restart"
+    pref = primaries(fresh_cluster, key)
+    assert http(fresh_cluster.url(pref[0]), "PUT", kv_path(key, consistency=LIN), body=b"cp").status == 204
+    for node in pref:  # every replica restarts from its data; the guard must still know the key
+        fresh_cluster.kill(node)
+        fresh_cluster.restart(node)
+    outsider = next(n for n in fresh_cluster.node_ids if n not in pref)
+    assert http(fresh_cluster.url(outsider), "GET", kv_path(key, r=3)).status == 409
+    assert http(fresh_cluster.url(outsider), "PUT", kv_path(key, w=2), body=b"ap").status == 409
+    assert http(fresh_cluster.url(outsider), "GET", kv_path(key, consistency=LIN)).body == b"cp"
