@@ -801,8 +801,11 @@ def compare(previous: dict[str, Any], current: dict[str, Any]) -> None:
         old = previous.get("rows", {}).get(key)
         if not old or "ops_per_s" not in old or "ops_per_s" not in row:
             continue
+        cpu = ""
+        if row.get("cpu_us_per_op") and old.get("cpu_us_per_op"):
+            cpu = f"   CPU/op {ratio(row['cpu_us_per_op'], old['cpu_us_per_op']):>7}"
         print(f"  {key:<40} ops/s {ratio(row['ops_per_s'], old['ops_per_s']):>7}   "
-              f"p99 {ratio(row['latency_ms']['p99'], old['latency_ms']['p99']):>7}")
+              f"p99 {ratio(row['latency_ms']['p99'], old['latency_ms']['p99']):>7}{cpu}")
 
 
 @contextlib.contextmanager
