@@ -64,7 +64,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -101,6 +101,51 @@ _SCAN_EXCLUSIVE = (
 _BUSY_TIMEOUT_S = 5.0
 
 
+class _WriteCache:
+    """A bounded LRU of the latest committed blob per record, kept on the event loop.
+
+    Reads through the reader thread cost a thread hop each (more than the SQL itself); the
+    node reads a key just before writing it (read-modify-write), so recently written records
+    are the hot ones.  Entries are only ever set when a write *commits* (in commit order, on
+    the loop), never from a read, so the cache can never hold a value older than the file's:
+    a read that misses goes to SQLite as before.  ``None`` means "deleted".
+    """
+
+    def __init__(self, max_entries: int, max_bytes: int) -> None:
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.entries: OrderedDict[tuple[int, str], bytes | None] = OrderedDict()
+
+    def get(self, record: tuple[int, str]) -> tuple[bool, bytes | None]:
+        if record in self.entries:
+            self.entries.move_to_end(record)
+            return True, self.entries[record]
+        return False, None
+
+    def set(self, record: tuple[int, str], blob: bytes | None) -> None:
+        self.discard(record)
+        self.entries[record] = blob
+        self.bytes += len(blob) if blob is not None else 0
+        while len(self.entries) > self.max_entries or self.bytes > self.max_bytes:
+            _, old = self.entries.popitem(last=False)
+            self.bytes -= len(old) if old is not None else 0
+
+    def discard(self, record: tuple[int, str]) -> None:
+        old = self.entries.pop(record, None)
+        self.bytes -= len(old) if old is not None else 0
+
+
+def _settle_ops(cache: _WriteCache, ops: list[_Op], error: str | None) -> None:
+    """On the loop: record a batch's outcome in the cache (in commit order), then wake its writers."""
+    for kind, token, key, blob, _fut in ops:
+        if error is None:
+            cache.set((token, key), blob if kind == _PUT else None)
+        else:
+            cache.discard((token, key))  # unknown state: let the next read ask the file
+    _settle([op[4] for op in ops], error)
+
+
 def _settle(futures: list[asyncio.Future[None]], error: str | None) -> None:
     """Resolve one batch's futures; runs on their event loop."""
     for fut in futures:
@@ -125,6 +170,8 @@ class SqliteStorage:
         fsync: FsyncPolicy,
         batch_window_ms: float = 2.0,
         max_pending: int = 10000,
+        cache_entries: int = 65536,
+        cache_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         if fsync not in FSYNC_POLICIES:
             raise ValueError(f"unknown fsync policy {fsync!r}; expected one of {FSYNC_POLICIES}")
@@ -140,6 +187,7 @@ class SqliteStorage:
         self.batch_window_ms = batch_window_ms
         self.max_pending = max_pending
         self._window_s = batch_window_ms / 1000.0 if fsync == "batch" else 0.0
+        self._cache = _WriteCache(cache_entries, cache_bytes)
 
         # --- shared with the writer thread, guarded by _cond --------------------------------
         self._cond = threading.Condition(threading.Lock())
@@ -183,6 +231,10 @@ class SqliteStorage:
 
     async def get(self, key: str, token: int) -> bytes | None:
         check_record(key, token)
+        hit, blob = self._cache.get((token, key))
+        if hit:
+            self._check_open()
+            return blob
         return await self._read(self._get_sync, token, key)
 
     async def put(self, key: str, token: int, blob: bytes) -> None:
@@ -416,20 +468,19 @@ class SqliteStorage:
 
     def _dispatch(self, batch: list[_Op], error: str | None) -> None:
         """Hand a settled batch back to its event loop(s): one thread hop per loop, not per write."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Op]] = {}
         last_loop: asyncio.AbstractEventLoop | None = None
-        futures: list[asyncio.Future[None]] = []
+        ops: list[_Op] = []
         for op in batch:
-            fut = op[4]
-            loop = fut.get_loop()
+            loop = op[4].get_loop()
             if loop is not last_loop:
-                futures = by_loop.setdefault(loop, [])
+                ops = by_loop.setdefault(loop, [])
                 last_loop = loop
-            futures.append(fut)
-        for loop, futs in by_loop.items():
+            ops.append(op)
+        for loop, loop_ops in by_loop.items():
             # A closed loop has nobody left waiting on these futures.
             with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_settle, futs, error)
+                loop.call_soon_threadsafe(_settle_ops, self._cache, loop_ops, error)
 
     def _fail_queued(self, reason: str, in_flight: list[_Op] | None = None) -> None:
         """Stop intake for good and fail every write not yet settled."""
