@@ -60,12 +60,48 @@ async def _read_frame(reader: asyncio.StreamReader) -> Any:
     return msgpack.unpackb(await reader.readexactly(length), raw=False)
 
 
+class _FrameWriter:
+    """Coalesces the frames produced during one event-loop iteration into one socket write.
+
+    A quorum write sends a request and receives a reply on each peer link; under load many are
+    produced in the same iteration, and one ``write`` each was a syscall each (the profile in
+    docs/benchmarks.md).  Frames are appended to a buffer and flushed by a callback scheduled
+    for the end of the iteration, so ordering per connection is kept and latency is unchanged.
+    """
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self._frames: list[bytes] = []
+        self._scheduled = False
+
+    def send(self, frame: bytes) -> None:
+        if self.writer.is_closing():
+            raise ConnectionResetError("connection closing")
+        self._frames.append(frame)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        frames, self._frames = self._frames, []
+        if not frames or self.writer.is_closing():
+            return
+        # On a dead connection the reader side notices and fails the pending calls.
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            self.writer.write(frames[0] if len(frames) == 1 else b"".join(frames))
+
+    def buffered_bytes(self) -> int:
+        return self.writer.transport.get_write_buffer_size()
+
+
 class _PeerConnection:
     """One outgoing connection and its table of pending calls."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
+        self.out = _FrameWriter(writer)
         self.pending: dict[int, asyncio.Future[Any]] = {}
         self.ids = itertools.count(1)
         self.reader_task: asyncio.Task[None] | None = None
@@ -121,6 +157,7 @@ class StreamTransport:
                 return
             sender = hello["node"]
             writer.write(_pack({"ok": True}))
+            out = _FrameWriter(writer)
             slots = asyncio.Semaphore(MAX_HANDLERS_PER_CONNECTION)
             while True:
                 frame = await _read_frame(reader)
@@ -128,7 +165,7 @@ class StreamTransport:
                 if self.faults.incoming_dropped(sender):
                     continue  # a partitioned peer's message vanishes: the caller times out
                 await slots.acquire()
-                task = asyncio.create_task(self._answer(sender, request_id, message, writer, slots))
+                task = asyncio.create_task(self._answer(sender, request_id, message, out, slots))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
         except (asyncio.IncompleteReadError, ConnectionError, TimeoutError, ValueError, TypeError):
@@ -144,7 +181,7 @@ class StreamTransport:
         sender: str,
         request_id: int,
         message: Message,
-        writer: asyncio.StreamWriter,
+        out: _FrameWriter,
         slots: asyncio.Semaphore,
     ) -> None:
         try:
@@ -160,10 +197,10 @@ class StreamTransport:
                 return
             if delay_s:
                 await asyncio.sleep(delay_s)
-            if not writer.is_closing():
-                writer.write(_pack([request_id, reply]))
-                if writer.transport.get_write_buffer_size() > 1 << 20:
-                    await writer.drain()
+            if not out.writer.is_closing():
+                out.send(_pack([request_id, reply]))
+                if out.buffered_bytes() > 1 << 20:
+                    await out.writer.drain()
         except (ConnectionError, RuntimeError):
             pass
         finally:
@@ -232,7 +269,7 @@ class StreamTransport:
         fut: asyncio.Future[Any] = loop.create_future()
         conn.pending[request_id] = fut
         try:
-            conn.writer.write(_pack([request_id, message]))
+            conn.out.send(_pack([request_id, message]))
         except (ConnectionError, RuntimeError) as exc:
             conn.pending.pop(request_id, None)
             raise PeerUnavailable(peer, f"send failed: {exc!r}", maybe_delivered=False) from None
