@@ -56,7 +56,7 @@ def test_help_exits_zero(words: list[str], capsys: pytest.CaptureFixture[str]) -
 def test_top_level_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    for name in ("get", "put", "delete", "cas", "status", "repair", "node", "cluster", "check", "chaos", "explore"):
+    for name in ("get", "put", "delete", "cas", "status", "repair", "node", "cluster", "check", "chaos", "explore", "bench"):
         assert f"\n    {name} " in out, name
 
 
