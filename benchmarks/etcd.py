@@ -17,11 +17,9 @@ root); without it the baseline is reported as "not available".
 from __future__ import annotations
 
 import atexit
-import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -31,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.loadgen import ensure_tool
-from kvstore.cluster import free_ports
+from kvstore.cluster import free_ports, stop_processes
 
 
 class EtcdError(Exception):
@@ -111,18 +109,7 @@ class EtcdCluster:
         return {n: p.pid for n, p in self.procs.items()}
 
     def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+        stop_processes(list(self.procs.values()))
         if self._atexit:
             atexit.unregister(self.stop)
             self._atexit = False

@@ -80,15 +80,15 @@ and backoff randomness from the injected ``random.Random``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from kvstore.clock import Clock
 from kvstore.errors import Overloaded, QuorumUnavailable
+from kvstore.locks import KeyLocks
 from kvstore.paxos import (
     ABSENT,
     EMPTY_STATE,
@@ -243,34 +243,6 @@ def _parse_accept_reply(reply: Message, ballot: Ballot) -> Accepted | Rejected:
 # --------------------------------------------------------------------------------------------
 # Acceptor
 # --------------------------------------------------------------------------------------------
-
-
-class KeyLocks:
-    """Per-key asyncio locks, created on demand and dropped when no one holds or waits for them.
-
-    Memory is bounded by the number of keys with a message in flight, not by the keyspace.
-    """
-
-    def __init__(self) -> None:
-        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
-
-    def __len__(self) -> int:
-        return len(self._locks)
-
-    @contextlib.asynccontextmanager
-    async def hold(self, key: str) -> AsyncIterator[None]:
-        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
-        self._locks[key] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock_now, users_now = self._locks[key]
-            assert lock_now is lock and users_now >= 1
-            if users_now == 1:
-                del self._locks[key]
-            else:
-                self._locks[key] = (lock_now, users_now - 1)
 
 
 @dataclass

@@ -59,6 +59,7 @@ from kvstore.hints import (
     HintRecord,
     hint_storage_key,
 )
+from kvstore.locks import KeyLocks
 from kvstore.metrics import Metrics
 from kvstore.quorum import QuorumTracker
 from kvstore.ring import TOKEN_MIN, Ring, key_token
@@ -84,29 +85,6 @@ class WriteOutcome:
     obj: VersionedObject
     acknowledged: int
     hinted: list[str] = field(default_factory=list)
-
-
-class KeyLocks:
-    """Per-key asyncio locks, created on demand and dropped when free (bounded by keys in flight)."""
-
-    def __init__(self) -> None:
-        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
-
-    @contextlib.asynccontextmanager
-    async def hold(self, key: str) -> Any:
-        lock, users = self._locks.get(key, (None, 0))
-        if lock is None:
-            lock = asyncio.Lock()
-        self._locks[key] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock_now, users_now = self._locks[key]
-            if users_now <= 1:
-                del self._locks[key]
-            else:
-                self._locks[key] = (lock_now, users_now - 1)
 
 
 class HintStoreFull(Overloaded):
