@@ -335,8 +335,13 @@ async def internal_handler(request: web.Request) -> web.Response:
     require_secret(request)
     node = request.app[NODE_KEY]
     sender = request.headers.get("X-Node", "?")
-    message = msgpack.unpackb(await request.read(), raw=False)
+    try:
+        message = msgpack.unpackb(await request.read(), raw=False)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+        raise BadRequest("invalid_body", "expected one msgpack-encoded message") from None
     reply = await node.handle_message(sender, message)
+    if reply.get("remote_error") and reply.get("error") in ("bad_request", "unknown_op"):
+        raise BadRequest(str(reply["error"]), str(reply.get("message", "")))
     return web.Response(body=msgpack.packb(reply, use_bin_type=True), content_type="application/msgpack")
 
 

@@ -257,12 +257,19 @@ class Node:
         return reply
 
     async def handle_message(self, sender: str, message: Message) -> Message:
+        if not isinstance(message, dict):
+            return {"error": "bad_request", "message": "an internal message is a map", "remote_error": True}
         op = message.get("op")
         handler = self.handlers.get(op) if isinstance(op, str) else None
         if handler is None:
             return {"error": "unknown_op", "message": f"unknown internal op {op!r}", "remote_error": True}
         try:
             return await handler(sender, message)
+        except (KeyError, TypeError, ValueError) as exc:
+            # A peer (or a holder of the secret) sent a message missing or mistyping a field:
+            # refuse it clearly rather than failing inside the handler.
+            log.warning("malformed %s message from %s: %r", op, sender, exc)
+            return {"error": "bad_request", "message": f"malformed {op} message: {exc!r}", "remote_error": True}
         except StorageBusy as exc:
             return {"error": "overloaded", "message": str(exc), "remote_error": True}
         except StorageError as exc:

@@ -204,3 +204,16 @@ def test_restart_from_sqlite_keeps_acknowledged_writes(fresh_cluster: LocalClust
         assert local_values(fresh_cluster, victim, key) == [key.encode()]
         got = http(victim_url, "GET", kv_path(key, r=3))
         assert got.status == 200 and got.body == key.encode()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"\x80\x81garbage", msgpack.packb(7), msgpack.packb({"op": "replica_put"}), msgpack.packb({"op": "nope"}),
+     msgpack.packb({"op": "replica_get", "key": 5, "token": "x"})],
+)
+def test_malformed_internal_messages_are_refused_not_500(cluster5: LocalCluster, body: bytes) -> None:
+    reply = http(cluster5.urls[0], "POST", "/internal/msg", body=body,
+                 headers={"X-Cluster-Secret": cluster5.secret, "X-Node": "test"})
+    assert reply.status == 400, reply
+    doc = reply.json()
+    assert isinstance(doc, dict) and doc["error"] in ("invalid_body", "bad_request", "unknown_op")
