@@ -70,7 +70,10 @@ def stop_processes(procs: list[subprocess.Popen[bytes]], grace_s: float = 10.0) 
 
 
 def port_is_free(port: int) -> bool:
+    """Whether a node could listen on the port: bound like the nodes bind (SO_REUSEADDR), so a
+    previous cluster's connections lingering in TIME_WAIT do not count as "in use"."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
