@@ -598,18 +598,14 @@ class Node:
                 base = versions.decode(blob) if blob is not None else VersionedObject.empty()
                 obj = versions.update(base, context, self.actor, value, self.clock.wall_ns(), self.mode)
                 encoded = versions.encode(obj)
-                # Replicas start now, in parallel with the local fsync: W counts acknowledgements
-                # either way, and this takes one group-commit wait off the write's latency.
-                tasks = [asyncio.create_task(replicate(m, h)) for m, h in remote]
-                try:
-                    await self.data.put(key, token, encoded)
-                    local_ok = True
-                except StorageError as exc:
-                    local_ok = False
-                    # Replicas may hold a dot this node failed to store; never issue it again.
-                    self.actor = f"{self.node_id}.{os.urandom(4).hex()}"
-                    log.error("local write of %r failed (%s); new actor id %s", key, exc, self.actor)
-            record(local_ok, self.node_id)
+                # Durable here *before* any replica sees the new dot.  Replicating in parallel with
+                # this fsync would save a group-commit wait, but a crash in between would leave the
+                # dot on replicas and not here: after the restart this node would issue the same
+                # dot for another value, and a sync would silently keep only one of the two
+                # (Riak's KV-679).  Measured and reverted for that reason (docs/benchmarks.md).
+                await self.data.put(key, token, encoded)
+            record(True, self.node_id)
+            tasks = [asyncio.create_task(replicate(m, h)) for m, h in remote]
 
         if not done.is_set() and not tracker.done and tasks:
             with contextlib.suppress(TimeoutError):
