@@ -17,6 +17,7 @@ from chaos.nemesis import ClusterControl
 from chaos.runner import SCENARIO_HELP, SCENARIOS, RunSpec, run_scenario
 from chaos.workload import MODES, Workload
 from kvstore.cluster import ClusterError, LocalCluster
+from kvstore.signals import Interrupted, run_until_signalled
 
 
 def add_arguments(parser: argparse.ArgumentParser, scenario: str | None) -> None:
@@ -124,10 +125,10 @@ def main(argv: list[str] | None = None, scenario: str | None = None) -> int:
     add_arguments(parser, scenario)
     args = parser.parse_args(argv)
     try:
-        return asyncio.run(_run(args, scenario or args.scenario))
+        return run_until_signalled(_run(args, scenario or args.scenario))
     except ClusterError as exc:
         print(f"kvstore chaos: could not start the cluster: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except (Interrupted, KeyboardInterrupt):
         print("kvstore chaos: interrupted; faults healed and nodes stopped", file=sys.stderr)
         return 130

@@ -35,6 +35,7 @@ from chaos.runner import SCENARIOS, RunSpec, run_scenario
 from chaos.workload import MODES
 from kvstore.cluster import ClusterError, LocalCluster
 from kvstore.config import APSettings, Limits
+from kvstore.signals import Interrupted, run_until_signalled
 
 DEFAULT_MODES = ["eventual", "eventual-lww", "quorum", "linearizable"]
 DEFAULT_SCENARIOS = ["majority-partition", "isolated-node", "kill-restart", "clock-skew"]
@@ -98,12 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     if duration < 3:
         raise SystemExit("kvstore explore: --duration must be at least 3 seconds")
     try:
-        return asyncio.run(_explore(args, modes, scenarios, duration))
+        return run_until_signalled(_explore(args, modes, scenarios, duration))
     except ClusterError as exc:
         print(f"kvstore explore: a cluster could not start: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("\nkvstore explore: interrupted; clusters stopped", file=sys.stderr)
+    except (Interrupted, KeyboardInterrupt):
+        print("\nkvstore explore: interrupted; faults healed and clusters stopped", file=sys.stderr)
         return 130
 
 

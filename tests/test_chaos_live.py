@@ -186,7 +186,8 @@ def test_short_scenario_well_formed_and_leaves_nothing(fresh_cluster: LocalClust
         assert faults.json() == {"rules": {}}, f"{node} still has fault rules"
 
 
-def test_interrupted_scenario_heals_and_stops_its_nodes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_scenario_heals_and_stops_its_nodes(tmp_path: Path, signum: int) -> None:
     out = tmp_path / "interrupted"
     proc = subprocess.Popen(
         [sys.executable, str(REPO_ROOT / "chaos" / "kill_restart.py"), "--mode", "eventual", "--duration", "20",
@@ -202,7 +203,7 @@ def test_interrupted_scenario_heals_and_stops_its_nodes(tmp_path: Path) -> None:
             time.sleep(0.2)
         else:
             pytest.fail("the kill never started")
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         output, _ = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
