@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import urllib.parse
 from pathlib import Path
 from typing import Any
@@ -14,15 +13,13 @@ import pytest
 from chaos.history import HistoryWriter, read_history
 from kvstore.checker import check
 from kvstore.cluster import LocalCluster
+from kvstore.contract import etag_of as etag
+from kvstore.http_session import client_session
 from kvstore.ring import Ring
 from tests.conftest import http, kv_path
 
 pytestmark = pytest.mark.integration
 LIN = "linearizable"
-
-
-def etag(value: bytes) -> str:
-    return '"' + hashlib.blake2b(value, digest_size=8).hexdigest() + '"'
 
 
 def primaries(cluster: LocalCluster, key: str) -> tuple[str, ...]:
@@ -90,7 +87,7 @@ async def cas_increments(cluster: LocalCluster, key: str, clients: int, per_clie
                 process = next_process[0]
                 next_process[0] += 1
 
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+    async with client_session(timeout=aiohttp.ClientTimeout(total=5)) as session:
         tasks = [asyncio.create_task(client(i, session)) for i in range(clients)]
         if during is not None:
             await during()
