@@ -13,7 +13,7 @@ check ourselves); 3 ``get`` found no value; 130 interrupted.  A traceback
 means a bug in kvstore, and is left visible on purpose.
 
 Output: values go to stdout byte-for-byte (so ``kvstore get k > file`` is
-exact); metadata (context, ETag, a retried-write note) goes to stderr, except
+exact); notes and warnings go to stderr, except
 with ``--json``, which prints one JSON document on stdout for scripts.
 
 Startup is kept cheap (``kvstore --help`` must be instant): this module
@@ -50,6 +50,7 @@ T = TypeVar("T")
 
 DEFAULT_NODE = "http://127.0.0.1:7001"
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+WRITE_COMMANDS = frozenset({"put", "delete", "cas"})
 
 EPILOG = (
     "exit status: 0 ok, 1 operating error (one line on stderr), 2 usage error, 3 key not found (get).\n"
@@ -199,10 +200,6 @@ def report_write(result: PutResult) -> None:
         print(f"context: {result.context}")
     if result.etag:
         print(f"etag: {result.etag}")
-    if result.retried:
-        earlier = "; ".join(f"{a.node}: {a.error}" for a in result.attempts if a.may_have_been_applied)
-        note(f"note: the write was re-sent to {result.node} after a failure that may have applied it "
-             f"({earlier}); if both copies landed the key has siblings")
 
 
 def read_value(arg: str) -> bytes:
@@ -518,7 +515,9 @@ def run_handler(args: argparse.Namespace, handler: Handler) -> int:
     except KVError as exc:
         # The server's message already speaks for itself when it says indeterminate; otherwise the client
         # knows more than the message (an earlier copy may have landed, or a 5xx struck mid-write).
-        unknown = exc.indeterminate and exc.code != "indeterminate" and exc.body.get("indeterminate") is not True
+        writes = args.command in WRITE_COMMANDS
+        unknown = (writes and exc.indeterminate and exc.code != "indeterminate"
+                   and exc.body.get("indeterminate") is not True)
         suffix = " (outcome unknown: the write may have been applied)" if unknown else ""
         note(f"{name}: {one_line(str(exc))}{suffix}")
         return EXIT_ERROR
