@@ -210,7 +210,18 @@ class PutResult:
 
     ``retried`` is True when the write was sent again after an attempt that
     may already have been applied (listed in ``attempts``, which holds every
-    try in order, the successful one last).
+    try in order, the successful one last; only with ``retry_writes=True``).
+
+    ``siblings``: how many live values the key has after the write (the
+    server's ``X-Siblings``; None when it does not say, as for linearizable
+    writes).  ``others``: how many of them this write did not store: for a
+    put ``siblings - 1``, for a delete ``siblings``.  Anything above 0 means
+    values the write's context did not cover are still alive: a put without
+    (or with a stale) context left the old value beside the new one as a
+    sibling; a delete without one **did not delete** the value.  Read the key
+    and write again with the read's context.  ``context`` covers every value
+    the coordinator knew, so it is only safe to reuse for the next write when
+    ``others == 0``.
     """
 
     context: str | None
@@ -218,6 +229,8 @@ class PutResult:
     node: str
     retried: bool
     attempts: list[Attempt] = field(default_factory=list)
+    siblings: int | None = None
+    others: int | None = None
 
 
 # --------------------------------------------------------------------------- errors
@@ -342,6 +355,10 @@ def error_from_response(status: int, body: bytes, node: str, attempts: Sequence[
     if status >= 500:
         return ServerError(message, **kw)
     return KVError(message, **kw)
+
+
+def _count_or_none(header: str | None) -> int | None:
+    return int(header) if header is not None and header.isascii() and header.isdigit() else None
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -502,6 +519,10 @@ class Client:
     ) -> PutResult:
         """Write ``value``.  Pass the ``context`` of the read it is based on, or it becomes a sibling.
 
+        Without a context on a key that has a value, the write is concurrent
+        with that value and both survive: ``result.others`` (see
+        ``PutResult``) is then above 0.
+
         ``if_match`` (an ETag) / ``if_absent`` make it a conditional write
         (compare-and-set); the server only offers those under
         ``consistency="linearizable"``, which is then the default.
@@ -535,7 +556,12 @@ class Client:
         sloppy: bool | None = None,
         timeout_s: float | None = None,
     ) -> PutResult:
-        """Delete ``key`` (writes a tombstone).  Pass the read's ``context`` so the delete supersedes it."""
+        """Delete ``key`` (writes a tombstone).  Pass the read's ``context`` so the delete supersedes it.
+
+        Without a context (or with a stale one) the tombstone is concurrent
+        with the stored value, which **survives**: the call still succeeds, and
+        ``result.others`` says how many values are still alive (0: deleted).
+        """
         headers = {"X-Context": context} if context else {}
         return await self._write(
             "DELETE", key, None, headers, w=w, consistency=consistency, sloppy=sloppy,
@@ -648,12 +674,15 @@ class Client:
             if any(a.may_have_been_applied for a in reply.attempts):
                 error.indeterminate = True
             raise error
+        siblings = _count_or_none(reply.headers.get("X-Siblings"))
         return PutResult(
             context=reply.headers.get("X-Context") or None,
             etag=reply.headers.get("ETag") or None,
             node=reply.node,
             retried=any(a.may_have_been_applied for a in reply.attempts),
             attempts=reply.attempts,
+            siblings=siblings,
+            others=None if siblings is None else max(0, siblings - (1 if body is not None else 0)),
         )
 
     def _order(self) -> list[str]:

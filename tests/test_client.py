@@ -170,11 +170,14 @@ class FakeNode:
         if (if_match is not None and if_match != current_etag) or (if_none == "*" and current is not None):
             return Canned.error(412, "precondition_failed", "the precondition did not hold", current=current_etag)
         self.version += 1
+        # X-Siblings: live values left by an eventual/quorum write (one copy, no siblings: 0 or 1).
+        live = {} if rec.query.get("consistency") == "linearizable" else {"X-Siblings": "0"}
         if rec.method == "DELETE":
             self.store.pop(rec.key, None)
-            return Canned(204, headers={"X-Context": ctx(self.version)})
+            return Canned(204, headers={"X-Context": ctx(self.version), **live})
         self.store[rec.key] = rec.body
-        return Canned(204, headers={"X-Context": ctx(self.version), "ETag": etag_of(rec.body)})
+        live = {k: "1" for k in live}
+        return Canned(204, headers={"X-Context": ctx(self.version), "ETag": etag_of(rec.body), **live})
 
 
 def cluster_body(node_id: str) -> dict[str, Any]:
@@ -244,6 +247,7 @@ async def test_put_get_delete_round_trip(fake: FakeNode) -> None:
 
         deleted = await kv.delete("user:42", context=got.context)
         assert deleted.context == ctx(2) and deleted.etag is None
+        assert (put.siblings, put.others, deleted.siblings, deleted.others) == (1, 0, 0, 0)
 
         gone = await kv.get("user:42")
         assert gone == GetResult(value=None, siblings=[], context=None, etag=None, node=fake.url, found=False)
@@ -387,6 +391,23 @@ async def test_client_side_argument_errors(fake: FakeNode) -> None:
         Client([])
     with pytest.raises(ValueError):
         Client(["127.0.0.1:7001"])
+
+
+@pytest.mark.parametrize(
+    ("method", "header", "siblings", "others"),
+    [("put", "1", 1, 0), ("put", "3", 3, 2), ("delete", "0", 0, 0), ("delete", "2", 2, 2),
+     ("put", None, None, None), ("delete", "x", None, None)],
+)
+async def test_writes_report_the_live_values_they_left(
+    fake: FakeNode, method: str, header: str | None, siblings: int | None, others: int | None
+) -> None:
+    """A write without (or with a stale) context leaves what it did not see alive: a delete that did not delete."""
+    headers = {"X-Context": ctx(3)} | ({"X-Siblings": header} if header is not None else {})
+    fake.script = lambda rec: Canned(204, headers=headers)
+    async with Client([fake.url]) as kv:
+        result = await (kv.put("k", b"v") if method == "put" else kv.delete("k"))
+    assert (result.siblings, result.others) == (siblings, others)
+    fake.spec_violations.clear()  # "x" is off-spec on purpose
 
 
 # --------------------------------------------------------------------------- error mapping
