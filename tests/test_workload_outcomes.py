@@ -8,6 +8,9 @@ import pytest
 
 from chaos.history import HistoryWriter, read_history
 from chaos.workload import Workload, WorkloadSpec
+from kvstore.checker import check
+from kvstore.contract import answer_outcome
+from kvstore.errors import Overloaded
 from tests.dropping_server import DroppingServer
 
 
@@ -49,3 +52,28 @@ async def test_a_refused_connection_is_a_fail(tmp_path: Path) -> None:
         kind = await w.perform(0, "n1", "write", "k", 1)
     history.close()
     assert kind == "fail", "nothing was sent: the write certainly did not happen"
+
+
+def test_the_checker_ignores_info_reads() -> None:
+    """The harness now records cut or timed-out reads as info (no value): they constrain nothing, are
+    no evidence of a lost write or a stale read, and count as unavailable."""
+    events = [
+        {"process": 0, "type": "invoke", "f": "write", "key": "k", "value": 1, "node": "n1"},
+        {"process": 0, "type": "ok", "f": "write", "key": "k", "value": 1, "node": "n1"},
+        {"process": 1, "type": "invoke", "f": "read", "key": "k", "value": None, "node": "n2"},
+        {"process": 1, "type": "info", "f": "read", "key": "k", "value": None, "node": "n2", "error": "timeout"},
+        {"process": 2, "type": "invoke", "f": "read", "key": "k", "value": None, "node": "n3"},
+        {"process": 2, "type": "ok", "f": "read", "key": "k", "value": 1, "node": "n3"},
+    ]
+    result = check(events, model="register")
+    assert str(result.valid) == "true"
+    analyses = result.analyses
+    assert not analyses.lost_writes and not analyses.stale_reads
+    overall = analyses.availability.overall
+    assert (overall.ok, overall.fail, overall.info) == (2, 0, 1)
+
+
+def test_overloaded_answers_say_nothing_was_written() -> None:
+    body = Overloaded("too many proposals in flight").body()
+    assert body["indeterminate"] is False
+    assert answer_outcome(503, body, read=False) == "fail"
