@@ -45,6 +45,9 @@ from urllib.parse import parse_qsl, urlparse
 
 import aiohttp
 
+from kvstore.contract import FAIL, OK, answer_outcome, no_answer_outcome
+from kvstore.http_session import client_session, no_answer_kind
+
 LUA_SCRIPT = Path(__file__).with_name("bench.lua")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,6 +77,15 @@ class LoadSpec:
     threads: int | None = None  # wrk threads; default: one per URL (at least 2)
 
 
+def is_ok(status: int | str, op: str) -> bool:
+    """Whether an answer counts as a completed operation (kvstore.contract: 2xx; a read's 300/404 too)."""
+    return answer_outcome(int(status), None, read=op == "get") == OK
+
+
+def count_ok(statuses: dict[str, int], op: str) -> int:
+    return sum(n for code, n in statuses.items() if is_ok(code, op))
+
+
 @dataclass
 class LoadResult:
     generator: str
@@ -84,6 +96,7 @@ class LoadResult:
     statuses: dict[str, int] = field(default_factory=dict)
     transport_errors: int = 0
     offered_rate: float | None = None
+    op: str = "put"
 
     @property
     def ops_per_s(self) -> float:
@@ -91,7 +104,7 @@ class LoadResult:
 
     @property
     def errors(self) -> int:
-        bad = sum(n for code, n in self.statuses.items() if not code.startswith(("2", "3")))
+        bad = sum(n for code, n in self.statuses.items() if not is_ok(code, self.op))
         return bad + self.transport_errors
 
     def p(self, name: str) -> float:
@@ -100,7 +113,7 @@ class LoadResult:
     def error_text(self) -> str:
         if not self.errors:
             return ""
-        parts = [f"{code}x{n}" for code, n in sorted(self.statuses.items()) if not code.startswith(("2", "3"))]
+        parts = [f"{code}x{n}" for code, n in sorted(self.statuses.items()) if not is_ok(code, self.op)]
         if self.transport_errors:
             parts.append(f"socket/timeout x{self.transport_errors}")
         return "errors: " + ", ".join(parts)
@@ -112,6 +125,7 @@ class LoadResult:
             duration_s=float(data["duration_s"]), latency_ms={k: float(v) for k, v in data["latency_ms"].items()},
             statuses={str(k): int(v) for k, v in data.get("statuses", {}).items()},
             transport_errors=int(data.get("transport_errors", 0)), offered_rate=data.get("offered_rate"),
+            op=str(data.get("op", "put")),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -120,7 +134,7 @@ class LoadResult:
             "duration_s": round(self.duration_s, 3), "ops_per_s": round(self.ops_per_s, 1),
             "latency_ms": {k: round(v, 3) for k, v in self.latency_ms.items()},
             "statuses": self.statuses, "transport_errors": self.transport_errors,
-            "offered_rate": self.offered_rate,
+            "offered_rate": self.offered_rate, "op": self.op,
         }
 
 
@@ -330,14 +344,14 @@ def run_wrk(spec: LoadSpec, stop: Literal["first", "all"] = "first") -> LoadResu
         raise RuntimeError(f"wrk gave no result (exit {proc.returncode}): {err.strip() or out.strip()}")
     data = json.loads(line[len("KVB_RESULT ") :])
     statuses = {str(k): int(v) for k, v in data["statuses"].items()}
-    ok = sum(n for code, n in statuses.items() if code.startswith(("2", "3")))
+    ok = count_ok(statuses, spec.op)
     e = data["errors"]
     lat = {k: float(v) / 1000.0 for k, v in data["latency_us"].items()}
     return LoadResult(
         generator="wrk", requests=int(data["requests"]), ok=ok, duration_s=int(data["duration_us"]) / 1e6,
         latency_ms=lat, statuses=statuses,
         transport_errors=int(e["connect"]) + int(e["read"]) + int(e["write"]) + int(e["timeout"]),
-        offered_rate=spec.rate,
+        offered_rate=spec.rate, op=spec.op,
     )
 
 
@@ -480,10 +494,10 @@ async def _drive(fn: RequestFn, spec: LoadSpec, name: str) -> LoadResult:
             for t in tasks:
                 t.cancel()
     elapsed = clock() - started
-    ok = sum(n for code, n in statuses.items() if code.startswith(("2", "3")))
     return LoadResult(
-        generator=name, requests=issued, ok=ok, duration_s=elapsed, latency_ms=percentiles_ms(latencies),
-        statuses=statuses, transport_errors=transport_errors, offered_rate=spec.rate,
+        generator=name, requests=issued, ok=count_ok(statuses, spec.op), duration_s=elapsed,
+        latency_ms=percentiles_ms(latencies), statuses=statuses, transport_errors=transport_errors,
+        offered_rate=spec.rate, op=spec.op,
     )
 
 
@@ -491,7 +505,7 @@ async def run_python_async(spec: LoadSpec) -> LoadResult:
     """The Python aiohttp generator (fallback for wrk; costs far more CPU per request)."""
     connector = aiohttp.TCPConnector(limit=spec.connections, limit_per_host=spec.connections)
     timeout = aiohttp.ClientTimeout(total=5.0)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    async with client_session(connector=connector, timeout=timeout) as session:
         return await _drive(_aiohttp_request_fn(session, spec), spec, "python")
 
 
@@ -537,7 +551,7 @@ def run_load(spec: LoadSpec, generator: Generator = "auto") -> LoadResult:
 
 async def _prepopulate(spec: LoadSpec) -> LoadResult:
     connector = aiohttp.TCPConnector(limit=spec.connections)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=10.0)) as session:
+    async with client_session(connector=connector, timeout=aiohttp.ClientTimeout(total=10.0)) as session:
         fn = _aiohttp_request_fn(session, spec)
         statuses: dict[str, int] = {}
         next_seq = 0
@@ -548,18 +562,21 @@ async def _prepopulate(spec: LoadSpec) -> LoadResult:
             while next_seq < spec.count and time.monotonic() - started < spec.duration_s:
                 seq = next_seq
                 next_seq += 1
-                for _ in range(3):  # a key range must be complete: retry a failed write
+                # A key range must be complete: send the write again, but only after an answer that
+                # proves the first copy was not applied (kvstore.contract); a copy that may have
+                # landed is not re-sent (it would make siblings), and prepopulate() reports the gap.
+                for _ in range(3):
                     try:
                         status = await fn(0, seq)
-                    except (aiohttp.ClientError, TimeoutError, OSError):
-                        status = 599
-                    if status < 300:
+                        outcome = answer_outcome(status, None, read=False)
+                    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                        status, outcome = 599, no_answer_outcome(no_answer_kind(exc) or "disconnected")
+                    if outcome != FAIL:
                         break
                 statuses[str(status)] = statuses.get(str(status), 0) + 1
 
         await asyncio.gather(*(worker() for _ in range(spec.connections)))
-        ok = sum(n for code, n in statuses.items() if code.startswith("2"))
-        return LoadResult("python", next_seq, ok, time.monotonic() - started, {}, statuses)
+        return LoadResult("python", next_seq, count_ok(statuses, "put"), time.monotonic() - started, {}, statuses)
 
 
 def prepopulate(

@@ -28,6 +28,7 @@ from typing import Any
 import aiohttp
 
 from kvstore.cluster import LocalCluster
+from kvstore.http_session import client_session
 
 Grudge = dict[str, set[str]]
 
@@ -148,7 +149,7 @@ class ClusterControl:
 
     async def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+            self._session = client_session(timeout=aiohttp.ClientTimeout(total=5))
         return self._session
 
     async def _admin(self, node: str, method: str, path: str, body: Any = None) -> None:

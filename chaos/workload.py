@@ -10,12 +10,18 @@ so what a client sees is what its side of the partition can do.
 
 Each client draws its operations from its own ``random.Random(seed, i)``: the same
 seed gives the same sequence of choices (their timing still depends on the
-cluster).  Outcomes map to history types by what the client *knows*:
-``ok`` it happened; ``fail`` it certainly did not (a 4xx, a 503 that says nothing
-was written, a refused connection); ``info`` unknown (timeout, cut connection,
-an indeterminate 503).  After an ``info`` the client takes a fresh process id,
-because its old operation may still be in flight.  A read never changes state,
-so a read with an unknown outcome is recorded as ``fail`` (it constrains nothing).
+cluster).  Outcomes map to history types by what the answer *proves*, with the
+one classification of ``kvstore.contract`` (shared with the client and the
+benchmarks): ``ok`` it happened; ``fail`` it certainly did not (a 4xx, a 5xx
+that says ``"indeterminate": false``, a connection never established);
+``info`` anything else that may have reached a node (a timeout, a cut
+connection, any other 5xx).  That holds only if each operation is sent once:
+the session comes from ``kvstore.http_session.client_session``, which turns off
+aiohttp's hidden re-send of a dropped PUT/DELETE (a re-send that met a
+just-killed node once turned an applied write into a ``fail``).  After an
+``info`` the client takes a fresh process id, because its old operation may
+still be in flight.  A timed-out or cut read is ``info`` too; the checker
+drops every read that did not return ``ok``, so it constrains nothing.
 
 Eventual-mode clients keep the last causal context they saw per key and send it
 with writes, as a real Dynamo client does (read-your-context), so siblings mark
@@ -25,8 +31,8 @@ genuinely concurrent writes rather than every blind write.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
-import hashlib
 import itertools
 import random
 import urllib.parse
@@ -36,6 +42,8 @@ from typing import Any
 import aiohttp
 
 from chaos.history import HistoryWriter
+from kvstore.contract import OK, answer_outcome, error_body, etag_of, no_answer_outcome
+from kvstore.http_session import client_session, no_answer_kind
 
 MODES: dict[str, dict[str, Any]] = {
     # AP: sloppy quorum, R=W=1, hinted handoff, siblings
@@ -50,10 +58,6 @@ MODES: dict[str, dict[str, Any]] = {
     "linearizable": {"conflict_mode": "siblings", "read": {"consistency": "linearizable"},
                      "write": {"consistency": "linearizable"}, "cas": True},
 }
-
-
-def etag_of(value: bytes) -> str:
-    return '"' + hashlib.blake2b(value, digest_size=8).hexdigest() + '"'
 
 
 @dataclass
@@ -96,7 +100,7 @@ class Workload:
         return next(self._next_process)
 
     async def __aenter__(self) -> Workload:
-        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=False))
+        self._session = client_session(connector=aiohttp.TCPConnector(limit=0, force_close=False))
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
@@ -155,12 +159,12 @@ class Workload:
         self.history.record({**base, "type": "invoke", "value": value})
         try:
             kind, extra = await self._request(node, f, key, value, contexts, params_override)
-        except (TimeoutError, aiohttp.ServerTimeoutError):
-            kind, extra = ("fail" if f == "read" else "info"), {"error": "timeout"}
-        except aiohttp.ClientConnectorError:
-            kind, extra = "fail", {"error": "connection_refused"}
-        except aiohttp.ClientError as exc:
-            kind, extra = ("fail" if f == "read" else "info"), {"error": type(exc).__name__}
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            what = no_answer_kind(exc)
+            assert what is not None, exc
+            kind = no_answer_outcome(what)
+            reason = {"unreachable": "connection_refused", "timeout": "timeout"}.get(what, type(exc).__name__)
+            extra = {"error": reason}
         event = {**base, "type": kind, "value": value, **extra}
         if kind == "ok" and f == "read" and last_read is not None:
             last_read[key] = extra.get("value")
@@ -203,12 +207,7 @@ class Workload:
             # coordinator knew; it is only safe to reuse when the write left no other sibling.
             if resp.headers.get("X-Context") and (method == "GET" or resp.headers.get("X-Siblings") == "1"):
                 contexts[key] = resp.headers["X-Context"]
-            doc: Any = None
-            if resp.content_type == "application/json":
-                try:
-                    doc = await resp.json(content_type=None)
-                except ValueError:
-                    doc = None
+            doc = error_body(raw) if resp.content_type == "application/json" else None
         return classify(f, status, raw, doc)
 
 
@@ -220,25 +219,20 @@ def _as_int(raw: bytes) -> int | str:
 
 
 def classify(f: str, status: int, raw: bytes, doc: Any) -> tuple[str, dict[str, Any]]:
-    """Map an HTTP outcome to (history type, extra fields)."""
-    error = doc.get("error") if isinstance(doc, dict) else None
-    if f == "read":
-        if status == 200:
-            return "ok", {"value": _as_int(raw)}
-        if status == 404:
-            return "ok", {"value": None}
-        if status == 300 and isinstance(doc, dict):
-            import base64
-
-            siblings = [_as_int(base64.b64decode(s["value"])) for s in doc.get("siblings", [])]
-            return "ok", {"value": None, "siblings": siblings}
-        return "fail", {"error": error or f"http_{status}"}
-    if status in (200, 204):
-        return "ok", {}
-    if status == 412:
-        return "fail", {"error": "precondition_failed"}
-    if status in (400, 401, 404, 409, 413, 429):
-        return "fail", {"error": error or f"http_{status}"}
-    if status == 503 and isinstance(doc, dict) and doc.get("indeterminate") is False:
-        return "fail", {"error": error or "unavailable"}
-    return "info", {"error": error or f"http_{status}"}
+    """Map an HTTP answer to (history type, extra fields), by ``kvstore.contract.answer_outcome``."""
+    body = doc if isinstance(doc, dict) else None
+    kind = answer_outcome(status, body, read=f == "read")
+    if kind != OK:
+        error = body.get("error") if body else None
+        return kind, {"error": str(error) if error else f"http_{status}"}
+    if f != "read":
+        return kind, {}
+    if status == 200:
+        return kind, {"value": _as_int(raw)}
+    if status == 404:
+        return kind, {"value": None}
+    try:  # 300: every sibling
+        siblings = [_as_int(base64.b64decode(s["value"], validate=True)) for s in (body or {})["siblings"]]
+    except (KeyError, TypeError, ValueError):
+        return "info", {"error": "bad_response"}  # a malformed answer proves nothing
+    return kind, {"value": None, "siblings": siblings}

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import hmac
 import json
 import logging
@@ -31,6 +30,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kvstore import versions
 from kvstore.config import CONSISTENCY_LEVELS
+from kvstore.contract import etag_of
 from kvstore.errors import BadRequest, NodeError, Unauthorized, ValueTooLarge
 from kvstore.node import Node
 from kvstore.quorum import InvalidQuorum, majority, parse_quorum
@@ -41,10 +41,6 @@ log = logging.getLogger(__name__)
 NODE_KEY: web.AppKey[Node] = web.AppKey("node", Node)
 KV_PREFIX = "/kv/"
 Route = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def etag_of(value: bytes) -> str:
-    return '"' + hashlib.blake2b(value, digest_size=8).hexdigest() + '"'
 
 
 def json_error(status: int, code: str, message: str, **extra: Any) -> web.Response:

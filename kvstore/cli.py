@@ -9,11 +9,14 @@ tests (and ``python -m kvstore``) call it directly.
 Exit status: 0 success; 1 an operating error (a node unreachable, a 4xx/5xx
 answer, a failed precondition), reported as ONE line on stderr and never as a
 traceback; 2 a usage error (argparse's message, or a missing argument we
-check ourselves); 3 ``get`` found no value; 130 interrupted.  A traceback
+check ourselves); 3 ``get`` found no value; 4 ``put``/``delete`` was stored
+but other live values remain on the key (a put left siblings, a delete did
+not delete: it had no context, or a stale one), with a warning on stderr;
+130 interrupted.  A traceback
 means a bug in kvstore, and is left visible on purpose.
 
 Output: values go to stdout byte-for-byte (so ``kvstore get k > file`` is
-exact); metadata (context, ETag, a retried-write note) goes to stderr, except
+exact); notes and warnings go to stderr, except
 with ``--json``, which prints one JSON document on stdout for scripts.
 
 Startup is kept cheap (``kvstore --help`` must be instant): this module
@@ -50,9 +53,12 @@ T = TypeVar("T")
 
 DEFAULT_NODE = "http://127.0.0.1:7001"
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_OTHERS_ALIVE = 4  # put/delete stored, but values its context did not cover are still alive
+WRITE_COMMANDS = frozenset({"put", "delete", "cas"})
 
 EPILOG = (
-    "exit status: 0 ok, 1 operating error (one line on stderr), 2 usage error, 3 key not found (get).\n"
+    "exit status: 0 ok, 1 operating error (one line on stderr), 2 usage error, 3 key not found (get),\n"
+    "4 put/delete stored but other values remain on the key (a put left siblings, a delete did not delete).\n"
     f"--node defaults to $KVSTORE_NODE (comma-separated URLs allowed) or {DEFAULT_NODE}."
 )
 
@@ -199,10 +205,6 @@ def report_write(result: PutResult) -> None:
         print(f"context: {result.context}")
     if result.etag:
         print(f"etag: {result.etag}")
-    if result.retried:
-        earlier = "; ".join(f"{a.node}: {a.error}" for a in result.attempts if a.may_have_been_applied)
-        note(f"note: the write was re-sent to {result.node} after a failure that may have applied it "
-             f"({earlier}); if both copies landed the key has siblings")
 
 
 def read_value(arg: str) -> bytes:
@@ -243,22 +245,56 @@ def cmd_get(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def context_for(kv: Client, args: argparse.Namespace) -> str | None:
+    """--context as given, or with --read-first the context of a fresh read of the key."""
+    if not args.read_first:
+        result: str | None = args.context
+        return result
+    got = await kv.get(args.key, consistency=args.consistency, sloppy=args.sloppy)
+    return got.context
+
+
+def check_others(args: argparse.Namespace, result: PutResult, deleting: bool) -> int:
+    """Exit 4 with a warning when the write left values its context did not cover (PutResult.others)."""
+    if not result.others:
+        return EXIT_OK
+    why = ("the context given did not cover them: it is stale, or another client wrote concurrently"
+           if args.context or args.read_first else "no --context was given, so the write is concurrent with them")
+    plural = "s" if result.others > 1 else ""
+    if deleting:
+        note(f"kvstore delete: warning: {args.key!r} was NOT deleted: {result.others} value{plural} still "
+             f"alive ({why}); run it again with --read-first, or with --context from a get")
+    else:
+        note(f"kvstore put: warning: {args.key!r} now has {result.siblings} live values: {result.others} "
+             f"other value{plural} survive beside this one as siblings ({why}); use --read-first, or "
+             f"--context from a get")
+    return EXIT_OTHERS_ALIVE
+
+
 def cmd_put(args: argparse.Namespace) -> int:
     value = read_value(args.value)
-    result: PutResult = with_client(args, lambda kv: kv.put(
-        args.key, value, context=args.context, w=args.w, consistency=args.consistency, sloppy=args.sloppy,
-        if_match=args.if_match, if_absent=args.if_absent,
-    ))
+
+    async def put(kv: Client) -> PutResult:
+        return await kv.put(
+            args.key, value, context=await context_for(kv, args), w=args.w, consistency=args.consistency,
+            sloppy=args.sloppy, if_match=args.if_match, if_absent=args.if_absent,
+        )
+
+    result: PutResult = with_client(args, put)
     report_write(result)
-    return EXIT_OK
+    return check_others(args, result, deleting=False)
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
-    result: PutResult = with_client(args, lambda kv: kv.delete(
-        args.key, context=args.context, w=args.w, consistency=args.consistency, sloppy=args.sloppy,
-    ))
+    async def delete(kv: Client) -> PutResult:
+        return await kv.delete(
+            args.key, context=await context_for(kv, args), w=args.w, consistency=args.consistency,
+            sloppy=args.sloppy,
+        )
+
+    result: PutResult = with_client(args, delete)
     report_write(result)
-    return EXIT_OK
+    return check_others(args, result, deleting=True)
 
 
 def cmd_cas(args: argparse.Namespace) -> int:
@@ -267,6 +303,14 @@ def cmd_cas(args: argparse.Namespace) -> int:
     ))
     report_write(result)
     return EXIT_OK
+
+
+def context_options(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--context", help="the causal context from a previous get")
+    group.add_argument("--read-first", action="store_true",
+                       help="read KEY first and write with the context that read returns (it supersedes "
+                            "every value the read saw)")
 
 
 def register_kv(sub: Subparsers) -> None:
@@ -282,12 +326,13 @@ def register_kv(sub: Subparsers) -> None:
 
     p = sub.add_parser("put", parents=[conn, cons], help="write a key",
                        description="Write VALUE (or stdin with '-') to KEY.  Pass the --context of the read "
-                                   "the write is based on: without it the write is concurrent with what is "
-                                   "stored, and the old value survives as a sibling.",
+                                   "the write is based on (or --read-first): without it the write is "
+                                   "concurrent with what is stored, the old value survives as a sibling, and "
+                                   "the command warns and exits 4.",
                        epilog=EPILOG, formatter_class=Formatter)
     p.add_argument("key", metavar="KEY")
     p.add_argument("value", metavar="VALUE", help="the value as UTF-8 text, or - to read bytes from stdin")
-    p.add_argument("--context", help="the causal context from a previous get")
+    context_options(p)
     p.add_argument("--w", type=quorum_arg, help="write quorum: 1..N or one|quorum|all")
     cond = p.add_mutually_exclusive_group()
     cond.add_argument("--if-match", metavar="ETAG", help="write only if the current value has this ETag")
@@ -295,11 +340,12 @@ def register_kv(sub: Subparsers) -> None:
     p.set_defaults(handler=cmd_put)
 
     p = sub.add_parser("delete", parents=[conn, cons], help="delete a key (writes a tombstone)",
-                       description="Write a tombstone for KEY.  Pass the --context of a read: a delete "
-                                   "without it is concurrent with the stored value, which then survives.",
+                       description="Write a tombstone for KEY.  Pass the --context of a read (or --read-first): "
+                                   "a delete without it is concurrent with the stored value, which then "
+                                   "survives; the command says so and exits 4.",
                        epilog=EPILOG, formatter_class=Formatter)
     p.add_argument("key", metavar="KEY")
-    p.add_argument("--context", help="the causal context from a previous get")
+    context_options(p)
     p.add_argument("--w", type=quorum_arg, help="write quorum: 1..N or one|quorum|all")
     p.set_defaults(handler=cmd_delete)
 
@@ -518,7 +564,9 @@ def run_handler(args: argparse.Namespace, handler: Handler) -> int:
     except KVError as exc:
         # The server's message already speaks for itself when it says indeterminate; otherwise the client
         # knows more than the message (an earlier copy may have landed, or a 5xx struck mid-write).
-        unknown = exc.indeterminate and exc.code != "indeterminate" and exc.body.get("indeterminate") is not True
+        writes = args.command in WRITE_COMMANDS
+        unknown = (writes and exc.indeterminate and exc.code != "indeterminate"
+                   and exc.body.get("indeterminate") is not True)
         suffix = " (outcome unknown: the write may have been applied)" if unknown else ""
         note(f"{name}: {one_line(str(exc))}{suffix}")
         return EXIT_ERROR

@@ -14,30 +14,37 @@ What it guarantees, and what it refuses to hide:
   made (refused, DNS failure, connect timeout) nothing was sent, so every
   operation silently moves to the next node.  If the request may have been
   sent (the server disconnected, the read timed out), a *read* moves on, but a
-  *write* may already have been applied: it is re-sent to the next node only
-  when ``retry_writes=True`` (the default), and then the ``PutResult`` says
-  ``retried=True`` and lists the earlier failure in ``attempts``.  A re-sent
-  write is not idempotent in a Dynamo store: if both copies land, the second
-  one is a concurrent version (a sibling, possibly of the same value).
-  Conditional writes (``cas``, ``put_if_absent``, ``if_match=``) are never
-  re-sent, because the re-send would be judged against the state the first
-  copy may have created (a spurious 412).  When a write may have been applied
-  and the client stops, it raises ``RequestTimeout(indeterminate=True)``.
-  (aiohttp's own hidden re-send of PUT/DELETE after a disconnect is switched
-  off, so every copy sent is one listed in ``attempts``.)
+  *write* may already have been applied, so by default it is **not** re-sent:
+  the call raises ``RequestTimeout(code="indeterminate", indeterminate=True)``
+  and the caller decides (read the key, then write again with its context).
+  ``retry_writes=True`` opts in to re-sending such a write to the next node;
+  the ``PutResult`` then says ``retried=True`` and lists the earlier failure in
+  ``attempts``.  A re-sent write is not idempotent in a Dynamo store: if both
+  copies land, the second one is a concurrent version (a sibling, possibly of
+  the same value).  Conditional writes (``cas``, ``put_if_absent``,
+  ``if_match=``) are never re-sent, even then, because the re-send would be
+  judged against the state the first copy may have created (a spurious 412).
+  aiohttp's own hidden re-send of PUT/DELETE after a disconnect is switched
+  off (``kvstore.http_session``), so every copy sent is one listed in
+  ``attempts``.
 * **Server answers are final.**  An HTTP response is never retried on another
   node: a 503 from one coordinator describes the replicas, which the next
   coordinator would ask too.  Retry policy above that is the caller's.
 * **Every error is typed** (tree below) and carries ``status`` (None when no
   HTTP response arrived), ``code`` (the server's JSON ``error`` field, or a
   client-side code), ``message``, ``node`` (the URL that answered or was last
-  tried), ``attempts`` and ``indeterminate``.  ``indeterminate=False`` on a
-  write's error means it was not applied (as far as anyone can know);
-  ``True`` means it may have been, or may still become visible: the server
-  said so, or an earlier attempt of this call may have landed before the
-  retry failed, or the node failed with an unexplained 5xx mid-write.  A
-  history checker should record the first as a failure and the second as
-  unknown.  Reads are never indeterminate.
+  tried), ``attempts`` and ``indeterminate``, decided by the one outcome
+  classification of ``kvstore.contract`` (shared with the chaos harness and
+  the benchmarks).  ``indeterminate=False`` (``outcome == "fail"``) means the
+  answer proves the request was not applied: a 4xx, a 5xx that says
+  ``"indeterminate": false``, or no node could be connected to.  ``True``
+  (``outcome == "info"``) means it may have been, or may still become
+  visible: a timeout or a cut connection after the request may have been
+  sent, any 5xx that does not say ``"indeterminate": false`` (a quorum that
+  may still land, an unexplained node failure), or an earlier attempt of this
+  call that may have landed before a retry failed.  A history checker records
+  the first as ``fail`` and the second as ``info``.  For a read, which changes
+  nothing, ``indeterminate`` only tells "unanswered" from "refused".
 * **Timeouts**: ``timeout_s`` (on the client, overridable per call) bounds
   each attempt, connect included.  The server is sent ``timeout_ms`` at 90% of
   it so that, when the replicas are slow, the coordinator gives up first and
@@ -74,7 +81,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import itertools
 import json
 import time
@@ -88,6 +94,8 @@ import aiohttp
 from yarl import URL
 
 from kvstore import __version__
+from kvstore.contract import INFO, Outcome, error_body, etag_of, no_answer_outcome, refusal_outcome
+from kvstore.http_session import client_session, no_answer_kind
 
 __all__ = [
     "Attempt",
@@ -202,7 +210,18 @@ class PutResult:
 
     ``retried`` is True when the write was sent again after an attempt that
     may already have been applied (listed in ``attempts``, which holds every
-    try in order, the successful one last).
+    try in order, the successful one last; only with ``retry_writes=True``).
+
+    ``siblings``: how many live values the key has after the write (the
+    server's ``X-Siblings``; None when it does not say, as for linearizable
+    writes).  ``others``: how many of them this write did not store: for a
+    put ``siblings - 1``, for a delete ``siblings``.  Anything above 0 means
+    values the write's context did not cover are still alive: a put without
+    (or with a stale) context left the old value beside the new one as a
+    sibling; a delete without one **did not delete** the value.  Read the key
+    and write again with the read's context.  ``context`` covers every value
+    the coordinator knew, so it is only safe to reuse for the next write when
+    ``others == 0``.
     """
 
     context: str | None
@@ -210,11 +229,8 @@ class PutResult:
     node: str
     retried: bool
     attempts: list[Attempt] = field(default_factory=list)
-
-
-def etag_of(value: bytes) -> str:
-    """The ETag the server gives ``value``: a quoted 16-hex-digit BLAKE2b-64 digest."""
-    return '"' + hashlib.blake2b(value, digest_size=8).hexdigest() + '"'
+    siblings: int | None = None
+    others: int | None = None
 
 
 # --------------------------------------------------------------------------- errors
@@ -242,6 +258,11 @@ class KVError(Exception):
         self.body: dict[str, Any] = dict(body or {})
         self.attempts: list[Attempt] = list(attempts)
         self.indeterminate = indeterminate
+
+    @property
+    def outcome(self) -> Outcome:
+        """``info`` if the request may have been applied (``indeterminate``), else ``fail``."""
+        return INFO if self.indeterminate else "fail"
 
     def __str__(self) -> str:
         where = f" [{self.node}]" if self.node else ""
@@ -304,19 +325,13 @@ class ServerError(KVError):
 
 
 def error_from_response(status: int, body: bytes, node: str, attempts: Sequence[Attempt] = ()) -> KVError:
-    """Map an HTTP error response to its typed exception."""
-    data: dict[str, Any] = {}
-    try:
-        parsed = json.loads(body) if body else None
-        if isinstance(parsed, dict):
-            data = parsed
-    except (ValueError, UnicodeDecodeError):
-        pass  # not our node (a proxy?): still a typed error, with the text as message
+    """Map an HTTP error response to its typed exception (``indeterminate`` per kvstore.contract)."""
+    data = error_body(body)  # {} when not our node (a proxy?): still a typed error, with the text as message
     code = str(data.get("error") or f"http_{status}")
     message = str(data.get("message") or body[:200].decode("utf-8", "replace").strip() or f"HTTP {status}")
     kw: dict[str, Any] = {
         "status": status, "code": code, "node": node, "body": data, "attempts": attempts,
-        "indeterminate": data.get("indeterminate") is True,
+        "indeterminate": refusal_outcome(status, data) == INFO,
     }
     if status == 400:
         return BadRequest(message, **kw)
@@ -340,6 +355,10 @@ def error_from_response(status: int, body: bytes, node: str, attempts: Sequence[
     if status >= 500:
         return ServerError(message, **kw)
     return KVError(message, **kw)
+
+
+def _count_or_none(header: str | None) -> int | None:
+    return int(header) if header is not None and header.isascii() and header.isdigit() else None
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -397,7 +416,7 @@ class Client:
         timeout_s: float = 5.0,
         connect_timeout_s: float = 1.0,
         resolver: Resolver | None = None,
-        retry_writes: bool = True,
+        retry_writes: bool = False,
         secret: str | None = None,
         max_connections: int = 64,
         down_cooldown_s: float = 2.0,
@@ -445,16 +464,11 @@ class Client:
             raise RuntimeError("this kvstore.Client is closed")
         if self._session is None:
             # Created lazily: a ClientSession must be made inside the running loop.
+            # client_session: aiohttp's hidden re-send of a dropped PUT/DELETE is off.
             connector = aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=self.max_connections)
-            self._session = aiohttp.ClientSession(
+            self._session = client_session(
                 connector=connector, headers={"User-Agent": f"kvstore-client/{__version__}"}
             )
-            # aiohttp silently re-sends "idempotent" methods (PUT and DELETE included) once after a
-            # disconnect.  A re-sent write is not idempotent here and must never be silent, so switch
-            # that off; there is no public knob (aiohttp's own test client sets this attribute), and
-            # tests/test_client.py counts requests to catch a version where this stops working.
-            if hasattr(self._session, "_retry_connection"):
-                self._session._retry_connection = False
         return self._session
 
     # -- key-value operations
@@ -488,9 +502,7 @@ class Client:
             )
         if reply.status == 404 and _error_code(reply.body) == "not_found":
             return GetResult(value=None, siblings=[], context=context, etag=None, node=reply.node, found=False)
-        error = error_from_response(reply.status, reply.body, reply.node, reply.attempts)
-        error.indeterminate = False  # a read changes nothing, whatever the body says
-        raise error
+        raise error_from_response(reply.status, reply.body, reply.node, reply.attempts)
 
     async def put(
         self,
@@ -506,6 +518,10 @@ class Client:
         if_absent: bool = False,
     ) -> PutResult:
         """Write ``value``.  Pass the ``context`` of the read it is based on, or it becomes a sibling.
+
+        Without a context on a key that has a value, the write is concurrent
+        with that value and both survive: ``result.others`` (see
+        ``PutResult``) is then above 0.
 
         ``if_match`` (an ETag) / ``if_absent`` make it a conditional write
         (compare-and-set); the server only offers those under
@@ -540,7 +556,12 @@ class Client:
         sloppy: bool | None = None,
         timeout_s: float | None = None,
     ) -> PutResult:
-        """Delete ``key`` (writes a tombstone).  Pass the read's ``context`` so the delete supersedes it."""
+        """Delete ``key`` (writes a tombstone).  Pass the read's ``context`` so the delete supersedes it.
+
+        Without a context (or with a stale one) the tombstone is concurrent
+        with the stored value, which **survives**: the call still succeeds, and
+        ``result.others`` says how many values are still alive (0: deleted).
+        """
         headers = {"X-Context": context} if context else {}
         return await self._write(
             "DELETE", key, None, headers, w=w, consistency=consistency, sloppy=sloppy,
@@ -649,17 +670,19 @@ class Client:
         )
         if not 200 <= reply.status < 300:
             error = error_from_response(reply.status, reply.body, reply.node, reply.attempts)
-            # This answer is about the last copy only; an earlier copy may have landed.  An unexplained
-            # 5xx (a node bug) may have struck after the replicas took the write.
-            if any(a.may_have_been_applied for a in reply.attempts) or type(error) is ServerError:
+            # This answer is about the last copy only; an earlier copy (retry_writes=True) may have landed.
+            if any(a.may_have_been_applied for a in reply.attempts):
                 error.indeterminate = True
             raise error
+        siblings = _count_or_none(reply.headers.get("X-Siblings"))
         return PutResult(
             context=reply.headers.get("X-Context") or None,
             etag=reply.headers.get("ETag") or None,
             node=reply.node,
             retried=any(a.may_have_been_applied for a in reply.attempts),
             attempts=reply.attempts,
+            siblings=siblings,
+            others=None if siblings is None else max(0, siblings - (1 if body is not None else 0)),
         )
 
     def _order(self) -> list[str]:
@@ -706,9 +729,9 @@ class Client:
             raise _indeterminate(attempts)
         summary = "; ".join(f"{a.node}: {a.error}" for a in attempts)
         last = attempts[-1].node if attempts else ""
-        if any(a.outcome == "timeout" for a in attempts):
+        if any(a.may_have_been_applied for a in attempts):  # a read some node may have served, unanswered
             raise RequestTimeout(f"no node answered in time ({summary})", code="timeout", node=last,
-                                 attempts=attempts, indeterminate=False)
+                                 attempts=attempts, indeterminate=True)
         raise NodeUnreachable(f"could not reach any node ({summary})", code="unreachable", node=last,
                               attempts=attempts)
 
@@ -730,13 +753,15 @@ class Client:
             ) as resp:
                 payload = await resp.read()
                 return resp.status, resp.headers, payload
-        except aiohttp.ClientConnectorError as exc:
-            raise _NotSent(f"cannot connect: {exc.os_error.strerror or exc.os_error}") from None
-        except aiohttp.ConnectionTimeoutError:
-            raise _NotSent(f"connect timed out after {min(self.connect_timeout_s, timeout_s):g}s") from None
-        except TimeoutError:
-            raise _Lost("timeout", f"no response within {timeout_s:g}s") from None
-        except aiohttp.ClientError as exc:
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            kind = no_answer_kind(exc)
+            assert kind is not None, exc
+            if no_answer_outcome(kind) != INFO:  # never connected: nothing was sent
+                if isinstance(exc, aiohttp.ClientConnectorError):
+                    raise _NotSent(f"cannot connect: {exc.os_error.strerror or exc.os_error}") from None
+                raise _NotSent(f"connect timed out after {min(self.connect_timeout_s, timeout_s):g}s") from None
+            if kind == "timeout":
+                raise _Lost("timeout", f"no response within {timeout_s:g}s") from None
             raise _Lost("disconnected", f"connection lost: {exc or type(exc).__name__}") from None
 
 
@@ -775,11 +800,8 @@ def normalize_etag(etag: str) -> str:
 
 
 def _error_code(body: bytes) -> str | None:
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return str(data.get("error")) if isinstance(data, dict) else None
+    code = error_body(body).get("error")
+    return None if code is None else str(code)
 
 
 def _parse_siblings(reply: _Reply) -> tuple[list[Sibling], str | None]:

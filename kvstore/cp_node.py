@@ -33,7 +33,8 @@ from typing import Any
 
 from aiohttp import web
 
-from kvstore.api import CP_KEY, RequestParams, etag_of, json_error
+from kvstore.api import CP_KEY, RequestParams, json_error
+from kvstore.contract import etag_of
 from kvstore.cp import ConsensusUnavailable, PaxosAcceptor, PaxosProposer
 from kvstore.errors import BadRequest, ConsistencyConflict, NodeError, QuorumUnavailable
 from kvstore.node import Node, _error_from_body

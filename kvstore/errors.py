@@ -57,8 +57,13 @@ class ValueTooLarge(NodeError):
 
 
 class Overloaded(NodeError):
+    """Shed before anything was written: the body says ``indeterminate: false`` (kvstore.contract)."""
+
     status = 503
     code = "overloaded"
+
+    def __init__(self, message: str, **extra: Any) -> None:
+        super().__init__(message, **{"indeterminate": False, **extra})
 
 
 class QuorumUnavailable(NodeError):

@@ -53,13 +53,14 @@ takes an injected ``random.Random``).  The asynchronous driver lives in
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import msgpack
+
+from kvstore.contract import etag_of
 
 # --------------------------------------------------------------------------------------------
 # Ballots and values
@@ -105,11 +106,6 @@ def ballot_to_wire(ballot: Ballot | None) -> list[Any] | None:
 
 def ballot_from_wire(obj: Any) -> Ballot | None:
     return None if obj is None else Ballot.from_wire(obj)
-
-
-def etag_of(value: bytes) -> str:
-    """The HTTP entity tag of a present value: a quoted 64-bit BLAKE2b digest."""
-    return '"' + hashlib.blake2b(value, digest_size=8).hexdigest() + '"'
 
 
 @dataclass(frozen=True, slots=True)

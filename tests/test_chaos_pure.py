@@ -131,6 +131,15 @@ def test_run_spec_rejects_unknown_scenario() -> None:
         ("cas", 412, b"", {"error": "precondition_failed"}, ("fail", {"error": "precondition_failed"})),
         ("write", 400, b"", {"error": "invalid_key"}, ("fail", {"error": "invalid_key"})),
         ("delete", 429, b"", {"error": "overloaded"}, ("fail", {"error": "overloaded"})),
+        ("write", 409, b"", {"error": "consistency_conflict"}, ("fail", {"error": "consistency_conflict"})),
+        # A 5xx that does not say "indeterminate": false may have written: unknown, for reads too.
+        ("write", 503, b"", {"error": "overloaded"}, ("info", {"error": "overloaded"})),
+        ("write", 502, b"Bad Gateway", None, ("info", {"error": "http_502"})),
+        ("read", 503, b"", {"error": "timeout"}, ("info", {"error": "timeout"})),
+        ("read", 500, b"", {"error": "internal"}, ("info", {"error": "internal"})),
+        ("read", 400, b"", {"error": "invalid_quorum"}, ("fail", {"error": "invalid_quorum"})),
+        ("read", 300, b"", {"siblings": "nope"}, ("info", {"error": "bad_response"})),
+        ("write", 300, b"", None, ("info", {"error": "http_300"})),
     ],
 )
 def test_outcome_classification(f: str, status: int, body: bytes, doc: object, expected: tuple[str, dict]) -> None:

@@ -14,7 +14,7 @@ import pytest
 from kvstore import cli
 from kvstore.cli import main
 from kvstore.client import etag_of
-from tests.test_client import Canned, FakeNode, ctx, dead_url, siblings_reply
+from tests.test_client import Canned, FakeNode, Recorded, Script, ctx, dead_url, siblings_reply
 
 SUBCOMMANDS = [
     [], ["get"], ["put"], ["delete"], ["cas"], ["status"], ["repair"], ["node"], ["cluster"], ["cluster", "up"],
@@ -182,6 +182,66 @@ def test_delete_and_cas(fake: FakeNode, capsys: pytest.CaptureFixture[str]) -> N
     assert capsys.readouterr().out.splitlines()[-1] == f"context: {ctx(2)}"
 
 
+def written(siblings: int) -> Script:
+    """A node that stores the write but reports ``siblings`` live values afterwards."""
+    def script(rec: Recorded) -> Canned | None:
+        if rec.method == "GET":
+            return None
+        return Canned(204, headers={"X-Context": ctx(7), "X-Siblings": str(siblings),
+                                    **({"ETag": etag_of(rec.body)} if rec.method == "PUT" else {})})
+    return script
+
+
+def test_a_delete_that_did_not_delete_warns_and_exits_4(fake: FakeNode, capsys: pytest.CaptureFixture[str]) -> None:
+    fake.script = written(siblings=1)
+    assert main(["delete", "k", "--node", fake.url]) == 4
+    assert_one_line_error(capsys.readouterr().err, "kvstore delete: warning:", "'k' was NOT deleted",
+                          "1 value still alive", "no --context", "--read-first")
+    assert main(["delete", "k", "--node", fake.url, "--context", ctx(1)]) == 4
+    assert_one_line_error(capsys.readouterr().err, "NOT deleted", "stale")
+
+
+def test_a_put_that_left_siblings_warns_and_exits_4(fake: FakeNode, capsys: pytest.CaptureFixture[str]) -> None:
+    fake.script = written(siblings=3)
+    assert main(["put", "k", "v", "--node", fake.url]) == 4
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[0] == f"context: {ctx(7)}", "the write itself is reported as usual"
+    assert_one_line_error(captured.err, "kvstore put: warning:", "3 live values", "2 other values survive",
+                          "--read-first")
+
+
+def test_writes_that_left_nothing_else_alive_exit_0(fake: FakeNode, capsys: pytest.CaptureFixture[str]) -> None:
+    fake.store["k"] = b"old"
+    assert main(["put", "k", "new", "--node", fake.url, "--context", ctx(0)]) == 0  # X-Siblings: 1
+    assert main(["delete", "k", "--node", fake.url, "--context", ctx(1)]) == 0  # X-Siblings: 0
+    assert main(["put", "lin", "v", "--node", fake.url, "--consistency", "linearizable"]) == 0  # no header
+    assert "warning" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["delete", "k"], ["put", "k", "new"]])
+def test_read_first_writes_with_the_context_of_a_fresh_read(
+    fake: FakeNode, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    fake.store["k"] = b"old"
+    fake.version = 5
+    assert main([*command, "--read-first", "--node", fake.url, "--consistency", "quorum"]) == 0
+    read, write = fake.requests
+    assert read.method == "GET" and read.query["consistency"] == "quorum"
+    assert write.method == command[0].upper() and write.headers["X-Context"] == ctx(5)
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_read_first_on_a_missing_key_writes_without_a_context(fake: FakeNode) -> None:
+    assert main(["put", "fresh", "v", "--read-first", "--node", fake.url]) == 0
+    read, write = fake.requests
+    assert read.method == "GET" and "X-Context" not in write.headers and fake.store["fresh"] == b"v"
+
+
+def test_read_first_and_context_are_exclusive(fake: FakeNode, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["delete", "k", "--read-first", "--context", ctx(1), "--node", fake.url]) == 2
+    assert "not allowed with" in capsys.readouterr().err and fake.requests == []
+
+
 def test_cas_mismatch_is_a_one_line_error(fake: FakeNode, capsys: pytest.CaptureFixture[str]) -> None:
     fake.store["k"] = b"actual"
     assert main(["cas", "k", "stale", "new", "--node", fake.url]) == 1
@@ -219,16 +279,16 @@ def test_env_node_list_fails_over(
     assert "note:" not in capsys.readouterr().err, "a refused connection is not a re-sent write"
 
 
-def test_a_retried_write_is_reported(capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_write_cut_off_is_reported_unknown_and_not_resent(capsys: pytest.CaptureFixture[str]) -> None:
     flaky, good = FakeNode().start(), FakeNode().start()
     try:
         flaky.script = lambda rec: Canned(204, disconnect=True)
-        assert main(["put", "k", "v", "--node", flaky.url, "--node", good.url]) == 0
+        assert main(["put", "k", "v", "--node", flaky.url, "--node", good.url]) == 1
     finally:
         flaky.stop()
         good.stop()
-    err = capsys.readouterr().err
-    assert "re-sent" in err and flaky.url in err and good.store["k"] == b"v"
+    assert_one_line_error(capsys.readouterr().err, "may or may not have been applied", flaky.url)
+    assert flaky.count() == 1 and good.count() == 0, "the CLI sends a write once"
 
 
 # --------------------------------------------------------------------------- cluster commands

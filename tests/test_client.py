@@ -170,11 +170,14 @@ class FakeNode:
         if (if_match is not None and if_match != current_etag) or (if_none == "*" and current is not None):
             return Canned.error(412, "precondition_failed", "the precondition did not hold", current=current_etag)
         self.version += 1
+        # X-Siblings: live values left by an eventual/quorum write (one copy, no siblings: 0 or 1).
+        live = {} if rec.query.get("consistency") == "linearizable" else {"X-Siblings": "0"}
         if rec.method == "DELETE":
             self.store.pop(rec.key, None)
-            return Canned(204, headers={"X-Context": ctx(self.version)})
+            return Canned(204, headers={"X-Context": ctx(self.version), **live})
         self.store[rec.key] = rec.body
-        return Canned(204, headers={"X-Context": ctx(self.version), "ETag": etag_of(rec.body)})
+        live = {k: "1" for k in live}
+        return Canned(204, headers={"X-Context": ctx(self.version), "ETag": etag_of(rec.body), **live})
 
 
 def cluster_body(node_id: str) -> dict[str, Any]:
@@ -244,6 +247,7 @@ async def test_put_get_delete_round_trip(fake: FakeNode) -> None:
 
         deleted = await kv.delete("user:42", context=got.context)
         assert deleted.context == ctx(2) and deleted.etag is None
+        assert (put.siblings, put.others, deleted.siblings, deleted.others) == (1, 0, 0, 0)
 
         gone = await kv.get("user:42")
         assert gone == GetResult(value=None, siblings=[], context=None, etag=None, node=fake.url, found=False)
@@ -389,6 +393,23 @@ async def test_client_side_argument_errors(fake: FakeNode) -> None:
         Client(["127.0.0.1:7001"])
 
 
+@pytest.mark.parametrize(
+    ("method", "header", "siblings", "others"),
+    [("put", "1", 1, 0), ("put", "3", 3, 2), ("delete", "0", 0, 0), ("delete", "2", 2, 2),
+     ("put", None, None, None), ("delete", "x", None, None)],
+)
+async def test_writes_report_the_live_values_they_left(
+    fake: FakeNode, method: str, header: str | None, siblings: int | None, others: int | None
+) -> None:
+    """A write without (or with a stale) context leaves what it did not see alive: a delete that did not delete."""
+    headers = {"X-Context": ctx(3)} | ({"X-Siblings": header} if header is not None else {})
+    fake.script = lambda rec: Canned(204, headers=headers)
+    async with Client([fake.url]) as kv:
+        result = await (kv.put("k", b"v") if method == "put" else kv.delete("k"))
+    assert (result.siblings, result.others) == (siblings, others)
+    fake.spec_violations.clear()  # "x" is off-spec on purpose
+
+
 # --------------------------------------------------------------------------- error mapping
 
 
@@ -403,7 +424,8 @@ async def test_client_side_argument_errors(fake: FakeNode) -> None:
          {"status": 412, "current": None}),
         (Canned.error(413, "value_too_large", limit=1048576), ValueTooLarge, {"status": 413, "limit": 1048576}),
         (Canned.error(429, "overloaded"), Overloaded, {"status": 429, "code": "overloaded", "indeterminate": False}),
-        (Canned.error(503, "overloaded"), Overloaded, {"status": 503}),
+        # A 5xx that does not say "indeterminate": false proves nothing (kvstore.contract): unknown.
+        (Canned.error(503, "overloaded"), Overloaded, {"status": 503, "indeterminate": True}),
         (Canned.error(503, "quorum_unavailable", needed=2, acknowledged=1, indeterminate=True), QuorumUnavailable,
          {"status": 503, "needed": 2, "acknowledged": 1, "indeterminate": True}),
         (Canned.error(503, "quorum_unavailable", needed=3, acknowledged=0, indeterminate=False), QuorumUnavailable,
@@ -453,6 +475,10 @@ async def test_a_non_json_error_from_a_proxy_is_still_typed(fake: FakeNode) -> N
         with pytest.raises(ServerError) as info:
             await kv.get("k")
     assert info.value.status == 502 and info.value.code == "http_502" and info.value.message == "Bad Gateway"
+    async with Client([fake.url]) as kv:
+        with pytest.raises(ServerError) as info:
+            await kv.put("k", b"v")
+    assert info.value.indeterminate is True, "a 5xx that does not say it wrote nothing may have written"
     fake.spec_violations.clear()  # deliberately off-spec: not a kvstore node
 
 
@@ -516,10 +542,12 @@ async def test_every_node_refusing_raises_node_unreachable() -> None:
     assert dead1 in err.message and dead2 in err.message
 
 
-async def test_write_after_a_disconnect_is_retried_and_says_so(fake_factory: Callable[[], FakeNode]) -> None:
+async def test_write_after_a_disconnect_is_retried_on_opt_in_and_says_so(
+    fake_factory: Callable[[], FakeNode],
+) -> None:
     flaky, good = fake_factory(), fake_factory()
     flaky.script = lambda rec: Canned(204, disconnect=True)
-    async with Client([flaky.url, good.url]) as kv:
+    async with Client([flaky.url, good.url], retry_writes=True) as kv:
         result = await kv.put("k", b"v")
     assert result.retried is True and result.node == good.url
     assert [(a.node, a.outcome) for a in result.attempts] == [(flaky.url, "disconnected"), (good.url, "response")]
@@ -534,7 +562,7 @@ async def test_an_error_after_a_retried_write_is_indeterminate(fake_factory: Cal
     flaky.script = lambda rec: Canned(204, disconnect=True)
     refusing.script = lambda rec: Canned.error(503, "quorum_unavailable", needed=2, acknowledged=0,
                                                indeterminate=False)
-    async with Client([flaky.url, refusing.url]) as kv:
+    async with Client([flaky.url, refusing.url], retry_writes=True) as kv:
         with pytest.raises(QuorumUnavailable) as info:
             await kv.put("k", b"v")
     assert info.value.indeterminate is True and info.value.acknowledged == 0
@@ -542,26 +570,36 @@ async def test_an_error_after_a_retried_write_is_indeterminate(fake_factory: Cal
 
 
 @pytest.mark.parametrize(
-    "canned",
-    [Canned.error(500, "internal", "boom"), Canned.error(503, "storage_unavailable", "io", indeterminate=True)],
+    ("canned", "outcome"),
+    [
+        (Canned.error(500, "internal", "boom"), "info"),
+        (Canned.error(503, "storage_unavailable", "io", indeterminate=True), "info"),
+        (Canned.error(503, "quorum_unavailable", needed=2, acknowledged=0, indeterminate=False), "fail"),
+        (Canned.error(400, "invalid_quorum", "r=9"), "fail"),
+    ],
 )
-async def test_reads_are_never_indeterminate(fake: FakeNode, canned: Canned) -> None:
+async def test_read_errors_follow_the_one_outcome_classification(fake: FakeNode, canned: Canned, outcome: str) -> None:
+    """A read changes nothing; its indeterminate only tells "unanswered" (info) from "refused" (fail)."""
     fake.script = lambda rec: canned
     async with Client([fake.url]) as kv:
-        with pytest.raises(ServerError) as info:
+        with pytest.raises(KVError) as info:
             await kv.get("k")
-    assert info.value.indeterminate is False
+    assert info.value.outcome == outcome and info.value.indeterminate is (outcome == "info")
 
 
-async def test_write_after_a_disconnect_without_retry_is_indeterminate(fake_factory: Callable[[], FakeNode]) -> None:
+@pytest.mark.parametrize("method", ["put", "delete"])
+async def test_by_default_a_write_after_a_disconnect_is_indeterminate_and_not_resent(
+    fake_factory: Callable[[], FakeNode], method: str,
+) -> None:
     flaky, good = fake_factory(), fake_factory()
     flaky.script = lambda rec: Canned(204, disconnect=True)
-    async with Client([flaky.url, good.url], retry_writes=False) as kv:
+    async with Client([flaky.url, good.url]) as kv:
         with pytest.raises(RequestTimeout) as info:
-            await kv.delete("k")
+            await (kv.put("k", b"v") if method == "put" else kv.delete("k"))
     assert info.value.indeterminate is True and info.value.code == "indeterminate"
+    assert info.value.outcome == "info"
     assert [a.outcome for a in info.value.attempts] == ["disconnected"]
-    assert flaky.count() == 1 and good.count() == 0
+    assert flaky.count() == 1 and good.count() == 0, "one request: no hidden and no default re-send"
 
 
 async def test_conditional_write_is_never_resent(fake_factory: Callable[[], FakeNode]) -> None:
@@ -587,7 +625,7 @@ async def test_read_after_a_disconnect_fails_over_silently(fake_factory: Callabl
 async def test_write_that_may_have_landed_everywhere_is_indeterminate(fake_factory: Callable[[], FakeNode]) -> None:
     a, b = fake_factory(), fake_factory()
     a.script = b.script = lambda rec: Canned(204, disconnect=True)
-    async with Client([a.url, b.url]) as kv:
+    async with Client([a.url, b.url], retry_writes=True) as kv:
         with pytest.raises(RequestTimeout) as info:
             await kv.put("k", b"v")
     assert info.value.indeterminate is True and len(info.value.attempts) == 2
@@ -597,14 +635,14 @@ async def test_write_that_may_have_landed_everywhere_is_indeterminate(fake_facto
 # --------------------------------------------------------------------------- timeouts
 
 
-async def test_read_timeout_is_a_determinate_request_timeout(fake: FakeNode) -> None:
+async def test_read_timeout_is_an_unanswered_request_timeout(fake: FakeNode) -> None:
     fake.script = lambda rec: Canned(200, b"late", {"X-Context": "c", "ETag": etag_of(b"late")}, delay_s=1.0)
     async with Client([fake.url], timeout_s=0.2) as kv:
         started = time.monotonic()
         with pytest.raises(RequestTimeout) as info:
             await kv.get("k")
         elapsed = time.monotonic() - started
-    assert info.value.indeterminate is False and info.value.status is None
+    assert info.value.indeterminate is True and info.value.outcome == "info" and info.value.status is None
     assert elapsed < 0.9, "the client must give up at its own timeout"
     assert fake.requests[0].query["timeout_ms"] == "180"
 
@@ -614,7 +652,7 @@ async def test_write_timeout_is_indeterminate_and_fails_over_to_a_live_node(
 ) -> None:
     slow, good = fake_factory(), fake_factory()
     slow.script = lambda rec: Canned(204, headers={"X-Context": "c", "ETag": etag_of(b"v")}, delay_s=1.0)
-    async with Client([slow.url, good.url], timeout_s=0.2) as kv:
+    async with Client([slow.url, good.url], timeout_s=0.2, retry_writes=True) as kv:
         result = await kv.put("k", b"v")
     assert result.retried is True and [a.outcome for a in result.attempts] == ["timeout", "response"]
 

@@ -8,6 +8,7 @@ import asyncio
 import pytest
 
 import kvstore
+from kvstore.cli import main as cli_main
 from kvstore.client import BadRequest, PreconditionFailed, QuorumUnavailable, ValueTooLarge, lww_resolver
 from kvstore.cluster import LocalCluster
 from kvstore.ring import Ring
@@ -18,13 +19,25 @@ pytestmark = pytest.mark.integration
 def test_readme_example_and_siblings(cluster5: LocalCluster) -> None:
     async def go() -> None:
         async with kvstore.Client(cluster5.urls[:2]) as kv:
+            # The README's example, step by step.
+            got = await kv.get("client:7", r=2)
+            assert not got.found
+            put = await kv.put("client:7", b"hello", context=got.context, w=2)
+            assert put.others == 0 and put.siblings == 1
+            assert (await kv.get("client:7", r=2)).value == b"hello"
+            gone = await kv.delete("client:7", context=put.context, w=2)
+            assert gone.others == 0
+            assert not (await kv.get("client:7", r=2)).found
+
+            # The README's old example deleted with the context of a read made before a later put:
+            # the delete does not cover that put, which survives -- and the result says so.
             await kv.put("client:42", b"hello", w=2)
             got = await kv.get("client:42", r=2)
-            assert got.value == b"hello" and got.context and got.found
-            await kv.put("client:42", b"v2", context=got.context)
-            assert (await kv.get("client:42", r=2)).value == b"v2"
+            await kv.put("client:42", b"v2", context=got.context, w=2)
+            stale = await kv.delete("client:42", context=got.context, w=2)
+            assert stale.others == 1 and (await kv.get("client:42", r=2)).value == b"v2", "v2 survived"
             latest = await kv.get("client:42", r=2)
-            await kv.delete("client:42", context=latest.context)
+            assert (await kv.delete("client:42", context=latest.context, w=2)).others == 0
             gone = await kv.get("client:42", r=2)
             assert not gone.found and gone.value is None
 
@@ -90,3 +103,24 @@ def test_failover_and_quorum_errors_with_dead_nodes(fresh_cluster: LocalCluster)
             assert exc.value.status == 503
 
     asyncio.run(go())
+
+
+def test_cli_delete_without_a_context_says_the_value_survived(
+    cluster5: LocalCluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 11, item 8: `kvstore delete KEY` without a context used to exit 0 while the value survived."""
+    node = ["--node", cluster5.urls[0]]
+    assert cli_main(["put", "cli:del", "v1", *node]) == 0
+    assert cli_main(["delete", "cli:del", *node]) == 4
+    assert "was NOT deleted" in capsys.readouterr().err
+    assert cli_main(["get", "cli:del", *node]) == 0 and capsys.readouterr().out == "v1", "the value survived"
+    assert cli_main(["delete", "cli:del", "--read-first", *node]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert cli_main(["get", "cli:del", *node]) == 3, "deleted"
+
+    assert cli_main(["put", "cli:put", "a", *node]) == 0
+    assert cli_main(["put", "cli:put", "b", *node]) == 4  # no context: a sibling of "a"
+    assert "2 live values" in capsys.readouterr().err
+    assert cli_main(["put", "cli:put", "c", "--read-first", *node]) == 0
+    capsys.readouterr()
+    assert cli_main(["get", "cli:put", *node]) == 0 and capsys.readouterr().out == "c"

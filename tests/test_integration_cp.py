@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import urllib.parse
+import itertools
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,102 +14,113 @@ import pytest
 from chaos.history import HistoryWriter, read_history
 from kvstore.checker import check
 from kvstore.cluster import LocalCluster
+from kvstore.contract import answer_outcome, error_body, no_answer_outcome
+from kvstore.contract import etag_of as etag
+from kvstore.http_session import client_session, no_answer_kind
 from kvstore.ring import Ring
 from tests.conftest import http, kv_path
 
 pytestmark = pytest.mark.integration
 LIN = "linearizable"
-
-
-def etag(value: bytes) -> str:
-    return '"' + hashlib.blake2b(value, digest_size=8).hexdigest() + '"'
+GENEROUS_S = 90.0  # a bound on waiting for a condition, never an expectation of speed
 
 
 def primaries(cluster: LocalCluster, key: str) -> tuple[str, ...]:
     return Ring(cluster.node_ids, cluster.base_config.vnodes).preference_list(key, 3)
 
 
-async def cas_increments(cluster: LocalCluster, key: str, clients: int, per_client: int, history: HistoryWriter,
-                         during: Any = None) -> tuple[int, int]:
-    """Clients each add ``per_client`` increments with read + compare-and-set, recording a history.
+class CasCounter:
+    """Clients add 1 to one key by linearizable read + compare-and-set, recording every op in a history.
 
-    Returns (acknowledged increments, indeterminate CAS outcomes)."""
-    next_process = [clients]
-    acked = 0
-    unknown = 0
+    Each op is one HTTP request (``client_session``), recorded with the outcome the answer proves
+    (``kvstore.contract``): ``ok`` / ``fail`` / ``info``; after an ``info`` the client takes a new
+    process id, as the harness does.  ``acked`` counts CAS that returned ok, ``unknown`` CAS whose
+    outcome is info: the final value must lie in [acked, acked + unknown].
+    """
 
-    async def client(i: int, session: aiohttp.ClientSession) -> None:
-        nonlocal acked, unknown
-        process = i
-        url = cluster.urls[i % len(cluster.urls)]
-        node = cluster.node_ids[i % len(cluster.urls)]
-        target = url + "/kv/" + urllib.parse.quote(key, safe="") + "?consistency=linearizable&timeout_ms=3000"
+    def __init__(self, cluster: LocalCluster, key: str, history: HistoryWriter, session: aiohttp.ClientSession,
+                 first_process: int) -> None:
+        self.cluster = cluster
+        self.key = key
+        self.history = history
+        self.session = session
+        self._next_process = itertools.count(first_process)
+        self.acked = 0
+        self.unknown = 0
+
+    async def _op(self, process: int, node: str, f: str, value: Any, **request: Any) -> tuple[str, bytes, int]:
+        url = self.cluster.url(node) + kv_path(self.key, consistency=LIN, timeout_ms=3000)
+        event = {"process": process, "f": f, "key": self.key, "value": value, "node": node}
+        self.history.record({**event, "type": "invoke"})
+        status, raw = 0, b""
+        try:
+            async with self.session.request(request.pop("method"), url, **request) as resp:
+                status, raw = resp.status, await resp.read()
+            kind = answer_outcome(status, error_body(raw), read=f == "read")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            what = no_answer_kind(exc)
+            assert what is not None, exc
+            kind = no_answer_outcome(what)
+        extra: dict[str, Any] = {}
+        if kind == "ok" and f == "read":
+            extra["value"] = int(raw) if status == 200 else None
+        elif kind != "ok":
+            extra["error"] = str(error_body(raw).get("error") or f"http_{status}")
+        self.history.record({**event, "type": kind, **extra})
+        return kind, raw, status
+
+    async def client(self, node: str, increments: int, deadline: float, stop: asyncio.Event | None = None) -> int:
+        """Add up to ``increments`` through ``node`` before ``deadline`` or ``stop``; returns how many were acked."""
+        loop = asyncio.get_running_loop()
+        process = next(self._next_process)
         done = 0
-        attempts = 0
-        while done < per_client and attempts < per_client * 60:
-            attempts += 1
-            history.record({"process": process, "type": "invoke", "f": "read", "key": key, "value": None, "node": node})
-            try:
-                async with session.get(target) as resp:
-                    body = await resp.read()
-                    status = resp.status
-            except (aiohttp.ClientError, TimeoutError):
-                history.record({"process": process, "type": "fail", "f": "read", "key": key, "value": None,
-                                "node": node, "error": "timeout"})
+        while done < increments and loop.time() < deadline and not (stop and stop.is_set()):
+            kind, raw, status = await self._op(process, node, "read", None, method="GET")
+            if kind != "ok":
+                if kind == "info":
+                    process = next(self._next_process)
+                await asyncio.sleep(0.05)  # the node is refusing or gone: do not spin
                 continue
-            if status not in (200, 404):
-                history.record({"process": process, "type": "fail", "f": "read", "key": key, "value": None,
-                                "node": node, "error": f"http_{status}"})
-                await asyncio.sleep(0.02)
-                continue
-            current = int(body) if status == 200 else None
-            history.record({"process": process, "type": "ok", "f": "read", "key": key, "value": current, "node": node})
-            new = (current or 0) + 1
+            current = int(raw) if status == 200 else None
             headers = {"If-Match": etag(str(current).encode())} if current is not None else {"If-None-Match": "*"}
-            op = {"process": process, "f": "cas", "key": key, "value": [current, new], "node": node}
-            history.record({**op, "type": "invoke"})
-            try:
-                async with session.put(target, data=str(new).encode(), headers=headers) as resp:
-                    doc = await resp.json(content_type=None) if resp.status != 204 else None
-                    status = resp.status
-            except (aiohttp.ClientError, TimeoutError):
-                history.record({**op, "type": "info", "error": "timeout"})
-                unknown += 1
-                process = next_process[0]
-                next_process[0] += 1
-                continue
-            if status == 204:
-                history.record({**op, "type": "ok"})
-                acked += 1
+            new = (current or 0) + 1
+            kind, _raw, _status = await self._op(process, node, "cas", [current, new], method="PUT",
+                                                 data=str(new).encode(), headers=headers)
+            if kind == "ok":
+                self.acked += 1
                 done += 1
-            elif status == 412 or (status == 503 and doc and doc.get("indeterminate") is False):
-                history.record({**op, "type": "fail", "error": doc.get("error") if doc else None})
-            else:
-                history.record({**op, "type": "info", "error": f"http_{status}"})
-                unknown += 1
-                process = next_process[0]
-                next_process[0] += 1
-
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
-        tasks = [asyncio.create_task(client(i, session)) for i in range(clients)]
-        if during is not None:
-            await during()
-        await asyncio.gather(*tasks)
-    return acked, unknown
+            elif kind == "info":
+                self.unknown += 1
+                process = next(self._next_process)
+        return done
 
 
 def final_value(cluster: LocalCluster, key: str, node: str | None = None) -> int | None:
-    reply = http(cluster.url(node or cluster.node_ids[0]), "GET", kv_path(key, consistency=LIN))
-    assert reply.status in (200, 404), reply
-    return int(reply.body) if reply.status == 200 else None
+    """The register's value, read linearizably (waiting, within a bound, out a transient 503)."""
+    deadline = time.monotonic() + GENEROUS_S
+    while True:
+        reply = http(cluster.url(node or cluster.node_ids[0]), "GET", kv_path(key, consistency=LIN, timeout_ms=3000))
+        if reply.status in (200, 404):
+            return int(reply.body) if reply.status == 200 else None
+        assert reply.status == 503 and time.monotonic() < deadline, reply
+        time.sleep(0.1)
 
 
 def test_concurrent_cas_increments_lose_nothing_and_are_linearizable(cluster5: LocalCluster, tmp_path: Path) -> None:
     key = "cp:counter"
     history = HistoryWriter(tmp_path / "history.jsonl")
-    acked, unknown = asyncio.run(cas_increments(cluster5, key, clients=6, per_client=8, history=history))
+
+    async def run() -> tuple[list[int], int, int]:
+        async with client_session(timeout=aiohttp.ClientTimeout(total=5)) as session:
+            counter = CasCounter(cluster5, key, history, session, first_process=0)
+            deadline = asyncio.get_running_loop().time() + GENEROUS_S
+            nodes = [cluster5.node_ids[i % len(cluster5.node_ids)] for i in range(6)]
+            done = await asyncio.gather(*(counter.client(node, 8, deadline) for node in nodes))
+            return list(done), counter.acked, counter.unknown
+
+    done, acked, unknown = asyncio.run(run())
     history.close()
-    assert acked == 48
+    assert done == [8] * 6, "a healthy cluster lets every client finish (the deadline is only a bound)"
     total = final_value(cluster5, key)
     assert total is not None and acked <= total <= acked + unknown
     result = check(read_history(tmp_path / "history.jsonl"), model="cas-register", time_limit_s=60, workers=1)
@@ -117,24 +128,48 @@ def test_concurrent_cas_increments_lose_nothing_and_are_linearizable(cluster5: L
 
 
 def test_replica_killed_mid_run_still_available_and_linearizable(fresh_cluster: LocalCluster, tmp_path: Path) -> None:
+    """One of the key's three replicas is SIGKILLed while clients are mid-run.  What that must mean, without
+    depending on how fast anything is: operations through the surviving nodes keep succeeding (each
+    surviving client completes increments invoked after the kill, within a generous bound), the history is
+    linearizable, and the final value counts every acknowledged increment and nothing never attempted."""
     key = "cp:kill"
-    victim = primaries(fresh_cluster, key)[1]
+    pref = primaries(fresh_cluster, key)
+    victim = pref[1]
+    outsiders = [n for n in fresh_cluster.node_ids if n not in pref]
+    # One client through the victim, one through a surviving replica, two through nodes that forward.
+    survivors = [pref[0], outsiders[0], outsiders[1]]
     history = HistoryWriter(tmp_path / "history.jsonl")
 
-    async def kill_soon() -> None:
-        await asyncio.sleep(0.5)
-        history.nemesis("kill", [victim])
-        await asyncio.to_thread(fresh_cluster.kill, victim)
+    async def run() -> tuple[list[int], int, int]:
+        loop = asyncio.get_running_loop()
+        async with client_session(timeout=aiohttp.ClientTimeout(total=5)) as session:
+            counter = CasCounter(fresh_cluster, key, history, session, first_process=0)
+            # Before: clients on every node, the victim's included, run until they are stopped.
+            stop_before = asyncio.Event()
+            before = [asyncio.create_task(counter.client(n, 10**6, loop.time() + GENEROUS_S, stop_before))
+                      for n in [victim, *survivors]]
+            deadline = loop.time() + GENEROUS_S
+            while counter.acked < 4:  # mid-run: the register is in use when the replica dies
+                assert loop.time() < deadline, "the healthy cluster acknowledged nothing"
+                assert not any(t.done() for t in before), [t.result() for t in before if t.done()]
+                await asyncio.sleep(0.01)
+            await asyncio.to_thread(fresh_cluster.kill, victim)
+            history.nemesis("kill", [victim])
+            # Ops in flight at the kill finish (or fail) as they may; then fresh clients through the
+            # survivors must each complete 3 increments, all invoked after the kill.
+            stop_before.set()
+            await asyncio.gather(*before)
+            after_deadline = loop.time() + GENEROUS_S
+            after = await asyncio.gather(*(counter.client(n, 3, after_deadline) for n in survivors))
+            return list(after), counter.acked, counter.unknown
 
-    acked, unknown = asyncio.run(cas_increments(fresh_cluster, key, clients=4, per_client=6, history=history,
-                                                during=kill_soon))
+    after, acked, unknown = asyncio.run(run())
     history.close()
-    survivor = next(n for n in primaries(fresh_cluster, key) if n != victim)
-    total = final_value(fresh_cluster, key, survivor)
-    assert total is not None and acked <= total <= acked + unknown
-    assert acked == 24, "2 of 3 replicas keep the register available"
+    assert after == [3, 3, 3], "2 of 3 replicas keep the register available through every surviving node"
+    total = final_value(fresh_cluster, key, pref[0])
+    assert total is not None and acked <= total <= acked + unknown, (total, acked, unknown)
     result = check(read_history(tmp_path / "history.jsonl"), model="cas-register", time_limit_s=60, workers=1)
-    assert str(result.valid) == "true"
+    assert str(result.valid) == "true", [result.explain(kr) for kr in result.invalid_keys]
 
 
 def test_two_of_three_unreachable_refuses_instead_of_stale(fresh_cluster: LocalCluster) -> None:
@@ -153,12 +188,12 @@ def test_two_of_three_unreachable_refuses_instead_of_stale(fresh_cluster: LocalC
     outsider = next(n for n in fresh_cluster.node_ids if n not in pref)
     assert http(fresh_cluster.url(outsider), "GET", kv_path(key, consistency=LIN, timeout_ms=1500)).status == 503
     fresh_cluster.restart(pref[1])
-    deadline = __import__("time").monotonic() + 20
+    deadline = time.monotonic() + 20
     while True:
         got = http(url, "GET", kv_path(key, consistency=LIN, timeout_ms=1500))
         if got.status == 200:
             break
-        assert __import__("time").monotonic() < deadline, got
+        assert time.monotonic() < deadline, got
     # The refused write was reported 503: if it was not indeterminate it must never appear.
     doc = write.json()
     assert isinstance(doc, dict)

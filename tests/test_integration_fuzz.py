@@ -9,6 +9,7 @@ import aiohttp
 import pytest
 
 from kvstore.cluster import LocalCluster
+from kvstore.http_session import client_session
 
 pytestmark = pytest.mark.integration
 
@@ -33,7 +34,7 @@ def test_no_input_yields_a_500(tmp_path: object) -> None:
 
     async def go(cluster: LocalCluster) -> int:
         sent = 0
-        async with aiohttp.ClientSession() as session:
+        async with client_session() as session:
             for _ in range(1500):
                 method, path = rng.choice(METHODS), rng.choice(PATHS) + rng.choice(PARAMS)
                 headers = dict(rng.choice(HEADERS))

@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import msgpack
 
+from kvstore.http_session import client_session
 from kvstore.transport.base import FaultRules, Handler, Message, PeerUnavailable, RemoteError
 
 
@@ -30,7 +31,7 @@ class HttpTransport:
 
     async def start(self, handler: Handler) -> None:
         # Incoming messages arrive through the node's HTTP app (/internal/msg), not here.
-        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256))
+        self._session = client_session(connector=aiohttp.TCPConnector(limit=256))
 
     async def call(self, peer: str, message: Message, timeout_s: float) -> Message:
         assert self._session is not None, "transport not started"
