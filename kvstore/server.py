@@ -56,7 +56,14 @@ def build_node(cfg: NodeConfig) -> Node:
         peer_urls = {m.id: m.url for m in cfg.members if m.id != cfg.node_id}
         transport = HttpTransport(cfg.node_id, cfg.secret, peer_urls)
     else:
-        transport = StreamTransport(cfg.node_id, cfg.secret, peers, (cfg.bind, cfg.me.peer_port))
+        transport = StreamTransport(
+            cfg.node_id,
+            cfg.secret,
+            peers,
+            (cfg.bind, cfg.me.peer_port),
+            hello_timeout_s=cfg.limits.peer_hello_timeout_ms / 1000.0,
+            max_unauthenticated=cfg.limits.max_unauthenticated_peer_connections,
+        )
     # The node's rng only drives jitter/backoff; seeding from the node id keeps runs comparable.
     rng = random.Random(f"{cfg.node_id}:{os.getpid()}")
     node = Node(cfg, transport=transport, data=data, hints=hints, paxos=paxos, clock=SystemClock(), rng=rng)

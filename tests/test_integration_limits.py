@@ -1,0 +1,224 @@
+"""Integration: what an unauthenticated peer or a misbehaving HTTP client can cost a node (issue 11, item 7).
+
+Every test talks raw TCP to real node processes.  The clusters are configured with small limits
+so the tests are quick; no assertion depends on speed: a cut must happen within its timeout plus a
+generous margin, and never before the timeout (measured from before the first byte we send, so
+the node's timer started later than ours).
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgpack
+import pytest
+
+from kvstore.cluster import LocalCluster
+from kvstore.config import Limits
+from tests.conftest import FAST_AP, http, kv_path
+
+pytestmark = pytest.mark.integration
+
+MARGIN_S = 10.0  # how late a timer may fire on a busy machine before a test calls it a failure
+HEADER_TIMEOUT_S = 1.0
+MAX_HTTP_CONNECTIONS = 8
+MAX_UNAUTHENTICATED = 4
+# Cluster "guarded": a small connection cap and header timeout; idle and hello timeouts so long
+# that they cannot be what cuts a connection during a test.
+GUARDED_LIMITS = Limits(
+    max_http_connections=MAX_HTTP_CONNECTIONS,
+    http_header_timeout_ms=int(HEADER_TIMEOUT_S * 1000),
+    http_idle_timeout_ms=600_000,
+    peer_hello_timeout_ms=600_000,
+    max_unauthenticated_peer_connections=MAX_UNAUTHENTICATED,
+)
+IDLE_TIMEOUT_S = 1.0
+HELLO_TIMEOUT_S = 1.0
+# Cluster "impatient": short idle and hello timeouts; a header timeout too long to interfere.
+IMPATIENT_LIMITS = Limits(
+    http_header_timeout_ms=600_000,
+    http_idle_timeout_ms=int(IDLE_TIMEOUT_S * 1000),
+    peer_hello_timeout_ms=int(HELLO_TIMEOUT_S * 1000),
+)
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """Two nodes, N=2, so a w=2 write proves that the real peers still authenticate and talk."""
+    cluster = LocalCluster(
+        2, 2, r=1, w=2, data_dir=str(tmp_path_factory.mktemp("guarded")), ap=FAST_AP, limits=GUARDED_LIMITS
+    )
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def impatient(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    cluster = LocalCluster(
+        1, 1, r=1, w=1, data_dir=str(tmp_path_factory.mktemp("impatient")), ap=FAST_AP, limits=IMPATIENT_LIMITS
+    )
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def connect(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=10)
+
+
+def read_until_closed(sock: socket.socket, deadline: float) -> tuple[bytes, bool]:
+    """Everything the node sends until it closes the connection (True) or the deadline (False)."""
+    received = b""
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([sock], [], [], min(0.5, max(0.0, deadline - time.monotonic())))
+        if not ready:
+            continue
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionError:
+            return received, True
+        if not chunk:
+            return received, True
+        received += chunk
+    return received, False
+
+
+def peer_frame(payload: bytes) -> object:
+    (length,) = struct.unpack(">I", payload[:4])
+    assert len(payload) == 4 + length, payload
+    return msgpack.unpackb(payload[4:], raw=False)
+
+
+def hello(node: str, secret: str) -> bytes:
+    body = msgpack.packb({"node": node, "secret": secret}, use_bin_type=True)
+    return struct.pack(">I", len(body)) + body
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def metric(cluster: LocalCluster, node_id: str, name: str, labels: str = "") -> float:
+    text = http(cluster.url(node_id), "GET", "/metrics").body.decode()
+    wanted = f"{name}{{{labels}}}" if labels else name
+    for line in text.splitlines():
+        if line.startswith(wanted + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def log_lines(cluster: LocalCluster, node_id: str) -> list[str]:
+    return cluster.log_path(node_id).read_text(errors="replace").splitlines()
+
+
+def quorum_write_works(cluster: LocalCluster, key: str) -> None:
+    reply = http(cluster.url("n1"), "PUT", kv_path(key, w=2), body=b"still-works")
+    assert reply.status == 204, reply
+
+
+# --- the peer port ------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the node's RSS from /proc")
+def test_huge_hello_lengths_are_refused_before_buffering(guarded: LocalCluster) -> None:
+    """Today's main buffered a 16 MiB hello per connection before authenticating (+317 MB for 16)."""
+    port = guarded.base_config.member("n1").peer_port
+    pid = guarded.pid("n1")
+    before = rss_bytes(pid)
+    announced = 16 * 1024 * 1024 - 1  # the largest frame the old code accepted
+    chunk = b"\x00" * (1024 * 1024)
+    peak = before
+    socks = []
+    try:
+        for _ in range(16):
+            sock = connect(port)
+            socks.append(sock)
+            try:
+                sock.sendall(struct.pack(">I", announced))
+                for _ in range(announced // len(chunk)):
+                    sock.sendall(chunk)
+            except (ConnectionError, TimeoutError):
+                pass  # what we want: the node stopped reading and closed
+            peak = max(peak, rss_bytes(pid))
+        deadline = time.monotonic() + MARGIN_S
+        for sock in socks:
+            _, closed = read_until_closed(sock, deadline)
+            assert closed, "the node kept an unauthenticated connection with an oversized hello open"
+        peak = max(peak, rss_bytes(pid))
+    finally:
+        for sock in socks:
+            sock.close()
+    assert peak - before < 32 * 1024 * 1024, f"RSS grew by {(peak - before) / 2**20:.0f} MiB"
+    quorum_write_works(guarded, "after-huge-hellos")
+
+
+def test_a_hello_from_a_non_member_is_refused_with_a_reason(guarded: LocalCluster) -> None:
+    port = guarded.base_config.member("n1").peer_port
+    with connect(port) as sock:
+        sock.sendall(hello("intruder", guarded.secret))
+        received, closed = read_until_closed(sock, time.monotonic() + MARGIN_S)
+    assert closed
+    refusal = peer_frame(received)
+    assert isinstance(refusal, dict) and refusal["ok"] is False and refusal["error"] == "unknown_member"
+    assert "'intruder'" in refusal["message"] and "not a member" in refusal["message"]
+    # The wrong secret learns nothing about the membership.
+    with connect(port) as sock:
+        sock.sendall(hello("intruder", "not-the-secret"))
+        received, closed = read_until_closed(sock, time.monotonic() + MARGIN_S)
+    assert closed
+    refusal = peer_frame(received)
+    assert isinstance(refusal, dict) and refusal["error"] == "unauthorized" and "intruder" not in refusal["message"]
+    # One clear line in the node's log, no traceback.
+    deadline = time.monotonic() + MARGIN_S
+    while not (lines := [line for line in log_lines(guarded, "n1") if "'intruder'" in line]):
+        assert time.monotonic() < deadline, "the refusal was not logged"
+        time.sleep(0.1)
+    assert len(lines) == 1 and "WARNING" in lines[0] and "not a member" in lines[0], lines
+    assert not any("Traceback" in line for line in log_lines(guarded, "n1"))
+    quorum_write_works(guarded, "after-intruder")
+
+
+def test_unauthenticated_peer_connections_are_capped(guarded: LocalCluster) -> None:
+    """Beyond the cap the oldest waiting connection is closed with a reason (hello timeout: 10 min)."""
+    port = guarded.base_config.member("n1").peer_port
+    extra = 6
+    socks = [connect(port) for _ in range(MAX_UNAUTHENTICATED + extra)]
+    try:
+        deadline = time.monotonic() + MARGIN_S
+        for sock in socks[:extra]:
+            received, closed = read_until_closed(sock, deadline)
+            assert closed, "a connection beyond the cap of waiting connections was kept open"
+            refusal = peer_frame(received)
+            assert isinstance(refusal, dict) and refusal["error"] == "too_many_unauthenticated", refusal
+        # The real peers authenticate at once and are never among the waiting ones for long.
+        quorum_write_works(guarded, "after-many-silent-peers")
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def test_a_peer_that_never_says_hello_is_cut_after_the_hello_timeout(impatient: LocalCluster) -> None:
+    port = impatient.base_config.member("n1").peer_port
+    started = time.monotonic()
+    with connect(port) as sock:
+        received, closed = read_until_closed(sock, started + HELLO_TIMEOUT_S + MARGIN_S)
+    elapsed = time.monotonic() - started
+    assert closed and elapsed >= HELLO_TIMEOUT_S
+    refusal = peer_frame(received)
+    assert isinstance(refusal, dict) and refusal["error"] == "hello_timeout", refusal
