@@ -222,3 +222,33 @@ def test_a_peer_that_never_says_hello_is_cut_after_the_hello_timeout(impatient: 
     assert closed and elapsed >= HELLO_TIMEOUT_S
     refusal = peer_frame(received)
     assert isinstance(refusal, dict) and refusal["error"] == "hello_timeout", refusal
+
+
+# --- no 500 for a bad secret header or an anonymous internal message ----------------------------
+
+
+
+def test_a_non_ascii_secret_header_is_401_json(guarded: LocalCluster) -> None:
+    url = guarded.url("n1")
+    for secret in ("s\u00e9cret", "s\u00e9cret".encode(), b"\xff\xfe"):  # latin-1, UTF-8, not text at all
+        reply = http(url, "POST", "/admin/repair", headers={"X-Cluster-Secret": secret})  # type: ignore[dict-item]
+        assert reply.status == 401, reply
+        assert reply.json() == {
+            "error": "unauthorized", "message": "this route needs the cluster secret in X-Cluster-Secret"
+        }
+
+
+def test_an_internal_message_without_a_member_sender_is_400_json(guarded: LocalCluster) -> None:
+    url = guarded.url("n1")
+    ping = msgpack.packb({"op": "ping"}, use_bin_type=True)
+    reply = http(url, "POST", "/internal/msg", body=ping, headers={"X-Cluster-Secret": guarded.secret})
+    assert reply.status == 400, reply
+    doc = reply.json()
+    assert isinstance(doc, dict) and doc["error"] == "invalid_header" and "X-Node" in doc["message"]
+    reply = http(url, "POST", "/internal/msg", body=ping,
+                 headers={"X-Cluster-Secret": guarded.secret, "X-Node": "intruder"})
+    assert reply.status == 400, reply
+    doc = reply.json()
+    assert isinstance(doc, dict) and doc["error"] == "unknown_member"
+    reply = http(url, "POST", "/internal/msg", body=ping, headers={"X-Cluster-Secret": guarded.secret, "X-Node": "n2"})
+    assert reply.status == 200 and msgpack.unpackb(reply.body) == {"ok": True}
