@@ -8,6 +8,7 @@ the node's timer started later than ours).
 
 from __future__ import annotations
 
+import json
 import select
 import socket
 import struct
@@ -224,8 +225,128 @@ def test_a_peer_that_never_says_hello_is_cut_after_the_hello_timeout(impatient: 
     assert isinstance(refusal, dict) and refusal["error"] == "hello_timeout", refusal
 
 
-# --- no 500 for a bad secret header or an anonymous internal message ----------------------------
+# --- the public HTTP port -----------------------------------------------------------------------
 
+
+def test_slow_headers_are_cut_after_the_header_timeout(guarded: LocalCluster) -> None:
+    """Slowloris: the headers trickle in a byte at a time and never end."""
+    before = metric(guarded, "n1", "kvstore_http_connections_closed_total", 'reason="header_timeout"')
+    port = guarded.base_config.member("n1").http_port
+    started = time.monotonic()
+    deadline = started + HEADER_TIMEOUT_S + MARGIN_S
+    received = b""
+    closed = False
+    with connect(port) as sock:
+        try:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+            while not closed and time.monotonic() < deadline:
+                sock.sendall(b"a")
+                more, closed = read_until_closed(sock, min(deadline, time.monotonic() + 0.1))
+                received += more
+        except ConnectionError:
+            closed = True
+    elapsed = time.monotonic() - started
+    assert closed, f"slow headers held the connection for {elapsed:.1f} s"
+    assert elapsed >= HEADER_TIMEOUT_S
+    if received:  # the 408 is best effort: the client was still sending when the node closed
+        head, _, body = received.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408") and json.loads(body)["error"] == "request_timeout"
+    after = metric(guarded, "n1", "kvstore_http_connections_closed_total", 'reason="header_timeout"')
+    assert after >= before + 1
+
+
+def test_idle_connections_beyond_the_cap_make_room_for_a_real_request(guarded: LocalCluster) -> None:
+    """1,100 idle connections exhausted the node's descriptors; now the longest idle are closed."""
+    port = guarded.base_config.member("n1").http_port
+    count = 20
+    socks = [connect(port) for _ in range(count)]
+    try:
+        got = http(guarded.url("n1"), "GET", "/health")
+        assert got.status == 200, got
+        quorum_write_works(guarded, "after-idle-flood")
+        # Whatever else was open, at most MAX_HTTP_CONNECTIONS of ours can still be.
+        open_socks = list(socks)
+        deadline = time.monotonic() + MARGIN_S
+        while len(open_socks) > MAX_HTTP_CONNECTIONS:
+            assert time.monotonic() < deadline, f"{len(open_socks)} idle connections still open"
+            ready, _, _ = select.select(open_socks, [], [], 0.5)
+            for sock in ready:
+                try:
+                    data = sock.recv(1024)
+                except ConnectionError:
+                    data = b""
+                assert data == b"", data  # an idle connection is closed silently, as keep-alive ones are
+                open_socks.remove(sock)
+    finally:
+        for sock in socks:
+            sock.close()
+    assert metric(guarded, "n1", "kvstore_http_connections_closed_total", 'reason="idle_evicted"') >= (
+        count - MAX_HTTP_CONNECTIONS
+    )
+
+
+def test_when_every_connection_is_working_a_new_one_gets_503(guarded: LocalCluster) -> None:
+    """Fill every slot with a request in progress (a PUT whose body has not arrived yet)."""
+    port = guarded.base_config.member("n1").http_port
+    body = b"x" * 100
+    workers = []
+    try:
+        for i in range(MAX_HTTP_CONNECTIONS):
+            sock = connect(port)
+            workers.append(sock)
+            sock.sendall(
+                f"PUT {kv_path(f'slow-body-{i}', w=2)} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n".encode()
+            )
+        for sock in workers:
+            # "100 Continue" proves the node has read this request: the connection is not idle.
+            interim = b""
+            while b"\r\n\r\n" not in interim:
+                chunk = sock.recv(4096)
+                assert chunk, "the node closed a connection with a request in progress"
+                interim += chunk
+            assert interim.startswith(b"HTTP/1.1 100"), interim
+        refused = http(guarded.url("n1"), "GET", "/health")
+        assert refused.status == 503, refused
+        assert refused.headers.get("connection", "").lower() == "close"
+        doc = refused.json()
+        assert isinstance(doc, dict) and doc["error"] == "overloaded" and doc["indeterminate"] is False
+        # The requests in progress are unharmed: they finish when their bodies arrive.
+        for sock in workers:
+            sock.sendall(body)
+        for sock in workers:
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                chunk = sock.recv(4096)
+                assert chunk, "the node dropped a request in progress"
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 204"), answer
+    finally:
+        for sock in workers:
+            sock.close()
+    deadline = time.monotonic() + MARGIN_S
+    while (got := http(guarded.url("n1"), "GET", "/health")).status != 200:
+        assert time.monotonic() < deadline, got  # the slots free as the node sees the closes
+        time.sleep(0.1)
+
+
+def test_idle_connections_are_closed_after_the_idle_timeout(impatient: LocalCluster) -> None:
+    port = impatient.base_config.member("n1").http_port
+    # A connection that never sends a byte...
+    started = time.monotonic()
+    with connect(port) as sock:
+        received, closed = read_until_closed(sock, started + IDLE_TIMEOUT_S + MARGIN_S)
+    assert closed and received == b"" and time.monotonic() - started >= IDLE_TIMEOUT_S
+    # ...and a keep-alive connection after its response.
+    with connect(port) as sock:
+        started = time.monotonic()
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        received, closed = read_until_closed(sock, started + IDLE_TIMEOUT_S + MARGIN_S)
+    assert closed and time.monotonic() - started >= IDLE_TIMEOUT_S
+    assert received.startswith(b"HTTP/1.1 200") and b'"status": "ok"' in received
+
+
+# --- no 500 for a bad secret header or an anonymous internal message ----------------------------
 
 
 def test_a_non_ascii_secret_header_is_401_json(guarded: LocalCluster) -> None:
