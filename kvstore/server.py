@@ -45,7 +45,7 @@ log = logging.getLogger("kvstore.server")
 
 def build_node(cfg: NodeConfig) -> Node:
     node_dir = Path(cfg.data_dir) / cfg.node_id
-    node_dir.mkdir(parents=True, exist_ok=True)
+    node_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # holds the data; only the owner may enter
     engine = cfg.storage
     fsync: Any = cfg.fsync
     data = open_storage(engine, str(node_dir / "data.db"), fsync, cfg.batch_window_ms)

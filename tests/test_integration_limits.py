@@ -9,9 +9,13 @@ the node's timer started later than ours).
 from __future__ import annotations
 
 import json
+import os
 import select
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +23,7 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from kvstore.cluster import LocalCluster
+from kvstore.cluster import LocalCluster, free_ports, port_is_free, write_private
 from kvstore.config import Limits
 from tests.conftest import FAST_AP, http, kv_path
 
@@ -373,3 +377,54 @@ def test_an_internal_message_without_a_member_sender_is_400_json(guarded: LocalC
     assert isinstance(doc, dict) and doc["error"] == "unknown_member"
     reply = http(url, "POST", "/internal/msg", body=ping, headers={"X-Cluster-Secret": guarded.secret, "X-Node": "n2"})
     assert reply.status == 200 and msgpack.unpackb(reply.body) == {"ok": True}
+
+
+# --- the secret on disk -------------------------------------------------------------------------
+
+
+def _cluster_up_ports() -> int:
+    for _ in range(50):
+        (port,) = free_ports(1)
+        if port + 100 <= 65535 and port_is_free(port + 100):
+            return port
+    raise AssertionError("no free pair of ports for kvstore cluster up")
+
+
+def test_cluster_up_writes_the_secret_readable_by_its_owner_only(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    port = _cluster_up_ports()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvstore", "cluster", "up", "--nodes", "1", "--replicas", "1",
+         "--data-dir", str(data_dir), "--base-port", str(port), "--storage", "memory"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+    )
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 60
+        output = b""
+        while b"nodes up" not in output:
+            line = proc.stdout.readline()
+            assert line and time.monotonic() < deadline, output + line
+            output += line
+        config = data_dir / "n1" / "node.toml"
+        assert "secret" in config.read_text()
+        assert config.stat().st_mode & 0o777 == 0o600
+        assert (data_dir / "n1").stat().st_mode & 0o777 == 0o700
+        assert data_dir.stat().st_mode & 0o777 == 0o700
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+    assert proc.returncode == 0
+
+
+def test_a_config_left_readable_by_an_older_version_is_made_private(tmp_path: Path) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text('secret = "old"\n')
+    config.chmod(0o644)
+    write_private(config, 'secret = "new"\n')
+    assert config.stat().st_mode & 0o777 == 0o600 and config.read_text() == 'secret = "new"\n'
