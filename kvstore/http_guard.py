@@ -27,9 +27,11 @@ Descriptors held by the HTTP port are thus at most ``max_connections + MAX_LINGE
 a limit are counted in ``kvstore_http_connections_closed_total{reason}`` and logged rate-limited.
 
 A request is dispatched and finished as seen by ``middleware()``, which must be the application's
-outermost middleware.  Limitation: bytes that arrive while a request is being handled (its body or
-a pipelined next request) do not start the header timer; a pipelined request still incomplete when
-the previous one finishes is bounded by the idle timeout instead.
+outermost middleware.  Bytes that arrive while a request is being handled (its body, or a pipelined
+next request) do not start the header timer, nor do the rest of a body the handler did not read
+(aiohttp drains it, for at most its ``lingering_time``); the next bytes after those do.  So a
+pipelined request left incomplete when the previous one finishes is bounded by the header timeout
+once it sends more, and by the idle timeout if it sends nothing more.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, cast
 
-from aiohttp import web
+from aiohttp import StreamReader, web
 
 from kvstore.metrics import Metrics
 from kvstore.ratelog import RateLimitedLog
@@ -112,7 +114,7 @@ class ConnectionGuard:
             try:
                 return await handler(request)  # type: ignore[no-any-return]
             finally:
-                conn.request_finished()
+                conn.request_finished(request.content)
 
         return connection_guard
 
@@ -206,6 +208,8 @@ class GuardedConnection(asyncio.Protocol):
         self.handler: asyncio.Protocol | None = None  # None: refused, never handed to aiohttp
         self._transport: asyncio.Transport | None = None
         self._in_request = False
+        # The body of the last request, while aiohttp is still draining what the handler did not read.
+        self._draining: StreamReader | None = None
         self._header_timer: asyncio.TimerHandle | None = None
         self._linger_timer: asyncio.TimerHandle | None = None
 
@@ -224,13 +228,19 @@ class GuardedConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.handler is None:
             return  # a refused connection: its request is discarded unread
-        if not self._in_request:
-            self._guard.mark_busy(self)
-            if self._header_timer is None:
-                self._header_timer = asyncio.get_running_loop().call_later(
-                    self._guard.header_timeout_s, self._header_timeout
-                )
-        self.handler.data_received(data)
+        if self._in_request:
+            self.handler.data_received(data)
+            return
+        self.handler.data_received(data)  # first: aiohttp's parser feeds any body it belongs to
+        if self._draining is not None:
+            if self._draining.is_eof():
+                self._draining = None  # a next request's bytes in this same chunk wait for the next one
+            return
+        self._guard.mark_busy(self)
+        if self._header_timer is None:
+            self._header_timer = asyncio.get_running_loop().call_later(
+                self._guard.header_timeout_s, self._header_timeout
+            )
 
     def eof_received(self) -> bool | None:
         if self.handler is None:
@@ -262,8 +272,9 @@ class GuardedConnection(asyncio.Protocol):
             self._header_timer.cancel()
             self._header_timer = None
 
-    def request_finished(self) -> None:
+    def request_finished(self, body: StreamReader) -> None:
         self._in_request = False
+        self._draining = None if body.is_eof() else body
         self._guard.mark_idle(self)
 
     def is_writing(self) -> bool:

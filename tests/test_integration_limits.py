@@ -259,6 +259,33 @@ def test_slow_headers_are_cut_after_the_header_timeout(guarded: LocalCluster) ->
     assert after >= before + 1
 
 
+def test_the_rest_of_an_unread_body_is_not_taken_for_slow_headers(guarded: LocalCluster) -> None:
+    """A request refused before its body was read: aiohttp drains the body, the connection lives on."""
+    port = guarded.base_config.member("n1").http_port
+    with connect(port) as sock:
+        sock.sendall(
+            f"PUT {kv_path('unread', w=9)} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n".encode()
+            + b"x" * 50
+        )
+        answer = b""
+        while b"}" not in answer:  # the JSON error body ends the response
+            chunk = sock.recv(4096)
+            assert chunk, answer
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 400"), answer
+        sock.sendall(b"x" * 50)  # the rest of the body, after the answer
+        # Nothing may cut the connection now: waiting longer than the header timeout proves it.
+        received, closed = read_until_closed(sock, time.monotonic() + 3 * HEADER_TIMEOUT_S)
+        assert (received, closed) == (b"", False)
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        answer = b""
+        while b"}" not in answer:
+            chunk = sock.recv(4096)
+            assert chunk, answer
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+
+
 def test_idle_connections_beyond_the_cap_make_room_for_a_real_request(guarded: LocalCluster) -> None:
     """1,100 idle connections exhausted the node's descriptors; now the longest idle are closed."""
     port = guarded.base_config.member("n1").http_port
