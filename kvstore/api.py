@@ -32,6 +32,7 @@ from kvstore import versions
 from kvstore.config import CONSISTENCY_LEVELS
 from kvstore.contract import etag_of
 from kvstore.errors import BadRequest, NodeError, Unauthorized, ValueTooLarge
+from kvstore.failure import UnknownMember
 from kvstore.node import Node
 from kvstore.quorum import InvalidQuorum, majority, parse_quorum
 from kvstore.storage import StorageBusy, StorageError
@@ -86,8 +87,10 @@ async def error_middleware(request: web.Request, handler: Route) -> web.StreamRe
 
 def require_secret(request: web.Request) -> None:
     node = request.app[NODE_KEY]
-    given = request.headers.get("X-Cluster-Secret", "")
-    if not hmac.compare_digest(given.encode(), node.cfg.secret.encode()):
+    # Compared as bytes: a header is not always ASCII, and hmac refuses non-ASCII str (a 500).
+    # aiohttp decodes header bytes as UTF-8 with surrogateescape, so this restores what was sent.
+    given = request.headers.get("X-Cluster-Secret", "").encode("utf-8", "surrogateescape")
+    if not hmac.compare_digest(given, node.cfg.secret.encode("utf-8")):
         raise Unauthorized("this route needs the cluster secret in X-Cluster-Secret")
 
 
@@ -330,12 +333,18 @@ async def internal_handler(request: web.Request) -> web.Response:
     """The HTTP-per-message internal route (baseline transport for benchmarks)."""
     require_secret(request)
     node = request.app[NODE_KEY]
-    sender = request.headers.get("X-Node", "?")
+    sender = request.headers.get("X-Node")
+    if not sender:
+        raise BadRequest("invalid_header", "X-Node (the sending member's id) is required")
     try:
         message = msgpack.unpackb(await request.read(), raw=False)
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
         raise BadRequest("invalid_body", "expected one msgpack-encoded message") from None
-    reply = await node.handle_message(sender, message)
+    try:
+        reply = await node.handle_message(sender, message)
+    except UnknownMember:
+        # e.g. a ping, which feeds the failure detector of the member it names
+        raise BadRequest("unknown_member", f"X-Node {sender!r} is not a member of this cluster") from None
     if reply.get("remote_error") and reply.get("error") in ("bad_request", "unknown_op"):
         raise BadRequest(str(reply["error"]), str(reply.get("message", "")))
     return web.Response(body=msgpack.packb(reply, use_bin_type=True), content_type="application/msgpack")

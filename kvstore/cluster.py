@@ -35,9 +35,24 @@ from typing import Any
 
 from kvstore.config import APSettings, Limits, Member, NodeConfig, to_toml, validate
 
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
+
 
 class ClusterError(Exception):
     """The cluster could not be started or a node did not become healthy."""
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read (a node's config holds the cluster secret).
+
+    The mode is set when the file is created, so the secret is never readable by others, not even
+    for a moment, and fixed on an existing file written by an older version.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE_MODE)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        os.fchmod(fh.fileno(), PRIVATE_FILE_MODE)
+        fh.write(text)
 
 
 def free_ports(count: int) -> list[int]:
@@ -104,7 +119,7 @@ class LocalCluster:
     ) -> None:
         assert nodes >= 1
         self._owns_dir = data_dir is None
-        self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="kvstore-cluster-"))
+        self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="kvstore-cluster-"))  # mkdtemp: 0700
         if base_port is not None:
             http_ports = [base_port + i for i in range(nodes)]
             peer_ports = [base_port + 100 + i for i in range(nodes)]
@@ -167,6 +182,8 @@ class LocalCluster:
         if not self._atexit_registered:
             atexit.register(self.stop)
             self._atexit_registered = True
+        # Only the owner may enter (when we create it): the node directories hold the secret and the data.
+        self.data_dir.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
         for node_id in self.node_ids:
             self._spawn(node_id)
         self.wait_healthy(self.node_ids, timeout_s)
@@ -175,8 +192,9 @@ class LocalCluster:
     def _spawn(self, node_id: str) -> None:
         cfg = replace(self.base_config, node_id=node_id)
         path = self.config_path(node_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(to_toml(cfg))
+        path.parent.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+        os.chmod(path.parent, PRIVATE_DIR_MODE)  # also when an older run created it readable
+        write_private(path, to_toml(cfg))
         log = open(path.parent / "node.log", "ab")  # noqa: SIM115 - handed to the child process
         env = {**os.environ, "KVSTORE_LOG": self.log_level}
         self.procs[node_id] = subprocess.Popen(

@@ -23,6 +23,9 @@ from kvstore.versions import CONFLICT_MODES
 
 CONSISTENCY_LEVELS: tuple[str, ...] = ("eventual", "quorum", "linearizable")
 READ_REPAIR_MODES: tuple[str, ...] = ("async", "blocking", "off")
+# Both travel in the peer hello, whose size is capped before authentication (transport/stream.py).
+MAX_SECRET_BYTES = 1024
+MAX_MEMBER_ID_BYTES = 128
 
 
 class ConfigError(ValueError):
@@ -51,6 +54,21 @@ class Limits:
     max_background_tasks: int = 4096
     request_timeout_ms: int = 2000
     replica_timeout_ms: int = 1000
+    # Public HTTP port (docs/architecture.md, "Limits"): what one client connection may hold.
+    # At the cap a new connection closes the longest-idle one (as nginx reuses keep-alive
+    # connections); when none is idle it is answered 503 `overloaded` and closed.  Keep the cap
+    # below the process's open-file limit.
+    max_http_connections: int = 512
+    # From the first byte of a request to the end of its headers (slowloris).
+    http_header_timeout_ms: int = 10_000
+    # A keep-alive connection with no complete request for this long is closed.  Longer than
+    # the clients' own pool keep-alive (aiohttp's 15 s), so a client never reuses a connection
+    # the node is closing at that very moment.
+    http_idle_timeout_ms: int = 75_000
+    # Peer port: an unauthenticated connection must send its hello within this time...
+    peer_hello_timeout_ms: int = 2000
+    # ...and at most this many may be waiting to authenticate (beyond it the oldest is closed).
+    max_unauthenticated_peer_connections: int = 64
 
 
 @dataclass(frozen=True)
@@ -196,6 +214,8 @@ def validate(cfg: NodeConfig) -> NodeConfig:
     for i, m in enumerate(cfg.members):
         if not m.id or any(c in m.id for c in " /?#%!~"):
             raise ConfigError(f"members[{i}].id", f"{m.id!r} must be non-empty without spaces or / ? # % ! ~")
+        if len(m.id.encode("utf-8")) > MAX_MEMBER_ID_BYTES:
+            raise ConfigError(f"members[{i}].id", f"must be at most {MAX_MEMBER_ID_BYTES} bytes")
         for port_name in ("http_port", "peer_port"):
             port = getattr(m, port_name)
             if not 1 <= port <= 65535:
@@ -219,6 +239,9 @@ def validate(cfg: NodeConfig) -> NodeConfig:
         raise ConfigError("fsync", f"must be one of {FSYNC_POLICIES}")
     if len(cfg.secret) < 8:
         raise ConfigError("secret", "must be at least 8 characters")
+    if len(cfg.secret.encode("utf-8")) > MAX_SECRET_BYTES:
+        # The secret travels in the peer hello, which is read before authentication and so is small.
+        raise ConfigError("secret", f"must be at most {MAX_SECRET_BYTES} bytes")
     if cfg.ap.read_repair not in READ_REPAIR_MODES:
         raise ConfigError("ap.read_repair", f"must be one of {READ_REPAIR_MODES}")
     try:

@@ -33,6 +33,13 @@ class Metrics:
         )
         self.tombstones_reaped = Counter("kvstore_tombstones_reaped", "Tombstones removed after grace", registry=r)
         self.paxos_rounds = Counter("kvstore_paxos_round_trips", "CASPaxos round trips", registry=r)
+        self.http_connections_open = Gauge("kvstore_http_connections_open", "Client connections open", registry=r)
+        self.http_connections_closed = Counter(
+            "kvstore_http_connections_closed",
+            "Client connections closed or refused by a limit (over_capacity, idle_evicted, header_timeout)",
+            ["reason"],
+            registry=r,
+        )
         self.loop_lag = Histogram(
             "kvstore_event_loop_lag_seconds", "Event loop scheduling lag", buckets=LATENCY_BUCKETS_S, registry=r
         )

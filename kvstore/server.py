@@ -29,6 +29,7 @@ from typing import Any
 from aiohttp import web
 
 from kvstore import config as config_mod
+from kvstore import http_guard
 from kvstore.api import NODE_KEY, admin_json, build_app, require_secret
 from kvstore.clock import SystemClock
 from kvstore.config import NodeConfig
@@ -44,7 +45,7 @@ log = logging.getLogger("kvstore.server")
 
 def build_node(cfg: NodeConfig) -> Node:
     node_dir = Path(cfg.data_dir) / cfg.node_id
-    node_dir.mkdir(parents=True, exist_ok=True)
+    node_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # holds the data; only the owner may enter
     engine = cfg.storage
     fsync: Any = cfg.fsync
     data = open_storage(engine, str(node_dir / "data.db"), fsync, cfg.batch_window_ms)
@@ -56,7 +57,14 @@ def build_node(cfg: NodeConfig) -> Node:
         peer_urls = {m.id: m.url for m in cfg.members if m.id != cfg.node_id}
         transport = HttpTransport(cfg.node_id, cfg.secret, peer_urls)
     else:
-        transport = StreamTransport(cfg.node_id, cfg.secret, peers, (cfg.bind, cfg.me.peer_port))
+        transport = StreamTransport(
+            cfg.node_id,
+            cfg.secret,
+            peers,
+            (cfg.bind, cfg.me.peer_port),
+            hello_timeout_s=cfg.limits.peer_hello_timeout_ms / 1000.0,
+            max_unauthenticated=cfg.limits.max_unauthenticated_peer_connections,
+        )
     # The node's rng only drives jitter/backoff; seeding from the node id keeps runs comparable.
     rng = random.Random(f"{cfg.node_id}:{os.getpid()}")
     node = Node(cfg, transport=transport, data=data, hints=hints, paxos=paxos, clock=SystemClock(), rng=rng)
@@ -145,15 +153,49 @@ def admin_routes() -> list[web.RouteDef]:
     ]
 
 
+def warn_if_few_file_descriptors(cfg: NodeConfig) -> None:
+    """The connection caps only protect the node if the process may open that many files."""
+    try:
+        import resource
+
+        soft_limit, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError, ValueError):
+        return
+    # HTTP clients and refusals lingering, unauthenticated and member peer links both ways,
+    # and a margin for storage files, logs and outgoing HTTP.
+    needed = (
+        cfg.limits.max_http_connections
+        + http_guard.MAX_LINGERING
+        + cfg.limits.max_unauthenticated_peer_connections
+        + 4 * len(cfg.members)
+        + 64
+    )
+    if soft_limit != resource.RLIM_INFINITY and soft_limit < needed:
+        log.warning(
+            "the open-file limit (%d) is below what limits.max_http_connections = %d may need (%d): "
+            "lower it or raise the limit (ulimit -n)",
+            soft_limit,
+            cfg.limits.max_http_connections,
+            needed,
+        )
+
+
 async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
     node = build_node(cfg)
     app = build_app(node, admin_routes())
     for hook in getattr(node, "app_hooks", []):
         hook(app)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    guard = http_guard.ConnectionGuard(
+        cfg.limits.max_http_connections, cfg.limits.http_header_timeout_ms / 1000.0, node.metrics
+    )
+    app.middlewares.insert(0, guard.middleware())  # outermost: it sees each request's start and end
+    warn_if_few_file_descriptors(cfg)
+    runner = web.AppRunner(
+        app, access_log=None, handle_signals=False, keepalive_timeout=cfg.limits.http_idle_timeout_ms / 1000.0
+    )
     await runner.setup()
     await node.start()
-    site = web.TCPSite(runner, cfg.bind, cfg.me.http_port, reuse_address=True)
+    site = http_guard.GuardedSite(runner, guard, cfg.bind, cfg.me.http_port, reuse_address=True)
     await site.start()
     log.info("node %s serving http://%s:%d (peer port %d)", cfg.node_id, cfg.bind, cfg.me.http_port, cfg.me.peer_port)
     try:

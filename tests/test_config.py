@@ -45,6 +45,18 @@ def test_valid_config_and_defaults() -> None:
     assert cfg.me.url == "http://127.0.0.1:7001"
     assert cfg.limits.max_value_bytes == 1024 * 1024 and cfg.limits.max_key_bytes == 1024
     assert cfg.ap.tombstone_grace_s >= cfg.ap.hint_max_age_s
+    # Connection limits (docs/architecture.md, "Limits")
+    assert (cfg.limits.max_http_connections, cfg.limits.http_header_timeout_ms, cfg.limits.http_idle_timeout_ms) == (
+        512, 10_000, 75_000)
+    assert (cfg.limits.peer_hello_timeout_ms, cfg.limits.max_unauthenticated_peer_connections) == (2000, 64)
+
+
+def test_the_largest_valid_hello_fits_the_pre_authentication_cap() -> None:
+    from kvstore.config import MAX_MEMBER_ID_BYTES, MAX_SECRET_BYTES
+    from kvstore.transport.stream import MAX_HELLO_BYTES, _pack
+
+    frame = _pack({"node": "\u00e9" * (MAX_MEMBER_ID_BYTES // 2), "secret": "\u00e9" * (MAX_SECRET_BYTES // 2)})
+    assert len(frame) - 4 <= MAX_HELLO_BYTES
 
 
 @pytest.mark.parametrize(
@@ -77,6 +89,13 @@ def test_valid_config_and_defaults() -> None:
         ("limits.max_key_bytes", 4096, "limits.max_key_bytes"),
         ("limits.request_timeout_ms", True, "limits.request_timeout_ms"),
         ("limits.nonsense", 1, "limits.nonsense"),
+        ("limits.max_http_connections", 0, "limits.max_http_connections"),
+        ("limits.http_header_timeout_ms", -1, "limits.http_header_timeout_ms"),
+        ("limits.http_idle_timeout_ms", 1.5, "limits.http_idle_timeout_ms"),
+        ("limits.peer_hello_timeout_ms", 0, "limits.peer_hello_timeout_ms"),
+        ("limits.max_unauthenticated_peer_connections", 0, "limits.max_unauthenticated_peer_connections"),
+        ("secret", "s" * 1025, "secret"),
+        ("members.3.id", "n" * 129, "members[3].id"),
         ("ap.read_repair", "sometimes", "ap.read_repair"),
         ("ap.hint_max_per_target", 0, "ap.hint_max_per_target"),
         ("ap.tombstone_grace_s", 60.0, "ap.tombstone_grace_s"),

@@ -10,8 +10,18 @@ or HTTP parsing per message, and many replica writes in flight on one socket.
 
 Frames are ``4-byte big-endian length + msgpack``.  A connection starts with a
 hello frame carrying the sender's member id and the cluster secret; a peer with
-the wrong secret is disconnected before any message is read (the internal
-protocol is as protected as the admin HTTP routes).
+the wrong secret, or one that is not a member of this cluster, gets a refusal
+frame (``{"ok": false, "error": code, "message": why}``) and is disconnected
+before any message is read (the internal protocol is as protected as the admin
+HTTP routes).  The caller sees the refusal's reason in its ``PeerUnavailable``.
+
+Until it has authenticated, a connection can cost the node very little: its
+hello may be at most ``MAX_HELLO_BYTES`` (a larger length is refused before a
+byte of the frame is buffered), it must arrive within the hello timeout, and at
+most ``max_unauthenticated`` connections may be waiting for theirs; a new one
+beyond that closes the oldest waiting one (a real peer's hello takes one round
+trip, so it is never the oldest for long).  Refusals anyone can provoke are
+logged rate-limited.
 
 Failure semantics: a call that cannot connect fails with
 ``PeerUnavailable(maybe_delivered=False)``; once the frame was written, a
@@ -19,8 +29,9 @@ timeout or a dropped connection gives ``maybe_delivered=True``.  Fault rules
 (partitions, delay, loss) are applied on send and on receipt, so a symmetric
 partition holds even if only one side has installed it yet.
 
-Bounds: frame size, in-flight calls per peer, and concurrent handlers per
-incoming connection are all capped; over the cap a call fails fast.
+Bounds: frame size (after authentication), in-flight calls per peer, and
+concurrent handlers per incoming connection are all capped; over the cap a
+call fails fast.
 """
 
 from __future__ import annotations
@@ -31,16 +42,24 @@ import hmac
 import itertools
 import logging
 import struct
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 import msgpack
 
+from kvstore.ratelog import RateLimitedLog
 from kvstore.transport.base import FaultRules, Handler, Message, PeerUnavailable, RemoteError
 
 log = logging.getLogger(__name__)
 
 MAX_FRAME_BYTES = 16 * 1024 * 1024
+# A hello is {"node": id, "secret": s} and the config caps both (128 and 1024 bytes), so this is
+# ample for a real peer while an unauthenticated stranger cannot make the node buffer more.
+MAX_HELLO_BYTES = 4096
+MAX_REFUSAL_MESSAGE_CHARS = 1024  # a refusal frame must fit in the caller's MAX_HELLO_BYTES
+DEFAULT_HELLO_TIMEOUT_S = 2.0
+DEFAULT_MAX_UNAUTHENTICATED = 64
 MAX_INFLIGHT_PER_PEER = 8192
 MAX_HANDLERS_PER_CONNECTION = 4096
 CONNECT_TIMEOUT_S = 1.0
@@ -52,11 +71,26 @@ def _pack(obj: Any) -> bytes:
     return _HEADER.pack(len(body)) + body
 
 
-async def _read_frame(reader: asyncio.StreamReader) -> Any:
+class FrameTooLarge(ConnectionError):
+    def __init__(self, length: int, max_bytes: int) -> None:
+        super().__init__(f"frame of {length} bytes exceeds {max_bytes}")
+        self.length = length
+
+
+class HelloRefused(Exception):
+    """Why an incoming connection is not authenticated; sent back to the peer before closing."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+async def _read_frame(reader: asyncio.StreamReader, max_bytes: int = MAX_FRAME_BYTES) -> Any:
     header = await reader.readexactly(_HEADER.size)
     (length,) = _HEADER.unpack(header)
-    if length > MAX_FRAME_BYTES:
-        raise ConnectionError(f"frame of {length} bytes exceeds {MAX_FRAME_BYTES}")
+    if length > max_bytes:
+        raise FrameTooLarge(length, max_bytes)
     return msgpack.unpackb(await reader.readexactly(length), raw=False)
 
 
@@ -123,12 +157,21 @@ class StreamTransport:
         peers: dict[str, tuple[str, int]],
         listen: tuple[str, int],
         faults: FaultRules | None = None,
+        *,
+        hello_timeout_s: float = DEFAULT_HELLO_TIMEOUT_S,
+        max_unauthenticated: int = DEFAULT_MAX_UNAUTHENTICATED,
     ) -> None:
+        assert hello_timeout_s > 0 and max_unauthenticated >= 1
         self.node_id = node_id
         self._secret = secret
         self._peers = peers
         self._listen = listen
         self.faults = faults or FaultRules()
+        self._hello_timeout_s = hello_timeout_s
+        self._max_unauthenticated = max_unauthenticated
+        # Insertion order is arrival order: the first entry is the oldest connection still waiting.
+        self._unauthenticated: OrderedDict[asyncio.StreamWriter, None] = OrderedDict()
+        self._refusals = RateLimitedLog(log)
         self._handler: Handler | None = None
         self._server: asyncio.Server | None = None
         self._conns: dict[str, _PeerConnection] = {}
@@ -144,18 +187,19 @@ class StreamTransport:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._incoming.add(writer)
+        self._admit_unauthenticated(writer)
         sender = "?"
         try:
-            hello = await asyncio.wait_for(_read_frame(reader), CONNECT_TIMEOUT_S)
-            if (
-                not isinstance(hello, dict)
-                or not isinstance(hello.get("secret"), str)
-                or not hmac.compare_digest(hello["secret"], self._secret)
-                or not isinstance(hello.get("node"), str)
-            ):
-                log.warning("rejected an internal connection with a bad hello")
+            try:
+                sender = await asyncio.wait_for(self._authenticate(reader), self._hello_timeout_s)
+            except TimeoutError:
+                self._refuse(writer, HelloRefused("hello_timeout", f"no hello within {self._hello_timeout_s:g} s"))
                 return
-            sender = hello["node"]
+            except HelloRefused as refusal:
+                self._refuse(writer, refusal)
+                return
+            finally:
+                self._unauthenticated.pop(writer, None)
             writer.write(_pack({"ok": True}))
             out = _FrameWriter(writer)
             slots = asyncio.Semaphore(MAX_HANDLERS_PER_CONNECTION)
@@ -175,6 +219,50 @@ class StreamTransport:
         finally:
             self._incoming.discard(writer)
             writer.close()
+
+    async def _authenticate(self, reader: asyncio.StreamReader) -> str:
+        """Read the hello and return the sender's member id, or raise ``HelloRefused``."""
+        try:
+            hello = await _read_frame(reader, MAX_HELLO_BYTES)
+        except FrameTooLarge as exc:
+            raise HelloRefused(
+                "hello_too_large", f"a hello is at most {MAX_HELLO_BYTES} bytes, this one announced {exc.length}"
+            ) from None
+        except (ValueError, TypeError, msgpack.UnpackException):
+            raise HelloRefused("bad_hello", "the hello is not a msgpack map") from None
+        if not isinstance(hello, dict) or not isinstance(hello.get("secret"), str):
+            raise HelloRefused("bad_hello", "the hello must be a map with the member id and the cluster secret")
+        given = hello["secret"].encode("utf-8", "surrogatepass")
+        if not hmac.compare_digest(given, self._secret.encode("utf-8")):
+            raise HelloRefused("unauthorized", "wrong cluster secret")
+        node = hello.get("node")
+        if not isinstance(node, str) or node not in self._peers:
+            members = ", ".join(sorted([*self._peers, self.node_id]))
+            what = "this node's own id" if node == self.node_id else "not a member of this cluster"
+            raise HelloRefused("unknown_member", f"node id {node!r} is {what} (members: {members})")
+        return node
+
+    def _admit_unauthenticated(self, writer: asyncio.StreamWriter) -> None:
+        while len(self._unauthenticated) >= self._max_unauthenticated:
+            oldest, _ = self._unauthenticated.popitem(last=False)
+            self._refuse(
+                oldest,
+                HelloRefused(
+                    "too_many_unauthenticated",
+                    f"more than {self._max_unauthenticated} connections are waiting to authenticate",
+                ),
+            )
+            oldest.close()  # its _serve sees the end of the stream and cleans up
+        self._unauthenticated[writer] = None
+
+    def _refuse(self, writer: asyncio.StreamWriter, refusal: HelloRefused) -> None:
+        """Tell the peer why (best effort: it may have gone), log it rate-limited; the caller closes."""
+        peer = writer.get_extra_info("peername")
+        self._refusals.warning(refusal.code, "refused a peer connection from %s: %s", peer, refusal)
+        if not writer.is_closing():
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                reply = {"ok": False, "error": refusal.code, "message": refusal.message[:MAX_REFUSAL_MESSAGE_CHARS]}
+                writer.write(_pack(reply))
 
     async def _answer(
         self,
@@ -220,13 +308,19 @@ class StreamTransport:
             if peer not in self._peers:
                 raise PeerUnavailable(peer, "unknown peer", maybe_delivered=False)
             host, port = self._peers[peer]
+            writer = None
             try:
                 reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), CONNECT_TIMEOUT_S)
                 writer.write(_pack({"node": self.node_id, "secret": self._secret}))
-                ack = await asyncio.wait_for(_read_frame(reader), CONNECT_TIMEOUT_S)
+                ack = await asyncio.wait_for(_read_frame(reader, MAX_HELLO_BYTES), CONNECT_TIMEOUT_S)
                 if not isinstance(ack, dict) or not ack.get("ok"):
-                    raise ConnectionError("handshake refused")
-            except (OSError, TimeoutError, asyncio.IncompleteReadError, ConnectionError) as exc:
+                    code, why = (ack.get("error"), ack.get("message")) if isinstance(ack, dict) else (None, None)
+                    refusal = f"handshake refused: {code or 'refused'}: {why or 'no reason given'}"
+                    self._refusals.warning("refused_by_peer", "peer %s %s", peer, refusal)
+                    raise ConnectionError(refusal)
+            except (OSError, TimeoutError, asyncio.IncompleteReadError, ConnectionError, ValueError) as exc:
+                if writer is not None:
+                    writer.close()
                 raise PeerUnavailable(peer, f"connect failed: {exc!r}", maybe_delivered=False) from None
             conn = _PeerConnection(reader, writer)
             conn.reader_task = asyncio.create_task(self._read_replies(peer, conn))
