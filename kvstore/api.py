@@ -27,11 +27,12 @@ from urllib.parse import unquote
 
 import msgpack
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kvstore import versions
 from kvstore.config import CONSISTENCY_LEVELS
-from kvstore.errors import BadRequest, NodeError, Unauthorized, ValueTooLarge
+from kvstore.errors import BadRequest, BodyTimeout, NodeError, Unauthorized, ValueTooLarge
 from kvstore.node import Node
 from kvstore.quorum import InvalidQuorum, majority, parse_quorum
 from kvstore.storage import StorageBusy, StorageError
@@ -66,6 +67,8 @@ async def error_middleware(request: web.Request, handler: Route) -> web.StreamRe
         response = await handler(request)
     except NodeError as exc:
         response = web.json_response(exc.body(), status=exc.status)
+        if getattr(exc, "close_connection", False):
+            response.force_close()
     except StorageBusy:
         response = json_error(503, "overloaded", "the storage write queue is full; retry later",
                               indeterminate=False)
@@ -186,14 +189,43 @@ def parse_context(request: web.Request) -> dict[str, int]:
     return context
 
 
-async def read_body(request: web.Request) -> bytes:
-    limit = request.app[NODE_KEY].cfg.limits.max_value_bytes
+async def read_bounded(request: web.Request, limit: int, what: str) -> bytes:
+    """The whole request body, with or without Content-Length (chunked), or 413 past ``limit``.
+
+    ``StreamReader.read(n)`` returns only what is already buffered (one network read), so the
+    body is read to its end.  The declared length is checked first; a chunked body is refused
+    at the first piece that passes the limit, so the node holds at most the limit plus one
+    piece (aiohttp then discards the rest of the body while it drains the connection).
+    """
     if request.content_length is not None and request.content_length > limit:
-        raise ValueTooLarge(f"the value exceeds the limit of {limit} bytes", limit=limit)
-    body = await request.content.read(limit + 1)
-    if len(body) > limit:
-        raise ValueTooLarge(f"the value exceeds the limit of {limit} bytes", limit=limit)
-    return body
+        raise ValueTooLarge(f"the {what} exceeds the limit of {limit} bytes", limit=limit)
+    idle_timeout_ms = request.app[NODE_KEY].cfg.limits.body_idle_timeout_ms
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        try:
+            async with asyncio.timeout(idle_timeout_ms / 1000.0):
+                part = await request.content.readany()
+        except TimeoutError:
+            # Also what a malformed chunk in the middle of a body becomes: aiohttp's C parser
+            # then stops feeding the body without failing it.
+            raise BodyTimeout(f"no body bytes arrived for {idle_timeout_ms} ms; the request is refused") from None
+        except HttpProcessingError as exc:  # a malformed chunked encoding, a short body
+            raise BadRequest("malformed_body", f"the request body is malformed: {exc.message}") from None
+        except ConnectionResetError:
+            # The client went away mid-body: nothing was applied, and nobody is left to answer.
+            raise BadRequest("incomplete_body", "the connection closed before the whole body arrived") from None
+        if not part:
+            return b"".join(parts)
+        size += len(part)
+        if size > limit:
+            raise ValueTooLarge(f"the {what} exceeds the limit of {limit} bytes", limit=limit)
+        parts.append(part)
+
+
+async def read_body(request: web.Request) -> bytes:
+    """A PUT's value: the whole body, at most ``max_value_bytes`` (413 ``value_too_large`` beyond)."""
+    return await read_bounded(request, request.app[NODE_KEY].cfg.limits.max_value_bytes, "value")
 
 
 def object_response(obj: versions.VersionedObject) -> web.Response:
@@ -355,10 +387,14 @@ async def admin_repair_handler(request: web.Request) -> web.Response:
     return web.json_response({"status": "started", **result}, status=202)
 
 
+ADMIN_BODY_LIMIT_BYTES = 64 * 1024  # an admin body is a few rules or one number
+
+
 async def admin_json(request: web.Request) -> dict[str, Any]:
     require_secret(request)
+    raw = await read_bounded(request, ADMIN_BODY_LIMIT_BYTES, "body")
     try:
-        data = await request.json()
+        data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise BadRequest("invalid_body", "expected a JSON object") from None
     if not isinstance(data, dict):

@@ -51,6 +51,9 @@ class Limits:
     max_background_tasks: int = 4096
     request_timeout_ms: int = 2000
     replica_timeout_ms: int = 1000
+    # A request body that stops arriving for this long is refused (408): a stalled upload
+    # would otherwise hold one of the in-flight request slots for ever.
+    body_idle_timeout_ms: int = 10_000
 
 
 @dataclass(frozen=True)
