@@ -27,7 +27,8 @@ from urllib.parse import unquote
 
 import msgpack
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
+from aiohttp.web_request import BaseRequest
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kvstore import versions
@@ -78,8 +79,7 @@ async def error_middleware(request: web.Request, handler: Route) -> web.StreamRe
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        code = {404: "not_found", 405: "method_not_allowed", 413: "value_too_large"}.get(exc.status, "bad_request")
-        response = json_error(exc.status, code, exc.reason or "request refused")
+        response = _json_from_http_exception(request, exc)
     except asyncio.CancelledError:
         raise
     except Exception:  # a bug: never show a client the traceback
@@ -89,6 +89,102 @@ async def error_middleware(request: web.Request, handler: Route) -> web.StreamRe
         node.metrics.requests.labels(op=op, status=str(response.status)).inc()
         node.metrics.latency.labels(op=op).observe(time.perf_counter() - started)
     return response
+
+
+def _json_from_http_exception(request: web.Request, exc: web.HTTPException) -> web.Response:
+    """aiohttp's own refusals (no such route, method not allowed, body too large) as JSON."""
+    if exc.status == 404:
+        return json_error(404, "no_route", f"no route for {request.path}")
+    if exc.status == 405:
+        allow = exc.headers.get("Allow", "")
+        response = json_error(405, "method_not_allowed", f"{request.method} is not allowed here; allowed: {allow}")
+        response.headers["Allow"] = allow  # RFC 9110 15.5.6: a 405 lists the methods the resource supports
+        return response
+    if exc.status == 413:
+        limit = request.client_max_size
+        return json_error(413, "value_too_large", f"the body exceeds the limit of {limit} bytes", limit=limit)
+    return json_error(exc.status, "bad_request", exc.reason or "request refused")
+
+
+# --- refusals made by aiohttp's HTTP parser, before any route or middleware ------------------
+#
+# The request line and each header field have their own size limit.  They differ by a few bytes
+# so that a ``LineTooLong`` (which carries the limit it passed) tells a long URL (414) from a
+# long header (431): aiohttp raises the same exception class for both.
+MAX_REQUEST_LINE_BYTES = 8192  # a key is at most 1 KiB, 3 KiB percent-encoded, plus the query
+MAX_HEADER_FIELD_BYTES = 8190  # name and value of one header (an X-Context is far smaller)
+MAX_HEADER_COUNT = 100
+
+
+def classify_protocol_error(status: int, exc: BaseException | None) -> tuple[int, str, str]:
+    """(status, stable code, message) for an error aiohttp's protocol answers by itself.
+
+    ``status`` is what aiohttp chose (400 for every parser error, 500 for an exception that
+    escaped the application, 504 for a handler timeout).
+    """
+    if isinstance(exc, HttpProcessingError):
+        detail = " ".join(str(exc.message).split())[:300]
+        if isinstance(exc, LineTooLong):
+            limit = exc.args[1] if len(exc.args) > 1 else None
+            if limit == MAX_REQUEST_LINE_BYTES:
+                return 414, "uri_too_long", f"the request line exceeds {MAX_REQUEST_LINE_BYTES} bytes"
+            return 431, "header_too_large", f"a header field exceeds {MAX_HEADER_FIELD_BYTES} bytes"
+        if "too many headers" in detail.lower():
+            return 431, "too_many_headers", f"the request has more than {MAX_HEADER_COUNT} header fields"
+        return 400, "malformed_request", f"malformed HTTP request: {detail}"
+    if status == 504:
+        return 504, "timeout", "the request handler timed out"
+    if 400 <= status < 500:
+        return status, "malformed_request", "malformed HTTP request"
+    return 500, "internal", "internal error; see the node's log"
+
+
+class JsonErrorRequestHandler(web.RequestHandler):
+    """aiohttp's per-connection protocol, answering its own refusals in JSON.
+
+    Errors found by aiohttp's HTTP parser (a line too long, too many headers, a malformed
+    Content-Length or request line) never reach the application or its middlewares: the
+    protocol answers them through ``handle_error``, in text/plain.  This keeps what aiohttp
+    does there (close the connection, never answer twice) and changes only the answer.
+    """
+
+    __slots__ = ()
+
+    def handle_error(
+        self, request: BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None
+    ) -> web.StreamResponse:
+        status, code, text = classify_protocol_error(status, exc)
+        if status >= 500:
+            log.error("error handling a request from %s: %s", request.remote, text, exc_info=exc)
+        else:  # client input: not worth a traceback in the node's log
+            log.debug("refused a request from %s: %s %s", request.remote, status, text)
+        if request.writer.output_size > 0:
+            raise ConnectionError("the response has started; no error response can follow")
+        response = json_error(status, code, text)
+        response.force_close()
+        return response
+
+
+class JsonErrorServer(web.Server):
+    """aiohttp's protocol factory, making ``JsonErrorRequestHandler`` connections."""
+
+    def __call__(self) -> web.RequestHandler:
+        handler = super().__call__()
+        # Same slots, one overridden method: the connection is built exactly as aiohttp builds it.
+        handler.__class__ = JsonErrorRequestHandler
+        return handler
+
+
+async def start_runner(app: web.Application) -> web.AppRunner:
+    """Set up ``app`` for serving, with the protocol limits above and JSON protocol errors."""
+    runner = web.AppRunner(
+        app, access_log=None, handle_signals=False, max_line_size=MAX_REQUEST_LINE_BYTES,
+        max_field_size=MAX_HEADER_FIELD_BYTES, max_headers=MAX_HEADER_COUNT,
+    )
+    await runner.setup()
+    assert runner.server is not None
+    runner.server.__class__ = JsonErrorServer  # the factory every site's connections come from
+    return runner
 
 
 def require_secret(request: web.Request) -> None:
@@ -412,9 +508,9 @@ def build_app(node: Node, extra_routes: list[web.RouteDef] | None = None) -> web
     )
     app[NODE_KEY] = node
     app[GATE_KEY] = InflightGate(node.cfg.limits.max_inflight_requests)
-    app.router.add_route("GET", "/kv/{key:.*}", kv_handler)
-    app.router.add_route("PUT", "/kv/{key:.*}", kv_handler)
-    app.router.add_route("DELETE", "/kv/{key:.*}", kv_handler)
+    # [\s\S], not ".": a key may contain a newline (%0A), and the route matches the decoded path.
+    for method in ("GET", "PUT", "DELETE"):
+        app.router.add_route(method, r"/kv/{key:[\s\S]*}", kv_handler)
     app.router.add_get("/cluster", cluster_handler)
     app.router.add_get("/health", health_handler)
     app.router.add_get("/metrics", metrics_handler)

@@ -29,7 +29,7 @@ from typing import Any
 from aiohttp import web
 
 from kvstore import config as config_mod
-from kvstore.api import NODE_KEY, admin_json, build_app, require_secret
+from kvstore.api import NODE_KEY, admin_json, build_app, require_secret, start_runner
 from kvstore.clock import SystemClock
 from kvstore.config import NodeConfig
 from kvstore.errors import BadRequest
@@ -150,8 +150,7 @@ async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
     app = build_app(node, admin_routes())
     for hook in getattr(node, "app_hooks", []):
         hook(app)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
+    runner = await start_runner(app)
     await node.start()
     site = web.TCPSite(runner, cfg.bind, cfg.me.http_port, reuse_address=True)
     await site.start()

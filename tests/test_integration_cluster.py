@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import base64
+import json
+import socket
 import time
+from http.client import HTTPResponse
 
 import msgpack
 import pytest
@@ -124,7 +127,7 @@ def test_delete_with_context_and_tombstone(cluster5: LocalCluster) -> None:
         ("POST", "/admin/repair", {"X-Cluster-Secret": "wrong-secret"}, None, 401, "unauthorized"),
         ("POST", "/internal/msg", {}, b"\x80", 401, "unauthorized"),
         ("PUT", "/admin/faults", {}, b"{}", 401, "unauthorized"),
-        ("GET", "/nowhere", {}, None, 404, "not_found"),
+        ("GET", "/nowhere", {}, None, 404, "no_route"),
         ("POST", "/kv/ok", {}, b"v", 405, "method_not_allowed"),
     ],
 )
@@ -217,3 +220,67 @@ def test_malformed_internal_messages_are_refused_not_500(cluster5: LocalCluster,
     assert reply.status == 400, reply
     doc = reply.json()
     assert isinstance(doc, dict) and doc["error"] in ("invalid_body", "bad_request", "unknown_op")
+
+
+def raw_exchange(url: str, request: bytes, timeout_s: float = 30.0) -> tuple[int, dict[str, str], bytes]:
+    """Send bytes that no well-behaved client library would send; parse the node's answer."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=timeout_s) as sock:
+        sock.sendall(request)
+        response = HTTPResponse(sock, method=request.split(b" ", 1)[0].decode("latin-1"))
+        response.begin()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+
+
+HOST = b"Host: 127.0.0.1\r\nConnection: close\r\n"
+
+
+@pytest.mark.parametrize(
+    ("raw", "status", "code"),
+    [
+        (b"GET /kv/" + b"u" * 9000 + b" HTTP/1.1\r\n" + HOST + b"\r\n", 414, "uri_too_long"),
+        (b"GET /kv/a HTTP/1.1\r\n" + HOST + b"X-Big: " + b"h" * 9000 + b"\r\n\r\n", 431, "header_too_large"),
+        (b"GET /kv/a HTTP/1.1\r\n" + HOST + b"".join(b"X-H%d: 1\r\n" % i for i in range(150)) + b"\r\n",
+         431, "too_many_headers"),
+        (b"PUT /kv/a HTTP/1.1\r\n" + HOST + b"Content-Length: abc\r\n\r\nabc", 400, "malformed_request"),
+        (b"GET /kv/a\nb HTTP/1.1\r\n" + HOST + b"\r\n", 400, "malformed_request"),  # a raw newline in the key
+        (b"G\x01T /kv/a HTTP/1.1\r\n" + HOST + b"\r\n", 400, "malformed_request"),
+        (b"GET /kv/a HTTP/9.9\r\n" + HOST + b"\r\n", 400, "malformed_request"),
+        (b"PUT /kv/a HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+         400, "malformed_request"),
+        (b"PUT /kv/a HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
+         400, "malformed_request"),
+    ],
+    ids=["long-url", "long-header", "too-many-headers", "content-length-abc", "newline-in-key", "bad-method",
+         "bad-version", "chunked-and-length", "bad-chunk-size"],
+)
+def test_protocol_refusals_are_json(cluster5: LocalCluster, raw: bytes, status: int, code: str) -> None:
+    """Refusals made by aiohttp's HTTP parser, before any route, are JSON with a stable code too."""
+    got_status, headers, body = raw_exchange(cluster5.urls[0], raw)
+    assert (got_status, headers.get("content-type", "").split(";")[0]) == (status, "application/json"), body
+    doc = json.loads(body)
+    assert set(doc) == {"error", "message"} and doc["error"] == code and doc["message"], doc
+    assert cluster5.health("n1")  # and the node goes on serving
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [("POST", "/kv/a", "DELETE,GET,PUT"), ("PATCH", "/kv/a", "DELETE,GET,PUT"), ("DELETE", "/health", "GET,HEAD"),
+     ("PUT", "/admin/repair", "POST"), ("POST", "/admin/faults", "DELETE,GET,HEAD,PUT")],
+)
+def test_405_names_the_allowed_methods(cluster5: LocalCluster, method: str, path: str, allow: str) -> None:
+    reply = http(cluster5.urls[0], method, path, body=b"x" if method != "DELETE" else None)
+    assert reply.status == 405, reply
+    assert reply.headers["allow"] == allow
+    doc = reply.json()
+    assert isinstance(doc, dict) and doc["error"] == "method_not_allowed" and allow in doc["message"]
+
+
+def test_a_key_with_a_newline_is_a_key(cluster5: LocalCluster) -> None:
+    """%0A decodes to a newline: the route must match it (it answered 404 no matter what before)."""
+    url = cluster5.urls[0]
+    assert http(url, "GET", kv_path("line\nbreak")).status == 404
+    assert http(url, "PUT", kv_path("line\nbreak", w=3), body=b"two lines").status == 204
+    got = http(cluster5.urls[1], "GET", kv_path("line\nbreak", r=3))
+    assert (got.status, got.body) == (200, b"two lines")
+    assert http(url, "GET", kv_path("line\rbreak")).status == 404  # another key, and no error
