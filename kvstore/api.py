@@ -498,6 +498,14 @@ async def admin_json(request: web.Request) -> dict[str, Any]:
     return data
 
 
+def refuse_unknown_fields(data: dict[str, Any], known: tuple[str, ...], where: str) -> None:
+    """400 ``invalid_body`` naming the first field of ``data`` that is not one of ``known``."""
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise BadRequest("invalid_body", f"{where} has unknown field {unknown[0]!r} (known: {', '.join(known)})",
+                         field=unknown[0])
+
+
 GATE_KEY: web.AppKey[InflightGate] = web.AppKey("gate", InflightGate)
 CP_KEY: web.AppKey[Any] = web.AppKey("cp", object)
 

@@ -284,3 +284,46 @@ def test_a_key_with_a_newline_is_a_key(cluster5: LocalCluster) -> None:
     got = http(cluster5.urls[1], "GET", kv_path("line\nbreak", r=3))
     assert (got.status, got.body) == (200, b"two lines")
     assert http(url, "GET", kv_path("line\rbreak")).status == 404  # another key, and no error
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/admin/faults", {"rules": {"n2": {"dorp_in": True}}}, "dorp_in"),
+        ("/admin/faults", {"rules": {"n2": {"drop_in": True, "delay": 5}}}, "delay"),
+        ("/admin/faults", {"rule": {"n2": {"drop_in": True}}}, "rule"),
+        ("/admin/clock", {"skew_ms": 5, "skew": 7}, "skew"),
+    ],
+)
+def test_admin_bodies_refuse_unknown_fields(cluster5: LocalCluster, path: str, body: dict[str, object],
+                                            field: str) -> None:
+    secret = {"X-Cluster-Secret": cluster5.secret, "Content-Type": "application/json"}
+    method = "PUT" if path == "/admin/faults" else "POST"
+    reply = http(cluster5.urls[0], method, path, body=json.dumps(body).encode(), headers=secret)
+    assert reply.status == 400, reply
+    doc = reply.json()
+    assert isinstance(doc, dict) and doc["error"] == "invalid_body" and doc["field"] == field
+    assert repr(field) in doc["message"]
+    # Nothing was installed: the node's rules are still empty.
+    assert http(cluster5.urls[0], "GET", "/admin/faults", headers=secret).json() == {"rules": {}}
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [{"drop_in": "false"}, {"drop_out": 1}, {"delay_ms": "5"}, {"loss": True}, {"jitter_ms": None}],
+)
+def test_admin_fault_rules_are_strictly_typed(cluster5: LocalCluster, rule: dict[str, object]) -> None:
+    secret = {"X-Cluster-Secret": cluster5.secret}
+    reply = http(cluster5.urls[0], "PUT", "/admin/faults", body=json.dumps({"rules": {"n2": rule}}).encode(),
+                 headers=secret)
+    assert reply.status == 400, reply
+    doc = reply.json()
+    assert isinstance(doc, dict) and doc["error"] == "invalid_body" and next(iter(rule)) in doc["message"]
+
+
+def test_admin_bodies_past_their_limit_are_413(cluster5: LocalCluster) -> None:
+    reply = http(cluster5.urls[0], "POST", "/admin/clock", body=b" " * (64 * 1024 + 1),
+                 headers={"X-Cluster-Secret": cluster5.secret})
+    assert reply.status == 413, reply
+    assert reply.json() == {"error": "value_too_large", "message": "the body exceeds the limit of 65536 bytes",
+                            "limit": 65536}
