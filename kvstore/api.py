@@ -238,8 +238,11 @@ class RequestParams:
         default_q = cfg.r if quorum_name == "r" else cfg.w
         if self.consistency == "quorum":
             default_q = majority(n)
+        raw_quorum = request.query.get(quorum_name)
+        if raw_quorum is not None and not raw_quorum.strip():  # "?w=" is a mistake, not "the default"
+            raise BadRequest("invalid_quorum", f"{quorum_name} is empty: give 1..N or one|quorum|all")
         try:
-            self.quorum = parse_quorum(request.query.get(quorum_name), n, default_q, quorum_name)
+            self.quorum = parse_quorum(raw_quorum, n, default_q, quorum_name)
         except InvalidQuorum as exc:
             raise BadRequest("invalid_quorum", str(exc)) from None
         if self.consistency == "quorum":

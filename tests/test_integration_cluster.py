@@ -118,6 +118,8 @@ def test_delete_with_context_and_tombstone(cluster5: LocalCluster) -> None:
         ("GET", "/kv/ok?sloppy=maybe", {}, None, 400, "invalid_parameter"),
         ("GET", "/kv/ok?timeout_ms=soon", {}, None, 400, "invalid_parameter"),
         ("GET", "/kv/ok?bogus=1", {}, None, 400, "invalid_parameter"),
+        ("GET", "/kv/ok?r=", {}, None, 400, "invalid_quorum"),  # not "the default": found by schemathesis
+        ("DELETE", "/kv/ok?w=", {}, None, 400, "invalid_quorum"),
         ("PUT", "/kv/ok", {"X-Context": "!!not-base64!!"}, b"v", 400, "invalid_context"),
         ("PUT", "/kv/ok", {"X-Context": "bm90IG1zZ3BhY2s"}, b"v", 400, "invalid_context"),
         ("PUT", "/kv/ok", {"X-Context": "kZKnbWFsbG9yeQE"}, b"v", 400, "invalid_context"),  # {"mallory": 1}: not a member
