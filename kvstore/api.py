@@ -91,7 +91,7 @@ async def error_middleware(request: web.Request, handler: Route) -> web.StreamRe
     return response
 
 
-def _json_from_http_exception(request: web.Request, exc: web.HTTPException) -> web.Response:
+def _json_from_http_exception(request: BaseRequest, exc: web.HTTPException) -> web.Response:
     """aiohttp's own refusals (no such route, method not allowed, body too large) as JSON."""
     if exc.status == 404:
         return json_error(404, "no_route", f"no route for {request.path}")
@@ -103,6 +103,8 @@ def _json_from_http_exception(request: web.Request, exc: web.HTTPException) -> w
     if exc.status == 413:
         limit = request.client_max_size
         return json_error(413, "value_too_large", f"the body exceeds the limit of {limit} bytes", limit=limit)
+    if exc.status == 417:
+        return json_error(417, "expectation_failed", "the only Expect this node meets is 100-continue")
     return json_error(exc.status, "bad_request", exc.reason or "request refused")
 
 
@@ -182,8 +184,25 @@ async def start_runner(app: web.Application) -> web.AppRunner:
         max_field_size=MAX_HEADER_FIELD_BYTES, max_headers=MAX_HEADER_COUNT,
     )
     await runner.setup()
-    assert runner.server is not None
-    runner.server.__class__ = JsonErrorServer  # the factory every site's connections come from
+    server = runner.server
+    assert server is not None
+    server.__class__ = JsonErrorServer  # the factory every site's connections come from
+    # An HTTPException raised before the middlewares run (aiohttp's Expect handling: 417 for an
+    # Expect other than 100-continue) would go out as text/plain; each connection takes its
+    # handler from the server when it is made, so this wraps all of them.
+    handle_app = server.request_handler
+
+    async def handle(request: BaseRequest) -> web.StreamResponse:
+        try:
+            return await handle_app(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            response = _json_from_http_exception(request, exc)
+            response.force_close()
+            return response
+
+    server.request_handler = handle
     return runner
 
 

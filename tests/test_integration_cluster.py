@@ -252,9 +252,12 @@ HOST = b"Host: 127.0.0.1\r\nConnection: close\r\n"
          400, "malformed_request"),
         (b"PUT /kv/a HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
          400, "malformed_request"),
+        (b"PUT /kv/a HTTP/1.1\r\n" + HOST + b"Expect: teapot\r\nContent-Length: 1\r\n\r\nx",
+         417, "expectation_failed"),  # raised by aiohttp before any middleware runs
+        (b"GET /nowhere HTTP/1.1\r\n" + HOST + b"Expect: teapot\r\n\r\n", 417, "expectation_failed"),
     ],
     ids=["long-url", "long-header", "too-many-headers", "content-length-abc", "newline-in-key", "bad-method",
-         "bad-version", "chunked-and-length", "bad-chunk-size"],
+         "bad-version", "chunked-and-length", "bad-chunk-size", "unknown-expect", "unknown-expect-no-route"],
 )
 def test_protocol_refusals_are_json(cluster5: LocalCluster, raw: bytes, status: int, code: str) -> None:
     """Refusals made by aiohttp's HTTP parser, before any route, are JSON with a stable code too."""
@@ -263,6 +266,22 @@ def test_protocol_refusals_are_json(cluster5: LocalCluster, raw: bytes, status: 
     doc = json.loads(body)
     assert set(doc) == {"error", "message"} and doc["error"] == code and doc["message"], doc
     assert cluster5.health("n1")  # and the node goes on serving
+
+
+def test_expect_100_continue_still_works(cluster5: LocalCluster) -> None:
+    host, port = cluster5.urls[0].removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(f"PUT {kv_path('expect:ok', w=3)} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n"
+                     "Expect: 100-continue\r\nContent-Length: 5\r\n\r\n".encode())
+        interim = b""
+        while not interim.endswith(b"\r\n\r\n"):
+            interim += sock.recv(1)
+        assert interim.startswith(b"HTTP/1.1 100 "), interim
+        sock.sendall(b"hello")
+        response = HTTPResponse(sock, method="PUT")
+        response.begin()
+        assert response.status == 204, response.read()
+    assert http(cluster5.urls[1], "GET", kv_path("expect:ok", r=3)).body == b"hello"
 
 
 @pytest.mark.parametrize(
