@@ -330,6 +330,8 @@ async def read_bounded(request: web.Request, limit: int, what: str) -> bytes:
             raise BodyTimeout(f"no body bytes arrived for {idle_timeout_ms} ms; the request is refused") from None
         except HttpProcessingError as exc:  # a malformed chunked encoding, a short body
             raise BadRequest("malformed_body", f"the request body is malformed: {exc.message}") from None
+        except web.RequestPayloadError as exc:  # e.g. Content-Encoding: gzip over bytes that are not gzip
+            raise BadRequest("malformed_body", f"the request body cannot be decoded: {exc}") from None
         except ConnectionResetError:
             # The client went away mid-body: nothing was applied, and nobody is left to answer.
             raise BadRequest("incomplete_body", "the connection closed before the whole body arrived") from None

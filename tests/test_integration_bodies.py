@@ -19,6 +19,7 @@ One cluster (3 nodes, N=3: every node is a replica of every key) serves every ca
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import socket
@@ -299,3 +300,25 @@ def test_a_stalled_body_is_refused_with_408_and_stores_nothing(cluster3: LocalCl
         }
         assert response.getheader("Connection", "").lower() == "close"
     assert all(replica_copy_ap(cluster3, n, key) == [] for n in cluster3.node_ids)
+
+
+def test_a_content_encoded_body_is_decoded_bounded_or_refused(cluster3: LocalCluster) -> None:
+    """Content-Encoding: gzip is decoded (the decoded bytes are the value and count against the
+    limit); a body that is not what it claims is a 400, not a 500; a bomb is a 413, not 512 MiB."""
+    url = cluster3.urls[0]
+    value = hashlib.shake_256(b"gzip").digest(200_000)
+    ok = send_raw(url, "PUT", kv_path("gzip:ok", w="all"), gzip.compress(value), "one_write",
+                  {"Content-Encoding": "gzip"})
+    assert ok.status == 204 and ok.headers["etag"] == etag_of(value), ok
+    assert all(replica_copy_ap(cluster3, n, "gzip:ok") == [value] for n in cluster3.node_ids)
+
+    bad = send_raw(url, "PUT", kv_path("gzip:bad"), b"not gzip at all", "one_write", {"Content-Encoding": "gzip"})
+    assert bad.status == 400 and json.loads(bad.body)["error"] == "malformed_body", bad
+
+    peak_before_kib = peak_rss_kib(cluster3.pid("n1"))
+    bomb = gzip.compress(bytes(256 * 1024 * 1024), 9)  # 256 MiB of zeros in about 256 KiB
+    refused = send_raw(url, "PUT", kv_path("gzip:bomb"), bomb, "chunked", {"Content-Encoding": "gzip"})
+    assert refused.status == 413 and json.loads(refused.body)["error"] == "value_too_large", refused
+    growth_mib = (peak_rss_kib(cluster3.pid("n1")) - peak_before_kib) / 1024
+    assert growth_mib < 40, f"the node's peak RSS grew by {growth_mib:.0f} MiB decoding a gzip bomb"
+    assert all(replica_copy_ap(cluster3, n, key) == [] for n in cluster3.node_ids for key in ("gzip:bad", "gzip:bomb"))
