@@ -69,6 +69,9 @@ class Limits:
     peer_hello_timeout_ms: int = 2000
     # ...and at most this many may be waiting to authenticate (beyond it the oldest is closed).
     max_unauthenticated_peer_connections: int = 64
+    # A request body that stops arriving for this long is refused (408): a stalled upload
+    # would otherwise hold one of the in-flight request slots for ever.
+    body_idle_timeout_ms: int = 10_000
 
 
 @dataclass(frozen=True)

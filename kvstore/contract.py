@@ -67,9 +67,11 @@ READ_OK_STATUSES: Final = frozenset({200, 300, 404})
 ERROR_CODES: Final = frozenset({
     # 400
     "bad_request", "invalid_body", "invalid_context", "invalid_key", "invalid_parameter", "invalid_quorum",
-    # 401, 404, 405, 409, 412, 413
-    "unauthorized", "not_found", "method_not_allowed", "consistency_conflict", "precondition_failed",
-    "value_too_large",
+    "invalid_header", "incomplete_body", "malformed_body", "malformed_request", "unknown_member",
+    # 401, 404, 405, 408, 409, 412, 413, 414, 417, 431
+    "unauthorized", "not_found", "no_route", "method_not_allowed", "body_timeout", "request_timeout",
+    "consistency_conflict", "precondition_failed", "value_too_large", "uri_too_long", "expectation_failed",
+    "header_too_large", "too_many_headers",
     # 429 / 503
     "overloaded", "quorum_unavailable", "timeout", "storage_unavailable",
     # 500, 501

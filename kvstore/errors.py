@@ -46,6 +46,14 @@ class ConsistencyConflict(NodeError):
     code = "consistency_conflict"
 
 
+class BodyTimeout(NodeError):
+    """The request body stopped arriving; the connection is closed after the answer."""
+
+    status = 408
+    code = "body_timeout"
+    close_connection = True
+
+
 class PreconditionFailed(NodeError):
     status = 412
     code = "precondition_failed"

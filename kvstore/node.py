@@ -49,7 +49,7 @@ from typing import Any
 from kvstore import versions
 from kvstore.clock import Clock
 from kvstore.config import NodeConfig
-from kvstore.errors import ConsistencyConflict, NodeError, Overloaded, QuorumUnavailable
+from kvstore.errors import ConsistencyConflict, NodeError, Overloaded, QuorumUnavailable, RequestTimeout
 from kvstore.hints import (
     NS_PER_S,
     Admission,
@@ -489,6 +489,13 @@ class Node:
             raise _error_from_body(reply["body"])
         if not sloppy:
             raise QuorumUnavailable(w, 0, indeterminate=False, detail="no primary reachable")
+        if not down:
+            # Every primary is believed up but none took the forward (nothing was delivered: a
+            # maybe-delivered forward raised above), so there is no down primary for this node
+            # to stand in for as a fallback: a certain failure, not an indeterminate one.
+            if asyncio.get_running_loop().time() >= deadline:
+                raise RequestTimeout("the deadline passed before a primary could be asked", indeterminate=False)
+            raise QuorumUnavailable(w, 0, indeterminate=False, detail="no primary took the forwarded write")
         return await self.coordinate_write(key, value, context, w, sloppy, deadline, as_fallback=True)
 
     async def _on_coordinate_write(self, sender: str, message: Message) -> Message:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import random
 import signal
@@ -30,7 +31,7 @@ from aiohttp import web
 
 from kvstore import config as config_mod
 from kvstore import http_guard
-from kvstore.api import NODE_KEY, admin_json, build_app, require_secret
+from kvstore.api import NODE_KEY, admin_json, build_app, refuse_unknown_fields, require_secret, start_runner
 from kvstore.clock import SystemClock
 from kvstore.config import NodeConfig
 from kvstore.errors import BadRequest
@@ -84,19 +85,30 @@ def install_extensions(node: Node) -> None:
         install_cp(node)
 
 
-def _rule_from_json(raw: Any) -> LinkRule:
+RULE_FLAGS = ("drop_out", "drop_in")
+RULE_NUMBERS = ("delay_ms", "jitter_ms", "loss")
+
+
+def _rule_from_json(peer: str, raw: Any) -> LinkRule:
+    """One link rule, strictly typed: a misspelt field (``dorp_in``) or a string where a
+    boolean belongs would otherwise install a different fault than the operator asked for."""
     if not isinstance(raw, dict):
-        raise BadRequest("invalid_body", "each rule must be an object")
-    try:
-        rule = LinkRule(
-            drop_out=bool(raw.get("drop_out", False)),
-            drop_in=bool(raw.get("drop_in", False)),
-            delay_ms=float(raw.get("delay_ms", 0.0)),
-            jitter_ms=float(raw.get("jitter_ms", 0.0)),
-            loss=float(raw.get("loss", 0.0)),
-        )
-    except (TypeError, ValueError):
-        raise BadRequest("invalid_body", "rule fields must be booleans and numbers") from None
+        raise BadRequest("invalid_body", f"the rule for {peer!r} must be an object")
+    refuse_unknown_fields(raw, RULE_FLAGS + RULE_NUMBERS, f"the rule for {peer!r}")
+    for name in RULE_FLAGS:
+        if name in raw and not isinstance(raw[name], bool):
+            raise BadRequest("invalid_body", f"{name} (rule for {peer!r}) must be true or false")
+    for name in RULE_NUMBERS:
+        value = raw.get(name, 0.0)
+        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+            raise BadRequest("invalid_body", f"{name} (rule for {peer!r}) must be a finite number")
+    rule = LinkRule(
+        drop_out=raw.get("drop_out", False),
+        drop_in=raw.get("drop_in", False),
+        delay_ms=float(raw.get("delay_ms", 0.0)),
+        jitter_ms=float(raw.get("jitter_ms", 0.0)),
+        loss=float(raw.get("loss", 0.0)),
+    )
     if not 0.0 <= rule.loss <= 1.0 or rule.delay_ms < 0 or rule.jitter_ms < 0:
         raise BadRequest("invalid_body", "loss must be in [0,1], delays non-negative")
     return rule
@@ -111,6 +123,7 @@ async def faults_get(request: web.Request) -> web.Response:
 async def faults_put(request: web.Request) -> web.Response:
     """Replace this node's link rules: {"rules": {peer: {drop_out, drop_in, delay_ms, jitter_ms, loss}}}."""
     data = await admin_json(request)
+    refuse_unknown_fields(data, ("rules",), "the body")
     node = request.app[NODE_KEY]
     rules = data.get("rules", {})
     if not isinstance(rules, dict):
@@ -119,7 +132,7 @@ async def faults_put(request: web.Request) -> web.Response:
     for peer, raw in rules.items():
         if peer not in node.cfg.member_ids or peer == node.node_id:
             raise BadRequest("invalid_body", f"{peer!r} is not a peer of {node.node_id}")
-        parsed[peer] = _rule_from_json(raw)
+        parsed[peer] = _rule_from_json(peer, raw)
     node.transport.faults.clear()
     for peer, rule in parsed.items():
         node.transport.faults.set_rule(peer, rule)
@@ -135,9 +148,11 @@ async def faults_delete(request: web.Request) -> web.Response:
 async def clock_post(request: web.Request) -> web.Response:
     """Skew this node's wall clock: {"skew_ms": int} (0 heals)."""
     data = await admin_json(request)
+    refuse_unknown_fields(data, ("skew_ms",), "the body")
     node = request.app[NODE_KEY]
     skew_ms = data.get("skew_ms")
-    if not isinstance(skew_ms, int | float) or isinstance(skew_ms, bool) or abs(skew_ms) > 10 * 365 * 86_400_000:
+    if (not isinstance(skew_ms, int | float) or isinstance(skew_ms, bool) or not math.isfinite(skew_ms)
+            or abs(skew_ms) > 10 * 365 * 86_400_000):
         raise BadRequest("invalid_body", "skew_ms must be a number of milliseconds")
     assert isinstance(node.clock, SystemClock)
     node.clock.skew_ns = int(skew_ms * 1_000_000)
@@ -190,10 +205,7 @@ async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
     )
     app.middlewares.insert(0, guard.middleware())  # outermost: it sees each request's start and end
     warn_if_few_file_descriptors(cfg)
-    runner = web.AppRunner(
-        app, access_log=None, handle_signals=False, keepalive_timeout=cfg.limits.http_idle_timeout_ms / 1000.0
-    )
-    await runner.setup()
+    runner = await start_runner(app, keepalive_timeout=cfg.limits.http_idle_timeout_ms / 1000.0)
     await node.start()
     site = http_guard.GuardedSite(runner, guard, cfg.bind, cfg.me.http_port, reuse_address=True)
     await site.start()

@@ -186,13 +186,21 @@ def test_accepts_cluster_health_and_204() -> None:
     validate_response("PUT", "/kv/{key}", 204, {"X-Context": CTX, "ETag": OK_ETAG}, b"")
 
 
+def test_accepts_linearizable_answers_which_carry_no_context() -> None:
+    """The register has no causal context: linearizable 200/204s carry only what they can."""
+    validate_response("GET", "/kv/{key}", 200, {"ETag": OK_ETAG, "Content-Type": "application/octet-stream"}, b"x")
+    validate_response("PUT", "/kv/{key}", 204, {"ETag": OK_ETAG}, b"")
+    validate_response("DELETE", "/kv/{key}", 204, {}, b"")
+
+
 @pytest.mark.parametrize(
     ("method", "path", "status", "headers", "body", "complaint"),
     [
         ("GET", "/kv/{key}", 418, JSON, b"{}", "status not documented"),
         ("PATCH", "/kv/{key}", 200, JSON, b"{}", "not documented"),
-        ("GET", "/kv/{key}", 200, {"ETag": OK_ETAG, "Content-Type": "application/octet-stream"}, b"x",
-         "X-Context is missing"),
+        ("GET", "/kv/{key}", 200, {"X-Context": CTX, "Content-Type": "application/octet-stream"}, b"x",
+         "ETag is missing"),
+        ("PUT", "/kv/{key}", 204, {"X-Context": CTX}, b"", "ETag is missing"),
         ("GET", "/kv/{key}", 200, {"X-Context": CTX, "ETag": "abc", "Content-Type": "application/octet-stream"},
          b"x", "header ETag"),
         ("GET", "/kv/{key}", 404, {"Content-Type": "text/html"}, b"<h1>404</h1>", "Content-Type"),
