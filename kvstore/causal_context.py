@@ -35,7 +35,8 @@ change to it is refused.
 Not handled here: secret rotation (changing the cluster secret makes every outstanding
 context ``bad_context``; clients must read again), and the life of a key: a token stays
 valid forever, so a context kept across the reaping of the key's tombstone still verifies.
-The coordinator refuses such a context for the counters it issues itself (``node.py``).
+The coordinator refuses such a context for the counters it issues itself
+(``refuse_unissued``, called by ``node.py`` under the key's lock).
 
 Pure and deterministic: no clock, no randomness, no I/O.
 """
@@ -58,6 +59,7 @@ __all__ = [
     "BadContext",
     "ContextSigner",
     "InvalidContext",
+    "refuse_unissued",
 ]
 
 TOKEN_VERSION = 1
@@ -129,3 +131,22 @@ class ContextSigner:
             )
         # Issued by a node, so well-formed; decode_vector still checks (a node of another version).
         return decode_vector(payload)
+
+
+def refuse_unissued(context: Mapping[str, int], actor: str, stored: Mapping[str, int]) -> None:
+    """Raise ``BadContext`` if ``context`` claims more of ``actor``'s dots than ``stored`` shows.
+
+    For the coordinating primary, ``actor`` is itself and ``stored`` its own clock of the key:
+    a primary stores every dot it issues for a key before any replica sees it (durably, or
+    under a per-process actor id), so its entry there is exactly the count it issued.  A
+    verified context can claim more only when it was read in an earlier life of the key,
+    before the key's tombstone was reaped and the counters started again; it would cover,
+    and so supersede, writes of the new life that its holder never saw.  Entries of other
+    actors cannot be checked this way: the coordinator may simply not have received them yet.
+    """
+    claimed, issued = context.get(actor, 0), stored.get(actor, 0)
+    if claimed > issued:
+        raise BadContext(
+            f"the context claims {claimed} writes of {actor} to this key, which issued {issued}: "
+            "it was read before the key was deleted and its history reaped; read the key again"
+        )

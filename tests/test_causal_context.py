@@ -15,6 +15,7 @@ from kvstore.causal_context import (
     BadContext,
     ContextSigner,
     InvalidContext,
+    refuse_unissued,
 )
 from kvstore.versions import MAX_CONTEXT_COUNTER, MAX_CONTEXT_ENTRIES, encode_vector
 
@@ -197,3 +198,31 @@ def test_random_texts_raise_only_the_two_typed_errors() -> None:
         # Only the genuine token (or another spelling of its exact bytes) can be accepted.
         assert unb64url(text) == GENUINE_RAW and vector == VECTOR
     assert outcomes["bad"] > 0 and outcomes["invalid"] > 0, outcomes
+
+
+# --- the coordinator's own counters: a context of an earlier life of the key ------------------------
+
+# (context, actor, the coordinator's stored clock, refused)
+UNISSUED = [
+    ("no context", {}, "n1", {}, False),
+    ("context without the actor", {"n2": 9}, "n1", {"n1": 1}, False),
+    ("claims what was issued", {"n1": 3}, "n1", {"n1": 3}, False),
+    ("claims less (an older read)", {"n1": 2}, "n1", {"n1": 3, "n2": 1}, False),
+    ("others ahead: not checkable here", {"n1": 1, "n2": 50}, "n1", {"n1": 1, "n2": 1}, False),
+    ("claims one more", {"n1": 4}, "n1", {"n1": 3}, True),
+    ("key reaped, nothing stored", {"n1": 5}, "n1", {}, True),
+    ("key reaped and written again", {"n1": 5, "n2": 2}, "n1", {"n1": 1}, True),
+    ("incarnated actor, ahead", {"n1.ab": 2}, "n1.ab", {"n1.ab": 1}, True),
+    ("another incarnation's entry", {"n1.old": 9}, "n1.new", {"n1.new": 1}, False),
+]
+
+
+@pytest.mark.parametrize(
+    ("context", "actor", "stored", "refused"), [c[1:] for c in UNISSUED], ids=[c[0] for c in UNISSUED]
+)
+def test_refuse_unissued(context: dict[str, int], actor: str, stored: dict[str, int], refused: bool) -> None:
+    if refused:
+        with pytest.raises(BadContext, match="read the key again"):
+            refuse_unissued(context, actor, stored)
+    else:
+        refuse_unissued(context, actor, stored)

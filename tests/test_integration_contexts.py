@@ -151,3 +151,45 @@ def test_the_siblings_body_context_is_the_header_context_and_resolves(cluster: L
     resolved = http(cluster.url(a), "PUT", kv_path(key, w=3), body=b"merged", headers={"X-Context": doc["context"]})
     assert resolved.status == 204 and resolved.headers["x-siblings"] == "1"
     assert_everyone_reads(cluster, key, b"merged")
+
+
+def test_a_context_from_before_a_reap_cannot_erase_the_key_s_new_life(cluster: LocalCluster) -> None:
+    """A genuine context of a deleted key's tombstone, kept past the reap, is refused.
+
+    After the tombstone is reaped the coordinator's counters for the key start again at 1, so
+    the old context (which covers the old, higher counters) would cover the new writes.
+    """
+    key = "ctx:reaped"
+    order = walk(cluster, key)
+    coordinator, outsider = order[0], order[3]
+    context = None
+    for i in range(3):
+        headers = {"X-Context": context} if context else {}
+        reply = http(cluster.url(coordinator), "PUT", kv_path(key, w=3), body=b"old%d" % i, headers=headers)
+        assert reply.status == 204
+        context = reply.headers["x-context"]
+    assert context is not None
+    deleted = http(cluster.url(coordinator), "DELETE", kv_path(key, w=3), headers={"X-Context": context})
+    assert deleted.status == 204
+    tombstone = http(cluster.url(coordinator), "GET", kv_path(key, r=3))
+    assert tombstone.status == 404 and tombstone.headers.get("x-context"), tombstone
+    stale_context = tombstone.headers["x-context"]
+
+    time.sleep(GRACE_S + 0.5)
+
+    def reaped() -> bool:
+        for node_id in order[:3]:
+            repair = http(cluster.url(node_id), "POST", "/admin/repair", headers={"X-Cluster-Secret": cluster.secret})
+            assert repair.status == 202, repair
+        return "x-context" not in http(cluster.url(coordinator), "GET", kv_path(key, r=3)).headers
+
+    wait_until("the tombstone is reaped on every primary", reaped, timeout_s=60)
+
+    assert http(cluster.url(coordinator), "PUT", kv_path(key, w=3), body=b"new").status == 204  # acknowledged
+    accepted = []
+    for via in (coordinator, outsider):
+        stale = http(cluster.url(via), "PUT", kv_path(key, w=3), body=b"stale", headers={"X-Context": stale_context})
+        if (stale.status, error_code(stale)) != (400, "bad_context"):
+            accepted.append((via, stale.status, stale.body[:200]))
+    assert_everyone_reads(cluster, key, b"new")
+    assert accepted == []
