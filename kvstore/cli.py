@@ -287,7 +287,7 @@ def register_kv(sub: Subparsers) -> None:
                        epilog=EPILOG, formatter_class=Formatter)
     p.add_argument("key", metavar="KEY")
     p.add_argument("value", metavar="VALUE", help="the value as UTF-8 text, or - to read bytes from stdin")
-    p.add_argument("--context", help="the causal context from a previous get")
+    p.add_argument("--context", help="the causal context from a previous get of this key")
     p.add_argument("--w", type=quorum_arg, help="write quorum: 1..N or one|quorum|all")
     cond = p.add_mutually_exclusive_group()
     cond.add_argument("--if-match", metavar="ETAG", help="write only if the current value has this ETag")
@@ -299,7 +299,7 @@ def register_kv(sub: Subparsers) -> None:
                                    "without it is concurrent with the stored value, which then survives.",
                        epilog=EPILOG, formatter_class=Formatter)
     p.add_argument("key", metavar="KEY")
-    p.add_argument("--context", help="the causal context from a previous get")
+    p.add_argument("--context", help="the causal context from a previous get of this key")
     p.add_argument("--w", type=quorum_arg, help="write quorum: 1..N or one|quorum|all")
     p.set_defaults(handler=cmd_delete)
 
