@@ -4,7 +4,8 @@ Theory of operation
 -------------------
 This module only translates: HTTP in, ``Node`` calls, HTTP out.  It validates
 everything a client sends before the node sees it (key length and encoding,
-r/w range, context, value size) and maps every typed error to a JSON body with
+r/w range, value size; a context only if the cluster signed it for this key)
+and maps every typed error to a JSON body with
 a stable ``error`` code, so no client input can produce a 500 or a traceback.
 Admin and internal routes demand the cluster secret (``X-Cluster-Secret``),
 compared in constant time.  In-flight client requests are bounded; past the
@@ -30,7 +31,7 @@ from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.web_request import BaseRequest
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from kvstore import versions
+from kvstore import causal_context, versions
 from kvstore.config import CONSISTENCY_LEVELS
 from kvstore.contract import etag_of
 from kvstore.errors import BadRequest, BodyTimeout, NodeError, Unauthorized, ValueTooLarge
@@ -284,29 +285,20 @@ class RequestParams:
         self.timeout_s = timeout_ms / 1000.0
 
 
-MAX_CONTEXT_ACTORS_PER_MEMBER = 16
+def parse_context(request: web.Request, key: str) -> dict[str, int]:
+    """The version vector of X-Context, only if this cluster issued that context for ``key``.
 
-
-def parse_context(request: web.Request) -> dict[str, int]:
-    """Decode X-Context, accepting only actors this cluster can have issued.
-
-    Actors are member ids, optionally with an incarnation (``n1.ab12``) or a one-shot
-    fallback suffix (``n1!ab12.7``).  Refusing anything else keeps a client from growing
-    a key's clock with arbitrary names (the context is merged into the stored clock).
+    A context claims "I have seen all of this": the write supersedes whatever it covers.  Only
+    a context the cluster signed for this very key is believed (kvstore.causal_context), so a
+    client can neither invent counters nor bring another key's context.
     """
-    node = request.app[NODE_KEY]
+    signer = request.app[SIGNER_KEY]
     try:
-        context = versions.decode_context(request.headers.get("X-Context"))
-    except versions.InvalidContext as exc:
+        return signer.verify(key, request.headers.get("X-Context"))
+    except causal_context.BadContext as exc:
+        raise BadRequest("bad_context", str(exc)) from None
+    except causal_context.InvalidContext as exc:
         raise BadRequest("invalid_context", str(exc)) from None
-    members = set(node.cfg.member_ids)
-    if len(context) > MAX_CONTEXT_ACTORS_PER_MEMBER * len(members):
-        raise BadRequest("invalid_context", "the context names more actors than this cluster can have")
-    for actor in context:
-        base = actor.split("!", 1)[0].split(".", 1)[0]
-        if base not in members:
-            raise BadRequest("invalid_context", f"the context names {actor!r}, which is not a member of this cluster")
-    return context
 
 
 async def read_bounded(request: web.Request, limit: int, what: str) -> bytes:
@@ -350,8 +342,8 @@ async def read_body(request: web.Request) -> bytes:
     return await read_bounded(request, request.app[NODE_KEY].cfg.limits.max_value_bytes, "value")
 
 
-def object_response(obj: versions.VersionedObject) -> web.Response:
-    context = versions.encode_context(obj.vector()) if obj.clock else None
+def object_response(obj: versions.VersionedObject, context: str | None) -> web.Response:
+    """200 / 300 / 404 for a merged read; ``context`` is the signed clock of ``obj`` (None: no clock)."""
     live = [s for s in obj.siblings if s.value is not None]
     headers = {"X-Context": context} if context else {}
     if not live:
@@ -391,7 +383,8 @@ async def kv_handler(request: web.Request) -> web.StreamResponse:
             if params.consistency == "linearizable":
                 return await node_cp(request).get(request, key, params)
             read = await node.get(key, params.quorum, params.sloppy, params.timeout_s)
-            return object_response(read.obj)
+            signer = request.app[SIGNER_KEY]
+            return object_response(read.obj, signer.sign(key, read.obj.vector()) if read.obj.clock else None)
         params = RequestParams(request, "w")
         conditional = "If-Match" in request.headers or "If-None-Match" in request.headers
         if params.consistency == "linearizable":
@@ -401,13 +394,13 @@ async def kv_handler(request: web.Request) -> web.StreamResponse:
             raise BadRequest(
                 "invalid_parameter", "If-Match / If-None-Match need consistency=linearizable (compare-and-set)"
             )
-        context = parse_context(request)
+        context = parse_context(request, key)
         value = await read_body(request) if request.method == "PUT" else None
         outcome = await node.put(key, value, context, params.quorum, params.sloppy, params.timeout_s)
         # X-Siblings tells the writer whether the context now covers values it never saw:
         # reusing this context for another write would silently supersede them unless it is 1.
         live = len(outcome.obj.live_values)
-        headers = {"X-Context": versions.encode_context(outcome.obj.vector()), "X-Siblings": str(live)}
+        headers = {"X-Context": request.app[SIGNER_KEY].sign(key, outcome.obj.vector()), "X-Siblings": str(live)}
         if value is not None:
             headers["ETag"] = etag_of(value)
         return web.Response(status=204, headers=headers)
@@ -539,6 +532,7 @@ def refuse_unknown_fields(data: dict[str, Any], known: tuple[str, ...], where: s
 
 
 GATE_KEY: web.AppKey[InflightGate] = web.AppKey("gate", InflightGate)
+SIGNER_KEY: web.AppKey[causal_context.ContextSigner] = web.AppKey("context_signer", causal_context.ContextSigner)
 CP_KEY: web.AppKey[Any] = web.AppKey("cp", object)
 
 
@@ -548,6 +542,7 @@ def build_app(node: Node, extra_routes: list[web.RouteDef] | None = None) -> web
     )
     app[NODE_KEY] = node
     app[GATE_KEY] = InflightGate(node.cfg.limits.max_inflight_requests)
+    app[SIGNER_KEY] = causal_context.ContextSigner(node.cfg.secret)
     # [\s\S], not ".": a key may contain a newline (%0A), and the route matches the decoded path.
     for method in ("GET", "PUT", "DELETE"):
         app.router.add_route(method, r"/kv/{key:[\s\S]*}", kv_handler)

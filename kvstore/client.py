@@ -63,7 +63,9 @@ the chosen value with ``context=result.context``.
 Exceptions::
 
     KVError                       .status .code .message .node .attempts .indeterminate
-     +-- BadRequest               400  .code = invalid_quorum | invalid_key | invalid_context | invalid_parameter
+     +-- BadRequest               400  .code = invalid_quorum | invalid_key | invalid_context | bad_context
+                                       | invalid_parameter  (bad_context: a context the cluster did not
+                                       issue for this key, or read before the key's deletion was reaped)
      +-- Unauthorized             401  admin route without the right X-Cluster-Secret
      +-- PreconditionFailed       412  .current = ETag of the current value (None: absent)
      +-- ValueTooLarge            413  .limit = bytes
@@ -163,7 +165,9 @@ class GetResult:
     * ``value``: the single value (200), the resolver's choice (300 with a
       resolver), else None (not found, or a 300 without a resolver).
     * ``context``: the opaque causal context to pass back on the next write
-      (also present for a deleted key whose tombstone is known).
+      of this same key (also present for a deleted key whose tombstone is
+      known).  The cluster signs it for the key: a context of another key, or
+      an altered one, is refused with ``BadRequest`` code ``bad_context``.
     * ``etag``: the server's ETag of ``value`` for a 200, else None.
     * ``node``: the URL of the node that answered.
     """

@@ -66,7 +66,7 @@ READ_OK_STATUSES: Final = frozenset({200, 300, 404})
 # The stable ``error`` codes of the public API (the JSON body of every error answer).
 ERROR_CODES: Final = frozenset({
     # 400
-    "bad_request", "invalid_body", "invalid_context", "invalid_key", "invalid_parameter", "invalid_quorum",
+    "bad_request", "bad_context", "invalid_body", "invalid_context", "invalid_key", "invalid_parameter", "invalid_quorum",
     "invalid_header", "incomplete_body", "malformed_body", "malformed_request", "unknown_member",
     # 401, 404, 405, 408, 409, 412, 413, 414, 417, 431
     "unauthorized", "not_found", "no_route", "method_not_allowed", "body_timeout", "request_timeout",

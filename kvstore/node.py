@@ -11,6 +11,9 @@ per-key lock (``versions.update``: a new dotted sibling), persists it, then send
 the resulting object to the other N-1 targets in parallel; it answers once W
 targets (itself included) stored it durably.  Coordinating at a replica is what
 keeps dots unique: the coordinator holds every dot it ever issued for the key.
+For the same reason it can refuse a context claiming more of its own counters than
+it issued (a context from before the key's tombstone was reaped would otherwise
+supersede the key's new writes: ``causal_context.refuse_unissued``).
 The remaining targets complete in the background, bounded.
 
 **Sloppy quorum.**  With ``sloppy`` on, a primary believed down (or failing the
@@ -46,10 +49,17 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvstore import versions
+from kvstore import causal_context, versions
 from kvstore.clock import Clock
 from kvstore.config import NodeConfig
-from kvstore.errors import ConsistencyConflict, NodeError, Overloaded, QuorumUnavailable, RequestTimeout
+from kvstore.errors import (
+    BadRequest,
+    ConsistencyConflict,
+    NodeError,
+    Overloaded,
+    QuorumUnavailable,
+    RequestTimeout,
+)
 from kvstore.hints import (
     NS_PER_S,
     Admission,
@@ -603,6 +613,11 @@ class Node:
             async with self.locks.hold(key):
                 blob = await self.data.get(key, token)
                 base = versions.decode(blob) if blob is not None else VersionedObject.empty()
+                try:
+                    # Its own counters it can check exactly: see causal_context.refuse_unissued.
+                    causal_context.refuse_unissued(context, self.actor, base.vector())
+                except causal_context.BadContext as exc:
+                    raise BadRequest("bad_context", str(exc)) from None
                 obj = versions.update(base, context, self.actor, value, self.clock.wall_ns(), self.mode)
                 encoded = versions.encode(obj)
                 # Durable here *before* any replica sees the new dot.  Replicating in parallel with
@@ -715,6 +730,8 @@ def _error_from_body(body: dict[str, Any]) -> NodeError:
         return Overloaded(str(body.get("message", "")))
     if code == "consistency_conflict":
         return ConsistencyConflict(str(body.get("message", "")))
+    if code == "bad_context":
+        return BadRequest("bad_context", str(body.get("message", "")))
     err = NodeError(str(body.get("message", "")))
     err.code = str(code)
     err.status = 503

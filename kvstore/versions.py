@@ -18,7 +18,10 @@ object has seen) plus a set of ``siblings``, each tagged with the *dot*
   the other side's clock does not cover its dot (it has not seen it, so it cannot
   have superseded it).
 * A read returns every surviving sibling plus the merged clock as the opaque
-  context; writing back with that context resolves all of them.
+  context; writing back with that context resolves all of them.  ``update`` trusts
+  the context it is given: the API only passes one the cluster signed for the same
+  key (``kvstore.causal_context``), since a made-up context would supersede writes
+  its sender never saw.
 
 Why dots and not plain vector clocks: with a per-server vector clock alone, two
 clients writing through the same coordinator with the same stale context are
@@ -44,8 +47,6 @@ pure and deterministic: no clock reads, no unordered iteration in outputs.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -56,7 +57,6 @@ import msgpack
 ConflictMode = Literal["siblings", "lww"]
 CONFLICT_MODES: tuple[str, ...] = ("siblings", "lww")
 MAX_CONTEXT_ENTRIES = 1024  # far above any real cluster; a bound against hostile contexts
-MAX_CONTEXT_BYTES = 16 * 1024
 # Counters are stored as msgpack uint64 and a write issues max(stored, context) + 1: a counter near
 # 2**64 from a client would make every later write to the key unencodable (poisoned).
 MAX_CONTEXT_COUNTER = 2**63 - 1
@@ -65,7 +65,7 @@ VersionVector = dict[str, int]
 
 
 class InvalidContext(ValueError):
-    """A client-supplied causal context could not be decoded."""
+    """A client-supplied causal context could not be decoded (its syntax, not its origin)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,22 +224,21 @@ def digest(obj: VersionedObject) -> bytes:
     return hashlib.blake2b(msgpack.packb(causal, use_bin_type=True), digest_size=8).digest()
 
 
-def encode_context(vector: Mapping[str, int]) -> str:
-    """The opaque causal context a client carries back (base64url, no padding)."""
-    packed = msgpack.packb(sorted(vector.items()), use_bin_type=True)
-    return base64.urlsafe_b64encode(packed).rstrip(b"=").decode("ascii")
+def encode_vector(vector: Mapping[str, int]) -> bytes:
+    """The canonical bytes of a version vector (sorted msgpack entries): a context's payload.
+
+    Not a context by itself: what a client carries is this payload sealed to one key by
+    ``kvstore.causal_context`` (an unsealed vector would let anyone claim any history).
+    """
+    return msgpack.packb(sorted(vector.items()), use_bin_type=True)
 
 
-def decode_context(text: str | None) -> VersionVector:
-    if not text:
-        return {}
-    if len(text) > MAX_CONTEXT_BYTES:
-        raise InvalidContext("context too large")
+def decode_vector(raw: bytes) -> VersionVector:
+    """Parse ``encode_vector`` bytes, refusing any shape or counter ``update`` could not use."""
     try:
-        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
         entries = msgpack.unpackb(raw, raw=False)
-    except (binascii.Error, ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
-        raise InvalidContext(f"context is not valid base64url msgpack: {exc}") from None
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as exc:
+        raise InvalidContext(f"context is not valid msgpack: {exc}") from None
     if not isinstance(entries, list) or len(entries) > MAX_CONTEXT_ENTRIES:
         raise InvalidContext("context must be a list of [member, counter] entries")
     vector: VersionVector = {}
