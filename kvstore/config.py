@@ -23,6 +23,7 @@ from kvstore.versions import CONFLICT_MODES
 
 CONSISTENCY_LEVELS: tuple[str, ...] = ("eventual", "quorum", "linearizable")
 READ_REPAIR_MODES: tuple[str, ...] = ("async", "blocking", "off")
+INITIAL_CLUSTER_STATES: tuple[str, ...] = ("new", "existing")
 
 
 class ConfigError(ValueError):
@@ -87,6 +88,10 @@ class NodeConfig:
     fsync: str = "batch"
     batch_window_ms: float = 2.0
     bind: str = "127.0.0.1"
+    # How to treat an *empty* Paxos store at start (etcd's flag): "existing" = this node lost its
+    # state, recover it from the peers before voting; "new" = first start of a new cluster.
+    # Ignored once the store holds anything (see kvstore.cp_recovery).
+    initial_cluster_state: str = "existing"
     limits: Limits = field(default_factory=Limits)
     ap: APSettings = field(default_factory=APSettings)
 
@@ -183,6 +188,7 @@ def from_dict(data: dict[str, Any]) -> NodeConfig:
         "fsync": str,
         "batch_window_ms": (int, float),
         "bind": str,
+        "initial_cluster_state": str,
     }
     for key, value in flat.items():
         _expect(value, scalar_kinds[key], key)
@@ -217,6 +223,8 @@ def validate(cfg: NodeConfig) -> NodeConfig:
         raise ConfigError("storage", f"must be one of {ENGINES}")
     if cfg.fsync not in FSYNC_POLICIES:
         raise ConfigError("fsync", f"must be one of {FSYNC_POLICIES}")
+    if cfg.initial_cluster_state not in INITIAL_CLUSTER_STATES:
+        raise ConfigError("initial_cluster_state", f"must be one of {INITIAL_CLUSTER_STATES}")
     if len(cfg.secret) < 8:
         raise ConfigError("secret", "must be at least 8 characters")
     if cfg.ap.read_repair not in READ_REPAIR_MODES:
@@ -276,6 +284,7 @@ def to_toml(cfg: NodeConfig) -> str:
         "fsync",
         "batch_window_ms",
         "bind",
+        "initial_cluster_state",
     ):
         lines.append(f"{name} = {lit(getattr(cfg, name))}")
     for section, obj in (("limits", cfg.limits), ("ap", cfg.ap)):
