@@ -4,21 +4,33 @@ Riak KV-679: a node that restarts with an empty disk restarts its dot counters a
 replicas already hold those dots for other values, so they drop its new writes as "already seen".
 Each test wipes one node's data directory on a real cluster and then checks, through reads
 coordinated by *other* nodes, that what was acknowledged afterwards is there.
+
+The CP twin: a Paxos acceptor that comes back empty must not vote before it has recovered
+its state from the other replicas (``kvstore.cp_recovery``), or a chosen value disappears.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import shutil
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import aiohttp
+import msgpack
 import pytest
 
+from chaos.history import HistoryWriter, read_history
+from kvstore.checker import check
 from kvstore.cluster import LocalCluster
-from kvstore.ring import Ring
+from kvstore.ring import Ring, key_token
 from tests.conftest import FAST_AP, http, kv_path
+from tests.test_integration_cp import etag as etag_of
+from tests.test_integration_cp import final_value
 
 pytestmark = pytest.mark.integration
 
@@ -81,3 +93,148 @@ def test_writes_through_a_wiped_node_are_not_lost(cluster: LocalCluster) -> None
         if b"new-%d" % i not in values_of(got.body, got.status):
             lost.append(key)
     assert lost == [], f"{len(lost)} of {len(keys)} acknowledged writes through the wiped node vanished"
+
+
+# --- the CP twin: a Paxos acceptor that lost its state --------------------------------------
+
+LIN = "linearizable"
+
+
+def internal(cluster: LocalCluster, node_id: str, message: dict[str, object]) -> dict[str, object]:
+    reply = http(
+        cluster.url(node_id), "POST", "/internal/msg", body=msgpack.packb(message, use_bin_type=True),
+        headers={"X-Cluster-Secret": cluster.secret, "X-Node": "test"},
+    )
+    assert reply.status == 200, reply
+    doc = msgpack.unpackb(reply.body, raw=False)
+    assert isinstance(doc, dict)
+    return doc
+
+
+def wait_until(what: str, predicate: Callable[[], bool], timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_wiped_acceptor_refuses_to_vote_until_it_recovered(cluster: LocalCluster) -> None:
+    """Value accepted by {A, B}; B wiped; the only majority left is {B, C}, and C never had it."""
+    key = "cp:wiped"
+    a, b, c = primaries(cluster, key)
+    cluster.kill(c)
+    assert http(cluster.url(a), "PUT", kv_path(key, consistency=LIN), body=b"chosen").status == 204
+    cluster.restart(c)  # intact, but it missed the write
+    cluster.kill(a)
+    wipe_and_restart(cluster, b)
+    assert cluster.acceptor_status(b)["status"] == "recovering"
+
+    # B must not vote from its empty state: it refuses, typed, and changes nothing.
+    prepare = {"op": "paxos_prepare", "key": key, "token": key_token(key), "ballot": [2**62, "test"]}
+    assert internal(cluster, b, prepare)["error"] == "recovering"
+    read = http(cluster.url(c), "GET", kv_path(key, consistency=LIN, timeout_ms=1500))
+    assert read.status == 503, (read.status, read.body)  # never 404: the chosen value is not lost
+    assert read.json()["error"] == "quorum_unavailable"  # type: ignore[index]
+    # The ranges B shares with A stay unrecovered while A is down; the others recover.
+    status = cluster.acceptor_status(b)
+    assert status["status"] == "recovering" and a not in status["recovered_from"]
+
+    cluster.restart(a)
+    wait_until("B recovered", lambda: cluster.acceptor_status(b)["status"] == "active")
+    cluster.kill(a)  # the majority is {B, C} again: B now carries the recovered state
+    got = http(cluster.url(c), "GET", kv_path(key, consistency=LIN, timeout_ms=3000))
+    assert (got.status, got.body) == (200, b"chosen")
+    # The recovered register also arms B's mixed-mode guard.
+    assert internal(cluster, b, {"op": "replica_get", "key": key, "token": key_token(key)}).get("cp") is True
+
+
+async def cas_workload(
+    cluster: LocalCluster, key: str, per_client: int, history: HistoryWriter, deadline_s: float, during: Any
+) -> tuple[int, int]:
+    """One client per node adds ``per_client`` increments with read + compare-and-set, recording
+    a history, until done or ``deadline_s`` (bounded in time, not in attempts: a client keeps
+    trying while the register is unavailable).  Returns (acknowledged, indeterminate) CAS."""
+    loop = asyncio.get_running_loop()
+    stop_at = loop.time() + deadline_s
+    next_process = [len(cluster.node_ids)]
+    counts = {"acked": 0, "unknown": 0}
+
+    async def client(index: int, node: str, session: aiohttp.ClientSession) -> None:
+        process = index
+        target = cluster.url(node) + kv_path(key, consistency=LIN, timeout_ms=2000)
+        done = 0
+        while done < per_client and loop.time() < stop_at:
+            history.record({"process": process, "type": "invoke", "f": "read", "key": key, "value": None, "node": node})
+            try:
+                async with session.get(target) as resp:
+                    body, status = await resp.read(), resp.status
+            except (aiohttp.ClientError, TimeoutError):
+                status, body = 0, b""
+            if status not in (200, 404):
+                history.record({"process": process, "type": "fail", "f": "read", "key": key, "value": None,
+                                "node": node, "error": f"http_{status}"})
+                await asyncio.sleep(0.05)
+                continue
+            current = int(body) if status == 200 else None
+            history.record({"process": process, "type": "ok", "f": "read", "key": key, "value": current, "node": node})
+            headers = {"If-Match": etag_of(str(current).encode())} if current is not None else {"If-None-Match": "*"}
+            op = {"process": process, "f": "cas", "key": key, "value": [current, (current or 0) + 1], "node": node}
+            history.record({**op, "type": "invoke"})
+            doc: Any = None
+            try:
+                async with session.put(target, data=str((current or 0) + 1).encode(), headers=headers) as resp:
+                    status = resp.status
+                    doc = await resp.json(content_type=None) if status != 204 else None
+            except (aiohttp.ClientError, TimeoutError, ValueError):
+                status = 0  # the request may have reached a node: indeterminate
+            if status == 204:
+                history.record({**op, "type": "ok"})
+                counts["acked"] += 1
+                done += 1
+            elif status == 412 or (status == 503 and isinstance(doc, dict) and doc.get("indeterminate") is False):
+                history.record({**op, "type": "fail", "error": f"http_{status}"})
+            else:
+                history.record({**op, "type": "info", "error": f"http_{status}"})
+                counts["unknown"] += 1
+                process = next_process[0]  # a process with an open operation never invokes again
+                next_process[0] += 1
+
+    timeout = aiohttp.ClientTimeout(total=5)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        tasks = [asyncio.create_task(client(i, node, session)) for i, node in enumerate(cluster.node_ids)]
+        await during()
+        await asyncio.gather(*tasks)
+    return counts["acked"], counts["unknown"]
+
+
+def test_cas_workload_survives_a_replica_losing_its_disk(cluster: LocalCluster, tmp_path: Path) -> None:
+    """Linearizable CAS increments while one replica loses its disk and the two others take
+    turns being down; the history must be linearizable and no acknowledged increment lost."""
+    key = "cp:wipe-workload"
+    a, b, c = primaries(cluster, key)
+    history = HistoryWriter(tmp_path / "history.jsonl")
+
+    async def nemesis() -> None:
+        await asyncio.sleep(1.0)
+        history.nemesis("kill", [c])
+        await asyncio.to_thread(cluster.kill, c)
+        await asyncio.sleep(2.0)  # C misses what {A, B} accept now
+        history.nemesis("kill", [a])
+        await asyncio.to_thread(cluster.kill, a)
+        history.nemesis("wipe", [b])
+        await asyncio.to_thread(wipe_and_restart, cluster, b)
+        history.nemesis("restart", [c])
+        await asyncio.to_thread(cluster.restart, c)
+        await asyncio.sleep(3.0)  # the only majority is {B, C}: the wiped one and the stale one
+        history.nemesis("restart", [a])
+        await asyncio.to_thread(cluster.restart, a)
+
+    per_client = 6
+    acked, unknown = asyncio.run(cas_workload(cluster, key, per_client, history, 120.0, nemesis))
+    history.close()
+    wait_until("B recovered", lambda: cluster.acceptor_status(b)["status"] == "active")
+    total = final_value(cluster, key, b)
+    result = check(read_history(tmp_path / "history.jsonl"), model="cas-register", time_limit_s=60, workers=1)
+    assert str(result.valid) == "true", [kr.verdict for kr in result.keys]
+    assert total is not None and acked <= total <= acked + unknown, (acked, unknown, total)
+    assert acked == per_client * len(cluster.node_ids), "every client finished within the deadline"
