@@ -6,10 +6,11 @@ Theory of operation
 so every node computes the same ring), starts each node as its own OS process
 (``python -m kvstore node --config ...``), and waits until every ``/health``
 answers and every Paxos acceptor votes.  ``start`` writes
-``initial_cluster_state = "new"`` (a new cluster: empty Paxos stores are fresh);
-``restart`` writes ``"existing"`` (an empty Paxos store then means the node lost
-its disk, and it recovers from its peers before voting: ``kvstore.cp_recovery``).  It remembers each child's PID and only ever signals those PIDs:
-``stop()`` sends SIGTERM, waits, then SIGKILLs stragglers.  ``kill``,
+``initial_cluster_state = "new"`` (a new cluster: empty Paxos stores are fresh),
+then ``"existing"`` once bootstrapped, which ``restart`` also writes (an empty
+Paxos store then means the node lost its disk, and it recovers from its peers
+before voting: ``kvstore.cp_recovery``).  It remembers each child's PID and only
+ever signals those PIDs: ``stop()`` sends SIGTERM, waits, then SIGKILLs stragglers.  ``kill``,
 ``restart``, ``pause`` and ``resume`` are the process nemeses of the chaos
 harness.  Ports are picked free by the OS unless a base port is given.
 
@@ -176,6 +177,11 @@ class LocalCluster:
             self._spawn(node_id, "new")
         self.wait_healthy(self.node_ids, timeout_s)
         self.wait_acceptors_active(self.node_ids, timeout_s)
+        for node_id in self.node_ids:
+            # Bootstrapped: a node started by hand from its node.toml from now on is an existing
+            # member (etcd's advice for initial-cluster-state).  Rewriting keeps the file's mode.
+            existing = replace(self.base_config, node_id=node_id, initial_cluster_state="existing")
+            self.config_path(node_id).write_text(to_toml(existing))
         return self
 
     def _spawn(self, node_id: str, initial_cluster_state: str = "existing") -> None:

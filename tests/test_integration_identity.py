@@ -122,6 +122,8 @@ def test_wiped_acceptor_refuses_to_vote_until_it_recovered(cluster: LocalCluster
     """Value accepted by {A, B}; B wiped; the only majority left is {B, C}, and C never had it."""
     key = "cp:wiped"
     a, b, c = primaries(cluster, key)
+    # Bootstrapped: every node's config now says it is an existing member.
+    assert 'initial_cluster_state = "existing"' in cluster.config_path(b).read_text()
     cluster.kill(c)
     assert http(cluster.url(a), "PUT", kv_path(key, consistency=LIN), body=b"chosen").status == 204
     cluster.restart(c)  # intact, but it missed the write
