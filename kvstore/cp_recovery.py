@@ -398,6 +398,14 @@ class AcceptorRecovery:
                 if self.registry.learn(peer, _check_incarnation(theirs)):
                     await self.storage.meta_put(REGISTRY_META, self.registry.encode())
         self.answers[peer] = None if previous == self.incarnation else previous
+        if self.answers[peer] is not None and self.decision == "fresh" and self.identity is not None \
+                and self.identity.bootstrap == "new":
+            # Too late: we decided "new cluster" on the first answers and have voted since.
+            log.error(
+                "acceptor %s: peer %s knew an earlier incarnation %s of this node, which started with "
+                "initial_cluster_state=new and is already voting: it lost its state; stop it, delete its "
+                "directory and restart it with initial_cluster_state=existing", self.node_id, peer, previous,
+            )
         self._maybe_decide()
 
     def _maybe_decide(self) -> None:
