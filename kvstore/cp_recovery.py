@@ -301,16 +301,20 @@ class AcceptorRecovery:
     async def load(self) -> AcceptorIdentity:
         """Read (or create) this acceptor's identity and registry; call before serving anything."""
         registry_blob = await self.storage.meta_get(REGISTRY_META)
+        registry_lost = False
         if registry_blob is not None:
             try:
                 self.registry = Registry.decode(registry_blob)
             except CorruptIdentity as exc:
-                # Forgetting views only costs discards that would have been safe to make; the
-                # registrations are redone by every peer at its next start.
-                log.error("%s; starting with an empty registry", exc)
+                # Without the peers' incarnations our votes could not flag a peer's lost one:
+                # recover (re-register everywhere, relearning them) before voting again.
+                log.error("%s; recovering from the peers before voting", exc)
+                registry_lost = True
         blob = await self.storage.meta_get(ACCEPTOR_META)
         identity: AcceptorIdentity | None = None
-        if blob is not None:
+        if registry_lost:
+            identity = AcceptorIdentity(new_incarnation(self.rng), "recovering", "existing")
+        elif blob is not None:
             try:
                 identity = AcceptorIdentity.decode(blob)
             except CorruptIdentity as exc:

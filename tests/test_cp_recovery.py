@@ -24,6 +24,7 @@ from kvstore.cp_recovery import (
     OP_RECOVER_SCAN,
     OP_REGISTER,
     OP_STATUS,
+    REGISTRY_META,
     AcceptorIdentity,
     AcceptorRecovery,
     Registry,
@@ -485,4 +486,21 @@ async def test_proposer_counts_recovering_as_a_certain_failure() -> None:
         await proposer.propose("k", TOKEN, GROUP, Write(b"x"), 1.0)
     assert err.value.indeterminate is False
     assert "recovering" in err.value.reason
+    await stop_all(nodes)
+
+
+@pytest.mark.parametrize("record", [ACCEPTOR_META, REGISTRY_META])
+async def test_a_corrupt_identity_or_registry_means_recovering_again(record: str) -> None:
+    _, nodes = await make_cluster(GROUP)
+    await wait_for("fresh", lambda: all(n.recovery.active.is_set() for n in nodes.values()))
+    await propose(nodes["n1"], Write(b"v"))
+    old = nodes["n2"].recovery.incarnation
+    await nodes["n2"].stop()
+    await nodes["n2"].storage.meta_put(record, b"\xc1 garbage")
+    await nodes["n2"].start("new")
+    identity = nodes["n2"].recovery.identity
+    assert identity is not None and identity.status == "recovering" and identity.incarnation != old
+    assert not nodes["n2"].recovery.votable(TOKEN)
+    await wait_for("n2 recovered", nodes["n2"].recovery.active.is_set)
+    assert (await nodes["n2"].acceptor.load("k", TOKEN)).value == v(b"v")
     await stop_all(nodes)
