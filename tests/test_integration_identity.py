@@ -94,6 +94,17 @@ def test_writes_through_a_wiped_node_are_not_lost(cluster: LocalCluster) -> None
             lost.append(key)
     assert lost == [], f"{len(lost)} of {len(keys)} acknowledged writes through the wiped node vanished"
 
+    # The blind writes are siblings of the old value (they did not see it).  The context of a read
+    # names both incarnations of the victim; the API accepts it and a write with it resolves them.
+    for i, key in enumerate(keys[:5]):
+        read = http(cluster.url(victim), "GET", kv_path(key, r=3))
+        assert read.status == 300, read
+        resolved = http(url, "PUT", kv_path(key, w=3), body=b"resolved-%d" % i,
+                        headers={"X-Context": read.headers["x-context"]})
+        assert resolved.status == 204, resolved
+        after = http(cluster.url(victim), "GET", kv_path(key, r=3))
+        assert (after.status, after.body) == (200, b"resolved-%d" % i)
+
 
 # --- the CP twin: a Paxos acceptor that lost its state --------------------------------------
 
