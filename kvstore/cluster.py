@@ -5,8 +5,12 @@ Theory of operation
 ``LocalCluster`` writes one TOML config per node (same member list everywhere,
 so every node computes the same ring), starts each node as its own OS process
 (``python -m kvstore node --config ...``), and waits until every ``/health``
-answers.  It remembers each child's PID and only ever signals those PIDs:
-``stop()`` sends SIGTERM, waits, then SIGKILLs stragglers.  ``kill``,
+answers and every Paxos acceptor votes.  ``start`` writes
+``initial_cluster_state = "new"`` (a new cluster: empty Paxos stores are fresh),
+then ``"existing"`` once bootstrapped, which ``restart`` also writes (an empty
+Paxos store then means the node lost its disk, and it recovers from its peers
+before voting: ``kvstore.cp_recovery``).  It remembers each child's PID and only
+ever signals those PIDs: ``stop()`` sends SIGTERM, waits, then SIGKILLs stragglers.  ``kill``,
 ``restart``, ``pause`` and ``resume`` are the process nemeses of the chaos
 harness.  Ports are picked free by the OS unless a base port is given.
 
@@ -32,6 +36,8 @@ import urllib.request
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+import msgpack
 
 from kvstore.config import APSettings, Limits, Member, NodeConfig, to_toml, validate
 
@@ -185,12 +191,18 @@ class LocalCluster:
         # Only the owner may enter (when we create it): the node directories hold the secret and the data.
         self.data_dir.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
         for node_id in self.node_ids:
-            self._spawn(node_id)
+            self._spawn(node_id, "new")
         self.wait_healthy(self.node_ids, timeout_s)
+        self.wait_acceptors_active(self.node_ids, timeout_s)
+        for node_id in self.node_ids:
+            # Bootstrapped: a node started by hand from its node.toml from now on is an existing
+            # member (etcd's advice for initial-cluster-state).  Rewriting keeps the file's mode.
+            existing = replace(self.base_config, node_id=node_id, initial_cluster_state="existing")
+            self.config_path(node_id).write_text(to_toml(existing))
         return self
 
-    def _spawn(self, node_id: str) -> None:
-        cfg = replace(self.base_config, node_id=node_id)
+    def _spawn(self, node_id: str, initial_cluster_state: str = "existing") -> None:
+        cfg = replace(self.base_config, node_id=node_id, initial_cluster_state=initial_cluster_state)
         path = self.config_path(node_id)
         path.parent.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
         os.chmod(path.parent, PRIVATE_DIR_MODE)  # also when an older run created it readable
@@ -229,6 +241,37 @@ class LocalCluster:
                     pending.remove(node_id)
             if pending and time.monotonic() > deadline:
                 raise ClusterError(f"nodes {pending} not healthy after {timeout_s:.0f}s")
+            if pending:
+                time.sleep(0.05)
+
+    def acceptor_status(self, node_id: str, timeout_s: float = 2.0) -> dict[str, Any]:
+        """The node's Paxos acceptor identity and recovery state (``paxos_status``, internal route)."""
+        request = urllib.request.Request(
+            self.url(node_id) + "/internal/msg",
+            data=msgpack.packb({"op": "paxos_status"}, use_bin_type=True),
+            headers={"X-Cluster-Secret": self.secret, "X-Node": "cluster", "Content-Type": "application/msgpack"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=timeout_s) as resp:
+            doc = msgpack.unpackb(resp.read(), raw=False)
+        if not isinstance(doc, dict):
+            raise ClusterError(f"node {node_id}: unexpected paxos_status reply {doc!r}")
+        return doc
+
+    def wait_acceptors_active(self, node_ids: list[str], timeout_s: float = 30.0) -> None:
+        """Wait until every named node's acceptor votes (a new cluster's nodes decide they are new
+        once a majority of them answered each other)."""
+        deadline = time.monotonic() + timeout_s
+        pending = list(node_ids)
+        while pending:
+            for node_id in list(pending):
+                try:
+                    if self.acceptor_status(node_id).get("status") == "active":
+                        pending.remove(node_id)
+                except (urllib.error.URLError, OSError, ValueError):
+                    pass
+            if pending and time.monotonic() > deadline:
+                raise ClusterError(f"acceptors of {pending} not voting after {timeout_s:.0f}s")
             if pending:
                 time.sleep(0.05)
 

@@ -26,6 +26,7 @@ READ_REPAIR_MODES: tuple[str, ...] = ("async", "blocking", "off")
 # Both travel in the peer hello, whose size is capped before authentication (transport/stream.py).
 MAX_SECRET_BYTES = 1024
 MAX_MEMBER_ID_BYTES = 128
+INITIAL_CLUSTER_STATES: tuple[str, ...] = ("new", "existing")
 
 
 class ConfigError(ValueError):
@@ -108,6 +109,10 @@ class NodeConfig:
     fsync: str = "batch"
     batch_window_ms: float = 2.0
     bind: str = "127.0.0.1"
+    # How to treat an *empty* Paxos store at start (etcd's flag): "existing" = this node lost its
+    # state, recover it from the peers before voting; "new" = first start of a new cluster.
+    # Ignored once the store holds anything (see kvstore.cp_recovery).
+    initial_cluster_state: str = "existing"
     limits: Limits = field(default_factory=Limits)
     ap: APSettings = field(default_factory=APSettings)
 
@@ -204,6 +209,7 @@ def from_dict(data: dict[str, Any]) -> NodeConfig:
         "fsync": str,
         "batch_window_ms": (int, float),
         "bind": str,
+        "initial_cluster_state": str,
     }
     for key, value in flat.items():
         _expect(value, scalar_kinds[key], key)
@@ -240,6 +246,8 @@ def validate(cfg: NodeConfig) -> NodeConfig:
         raise ConfigError("storage", f"must be one of {ENGINES}")
     if cfg.fsync not in FSYNC_POLICIES:
         raise ConfigError("fsync", f"must be one of {FSYNC_POLICIES}")
+    if cfg.initial_cluster_state not in INITIAL_CLUSTER_STATES:
+        raise ConfigError("initial_cluster_state", f"must be one of {INITIAL_CLUSTER_STATES}")
     if len(cfg.secret) < 8:
         raise ConfigError("secret", "must be at least 8 characters")
     if len(cfg.secret.encode("utf-8")) > MAX_SECRET_BYTES:
@@ -302,6 +310,7 @@ def to_toml(cfg: NodeConfig) -> str:
         "fsync",
         "batch_window_ms",
         "bind",
+        "initial_cluster_state",
     ):
         lines.append(f"{name} = {lit(getattr(cfg, name))}")
     for section, obj in (("limits", cfg.limits), ("ap", cfg.ap)):

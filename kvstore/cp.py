@@ -82,9 +82,9 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from kvstore.clock import Clock
 from kvstore.errors import Overloaded, QuorumUnavailable
@@ -113,12 +113,14 @@ from kvstore.paxos import (
     lineage_from_wire,
     lineage_to_wire,
     majority,
+    merge_states,
     next_ballot,
     on_accept,
     on_prepare,
+    stale_acceptors,
 )
 from kvstore.storage.base import Storage, StorageError
-from kvstore.transport.base import Message, PeerUnavailable
+from kvstore.transport.base import Message, PeerUnavailable, RemoteError
 
 OP_PREPARE = "paxos_prepare"
 OP_ACCEPT = "paxos_accept"
@@ -157,20 +159,30 @@ class PaxosMessageError(ValueError):
 # Wire format
 # --------------------------------------------------------------------------------------------
 #
-# prepare: {"op": "paxos_prepare", "key": str, "token": int, "ballot": [counter, node]}
+# prepare: {"op": "paxos_prepare", "key": str, "token": int, "ballot": [counter, node],
+#           "group": [member, ...] (the key's acceptors)}
 #   reply: {"ok": True, "accepted": [counter, node] | None, "value": bytes | None,
-#           "lineage": [[counter, node], ...]}
+#           "lineage": [[counter, node], ...], "inc": str, "view": {member: str}}
 #        | {"ok": False, "conflict": [counter, node]}
 # accept:  {"op": "paxos_accept", "key": str, "token": int, "ballot": [counter, node],
 #           "value": bytes | None (None = absent/deleted), "promise_next": [counter, node] | None,
-#           "lineage": [[counter, node], ...] (origins of the value's last changes, newest first)}
-#   reply: {"ok": True, "promised_next": [counter, node] | None}
+#           "lineage": [[counter, node], ...] (origins of the value's last changes, newest first),
+#           "group": [member, ...]}
+#   reply: {"ok": True, "promised_next": [counter, node] | None, "inc": str, "view": {member: str}}
 #        | {"ok": False, "conflict": [counter, node]}
-# errors:  {"error": code, "message": str, "remote_error": True}  (the transport's convention)
+# "inc" is the answering acceptor's incarnation, "view" the incarnations it has registered for
+# the other members of "group" (kvstore.cp_recovery); both absent when it has no identity.
+# errors:  {"error": code, "message": str, "remote_error": True}  (the transport's convention);
+#          code "recovering": the acceptor lost its storage and does not vote yet (nothing done).
+
+MAX_GROUP = 64  # acceptors named in one message (a key has N of them)
 
 
-def prepare_message(key: str, token: int, ballot: Ballot) -> Message:
-    return {"op": OP_PREPARE, "key": key, "token": token, "ballot": ballot.to_wire()}
+def prepare_message(key: str, token: int, ballot: Ballot, group: Iterable[str] = ()) -> Message:
+    message: Message = {"op": OP_PREPARE, "key": key, "token": token, "ballot": ballot.to_wire()}
+    if group:
+        message["group"] = list(group)
+    return message
 
 
 def accept_message(
@@ -180,8 +192,9 @@ def accept_message(
     value: RegisterValue,
     promise_next: Ballot | None,
     lineage: Lineage = (),
+    group: Iterable[str] = (),
 ) -> Message:
-    return {
+    message: Message = {
         "op": OP_ACCEPT,
         "key": key,
         "token": token,
@@ -190,6 +203,9 @@ def accept_message(
         "promise_next": ballot_to_wire(promise_next),
         "lineage": lineage_to_wire(lineage),
     }
+    if group:
+        message["group"] = list(group)
+    return message
 
 
 def _reply_to_wire(reply: Promise | Accepted | Rejected) -> Message:
@@ -252,13 +268,41 @@ class AcceptorStats:
     rejects: int = 0
     writes: int = 0  # durable state writes (one fsync each under fsync="always")
     malformed: int = 0
+    refused_recovering: int = 0  # messages refused because the acceptor has not recovered yet
+    absorbed: int = 0  # states merged in from other acceptors by recovery
+
+
+class AcceptorGate(Protocol):
+    """Whether this acceptor may vote, and who it is (``kvstore.cp_recovery.AcceptorRecovery``)."""
+
+    @property
+    def incarnation(self) -> str: ...
+
+    def votable(self, token: int) -> bool:
+        """False while the acceptor lost state it has not recovered for this token's range."""
+        ...
+
+    def view(self, members: Iterable[str]) -> dict[str, str]:
+        """The incarnations registered here for those members (itself and unknown ones left out)."""
+        ...
+
+
+RECOVERING = "recovering"
 
 
 class PaxosAcceptor:
-    """Answers ``paxos_prepare`` / ``paxos_accept`` for every key, persisting before replying."""
+    """Answers ``paxos_prepare`` / ``paxos_accept`` for every key, persisting before replying.
 
-    def __init__(self, storage: Storage) -> None:
+    With a ``gate``, it refuses (error ``recovering``, nothing done) every message for a token
+    the gate says it may not vote on yet, and tags each reply with its incarnation and its view
+    of the group's incarnations, which lets proposers drop replies of a lost incarnation
+    (``kvstore.paxos.stale_acceptors``).  Without one (simulations of acceptors whose storage
+    is never lost) it always votes and tags nothing.
+    """
+
+    def __init__(self, storage: Storage, gate: AcceptorGate | None = None) -> None:
         self.storage = storage
+        self.gate = gate
         self.locks = KeyLocks()
         self.stats = AcceptorStats()
 
@@ -268,14 +312,24 @@ class PaxosAcceptor:
         could forget a promise."""
         try:
             op, key, token, ballot, value, promise_next, lineage = _parse_request(message)
+            group = _parse_group(message.get("group"))
         except (PaxosMessageError, ValueError) as exc:
             self.stats.malformed += 1
             return {"error": "bad_request", "message": str(exc), "remote_error": True}
+        if self.gate is not None and not self.gate.votable(token):
+            # Our storage was lost and this key's range is not recovered yet: a vote from empty
+            # state could contradict a promise or accept the lost state held.
+            self.stats.refused_recovering += 1
+            return {
+                "error": RECOVERING,
+                "message": "this acceptor lost its storage and is recovering the key's state from its peers",
+                "remote_error": True,
+            }
         # Shielded: if the caller gives up (a cancelled straggler, a local call abandoned at the
         # deadline), the read-modify-write still finishes under the lock.  Without this, a put
         # still running in a storage thread could land after a later message's put and roll back
         # a promise that was already replied.
-        work = asyncio.ensure_future(self._apply(op, key, token, ballot, value, promise_next, lineage))
+        work = asyncio.ensure_future(self._apply(op, key, token, ballot, value, promise_next, lineage, group))
         work.add_done_callback(_consume_outcome)  # abandoned by a cancelled caller: no warning
         return await asyncio.shield(work)
 
@@ -288,6 +342,7 @@ class PaxosAcceptor:
         value: RegisterValue | None,
         promise_next: Ballot | None,
         lineage: Lineage,
+        group: tuple[str, ...] = (),
     ) -> Message:
         async with self.locks.hold(key):
             state = await self.load(key, token)
@@ -306,7 +361,34 @@ class PaxosAcceptor:
                 # Durable before the reply leaves: the promise/accept is now unforgettable.
                 await self.storage.put(key, token, new_state.encode())
                 self.stats.writes += 1
-            return _reply_to_wire(reply)
+            wire = _reply_to_wire(reply)
+            if self.gate is not None:
+                # The view is read after the state is durable, with no await in between: if it
+                # does not show a peer's newer incarnation yet, that peer registered after this
+                # state was stored, hence its recovery scan sees it (kvstore.cp_recovery).
+                wire["inc"] = self.gate.incarnation
+                wire["view"] = self.gate.view(group)
+            return wire
+
+    async def absorb(self, key: str, token: int, remote: AcceptorState) -> bool:
+        """Merge another acceptor's state for a key into ours (recovery); True if it changed.
+
+        Runs under the key's lock like a vote, shielded from cancellation, durable on return.
+        Raises ``ValueError`` for a state that contradicts ours at one ballot."""
+        work = asyncio.ensure_future(self._absorb(key, token, remote))
+        work.add_done_callback(_consume_outcome)
+        return await asyncio.shield(work)
+
+    async def _absorb(self, key: str, token: int, remote: AcceptorState) -> bool:
+        async with self.locks.hold(key):
+            local = await self.load(key, token)
+            merged = merge_states(local, remote)
+            if merged == local:
+                return False
+            await self.storage.put(key, token, merged.encode())
+            self.stats.writes += 1
+            self.stats.absorbed += 1
+            return True
 
     async def load(self, key: str, token: int) -> AcceptorState:
         blob = await self.storage.get(key, token)
@@ -317,6 +399,27 @@ class PaxosAcceptor:
         except CorruptState as exc:
             # Answering from an empty state would break promises: refuse instead.
             raise StorageError(f"corrupt paxos state for key {key!r}: {exc}") from exc
+
+
+def _parse_group(raw: Any) -> tuple[str, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or len(raw) > MAX_GROUP or not all(isinstance(m, str) and m for m in raw):
+        raise PaxosMessageError(f"group must be a list of at most {MAX_GROUP} member ids")
+    return tuple(raw)
+
+
+def _parse_tags(reply: Message) -> tuple[str | None, dict[str, str]]:
+    """The (incarnation, view) a reply carries; ValueError when malformed (untrusted input)."""
+    incarnation = reply.get("inc")
+    view = reply.get("view") or {}
+    if incarnation is not None and not isinstance(incarnation, str):
+        raise ValueError("inc must be a string")
+    if not isinstance(view, dict) or len(view) > MAX_GROUP:
+        raise ValueError("view must be a map of member ids to incarnations")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in view.items()):
+        raise ValueError("view must map member ids to incarnation strings")
+    return incarnation, view
 
 
 def _parse_request(
@@ -381,12 +484,24 @@ class _Pending:
 
 @dataclass
 class _Round:
-    oks: list[Any] = field(default_factory=list)  # Promise (prepare) or Accepted (accept)
+    # (acceptor, Promise or Accepted, its incarnation, its view of the group's incarnations)
+    replies: list[tuple[str, Any, str | None, dict[str, str]]] = field(default_factory=list)
     conflicts: list[Ballot] = field(default_factory=list)
     # Calls whose request may have reached the acceptor without us seeing the answer: lost
     # replies, timeouts, remote errors, cancelled stragglers.
     maybe_delivered: int = 0
     failures: int = 0
+    recovering: int = 0  # refused by an acceptor that lost its storage (nothing done there)
+
+    @property
+    def oks(self) -> list[Any]:
+        """The ok replies that count: those of an incarnation no other reply says is gone."""
+        stale = stale_acceptors({peer: (inc, view) for peer, _, inc, view in self.replies})
+        return [ok for peer, ok, _, _ in self.replies if peer not in stale]
+
+    @property
+    def discarded(self) -> int:
+        return len(self.replies) - len(self.oks)
 
 
 @dataclass
@@ -529,7 +644,7 @@ class PaxosProposer:
                 round_trips += 1
                 prepared = await self._round(
                     group,
-                    prepare_message(key, token, ballot),
+                    prepare_message(key, token, ballot, group),
                     need,
                     deadline_ns,
                     ballot,
@@ -578,7 +693,7 @@ class PaxosProposer:
             round_trips += 1
             accepted = await self._round(
                 group,
-                accept_message(key, token, ballot, new_value, promise_next, new_lineage),
+                accept_message(key, token, ballot, new_value, promise_next, new_lineage, group),
                 need,
                 deadline_ns,
                 ballot,
@@ -603,7 +718,8 @@ class PaxosProposer:
             if used_fast:
                 self.stats.fast_path_misses += 1
             reason = self._reason("accept", accepted, need)
-            if applied is None and new_value != current and (accepted.oks or accepted.maybe_delivered):
+            # Every acceptor that took the accept counts here, a discarded (stale) one too: it stored it.
+            if applied is None and new_value != current and (accepted.replies or accepted.maybe_delivered):
                 # Some acceptor may hold the changed value: anyone's phase 1 may still pick it up.
                 # Remember its origin so that a retry can tell whether it took effect.
                 pending[ballot] = _Pending(new_value, outcome, lineage[0] if lineage else None)
@@ -633,9 +749,12 @@ class PaxosProposer:
         assert defer is None or defer in group
         result = _Round()
 
+        peer_of: dict[asyncio.Future[Message], str] = {}
+
         def send(peer: str) -> asyncio.Future[Message]:
             task = asyncio.ensure_future(self.call(peer, message, self._remaining_s(deadline_ns)))
             task.add_done_callback(_consume_outcome)
+            peer_of[task] = peer
             return task
 
         waiting: set[asyncio.Future[Message]] = {send(peer) for peer in group if peer != defer}
@@ -659,7 +778,7 @@ class PaxosProposer:
                 if not done:
                     break
                 for finished in done:
-                    self._classify(finished, result, ballot, parse)
+                    self._classify(finished, peer_of[finished], result, ballot, parse)
         finally:
             keep = keep_stragglers and len(result.oks) >= need
             if deferred is not None and keep:
@@ -676,9 +795,18 @@ class PaxosProposer:
 
     @staticmethod
     def _classify(
-        task: asyncio.Future[Message], result: _Round, ballot: Ballot, parse: Callable[[Message, Ballot], Any]
+        task: asyncio.Future[Message],
+        peer: str,
+        result: _Round,
+        ballot: Ballot,
+        parse: Callable[[Message, Ballot], Any],
     ) -> None:
         exc = asyncio.CancelledError() if task.cancelled() else task.exception()
+        if isinstance(exc, RemoteError) and exc.code == RECOVERING:
+            # A typed refusal sent before anything was done: a certain failure of this call.
+            result.failures += 1
+            result.recovering += 1
+            return
         if exc is not None:
             result.failures += 1
             if not isinstance(exc, PeerUnavailable) or exc.maybe_delivered:
@@ -687,10 +815,16 @@ class PaxosProposer:
                 result.maybe_delivered += 1
             return
         reply = task.result()
+        if isinstance(reply, dict) and reply.get("error") == RECOVERING:
+            # A typed refusal sent before anything was done: a certain failure of this call.
+            result.failures += 1
+            result.recovering += 1
+            return
         try:
             if not isinstance(reply, dict) or reply.get("error"):
                 raise ValueError(f"error reply {reply!r}")
             parsed = parse(reply, ballot)
+            incarnation, view = _parse_tags(reply)
         except ValueError:
             result.failures += 1
             result.maybe_delivered += 1
@@ -698,15 +832,19 @@ class PaxosProposer:
         if isinstance(parsed, Rejected):
             result.conflicts.append(parsed.conflict)
         else:
-            result.oks.append(parsed)
+            result.replies.append((peer, parsed, incarnation, view))
 
     @staticmethod
     def _reason(phase: str, result: _Round, need: int) -> str:
         parts = [f"{phase}: {len(result.oks)}/{need} ok"]
         if result.conflicts:
             parts.append(f"{len(result.conflicts)} rejected (highest {max(result.conflicts).to_wire()})")
-        if result.failures:
-            parts.append(f"{result.failures} unreachable")
+        if result.recovering:
+            parts.append(f"{result.recovering} recovering lost storage")
+        if result.failures - result.recovering:
+            parts.append(f"{result.failures - result.recovering} unreachable")
+        if result.discarded:
+            parts.append(f"{result.discarded} from a lost incarnation")
         return ", ".join(parts)
 
     # --- ballots and the fast-path cache --------------------------------------------------

@@ -24,6 +24,10 @@ the eventual data are separate states), so the node refuses it with 409
 ``consistency_conflict``: a linearizable operation on a key that holds eventual
 data on its proposer, and an eventual/quorum operation on a key that has
 register state on a replica it reaches (see docs/consistency.md).
+
+An acceptor whose Paxos store is new (a lost or replaced disk) votes only after recovering its
+state from the other replicas (``kvstore.cp_recovery``); until then it answers ``recovering``,
+which its proposers count as a failure.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from aiohttp import web
 from kvstore.api import CP_KEY, RequestParams, json_error
 from kvstore.contract import etag_of
 from kvstore.cp import ConsensusUnavailable, PaxosAcceptor, PaxosProposer
+from kvstore.cp_recovery import OP_RECOVER_SCAN, OP_REGISTER, OP_STATUS, AcceptorRecovery
 from kvstore.errors import BadRequest, ConsistencyConflict, NodeError, QuorumUnavailable
 from kvstore.node import Node, _error_from_body
 from kvstore.paxos import CompareAndSet, Delete, PutIfAbsent, Read, Write
@@ -101,12 +106,23 @@ def _change_from_wire(raw: Any) -> Any:
 class CPMode:
     def __init__(self, node: Node) -> None:
         self.node = node
-        self.acceptor = PaxosAcceptor(node.paxos_storage)
-        self.proposer = PaxosProposer(node.node_id, node.call, node.clock, node.rng)
         # Keys this acceptor has seen Paxos traffic for: the mixed-mode guard asks this set on
         # every eventual request instead of reading the Paxos store (a thread hop each time).
         # It holds one entry per linearizable key, like the Paxos store itself.
         self.register_keys: set[str] = set()
+        self.recovery = AcceptorRecovery(
+            node.node_id,
+            node.cfg.member_ids,
+            node.paxos_storage,
+            node.rng,
+            node.call,
+            replicas_of=lambda token: node.ring.walk_token(token)[: node.n],
+            cluster_state=node.cfg.initial_cluster_state,
+            on_key=self.register_keys.add,
+        )
+        self.acceptor = PaxosAcceptor(node.paxos_storage, gate=self.recovery)
+        self.recovery.acceptor = self.acceptor
+        self.proposer = PaxosProposer(node.node_id, node.call, node.clock, node.rng)
 
     async def start(self) -> None:
         from kvstore.ring import TOKEN_MIN
@@ -116,11 +132,13 @@ class CPMode:
             page = await self.node.paxos_storage.scan(TOKEN_MIN, TOKEN_MIN, 1000, after)
             self.register_keys.update(r.key for r in page)
             if len(page) < 1000:
-                return
+                break
             after = (page[-1].token, page[-1].key)
+        await self.recovery.load()  # before any vote: a new store must not answer from empty state
+        self.recovery.start()
 
     async def stop(self) -> None:
-        return None
+        await self.recovery.stop()
 
     # --- internal messages ----------------------------------------------------------------
 
@@ -232,6 +250,9 @@ def install(node: Node) -> CPMode:
     node.handlers["paxos_prepare"] = cp.on_paxos
     node.handlers["paxos_accept"] = cp.on_paxos
     node.handlers["cp_propose"] = cp.on_cp_propose
+    node.handlers[OP_REGISTER] = cp.recovery.on_register
+    node.handlers[OP_RECOVER_SCAN] = cp.recovery.on_scan
+    node.handlers[OP_STATUS] = cp.recovery.on_status
     node.has_register = cp.has_register  # type: ignore[attr-defined]
     hooks: list[Any] = getattr(node, "app_hooks", [])
     hooks.append(lambda app: app.__setitem__(CP_KEY, cp))

@@ -20,10 +20,15 @@ The remaining targets complete in the background, bounded.
 call) is replaced by the next healthy fallback in the ring's order; the fallback
 stores the object as a *hint* naming the intended owner, and it counts toward W.
 When no primary is reachable at all, the receiving node coordinates as a
-fallback, under a fresh one-shot actor id (``node!incarnation.seq``): it lacks
-the key's history, so only a never-reused actor keeps the dot unique (the fix
-Riak applied for KV-679).  With ``sloppy`` off only primaries count, and a
+fallback, under a fresh one-shot actor id (``node!incarnation.boot.seq``): it
+lacks the key's history, so only a never-reused actor keeps the dot unique.  With ``sloppy`` off only primaries count, and a
 request that cannot reach W of them fails *before* writing anything.
+
+**Identity.**  A primary issues dots as ``<node_id>.<incarnation>``; the
+incarnation is stored in the data store's meta, so a node whose data is lost
+(wiped disk, memory store) comes back under a new actor instead of re-issuing
+dots the other replicas already hold (Riak's KV-679; see ``kvstore.identity``).
+It is loaded in ``start``, before the node serves anything.
 
 **Read.**  Ask the N targets, answer after R replies, merging their objects with
 ``versions.sync`` (concurrent siblings are all returned).  The rest of the
@@ -43,7 +48,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import os
 import random
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -69,6 +73,7 @@ from kvstore.hints import (
     HintRecord,
     hint_storage_key,
 )
+from kvstore.identity import DataIdentity, open_identity
 from kvstore.locks import KeyLocks
 from kvstore.metrics import Metrics
 from kvstore.quorum import QuorumTracker
@@ -139,11 +144,11 @@ class Node:
         self.mode: versions.ConflictMode = "lww" if cfg.conflict_mode == "lww" else "siblings"
         self.peers = [m for m in cfg.member_ids if m != self.node_id]
         self.locks = KeyLocks()
-        self.incarnation = os.urandom(4).hex()
         self._fallback_seq = itertools.count(1)
-        durable = cfg.storage == "sqlite" and cfg.fsync != "never"
-        # A node that may lose its own acknowledged dots on restart must not reuse its actor id.
-        self.actor = self.node_id if durable else f"{self.node_id}.{self.incarnation}"
+        # A store that may lose acknowledged dots (memory, or no fsync) gets a new incarnation at
+        # every start; a durable one keeps its incarnation exactly as long as it keeps its data.
+        self.durable_data = cfg.storage == "sqlite" and cfg.fsync != "never"
+        self.identity: DataIdentity | None = None  # loaded by start(), before anything is served
         self._background: set[asyncio.Task[Any]] = set()
         self._background_slots = asyncio.Semaphore(cfg.limits.max_background_tasks)
         self._inflight = asyncio.Semaphore(cfg.limits.max_inflight_requests)
@@ -170,7 +175,22 @@ class Node:
             first_heartbeat_estimate_ms=self.cfg.ap.heartbeat_interval_ms,
         )
 
+    @property
+    def actor(self) -> str:
+        """The actor of the dots this node issues as a coordinating primary."""
+        assert self.identity is not None, "the node issues dots only once started"
+        return self.identity.actor(self.node_id)
+
+    async def load_identity(self) -> DataIdentity:
+        self.identity = await open_identity(self.data, self.rng, self.durable_data)
+        log.info(
+            "node %s writes as %s (%s incarnation, boot %d)", self.node_id, self.actor,
+            "new" if self.identity.created else "existing", self.identity.boot,
+        )
+        return self.identity
+
     async def start(self) -> None:
+        await self.load_identity()  # before any write can be coordinated here
         await self.load_hint_ledger()  # before any peer can send a hint
         for ext in self.extensions:  # before any peer can reach us: they load state they guard
             await ext.start()
@@ -600,7 +620,8 @@ class Node:
 
         tasks: list[asyncio.Task[Any]] = []
         if as_fallback:
-            actor = f"{self.node_id}!{self.incarnation}.{next(self._fallback_seq)}"
+            assert self.identity is not None
+            actor = self.identity.fallback_actor(self.node_id, next(self._fallback_seq))
             async with self.locks.hold(key):
                 base = await self.read_local(key, token)
                 obj = versions.update(base, context, actor, value, self.clock.wall_ns(), self.mode)

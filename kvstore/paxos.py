@@ -391,6 +391,56 @@ def on_accept(
 
 
 # --------------------------------------------------------------------------------------------
+# Acceptors that lost their storage (see kvstore.cp_recovery)
+# --------------------------------------------------------------------------------------------
+
+
+def merge_states(a: AcceptorState, b: AcceptorState) -> AcceptorState:
+    """The union of two acceptors' states for one key: the highest promise, the highest accepted
+    ballot with its value and lineage.
+
+    An acceptor that lost its storage rebuilds each key's state as this merge over the states of
+    *all* the key's other acceptors, before it votes again.  Every promise or accept it gave and
+    that a counted quorum relied on is then dominated (see ``kvstore.cp_recovery``), and every
+    (ballot, state) it reports was really accepted at that ballot by someone, which is all phase 1
+    needs.  Commutative, associative, idempotent.  Raises ``ValueError`` when the two states
+    claim different values at one ballot (impossible between correct acceptors).
+    """
+    promises = [x for x in (a.promised, b.promised) if x is not None]
+    promised = max(promises) if promises else None
+    source = a
+    if b.accepted is not None and (a.accepted is None or b.accepted > a.accepted):
+        source = b
+    elif a.accepted is not None and a.accepted == b.accepted and (a.value, a.lineage) != (b.value, b.lineage):
+        raise ValueError(f"two states accepted at ballot {a.accepted.to_wire()}")
+    # promised >= accepted holds on each side, so the max promise covers the chosen accepted.
+    return AcceptorState(promised, source.accepted, source.value, source.lineage)
+
+
+def stale_acceptors(tags: dict[str, tuple[str | None, dict[str, str]]]) -> frozenset[str]:
+    """Acceptors whose reply in a round came from an incarnation another reply says is gone.
+
+    ``tags`` maps each acceptor that answered ok to (its incarnation, its view: member -> the
+    incarnation it last had registered for that member).  An acceptor ``x`` answering as ``t``
+    is stale iff some other acceptor's view names a different incarnation for ``x``: a new
+    incarnation of ``x`` registered there, so the reply may come from state that was lost.
+    Dropping a reply is always safe (a round only counts fewer oks); a view that predates the
+    registration of ``x``'s current incarnation can make this drop a good reply, which costs a
+    retry, never safety.  Unknown incarnations (None) contradict nothing.
+    """
+    stale = set()
+    for member, (incarnation, _) in tags.items():
+        if incarnation is None:
+            continue
+        for other, (_, view) in tags.items():
+            seen = view.get(member)
+            if other != member and seen is not None and seen != incarnation:
+                stale.add(member)
+                break
+    return frozenset(stale)
+
+
+# --------------------------------------------------------------------------------------------
 # Proposer helpers
 # --------------------------------------------------------------------------------------------
 

@@ -66,8 +66,11 @@ def build_node(cfg: NodeConfig) -> Node:
             hello_timeout_s=cfg.limits.peer_hello_timeout_ms / 1000.0,
             max_unauthenticated=cfg.limits.max_unauthenticated_peer_connections,
         )
-    # The node's rng only drives jitter/backoff; seeding from the node id keeps runs comparable.
-    rng = random.Random(f"{cfg.node_id}:{os.getpid()}")
+    # The node's rng drives jitter and backoff, and draws the incarnations that keep its dots and
+    # its acceptor votes unique across disk losses (kvstore.identity): it must never repeat a
+    # stream across starts, so it is seeded from real entropy (a PID is reused; a seed is chosen
+    # by a simulator only).
+    rng = random.Random(int.from_bytes(os.urandom(16), "big"))
     node = Node(cfg, transport=transport, data=data, hints=hints, paxos=paxos, clock=SystemClock(), rng=rng)
     install_extensions(node)
     return node

@@ -34,7 +34,9 @@ coordinate writes (the test tables check both).
 
 Uniqueness of dots assumes a dot's member coordinates the update with that key's
 latest local state (the coordinator of a sibling-mode write is always one of the
-key's replicas, which holds every dot it ever issued for that key).
+key's replicas, which holds every dot it ever issued for that key), and that an
+actor lives exactly as long as the data holding its counters: a node that loses its
+data comes back under a new actor (``kvstore.identity``, Riak's KV-679).
 
 In ``lww`` mode the same structure is kept, but after every update or sync only
 the sibling with the greatest ``(timestamp_ns, member, counter)`` survives: the

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 import kvstore.storage.sqlite as sqlite_mod
+from kvstore.identity import IDENTITY_META, DataIdentity, open_identity
 from kvstore.storage import (
     MemoryStorage,
     Record,
@@ -395,3 +396,97 @@ async def test_open_storage_picks_engines_and_rejects_bad_arguments(tmp_path: Pa
         open_storage("sqlite", str(path), "sometimes")  # type: ignore[arg-type]
     with pytest.raises(StorageError):
         SqliteStorage(str(tmp_path / "missing-dir" / "x.db"), "always")
+
+
+# --- meta blobs and the node identity kept in them ------------------------------------------
+
+
+async def test_meta_blobs_round_trip_and_are_not_records(store: Storage) -> None:
+    assert await store.meta_get("node_identity") is None  # a new store has none
+    await store.meta_put("node_identity", b"one")
+    assert await store.meta_get("node_identity") == b"one"
+    await store.meta_put("node_identity", b"two")  # replace
+    assert await store.meta_get("node_identity") == b"two"
+    assert await store.count() == 0
+    assert await store.scan(0, 0, 100) == []  # the whole ring: no scan, hence no Merkle tree, sees it
+    await store.put("node_identity", 7, b"a record with the same name")
+    assert await store.meta_get("node_identity") == b"two"
+    assert await store.get("node_identity", 7) == b"a record with the same name"
+    assert [r.key for r in await store.scan(0, 0, 100)] == ["node_identity"]
+    assert await store.count() == 1
+
+
+async def test_meta_put_is_ordered_with_record_writes(store: Storage) -> None:
+    writes = [store.put(f"k{i}", i, b"v") for i in range(100)]
+    await asyncio.gather(*writes, store.meta_put("boot", b"1"), store.put("last", 1, b"v"))
+    assert await store.meta_get("boot") == b"1"
+    assert await store.count() == 101
+
+
+async def test_meta_survives_reopen_and_is_lost_with_the_file(make_store: Factory, tmp_path: Path) -> None:
+    store = make_store(max_pending=100)  # the memory engine skips: it keeps nothing anyway
+    await store.meta_put("node_identity", b"kept")
+    await store.close()
+    reopened = SqliteStorage(store.path, "always")
+    try:
+        assert await reopened.meta_get("node_identity") == b"kept"
+    finally:
+        await reopened.close()
+    for suffix in ("", "-wal", "-shm"):
+        Path(store.path + suffix).unlink(missing_ok=True)
+    wiped = SqliteStorage(store.path, "always")
+    try:
+        assert await wiped.meta_get("node_identity") is None
+    finally:
+        await wiped.close()
+
+
+async def test_identity_is_kept_exactly_as_long_as_the_data(make_store: Factory) -> None:
+    """A durable store keeps its incarnation across starts; a new (wiped) store gets a new one."""
+    rng = random.Random(1)
+    store = make_store()
+    first = await open_identity(store, rng, durable=True)
+    assert first.created and first.boot == 1
+    again = await open_identity(store, rng, durable=True)  # the next start, same data
+    assert (again.incarnation, again.boot, again.created) == (first.incarnation, 2, False)
+    assert again.actor("n1") == first.actor("n1") == f"n1.{first.incarnation}"
+    # One-shot fallback actors never repeat across starts, although seq restarts at 1.
+    assert first.fallback_actor("n1", 1) != again.fallback_actor("n1", 1)
+    if make_store.spec != "memory":
+        await store.close()
+        reopened = SqliteStorage(store.path, store.fsync)
+        try:
+            third = await open_identity(reopened, rng, durable=True)
+            assert (third.incarnation, third.boot) == (first.incarnation, 3)
+        finally:
+            await reopened.close()
+    wiped = make_store()  # an empty store: what a node finds after losing its data
+    fresh = await open_identity(wiped, rng, durable=True)
+    assert fresh.created and fresh.boot == 1 and fresh.incarnation != first.incarnation
+    assert fresh.actor("n1") != first.actor("n1")
+
+
+async def test_non_durable_store_gets_a_new_incarnation_every_start(store: Storage) -> None:
+    rng = random.Random(2)
+    seen = {(await open_identity(store, rng, durable=False)).incarnation for _ in range(5)}
+    assert len(seen) == 5
+    assert await store.meta_get(IDENTITY_META) is None  # never read back, so never written
+
+
+async def test_identity_comes_from_the_injected_rng(store: Storage) -> None:
+    a = await open_identity(store, random.Random(7), durable=False)
+    b = await open_identity(store, random.Random(7), durable=False)
+    c = await open_identity(store, random.Random(8), durable=False)
+    assert a.incarnation == b.incarnation != c.incarnation
+    assert len(a.incarnation) == 16 and int(a.incarnation, 16) >= 0
+
+
+async def test_corrupt_identity_starts_a_new_incarnation(store: Storage) -> None:
+    rng = random.Random(3)
+    first = await open_identity(store, rng, durable=True)
+    await store.meta_put(IDENTITY_META, b"\xc1 not msgpack")
+    second = await open_identity(store, rng, durable=True)
+    assert second.created and second.incarnation != first.incarnation
+    assert DataIdentity.decode(await store.meta_get(IDENTITY_META) or b"") == DataIdentity(
+        second.incarnation, 1, created=False
+    )

@@ -25,7 +25,7 @@ caller's input and raises ``StorageError`` from *both* engines, so they stay int
 
 from __future__ import annotations
 
-from kvstore.storage.base import StorageError
+from kvstore.storage.base import MAX_META_NAME, StorageError
 
 MIN_TOKEN = -(2**63)
 MAX_TOKEN = 2**63 - 1
@@ -52,6 +52,12 @@ def check_record(key: str, token: int, blob: bytes | None = None) -> None:
             key.encode("utf-8")
         except UnicodeEncodeError as exc:
             raise StorageError(f"key is not valid UTF-8 text: {exc}") from None
+
+
+def check_meta(name: str, blob: bytes | None = None) -> None:
+    """Validate a meta blob's arguments (programmer errors only: names are constants)."""
+    assert isinstance(name, str) and name.isascii() and 0 < len(name) <= MAX_META_NAME, f"bad meta name {name!r}"
+    assert blob is None or isinstance(blob, bytes), f"blob must be bytes, not {type(blob).__name__}"
 
 
 def scan_segments(start: int, end: int, after: tuple[int, str] | None) -> list[Segment]:

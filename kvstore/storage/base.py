@@ -18,6 +18,12 @@ Durability contract, by ``fsync`` policy:
 A node acknowledges a replica write only after ``put`` returns, so under
 ``always`` and ``batch`` an acknowledged write survives ``kill -9``.
 
+Besides records, a store keeps a few named *meta* blobs (``meta_get``/``meta_put``): facts
+about the store itself, such as the incarnation of the node identity that wrote it.  They live
+in the same file as the records, so losing or replacing the data loses them too (that is the
+point: a node detects an empty or new store by their absence), and no scan, count, Merkle tree
+or anti-entropy exchange ever sees them.  ``meta_put`` has the durability of ``put``.
+
 Engines must not block the event loop: blocking I/O runs on a thread.
 """
 
@@ -29,6 +35,7 @@ from typing import Literal, Protocol
 FsyncPolicy = Literal["always", "batch", "never"]
 FSYNC_POLICIES: tuple[str, ...] = ("always", "batch", "never")
 ENGINES: tuple[str, ...] = ("memory", "sqlite")
+MAX_META_NAME = 64
 
 
 class StorageError(Exception):
@@ -67,8 +74,17 @@ class Storage(Protocol):
         """
         ...
 
+    async def meta_get(self, name: str) -> bytes | None:
+        """The meta blob stored under ``name``, or None (a new or wiped store has none)."""
+        ...
+
+    async def meta_put(self, name: str, blob: bytes) -> None:
+        """Store (replace) a meta blob; returns once durable per the fsync policy, in order with
+        the record writes issued before it."""
+        ...
+
     async def count(self) -> int:
-        """Number of records stored."""
+        """Number of records stored (meta blobs are not records)."""
         ...
 
     async def size_bytes(self) -> int:

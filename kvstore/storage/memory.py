@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from sortedcontainers import SortedDict
 
-from kvstore.storage._common import StorageClosed, check_record, scan_segments
+from kvstore.storage._common import StorageClosed, check_meta, check_record, scan_segments
 from kvstore.storage.base import FsyncPolicy, Record
 
 # Rough per-record cost besides key and blob (tuple, int, dict and list slots) for metrics.
@@ -34,6 +34,7 @@ class MemoryStorage:
         assert fsync in ("always", "batch", "never"), f"unknown fsync policy {fsync!r}"
         self.fsync: FsyncPolicy = fsync
         self._data: SortedDict = SortedDict()
+        self._meta: dict[str, bytes] = {}
         self._bytes = 0
         self._closed = False
 
@@ -84,6 +85,16 @@ class MemoryStorage:
                     break
         return out
 
+    async def meta_get(self, name: str) -> bytes | None:
+        self._check_open()
+        check_meta(name)
+        return self._meta.get(name)
+
+    async def meta_put(self, name: str, blob: bytes) -> None:
+        self._check_open()
+        check_meta(name, blob)
+        self._meta[name] = blob
+
     async def count(self) -> int:
         self._check_open()
         return len(self._data)
@@ -96,4 +107,5 @@ class MemoryStorage:
         if not self._closed:
             self._closed = True
             self._data.clear()
+            self._meta.clear()
             self._bytes = 0

@@ -5,7 +5,9 @@ Theory of operation
 Records live in ``kv(token, key, blob)``, a ``WITHOUT ROWID`` table whose primary key
 ``(token, key)`` is the clustered B-tree, so a ring-range scan is one index walk.  SQLite's
 BINARY collation compares UTF-8 bytes, which orders text by code point exactly like Python
-compares ``str``, so both engines agree on ``(token, key)`` order.
+compares ``str``, so both engines agree on ``(token, key)`` order.  Meta blobs (see
+``kvstore.storage.base``) live in a ``meta(name, blob)`` table of the same file and go through
+the same writer queue, so they are durable and ordered exactly like record writes.
 
 The event loop never calls SQLite (a commit with ``synchronous=FULL`` is an fsync: milliseconds).
 
@@ -68,7 +70,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from kvstore.storage._common import StorageBusy, StorageClosed, check_record, scan_segments
+from kvstore.storage._common import StorageBusy, StorageClosed, check_meta, check_record, scan_segments
 from kvstore.storage.base import FSYNC_POLICIES, FsyncPolicy, Record, StorageError
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,7 @@ T = TypeVar("T")
 
 _PUT = 0
 _DELETE = 1
+_META_PUT = 2  # key = the meta name, token unused (0)
 # (kind, token, key, blob or None, future to settle)
 _Op = tuple[int, int, str, "bytes | None", "asyncio.Future[None]"]
 
@@ -85,6 +88,11 @@ _SCHEMA = (
     " token INTEGER NOT NULL, key TEXT NOT NULL, blob BLOB NOT NULL,"
     " PRIMARY KEY (token, key)) WITHOUT ROWID"
 )
+# Meta blobs (the store's own facts, e.g. the node's incarnation) in the same file, so a lost or
+# replaced file loses them too; a separate table keeps them out of every scan and count.
+_META_SCHEMA = "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, blob BLOB NOT NULL)"
+_META_PUT_SQL = "INSERT INTO meta (name, blob) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET blob = excluded.blob"
+_META_GET = "SELECT blob FROM meta WHERE name = ?"
 _INSERT = "INSERT OR IGNORE INTO kv (token, key, blob) VALUES (?, ?, ?)"
 _UPDATE = "UPDATE kv SET blob = ? WHERE token = ? AND key = ?"
 _DELETE_SQL = "DELETE FROM kv WHERE token = ? AND key = ?"
@@ -139,6 +147,8 @@ class _WriteCache:
 def _settle_ops(cache: _WriteCache, ops: list[_Op], error: str | None) -> None:
     """On the loop: record a batch's outcome in the cache (in commit order), then wake its writers."""
     for kind, token, key, blob, _fut in ops:
+        if kind == _META_PUT:
+            continue  # meta blobs are not records: never cached
         if error is None:
             cache.set((token, key), blob if kind == _PUT else None)
         else:
@@ -255,6 +265,14 @@ class SqliteStorage:
             return []
         return await self._read(self._scan_sync, segments, limit)
 
+    async def meta_get(self, name: str) -> bytes | None:
+        check_meta(name)
+        return await self._read(self._meta_get_sync, name)
+
+    async def meta_put(self, name: str, blob: bytes) -> None:
+        check_meta(name, blob)
+        await self._submit(_META_PUT, 0, name, blob)
+
     async def count(self) -> int:
         self._check_open()
         return self._count
@@ -344,6 +362,16 @@ class SqliteStorage:
             raise StorageError(f"sqlite read failed: {exc}") from exc
         return rows[0][0] if rows else None
 
+    def _meta_get_sync(self, name: str) -> bytes | None:
+        conn = self._rconn
+        if conn is None:
+            raise StorageClosed("storage is closed")
+        try:
+            rows = conn.execute(_META_GET, (name,)).fetchall()
+        except sqlite3.Error as exc:
+            raise StorageError(f"sqlite read failed: {exc}") from exc
+        return rows[0][0] if rows else None
+
     def _scan_sync(self, segments: list[tuple[tuple[int, str], bool, int]], limit: int) -> list[Record]:
         conn = self._rconn
         if conn is None:
@@ -373,6 +401,7 @@ class SqliteStorage:
             # FULL in WAL mode fsyncs the WAL on every commit: that is the durability point.
             conn.execute("PRAGMA synchronous = OFF" if self.fsync == "never" else "PRAGMA synchronous = FULL")
             conn.execute(_SCHEMA)
+            conn.execute(_META_SCHEMA)
             self._count = int(conn.execute("SELECT COUNT(*) FROM kv").fetchone()[0])
         except BaseException:
             conn.close()
@@ -446,7 +475,9 @@ class SqliteStorage:
         try:
             cur.execute("BEGIN")
             for kind, token, key, blob, _ in batch:
-                if kind == _PUT:
+                if kind == _META_PUT:
+                    cur.execute(_META_PUT_SQL, (key, blob))
+                elif kind == _PUT:
                     # INSERT OR IGNORE + UPDATE instead of an upsert: rowcount then tells a new
                     # record from a replaced one, which keeps count() exact without a scan.
                     cur.execute(_INSERT, (token, key, blob))
