@@ -9,10 +9,6 @@ when this process may mount one, and says why it skips otherwise.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +17,7 @@ import pytest
 import kvstore.storage.sqlite as sqlite_mod
 from kvstore.storage import MemoryStorage, SqliteStorage, StorageError, StorageFull
 from kvstore.storage.faulty import DiskFaults, FaultSettings, FaultyStorage
+from tests.disk_util import fill, tiny_tmpfs
 
 
 def faulty(**settings: Any) -> tuple[FaultyStorage, MemoryStorage, DiskFaults]:
@@ -155,37 +152,6 @@ def test_settings_from_json_accept_every_field() -> None:
 
 
 # --- the sqlite engine on a full disk ----------------------------------------------------------
-
-
-@contextlib.contextmanager
-def tiny_tmpfs(path: Path, size: str = "512k") -> Iterator[Path]:
-    """A real, tiny filesystem at ``path``; skips the test (saying why) when mounting is not allowed."""
-    path.mkdir(parents=True, exist_ok=True)
-    try:
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                              capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        pytest.skip(f"cannot run mount for a real full disk: {exc}")
-    if done.returncode != 0:
-        pytest.skip(f"mounting a tmpfs is not permitted here (needs root): {done.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
-
-
-def fill(directory: Path) -> Path:
-    """Take every free block of the filesystem holding ``directory``."""
-    filler = directory / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        while True:
-            os.write(fd, b"\0" * 4096)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-    return filler
 
 
 async def test_sqlite_on_a_really_full_disk_raises_storage_full_and_applies_nothing(tmp_path: Path) -> None:
