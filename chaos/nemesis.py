@@ -11,7 +11,8 @@ drop, a partition holds as soon as either end has its rule, even while the rules
 reach the nodes one by one.  Client traffic never passes through these rules
 (they live in the inter-node Transport), so clients stay bound to their node.
 
-Process faults (kill/restart, pause/resume) act on the local cluster's PIDs;
+Process faults (kill/restart, kill-all -- every node at once --, pause/resume) act on the
+local cluster's PIDs;
 ``clock-skew`` moves one node's wall clock (LWW timestamps follow it); ``latency``
 and ``loss`` set delay and drop probability on links.  ``heal_all`` clears every
 fault on every node, and the runner calls it in a ``finally``.
@@ -32,7 +33,7 @@ from kvstore.cluster import LocalCluster
 Grudge = dict[str, set[str]]
 
 PARTITION_KINDS = ("halves", "majority", "isolate", "bridge", "majorities-ring", "one-way")
-FAULT_KINDS = PARTITION_KINDS + ("kill", "pause", "clock-skew", "latency", "loss")
+FAULT_KINDS = PARTITION_KINDS + ("kill", "kill-all", "pause", "clock-skew", "latency", "loss")
 
 
 class NemesisError(Exception):
@@ -192,13 +193,23 @@ class ClusterControl:
         await asyncio.to_thread(self._local().kill, node)
         self.killed.add(node)
 
+    async def kill_all(self, nodes: list[str]) -> None:
+        """SIGKILL every node of ``nodes`` at once (no node sees another die before its own end)."""
+        await asyncio.to_thread(self._local().kill_all, list(nodes))
+        self.killed.update(nodes)
+
     async def restart(self, node: str) -> None:
-        await asyncio.to_thread(self._local().restart, node)
-        self.killed.discard(node)
-        if node in self.rules:  # a restarted node lost its in-memory rules; reinstall them
-            await self._admin(node, "PUT", "/admin/faults", {"rules": self.rules[node]})
-        if node in self.skews_ms:
-            await self._admin(node, "POST", "/admin/clock", {"skew_ms": self.skews_ms[node]})
+        await self.restart_many([node])
+
+    async def restart_many(self, nodes: list[str]) -> None:
+        """Restart nodes from their data (all started, then all awaited healthy)."""
+        await asyncio.to_thread(self._local().restart_many, list(nodes))
+        for node in nodes:
+            self.killed.discard(node)
+            if node in self.rules:  # a restarted node lost its in-memory rules; reinstall them
+                await self._admin(node, "PUT", "/admin/faults", {"rules": self.rules[node]})
+            if node in self.skews_ms:
+                await self._admin(node, "POST", "/admin/clock", {"skew_ms": self.skews_ms[node]})
 
     async def pause(self, node: str) -> None:
         self._local().pause(node)

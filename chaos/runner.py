@@ -31,7 +31,7 @@ from typing import Any
 import aiohttp
 
 import kvstore
-from chaos.history import HistoryWriter
+from chaos.history import HistoryWriter, NemesisLog
 from chaos.nemesis import PARTITION_KINDS, ClusterControl, NemesisError, partition_grudge
 from chaos.workload import MODES, Workload, WorkloadSpec
 
@@ -39,6 +39,7 @@ SCENARIOS: dict[str, list[str]] = {
     "majority-partition": ["majority"],
     "isolated-node": ["isolate"],
     "kill-restart": ["kill"],
+    "kill-all-restart": ["kill-all"],
     "clock-skew": ["clock-skew"],
     "flaky-links": ["latency", "loss"],
     "bridge": ["bridge"],
@@ -51,6 +52,7 @@ SCENARIO_HELP = {
     "majority-partition": "a majority and a minority side, cut from each other",
     "isolated-node": "one node alone",
     "kill-restart": "SIGKILL a node, restart it from its data",
+    "kill-all-restart": "SIGKILL every node at once, restart them all from their data",
     "clock-skew": "one node's clock ahead and one behind (moves LWW timestamps)",
     "flaky-links": "50 ms +/- 40 ms delay and 20% loss on every link",
     "bridge": "two halves sharing one node",
@@ -136,7 +138,7 @@ class RunResult:
 class FaultDriver:
     """Starts and stops the faults of one phase, writing nemesis events to the history."""
 
-    def __init__(self, control: ClusterControl, history: HistoryWriter, rng: random.Random) -> None:
+    def __init__(self, control: ClusterControl, history: NemesisLog, rng: random.Random) -> None:
         self.control = control
         self.history = history
         self.rng = rng
@@ -156,6 +158,10 @@ class FaultDriver:
             await self.control.kill(victim)
             self.history.nemesis("kill", [victim])
             self.active.append((kind, victim))
+        elif kind == "kill-all":
+            await self.control.kill_all(nodes)
+            self.history.nemesis("kill", list(nodes))
+            self.active.append((kind, list(nodes)))
         elif kind == "pause":
             victim = self.rng.choice(nodes)
             await self.control.pause(victim)
@@ -190,6 +196,9 @@ class FaultDriver:
             elif kind == "kill":
                 self.history.nemesis("restart", [value])
                 await self.control.restart(value)
+            elif kind == "kill-all":
+                self.history.nemesis("restart", value)
+                await self.control.restart_many(value)
             elif kind == "pause":
                 self.history.nemesis("resume", [value])
                 await self.control.resume(value)
