@@ -32,7 +32,7 @@ import aiohttp
 
 import kvstore
 from chaos.history import HistoryWriter, NemesisLog
-from chaos.nemesis import PARTITION_KINDS, ClusterControl, NemesisError, partition_grudge
+from chaos.nemesis import PARTITION_KINDS, SLOW_DISK, ClusterControl, NemesisError, partition_grudge
 from chaos.workload import MODES, Workload, WorkloadSpec
 
 SCENARIOS: dict[str, list[str]] = {
@@ -40,6 +40,8 @@ SCENARIOS: dict[str, list[str]] = {
     "isolated-node": ["isolate"],
     "kill-restart": ["kill"],
     "kill-all-restart": ["kill-all"],
+    "disk-full": ["disk-full"],
+    "slow-disk": ["slow-disk"],
     "clock-skew": ["clock-skew"],
     "flaky-links": ["latency", "loss"],
     "bridge": ["bridge"],
@@ -53,6 +55,8 @@ SCENARIO_HELP = {
     "isolated-node": "one node alone",
     "kill-restart": "SIGKILL a node, restart it from its data",
     "kill-all-restart": "SIGKILL every node at once, restart them all from their data",
+    "disk-full": "one node's disk refuses every write (the others fail over to another primary)",
+    "slow-disk": "one node's fsyncs take 3 s (its writes answer by the deadline, indeterminate)",
     "clock-skew": "one node's clock ahead and one behind (moves LWW timestamps)",
     "flaky-links": "50 ms +/- 40 ms delay and 20% loss on every link",
     "bridge": "two halves sharing one node",
@@ -174,6 +178,13 @@ class FaultDriver:
             value = {ahead: CLOCK_SKEW_MS, behind: -CLOCK_SKEW_MS}
             self.history.nemesis("start-skew", value)
             self.active.append((kind, value))
+        elif kind in ("disk-full", "slow-disk"):
+            victim = self.rng.choice(nodes)
+            faults: dict[str, Any] = {"disk_full": True} if kind == "disk-full" else dict(SLOW_DISK)
+            await self.control.disk(victim, faults)
+            value = {"node": victim, **faults}
+            self.history.nemesis(f"start-{kind}", value)
+            self.active.append((kind, value))
         elif kind in ("latency", "loss"):
             # Latency and loss combine into one rule per link.
             if kind == "latency":
@@ -206,6 +217,9 @@ class FaultDriver:
                 self.history.nemesis("stop-skew", value)
                 for node in value:
                     await self.control.skew(node, 0)
+            elif kind in ("disk-full", "slow-disk"):
+                self.history.nemesis(f"stop-{kind}", value)
+                await self.control.disk(value["node"], {})
             elif kind in ("latency", "loss"):
                 self.history.nemesis(f"stop-{kind}", value)
                 await self.control.set_rules({})

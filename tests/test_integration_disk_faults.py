@@ -11,6 +11,7 @@ count of writes still held, not from a clock.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import time
@@ -21,6 +22,8 @@ from typing import Any
 import msgpack
 import pytest
 
+from chaos.nemesis import ClusterControl
+from chaos.runner import RunSpec, run_scenario
 from kvstore import versions
 from kvstore.cluster import LocalCluster
 from kvstore.ring import Ring, key_token
@@ -294,3 +297,33 @@ def test_the_storage_faults_route_needs_the_secret_and_refuses_unknown_fields(he
     assert set_reply.json()["faults"]["write_error_rate"] == 0.5  # type: ignore[index]
     cleared = admin(cluster, "n1", "DELETE").json()
     assert cleared["faults"]["write_error_rate"] == 0  # type: ignore[index]
+
+
+# --- the disk nemesis of the chaos harness ----------------------------------------------------
+
+
+@pytest.mark.parametrize("scenario", ["disk-full", "slow-disk"])
+def test_the_disk_nemeses_run_heal_and_never_cause_a_500(healthy: LocalCluster, tmp_path: Path,
+                                                         scenario: str) -> None:
+    cluster = healthy
+    control = ClusterControl(urls={n: cluster.url(n) for n in cluster.node_ids}, secret=cluster.secret,
+                             local=cluster)
+    spec = RunSpec(scenario=scenario, mode="quorum", duration_s=4.0, clients=5, rate_per_s=50.0, settle_s=0.5,
+                   key_prefix=f"{scenario}.")
+
+    async def run() -> list[dict[str, Any]]:
+        try:
+            return (await run_scenario(spec, control, tmp_path / scenario)).events
+        finally:
+            await control.close()
+
+    events = asyncio.run(run())
+    nemesis = [e for e in events if e.get("process") == "nemesis"]
+    assert [e["f"] for e in nemesis] == [f"start-{scenario}", f"stop-{scenario}"]
+    victim = nemesis[0]["value"]["node"]
+    assert any(e.get("node") == victim and e["type"] == "ok" for e in events)
+    errors = {e.get("error") for e in events if e["type"] in ("fail", "info")}
+    assert not errors & {"internal", "http_500"}, errors
+    for node in cluster.node_ids:  # healed: no disk fault left behind
+        assert admin(cluster, node, "GET").json()["faults"]["disk_full"] is False  # type: ignore[index]
+        assert admin(cluster, node, "GET").json()["faults"]["fsync_delay_ms"] == 0  # type: ignore[index]
