@@ -266,9 +266,9 @@ def judge_mode(mode: str, history_path: Path) -> ModeResult:
             lw["replaced_by_a_later_write"] = _replaced_later(result.op(lw["op"]), ops)
         unexplained = [lw for lw in lost if not lw["replaced_by_a_later_write"]]
         passed = not unexplained
-        note = (f"the checker counts {len(lost)} acknowledged write(s) lost; {len(lost) - len(unexplained)} of "
-                "them were replaced by a later write of the same key before any read saw them, which "
-                "last-write-wins does by design (reads r=1, writes w=1 here); "
+        note = (f"the checker counts {len(lost)} acknowledged write(s) as lost, of which "
+                f"{len(lost) - len(unexplained)} were replaced by a later write of the same key before any "
+                "read saw them, which last-write-wins does by design (reads r=1, writes w=1 here); "
                 f"{len(unexplained)} lost with no later write to explain them")
     return ModeResult(mode, history_path, counts, result.valid.value, lost, len(result.analyses.stale_reads),
                       acknowledged, judged, passed, note)
