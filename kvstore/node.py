@@ -292,6 +292,9 @@ class Node:
             except TimeoutError:
                 self._adopt([work])
                 raise PeerUnavailable(peer, "timeout (local handler)", maybe_delivered=True) from None
+            except asyncio.CancelledError:
+                self._adopt([work])  # the caller gave up; the handler finishes, as a remote one would
+                raise
             if isinstance(reply, dict) and reply.get("remote_error"):
                 raise RemoteError(peer, str(reply.get("error")), str(reply.get("message", "")))
             return reply
