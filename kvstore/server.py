@@ -34,7 +34,7 @@ from kvstore import config as config_mod
 from kvstore.api import NODE_KEY, admin_json, build_app, require_secret
 from kvstore.clock import SystemClock
 from kvstore.config import NodeConfig
-from kvstore.errors import BadRequest
+from kvstore.errors import BadRequest, NodeError
 from kvstore.node import Node
 from kvstore.storage import open_storage
 from kvstore.storage.faulty import DiskFaults, FaultSettings, FaultyStorage
@@ -128,10 +128,15 @@ async def faults_delete(request: web.Request) -> web.Response:
     return web.json_response({"rules": {}})
 
 
+class NoFaultLayer(NodeError):
+    status = 501
+    code = "not_implemented"
+
+
 def _disk_faults(request: web.Request) -> DiskFaults:
     data = request.app[NODE_KEY].data
     if not isinstance(data, FaultyStorage):
-        raise BadRequest("not_available", "this node's storage has no fault layer")
+        raise NoFaultLayer("this node's storage has no fault layer")
     return data.faults
 
 
