@@ -533,7 +533,9 @@ class Node:
             except NodeError as exc:
                 if not _refused_before_replicating(exc):
                     raise
-                log.warning("primary %s refused a write of %r (%s); trying the next primary", primary, key, exc.message)
+                # Counted, not logged per write: a full disk refuses every write, and its own node logs it.
+                self.metrics.replica_errors.labels(peer=primary, reason=exc.code).inc()
+                log.debug("primary %s refused a write of %r (%s); trying the next primary", primary, key, exc.message)
                 refusals.append(exc)
                 continue
             if outcome is not None:
