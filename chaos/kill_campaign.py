@@ -152,7 +152,7 @@ async def run_campaign(spec: CampaignSpec, out_dir: Path, say: Say | None = None
         for control in controls.values():
             await control.close()
         for cluster in clusters.values():
-            await asyncio.to_thread(cluster.stop)
+            await asyncio.to_thread(cluster.stop, True)  # its temporary data directory too
     say("checking the histories")
     modes = [await asyncio.to_thread(judge_mode, mode, out_dir / mode / "history.jsonl") for mode in spec.modes]
     result = CampaignResult(out_dir, rounds, modes, time.monotonic() - started)
