@@ -119,11 +119,19 @@ async def _run(args: argparse.Namespace, scenario: str) -> int:
 
 
 def main(argv: list[str] | None = None, scenario: str | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if scenario is None and args_list[:1] == ["kill-campaign"]:
+        from chaos.kill_campaign import main as campaign_main
+
+        return campaign_main(args_list[1:])
     prog = f"python chaos/{scenario.replace('-', '_')}.py" if scenario else "kvstore chaos"
     description = SCENARIO_HELP.get(scenario or "", "Run a chaos scenario against a live cluster.")
+    if scenario is None:
+        description += (" `kvstore chaos kill-campaign` runs the kill -9 acceptance campaign instead "
+                        "(see: kvstore chaos kill-campaign --help).")
     parser = argparse.ArgumentParser(prog=prog, description=description)
     add_arguments(parser, scenario)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(args_list)
     try:
         return run_until_signalled(_run(args, scenario or args.scenario))
     except ClusterError as exc:

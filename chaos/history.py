@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 
 class HistoryWriter:
@@ -48,6 +49,24 @@ class HistoryWriter:
     def close(self) -> None:
         if not self._fh.closed:
             self._fh.close()
+
+
+class NemesisLog(Protocol):
+    """Where a nemesis records what it did (a history, or several)."""
+
+    def nemesis(self, f: str, value: Any) -> None: ...
+
+
+class HistoryTee:
+    """Records each nemesis event in several histories: runs that share one cluster (one key
+    prefix each) share its faults, and each history must show them for the checker."""
+
+    def __init__(self, histories: Sequence[HistoryWriter]) -> None:
+        self.histories = list(histories)
+
+    def nemesis(self, f: str, value: Any) -> None:
+        for history in self.histories:
+            history.nemesis(f, value)
 
 
 def read_history(path: Path) -> list[dict[str, Any]]:

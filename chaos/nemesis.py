@@ -11,9 +11,12 @@ drop, a partition holds as soon as either end has its rule, even while the rules
 reach the nodes one by one.  Client traffic never passes through these rules
 (they live in the inter-node Transport), so clients stay bound to their node.
 
-Process faults (kill/restart, pause/resume) act on the local cluster's PIDs;
+Process faults (kill/restart, kill-all -- every node at once --, pause/resume) act on the
+local cluster's PIDs;
 ``clock-skew`` moves one node's wall clock (LWW timestamps follow it); ``latency``
-and ``loss`` set delay and drop probability on links.  ``heal_all`` clears every
+and ``loss`` set delay and drop probability on links; ``disk-full`` and ``slow-disk``
+set one node's disk faults (``/admin/storage-faults``: its writes refused, or each
+fsync held 3 s).  ``heal_all`` clears every
 fault on every node, and the runner calls it in a ``finally``.
 """
 
@@ -33,7 +36,10 @@ from kvstore.http_session import client_session
 Grudge = dict[str, set[str]]
 
 PARTITION_KINDS = ("halves", "majority", "isolate", "bridge", "majorities-ring", "one-way")
-FAULT_KINDS = PARTITION_KINDS + ("kill", "pause", "clock-skew", "latency", "loss")
+FAULT_KINDS = PARTITION_KINDS + (
+    "kill", "kill-all", "pause", "clock-skew", "latency", "loss", "disk-full", "slow-disk",
+)
+SLOW_DISK = {"fsync_delay_ms": 3000.0}  # a 3 s fsync: longer than any request timeout
 
 
 class NemesisError(Exception):
@@ -140,6 +146,7 @@ class ClusterControl:
     _session: aiohttp.ClientSession | None = field(default=None, repr=False)
     rules: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     skews_ms: dict[str, float] = field(default_factory=dict)
+    disk_faults: dict[str, dict[str, Any]] = field(default_factory=dict)
     killed: set[str] = field(default_factory=set)
     paused: set[str] = field(default_factory=set)
 
@@ -184,6 +191,13 @@ class ClusterControl:
         if not skew_ms:
             self.skews_ms.pop(node, None)
 
+    async def disk(self, node: str, faults: dict[str, Any]) -> None:
+        """Set one node's disk faults (``{}`` heals): see kvstore/storage/faulty.py."""
+        await self._admin(node, "PUT", "/admin/storage-faults", faults)
+        self.disk_faults[node] = dict(faults)
+        if not faults:
+            self.disk_faults.pop(node, None)
+
     def _local(self) -> LocalCluster:
         if self.local is None:
             raise NemesisError("kill/pause need a cluster started by this harness (not --nodes)")
@@ -193,13 +207,25 @@ class ClusterControl:
         await asyncio.to_thread(self._local().kill, node)
         self.killed.add(node)
 
+    async def kill_all(self, nodes: list[str]) -> None:
+        """SIGKILL every node of ``nodes`` at once (no node sees another die before its own end)."""
+        await asyncio.to_thread(self._local().kill_all, list(nodes))
+        self.killed.update(nodes)
+
     async def restart(self, node: str) -> None:
-        await asyncio.to_thread(self._local().restart, node)
-        self.killed.discard(node)
-        if node in self.rules:  # a restarted node lost its in-memory rules; reinstall them
-            await self._admin(node, "PUT", "/admin/faults", {"rules": self.rules[node]})
-        if node in self.skews_ms:
-            await self._admin(node, "POST", "/admin/clock", {"skew_ms": self.skews_ms[node]})
+        await self.restart_many([node])
+
+    async def restart_many(self, nodes: list[str]) -> None:
+        """Restart nodes from their data (all started, then all awaited healthy)."""
+        await asyncio.to_thread(self._local().restart_many, list(nodes))
+        for node in nodes:
+            self.killed.discard(node)
+            if node in self.rules:  # a restarted node lost its in-memory rules; reinstall them
+                await self._admin(node, "PUT", "/admin/faults", {"rules": self.rules[node]})
+            if node in self.skews_ms:
+                await self._admin(node, "POST", "/admin/clock", {"skew_ms": self.skews_ms[node]})
+            if node in self.disk_faults:  # the disk is still as bad after a restart
+                await self._admin(node, "PUT", "/admin/storage-faults", self.disk_faults[node])
 
     async def pause(self, node: str) -> None:
         self._local().pause(node)
@@ -224,9 +250,11 @@ class ClusterControl:
             try:
                 await self._admin(node, "DELETE", "/admin/faults")
                 await self._admin(node, "POST", "/admin/clock", {"skew_ms": 0})
+                await self._admin(node, "DELETE", "/admin/storage-faults")
             except (NemesisError, aiohttp.ClientError, TimeoutError) as exc:
                 errors.append(f"heal {node}: {exc}")
         self.skews_ms.clear()
+        self.disk_faults.clear()
         if errors:
             raise NemesisError("; ".join(errors))
 

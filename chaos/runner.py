@@ -31,14 +31,17 @@ from typing import Any
 import aiohttp
 
 import kvstore
-from chaos.history import HistoryWriter
-from chaos.nemesis import PARTITION_KINDS, ClusterControl, NemesisError, partition_grudge
+from chaos.history import HistoryWriter, NemesisLog
+from chaos.nemesis import PARTITION_KINDS, SLOW_DISK, ClusterControl, NemesisError, partition_grudge
 from chaos.workload import MODES, Workload, WorkloadSpec
 
 SCENARIOS: dict[str, list[str]] = {
     "majority-partition": ["majority"],
     "isolated-node": ["isolate"],
     "kill-restart": ["kill"],
+    "kill-all-restart": ["kill-all"],
+    "disk-full": ["disk-full"],
+    "slow-disk": ["slow-disk"],
     "clock-skew": ["clock-skew"],
     "flaky-links": ["latency", "loss"],
     "bridge": ["bridge"],
@@ -51,6 +54,9 @@ SCENARIO_HELP = {
     "majority-partition": "a majority and a minority side, cut from each other",
     "isolated-node": "one node alone",
     "kill-restart": "SIGKILL a node, restart it from its data",
+    "kill-all-restart": "SIGKILL every node at once, restart them all from their data",
+    "disk-full": "one node's disk refuses every write (the others fail over to another primary)",
+    "slow-disk": "one node's fsyncs take 3 s (its writes answer by the deadline, indeterminate)",
     "clock-skew": "one node's clock ahead and one behind (moves LWW timestamps)",
     "flaky-links": "50 ms +/- 40 ms delay and 20% loss on every link",
     "bridge": "two halves sharing one node",
@@ -136,7 +142,7 @@ class RunResult:
 class FaultDriver:
     """Starts and stops the faults of one phase, writing nemesis events to the history."""
 
-    def __init__(self, control: ClusterControl, history: HistoryWriter, rng: random.Random) -> None:
+    def __init__(self, control: ClusterControl, history: NemesisLog, rng: random.Random) -> None:
         self.control = control
         self.history = history
         self.rng = rng
@@ -156,6 +162,10 @@ class FaultDriver:
             await self.control.kill(victim)
             self.history.nemesis("kill", [victim])
             self.active.append((kind, victim))
+        elif kind == "kill-all":
+            await self.control.kill_all(nodes)
+            self.history.nemesis("kill", list(nodes))
+            self.active.append((kind, list(nodes)))
         elif kind == "pause":
             victim = self.rng.choice(nodes)
             await self.control.pause(victim)
@@ -167,6 +177,13 @@ class FaultDriver:
             await self.control.skew(behind, -CLOCK_SKEW_MS)
             value = {ahead: CLOCK_SKEW_MS, behind: -CLOCK_SKEW_MS}
             self.history.nemesis("start-skew", value)
+            self.active.append((kind, value))
+        elif kind in ("disk-full", "slow-disk"):
+            victim = self.rng.choice(nodes)
+            faults: dict[str, Any] = {"disk_full": True} if kind == "disk-full" else dict(SLOW_DISK)
+            await self.control.disk(victim, faults)
+            value = {"node": victim, **faults}
+            self.history.nemesis(f"start-{kind}", value)
             self.active.append((kind, value))
         elif kind in ("latency", "loss"):
             # Latency and loss combine into one rule per link.
@@ -190,6 +207,9 @@ class FaultDriver:
             elif kind == "kill":
                 self.history.nemesis("restart", [value])
                 await self.control.restart(value)
+            elif kind == "kill-all":
+                self.history.nemesis("restart", value)
+                await self.control.restart_many(value)
             elif kind == "pause":
                 self.history.nemesis("resume", [value])
                 await self.control.resume(value)
@@ -197,6 +217,9 @@ class FaultDriver:
                 self.history.nemesis("stop-skew", value)
                 for node in value:
                     await self.control.skew(node, 0)
+            elif kind in ("disk-full", "slow-disk"):
+                self.history.nemesis(f"stop-{kind}", value)
+                await self.control.disk(value["node"], {})
             elif kind in ("latency", "loss"):
                 self.history.nemesis(f"stop-{kind}", value)
                 await self.control.set_rules({})

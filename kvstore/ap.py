@@ -358,7 +358,12 @@ class APMachinery:
             return
         job = self._repair(key, token, targets, tasks, replies, merged)
         if mode == "blocking":
-            await job
+            # Blocking, but never past the read's deadline: the rest finishes in the background.
+            repair = asyncio.ensure_future(job)
+            remaining = max(0.0, deadline - asyncio.get_running_loop().time())
+            done, _ = await asyncio.wait({repair}, timeout=remaining)
+            if not done:
+                self.node._adopt([repair])
         elif self.node.spawn(job, name="read-repair") is None:
             job.close()  # background slots are full: skip this repair rather than queue it
             for t in tasks:

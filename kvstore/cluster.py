@@ -293,12 +293,32 @@ class LocalCluster:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
 
+    def kill_all(self, node_ids: list[str]) -> None:
+        """SIGKILL several nodes at once: every signal is sent before waiting for any of them, so
+        none of them gets to notice the others' deaths first (a power cut, not a rolling kill)."""
+        signalled = []
+        for node_id in node_ids:
+            proc = self.procs[node_id]
+            if proc.poll() is None:
+                if node_id in self.paused:
+                    self.resume(node_id)
+                os.kill(proc.pid, signal.SIGKILL)
+                signalled.append(proc)
+        for proc in signalled:
+            proc.wait(timeout=10)
+
     def restart(self, node_id: str, timeout_s: float = 30.0) -> None:
-        proc = self.procs.get(node_id)
-        if proc is not None and proc.poll() is None:
-            self.terminate(node_id)
-        self._spawn(node_id)
-        self.wait_healthy([node_id], timeout_s)
+        self.restart_many([node_id], timeout_s)
+
+    def restart_many(self, node_ids: list[str], timeout_s: float = 30.0) -> None:
+        """Restart nodes from their data: start them all, then wait until every one is healthy."""
+        for node_id in node_ids:
+            proc = self.procs.get(node_id)
+            if proc is not None and proc.poll() is None:
+                self.terminate(node_id)
+        for node_id in node_ids:
+            self._spawn(node_id)
+        self.wait_healthy(list(node_ids), timeout_s)
 
     def terminate(self, node_id: str, timeout_s: float = 10.0) -> None:
         proc = self.procs[node_id]

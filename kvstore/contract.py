@@ -73,7 +73,7 @@ ERROR_CODES: Final = frozenset({
     "consistency_conflict", "precondition_failed", "value_too_large", "uri_too_long", "expectation_failed",
     "header_too_large", "too_many_headers",
     # 429 / 503
-    "overloaded", "quorum_unavailable", "timeout", "storage_unavailable",
+    "overloaded", "quorum_unavailable", "timeout", "storage_unavailable", "insufficient_storage",
     # 500, 501
     "internal", "not_implemented",
 })

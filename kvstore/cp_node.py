@@ -41,11 +41,19 @@ from kvstore.api import CP_KEY, RequestParams, json_error
 from kvstore.contract import etag_of
 from kvstore.cp import ConsensusUnavailable, PaxosAcceptor, PaxosProposer
 from kvstore.cp_recovery import OP_RECOVER_SCAN, OP_REGISTER, OP_STATUS, AcceptorRecovery
-from kvstore.errors import BadRequest, ConsistencyConflict, NodeError, QuorumUnavailable
-from kvstore.node import Node, _error_from_body
+from kvstore.errors import (
+    BadRequest,
+    ConsistencyConflict,
+    NodeError,
+    QuorumUnavailable,
+    RequestTimeout,
+    StorageUnavailable,
+)
+from kvstore.node import FORWARD_MARGIN_MS, Node, _error_from_body, _error_from_remote
 from kvstore.paxos import CompareAndSet, Delete, PutIfAbsent, Read, Write
 from kvstore.ring import key_token
-from kvstore.transport.base import Message, PeerUnavailable
+from kvstore.storage import StorageError
+from kvstore.transport.base import Message, PeerUnavailable, RemoteError
 
 AP_CONFLICT = "this key holds eventual-mode data; linearizable access would ignore it (use a separate key)"
 
@@ -166,7 +174,12 @@ class CPMode:
         node = self.node
         token = key_token(key)
         replicas = list(node.ring.preference_list(key, node.n))
-        blob = await node.data.get(key, token)
+        started = asyncio.get_running_loop().time()
+        blob = await self._eventual_blob(key, token, timeout_s)
+        timeout_s -= asyncio.get_running_loop().time() - started
+        if timeout_s <= 0:
+            raise RequestTimeout("the deadline passed before the proposal started; nothing was changed",
+                                 indeterminate=False)
         if blob is not None:
             from kvstore import versions
 
@@ -179,6 +192,20 @@ class CPMode:
             "value": result.value.value,
             "etag": result.current_etag,
         }
+
+    async def _eventual_blob(self, key: str, token: int, timeout_s: float) -> bytes | None:
+        """This node's eventual-mode record of the key (for the mixed-mode guard), by the deadline.
+
+        A read cancelled at the deadline changes nothing, and no proposal has started yet: both a
+        slow and a failing disk are certain failures here."""
+        try:
+            return await asyncio.wait_for(self.node.data.get(key, token), max(0.0, timeout_s))
+        except TimeoutError:
+            raise RequestTimeout(f"{self.node.node_id}'s storage did not answer within timeout_ms; "
+                                 "nothing was changed", indeterminate=False) from None
+        except StorageError as exc:
+            raise StorageUnavailable(f"{self.node.node_id}: storage error: {exc}; nothing was changed",
+                                     indeterminate=False) from None
 
     async def run(self, key: str, change: Any, timeout_s: float) -> dict[str, Any]:
         """Run the change on the key's first primary believed up (forwarding if that is not us)."""
@@ -201,7 +228,7 @@ class CPMode:
                 reply = await node.call(
                     primary,
                     {"op": "cp_propose", "key": key, "change": _change_to_wire(change),
-                     "timeout_ms": max(1, int(remaining * 1000) - 20)},
+                     "timeout_ms": max(1, int(remaining * 1000) - FORWARD_MARGIN_MS)},
                     remaining,
                 )
             except PeerUnavailable as exc:
@@ -209,9 +236,15 @@ class CPMode:
                     raise QuorumUnavailable(majority, 0, indeterminate=not is_read,
                                             detail=f"proposer {primary} did not answer in time") from None
                 continue
+            except RemoteError as exc:
+                # The proposer failed outside its typed answers: certain only if it refused at once.
+                err = _error_from_remote(exc, majority)
+                if is_read and err.extra.get("indeterminate"):
+                    err.extra["indeterminate"] = False  # a read changes nothing
+                raise err from None
             if reply.get("status") == "ok":
                 return reply
-            raise _error_from_body(reply["body"])
+            raise _error_from_body(reply["body"], reply.get("http"))
         raise QuorumUnavailable(majority, 0, indeterminate=False, detail="no replica of the key reachable")
 
     # --- HTTP -----------------------------------------------------------------------------

@@ -98,3 +98,26 @@ class RequestTimeout(NodeError):
     def __init__(self, message: str, indeterminate: bool) -> None:
         super().__init__(message, indeterminate=indeterminate)
         self.indeterminate = indeterminate
+
+
+class InsufficientStorage(NodeError):
+    """A node's disk is full.  ``indeterminate`` false: the write was refused before any replica
+    saw it (the coordinator's own durable write failed first), so it was certainly not applied."""
+
+    status = 507
+    code = "insufficient_storage"
+
+    def __init__(self, message: str, indeterminate: bool) -> None:
+        super().__init__(message, indeterminate=indeterminate)
+        self.indeterminate = indeterminate
+
+
+class StorageUnavailable(NodeError):
+    """A storage operation failed (an I/O error).  ``indeterminate``: a write may be on disk."""
+
+    status = 503
+    code = "storage_unavailable"
+
+    def __init__(self, message: str, indeterminate: bool) -> None:
+        super().__init__(message, indeterminate=indeterminate)
+        self.indeterminate = indeterminate

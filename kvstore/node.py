@@ -38,6 +38,23 @@ replies are awaited briefly afterwards for read repair.
 ``quorum_unavailable``; when any target may have stored it, the body says
 ``indeterminate: true``: the write may still become visible (Jepsen's ``info``).
 
+**Faults of one node's disk.**  The coordinator's own durable write comes first,
+before any replica sees the new dot.  If its disk refuses it (``StorageFull``),
+the write was certainly not applied anywhere: the coordinator answers 507
+``insufficient_storage`` with ``indeterminate: false``, and a node that forwarded
+the write to it (or that is itself that coordinator) fails over to the next
+primary believed up.  Any other storage error after the write was issued may
+have left it on disk: 503 ``storage_unavailable``, ``indeterminate: true``.
+
+**Deadlines.**  Every await on a request's path ends at the request deadline
+(``timeout_ms``): remote calls through the transport's timeout, the coordinator's
+own read-modify-write (lock, read, durable write) and local calls by waiting for
+them at most until then.  Work still running at the deadline is never cut
+half-way (a storage write handed to the engine lands regardless); it finishes in
+the background and the answer is 503 ``timeout`` -- ``indeterminate: true`` once
+the durable write was issued, ``false`` while it was still waiting for the key's
+lock or read.
+
 Everything time- or randomness-dependent comes from the injected ``Clock`` and
 ``random.Random``; I/O goes through the ``Transport`` and ``Storage`` seams.
 """
@@ -59,10 +76,12 @@ from kvstore.config import NodeConfig
 from kvstore.errors import (
     BadRequest,
     ConsistencyConflict,
+    InsufficientStorage,
     NodeError,
     Overloaded,
     QuorumUnavailable,
     RequestTimeout,
+    StorageUnavailable,
 )
 from kvstore.hints import (
     NS_PER_S,
@@ -78,7 +97,7 @@ from kvstore.locks import KeyLocks
 from kvstore.metrics import Metrics
 from kvstore.quorum import QuorumTracker
 from kvstore.ring import TOKEN_MIN, Ring, key_token
-from kvstore.storage import StorageBusy
+from kvstore.storage import StorageBusy, StorageFull
 from kvstore.storage.base import Storage, StorageError
 from kvstore.transport.base import Message, PeerUnavailable, RemoteError, Transport
 from kvstore.versions import VersionedObject
@@ -86,6 +105,9 @@ from kvstore.versions import VersionedObject
 log = logging.getLogger(__name__)
 
 HINT_SCAN_PAGE = 500
+# A forwarded request gets this much less time than the forwarder, so the coordinator's own typed
+# answer (e.g. a timeout with ``indeterminate``) can arrive before the forwarder's call times out.
+FORWARD_MARGIN_MS = 20
 
 
 @dataclass
@@ -100,6 +122,13 @@ class WriteOutcome:
     obj: VersionedObject
     acknowledged: int
     hinted: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _LocalWrite:
+    """How far the coordinator's own read-modify-write got (set by the step itself)."""
+
+    writing: bool = False  # the durable write was handed to storage: it may land
 
 
 class HintStoreFull(Overloaded):
@@ -274,9 +303,25 @@ class Node:
     # --- messaging -------------------------------------------------------------------------
 
     async def call(self, peer: str, message: Message, timeout_s: float) -> Message:
-        """Send to a peer, or handle locally when the peer is this node (same code path)."""
+        """Send to a peer, or handle locally when the peer is this node (same code path).
+
+        A local call behaves as a remote one does: an error reply raises ``RemoteError``, and a
+        handler still running after ``timeout_s`` raises ``PeerUnavailable`` (maybe delivered)
+        while it finishes in the background -- a slow local disk must not hold the caller.
+        """
         if peer == self.node_id:
-            return await self.handle_message(self.node_id, message)
+            work = asyncio.ensure_future(self.handle_message(self.node_id, message))
+            try:
+                reply = await asyncio.wait_for(asyncio.shield(work), max(0.0, timeout_s))
+            except TimeoutError:
+                self._adopt([work])
+                raise PeerUnavailable(peer, "timeout (local handler)", maybe_delivered=True) from None
+            except asyncio.CancelledError:
+                self._adopt([work])  # the caller gave up; the handler finishes, as a remote one would
+                raise
+            if isinstance(reply, dict) and reply.get("remote_error"):
+                raise RemoteError(peer, str(reply.get("error")), str(reply.get("message", "")))
+            return reply
         try:
             reply = await self.transport.call(peer, message, timeout_s)
         except PeerUnavailable as exc:
@@ -302,6 +347,8 @@ class Node:
             return {"error": "bad_request", "message": f"malformed {op} message: {exc!r}", "remote_error": True}
         except StorageBusy as exc:
             return {"error": "overloaded", "message": str(exc), "remote_error": True}
+        except StorageFull as exc:
+            return {"error": "insufficient_storage", "message": str(exc), "remote_error": True}
         except StorageError as exc:
             return {"error": "storage", "message": str(exc), "remote_error": True}
 
@@ -486,47 +533,83 @@ class Node:
         sloppy: bool,
         timeout_s: float,
     ) -> WriteOutcome:
-        """Client write entry point on any node: forward to a primary or coordinate here."""
-        deadline = asyncio.get_running_loop().time() + timeout_s
+        """Client write entry point on any node: coordinate here if a primary, else forward to one.
+
+        A primary that certainly refused (its own disk refused the write before any replica saw
+        it: ``_refused_before_replicating``) is replaced by the next primary believed up; any
+        answer that may mean "applied" ends the request (no hidden second attempt).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
         up, down, spare = self.write_targets(key, sloppy)
         if not sloppy and len(up) < w:
             raise QuorumUnavailable(w, 0, indeterminate=False, detail=f"primaries believed down: {down}")
-        if self.node_id in up:
-            return await self.coordinate_write(key, value, context, w, sloppy, deadline, as_fallback=False)
-        for primary in up:
-            remaining = deadline - asyncio.get_running_loop().time()
+        refusals: list[NodeError] = []
+        candidates = ([self.node_id] if self.node_id in up else []) + [p for p in up if p != self.node_id]
+        for primary in candidates:
+            remaining = deadline - loop.time()
             if remaining <= 0:
                 break
-            self.metrics.forwarded.inc()
             try:
-                reply = await self.call(
-                    primary,
-                    {
-                        "op": "coordinate_write", "key": key, "value": value,
-                        "context": sorted(context.items()), "w": w, "sloppy": sloppy,
-                        "timeout_ms": int(remaining * 1000),
-                    },
-                    remaining,
-                )
-            except PeerUnavailable as exc:
-                if exc.maybe_delivered:
-                    raise QuorumUnavailable(
-                        w, 0, indeterminate=True, detail=f"forward to {primary} timed out"
-                    ) from None
+                if primary == self.node_id:
+                    return await self.coordinate_write(key, value, context, w, sloppy, deadline, as_fallback=False)
+                outcome = await self._forward_write(primary, key, value, context, w, sloppy, remaining)
+            except NodeError as exc:
+                if not _refused_before_replicating(exc):
+                    raise
+                # Counted, not logged per write: a full disk refuses every write, and its own node logs it.
+                self.metrics.replica_errors.labels(peer=primary, reason=exc.code).inc()
+                log.debug("primary %s refused a write of %r (%s); trying the next primary", primary, key, exc.message)
+                refusals.append(exc)
                 continue
-            if reply.get("status") == "ok":
-                return WriteOutcome(versions.decode(reply["obj"]), int(reply["acknowledged"]), reply.get("hinted", []))
-            raise _error_from_body(reply["body"])
+            if outcome is not None:
+                return outcome
+        if refusals:
+            raise refusals[0]  # every primary tried refused for certain: nothing was applied
         if not sloppy:
             raise QuorumUnavailable(w, 0, indeterminate=False, detail="no primary reachable")
-        if not down:
-            # Every primary is believed up but none took the forward (nothing was delivered: a
-            # maybe-delivered forward raised above), so there is no down primary for this node
-            # to stand in for as a fallback: a certain failure, not an indeterminate one.
-            if asyncio.get_running_loop().time() >= deadline:
+        if not self.write_targets(key, sloppy)[1]:
+            # Every primary is still believed up but none took the forwarded write (a forward that
+            # may have been delivered raised above): there is no down primary for this node to
+            # stand in for as a fallback.  Nothing was written: a certain failure.
+            if loop.time() >= deadline:
                 raise RequestTimeout("the deadline passed before a primary could be asked", indeterminate=False)
             raise QuorumUnavailable(w, 0, indeterminate=False, detail="no primary took the forwarded write")
         return await self.coordinate_write(key, value, context, w, sloppy, deadline, as_fallback=True)
+
+    async def _forward_write(
+        self,
+        primary: str,
+        key: str,
+        value: bytes | None,
+        context: dict[str, int],
+        w: int,
+        sloppy: bool,
+        remaining: float,
+    ) -> WriteOutcome | None:
+        """Ask ``primary`` to coordinate the write.  None: it certainly never received it.
+
+        Raises the primary's typed error (same status and body), or 503 ``quorum_unavailable``
+        with ``indeterminate: true`` when the request may have reached it without an answer."""
+        self.metrics.forwarded.inc()
+        message = {
+            "op": "coordinate_write", "key": key, "value": value,
+            "context": sorted(context.items()), "w": w, "sloppy": sloppy,
+            "timeout_ms": max(1, int(remaining * 1000) - FORWARD_MARGIN_MS),
+        }
+        try:
+            reply = await self.call(primary, message, remaining)
+        except PeerUnavailable as exc:
+            if exc.maybe_delivered:
+                raise QuorumUnavailable(
+                    w, 0, indeterminate=True, detail=f"forward to {primary} timed out"
+                ) from None
+            return None
+        except RemoteError as exc:
+            raise _error_from_remote(exc, w) from None
+        if reply.get("status") == "ok":
+            return WriteOutcome(versions.decode(reply["obj"]), int(reply["acknowledged"]), reply.get("hinted", []))
+        raise _error_from_body(reply["body"], reply.get("http"))
 
     async def _on_coordinate_write(self, sender: str, message: Message) -> Message:
         deadline = asyncio.get_running_loop().time() + int(message["timeout_ms"]) / 1000.0
@@ -622,33 +705,44 @@ class Node:
         if as_fallback:
             assert self.identity is not None
             actor = self.identity.fallback_actor(self.node_id, next(self._fallback_seq))
-            async with self.locks.hold(key):
-                base = await self.read_local(key, token)
-                obj = versions.update(base, context, actor, value, self.clock.wall_ns(), self.mode)
-                encoded = versions.encode(obj)
-                await self.store_hint(_hint_owner(plan, self.node_id), key, token, obj)
+
+            async def local_step(progress: _LocalWrite) -> VersionedObject:
+                async with self.locks.hold(key):
+                    base = await self.read_local(key, token)
+                    updated = versions.update(base, context, actor, value, self.clock.wall_ns(), self.mode)
+                    progress.writing = True
+                    await self.store_hint(_hint_owner(plan, self.node_id), key, token, updated)
+                return updated
+
+            obj = await self._local_write_by(deadline, local_step)
+            encoded = versions.encode(obj)
             hinted.append(self.node_id)
-            record(True, self.node_id)
-            tasks = [asyncio.create_task(replicate(m, h)) for m, h in remote]
         else:
-            async with self.locks.hold(key):
-                blob = await self.data.get(key, token)
-                base = versions.decode(blob) if blob is not None else VersionedObject.empty()
-                try:
-                    # Its own counters it can check exactly: see causal_context.refuse_unissued.
-                    causal_context.refuse_unissued(context, self.actor, base.vector())
-                except causal_context.BadContext as exc:
-                    raise BadRequest("bad_context", str(exc)) from None
-                obj = versions.update(base, context, self.actor, value, self.clock.wall_ns(), self.mode)
-                encoded = versions.encode(obj)
-                # Durable here *before* any replica sees the new dot.  Replicating in parallel with
-                # this fsync would save a group-commit wait, but a crash in between would leave the
-                # dot on replicas and not here: after the restart this node would issue the same
-                # dot for another value, and a sync would silently keep only one of the two
-                # (Riak's KV-679).  Measured and reverted for that reason (docs/benchmarks.md).
-                await self.data.put(key, token, encoded)
-            record(True, self.node_id)
-            tasks = [asyncio.create_task(replicate(m, h)) for m, h in remote]
+
+            async def local_step(progress: _LocalWrite) -> VersionedObject:
+                async with self.locks.hold(key):
+                    blob = await self.data.get(key, token)
+                    base = versions.decode(blob) if blob is not None else VersionedObject.empty()
+                    try:
+                        # Its own counters it can check exactly: see causal_context.refuse_unissued.
+                        causal_context.refuse_unissued(context, self.actor, base.vector())
+                    except causal_context.BadContext as exc:
+                        raise BadRequest("bad_context", str(exc)) from None
+                    updated = versions.update(base, context, self.actor, value, self.clock.wall_ns(), self.mode)
+                    # Durable here *before* any replica sees the new dot.  Replicating in parallel
+                    # with this fsync would save a group-commit wait, but a crash in between would
+                    # leave the dot on replicas and not here: after the restart this node would
+                    # issue the same dot for another value, and a sync would silently keep only one
+                    # of the two (Riak's KV-679).  Measured and reverted for that reason
+                    # (docs/benchmarks.md).
+                    progress.writing = True
+                    await self.data.put(key, token, versions.encode(updated))
+                return updated
+
+            obj = await self._local_write_by(deadline, local_step)
+            encoded = versions.encode(obj)
+        record(True, self.node_id)
+        tasks = [asyncio.create_task(replicate(m, h)) for m, h in remote]
 
         if not done.is_set() and not tracker.done and tasks:
             with contextlib.suppress(TimeoutError):
@@ -663,6 +757,55 @@ class Node:
                 detail="targets: " + ", ".join(m for m, _ in plan),
             )
         return WriteOutcome(obj, tracker.acknowledged, hinted)
+
+    async def _local_write_by(
+        self, deadline: float, step: Callable[[_LocalWrite], Awaitable[VersionedObject]]
+    ) -> VersionedObject:
+        """Run the coordinator's own read-modify-write of a key; answer by ``deadline`` at the latest.
+
+        The step runs in its own task, so giving up at the deadline never interrupts it half-way:
+        a write already handed to storage finishes in the background (and is then indeterminate);
+        one still waiting for the key's lock or read is cancelled (certainly not applied).
+        Storage errors become typed answers: a full disk is a certain refusal (507), anything
+        else after the write was issued is indeterminate.
+        """
+        loop = asyncio.get_running_loop()
+        progress = _LocalWrite()
+        task = asyncio.ensure_future(step(progress))
+        try:
+            done, _ = await asyncio.wait({task}, timeout=max(0.0, deadline - loop.time()))
+        except asyncio.CancelledError:
+            self._abandon(task, progress)
+            raise
+        if not done:
+            self._abandon(task, progress)
+            if progress.writing:
+                raise RequestTimeout(
+                    f"{self.node_id}'s durable write did not finish within timeout_ms (slow disk); "
+                    "it may still land and then spread to the other replicas", indeterminate=True,
+                )
+            raise RequestTimeout(
+                f"{self.node_id} could not start the write within timeout_ms (the key is busy or its "
+                "storage is slow); it was not applied", indeterminate=False,
+            )
+        try:
+            return task.result()
+        except StorageFull as exc:
+            raise InsufficientStorage(
+                f"{self.node_id}: disk full; the write was refused before any replica saw it ({exc})",
+                indeterminate=False,
+            ) from None
+        except StorageBusy as exc:
+            raise Overloaded(f"{self.node_id}: {exc}; retry later", indeterminate=False) from None
+        except StorageError as exc:
+            raise StorageUnavailable(f"{self.node_id}: storage error: {exc}", indeterminate=progress.writing) from None
+
+    def _abandon(self, task: asyncio.Task[VersionedObject], progress: _LocalWrite) -> None:
+        """Stop waiting for a local step: cancel it if it wrote nothing yet, else let it land."""
+        if not progress.writing:
+            task.cancel()
+        task.add_done_callback(_consume_outcome)
+        self._adopt([task])
 
     def _adopt(self, tasks: Iterable[asyncio.Task[Any]]) -> None:
         """Let replica writes still in flight finish after the reply (bounded: cancelled at stop)."""
@@ -741,19 +884,55 @@ def _hint_owner(plan: list[tuple[str, str | None]], node_id: str) -> str:
     raise AssertionError("fallback coordinator without a hint slot")
 
 
-def _error_from_body(body: dict[str, Any]) -> NodeError:
-    code = body.get("error")
+def _error_from_body(body: dict[str, Any], http_status: Any = None) -> NodeError:
+    """The typed error a peer answered (a forwarded write or proposal), with its status and body."""
+    code = str(body.get("error") or "internal")
+    message = str(body.get("message", ""))
+    err: NodeError
     if code == "quorum_unavailable":
-        return QuorumUnavailable(
+        err = QuorumUnavailable(
             int(body.get("needed", 0)), int(body.get("acknowledged", 0)), bool(body.get("indeterminate", True))
         )
-    if code == "overloaded":
-        return Overloaded(str(body.get("message", "")))
-    if code == "consistency_conflict":
-        return ConsistencyConflict(str(body.get("message", "")))
-    if code == "bad_context":
-        return BadRequest("bad_context", str(body.get("message", "")))
-    err = NodeError(str(body.get("message", "")))
-    err.code = str(code)
-    err.status = 503
+    elif code == "overloaded":
+        err = Overloaded(message)
+    elif code == "consistency_conflict":
+        err = ConsistencyConflict(message)
+    elif code == "bad_context":
+        err = BadRequest("bad_context", message)
+    else:
+        err = NodeError(message)
+        err.code = code
+        err.status = 503
+    # Pass the peer's answer on as it was: its message (with details) and every field of its body.
+    err.message = message
+    err.extra = {k: v for k, v in body.items() if k not in ("error", "message")}
+    if isinstance(http_status, int) and 400 <= http_status <= 599:
+        err.status = http_status
     return err
+
+
+# RemoteError codes that a peer answers before doing anything (the request was not applied).
+_REFUSED_REMOTE_CODES = ("bad_request", "unknown_op", "overloaded", "insufficient_storage")
+
+
+def _error_from_remote(exc: RemoteError, needed: int) -> NodeError:
+    """A peer's handler failed outside its typed answers (``RemoteError``): say what is known."""
+    if exc.code == "insufficient_storage":
+        return InsufficientStorage(f"{exc.peer}: {exc.message}", indeterminate=False)
+    if exc.code == "overloaded":
+        return Overloaded(f"{exc.peer}: {exc.message}; retry later", indeterminate=False)
+    detail = f"{exc.peer} answered {exc.code}: {exc.message}"
+    # A refused message was not applied; any other failure (a storage error, a bug) may have been.
+    return QuorumUnavailable(needed, 0, indeterminate=exc.code not in _REFUSED_REMOTE_CODES, detail=detail)
+
+
+def _refused_before_replicating(exc: NodeError) -> bool:
+    """The coordinator's own disk refused the write before any replica saw it: nothing was
+    applied anywhere, and another primary (another disk) may well succeed."""
+    return exc.code in ("insufficient_storage", "storage_unavailable") and exc.extra.get("indeterminate") is False
+
+
+def _consume_outcome(task: asyncio.Future[Any]) -> None:
+    # An abandoned local step that fails later must not log "exception was never retrieved".
+    if not task.cancelled():
+        task.exception()

@@ -10,8 +10,10 @@ directory: a promise forgotten by a restart would break linearizability, so it
 is never held in memory only.
 
 Admin routes added here (all need the cluster secret) let the chaos harness
-change a running node: ``/admin/faults`` (per-link drop/delay/loss rules) and
-``/admin/clock`` (skew the wall clock, which moves LWW timestamps).
+change a running node: ``/admin/faults`` (per-link drop/delay/loss rules),
+``/admin/storage-faults`` (a full disk, a slow fsync, failing I/O: the node's
+stores are wrapped in ``FaultyStorage``, which costs nothing while no fault is
+set) and ``/admin/clock`` (skew the wall clock, which moves LWW timestamps).
 """
 
 from __future__ import annotations
@@ -34,9 +36,10 @@ from kvstore import http_guard
 from kvstore.api import NODE_KEY, admin_json, build_app, refuse_unknown_fields, require_secret, start_runner
 from kvstore.clock import SystemClock
 from kvstore.config import NodeConfig
-from kvstore.errors import BadRequest
+from kvstore.errors import BadRequest, NodeError
 from kvstore.node import Node
 from kvstore.storage import open_storage
+from kvstore.storage.faulty import DiskFaults, FaultSettings, FaultyStorage
 from kvstore.transport.base import LinkRule
 from kvstore.transport.http import HttpTransport
 from kvstore.transport.stream import StreamTransport
@@ -49,9 +52,10 @@ def build_node(cfg: NodeConfig) -> Node:
     node_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # holds the data; only the owner may enter
     engine = cfg.storage
     fsync: Any = cfg.fsync
-    data = open_storage(engine, str(node_dir / "data.db"), fsync, cfg.batch_window_ms)
-    hints = open_storage(engine, str(node_dir / "hints.db"), fsync, cfg.batch_window_ms)
-    paxos = open_storage("sqlite", str(node_dir / "paxos.db"), "always", cfg.batch_window_ms)
+    disk = DiskFaults()  # one disk: a full disk refuses all three stores
+    data = FaultyStorage(open_storage(engine, str(node_dir / "data.db"), fsync, cfg.batch_window_ms), disk)
+    hints = FaultyStorage(open_storage(engine, str(node_dir / "hints.db"), fsync, cfg.batch_window_ms), disk)
+    paxos = FaultyStorage(open_storage("sqlite", str(node_dir / "paxos.db"), "always", cfg.batch_window_ms), disk)
     peers = {m.id: (m.host, m.peer_port) for m in cfg.members if m.id != cfg.node_id}
     transport: Any
     if os.environ.get("KVSTORE_TRANSPORT") == "http":  # the benchmark's baseline only
@@ -148,6 +152,44 @@ async def faults_delete(request: web.Request) -> web.Response:
     return web.json_response({"rules": {}})
 
 
+class NoFaultLayer(NodeError):
+    status = 501
+    code = "not_implemented"
+
+
+def _disk_faults(request: web.Request) -> DiskFaults:
+    data = request.app[NODE_KEY].data
+    if not isinstance(data, FaultyStorage):
+        raise NoFaultLayer("this node's storage has no fault layer")
+    return data.faults
+
+
+async def storage_faults_get(request: web.Request) -> web.Response:
+    require_secret(request)
+    return web.json_response(_disk_faults(request).to_json())
+
+
+async def storage_faults_put(request: web.Request) -> web.Response:
+    """Set this node's disk faults: {disk_full, fsync_delay_ms, read_delay_ms, write_error_rate,
+    read_error_rate, seed}; omitted fields are off; unknown fields are refused."""
+    data = await admin_json(request)
+    disk = _disk_faults(request)
+    try:
+        settings = FaultSettings.from_json(data)
+    except (TypeError, ValueError) as exc:
+        raise BadRequest("invalid_body", str(exc)) from None
+    disk.configure(settings)
+    log.warning("storage faults set: %s", settings)
+    return web.json_response(disk.to_json())
+
+
+async def storage_faults_delete(request: web.Request) -> web.Response:
+    require_secret(request)
+    disk = _disk_faults(request)
+    disk.clear()
+    return web.json_response(disk.to_json())
+
+
 async def clock_post(request: web.Request) -> web.Response:
     """Skew this node's wall clock: {"skew_ms": int} (0 heals)."""
     data = await admin_json(request)
@@ -167,6 +209,9 @@ def admin_routes() -> list[web.RouteDef]:
         web.get("/admin/faults", faults_get),
         web.put("/admin/faults", faults_put),
         web.delete("/admin/faults", faults_delete),
+        web.get("/admin/storage-faults", storage_faults_get),
+        web.put("/admin/storage-faults", storage_faults_put),
+        web.delete("/admin/storage-faults", storage_faults_delete),
         web.post("/admin/clock", clock_post),
     ]
 

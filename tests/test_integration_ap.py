@@ -210,7 +210,12 @@ def _write_while_primary_dead(cluster: LocalCluster, key: str) -> tuple[str, str
     assert pending_hints(cluster, fallback)[dead] == 1
     assert local_object(cluster, fallback, key).live_values == [b"handed-off"]
     assert metric(cluster, fallback, "kvstore_hints_stored_total", target=dead) >= 1
-    assert metric(cluster, coordinator, "kvstore_failure_detector_transitions_total", member=dead, state="down") >= 1
+    # The transition is counted by the heartbeat loop on its next tick, not when /cluster shows it.
+    wait_until(
+        "the coordinator counted the transition",
+        lambda: metric(cluster, coordinator, "kvstore_failure_detector_transitions_total", member=dead, state="down")
+        >= 1,
+    )
     return coordinator, dead, fallback
 
 

@@ -27,6 +27,7 @@ import pytest
 from chaos.history import HistoryWriter, read_history
 from kvstore.checker import check
 from kvstore.cluster import LocalCluster
+from kvstore.http_session import client_session
 from kvstore.ring import Ring, key_token
 from tests.conftest import FAST_AP, http, kv_path
 from tests.test_integration_cp import etag as etag_of
@@ -213,7 +214,7 @@ async def cas_workload(
                 next_process[0] += 1
 
     timeout = aiohttp.ClientTimeout(total=5)
-    async with aiohttp.ClientSession(timeout=timeout) as session:
+    async with client_session(timeout=timeout) as session:
         tasks = [asyncio.create_task(client(i, node, session)) for i, node in enumerate(cluster.node_ids)]
         await during()
         await asyncio.gather(*tasks)

@@ -29,8 +29,10 @@ from kvstore.storage import (
     open_storage,
 )
 from kvstore.storage._common import MAX_TOKEN, MIN_TOKEN
+from kvstore.storage.faulty import DiskFaults, FaultyStorage
 
-ENGINE_SPECS = ["memory", "sqlite-always", "sqlite-batch", "sqlite-never"]
+# "faulty-memory": the disk fault layer with no fault set must be a transparent Storage.
+ENGINE_SPECS = ["memory", "faulty-memory", "sqlite-always", "sqlite-batch", "sqlite-never"]
 
 Factory = Callable[..., Any]
 
@@ -42,10 +44,12 @@ async def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIte
     made: list[Any] = []
 
     def make(**kwargs: Any) -> Any:
-        if spec == "memory":
+        if spec in ("memory", "faulty-memory"):
             if kwargs:
                 pytest.skip(f"memory engine has no {sorted(kwargs)}")
             store: Any = MemoryStorage()
+            if spec == "faulty-memory":
+                store = FaultyStorage(store, DiskFaults())
         else:
             policy = spec.split("-", 1)[1]
             store = SqliteStorage(str(tmp_path / f"{policy}-{len(made)}.db"), policy, **kwargs)  # type: ignore[arg-type]
@@ -282,7 +286,7 @@ async def test_close_flushes_pending_writes(make_store: Factory, tmp_path: Path)
     await asyncio.sleep(0)  # every put is submitted, few if any committed
     await store.close()
     await asyncio.gather(*puts)  # all acknowledged, none failed
-    if make_store.spec != "memory":
+    if make_store.spec.startswith("sqlite"):
         reopened = SqliteStorage(store.path, "always")
         try:
             assert await reopened.count() == 500
@@ -452,7 +456,7 @@ async def test_identity_is_kept_exactly_as_long_as_the_data(make_store: Factory)
     assert again.actor("n1") == first.actor("n1") == f"n1.{first.incarnation}"
     # One-shot fallback actors never repeat across starts, although seq restarts at 1.
     assert first.fallback_actor("n1", 1) != again.fallback_actor("n1", 1)
-    if make_store.spec != "memory":
+    if make_store.spec.startswith("sqlite"):
         await store.close()
         reopened = SqliteStorage(store.path, store.fsync)
         try:

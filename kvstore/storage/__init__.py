@@ -11,14 +11,17 @@ policy); the engines implement it:
   ``kill -9`` under ``always`` and ``batch``.
 
 Engines raise ``StorageError`` for operating errors, its subclass ``StorageBusy`` when a
-bounded write queue is full (shed load, answer 503) and ``StorageClosed`` after ``close()``.
+bounded write queue is full (shed load, answer 503), ``StorageFull`` when the disk is full (the
+write was rolled back: certainly not applied) and ``StorageClosed`` after ``close()``.
+``faulty`` (``FaultyStorage``) wraps any engine to inject disk faults at run time (the chaos
+harness's disk nemesis).
 """
 
 from __future__ import annotations
 
 import os
 
-from kvstore.storage._common import StorageBusy, StorageClosed
+from kvstore.storage._common import StorageBusy, StorageClosed, StorageFull
 from kvstore.storage.base import ENGINES, FSYNC_POLICIES, FsyncPolicy, Record, Storage, StorageError
 from kvstore.storage.memory import MemoryStorage
 from kvstore.storage.sqlite import SqliteStorage
@@ -34,6 +37,7 @@ __all__ = [
     "StorageBusy",
     "StorageClosed",
     "StorageError",
+    "StorageFull",
     "open_storage",
 ]
 

@@ -41,6 +41,13 @@ class StorageClosed(StorageError):
     """The store was closed; no further operations are accepted."""
 
 
+class StorageFull(StorageError):
+    """The disk is full: the write was refused and *not applied* (the engine rolled it back).
+
+    Distinct from a plain ``StorageError`` (e.g. a failed fsync), after which the write may or
+    may not be on disk: only this one lets the node tell a client "certainly not written"."""
+
+
 def check_record(key: str, token: int, blob: bytes | None = None) -> None:
     """Validate one record's arguments (cheap: runs on every operation)."""
     assert isinstance(key, str), f"key must be str, not {type(key).__name__}"

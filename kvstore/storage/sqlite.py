@@ -44,7 +44,9 @@ in the commit in progress).  Past that, ``put``/``delete`` raise ``StorageBusy``
 waiting and never growing the queue; the node turns that into a 503.
 
 Failure: if a commit fails (disk full, I/O error), the transaction is rolled back and every
-write of that batch raises ``StorageError``; later batches are tried afresh.  If the writer
+write of that batch raises ``StorageError``; later batches are tried afresh.  A full disk
+(``SQLITE_FULL``) raises the subclass ``StorageFull``: the write is certainly not applied.  Any
+other error (a failed fsync) may have left the commit on disk, so it promises nothing.  If the writer
 thread itself dies (a bug), the store stops accepting work and fails everything queued,
 rather than leaving callers waiting forever.
 
@@ -70,7 +72,14 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from kvstore.storage._common import StorageBusy, StorageClosed, check_meta, check_record, scan_segments
+from kvstore.storage._common import (
+    StorageBusy,
+    StorageClosed,
+    StorageFull,
+    check_meta,
+    check_record,
+    scan_segments,
+)
 from kvstore.storage.base import FSYNC_POLICIES, FsyncPolicy, Record, StorageError
 
 log = logging.getLogger(__name__)
@@ -82,6 +91,8 @@ _DELETE = 1
 _META_PUT = 2  # key = the meta name, token unused (0)
 # (kind, token, key, blob or None, future to settle)
 _Op = tuple[int, int, str, "bytes | None", "asyncio.Future[None]"]
+# Why a batch failed: the error class each waiter gets, and the message.
+_Failure = tuple[type[StorageError], str]
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS kv ("
@@ -144,7 +155,7 @@ class _WriteCache:
         self.bytes -= len(old) if old is not None else 0
 
 
-def _settle_ops(cache: _WriteCache, ops: list[_Op], error: str | None) -> None:
+def _settle_ops(cache: _WriteCache, ops: list[_Op], error: _Failure | None) -> None:
     """On the loop: record a batch's outcome in the cache (in commit order), then wake its writers."""
     for kind, token, key, blob, _fut in ops:
         if kind == _META_PUT:
@@ -156,7 +167,7 @@ def _settle_ops(cache: _WriteCache, ops: list[_Op], error: str | None) -> None:
     _settle([op[4] for op in ops], error)
 
 
-def _settle(futures: list[asyncio.Future[None]], error: str | None) -> None:
+def _settle(futures: list[asyncio.Future[None]], error: _Failure | None) -> None:
     """Resolve one batch's futures; runs on their event loop."""
     for fut in futures:
         if fut.done():  # the caller was cancelled; the write happened (or failed) regardless
@@ -165,7 +176,8 @@ def _settle(futures: list[asyncio.Future[None]], error: str | None) -> None:
             fut.set_result(None)
         else:
             # One exception object per waiter: a shared one would accumulate every traceback.
-            fut.set_exception(StorageError(error))
+            error_class, message = error
+            fut.set_exception(error_class(message))
 
 
 class SqliteStorage:
@@ -469,8 +481,8 @@ class SqliteStorage:
                 self._pending -= len(batch)
             self._dispatch(batch, error)
 
-    def _apply(self, cur: sqlite3.Cursor, batch: list[_Op]) -> str | None:
-        """Apply one batch in one transaction; the error message if it was rolled back."""
+    def _apply(self, cur: sqlite3.Cursor, batch: list[_Op]) -> _Failure | None:
+        """Apply one batch in one transaction; why it failed if it was rolled back."""
         delta = 0
         try:
             cur.execute("BEGIN")
@@ -493,11 +505,16 @@ class SqliteStorage:
             with contextlib.suppress(sqlite3.Error):
                 cur.execute("ROLLBACK")
             log.error("sqlite commit of %d writes to %s failed: %s", len(batch), self.path, exc)
-            return f"sqlite write failed: {exc}"
+            # SQLITE_FULL: a write() of the WAL met ENOSPC before the commit frame was complete, so
+            # the transaction is not applied (SQLite rolls it back; recovery ignores a torn WAL tail).
+            # Any other error (an fsync failure, say) may leave the commit on disk: unknown.
+            if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+                return StorageFull, f"disk full: sqlite write failed and was rolled back: {exc}"
+            return StorageError, f"sqlite write failed: {exc}"
         self._count += delta
         return None
 
-    def _dispatch(self, batch: list[_Op], error: str | None) -> None:
+    def _dispatch(self, batch: list[_Op], error: _Failure | None) -> None:
         """Hand a settled batch back to its event loop(s): one thread hop per loop, not per write."""
         by_loop: dict[asyncio.AbstractEventLoop, list[_Op]] = {}
         last_loop: asyncio.AbstractEventLoop | None = None
@@ -521,4 +538,4 @@ class SqliteStorage:
             batch = (in_flight or []) + list(self._queue)
             self._queue.clear()
             self._pending -= len(batch)
-        self._dispatch(batch, reason)
+        self._dispatch(batch, (StorageError, reason))

@@ -1,0 +1,8 @@
+"""Scenario: slow-disk -- run with `python chaos/slow_disk.py --mode eventual|quorum|linearizable --duration 30 --seed 7 --out runs/NAME`."""
+
+import sys
+
+from chaos.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(scenario="slow-disk"))
