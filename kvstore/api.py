@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 import msgpack
@@ -37,6 +37,9 @@ from kvstore.contract import etag_of
 from kvstore.errors import BadRequest, BodyTimeout, NodeError, Unauthorized, ValueTooLarge
 from kvstore.failure import UnknownMember
 from kvstore.node import Node
+
+if TYPE_CHECKING:  # kvstore.cp_node imports this module for its HTTP mapping
+    from kvstore.cp_node import LinearizableRegister
 from kvstore.quorum import InvalidQuorum, majority, parse_quorum
 from kvstore.storage import StorageBusy, StorageError
 
@@ -408,11 +411,8 @@ async def kv_handler(request: web.Request) -> web.StreamResponse:
         gate.current -= 1
 
 
-def node_cp(request: web.Request) -> Any:
-    cp = request.app.get(CP_KEY)
-    if cp is None:
-        raise BadRequest("invalid_parameter", "consistency=linearizable is not available on this node")
-    return cp
+def node_cp(request: web.Request) -> LinearizableRegister:
+    return request.app[NODE_KEY].parts.register
 
 
 async def cluster_handler(request: web.Request) -> web.Response:
@@ -433,7 +433,7 @@ async def cluster_handler(request: web.Request) -> web.Response:
                 "ownership": round(ownership[m.id] * 100, 2),
             }
         )
-    pending = await node_pending_hints(node)
+    pending = await node.parts.handoff.pending_hints()
     return web.json_response(
         {
             "node": node.node_id,
@@ -448,14 +448,6 @@ async def cluster_handler(request: web.Request) -> web.Response:
             "pending_hints": pending,
         }
     )
-
-
-async def node_pending_hints(node: Node) -> dict[str, int]:
-    counter = getattr(node, "pending_hints", None)
-    if callable(counter):
-        result: dict[str, int] = await counter()
-        return result
-    return {}
 
 
 async def health_handler(request: web.Request) -> web.Response:
@@ -500,11 +492,7 @@ async def internal_handler(request: web.Request) -> web.Response:
 
 async def admin_repair_handler(request: web.Request) -> web.Response:
     require_secret(request)
-    node = request.app[NODE_KEY]
-    trigger = getattr(node, "trigger_repair", None)
-    if trigger is None:
-        return json_error(501, "not_implemented", "anti-entropy is not enabled on this node")
-    result = await trigger()
+    result = await request.app[NODE_KEY].parts.anti_entropy.trigger_repair()
     return web.json_response({"status": "started", **result}, status=202)
 
 
@@ -533,7 +521,6 @@ def refuse_unknown_fields(data: dict[str, Any], known: tuple[str, ...], where: s
 
 GATE_KEY: web.AppKey[InflightGate] = web.AppKey("gate", InflightGate)
 SIGNER_KEY: web.AppKey[causal_context.ContextSigner] = web.AppKey("context_signer", causal_context.ContextSigner)
-CP_KEY: web.AppKey[Any] = web.AppKey("cp", object)
 
 
 def build_app(node: Node, extra_routes: list[web.RouteDef] | None = None) -> web.Application:
