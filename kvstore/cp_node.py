@@ -14,10 +14,9 @@ node could propose safely; this is only about latency.  If the forward may have
 reached the proposer and no answer came back, a change is reported as
 indeterminate (it may still take effect), a read as a plain failure.
 
-HTTP mapping: ``If-Match: "<etag>"`` is compare-and-set on the value's ETag,
-``If-None-Match: *`` is create-if-absent; a failed precondition is 412 with the
-current ETag.  A linearizable read answers 200 with ``ETag`` (no causal
-context: the register has none) or 404.
+This module speaks changes (``kvstore.paxos``: read, write, delete, compare-and-set,
+put-if-absent) and outcomes, not HTTP: the kv request core (``kvstore.kv_api``) maps
+``If-Match`` / ``If-None-Match`` to changes and outcomes to 200/204/404/412.
 
 Mixing modes on one key would silently break both guarantees (the register and
 the eventual data are separate states), so the node refuses it with 409
@@ -38,15 +37,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from aiohttp import web
-
 from kvstore import versions
-from kvstore.api import RequestParams, json_error
-from kvstore.contract import etag_of
-from kvstore.cp import ConsensusUnavailable, PaxosAcceptor, PaxosProposer
+from kvstore.cp import PaxosAcceptor, PaxosProposer
 from kvstore.cp_recovery import OP_RECOVER_SCAN, OP_REGISTER, OP_STATUS, AcceptorRecovery
 from kvstore.errors import (
-    BadRequest,
     ConsistencyConflict,
     NodeError,
     QuorumUnavailable,
@@ -60,29 +54,6 @@ from kvstore.storage import StorageError
 from kvstore.transport.base import Handler, Message, PeerUnavailable, RemoteError
 
 AP_CONFLICT = "this key holds eventual-mode data; linearizable access would ignore it (use a separate key)"
-
-
-def _change(kind: str, value: bytes | None, if_match: str | None, if_none_match: str | None) -> Change:
-    if if_match is not None and if_none_match is not None:
-        raise BadRequest("invalid_parameter", "use either If-Match or If-None-Match, not both")
-    if if_none_match is not None:
-        if if_none_match.strip() != "*":
-            raise BadRequest("invalid_parameter", "If-None-Match supports only *")
-        if kind != "put":
-            raise BadRequest("invalid_parameter", "If-None-Match: * applies to PUT")
-        assert value is not None
-        return PutIfAbsent(value)
-    if if_match is not None:
-        etag = if_match.strip()
-        if not (etag.startswith('"') and etag.endswith('"') and len(etag) > 2):
-            raise BadRequest("invalid_parameter", 'If-Match takes a quoted ETag, e.g. "0123abcd..."')
-        return CompareAndSet(etag, value if kind == "put" else None)
-    if kind == "get":
-        return Read()
-    if kind == "delete":
-        return Delete()
-    assert value is not None
-    return Write(value)
 
 
 def _change_to_wire(change: Change) -> list[Any]:
@@ -260,32 +231,3 @@ class LinearizableRegister:
                 return reply
             raise _error_from_body(reply["body"], reply.get("http"))
         raise QuorumUnavailable(majority, 0, indeterminate=False, detail="no replica of the key reachable")
-
-    # --- HTTP -----------------------------------------------------------------------------
-
-    async def get(self, request: web.Request, key: str, params: RequestParams) -> web.Response:
-        outcome = await self._run_http(key, Read(), params)
-        value = outcome["value"]
-        if value is None:
-            return json_error(404, "not_found", "no value for this key")
-        return web.Response(body=value, headers={"ETag": etag_of(value)}, content_type="application/octet-stream")
-
-    async def write(self, request: web.Request, key: str, value: bytes | None, params: RequestParams) -> web.Response:
-        if "X-Context" in request.headers:
-            raise BadRequest("invalid_parameter", "X-Context is for eventual/quorum writes; linearizable writes "
-                                                  "use If-Match for compare-and-set")
-        kind = "put" if request.method == "PUT" else "delete"
-        change = _change(kind, value, request.headers.get("If-Match"), request.headers.get("If-None-Match"))
-        outcome = await self._run_http(key, change, params)
-        if outcome["outcome"] == "precondition_failed":
-            return json_error(412, "precondition_failed", "the current value does not match the precondition",
-                              current=outcome["etag"])
-        headers = {"ETag": outcome["etag"]} if outcome.get("etag") else {}
-        return web.Response(status=204, headers=headers)
-
-    async def _run_http(self, key: str, change: Any, params: RequestParams) -> dict[str, Any]:
-        try:
-            return await self.run(key, change, params.timeout_s)
-        except ConsensusUnavailable as exc:
-            raise QuorumUnavailable(exc.needed, exc.acknowledged, exc.indeterminate,
-                                    detail=getattr(exc, "reason", "")) from None
