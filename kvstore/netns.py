@@ -218,6 +218,7 @@ class NetnsNetwork:
         self.tag = tag or secrets.token_hex(3)
         assert self.tag.isalnum() and len(self.tag) <= 6, "the tag must fit in an interface name"
         self.layout: NetnsLayout | None = None
+        self.owned = True  # False for a network attached to, not created: never destroyed by us
 
     @property
     def created(self) -> bool:
@@ -241,6 +242,30 @@ class NetnsNetwork:
                 self.destroy()
                 raise
         return layout
+
+    @classmethod
+    def attach(cls, addresses: dict[str, str]) -> NetnsNetwork:
+        """The network of a running ``cluster up --netns`` (node id -> its address), found by its
+        namespace names; it is not ours to destroy (``destroy`` leaves it alone)."""
+        reason = unavailable_reason()
+        if reason is not None:
+            raise NetnsError(reason)
+        ids = sorted(addresses)
+        tags = {ns[len(NAME_PREFIX):-len(f"-{ids[0]}")] for ns in existing_namespaces()
+                if ns.startswith(NAME_PREFIX) and ns.endswith(f"-{ids[0]}")}
+        for tag in sorted(t for t in tags if t.isalnum() and len(t) <= 6):
+            try:
+                subnet = ipaddress.IPv4Network(f"{addresses[ids[0]]}/24", strict=False)
+                layout = NetnsLayout(tag, tuple(ids), subnet)
+            except (ValueError, AssertionError):
+                continue
+            if all(layout.address(n) == addresses[n] and _has_address(layout.namespace(n), addresses[n])
+                   for n in ids):
+                network = cls(ids, tag)
+                network.layout = layout
+                network.owned = False
+                return network
+        raise NetnsError(f"no kvstore network namespaces hold these node addresses: {addresses}")
 
     def _layout(self) -> NetnsLayout:
         if self.layout is None:
@@ -266,7 +291,7 @@ class NetnsNetwork:
 
     def destroy(self) -> None:
         """Delete every namespace of this network that exists (their veths and the bridge go with them)."""
-        if self.layout is None:
+        if self.layout is None or not self.owned:
             return
         present = set(existing_namespaces())
         errors = []
@@ -284,6 +309,14 @@ class NetnsNetwork:
         if errors:
             raise NetnsError("; ".join(errors))
         self.layout = None
+
+
+def _has_address(namespace: str, address: str) -> bool:
+    try:
+        out = run(["ip", "-n", namespace, "-j", "-4", "addr", "show"]).strip()
+    except NetnsError:
+        return False
+    return any(a.get("local") == address for link in json.loads(out or "[]") for a in link.get("addr_info", []))
 
 
 def _root_links() -> list[str]:
