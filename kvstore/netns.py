@@ -83,6 +83,25 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def probe_reason() -> str | None:
+    """Like ``unavailable_reason``, and also tries to make (and remove) a namespace with a table in
+    it: a container without CAP_SYS_ADMIN or without nf_tables passes the cheap checks but not this."""
+    reason = unavailable_reason()
+    if reason is not None:
+        return reason
+    name = f"{NAME_PREFIX}{secrets.token_hex(3)}-probe"
+    try:
+        run(["ip", "netns", "add", name])
+        run(["ip", "netns", "exec", name, "nft", "-f", "-"], "table inet kvstore_probe {}\n")
+    except NetnsError as exc:
+        return f"cannot use network namespaces with nftables here: {exc}"
+    finally:
+        with contextlib.suppress(NetnsError):
+            if name in existing_namespaces():
+                run(["ip", "netns", "delete", name])
+    return None
+
+
 def run(argv: Sequence[str], stdin: str | None = None) -> str:
     """Run one command; its stdout, or NetnsError with its stderr."""
     try:
