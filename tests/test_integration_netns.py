@@ -379,6 +379,7 @@ def explore(tmp_path: Path, name: str, *extra: str) -> dict[tuple[str, str], dic
         [sys.executable, "-m", "kvstore", "explore", *extra, "--modes", "eventual,linearizable",
          "--scenarios", "majority-partition", "--duration", "5", "--seed", "11", "--out", str(out), "--json"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env={**os.environ, "TMPDIR": str(tmp_path)},  # the explorer's cluster directories land here too
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout)

@@ -126,3 +126,25 @@ def test_one_way_script_drops_only_into_the_deaf_node() -> None:
         if node != deaf:
             assert nft_script(grudge, node, ADDRESS).count("drop") == 1
             assert f"output ip daddr {{ {ADDRESS[deaf]} }} drop" in nft_script(grudge, node, ADDRESS)
+
+
+def test_unavailable_reason_names_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    import kvstore.netns as netns
+
+    monkeypatch.setattr(netns.sys, "platform", "linux")
+    monkeypatch.setattr(netns.os, "geteuid", lambda: 1000)
+    assert "need root" in (netns.unavailable_reason() or "")
+    monkeypatch.setattr(netns.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(netns.shutil, "which", lambda name: None if name == "nft" else f"/usr/sbin/{name}")
+    assert "nftables" in (netns.unavailable_reason() or "")
+    monkeypatch.setattr(netns.shutil, "which", lambda name: f"/usr/sbin/{name}")
+    assert netns.unavailable_reason() is None
+
+
+def test_netns_cluster_refuses_clearly_without_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    import kvstore.netns as netns
+    from kvstore.cluster import ClusterError
+
+    monkeypatch.setattr(netns, "unavailable_reason", lambda: "network namespaces need root")
+    with pytest.raises(ClusterError, match="--netns: network namespaces need root"):
+        netns.NetnsCluster(3, 3)
