@@ -370,6 +370,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print_json(info)
         return EXIT_OK
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     hints = info.get("pending_hints") or {}
@@ -380,6 +381,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     table.add_column("phi", justify="right")
     table.add_column("ownership", justify="right")
     table.add_column("pending hints", justify="right")
+    table.add_column("link")
     for member in info.get("members", []):
         state = str(member.get("state", "?"))
         phi = member.get("phi")
@@ -391,13 +393,54 @@ def cmd_status(args: argparse.Namespace) -> int:
             "-" if phi is None else f"{phi:.2f}",
             "-" if ownership is None else f"{ownership:.2f}%",
             str(hints.get(member.get("id"), 0)),
+            escape(link_summary(member.get("link"))),
         )
     console = Console(highlight=False)
     console.print(table)
+    for member in info.get("members", []):
+        for line in link_details(member):
+            console.print("[red]refused[/red] " + escape(line))
+    for stranger in info.get("refused_peers") or []:
+        console.print(f"[red]refused[/red] a non-member: {escape(repr(stranger.get('id')))} "
+                      + escape(refusal_text(stranger)))
     settings = ("replicas", "r", "w", "vnodes", "conflict_mode", "consistency")
     n, r, w, vnodes, mode, consistency = (info.get(k, "?") for k in settings)
     console.print(f"N={n} R={r} W={w}  vnodes={vnodes}  conflict_mode={mode}  consistency={consistency}")
     return EXIT_OK
+
+
+def refusal_text(refusal: dict[str, Any]) -> str:
+    """``unauthorized since 2026-01-02T12:00:01Z (42 times, last 0.2 s ago, from 10.0.0.3:5123): why``"""
+    where = f", from {refusal['address']}" if refusal.get("address") else ""
+    return (f"{refusal.get('code')} since {refusal.get('since')} ({refusal.get('count')} times, last "
+            f"{refusal.get('last_s_ago')} s ago{where}): {refusal.get('message')}")
+
+
+LINK_DIRECTIONS = (("they_refuse_us", "it refuses us"), ("we_refuse_them", "we refuse it"))
+
+
+def link_summary(link: Any) -> str:
+    """The table's link column: who refuses whom, by code ("ok" when neither side refuses)."""
+    if not isinstance(link, dict):
+        return ""
+    out, incoming = link.get("they_refuse_us"), link.get("we_refuse_them")
+    if out and incoming:
+        codes = {out.get("code"), incoming.get("code")}
+        return f"both ways: {'/'.join(sorted(map(str, codes)))}"
+    if out:
+        return f"refuses us: {out.get('code')}"
+    if incoming:
+        return f"we refuse: {incoming.get('code')}"
+    return "ok"
+
+
+def link_details(member: dict[str, Any]) -> list[str]:
+    """One line per refused direction of a member's link, with the reason and since when."""
+    link = member.get("link")
+    if not isinstance(link, dict):
+        return []
+    return [f"{member.get('id')}: {words}: {refusal_text(link[key])}" for key, words in LINK_DIRECTIONS
+            if link.get(key)]
 
 
 def cmd_repair(args: argparse.Namespace) -> int:
@@ -411,7 +454,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
 def register_admin(sub: Subparsers) -> None:
     conn = connection_options()
     p = sub.add_parser("status", parents=[conn], help="show cluster membership and settings",
-                       description="A table of members (state, phi, ring ownership, pending hints) and N/R/W.",
+                       description="A table of members (state, phi, ring ownership, pending hints, refused links) and N/R/W.",
                        epilog=EPILOG, formatter_class=Formatter)
     p.add_argument("--json", action="store_true", help="print GET /cluster as JSON")
     p.set_defaults(handler=cmd_status)
