@@ -491,6 +491,30 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
     return cluster_up(args)
 
 
+def cmd_cluster_stop(args: argparse.Namespace) -> int:
+    from kvstore import cluster_control
+
+    try:
+        stopped = cluster_control.stop(args.data_dir, grace_s=args.grace)
+    except cluster_control.ControlError as exc:
+        note(f"kvstore cluster stop: {exc}")
+        return EXIT_ERROR
+    print(f"kvstore: stopped {', '.join(stopped)}" if stopped else "kvstore: no node of this cluster was running")
+    return EXIT_OK
+
+
+def cmd_cluster_restart(args: argparse.Namespace) -> int:
+    from kvstore import cluster_control
+
+    try:
+        record = cluster_control.restart(args.data_dir, args.node_id, timeout_s=args.timeout, grace_s=args.grace)
+    except cluster_control.ControlError as exc:
+        note(f"kvstore cluster restart: {exc}")
+        return EXIT_ERROR
+    print(f"kvstore: {args.node_id} restarted, pid {record.pid}, {record.url}")
+    return EXIT_OK
+
+
 def register_nodes(sub: Subparsers) -> None:
     p = sub.add_parser("node", help="run one node in the foreground",
                        description="Run one node from its TOML config until SIGINT/SIGTERM.")
@@ -516,7 +540,32 @@ def register_nodes(sub: Subparsers) -> None:
                     help="keep concurrent writes as siblings, or last-write-wins (default siblings)")
     up.add_argument("--r", type=positive_int, help="default read quorum (default min(2, N))")
     up.add_argument("--w", type=positive_int, help="default write quorum (default min(2, N))")
+    up.add_argument("--detach", action="store_true",
+                    help="return once the nodes are up and leave them running (state in DATA_DIR/cluster.json; "
+                         "see: kvstore cluster stop, kvstore cluster restart)")
     up.set_defaults(handler=cmd_cluster_up)
+
+    stop = cluster_sub.add_parser(
+        "stop", help="stop a cluster started with --detach (by the PIDs in its data dir)",
+        description="Stop every node of the detached cluster in DATA_DIR: SIGTERM, then SIGKILL after the grace "
+                    "period. Only PIDs recorded in DATA_DIR/cluster.json that still run that node are signalled.",
+    )
+    stop.add_argument("--data-dir", required=True, metavar="DIR", help="the data dir given to cluster up --detach")
+    stop.add_argument("--grace", type=positive_float, default=10.0, metavar="SECONDS",
+                      help="time to exit after SIGTERM before SIGKILL (default 10)")
+    stop.set_defaults(handler=cmd_cluster_stop)
+
+    restart = cluster_sub.add_parser(
+        "restart", help="restart one node of a cluster started with --detach",
+        description="Stop NODE (if it runs) and start it again from its node.toml, then wait until it is healthy.",
+    )
+    restart.add_argument("node_id", metavar="NODE", help="the node's id, e.g. n2")
+    restart.add_argument("--data-dir", required=True, metavar="DIR", help="the data dir given to cluster up --detach")
+    restart.add_argument("--grace", type=positive_float, default=10.0, metavar="SECONDS",
+                         help="time to exit after SIGTERM before SIGKILL (default 10)")
+    restart.add_argument("--timeout", type=positive_float, default=30.0, metavar="SECONDS",
+                         help="how long to wait for it to become healthy (default 30)")
+    restart.set_defaults(handler=cmd_cluster_restart)
 
 
 # --------------------------------------------------------------------------- registry and entry point

@@ -125,7 +125,8 @@ class LocalCluster:
     ) -> None:
         assert nodes >= 1
         self._owns_dir = data_dir is None
-        self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="kvstore-cluster-"))  # mkdtemp: 0700
+        # Absolute: node processes, and `cluster stop`/`restart` run from elsewhere, find it by this path.
+        self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="kvstore-cluster-")).absolute()  # mkdtemp: 0700
         if base_port is not None:
             http_ports = [base_port + i for i in range(nodes)]
             peer_ports = [base_port + 100 + i for i in range(nodes)]
@@ -356,6 +357,12 @@ class LocalCluster:
         if remove_data if remove_data is not None else self._owns_dir:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 
+    def detach(self) -> None:
+        """Leave the running nodes to outlive this process (``cluster up --detach``): no atexit stop."""
+        if self._atexit_registered:
+            atexit.unregister(self.stop)
+            self._atexit_registered = False
+
     def __enter__(self) -> LocalCluster:
         return self.start()
 
@@ -364,8 +371,14 @@ class LocalCluster:
 
 
 def cluster_up(args: Any) -> int:
-    """``kvstore cluster up``: start the nodes, print their URLs, stop them all on Ctrl-C/SIGTERM."""
+    """``kvstore cluster up``: start the nodes, print their URLs, stop them all on Ctrl-C/SIGTERM
+    (with ``--detach``: leave them running, see kvstore.cluster_control)."""
+    from kvstore import cluster_control
+
+    detach = bool(getattr(args, "detach", False))
     try:
+        if args.data_dir:
+            cluster_control.refuse_if_running(args.data_dir)
         cluster = LocalCluster(
             nodes=args.nodes,
             replicas=args.replicas,
@@ -379,7 +392,7 @@ def cluster_up(args: Any) -> int:
             vnodes=getattr(args, "vnodes", 256),
             log_level="INFO",
         )
-    except (ClusterError, ValueError) as exc:
+    except (ClusterError, ValueError, cluster_control.ControlError) as exc:
         print(f"kvstore cluster up: {exc}", file=sys.stderr)
         return 1
     stopping = {"flag": False}
@@ -399,12 +412,21 @@ def cluster_up(args: Any) -> int:
     for node_id in cluster.node_ids:
         print(f"  {node_id}  {cluster.url(node_id)}  pid {cluster.pid(node_id)}")
     print(f"cluster secret (admin routes): {cluster.secret}")
+    if detach:
+        cluster.detach()
+        state = cluster_control.record_detached(cluster)
+        print(f"detached: state in {state.path}; stop with: kvstore cluster stop --data-dir {cluster.data_dir}",
+              flush=True)
+        return 0
     print("Ctrl-C stops every node.", flush=True)
+    deaths = cluster_control.DeathReporter()  # one line per death, not one per 0.2 s poll
     try:
         while not stopping["flag"]:
-            for node_id in cluster.node_ids:
-                if not cluster.alive(node_id) and not stopping["flag"]:
-                    print(f"kvstore: node {node_id} exited; see {cluster.log_path(node_id)}", file=sys.stderr)
+            for node_id in deaths.newly_dead((n, cluster.alive(n)) for n in cluster.node_ids):
+                if not stopping["flag"]:
+                    code = cluster.procs[node_id].returncode
+                    print(f"kvstore: node {node_id} exited (code {code}); see {cluster.log_path(node_id)}",
+                          file=sys.stderr, flush=True)
             time.sleep(0.2)
     finally:
         print("kvstore: stopping nodes...", flush=True)
