@@ -427,7 +427,7 @@ async def cluster_handler(request: web.Request) -> web.Response:
         phi = view.get("phi")
         entry: dict[str, Any] = {
             "id": m.id,
-            "url": m.url,
+            "url": node.cfg.url_of(m),
             "state": view.get("state", "up"),
             "phi": None if phi is None or phi != phi or phi == float("inf") else round(float(phi), 3),
             "ownership": round(ownership[m.id] * 100, 2),

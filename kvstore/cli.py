@@ -120,6 +120,8 @@ def connection_options() -> argparse.ArgumentParser:
     )
     group.add_argument("--timeout", type=positive_float, default=5.0, metavar="SECONDS",
                        help="per-attempt timeout (default 5)")
+    group.add_argument("--cacert", metavar="PEM", default=os.environ.get("KVSTORE_CACERT"),
+                       help="the CA that signed the nodes' certificates, for https:// nodes (default $KVSTORE_CACERT)")
     return parent
 
 
@@ -151,9 +153,11 @@ def with_client(args: argparse.Namespace, use: Callable[[Client], Awaitable[T]],
     from kvstore.client import Client
 
     try:
-        client = Client(node_urls(args), timeout_s=args.timeout, secret=secret)
+        client = Client(node_urls(args), timeout_s=args.timeout, secret=secret, ca_file=args.cacert)
     except ValueError as exc:  # a malformed --node URL
         raise UsageError(str(exc)) from None
+    except OSError as exc:  # --cacert unreadable or not PEM (ssl.SSLError is an OSError)
+        raise UsageError(f"--cacert {args.cacert}: {exc}") from None
 
     async def run() -> T:
         async with client:

@@ -27,6 +27,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -39,7 +40,7 @@ from typing import Any
 
 import msgpack
 
-from kvstore.config import APSettings, Limits, Member, NodeConfig, to_toml, validate
+from kvstore.config import APSettings, Limits, Member, NodeConfig, TLSSettings, to_toml, validate
 
 PRIVATE_DIR_MODE = 0o700
 PRIVATE_FILE_MODE = 0o600
@@ -122,6 +123,7 @@ class LocalCluster:
         limits: Limits | None = None,
         secret: str | None = None,
         log_level: str = "WARNING",
+        tls: TLSSettings | None = None,
     ) -> None:
         assert nodes >= 1
         self._owns_dir = data_dir is None
@@ -157,7 +159,13 @@ class LocalCluster:
                 fsync=fsync,
                 ap=ap or APSettings(),
                 limits=limits or Limits(),
+                tls=tls or TLSSettings(),
             )
+        )
+        # Our own HTTPS requests (health, acceptor status) trust the cluster's CA (kvstore.tls).
+        self.ssl_context = (
+            ssl.create_default_context(cafile=self.base_config.tls.ca_file)
+            if self.base_config.scheme == "https" else None
         )
         self.log_level = log_level
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -171,11 +179,11 @@ class LocalCluster:
         return [m.id for m in self.base_config.members]
 
     def url(self, node_id: str) -> str:
-        return self.base_config.member(node_id).url
+        return self.base_config.url_of(self.base_config.member(node_id))
 
     @property
     def urls(self) -> list[str]:
-        return [m.url for m in self.base_config.members]
+        return [self.base_config.url_of(m) for m in self.base_config.members]
 
     def config_path(self, node_id: str) -> Path:
         return self.data_dir / node_id / "node.toml"
@@ -222,7 +230,8 @@ class LocalCluster:
 
     def health(self, node_id: str, timeout_s: float = 0.5) -> bool:
         try:
-            with urllib.request.urlopen(self.url(node_id) + "/health", timeout=timeout_s) as resp:
+            with urllib.request.urlopen(self.url(node_id) + "/health", timeout=timeout_s,
+                                        context=self.ssl_context) as resp:
                 return bool(resp.status == 200)
         except (urllib.error.URLError, OSError, ValueError):
             return False
@@ -253,7 +262,7 @@ class LocalCluster:
             headers={"X-Cluster-Secret": self.secret, "X-Node": "cluster", "Content-Type": "application/msgpack"},
             method="POST",
         )
-        with urllib.request.urlopen(request, timeout=timeout_s) as resp:
+        with urllib.request.urlopen(request, timeout=timeout_s, context=self.ssl_context) as resp:
             doc = msgpack.unpackb(resp.read(), raw=False)
         if not isinstance(doc, dict):
             raise ClusterError(f"node {node_id}: unexpected paxos_status reply {doc!r}")

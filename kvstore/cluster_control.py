@@ -132,6 +132,8 @@ def record_detached(cluster: LocalCluster, ca_file: str | None = None) -> Cluste
             pid=cluster.pid(node_id), url=cluster.url(node_id), http_port=m.http_port, peer_port=m.peer_port,
             config=str(cluster.config_path(node_id)), log=str(cluster.log_path(node_id)),
         )
+    if ca_file is None and cluster.base_config.scheme == "https":
+        ca_file = cluster.base_config.tls.ca_file
     state = ClusterState(cluster.data_dir, nodes, ca_file)
     state.save()
     return state

@@ -16,7 +16,10 @@ peer "up, phi 0.00" (the detector is optimistic about a peer it never heard from
 * **we refuse them** (incoming): a connection claiming to be a member was refused here.  The claim
   is not proven (the hello failed), so the remote address is kept with it.  It stands until that
   member authenticates, and is forgotten ``STALE_AFTER_S`` after the last such connection (a
-  refused member retries every heartbeat interval, so a live cause keeps it fresh).
+  refused member retries every heartbeat interval, so a live cause keeps it fresh).  Our own
+  attempt to reach a member can also be refused by us: its TLS certificate is not one we trust.
+  That counts as "we refuse them" and, like "they refuse us", stops routing to it until a
+  handshake succeeds.
 * **strangers**: refused connections claiming an id that is not a member (a node whose member list
   has this cluster's members but not the other way round, a copy-pasted config).  At most
   ``MAX_STRANGERS`` are kept, the least recently seen dropped first, so a flood of made-up ids
@@ -96,6 +99,7 @@ class LinkTable:
         self._stale_after_ns = int(stale_after_s * 1e9)
         self._max_strangers = max_strangers
         self._outgoing: dict[str, Refusal] = {}
+        self._outgoing_refused_here: dict[str, Refusal] = {}
         self._incoming: dict[str, Refusal] = {}
         self._strangers: OrderedDict[str, Refusal] = OrderedDict()
 
@@ -105,12 +109,19 @@ class LinkTable:
         assert peer in self.peers, f"{peer!r} is not a peer"
         self._outgoing[peer] = _next(self._outgoing.get(peer), code, message, None, *self._now())
 
+    def refused_on_our_attempt(self, peer: str, code: str, message: str) -> None:
+        """Our connection to ``peer`` was refused by this node (its TLS certificate is not trusted)."""
+        assert peer in self.peers, f"{peer!r} is not a peer"
+        previous = self._outgoing_refused_here.get(peer)
+        self._outgoing_refused_here[peer] = _next(previous, code, message, None, *self._now())
+
     def handshake_succeeded(self, peer: str) -> None:
         self._outgoing.pop(peer, None)
+        self._outgoing_refused_here.pop(peer, None)
 
     def handshake_failed(self, peer: str) -> None:
         """A connection attempt failed without a refusal (nothing listening, a timeout)."""
-        self._outgoing.pop(peer, None)
+        self.handshake_succeeded(peer)  # what we knew about the handshake no longer holds
 
     def refused_incoming(self, claimed: str | None, code: str, message: str, address: str | None) -> None:
         """This node refused a connection; ``claimed`` is the id its hello named, if any."""
@@ -134,12 +145,16 @@ class LinkTable:
     def refuses_us(self, peer: str) -> Refusal | None:
         return self._outgoing.get(peer)
 
+    def outgoing_blocked(self, peer: str) -> bool:
+        """Whether our last attempt to reach ``peer`` was refused, by either side: do not route to it."""
+        return peer in self._outgoing or peer in self._outgoing_refused_here
+
     def we_refuse(self, peer: str) -> Refusal | None:
         refusal = self._incoming.get(peer)
         if refusal is not None and self._clock.monotonic_ns() - refusal.last_ns > self._stale_after_ns:
             del self._incoming[peer]
-            return None
-        return refusal
+            refusal = None
+        return refusal or self._outgoing_refused_here.get(peer)
 
     def strangers(self) -> list[tuple[str, Refusal]]:
         now_ns = self._clock.monotonic_ns()

@@ -15,67 +15,25 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from kvstore.cluster import LocalCluster, free_ports, stop_processes, write_private
-from kvstore.config import Member, NodeConfig, to_toml
+from kvstore.cluster import LocalCluster, free_ports, stop_processes
+from kvstore.config import Member
 from kvstore.ratelog import RateLimitedLog
 from kvstore.transport.base import PeerUnavailable
 from kvstore.transport.stream import StreamTransport
 from tests.conftest import FAST_AP, http, kv_path
+from tests.node_process import cluster_doc, member, start_node_process, wait_for
 
 pytestmark = pytest.mark.integration
 
-DEADLINE_S = 30.0
 RATE_LIMIT_INTERVAL_S = 10.0
 assert RateLimitedLog.__init__.__defaults__ is not None
 assert RateLimitedLog.__init__.__defaults__[0] == RATE_LIMIT_INTERVAL_S  # what the log bound below assumes
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout_s: float = DEADLINE_S) -> Any:
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except (OSError, ValueError, KeyError) as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(0.1)
-    raise AssertionError(f"{what}: not within {timeout_s:.0f}s (last: {last!r})")
-
-
-def cluster_doc(url: str) -> dict[str, Any]:
-    reply = http(url, "GET", "/cluster")
-    assert reply.status == 200, reply
-    doc = reply.json()
-    assert isinstance(doc, dict)
-    return doc
-
-
-def member(doc: dict[str, Any], member_id: str) -> dict[str, Any]:
-    (found,) = [m for m in doc["members"] if m["id"] == member_id]
-    assert isinstance(found, dict)
-    return found
-
-
-def start_node_process(cfg: NodeConfig, data_dir: Path) -> subprocess.Popen[bytes]:
-    node_dir = data_dir / cfg.node_id
-    node_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    write_private(node_dir / "node.toml", to_toml(cfg))
-    with open(node_dir / "node.log", "ab") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "kvstore.server", "--config", str(node_dir / "node.toml")],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, "KVSTORE_LOG": "INFO"}, start_new_session=True,
-        )
 
 
 def status_text(url: str, *extra: str) -> str:

@@ -99,3 +99,21 @@ def test_messages_are_truncated() -> None:
     links.refused_by_peer("n1", "bad_hello", "x" * 10_000)
     refusal = links.refuses_us("n1")
     assert refusal is not None and len(refusal.message) == MAX_MESSAGE_CHARS
+
+
+def test_our_own_refusal_of_a_peer_certificate_blocks_routing_until_a_handshake_succeeds() -> None:
+    links, _ = table()
+    links.refused_on_our_attempt("n1", "tls_rejected", "this node does not trust its certificate")
+    assert links.outgoing_blocked("n1") and links.refuses_us("n1") is None
+    refusal = links.we_refuse("n1")
+    assert refusal is not None and refusal.code == "tls_rejected"
+    assert links.member_json("n1")["they_refuse_us"] is None
+    links.handshake_succeeded("n1")
+    assert not links.outgoing_blocked("n1") and links.we_refuse("n1") is None
+
+
+def test_a_refusal_by_the_peer_blocks_routing() -> None:
+    links, _ = table()
+    assert not links.outgoing_blocked("n1")
+    links.refused_by_peer("n1", "unauthorized", "wrong cluster secret")
+    assert links.outgoing_blocked("n1") and not links.outgoing_blocked("n2")

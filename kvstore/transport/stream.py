@@ -44,6 +44,7 @@ import contextlib
 import hmac
 import itertools
 import logging
+import ssl
 import struct
 from collections import OrderedDict
 from collections.abc import Callable
@@ -184,6 +185,8 @@ class StreamTransport:
         max_unauthenticated: int = DEFAULT_MAX_UNAUTHENTICATED,
         clock: Clock | None = None,
         protocol_version: int = PROTOCOL_VERSION,
+        server_ssl: ssl.SSLContext | None = None,
+        client_ssl: ssl.SSLContext | None = None,
     ) -> None:
         assert hello_timeout_s > 0 and max_unauthenticated >= 1
         self.node_id = node_id
@@ -198,6 +201,11 @@ class StreamTransport:
         self._refusals = RateLimitedLog(log)
         self._clock = clock or SystemClock()
         self._protocol_version = protocol_version
+        # Mutual TLS (kvstore.tls): the listener requires a certificate from the cluster's CA, the
+        # dialler checks the listener's against the CA and the member's host.  Both or neither.
+        assert (server_ssl is None) == (client_ssl is None)
+        self._server_ssl = server_ssl
+        self._client_ssl = client_ssl
         # What the handshakes said, both ways (kvstore.links): /cluster shows it per member.
         self.links = LinkTable(peers, self._clock)
         self._handler: Handler | None = None
@@ -211,7 +219,12 @@ class StreamTransport:
 
     async def start(self, handler: Handler) -> None:
         self._handler = handler
-        self._server = await asyncio.start_server(self._serve, self._listen[0], self._listen[1])
+        # With TLS, the handshake happens before _serve and has the hello's time budget.  (Done by the
+        # loop: uvloop's start_tls on an accepted stream loses a ClientHello that arrived with it.)
+        handshake_timeout = self._hello_timeout_s if self._server_ssl is not None else None
+        self._server = await asyncio.start_server(
+            self._serve, self._listen[0], self._listen[1], ssl=self._server_ssl, ssl_handshake_timeout=handshake_timeout
+        )
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._incoming.add(writer)
@@ -349,13 +362,41 @@ class StreamTransport:
             host, port = self._peers[peer]
             writer = None
             try:
-                reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), CONNECT_TIMEOUT_S)
+                if self._client_ssl is not None:
+                    connect = asyncio.open_connection(host, port, ssl=self._client_ssl, server_hostname=host)
+                else:
+                    connect = asyncio.open_connection(host, port)
+                reader, writer = await asyncio.wait_for(connect, CONNECT_TIMEOUT_S)
                 hello = {"node": self.node_id, "secret": self._secret, "protocol": self._protocol_version}
                 writer.write(_pack(hello))
-                ack = await asyncio.wait_for(_read_frame(reader, MAX_HELLO_BYTES), CONNECT_TIMEOUT_S)
+                try:
+                    ack = await asyncio.wait_for(_read_frame(reader, MAX_HELLO_BYTES), CONNECT_TIMEOUT_S)
+                except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError) as exc:
+                    if self._client_ssl is None:
+                        raise
+                    # TLS 1.3: the listener checks our certificate after our handshake has completed.
+                    raise HandshakeRefused(
+                        "tls_rejected",
+                        "the peer closed the TLS connection before answering the hello: most likely it does not "
+                        f"trust this node's certificate (signed by another CA?) ({exc!r})",
+                    ) from None
                 if not isinstance(ack, dict) or not ack.get("ok"):
                     code, why = (ack.get("error"), ack.get("message")) if isinstance(ack, dict) else (None, None)
                     raise HandshakeRefused(str(code or "refused"), str(why or "no reason given"))
+            except ssl.SSLCertVerificationError as exc:
+                if writer is not None:
+                    writer.close()
+                why = f"this node does not trust the certificate of {host}:{port}: {exc.verify_message or exc}"
+                self._refusals.warning(f"refused_by:{peer}", "peer %s: %s", peer, why)
+                self.links.refused_on_our_attempt(peer, "tls_rejected", why)
+                raise PeerUnavailable(peer, f"connect failed: tls_rejected: {why}", maybe_delivered=False) from None
+            except ssl.SSLError as exc:  # an alert from the listener during the handshake (TLS 1.2)
+                if writer is not None:
+                    writer.close()
+                why = f"the TLS handshake failed: {exc.reason or exc}"
+                self._refusals.warning(f"refused_by:{peer}", "peer %s: %s", peer, why)
+                self.links.refused_by_peer(peer, "tls_rejected", why)
+                raise PeerUnavailable(peer, f"connect failed: tls_rejected: {why}", maybe_delivered=False) from None
             except HandshakeRefused as refusal:
                 if writer is not None:
                     writer.close()
