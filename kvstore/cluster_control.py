@@ -201,13 +201,14 @@ def restart(data_dir: str | Path, node_id: str, timeout_s: float = 30.0, grace_s
     if rec is None:
         raise ControlError(f"no node {node_id!r} in {state.path} (nodes: {', '.join(sorted(state.nodes))})")
     terminate_pids({node_id: rec}, grace_s)
-    rec.pid = spawn_node(Path(rec.config), Path(rec.log))
+    proc = spawn_node(Path(rec.config), Path(rec.log))
+    rec.pid = proc.pid
     state.save()
-    wait_healthy(rec, timeout_s, state.ca_file)
+    wait_healthy(rec, timeout_s, state.ca_file, proc)
     return rec
 
 
-def spawn_node(config: Path, log_path: Path, log_level: str = "INFO") -> int:
+def spawn_node(config: Path, log_path: Path, log_level: str = "INFO") -> subprocess.Popen[bytes]:
     """Start ``python -m kvstore.server --config CONFIG`` in its own session, output appended to the log."""
     if not config.exists():
         raise ControlError(f"{config} does not exist")
@@ -217,7 +218,7 @@ def spawn_node(config: Path, log_path: Path, log_level: str = "INFO") -> int:
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env={**os.environ, "KVSTORE_LOG": log_level}, start_new_session=True,
         )
-    return proc.pid
+    return proc
 
 
 def health_ok(url: str, ca_file: str | None = None, timeout_s: float = 0.5) -> bool:
@@ -229,10 +230,14 @@ def health_ok(url: str, ca_file: str | None = None, timeout_s: float = 0.5) -> b
         return False
 
 
-def wait_healthy(rec: NodeRecord, timeout_s: float, ca_file: str | None = None) -> None:
+def wait_healthy(rec: NodeRecord, timeout_s: float, ca_file: str | None = None,
+                 proc: subprocess.Popen[bytes] | None = None) -> None:
     deadline = time.monotonic() + timeout_s
     while not health_ok(rec.url, ca_file):
-        if rec.pid is None or not _alive(rec):
+        # Our own child is asked directly: until it has exec'd, /proc shows this program's command
+        # line, not the node's, and is_node_process would call a starting node dead.
+        exited = proc.poll() is not None if proc is not None else rec.pid is None or not _alive(rec)
+        if exited:
             raise ControlError(f"the node exited; see {rec.log}")
         if time.monotonic() > deadline:
             raise ControlError(f"{rec.url} not healthy after {timeout_s:.0f}s; see {rec.log}")

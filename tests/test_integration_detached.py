@@ -119,6 +119,26 @@ def test_stop_never_signals_a_pid_that_is_not_the_node(tmp_path: Path) -> None:
         bystander.wait(10)
 
 
+def test_restart_does_not_call_a_node_dead_before_it_has_execd(tmp_path: Path) -> None:
+    """Between fork and exec /proc shows the parent's command line, not the node's: a child that
+    still runs must count as starting, not as "the node exited" (this failed on a busy machine)."""
+    port = free_ports(1)[0]  # nothing listens there: the child never becomes healthy
+    not_yet_the_node = subprocess.Popen(["sleep", "60"])  # alive, /proc cmdline without the config
+    rec = cluster_control.NodeRecord(pid=not_yet_the_node.pid, url=f"http://127.0.0.1:{port}", http_port=port,
+                                     peer_port=port, config=str(tmp_path / "n1" / "node.toml"),
+                                     log=str(tmp_path / "n1.log"))
+    try:
+        with pytest.raises(cluster_control.ControlError, match="not healthy after"):
+            cluster_control.wait_healthy(rec, 0.5, None, not_yet_the_node)
+        not_yet_the_node.kill()
+        not_yet_the_node.wait(10)
+        with pytest.raises(cluster_control.ControlError, match="the node exited"):
+            cluster_control.wait_healthy(rec, 30.0, None, not_yet_the_node)
+    finally:
+        not_yet_the_node.kill()
+        not_yet_the_node.wait(10)
+
+
 def test_stop_and_restart_explain_a_missing_cluster(tmp_path: Path) -> None:
     result = kvstore_cmd("cluster", "stop", "--data-dir", str(tmp_path))
     assert result.returncode == 1 and "no detached cluster" in result.stderr
