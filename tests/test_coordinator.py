@@ -4,6 +4,7 @@ loop, no clock, no network -- inputs in, effects out."""
 from __future__ import annotations
 
 import ast
+import random
 from pathlib import Path
 from typing import Any
 
@@ -454,3 +455,125 @@ def test_the_core_module_does_no_io_and_reads_no_time() -> None:
             imported.add(node.module.split(".")[0] if node.module.split(".")[0] != "kvstore" else node.module)
     assert not imported & {"asyncio", "time", "os", "random", "socket", "aiohttp"}, imported
     assert not {m for m in imported if m.startswith(("kvstore.storage", "kvstore.node"))}, imported
+
+
+# --- seeded schedules -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_a_write_under_any_answer_order_answers_once_and_by_the_quorum(seed: int) -> None:
+    rng = random.Random(seed)
+    members = [f"n{i}" for i in range(1, 7)]
+    n = rng.randint(1, 4)
+    primaries, fallbacks = members[:n], members[n:]
+    down = tuple(p for p in primaries[1:] if rng.random() < 0.3)  # n1 coordinates: up
+    up = tuple(p for p in primaries if p not in down)
+    sloppy = rng.random() < 0.6
+    spare = tuple(f for f in fallbacks if rng.random() < 0.7) if sloppy else ()
+    w = rng.randint(1, n)
+    core = write_core(w, up, down, spare, sloppy=sloppy)
+    first = core.start(T0)
+    if isinstance(first[0], Failed):
+        assert len(core.plan.slots) < w and not first[0].indeterminate
+        return
+    core.on_register(False, T0)
+    effects = core.on_local(LocalWritten(written()), T0)
+    outcomes: list[Done | Failed] = []
+    in_flight: dict[int, Send] = {}
+    sent_to: list[str] = []
+    acked: set[str] = {"n1"}
+    timer_fired = False
+    while True:
+        for effect in effects:
+            if isinstance(effect, Send):
+                assert effect.call not in in_flight
+                in_flight[effect.call] = effect
+                sent_to.append(effect.peer)
+            elif isinstance(effect, Done | Failed):
+                outcomes.append(effect)
+        if not in_flight:
+            break
+        if not outcomes and not timer_fired and rng.random() < 0.05:
+            timer_fired = True
+            effects = core.on_timer(DEADLINE)
+            continue
+        call = rng.choice(sorted(in_flight))
+        send = in_flight.pop(call)
+        if rng.random() < 0.6:
+            if not outcomes:
+                acked.add(send.peer)
+            effects = core.on_reply(call, OK, T0)
+        else:
+            effects = core.on_failure(call, T0, maybe_delivered=rng.random() < 0.5)
+    assert core.settled
+    assert len(outcomes) == 1, outcomes
+    # Every member gets at most one copy; hand-offs go to spares only, each carrying a hint.
+    assert len(sent_to) == len(set(sent_to)) and "n1" not in sent_to
+    assert set(sent_to) <= set(up) | set(spare)
+    [outcome] = outcomes
+    if isinstance(outcome, Done):
+        assert isinstance(outcome.result, WriteOutcome)
+        assert outcome.result.acknowledged == w and outcome_of(outcome) == contract.OK
+        assert outcome.result.acknowledged <= len(acked)
+    else:
+        assert outcome.indeterminate  # the coordinator holds the write
+        assert timer_fired or outcome.error.body()["acknowledged"] < w
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_a_read_under_any_answer_order_answers_once_and_repairs_only_stale_primaries(seed: int) -> None:
+    rng = random.Random(seed)
+    versions_held = [None, written(b"a", "x.1"), written(b"b", "y.1"), written(b"c", "x.1")]
+    targets = tuple(rng.sample(["n1", "n2", "n3", "n4", "n5"], rng.randint(1, 4)))
+    primaries = ("n1", "n2", "n3")
+    r = rng.randint(1, len(targets))
+    core = read_core(r, targets=targets, primaries=primaries)
+    effects = core.start(T0)
+    in_flight = {e.call: e.peer for e in effects if isinstance(e, Send)}
+    held: dict[str, VersionedObject | None] = {}
+    outcomes: list[Done | Failed] = []
+    repairs: list[Repair] = []
+    repairing = False
+    while True:
+        for effect in effects:
+            if isinstance(effect, Abandon):
+                for call in effect.calls:
+                    in_flight.pop(call)
+            elif isinstance(effect, Repair):
+                repairs.append(effect)
+            elif isinstance(effect, Done | Failed):
+                outcomes.append(effect)
+        if outcomes and isinstance(outcomes[0], Done) and not repairing and rng.random() < 0.5:
+            repairing = True
+            effects = core.begin_repair(T0, 200 * MS)
+            continue
+        if not in_flight or core.settled:
+            break
+        if rng.random() < 0.05:
+            effects = core.on_timer(DEADLINE)
+            continue
+        call = rng.choice(sorted(in_flight))
+        peer = in_flight.pop(call)
+        if rng.random() < 0.7:
+            held[peer] = rng.choice(versions_held)
+            effects = core.on_reply(call, holding(held[peer]), T0)
+        else:
+            effects = core.on_failure(call, T0)
+    if not outcomes:  # every answer in before R: only the deadline can end it
+        effects = core.on_timer(DEADLINE)
+        outcomes += [e for e in effects if isinstance(e, Done | Failed)]
+    assert len(outcomes) == 1
+    [outcome] = outcomes
+    if isinstance(outcome, Failed):
+        assert not outcome.indeterminate and not repairs
+        return
+    assert isinstance(outcome.result, ReadOutcome) and outcome.result.replies == r
+    assert set(outcome.result.responders) <= set(held)
+    if repairing and core.settled:
+        merged = versions.sync_all(o for o in held.values() if o is not None)
+        stale = [
+            t for t in targets
+            if t in primaries and t in held
+            and (held[t] is None or versions.digest(held[t]) != versions.digest(merged))  # type: ignore[arg-type]
+        ]
+        assert [e.peer for e in repairs] == stale
