@@ -68,6 +68,17 @@ one, replacing any earlier timer), then ``Repair``s, then ``Done``/``Failed`` la
 Answers to calls the core no longer waits for (abandoned, or after a read decided) are
 ignored, so a driver may deliver them anyway.
 
+**Routing a client write** (``WriteRouterCore``, before any of the above): the receiving
+node coordinates if it is a primary believed up, else forwards (``Send`` of a
+``coordinate_write``, its ``timeout_ms`` a margin short of the request's so the primary's own
+typed answer arrives first) to the primaries believed up, in ring order, one at a time.  Only a
+*certain* refusal (the primary's own disk refused before any replica saw the write:
+``refused_before_replicating``; ``NoteRefusal``) or a forward that certainly never arrived
+moves on to the next; any answer that may mean "applied" ends the request.  When no primary
+took it: the first refusal, or (strict) ``quorum_unavailable``, or (sloppy) a fresh look at the
+membership (``ReadMembership``) and, with a primary believed down, ``CoordinateHere(as_fallback)``.
+Each effect is answered before the next (``on_coordinated``, ``on_answer``, ``on_membership``).
+
 **Outcomes** (``outcome_of``, per ``kvstore.contract``): ``Done`` is ``ok``; ``Failed`` is
 ``fail`` when its error says ``indeterminate: false`` or is a 4xx, else ``info``.  A write
 that was persisted locally and then missed W is always indeterminate: the coordinator (and
@@ -79,7 +90,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from kvstore import causal_context, contract, versions
 from kvstore.errors import (
@@ -93,7 +104,7 @@ from kvstore.errors import (
     StorageUnavailable,
 )
 from kvstore.quorum import QuorumTracker
-from kvstore.transport.base import Message
+from kvstore.transport.base import Message, RemoteError
 from kvstore.versions import VersionedObject
 
 MIN_CALL_TIMEOUT_NS = 1_000_000  # a call always gets at least 1 ms, even at the deadline
@@ -731,3 +742,220 @@ def _replica_object(reply: Message) -> VersionedObject | None | Literal[False]:
         return versions.decode(blob)
     except (ValueError, TypeError, KeyError):
         return False
+
+
+# --------------------------------------------------------------------------------------------
+# The write router: which node coordinates a client write
+# --------------------------------------------------------------------------------------------
+
+# A forwarded request gets this much less time than the forwarder, so the coordinator's own typed
+# answer (e.g. a timeout with ``indeterminate``) can arrive before the forwarder's call times out.
+FORWARD_MARGIN_MS = 20
+
+# RemoteError codes that a peer answers before doing anything (the request was not applied).
+REFUSED_REMOTE_CODES = ("bad_request", "unknown_op", "overloaded", "insufficient_storage")
+
+
+@dataclass(frozen=True, slots=True)
+class CoordinateHere:
+    """Coordinate the write on this node (a ``WriteCoordinatorCore``; as the stand-in of a down
+    primary when ``as_fallback``); answer ``on_coordinated`` with its outcome or typed error."""
+
+    as_fallback: bool
+
+
+@dataclass(frozen=True, slots=True)
+class NoteRefusal:
+    """A primary certainly refused the write (its disk); the router tries the next one.  For
+    the driver's metrics (``kvstore_replica_errors{peer, reason}``) and debug log."""
+
+    peer: str
+    error: NodeError
+
+
+@dataclass(frozen=True, slots=True)
+class ReadMembership:
+    """Look at the key's preference list again (``write_targets``); answer ``on_membership``."""
+
+
+RouterEffect = CoordinateHere | Send | NoteRefusal | ReadMembership | Done | Failed
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteFailed:
+    """Input: a forward's peer answered an untyped error (``RemoteError``)."""
+
+    call: int
+    error: RemoteError
+
+
+class WriteRouterCore:
+    """Where a client write is coordinated: here if this node is a primary believed up, else
+    forwarded (``coordinate_write``) to one; the next primary only after a *certain* refusal
+    (``refused_before_replicating``); as a fallback when no primary took it and one is believed
+    down (sloppy).  Any answer that may mean "applied" ends the request: no hidden second
+    attempt.  One step at a time: each effect (``CoordinateHere``, a forward ``Send``,
+    ``ReadMembership``) is answered before the next; ``NoteRefusal`` comes before the next
+    attempt in its batch, ``Done``/``Failed`` last."""
+
+    def __init__(
+        self,
+        *,
+        node_id: str,
+        key: str,
+        value: bytes | None,
+        context: Mapping[str, int],
+        w: int,
+        sloppy: bool,
+        targets: WriteTargets,
+        deadline_ns: int,
+    ) -> None:
+        self.node_id = node_id
+        self.key = key
+        self.value = value
+        self.context = dict(context)
+        self.w = w
+        self.sloppy = sloppy
+        self.targets = targets
+        self.deadline_ns = deadline_ns
+        self.refusals: list[NodeError] = []
+        self._candidates = ([node_id] if node_id in targets.up else []) + [p for p in targets.up if p != node_id]
+        self._current: str | None = None  # the node asked now (this one, or a forward's primary)
+        self._forward: int | None = None  # the forward's call
+        self._as_fallback = False  # the last attempt: no refusal is retried after it
+        self._ids = itertools.count()
+        self.answered = False
+
+    def start(self, at_ns: int) -> list[RouterEffect]:
+        assert self._current is None and not self.answered
+        if not self.sloppy and len(self.targets.up) < self.w:
+            return self._answer(Failed(QuorumUnavailable(
+                self.w, 0, indeterminate=False, detail=f"primaries believed down: {list(self.targets.down)}"
+            )))
+        return self._next(at_ns)
+
+    def on_coordinated(self, result: WriteOutcome | NodeError, at_ns: int) -> list[RouterEffect]:
+        """The outcome of ``CoordinateHere``."""
+        assert self._current is not None and not self.answered
+        if isinstance(result, WriteOutcome):
+            return self._answer(Done(result))
+        if self._as_fallback:
+            return self._answer(Failed(result))  # the last attempt
+        return self._refused_or_failed(result, at_ns)
+
+    def on_answer(self, answer: Reply | CallFailed | RemoteFailed, at_ns: int) -> list[RouterEffect]:
+        """The answer to the forward ``Send``."""
+        assert answer.call == self._forward and self._current is not None and not self.answered
+        self._forward = None
+        primary = self._current
+        match answer:
+            case Reply(message=reply) if reply.get("status") == "ok":
+                return self._answer(Done(WriteOutcome(
+                    versions.decode(reply["obj"]), int(reply["acknowledged"]), list(reply.get("hinted", []))
+                )))
+            case Reply(message=reply):
+                return self._refused_or_failed(error_from_body(reply.get("body") or {}, reply.get("http")), at_ns)
+            case RemoteFailed(error=error):
+                return self._refused_or_failed(error_from_remote(error, self.w), at_ns)
+            case CallFailed(maybe_delivered=True):
+                return self._answer(Failed(QuorumUnavailable(
+                    self.w, 0, indeterminate=True, detail=f"forward to {primary} timed out"
+                )))
+            case CallFailed():
+                return self._next(at_ns)  # it certainly never got the request
+        raise AssertionError(f"unknown answer {answer!r}")
+
+    def on_membership(self, targets: WriteTargets, at_ns: int) -> list[RouterEffect]:
+        """The preference list as the failure detector sees it now (after every primary failed)."""
+        assert not self.answered
+        if not targets.down:
+            # Every primary is still believed up but none took the forwarded write (a forward that
+            # may have been delivered ended the request already): there is no down primary for
+            # this node to stand in for as a fallback.  Nothing was written: a certain failure.
+            if at_ns >= self.deadline_ns:
+                return self._answer(Failed(RequestTimeout(
+                    "the deadline passed before a primary could be asked", indeterminate=False
+                )))
+            return self._answer(Failed(QuorumUnavailable(
+                self.w, 0, indeterminate=False, detail="no primary took the forwarded write"
+            )))
+        self._current = self.node_id
+        self._as_fallback = True
+        return [CoordinateHere(as_fallback=True)]
+
+    # --- internals --------------------------------------------------------------------------
+
+    def _refused_or_failed(self, error: NodeError, at_ns: int) -> list[RouterEffect]:
+        if not refused_before_replicating(error):
+            return self._answer(Failed(error))
+        assert self._current is not None
+        self.refusals.append(error)
+        return [NoteRefusal(self._current, error), *self._next(at_ns)]
+
+    def _next(self, at_ns: int) -> list[RouterEffect]:
+        remaining_ns = self.deadline_ns - at_ns
+        if self._candidates and remaining_ns > 0:
+            primary = self._current = self._candidates.pop(0)
+            if primary == self.node_id:
+                return [CoordinateHere(as_fallback=False)]
+            self._forward = next(self._ids)
+            message: Message = {
+                "op": "coordinate_write", "key": self.key, "value": self.value,
+                "context": sorted(self.context.items()), "w": self.w, "sloppy": self.sloppy,
+                "timeout_ms": max(1, remaining_ns // 1_000_000 - FORWARD_MARGIN_MS),
+            }
+            return [Send(self._forward, primary, message, self.deadline_ns)]
+        if self.refusals:
+            return self._answer(Failed(self.refusals[0]))  # every primary tried refused for certain
+        if not self.sloppy:
+            return self._answer(Failed(QuorumUnavailable(self.w, 0, indeterminate=False, detail="no primary reachable")))
+        return [ReadMembership()]
+
+    def _answer(self, effect: Done | Failed) -> list[RouterEffect]:
+        assert not self.answered
+        self.answered = True
+        return [effect]
+
+
+def error_from_body(body: Mapping[str, Any], http_status: Any = None) -> NodeError:
+    """The typed error a peer answered (a forwarded write or proposal), with its status and body."""
+    code = str(body.get("error") or "internal")
+    message = str(body.get("message", ""))
+    err: NodeError
+    if code == "quorum_unavailable":
+        err = QuorumUnavailable(
+            int(body.get("needed", 0)), int(body.get("acknowledged", 0)), bool(body.get("indeterminate", True))
+        )
+    elif code == "overloaded":
+        err = Overloaded(message)
+    elif code == "consistency_conflict":
+        err = ConsistencyConflict(message)
+    elif code == "bad_context":
+        err = BadRequest("bad_context", message)
+    else:
+        err = NodeError(message)
+        err.code = code
+        err.status = 503
+    # Pass the peer's answer on as it was: its message (with details) and every field of its body.
+    err.message = message
+    err.extra = {k: v for k, v in body.items() if k not in ("error", "message")}
+    if isinstance(http_status, int) and 400 <= http_status <= 599:
+        err.status = http_status
+    return err
+
+
+def error_from_remote(exc: RemoteError, needed: int) -> NodeError:
+    """A peer's handler failed outside its typed answers (``RemoteError``): say what is known."""
+    if exc.code == "insufficient_storage":
+        return InsufficientStorage(f"{exc.peer}: {exc.message}", indeterminate=False)
+    if exc.code == "overloaded":
+        return Overloaded(f"{exc.peer}: {exc.message}; retry later", indeterminate=False)
+    detail = f"{exc.peer} answered {exc.code}: {exc.message}"
+    # A refused message was not applied; any other failure (a storage error, a bug) may have been.
+    return QuorumUnavailable(needed, 0, indeterminate=exc.code not in REFUSED_REMOTE_CODES, detail=detail)
+
+
+def refused_before_replicating(exc: NodeError) -> bool:
+    """The coordinator's own disk refused the write before any replica saw it: nothing was
+    applied anywhere, and another primary (another disk) may well succeed."""
+    return exc.code in ("insufficient_storage", "storage_unavailable") and exc.extra.get("indeterminate") is False

@@ -65,8 +65,9 @@ which replicas read repair brings up to date, and each outcome's status and ``in
 ``PersistLocal`` (the lock, read and durable write, bounded by the deadline), ``Send`` (a task
 running ``call``), ``Abandon``, ``StartTimer`` -- and feed the answers back in the order the
 calls completed.  After a write's answer its remaining replica calls are driven in the
-background; after a read's, ``PendingRepair`` hands them to read repair.  Forwarding a client
-write to a primary (``put``) stays here.
+background; after a read's, ``PendingRepair`` hands them to read repair.  Which node
+coordinates a client write (here, forwarded to a primary, the next primary after a certain
+refusal, or here as a fallback) is the ``WriteRouterCore``'s decision; ``put`` drives it.
 
 **Collaborators.**  The mechanisms that keep replicas converging and the CP side are not
 part of this class: hinted handoff (``kvstore.handoff``), read repair
@@ -98,40 +99,43 @@ from kvstore import causal_context, versions
 from kvstore.clock import Clock
 from kvstore.config import NodeConfig
 from kvstore.coordinator import (
+    FORWARD_MARGIN_MS as FORWARD_MARGIN_MS,  # for kvstore.cp_node
+)
+from kvstore.coordinator import (
     MIN_CALL_TIMEOUT_NS,
+    REFUSED_REMOTE_CODES,
     Abandon,
     Answer,
     CallFailed,
     CheckRegister,
+    CoordinateHere,
     Done,
     Effect,
     Failed,
     LocalFailed,
     LocalResult,
     LocalWritten,
+    NoteRefusal,
     PersistLocal,
     ReadCoordinatorCore,
+    ReadMembership,
     ReadOutcome,
+    RemoteFailed,
     Repair,
     Reply,
     Send,
     StartTimer,
     WriteCoordinatorCore,
     WriteOutcome,
+    WriteRouterCore,
     WriteTargets,
+    error_from_body,
+    error_from_remote,
     plan_write,
     read_targets,
     write_targets,
 )
-from kvstore.errors import (
-    BadRequest,
-    ConsistencyConflict,
-    InsufficientStorage,
-    NodeError,
-    Overloaded,
-    QuorumUnavailable,
-    RequestTimeout,
-)
+from kvstore.errors import NodeError, Overloaded
 from kvstore.hints import (
     NS_PER_S,
     Admission,
@@ -160,9 +164,6 @@ if TYPE_CHECKING:  # the collaborators' modules import this one; assembly.py imp
 log = logging.getLogger(__name__)
 
 HINT_SCAN_PAGE = 500
-# A forwarded request gets this much less time than the forwarder, so the coordinator's own typed
-# answer (e.g. a timeout with ``indeterminate``) can arrive before the forwarder's call times out.
-FORWARD_MARGIN_MS = 20
 
 
 @dataclass
@@ -616,81 +617,58 @@ class Node:
     ) -> WriteOutcome:
         """Client write entry point on any node: coordinate here if a primary, else forward to one.
 
-        A primary that certainly refused (its own disk refused the write before any replica saw
-        it: ``_refused_before_replicating``) is replaced by the next primary believed up; any
-        answer that may mean "applied" ends the request (no hidden second attempt).
+        Which node coordinates is the ``WriteRouterCore``'s decision (a primary that certainly
+        refused is replaced by the next; any answer that may mean "applied" ends the request, no
+        hidden second attempt); this carries out its steps one at a time.
         """
         deadline = self.now_s() + timeout_s
-        targets = self.write_targets(key, sloppy)
-        up, down = list(targets.up), list(targets.down)
-        if not sloppy and len(up) < w:
-            raise QuorumUnavailable(w, 0, indeterminate=False, detail=f"primaries believed down: {down}")
-        refusals: list[NodeError] = []
-        candidates = ([self.node_id] if self.node_id in up else []) + [p for p in up if p != self.node_id]
-        for primary in candidates:
-            remaining = deadline - self.now_s()
-            if remaining <= 0:
-                break
-            try:
-                if primary == self.node_id:
-                    return await self.coordinate_write(key, value, context, w, sloppy, deadline, as_fallback=False)
-                outcome = await self._forward_write(primary, key, value, context, w, sloppy, remaining)
-            except NodeError as exc:
-                if not _refused_before_replicating(exc):
-                    raise
-                # Counted, not logged per write: a full disk refuses every write, and its own node logs it.
-                self.metrics.replica_errors.labels(peer=primary, reason=exc.code).inc()
-                log.debug("primary %s refused a write of %r (%s); trying the next primary", primary, key, exc.message)
-                refusals.append(exc)
-                continue
-            if outcome is not None:
-                return outcome
-        if refusals:
-            raise refusals[0]  # every primary tried refused for certain: nothing was applied
-        if not sloppy:
-            raise QuorumUnavailable(w, 0, indeterminate=False, detail="no primary reachable")
-        if not self.write_targets(key, sloppy).down:
-            # Every primary is still believed up but none took the forwarded write (a forward that
-            # may have been delivered raised above): there is no down primary for this node to
-            # stand in for as a fallback.  Nothing was written: a certain failure.
-            if self.now_s() >= deadline:
-                raise RequestTimeout("the deadline passed before a primary could be asked", indeterminate=False)
-            raise QuorumUnavailable(w, 0, indeterminate=False, detail="no primary took the forwarded write")
-        return await self.coordinate_write(key, value, context, w, sloppy, deadline, as_fallback=True)
+        router = WriteRouterCore(
+            node_id=self.node_id, key=key, value=value, context=context, w=w, sloppy=sloppy,
+            targets=self.write_targets(key, sloppy), deadline_ns=int(deadline * NS_PER_S),
+        )
+        at_ns = self.clock.monotonic_ns()
+        steps = deque(router.start(at_ns))
+        while steps:
+            match steps.popleft():
+                case CoordinateHere(as_fallback=as_fallback):
+                    coordinated: WriteOutcome | NodeError
+                    try:
+                        coordinated = await self.coordinate_write(
+                            key, value, context, w, sloppy, deadline, as_fallback=as_fallback
+                        )
+                    except NodeError as exc:
+                        coordinated = exc
+                    at_ns = self.clock.monotonic_ns()
+                    steps.extend(router.on_coordinated(coordinated, at_ns))
+                case Send() as forward:
+                    answer = await self._forward_write(forward, at_ns)
+                    at_ns = self.clock.monotonic_ns()
+                    steps.extend(router.on_answer(answer, at_ns))
+                case NoteRefusal(peer=peer, error=error):
+                    # Counted, not logged per write: a full disk refuses every write, and its own node logs it.
+                    self.metrics.replica_errors.labels(peer=peer, reason=error.code).inc()
+                    log.debug("primary %s refused a write of %r (%s); trying the next primary", peer, key, error.message)
+                case ReadMembership():
+                    targets = self.write_targets(key, sloppy)
+                    at_ns = self.clock.monotonic_ns()
+                    steps.extend(router.on_membership(targets, at_ns))
+                case Done(result=outcome):
+                    assert isinstance(outcome, WriteOutcome)
+                    return outcome
+                case Failed(error=error):
+                    raise error
+        raise AssertionError("the write router ended without an outcome")
 
-    async def _forward_write(
-        self,
-        primary: str,
-        key: str,
-        value: bytes | None,
-        context: dict[str, int],
-        w: int,
-        sloppy: bool,
-        remaining: float,
-    ) -> WriteOutcome | None:
-        """Ask ``primary`` to coordinate the write.  None: it certainly never received it.
-
-        Raises the primary's typed error (same status and body), or 503 ``quorum_unavailable``
-        with ``indeterminate: true`` when the request may have reached it without an answer."""
+    async def _forward_write(self, forward: Send, at_ns: int) -> Reply | CallFailed | RemoteFailed:
+        """Ask a primary to coordinate the write, until the request's deadline."""
         self.metrics.forwarded.inc()
-        message = {
-            "op": "coordinate_write", "key": key, "value": value,
-            "context": sorted(context.items()), "w": w, "sloppy": sloppy,
-            "timeout_ms": max(1, int(remaining * 1000) - FORWARD_MARGIN_MS),
-        }
         try:
-            reply = await self.call(primary, message, remaining)
+            reply = await self.call(forward.peer, forward.message, (forward.timeout_at_ns - at_ns) / NS_PER_S)
         except PeerUnavailable as exc:
-            if exc.maybe_delivered:
-                raise QuorumUnavailable(
-                    w, 0, indeterminate=True, detail=f"forward to {primary} timed out"
-                ) from None
-            return None
+            return CallFailed(forward.call, exc.maybe_delivered)
         except RemoteError as exc:
-            raise _error_from_remote(exc, w) from None
-        if reply.get("status") == "ok":
-            return WriteOutcome(versions.decode(reply["obj"]), int(reply["acknowledged"]), reply.get("hinted", []))
-        raise _error_from_body(reply["body"], reply.get("http"))
+            return RemoteFailed(forward.call, exc)
+        return Reply(forward.call, reply)
 
     async def _on_coordinate_write(self, sender: str, message: Message) -> Message:
         deadline = self.now_s() + int(message["timeout_ms"]) / 1000.0
@@ -1007,57 +985,14 @@ def _answer(call: int, task: asyncio.Future[Message]) -> Answer:
     if isinstance(exc, PeerUnavailable):
         return CallFailed(call, maybe_delivered=exc.maybe_delivered)
     if isinstance(exc, RemoteError):
-        return CallFailed(call, maybe_delivered=exc.code not in _REFUSED_REMOTE_CODES)
+        return CallFailed(call, maybe_delivered=exc.code not in REFUSED_REMOTE_CODES)
     log.error("a coordinator's call %d failed unexpectedly", call, exc_info=exc)
     return CallFailed(call, maybe_delivered=True)
 
 
-def _error_from_body(body: dict[str, Any], http_status: Any = None) -> NodeError:
-    """The typed error a peer answered (a forwarded write or proposal), with its status and body."""
-    code = str(body.get("error") or "internal")
-    message = str(body.get("message", ""))
-    err: NodeError
-    if code == "quorum_unavailable":
-        err = QuorumUnavailable(
-            int(body.get("needed", 0)), int(body.get("acknowledged", 0)), bool(body.get("indeterminate", True))
-        )
-    elif code == "overloaded":
-        err = Overloaded(message)
-    elif code == "consistency_conflict":
-        err = ConsistencyConflict(message)
-    elif code == "bad_context":
-        err = BadRequest("bad_context", message)
-    else:
-        err = NodeError(message)
-        err.code = code
-        err.status = 503
-    # Pass the peer's answer on as it was: its message (with details) and every field of its body.
-    err.message = message
-    err.extra = {k: v for k, v in body.items() if k not in ("error", "message")}
-    if isinstance(http_status, int) and 400 <= http_status <= 599:
-        err.status = http_status
-    return err
-
-
-# RemoteError codes that a peer answers before doing anything (the request was not applied).
-_REFUSED_REMOTE_CODES = ("bad_request", "unknown_op", "overloaded", "insufficient_storage")
-
-
-def _error_from_remote(exc: RemoteError, needed: int) -> NodeError:
-    """A peer's handler failed outside its typed answers (``RemoteError``): say what is known."""
-    if exc.code == "insufficient_storage":
-        return InsufficientStorage(f"{exc.peer}: {exc.message}", indeterminate=False)
-    if exc.code == "overloaded":
-        return Overloaded(f"{exc.peer}: {exc.message}; retry later", indeterminate=False)
-    detail = f"{exc.peer} answered {exc.code}: {exc.message}"
-    # A refused message was not applied; any other failure (a storage error, a bug) may have been.
-    return QuorumUnavailable(needed, 0, indeterminate=exc.code not in _REFUSED_REMOTE_CODES, detail=detail)
-
-
-def _refused_before_replicating(exc: NodeError) -> bool:
-    """The coordinator's own disk refused the write before any replica saw it: nothing was
-    applied anywhere, and another primary (another disk) may well succeed."""
-    return exc.code in ("insufficient_storage", "storage_unavailable") and exc.extra.get("indeterminate") is False
+# For kvstore.cp_node, which forwards linearizable operations the same way.
+_error_from_body = error_from_body
+_error_from_remote = error_from_remote
 
 
 def _consume_outcome(task: asyncio.Future[Any]) -> None:

@@ -13,18 +13,23 @@ import pytest
 from kvstore import contract, versions
 from kvstore.causal_context import BadContext
 from kvstore.coordinator import (
+    FORWARD_MARGIN_MS,
     MIN_CALL_TIMEOUT_NS,
     Abandon,
     CallFailed,
     CheckRegister,
+    CoordinateHere,
     Done,
     Effect,
     Failed,
     LocalFailed,
     LocalWritten,
+    NoteRefusal,
     PersistLocal,
     ReadCoordinatorCore,
+    ReadMembership,
     ReadOutcome,
+    RemoteFailed,
     Repair,
     Reply,
     Send,
@@ -32,13 +37,15 @@ from kvstore.coordinator import (
     WriteCoordinatorCore,
     WriteOutcome,
     WritePlan,
+    WriteRouterCore,
     WriteTargets,
     outcome_of,
     plan_write,
     read_targets,
     write_targets,
 )
-from kvstore.errors import NodeError, Overloaded
+from kvstore.errors import InsufficientStorage, NodeError, Overloaded
+from kvstore.transport.base import RemoteError
 from kvstore.versions import VersionedObject
 
 MS = 1_000_000
@@ -577,3 +584,133 @@ def test_a_read_under_any_answer_order_answers_once_and_repairs_only_stale_prima
             and (held[t] is None or versions.digest(held[t]) != versions.digest(merged))  # type: ignore[arg-type]
         ]
         assert [e.peer for e in repairs] == stale
+
+
+# --- routing a client write -------------------------------------------------------------------
+
+
+def router(
+    up: tuple[str, ...] = ("n2", "n3", "n4"), down: tuple[str, ...] = (), *, node: str = "n1",
+    w: int = 2, sloppy: bool = True,
+) -> WriteRouterCore:
+    return WriteRouterCore(
+        node_id=node, key="k", value=b"v", context={"b": 2, "a": 1}, w=w, sloppy=sloppy,
+        targets=WriteTargets(up, down, ()), deadline_ns=DEADLINE,
+    )
+
+
+def coordinated_reply(acknowledged: int = 2) -> dict[str, Any]:
+    return {"status": "ok", "obj": versions.encode(written()), "acknowledged": acknowledged, "hinted": ["n5"]}
+
+
+FULL_DISK = InsufficientStorage("n2: disk full", indeterminate=False)
+
+
+def test_a_primary_coordinates_here_first() -> None:
+    core = router(up=("n2", "n1", "n3"))
+    assert core.start(T0) == [CoordinateHere(as_fallback=False)]
+    [done] = core.on_coordinated(WriteOutcome(written(), 2), T0)
+    assert isinstance(done, Done)
+
+
+def test_a_non_primary_forwards_to_the_first_primary_up_with_a_margin_on_the_deadline() -> None:
+    core = router()
+    [forward] = core.start(T0 + 500 * MS)
+    assert isinstance(forward, Send) and forward.peer == "n2" and forward.timeout_at_ns == DEADLINE
+    assert forward.message == {
+        "op": "coordinate_write", "key": "k", "value": b"v", "context": [("a", 1), ("b", 2)], "w": 2,
+        "sloppy": True, "timeout_ms": 1500 - FORWARD_MARGIN_MS,
+    }
+    [done] = core.on_answer(Reply(forward.call, coordinated_reply()), T0)
+    assert isinstance(done, Done) and isinstance(done.result, WriteOutcome)
+    assert done.result.acknowledged == 2 and done.result.hinted == ["n5"]
+
+
+def test_a_certain_refusal_moves_on_to_the_next_primary_and_the_first_refusal_is_the_answer() -> None:
+    core = router()
+    [first] = core.start(T0)
+    assert isinstance(first, Send)
+    body = {"error": "insufficient_storage", "message": "disk full", "indeterminate": False}
+    effects = core.on_answer(Reply(first.call, {"status": "error", "body": body, "http": 507}), T0)
+    assert [type(e) for e in effects] == [NoteRefusal, Send]
+    assert isinstance(effects[0], NoteRefusal) and effects[0].peer == "n2"
+    second = effects[1]
+    assert isinstance(second, Send) and second.peer == "n3"
+    effects = core.on_answer(RemoteFailed(second.call, RemoteError("n3", "insufficient_storage", "full")), T0)
+    assert [type(e) for e in effects] == [NoteRefusal, Send]
+    third = effects[1]
+    assert isinstance(third, Send) and third.peer == "n4"
+    effects = core.on_answer(CallFailed(third.call, maybe_delivered=False), T0)  # never got it
+    [failed] = effects
+    assert isinstance(failed, Failed) and failed.error.status == 507 and failed.error.message == "disk full"
+    assert outcome_of(failed) == contract.FAIL
+
+
+@pytest.mark.parametrize(
+    ("answer", "status", "code", "outcome"),
+    [
+        (CallFailed(0, maybe_delivered=True), 503, "quorum_unavailable", contract.INFO),
+        (Reply(0, {"status": "error", "http": 503, "body": {
+            "error": "quorum_unavailable", "message": "1 of 2", "needed": 2, "acknowledged": 1, "indeterminate": True,
+        }}), 503, "quorum_unavailable", contract.INFO),
+        (Reply(0, {"status": "error", "http": 409, "body": {"error": "consistency_conflict", "message": "cp"}}),
+         409, "consistency_conflict", contract.FAIL),
+        (RemoteFailed(0, RemoteError("n2", "storage", "EIO")), 503, "quorum_unavailable", contract.INFO),
+        (RemoteFailed(0, RemoteError("n2", "overloaded", "busy")), 503, "overloaded", contract.FAIL),
+    ],
+)
+def test_a_forward_answer_that_may_mean_applied_ends_the_request(
+    answer: Reply | CallFailed | RemoteFailed, status: int, code: str, outcome: contract.Outcome
+) -> None:
+    core = router()
+    [forward] = core.start(T0)
+    assert isinstance(forward, Send) and forward.call == 0
+    [failed] = core.on_answer(answer, T0)
+    assert isinstance(failed, Failed)
+    assert (failed.error.status, failed.error.code, outcome_of(failed)) == (status, code, outcome)
+
+
+def test_the_deadline_stops_the_failover() -> None:
+    core = router()
+    [first] = core.start(T0)
+    assert isinstance(first, Send)
+    body = {"error": "insufficient_storage", "message": "disk full", "indeterminate": False}
+    effects = core.on_answer(Reply(first.call, {"status": "error", "body": body, "http": 507}), DEADLINE)
+    assert [type(e) for e in effects] == [NoteRefusal, Failed]
+
+
+def test_strict_writes_refuse_without_w_primaries_and_without_a_reachable_one() -> None:
+    [failed] = router(up=("n2",), down=("n3", "n4"), sloppy=False).start(T0)
+    assert isinstance(failed, Failed) and failed.error.body()["indeterminate"] is False
+    core = router(up=("n2", "n3"), down=("n4",), sloppy=False)
+    [first] = core.start(T0)
+    assert isinstance(first, Send)
+    [second] = core.on_answer(CallFailed(first.call, maybe_delivered=False), T0)
+    assert isinstance(second, Send)
+    [failed] = core.on_answer(CallFailed(second.call, maybe_delivered=False), T0)
+    assert isinstance(failed, Failed) and "no primary reachable" in failed.error.message
+    assert outcome_of(failed) == contract.FAIL
+
+
+def test_sloppy_with_no_primary_reachable_coordinates_here_as_a_fallback_if_one_is_down() -> None:
+    core = router(up=("n2",), down=("n3", "n4"))
+    [first] = core.start(T0)
+    assert isinstance(first, Send)
+    assert core.on_answer(CallFailed(first.call, maybe_delivered=False), T0) == [ReadMembership()]
+    assert core.on_membership(WriteTargets((), ("n2", "n3", "n4"), ("n1",)), T0) == [CoordinateHere(True)]
+    # The fallback attempt is the last: even a certain refusal is the answer.
+    [failed] = core.on_coordinated(InsufficientStorage("n1: disk full", indeterminate=False), T0)
+    assert isinstance(failed, Failed) and failed.error.status == 507
+
+
+@pytest.mark.parametrize(("at_ns", "code"), [(T0, "quorum_unavailable"), (DEADLINE, "timeout")])
+def test_sloppy_with_every_primary_still_up_fails_certainly(at_ns: int, code: str) -> None:
+    core = router()
+    effects = core.start(T0)
+    for _ in range(3):
+        [forward] = effects
+        assert isinstance(forward, Send)
+        effects = core.on_answer(CallFailed(forward.call, maybe_delivered=False), T0)
+    assert effects == [ReadMembership()]
+    [failed] = core.on_membership(WriteTargets(("n2", "n3", "n4"), (), ()), at_ns)
+    assert isinstance(failed, Failed) and failed.error.code == code and outcome_of(failed) == contract.FAIL
