@@ -55,6 +55,20 @@ the background and the answer is 503 ``timeout`` -- ``indeterminate: true`` once
 the durable write was issued, ``false`` while it was still waiting for the key's
 lock or read.
 
+**Coordinator cores.**  Every decision of a coordinated write or read -- the sloppy-quorum
+plan and its stand-ins, the W/R arithmetic, the local read-modify-write, the sibling merge,
+which replicas read repair brings up to date, and each outcome's status and ``indeterminate``
+-- is made by the pure, step-able ``kvstore.coordinator.WriteCoordinatorCore`` /
+``ReadCoordinatorCore`` (inputs in, effects out, in the manner of etcd-io/raft's
+``Ready``/``Advance``).  ``coordinate_write`` and ``get`` are their thin asyncio driver
+(``_drive``): they carry out the effects in order through the seams -- ``CheckRegister``,
+``PersistLocal`` (the lock, read and durable write, bounded by the deadline), ``Send`` (a task
+running ``call``), ``Abandon``, ``StartTimer`` -- and feed the answers back in the order the
+calls completed.  After a write's answer its remaining replica calls are driven in the
+background; after a read's, ``PendingRepair`` hands them to read repair.  Which node
+coordinates a client write (here, forwarded to a primary, the next primary after a certain
+refusal, or here as a fallback) is the ``WriteRouterCore``'s decision; ``put`` drives it.
+
 **Collaborators.**  The mechanisms that keep replicas converging and the CP side are not
 part of this class: hinted handoff (``kvstore.handoff``), read repair
 (``kvstore.read_repair``), anti-entropy (``kvstore.anti_entropy``), the tombstone reaper
@@ -76,23 +90,52 @@ import contextlib
 import itertools
 import logging
 import random
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from kvstore import causal_context, versions
 from kvstore.clock import Clock
 from kvstore.config import NodeConfig
-from kvstore.errors import (
-    BadRequest,
-    ConsistencyConflict,
-    InsufficientStorage,
-    NodeError,
-    Overloaded,
-    QuorumUnavailable,
-    RequestTimeout,
-    StorageUnavailable,
+from kvstore.coordinator import (
+    FORWARD_MARGIN_MS as FORWARD_MARGIN_MS,  # for kvstore.cp_node
 )
+from kvstore.coordinator import (
+    MIN_CALL_TIMEOUT_NS,
+    REFUSED_REMOTE_CODES,
+    Abandon,
+    Answer,
+    CallFailed,
+    CheckRegister,
+    CoordinateHere,
+    Done,
+    Effect,
+    Failed,
+    LocalFailed,
+    LocalResult,
+    LocalWritten,
+    NoteRefusal,
+    PersistLocal,
+    ReadCoordinatorCore,
+    ReadMembership,
+    ReadOutcome,
+    RemoteFailed,
+    Repair,
+    Reply,
+    Send,
+    StartTimer,
+    WriteCoordinatorCore,
+    WriteOutcome,
+    WriteRouterCore,
+    WriteTargets,
+    error_from_body,
+    error_from_remote,
+    plan_write,
+    read_targets,
+    write_targets,
+)
+from kvstore.errors import NodeError, Overloaded
 from kvstore.hints import (
     NS_PER_S,
     Admission,
@@ -105,7 +148,6 @@ from kvstore.hints import (
 from kvstore.identity import DataIdentity, open_identity
 from kvstore.locks import KeyLocks
 from kvstore.metrics import Metrics
-from kvstore.quorum import QuorumTracker
 from kvstore.ring import TOKEN_MIN, Ring, key_token
 from kvstore.storage import StorageBusy, StorageFull
 from kvstore.storage.base import Storage, StorageError
@@ -122,23 +164,6 @@ if TYPE_CHECKING:  # the collaborators' modules import this one; assembly.py imp
 log = logging.getLogger(__name__)
 
 HINT_SCAN_PAGE = 500
-# A forwarded request gets this much less time than the forwarder, so the coordinator's own typed
-# answer (e.g. a timeout with ``indeterminate``) can arrive before the forwarder's call times out.
-FORWARD_MARGIN_MS = 20
-
-
-@dataclass
-class ReadOutcome:
-    obj: VersionedObject
-    replies: int
-    responders: list[str] = field(default_factory=list)
-
-
-@dataclass
-class WriteOutcome:
-    obj: VersionedObject
-    acknowledged: int
-    hinted: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -580,14 +605,9 @@ class Node:
 
     # --- coordinator: writes ---------------------------------------------------------------
 
-    def write_targets(self, key: str, sloppy: bool) -> tuple[list[str], list[str], list[str]]:
-        """(primaries believed up, primaries believed down, healthy fallbacks in ring order)."""
-        walk = self.ring.walk(key)
-        primaries, fallbacks = walk[: self.n], walk[self.n :]
-        up = [p for p in primaries if self.is_up(p)]
-        down = [p for p in primaries if p not in up]
-        spare = [f for f in fallbacks if self.is_up(f)] if sloppy else []
-        return up, down, spare
+    def write_targets(self, key: str, sloppy: bool) -> WriteTargets:
+        """The key's primaries believed up and down, and its healthy fallbacks in ring order."""
+        return write_targets(self.ring.walk(key), self.n, self.is_up, sloppy)
 
     async def put(
         self,
@@ -600,80 +620,58 @@ class Node:
     ) -> WriteOutcome:
         """Client write entry point on any node: coordinate here if a primary, else forward to one.
 
-        A primary that certainly refused (its own disk refused the write before any replica saw
-        it: ``_refused_before_replicating``) is replaced by the next primary believed up; any
-        answer that may mean "applied" ends the request (no hidden second attempt).
+        Which node coordinates is the ``WriteRouterCore``'s decision (a primary that certainly
+        refused is replaced by the next; any answer that may mean "applied" ends the request, no
+        hidden second attempt); this carries out its steps one at a time.
         """
         deadline = self.now_s() + timeout_s
-        up, down, spare = self.write_targets(key, sloppy)
-        if not sloppy and len(up) < w:
-            raise QuorumUnavailable(w, 0, indeterminate=False, detail=f"primaries believed down: {down}")
-        refusals: list[NodeError] = []
-        candidates = ([self.node_id] if self.node_id in up else []) + [p for p in up if p != self.node_id]
-        for primary in candidates:
-            remaining = deadline - self.now_s()
-            if remaining <= 0:
-                break
-            try:
-                if primary == self.node_id:
-                    return await self.coordinate_write(key, value, context, w, sloppy, deadline, as_fallback=False)
-                outcome = await self._forward_write(primary, key, value, context, w, sloppy, remaining)
-            except NodeError as exc:
-                if not _refused_before_replicating(exc):
-                    raise
-                # Counted, not logged per write: a full disk refuses every write, and its own node logs it.
-                self.metrics.replica_errors.labels(peer=primary, reason=exc.code).inc()
-                log.debug("primary %s refused a write of %r (%s); trying the next primary", primary, key, exc.message)
-                refusals.append(exc)
-                continue
-            if outcome is not None:
-                return outcome
-        if refusals:
-            raise refusals[0]  # every primary tried refused for certain: nothing was applied
-        if not sloppy:
-            raise QuorumUnavailable(w, 0, indeterminate=False, detail="no primary reachable")
-        if not self.write_targets(key, sloppy)[1]:
-            # Every primary is still believed up but none took the forwarded write (a forward that
-            # may have been delivered raised above): there is no down primary for this node to
-            # stand in for as a fallback.  Nothing was written: a certain failure.
-            if self.now_s() >= deadline:
-                raise RequestTimeout("the deadline passed before a primary could be asked", indeterminate=False)
-            raise QuorumUnavailable(w, 0, indeterminate=False, detail="no primary took the forwarded write")
-        return await self.coordinate_write(key, value, context, w, sloppy, deadline, as_fallback=True)
+        router = WriteRouterCore(
+            node_id=self.node_id, key=key, value=value, context=context, w=w, sloppy=sloppy,
+            targets=self.write_targets(key, sloppy), deadline_ns=int(deadline * NS_PER_S),
+        )
+        at_ns = self.clock.monotonic_ns()
+        steps = deque(router.start(at_ns))
+        while steps:
+            match steps.popleft():
+                case CoordinateHere(as_fallback=as_fallback):
+                    coordinated: WriteOutcome | NodeError
+                    try:
+                        coordinated = await self.coordinate_write(
+                            key, value, context, w, sloppy, deadline, as_fallback=as_fallback
+                        )
+                    except NodeError as exc:
+                        coordinated = exc
+                    at_ns = self.clock.monotonic_ns()
+                    steps.extend(router.on_coordinated(coordinated, at_ns))
+                case Send() as forward:
+                    answer = await self._forward_write(forward, at_ns)
+                    at_ns = self.clock.monotonic_ns()
+                    steps.extend(router.on_answer(answer, at_ns))
+                case NoteRefusal(peer=peer, error=error):
+                    # Counted, not logged per write: a full disk refuses every write, and its own node logs it.
+                    self.metrics.replica_errors.labels(peer=peer, reason=error.code).inc()
+                    log.debug("primary %s refused a write of %r (%s); trying the next primary", peer, key, error.message)
+                case ReadMembership():
+                    targets = self.write_targets(key, sloppy)
+                    at_ns = self.clock.monotonic_ns()
+                    steps.extend(router.on_membership(targets, at_ns))
+                case Done(result=outcome):
+                    assert isinstance(outcome, WriteOutcome)
+                    return outcome
+                case Failed(error=error):
+                    raise error
+        raise AssertionError("the write router ended without an outcome")
 
-    async def _forward_write(
-        self,
-        primary: str,
-        key: str,
-        value: bytes | None,
-        context: dict[str, int],
-        w: int,
-        sloppy: bool,
-        remaining: float,
-    ) -> WriteOutcome | None:
-        """Ask ``primary`` to coordinate the write.  None: it certainly never received it.
-
-        Raises the primary's typed error (same status and body), or 503 ``quorum_unavailable``
-        with ``indeterminate: true`` when the request may have reached it without an answer."""
+    async def _forward_write(self, forward: Send, at_ns: int) -> Reply | CallFailed | RemoteFailed:
+        """Ask a primary to coordinate the write, until the request's deadline."""
         self.metrics.forwarded.inc()
-        message = {
-            "op": "coordinate_write", "key": key, "value": value,
-            "context": sorted(context.items()), "w": w, "sloppy": sloppy,
-            "timeout_ms": max(1, int(remaining * 1000) - FORWARD_MARGIN_MS),
-        }
         try:
-            reply = await self.call(primary, message, remaining)
+            reply = await self.call(forward.peer, forward.message, (forward.timeout_at_ns - at_ns) / NS_PER_S)
         except PeerUnavailable as exc:
-            if exc.maybe_delivered:
-                raise QuorumUnavailable(
-                    w, 0, indeterminate=True, detail=f"forward to {primary} timed out"
-                ) from None
-            return None
+            return CallFailed(forward.call, exc.maybe_delivered)
         except RemoteError as exc:
-            raise _error_from_remote(exc, w) from None
-        if reply.get("status") == "ok":
-            return WriteOutcome(versions.decode(reply["obj"]), int(reply["acknowledged"]), reply.get("hinted", []))
-        raise _error_from_body(reply["body"], reply.get("http"))
+            return RemoteFailed(forward.call, exc)
+        return Reply(forward.call, reply)
 
     async def _on_coordinate_write(self, sender: str, message: Message) -> Message:
         deadline = self.now_s() + int(message["timeout_ms"]) / 1000.0
@@ -699,168 +697,130 @@ class Node:
         deadline: float,
         as_fallback: bool,
     ) -> WriteOutcome:
-        token = key_token(key)
-        up, down, spare = self.write_targets(key, sloppy)
-        # Who stores what: primaries believed up store data; each primary believed down is
-        # replaced by the next spare fallback, which stores a hint naming it.
-        plan: list[tuple[str, str | None]] = [(p, None) for p in up]
-        spare_iter = iter([f for f in spare if f != self.node_id])
-        if as_fallback:
-            assert down, "a fallback coordinates only when a primary is unreachable"
-            plan.append((self.node_id, down[0]))
-            down = down[1:]
-        for owner in down:
-            fallback = next(spare_iter, None)
-            if fallback is not None:
-                plan.append((fallback, owner))
-        if len(plan) < w:
-            # Refuse before writing anything: this request is a certain failure, not indeterminate.
-            raise QuorumUnavailable(w, 0, indeterminate=False, detail=f"only {len(plan)} healthy targets")
+        """Coordinate a write here: drive a ``WriteCoordinatorCore`` (every decision is the
+        core's; this carries out its effects through the node's seams)."""
+        core = WriteCoordinatorCore(
+            node_id=self.node_id, key=key, token=key_token(key), value=value, context=context, w=w,
+            sloppy=sloppy, plan=plan_write(self.write_targets(key, sloppy), self.node_id, as_fallback),
+            as_fallback=as_fallback, deadline_ns=int(deadline * NS_PER_S),
+            replica_timeout_ns=self.cfg.limits.replica_timeout_ms * 1_000_000, mode=self.mode,
+        )
+        calls = _CoreCalls(self)
+        outcome = await self._drive(core, calls, core.start(self.clock.monotonic_ns()))
+        if not core.settled:
+            # Replica writes still in flight finish in the background (a failed one may still
+            # be handed to a spare fallback); bounded by their timeouts, tracked until stop.
+            self._track(asyncio.create_task(self._finish_write(core, calls), name="write-background"))
+        if isinstance(outcome, Failed):
+            raise outcome.error
+        assert isinstance(outcome.result, WriteOutcome)
+        return outcome.result
 
-        if await self._holds_register(key, token):
-            raise ConsistencyConflict(
-                "this key is used with consistency=linearizable; an eventual/quorum write would bypass its register"
-            )
-        tracker = QuorumTracker(needed=w, total=len(plan))
-        hinted: list[str] = []
-        remote = [(m, hint) for m, hint in plan if m != self.node_id]
-        unused_spares = list(spare_iter)
-        done = asyncio.Event()
-        obj = VersionedObject.empty()
-        encoded = b""
+    async def _drive(
+        self, core: WriteCoordinatorCore | ReadCoordinatorCore, calls: _CoreCalls, effects: list[Effect]
+    ) -> Done | Failed:
+        """Carry out a coordinator core's effects in order, feeding it its inputs, until its outcome."""
+        timer_at_ns: int | None = None
+        try:
+            while True:
+                queue = deque(effects)
+                while queue:
+                    match queue.popleft():
+                        case CheckRegister(key=key, token=token):
+                            assert isinstance(core, WriteCoordinatorCore)
+                            holds = await self._holds_register(key, token)
+                            queue.extend(core.on_register(holds, self.clock.monotonic_ns()))
+                        case PersistLocal() as persist:
+                            assert isinstance(core, WriteCoordinatorCore)
+                            result = await self._persist_local(core, persist)
+                            queue.extend(core.on_local(result, self.clock.monotonic_ns()))
+                        case Send() as send:
+                            calls.send(send)
+                        case Abandon(calls=abandoned):
+                            calls.abandon(abandoned)
+                        case StartTimer(at_ns=at_ns):
+                            timer_at_ns = at_ns
+                        case Done() | Failed() as outcome:
+                            return outcome
+                        case other:
+                            raise AssertionError(f"unexpected coordinator effect {other!r}")
+                assert timer_at_ns is not None, "a core waiting for answers has a deadline timer"
+                answers = await calls.wait(timer_at_ns)
+                now_ns = self.clock.monotonic_ns()
+                effects = core.on_timer(now_ns) if answers is None else core.on_answers(answers, now_ns)
+        except BaseException:
+            calls.release()  # cancelled (or a bug): calls in flight finish on their own, tracked
+            raise
 
-        def record(ok: bool, member: str) -> None:
-            if tracker.done:
-                return  # the answer was already given; this completion is background work
-            if ok:
-                tracker.ack(member)
-            else:
-                tracker.fail()
-            if tracker.done:
-                done.set()
+    async def _finish_write(self, core: WriteCoordinatorCore, calls: _CoreCalls) -> None:
+        """After the answer: feed the write's remaining replica calls to its core until settled."""
+        while not core.settled:
+            answers = await calls.wait(None)
+            if not answers:
+                break
+            for effect in core.on_answers(answers, self.clock.monotonic_ns()):
+                assert isinstance(effect, Send), f"only hand-offs follow a write's outcome, not {effect!r}"
+                calls.send(effect)
 
-        async def replicate(member: str, hint_for: str | None) -> None:
-            message = {"op": "replica_put", "key": key, "token": token, "obj": encoded}
-            if hint_for is not None:
-                message["hint_for"] = hint_for
-            remaining = max(0.001, min(deadline - self.now_s(), self.cfg.limits.replica_timeout_ms / 1000.0))
-            try:
-                await self.call(member, message, remaining)
-                ok = True
-            except (PeerUnavailable, RemoteError):
-                ok = False
-            if not ok and sloppy and unused_spares:
-                # The primary did not answer in time: hand its copy to the next fallback.
-                fallback = unused_spares.pop(0)
-                owner = hint_for or member
-                try:
-                    await self.call(fallback, {**message, "hint_for": owner}, max(0.001, deadline - self.now_s()))
-                    ok = True
-                    member = fallback
-                    hinted.append(fallback)
-                except (PeerUnavailable, RemoteError):
-                    ok = False
-            elif ok and hint_for is not None:
-                hinted.append(member)
-            record(ok, member)
-
-        tasks: list[asyncio.Task[Any]] = []
-        if as_fallback:
-            assert self.identity is not None
-            actor = self.identity.fallback_actor(self.node_id, next(self._fallback_seq))
-
-            async def local_step(progress: _LocalWrite) -> VersionedObject:
-                async with self.locks.hold(key):
-                    base = await self.read_local(key, token)
-                    updated = versions.update(base, context, actor, value, self.clock.wall_ns(), self.mode)
-                    progress.writing = True
-                    await self.store_hint(_hint_owner(plan, self.node_id), key, token, updated)
-                return updated
-
-            obj = await self._local_write_by(deadline, local_step)
-            encoded = versions.encode(obj)
-            hinted.append(self.node_id)
-        else:
-
-            async def local_step(progress: _LocalWrite) -> VersionedObject:
-                async with self.locks.hold(key):
-                    blob = await self.data.get(key, token)
-                    base = versions.decode(blob) if blob is not None else VersionedObject.empty()
-                    try:
-                        # Its own counters it can check exactly: see causal_context.refuse_unissued.
-                        causal_context.refuse_unissued(context, self.actor, base.vector())
-                    except causal_context.BadContext as exc:
-                        raise BadRequest("bad_context", str(exc)) from None
-                    updated = versions.update(base, context, self.actor, value, self.clock.wall_ns(), self.mode)
-                    # Durable here *before* any replica sees the new dot.  Replicating in parallel
-                    # with this fsync would save a group-commit wait, but a crash in between would
-                    # leave the dot on replicas and not here: after the restart this node would
-                    # issue the same dot for another value, and a sync would silently keep only one
-                    # of the two (Riak's KV-679).  Measured and reverted for that reason
-                    # (docs/benchmarks.md).
-                    progress.writing = True
-                    await self.data.put(key, token, versions.encode(updated))
-                return updated
-
-            obj = await self._local_write_by(deadline, local_step)
-            encoded = versions.encode(obj)
-        record(True, self.node_id)
-        tasks = [asyncio.create_task(replicate(m, h)) for m, h in remote]
-
-        if not done.is_set() and not tracker.done and tasks:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(done.wait(), max(0.0, deadline - self.now_s()))
-        pending = [t for t in tasks if not t.done()]
-        if pending:
-            self._adopt(pending)
-        if not tracker.satisfied:
-            # Some target (the coordinator or a replica) may hold the write: indeterminate.
-            raise QuorumUnavailable(
-                w, tracker.acknowledged, indeterminate=True,
-                detail="targets: " + ", ".join(m for m, _ in plan),
-            )
-        return WriteOutcome(obj, tracker.acknowledged, hinted)
-
-    async def _local_write_by(
-        self, deadline: float, step: Callable[[_LocalWrite], Awaitable[VersionedObject]]
-    ) -> VersionedObject:
-        """Run the coordinator's own read-modify-write of a key; answer by ``deadline`` at the latest.
+    async def _persist_local(self, core: WriteCoordinatorCore, persist: PersistLocal) -> LocalResult:
+        """The coordinator's own read-modify-write of a key, answered by ``persist.timeout_at_ns``.
 
         The step runs in its own task, so giving up at the deadline never interrupts it half-way:
         a write already handed to storage finishes in the background (and is then indeterminate);
         one still waiting for the key's lock or read is cancelled (certainly not applied).
-        Storage errors become typed answers: a full disk is a certain refusal (507), anything
-        else after the write was issued is indeterminate.
         """
+        key, token, hint_for = persist.key, persist.token, persist.hint_for
+        if hint_for is None:
+            actor = self.actor
+        else:
+            assert self.identity is not None
+            # A fallback lacks the key's history: only a never-reused actor keeps its dot unique.
+            actor = self.identity.fallback_actor(self.node_id, next(self._fallback_seq))
         progress = _LocalWrite()
-        task = asyncio.ensure_future(step(progress))
+
+        async def step() -> VersionedObject:
+            async with self.locks.hold(key):
+                if hint_for is None:
+                    blob = await self.data.get(key, token)
+                    base = versions.decode(blob) if blob is not None else VersionedObject.empty()
+                else:
+                    base = await self.read_local(key, token)
+                updated = core.local_update(base, actor, self.clock.wall_ns())
+                # Durable here *before* any replica sees the new dot.  Replicating in parallel
+                # with this fsync would save a group-commit wait, but a crash in between would
+                # leave the dot on replicas and not here: after the restart this node would
+                # issue the same dot for another value, and a sync would silently keep only one
+                # of the two (Riak's KV-679).  Measured and reverted for that reason
+                # (docs/benchmarks.md).
+                progress.writing = True
+                if hint_for is None:
+                    await self.data.put(key, token, versions.encode(updated))
+                else:
+                    await self.store_hint(hint_for, key, token, updated)
+            return updated
+
+        task = asyncio.ensure_future(step())
+        timeout_s = max(0.0, (persist.timeout_at_ns - self.clock.monotonic_ns()) / NS_PER_S)
         try:
-            done, _ = await asyncio.wait({task}, timeout=max(0.0, deadline - self.now_s()))
+            done, _ = await asyncio.wait({task}, timeout=timeout_s)
         except asyncio.CancelledError:
             self._abandon(task, progress)
             raise
         if not done:
             self._abandon(task, progress)
-            if progress.writing:
-                raise RequestTimeout(
-                    f"{self.node_id}'s durable write did not finish within timeout_ms (slow disk); "
-                    "it may still land and then spread to the other replicas", indeterminate=True,
-                )
-            raise RequestTimeout(
-                f"{self.node_id} could not start the write within timeout_ms (the key is busy or its "
-                "storage is slow); it was not applied", indeterminate=False,
-            )
+            return LocalFailed("timeout", progress.writing)
         try:
-            return task.result()
+            return LocalWritten(task.result())
+        except causal_context.BadContext as exc:
+            return LocalFailed("bad_context", progress.writing, str(exc))
         except StorageFull as exc:
-            raise InsufficientStorage(
-                f"{self.node_id}: disk full; the write was refused before any replica saw it ({exc})",
-                indeterminate=False,
-            ) from None
+            return LocalFailed("storage_full", progress.writing, str(exc))
         except StorageBusy as exc:
-            raise Overloaded(f"{self.node_id}: {exc}; retry later", indeterminate=False) from None
+            return LocalFailed("storage_busy", progress.writing, str(exc))
         except StorageError as exc:
-            raise StorageUnavailable(f"{self.node_id}: storage error: {exc}", indeterminate=progress.writing) from None
+            return LocalFailed("storage_error", progress.writing, str(exc))
+        except NodeError as exc:  # a typed refusal of the step (a full hint store)
+            return LocalFailed("refused", progress.writing, exc.message, exc)
 
     def _abandon(self, task: asyncio.Task[VersionedObject], progress: _LocalWrite) -> None:
         """Stop waiting for a local step: cancel it if it wrote nothing yet, else let it land."""
@@ -877,112 +837,165 @@ class Node:
     # --- coordinator: reads ----------------------------------------------------------------
 
     def read_targets(self, key: str, sloppy: bool) -> list[str]:
-        walk = self.ring.walk(key)
-        primaries = [p for p in walk[: self.n] if self.is_up(p)]
-        if sloppy and len(primaries) < self.n:
-            extra = [f for f in walk[self.n :] if self.is_up(f)]
-            primaries += extra[: self.n - len(primaries)]
-        return primaries
+        return read_targets(self.ring.walk(key), self.n, self.is_up, sloppy)
 
     async def get(self, key: str, r: int, sloppy: bool, timeout_s: float) -> ReadOutcome:
+        """Coordinate a read here: drive a ``ReadCoordinatorCore``, then hand the rest of its
+        replies to read repair (whose policy decides whether and how to repair)."""
         deadline = self.now_s() + timeout_s
         token = key_token(key)
-        targets = self.read_targets(key, sloppy)
-        if len(targets) < r:
-            raise QuorumUnavailable(r, 0, indeterminate=False, detail="not enough replicas believed up")
-        tracker = QuorumTracker(needed=r, total=len(targets))
-        replies: dict[str, VersionedObject | None] = {}
-        done = asyncio.Event()
-
-        async def ask(member: str) -> None:
-            remaining = max(0.001, min(deadline - self.now_s(), self.cfg.limits.replica_timeout_ms / 1000.0))
-            try:
-                reply = await self.call(member, {"op": "replica_get", "key": key, "token": token}, remaining)
-            except (PeerUnavailable, RemoteError):
-                if not tracker.done:
-                    tracker.fail()
-                    if tracker.done:
-                        done.set()
-                return
-            replies[member] = versions.decode(reply["obj"]) if reply.get("obj") is not None else None
-            if reply.get("cp"):
-                mixed.append(member)
-            if not tracker.done:
-                tracker.ack(member)
-                if tracker.done:
-                    done.set()
-
-        mixed: list[str] = []
-        tasks = [asyncio.create_task(ask(m)) for m in targets]
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(done.wait(), max(0.0, deadline - self.now_s()))
-        if mixed:
-            raise ConsistencyConflict(
-                "this key is used with consistency=linearizable; read it with consistency=linearizable"
-            )
-        if not tracker.satisfied:
-            for t in tasks:
-                t.cancel()
-            raise QuorumUnavailable(r, tracker.acknowledged, indeterminate=False)
-        first = dict(replies)
-        merged = versions.sync_all((o for o in first.values() if o is not None), self.mode)
-        await self.parts.read_repair.after_read(key, token, targets, tasks, replies, merged, deadline)
-        return ReadOutcome(merged, tracker.acknowledged, list(first))
-
-
-def _hint_owner(plan: list[tuple[str, str | None]], node_id: str) -> str:
-    for member, owner in plan:
-        if member == node_id and owner is not None:
-            return owner
-    raise AssertionError("fallback coordinator without a hint slot")
-
-
-def _error_from_body(body: dict[str, Any], http_status: Any = None) -> NodeError:
-    """The typed error a peer answered (a forwarded write or proposal), with its status and body."""
-    code = str(body.get("error") or "internal")
-    message = str(body.get("message", ""))
-    err: NodeError
-    if code == "quorum_unavailable":
-        err = QuorumUnavailable(
-            int(body.get("needed", 0)), int(body.get("acknowledged", 0)), bool(body.get("indeterminate", True))
+        core = ReadCoordinatorCore(
+            key=key, token=token, r=r, targets=self.read_targets(key, sloppy),
+            primaries=self.ring.walk_token(token)[: self.n], deadline_ns=int(deadline * NS_PER_S),
+            replica_timeout_ns=self.cfg.limits.replica_timeout_ms * 1_000_000, mode=self.mode,
         )
-    elif code == "overloaded":
-        err = Overloaded(message)
-    elif code == "consistency_conflict":
-        err = ConsistencyConflict(message)
-    elif code == "bad_context":
-        err = BadRequest("bad_context", message)
-    else:
-        err = NodeError(message)
-        err.code = code
-        err.status = 503
-    # Pass the peer's answer on as it was: its message (with details) and every field of its body.
-    err.message = message
-    err.extra = {k: v for k, v in body.items() if k not in ("error", "message")}
-    if isinstance(http_status, int) and 400 <= http_status <= 599:
-        err.status = http_status
-    return err
+        calls = _CoreCalls(self)
+        outcome = await self._drive(core, calls, core.start(self.clock.monotonic_ns()))
+        if isinstance(outcome, Failed):
+            raise outcome.error
+        assert isinstance(outcome.result, ReadOutcome)
+        await self.parts.read_repair.after_read(PendingRepair(self, core, calls), deadline)
+        return outcome.result
 
 
-# RemoteError codes that a peer answers before doing anything (the request was not applied).
-_REFUSED_REMOTE_CODES = ("bad_request", "unknown_op", "overloaded", "insufficient_storage")
+class _CoreCalls:
+    """The calls a coordinator core started (its ``Send`` effects), answered back to it in the
+    order they completed: queued by the futures' done callbacks, never by iterating a set of
+    futures (whose order depends on object ids)."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.futures: dict[int, asyncio.Task[Message]] = {}
+        self.completed: deque[int] = deque()
+        self.wake = asyncio.Event()
+
+    def send(self, send: Send) -> None:
+        timeout_ns = max(MIN_CALL_TIMEOUT_NS, send.timeout_at_ns - self.node.clock.monotonic_ns())
+        task = asyncio.ensure_future(self.node.call(send.peer, send.message, timeout_ns / NS_PER_S))
+        task.add_done_callback(_consume_outcome)
+        task.add_done_callback(self._completed(send.call))
+        self.futures[send.call] = task
+
+    def _completed(self, call: int) -> Callable[[asyncio.Future[Message]], None]:
+        def done(_: asyncio.Future[Message]) -> None:
+            self.completed.append(call)
+            self.wake.set()
+
+        return done
+
+    def abandon(self, calls: Iterable[int]) -> None:
+        for call in calls:
+            task = self.futures.pop(call, None)
+            if task is not None:
+                task.cancel()
+
+    def release(self) -> None:
+        """Stop listening: the calls still in flight finish on their own (tracked by the node)."""
+        self.node._adopt(self.futures.values())
+        self.futures.clear()
+
+    def cancel(self) -> None:
+        self.abandon(list(self.futures))
+
+    def _drain(self) -> list[Answer]:
+        answers: list[Answer] = []
+        while self.completed:
+            call = self.completed.popleft()
+            task = self.futures.pop(call, None)
+            if task is not None:  # else abandoned since it completed
+                answers.append(_answer(call, task))
+        # Calls that completed but whose done callback has not run yet: in send order, so an
+        # answer at hand is never taken for a call still in flight.
+        for call in [call for call, task in self.futures.items() if task.done()]:
+            answers.append(_answer(call, self.futures.pop(call)))
+        return answers
+
+    async def wait(self, timer_at_ns: int | None) -> list[Answer] | None:
+        """The answers in so far, in completion order; None when the timer fired first; [] when
+        there is no timer and nothing in flight."""
+        while True:
+            answers = self._drain()
+            if answers:
+                return answers
+            if timer_at_ns is None:
+                if not self.futures:
+                    return []
+                self.wake.clear()
+                await self.wake.wait()
+                continue
+            remaining_s = (timer_at_ns - self.node.clock.monotonic_ns()) / NS_PER_S
+            if remaining_s <= 0:
+                return None
+            self.wake.clear()
+            try:
+                async with asyncio.timeout(remaining_s):
+                    await self.wake.wait()
+            except TimeoutError:
+                return self._drain() or None
 
 
-def _error_from_remote(exc: RemoteError, needed: int) -> NodeError:
-    """A peer's handler failed outside its typed answers (``RemoteError``): say what is known."""
-    if exc.code == "insufficient_storage":
-        return InsufficientStorage(f"{exc.peer}: {exc.message}", indeterminate=False)
-    if exc.code == "overloaded":
-        return Overloaded(f"{exc.peer}: {exc.message}; retry later", indeterminate=False)
-    detail = f"{exc.peer} answered {exc.code}: {exc.message}"
-    # A refused message was not applied; any other failure (a storage error, a bug) may have been.
-    return QuorumUnavailable(needed, 0, indeterminate=exc.code not in _REFUSED_REMOTE_CODES, detail=detail)
+class PendingRepair:
+    """A read answered after R replies, with its other replica reads still in flight: what read
+    repair (``kvstore.read_repair``) gets to decide on."""
+
+    def __init__(self, node: Node, core: ReadCoordinatorCore, calls: _CoreCalls) -> None:
+        self.node = node
+        self.core = core
+        self.calls = calls
+
+    def release(self) -> None:
+        """No repair: let the remaining reads finish unobserved."""
+        self.calls.release()
+
+    def cancel(self) -> None:
+        """No repair: cancel the remaining reads."""
+        self.calls.cancel()
+
+    async def repairs(self, wait_ns: int) -> list[Repair]:
+        """Wait up to ``wait_ns`` for the remaining replies; the repairs the core decided on."""
+        core, calls = self.core, self.calls
+        effects = core.begin_repair(self.node.clock.monotonic_ns(), wait_ns)
+        timer_at_ns: int | None = None
+        repairs: list[Repair] = []
+        try:
+            while True:
+                for effect in effects:
+                    match effect:
+                        case StartTimer(at_ns=at_ns):
+                            timer_at_ns = at_ns
+                        case Abandon(calls=abandoned):
+                            calls.abandon(abandoned)
+                        case Repair() as repair:
+                            repairs.append(repair)
+                        case other:
+                            raise AssertionError(f"unexpected read-repair effect {other!r}")
+                if core.settled:
+                    return repairs
+                assert timer_at_ns is not None
+                answers = await calls.wait(timer_at_ns)
+                now_ns = self.node.clock.monotonic_ns()
+                effects = core.on_timer(now_ns) if answers is None else core.on_answers(answers, now_ns)
+        finally:
+            calls.cancel()  # nothing outlives the repair wait
 
 
-def _refused_before_replicating(exc: NodeError) -> bool:
-    """The coordinator's own disk refused the write before any replica saw it: nothing was
-    applied anywhere, and another primary (another disk) may well succeed."""
-    return exc.code in ("insufficient_storage", "storage_unavailable") and exc.extra.get("indeterminate") is False
+def _answer(call: int, task: asyncio.Future[Message]) -> Answer:
+    if task.cancelled():
+        return CallFailed(call, maybe_delivered=True)
+    exc = task.exception()
+    if exc is None:
+        return Reply(call, task.result())
+    if isinstance(exc, PeerUnavailable):
+        return CallFailed(call, maybe_delivered=exc.maybe_delivered)
+    if isinstance(exc, RemoteError):
+        return CallFailed(call, maybe_delivered=exc.code not in REFUSED_REMOTE_CODES)
+    log.error("a coordinator's call %d failed unexpectedly", call, exc_info=exc)
+    return CallFailed(call, maybe_delivered=True)
+
+
+# For kvstore.cp_node, which forwards linearizable operations the same way.
+_error_from_body = error_from_body
+_error_from_remote = error_from_remote
 
 
 def _consume_outcome(task: asyncio.Future[Any]) -> None:
