@@ -39,7 +39,7 @@ from typing import Any
 
 import msgpack
 
-from kvstore.config import APSettings, Limits, Member, NodeConfig, to_toml, validate
+from kvstore.config import APSettings, Limits, Member, NodeConfig, ServerSettings, to_toml, validate
 
 PRIVATE_DIR_MODE = 0o700
 PRIVATE_FILE_MODE = 0o600
@@ -122,6 +122,7 @@ class LocalCluster:
         limits: Limits | None = None,
         secret: str | None = None,
         log_level: str = "WARNING",
+        front_end: str = "aiohttp",
     ) -> None:
         assert nodes >= 1
         self._owns_dir = data_dir is None
@@ -156,6 +157,7 @@ class LocalCluster:
                 fsync=fsync,
                 ap=ap or APSettings(),
                 limits=limits or Limits(),
+                server=ServerSettings(front_end=front_end),
             )
         )
         self.log_level = log_level

@@ -92,6 +92,16 @@ class APSettings:
     tombstone_grace_s: float = 4 * 3600.0
 
 
+FRONT_ENDS: tuple[str, ...] = ("aiohttp", "httptools")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    # Who parses the public port's HTTP: "aiohttp" for every route, or "httptools" for /kv/*
+    # with every other route forwarded in-process to aiohttp (kvstore.http_front).
+    front_end: str = "aiohttp"
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     node_id: str
@@ -115,6 +125,7 @@ class NodeConfig:
     initial_cluster_state: str = "existing"
     limits: Limits = field(default_factory=Limits)
     ap: APSettings = field(default_factory=APSettings)
+    server: ServerSettings = field(default_factory=ServerSettings)
 
     @property
     def me(self) -> Member:
@@ -158,9 +169,9 @@ def _section(data: dict[str, Any], cls: type, name: str) -> Any:
 
 
 def from_dict(data: dict[str, Any]) -> NodeConfig:
-    top_known = {f.name for f in fields(NodeConfig)} - {"limits", "ap", "members"}
+    top_known = {f.name for f in fields(NodeConfig)} - {"limits", "ap", "server", "members"}
     for key in data:
-        if key not in top_known | {"limits", "ap", "members", "cluster"}:
+        if key not in top_known | {"limits", "ap", "server", "members", "cluster"}:
             raise ConfigError(key, "unknown setting")
     flat = dict(data)
     cluster = flat.pop("cluster", {})
@@ -189,8 +200,10 @@ def from_dict(data: dict[str, Any]) -> NodeConfig:
         )
     limits = _section(flat, Limits, "limits")
     ap = _section(flat, APSettings, "ap")
+    server = _section(flat, ServerSettings, "server")
     flat.pop("limits", None)
     flat.pop("ap", None)
+    flat.pop("server", None)
     for key in ("node_id", "secret"):
         if key not in flat:
             raise ConfigError(key, "missing")
@@ -213,7 +226,7 @@ def from_dict(data: dict[str, Any]) -> NodeConfig:
     }
     for key, value in flat.items():
         _expect(value, scalar_kinds[key], key)
-    return validate(NodeConfig(members=tuple(members), limits=limits, ap=ap, **flat))
+    return validate(NodeConfig(members=tuple(members), limits=limits, ap=ap, server=server, **flat))
 
 
 def validate(cfg: NodeConfig) -> NodeConfig:
@@ -253,6 +266,8 @@ def validate(cfg: NodeConfig) -> NodeConfig:
     if len(cfg.secret.encode("utf-8")) > MAX_SECRET_BYTES:
         # The secret travels in the peer hello, which is read before authentication and so is small.
         raise ConfigError("secret", f"must be at most {MAX_SECRET_BYTES} bytes")
+    if cfg.server.front_end not in FRONT_ENDS:
+        raise ConfigError("server.front_end", f"must be one of {FRONT_ENDS}")
     if cfg.ap.read_repair not in READ_REPAIR_MODES:
         raise ConfigError("ap.read_repair", f"must be one of {READ_REPAIR_MODES}")
     try:
@@ -313,7 +328,7 @@ def to_toml(cfg: NodeConfig) -> str:
         "initial_cluster_state",
     ):
         lines.append(f"{name} = {lit(getattr(cfg, name))}")
-    for section, obj in (("limits", cfg.limits), ("ap", cfg.ap)):
+    for section, obj in (("limits", cfg.limits), ("ap", cfg.ap), ("server", cfg.server)):
         lines.append(f"\n[{section}]")
         lines += [f"{f.name} = {lit(getattr(obj, f.name))}" for f in fields(obj)]
     for m in cfg.members:
