@@ -16,7 +16,7 @@ take (another route, another method, an absolute or non-ASCII target, a ``Conten
 ``Upgrade``) gets its own aiohttp ``RequestHandler`` (made by the aiohttp server's factory,
 exactly as for a real connection) driven through ``_AiohttpLink``: the request is re-framed
 (same request line and header fields, the body re-sent with its ``Content-Length`` or re-chunked
-as it arrives, ``Expect`` dropped) and aiohttp's answer is relayed byte for byte; a response
+as it arrives) and aiohttp's answer is relayed byte for byte; a response
 parser only finds where that answer ends.  So the admin, metrics, OpenAPI and cluster routes,
 405s with their ``Allow``, 417s and gzip bodies are aiohttp's own answers, not copies.
 
@@ -79,7 +79,7 @@ KV_PREFIX_BYTES = b"/kv/"
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode("ascii") for s in HTTPStatus}
 # Request headers a forwarded request is re-framed without (its body is re-sent as it arrives).
-HOP_BY_HOP = {b"content-length", b"transfer-encoding", b"expect"}
+HOP_BY_HOP = {b"content-length", b"transfer-encoding"}
 
 ProtocolFactory = Callable[[], asyncio.Protocol]
 
@@ -466,12 +466,34 @@ class KvConnection(asyncio.Protocol):
             return await self._read_body(request, limit)
 
         response = await self.front.kv_api.handle(core_request, read_value)
-        keep_open = request.keep_alive and not response.close_connection and request.complete
-        if not keep_open and not request.complete:
-            request.overflow = True  # the rest of this body is never read: discard it
-            request.parts.clear()
-        transport.write(self._encode(response, keep_open, request))
-        return keep_open
+        if request.complete:
+            keep_open = request.keep_alive and not response.close_connection
+            transport.write(self._encode(response, keep_open, request))
+            return keep_open
+        # Answered before its body was read (a 400, a 413 from the declared length): the rest
+        # is discarded as it arrives, and the connection lives on if that rest is small.
+        request.overflow = True
+        request.parts.clear()
+        drain = (request.keep_alive and not response.close_connection and request.broken is None
+                 and (request.content_length or 0) <= self.front.queued_body_cap)
+        transport.write(self._encode(response, drain, request))
+        return drain and await self._drained(request)
+
+    async def _drained(self, request: _Request) -> bool:
+        """Wait for the end of a body nobody reads; False: it is too long, stalls or breaks."""
+        loop = asyncio.get_running_loop()
+        while not request.complete:
+            if request.size > self.front.queued_body_cap or request.broken is not None:
+                return False
+            request.progress = loop.create_future()
+            try:
+                async with asyncio.timeout(self.front.body_idle_timeout_s):
+                    await request.progress
+            except TimeoutError:
+                return False
+            finally:
+                request.progress = None
+        return True
 
     async def _read_body(self, request: _Request, limit: int) -> bytes:
         """The whole body, or 413 past ``limit``, 408 if it stalls, 400 if it is malformed."""
@@ -674,12 +696,15 @@ class _ResponseEnd:
         self.head_only = head_only
         self.parser = httptools.HttpResponseParser(self)
 
+    def _interim(self) -> bool:  # a 100 Continue precedes the answer (101 ends the HTTP part)
+        return 100 <= self.parser.get_status_code() < 200 and self.parser.get_status_code() != 101
+
     def on_headers_complete(self) -> None:
-        if self.head_only:
+        if self.head_only and not self._interim():
             self.link.response_done(self.parser.should_keep_alive())
 
     def on_message_complete(self) -> None:
-        if not self.head_only:
+        if not self.head_only and not self._interim():
             self.link.response_done(self.parser.should_keep_alive())
 
 
