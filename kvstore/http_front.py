@@ -140,7 +140,8 @@ class _Request:
 
     __slots__ = ("method", "url", "headers", "header_bytes", "keep_alive", "fast", "expect_continue",
                  "content_length", "chunked", "parts", "size", "complete", "overflow", "broken", "progress",
-                 "sink", "refusal", "http_version", "dispatched", "queued_bytes")
+                 "sink", "refusal", "http_version", "dispatched", "queued_bytes",
+                 "transfer_encoding")
 
     def __init__(self) -> None:
         self.method = ""
@@ -152,6 +153,7 @@ class _Request:
         self.expect_continue = False
         self.content_length: int | None = None
         self.chunked = False
+        self.transfer_encoding = b"chunked"
         self.parts: list[bytes] = []
         self.size = 0  # body bytes received (also those discarded past a bound)
         self.complete = False
@@ -334,9 +336,11 @@ class KvConnection(asyncio.Protocol):
                 with contextlib.suppress(ValueError):
                     request.content_length = int(value)
             elif lname == b"transfer-encoding":
-                if value.strip().lower() == b"chunked":
-                    request.chunked = True
-                else:
+                # llhttp accepts a request's Transfer-Encoding only with chunked last: its body is
+                # de-chunked here and re-chunked when forwarded, under the same header.
+                request.chunked = True
+                request.transfer_encoding = value
+                if value.strip().lower() != b"chunked":
                     fast = False
             elif lname == b"content-encoding":
                 if value.strip().lower() != b"identity":
@@ -595,7 +599,7 @@ class KvConnection(asyncio.Protocol):
         if request.content_length is not None:
             lines.append(b"Content-Length: %d\r\n" % request.content_length)
         elif request.chunked:
-            lines.append(b"Transfer-Encoding: chunked\r\n")
+            lines.append(b"Transfer-Encoding: " + request.transfer_encoding + b"\r\n")
         lines.append(b"\r\n")
         return b"".join(lines)
 

@@ -267,6 +267,8 @@ DIFFERENTIAL = {
     "admin-no-secret": b"POST /admin/repair HTTP/1.1\r\n" + HOST + b"Content-Length: 0\r\n\r\n",
     "timeout-param": f"GET {kv_path('d:1', timeout_ms=0)} HTTP/1.1\r\n".encode() + HOST + b"\r\n",
     "too-large": put("d:big", b"x" * (LIMIT + 1)),
+    "gzip-chunked-te": (b"PUT /kv/d:te HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: gzip, chunked\r\n\r\n"
+                        b"3\r\nabc\r\n0\r\n\r\n"),
 }
 # Headers whose value legitimately differs between two nodes or two moments.
 VOLATILE = {"date", "server", "x-context", "connection", "keep-alive"}
