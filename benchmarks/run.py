@@ -76,6 +76,7 @@ from benchmarks.loadgen import (  # noqa: E402
     warn,
 )
 from kvstore.cluster import ClusterError, LocalCluster  # noqa: E402
+from kvstore.config import ServerSettings  # noqa: E402
 
 SECTIONS = ("cluster3", "etcd", "frontend", "single", "client", "antientropy", "cluster5", "recovery", "memory")
 FRONT_ENDS = ("aiohttp", "httptools")
@@ -923,8 +924,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--storage", choices=("memory", "sqlite"), default="sqlite", help="engine of our clusters")
     parser.add_argument("--fsync", choices=("always", "batch", "never"), default="batch")
-    parser.add_argument("--front-end", choices=FRONT_ENDS, default="aiohttp",
-                        help="HTTP front end of the clusters of every section but frontend ([server] front_end)")
+    parser.add_argument("--front-end", choices=FRONT_ENDS, default=ServerSettings().front_end,
+                        help="HTTP front end of the clusters of every section but frontend ([server] front_end; "
+                             "default: the node's default)")
     parser.add_argument("--frontend-rounds", type=int, default=3, help="interleaved rounds of the frontend section")
     parser.add_argument("--generator", choices=("auto", "wrk", "python"), default="auto")
     parser.add_argument("--no-install", action="store_true", help="never apt-get install wrk/etcd")

@@ -122,7 +122,7 @@ class LocalCluster:
         limits: Limits | None = None,
         secret: str | None = None,
         log_level: str = "WARNING",
-        front_end: str = "aiohttp",
+        front_end: str | None = None,  # None: ServerSettings' default
     ) -> None:
         assert nodes >= 1
         self._owns_dir = data_dir is None
@@ -157,7 +157,7 @@ class LocalCluster:
                 fsync=fsync,
                 ap=ap or APSettings(),
                 limits=limits or Limits(),
-                server=ServerSettings(front_end=front_end),
+                server=ServerSettings(front_end=front_end) if front_end else ServerSettings(),
             )
         )
         self.log_level = log_level

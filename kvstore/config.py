@@ -97,9 +97,9 @@ FRONT_ENDS: tuple[str, ...] = ("aiohttp", "httptools")
 
 @dataclass(frozen=True)
 class ServerSettings:
-    # Who parses the public port's HTTP: "aiohttp" for every route, or "httptools" for /kv/*
-    # with every other route forwarded in-process to aiohttp (kvstore.http_front).
-    front_end: str = "aiohttp"
+    # Who parses the public port's HTTP: "httptools" for /kv/* with every other route forwarded
+    # in process to aiohttp (kvstore.http_front), or "aiohttp" for every route.
+    front_end: str = "httptools"
 
 
 @dataclass(frozen=True)
