@@ -272,8 +272,11 @@ class KvConnection(asyncio.Protocol):
             request.wake()
         if self.link is not None:
             self.link.client_gone()
-        if self.worker is not None and not self.worker.done():
-            self.worker.cancel()
+        # The request being answered is not cancelled (as aiohttp does not cancel a handler when
+        # its client goes): a write half-way through its replicas finishes; its answer is dropped.
+        waiter = self.wakeup
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def pause_writing(self) -> None:
         if self.link is not None:
@@ -452,6 +455,8 @@ class KvConnection(asyncio.Protocol):
         """Answer one request; False: close the connection after it."""
         transport = self.transport
         assert transport is not None
+        if transport.is_closing():
+            return False
         if request.refusal is not None:
             transport.write(request.refusal)
             return False
@@ -470,6 +475,8 @@ class KvConnection(asyncio.Protocol):
             return await self._read_body(request, limit)
 
         response = await self.front.kv_api.handle(core_request, read_value)
+        if transport.is_closing():
+            return False
         if request.complete:
             keep_open = request.keep_alive and not response.close_connection
             transport.write(self._encode(response, keep_open, request))
@@ -503,7 +510,8 @@ class KvConnection(asyncio.Protocol):
         """The whole body, or 413 past ``limit``, 408 if it stalls, 400 if it is malformed."""
         if request.content_length is not None and request.content_length > limit:
             raise ValueTooLarge(f"the value exceeds the limit of {limit} bytes", limit=limit)
-        if request.expect_continue and not request.complete and self.transport is not None:
+        if (request.expect_continue and not request.complete and self.transport is not None
+                and not self.transport.is_closing()):
             request.expect_continue = False
             self.transport.write(CONTINUE)
         loop = asyncio.get_running_loop()
