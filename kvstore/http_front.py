@@ -39,6 +39,9 @@ the answer.  Bounds:
 * at most ``MAX_PIPELINED`` parsed requests wait behind the one being answered, and at most
   ``max_value_bytes`` + 64 KiB of their bodies; beyond either, the socket is not read until the
   worker catches up (TCP flow control, not a refusal).
+* a client that goes away does not cancel the request being answered (aiohttp does not cancel
+  its handler either): a write half-way through its replicas finishes and its answer is dropped;
+  for the client it is indeterminate, as any request without an answer (``kvstore.contract``).
 * the connection cap, the header timeout and the idle timeout of ``kvstore.http_guard`` (the
   same ``ConnectionGuard``, so the same refusals, metrics and log lines): a new connection beyond
   ``max_http_connections`` closes the longest-idle one or is answered 503; headers that take
