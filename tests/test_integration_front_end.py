@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import json
 import socket
+import struct
 import time
 from collections.abc import Iterator
 from typing import BinaryIO
@@ -288,3 +289,47 @@ def test_both_front_ends_give_the_same_answers(both: dict[str, LocalCluster]) ->
         if got["aiohttp"] != got["httptools"]:
             differences.append(f"{name}: aiohttp {got['aiohttp']!r}\n   httptools {got['httptools']!r}")
     assert differences == [], "\n".join(differences)
+
+
+# --- a client that goes away ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=FRONT_ENDS)
+def durable_node(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[LocalCluster]:
+    cluster = LocalCluster(1, 1, r=1, w=1, data_dir=str(tmp_path_factory.mktemp(f"durable-{request.param}")),
+                           ap=FAST_AP, storage="sqlite", fsync="batch", front_end=request.param)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def puts_answered(cluster: LocalCluster) -> float:
+    text = http(cluster.urls[0], "GET", "/metrics").body.decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith('kvstore_requests_total{op="put",status="204"}'))
+
+
+def test_a_client_that_resets_mid_write_does_not_cancel_it(durable_node: LocalCluster) -> None:
+    """The write in progress when its client resets the connection runs to its end (as aiohttp
+    lets a handler finish): the node counts its 204 and stores the value; only the answer is lost."""
+    faults = {"X-Cluster-Secret": durable_node.secret}
+    slow = http(durable_node.urls[0], "PUT", "/admin/storage-faults", body=json.dumps({"fsync_delay_ms": 1500}).encode(),
+                headers=faults)
+    assert slow.status == 200, slow
+    before = puts_answered(durable_node)
+    try:
+        sock = socket.create_connection(address(durable_node), timeout=30)
+        sock.sendall(put("reset:mid-write", b"landed").replace(b"w=1", b"w=1&timeout_ms=20000"))
+        time.sleep(0.3)  # the write now waits for its fsync (1.5 s)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()  # a reset: the node loses the connection while the write is in progress
+    finally:
+        cleared = http(durable_node.urls[0], "DELETE", "/admin/storage-faults", headers=faults)
+        assert cleared.status == 200, cleared
+    deadline = time.monotonic() + 30
+    while puts_answered(durable_node) < before + 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert puts_answered(durable_node) == before + 1  # the request ran to its 204 (a cancelled one is never counted)
+    assert http(durable_node.urls[0], "GET", kv_path("reset:mid-write", r=1)).body == b"landed"
