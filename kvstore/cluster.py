@@ -40,7 +40,16 @@ from typing import Any
 
 import msgpack
 
-from kvstore.config import APSettings, Limits, Member, NodeConfig, TLSSettings, to_toml, validate
+from kvstore.config import (
+    APSettings,
+    Limits,
+    Member,
+    NodeConfig,
+    ServerSettings,
+    TLSSettings,
+    to_toml,
+    validate,
+)
 
 PRIVATE_DIR_MODE = 0o700
 PRIVATE_FILE_MODE = 0o600
@@ -124,6 +133,7 @@ class LocalCluster:
         secret: str | None = None,
         log_level: str = "WARNING",
         tls: TLSSettings | None = None,
+        front_end: str | None = None,  # None: ServerSettings' default
     ) -> None:
         assert nodes >= 1
         self._owns_dir = data_dir is None
@@ -160,6 +170,7 @@ class LocalCluster:
                 ap=ap or APSettings(),
                 limits=limits or Limits(),
                 tls=tls or TLSSettings(),
+                server=ServerSettings(front_end=front_end) if front_end else ServerSettings(),
             )
         )
         # Our own HTTPS requests (health, acceptor status) trust the cluster's CA (kvstore.tls).

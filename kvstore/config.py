@@ -92,6 +92,16 @@ class APSettings:
     tombstone_grace_s: float = 4 * 3600.0
 
 
+FRONT_ENDS: tuple[str, ...] = ("aiohttp", "httptools")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    # Who parses the public port's HTTP: "httptools" for /kv/* with every other route forwarded
+    # in process to aiohttp (kvstore.http_front), or "aiohttp" for every route.
+    front_end: str = "httptools"
+
+
 @dataclass(frozen=True)
 class TLSSettings:
     """Optional TLS (kvstore.tls): on when ``cert_file`` is set; then key and CA are required too."""
@@ -131,6 +141,7 @@ class NodeConfig:
     limits: Limits = field(default_factory=Limits)
     ap: APSettings = field(default_factory=APSettings)
     tls: TLSSettings = field(default_factory=TLSSettings)
+    server: ServerSettings = field(default_factory=ServerSettings)
 
     @property
     def scheme(self) -> str:
@@ -182,7 +193,7 @@ def _section(data: dict[str, Any], cls: type, name: str) -> Any:
 
 
 def from_dict(data: dict[str, Any]) -> NodeConfig:
-    sections = {"limits", "ap", "tls"}
+    sections = {"limits", "ap", "tls", "server"}
     top_known = {f.name for f in fields(NodeConfig)} - sections - {"members"}
     for key in data:
         if key not in top_known | sections | {"members", "cluster"}:
@@ -215,6 +226,7 @@ def from_dict(data: dict[str, Any]) -> NodeConfig:
     limits = _section(flat, Limits, "limits")
     ap = _section(flat, APSettings, "ap")
     tls = _section(flat, TLSSettings, "tls")
+    server = _section(flat, ServerSettings, "server")
     for name in sections:
         flat.pop(name, None)
     for key in ("node_id", "secret"):
@@ -239,7 +251,7 @@ def from_dict(data: dict[str, Any]) -> NodeConfig:
     }
     for key, value in flat.items():
         _expect(value, scalar_kinds[key], key)
-    return validate(NodeConfig(members=tuple(members), limits=limits, ap=ap, tls=tls, **flat))
+    return validate(NodeConfig(members=tuple(members), limits=limits, ap=ap, tls=tls, server=server, **flat))
 
 
 def validate(cfg: NodeConfig) -> NodeConfig:
@@ -279,6 +291,8 @@ def validate(cfg: NodeConfig) -> NodeConfig:
     if len(cfg.secret.encode("utf-8")) > MAX_SECRET_BYTES:
         # The secret travels in the peer hello, which is read before authentication and so is small.
         raise ConfigError("secret", f"must be at most {MAX_SECRET_BYTES} bytes")
+    if cfg.server.front_end not in FRONT_ENDS:
+        raise ConfigError("server.front_end", f"must be one of {FRONT_ENDS}")
     if cfg.ap.read_repair not in READ_REPAIR_MODES:
         raise ConfigError("ap.read_repair", f"must be one of {READ_REPAIR_MODES}")
     try:
@@ -346,7 +360,7 @@ def to_toml(cfg: NodeConfig) -> str:
         "initial_cluster_state",
     ):
         lines.append(f"{name} = {lit(getattr(cfg, name))}")
-    sections: list[tuple[str, Any]] = [("limits", cfg.limits), ("ap", cfg.ap)]
+    sections: list[tuple[str, Any]] = [("limits", cfg.limits), ("ap", cfg.ap), ("server", cfg.server)]
     if cfg.tls != TLSSettings():
         sections.append(("tls", cfg.tls))
     for section, obj in sections:

@@ -42,7 +42,7 @@ import logging
 import ssl
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from aiohttp import StreamReader, web
 
@@ -72,6 +72,17 @@ def canned_response(status: str, code: str, message: str, **extra: Any) -> bytes
     return (head + "\r\n").encode("ascii") + body
 
 
+class Guarded(Protocol):
+    """What the guard needs of a connection (``GuardedConnection``, or ``kvstore.http_front``'s)."""
+
+    @property
+    def handler(self) -> object | None: ...
+
+    def is_writing(self) -> bool: ...
+
+    def close_transport(self) -> None: ...
+
+
 class ConnectionGuard:
     """The limits and the bookkeeping shared by every connection of one HTTP listener."""
 
@@ -80,11 +91,11 @@ class ConnectionGuard:
         self.max_connections = max_connections
         self.header_timeout_s = header_timeout_s
         self._metrics = metrics
-        self._open: set[GuardedConnection] = set()
+        self._open: set[Guarded] = set()
         # Insertion order is the order in which connections became idle: the first is the longest idle.
-        self._idle: OrderedDict[GuardedConnection, None] = OrderedDict()
+        self._idle: OrderedDict[Guarded, None] = OrderedDict()
         self._by_handler: dict[object, GuardedConnection] = {}
-        self._lingering: set[GuardedConnection] = set()
+        self._lingering: set[Guarded] = set()
         self._log = RateLimitedLog(log)
         self.overloaded_response = canned_response(
             "503 Service Unavailable",
@@ -125,7 +136,7 @@ class ConnectionGuard:
 
     # --- bookkeeping, called by GuardedConnection ----------------------------------------------
 
-    def admit(self, conn: GuardedConnection) -> bool:
+    def admit(self, conn: Guarded) -> bool:
         if len(self._open) >= self.max_connections:
             victim = self._longest_idle()
             if victim is None:
@@ -149,7 +160,7 @@ class ConnectionGuard:
         self._gauge()
         return True
 
-    def _longest_idle(self) -> GuardedConnection | None:
+    def _longest_idle(self) -> Guarded | None:
         # A response still being flushed is not idle yet.  The scan is bounded by the cap.
         victim = next((conn for conn in self._idle if not conn.is_writing()), None)
         if victim is not None:
@@ -159,15 +170,15 @@ class ConnectionGuard:
     def register(self, handler: object, conn: GuardedConnection) -> None:
         self._by_handler[handler] = conn
 
-    def mark_busy(self, conn: GuardedConnection) -> None:
+    def mark_busy(self, conn: Guarded) -> None:
         self._idle.pop(conn, None)
 
-    def mark_idle(self, conn: GuardedConnection) -> None:
+    def mark_idle(self, conn: Guarded) -> None:
         if conn in self._open:
             self._idle[conn] = None
             self._idle.move_to_end(conn)
 
-    def forget(self, conn: GuardedConnection) -> None:
+    def forget(self, conn: Guarded) -> None:
         self._open.discard(conn)
         self._idle.pop(conn, None)
         if conn.handler is not None:
@@ -182,13 +193,13 @@ class ConnectionGuard:
             self.header_timeout_s,
         )
 
-    def may_linger(self, conn: GuardedConnection) -> bool:
+    def may_linger(self, conn: Guarded) -> bool:
         if len(self._lingering) >= MAX_LINGERING:
             return False
         self._lingering.add(conn)
         return True
 
-    def done_lingering(self, conn: GuardedConnection) -> None:
+    def done_lingering(self, conn: Guarded) -> None:
         self._lingering.discard(conn)
 
     def _closed(self, reason: str) -> None:

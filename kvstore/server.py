@@ -33,8 +33,16 @@ from typing import Any
 from aiohttp import web
 
 from kvstore import config as config_mod
-from kvstore import http_guard, tls
-from kvstore.api import NODE_KEY, admin_json, build_app, refuse_unknown_fields, require_secret, start_runner
+from kvstore import http_front, http_guard, tls
+from kvstore.api import (
+    KV_API_KEY,
+    NODE_KEY,
+    admin_json,
+    build_app,
+    refuse_unknown_fields,
+    require_secret,
+    start_runner,
+)
 from kvstore.assembly import NodeSeams, assemble_node
 from kvstore.clock import SystemClock
 from kvstore.config import NodeConfig
@@ -245,15 +253,29 @@ async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
     warn_if_few_file_descriptors(cfg)
     runner = await start_runner(app, keepalive_timeout=cfg.limits.http_idle_timeout_ms / 1000.0)
     await node.start()
-    site = http_guard.GuardedSite(runner, guard, cfg.bind, cfg.me.http_port, reuse_address=True,
-                                  ssl_context=tls.http_server_context(cfg.tls))
-    await site.start()
-    log.info("node %s serving %s (peer port %d%s)", cfg.node_id, site.name, cfg.me.peer_port,
-             ", mutual TLS" if cfg.tls.enabled and cfg.tls.peer else "")
+    front: http_front.FrontEnd | None = None
+    listener: asyncio.Server | None = None
+    ssl_context = tls.http_server_context(cfg.tls)
+    if cfg.server.front_end == "httptools":  # /kv/* parsed by httptools, the rest forwarded to the app
+        assert runner.server is not None
+        front = http_front.FrontEnd(app[KV_API_KEY], runner.server, guard, cfg.limits)
+        listener = await asyncio.get_running_loop().create_server(
+            front.protocol_factory(), cfg.bind, cfg.me.http_port, reuse_address=True, ssl=ssl_context
+        )
+    else:
+        site = http_guard.GuardedSite(runner, guard, cfg.bind, cfg.me.http_port, reuse_address=True,
+                                      ssl_context=ssl_context)
+        await site.start()
+    log.info("node %s serving %s://%s:%d (peer port %d%s, front end %s)", cfg.node_id, cfg.scheme, cfg.bind,
+             cfg.me.http_port, cfg.me.peer_port, ", mutual TLS" if cfg.tls.enabled and cfg.tls.peer else "",
+             cfg.server.front_end)
     try:
         await stop.wait()
     finally:
         log.info("node %s stopping", cfg.node_id)
+        if listener is not None and front is not None:
+            listener.close()
+            front.close()
         await runner.cleanup()
         await node.stop()
 

@@ -34,8 +34,9 @@ SECTIONS: dict[str, tuple[str, type]] = {
     "limits": ("### `[limits]`", config.Limits),
     "ap": ("### `[ap]`", config.APSettings),
     "tls": ("### `[tls]`", config.TLSSettings),
+    "server": ("### `[server]`", config.ServerSettings),
 }
-NESTED = {"members", "limits", "ap", "tls"}  # NodeConfig fields that are tables of their own
+NESTED = {"members", "limits", "ap", "tls", "server"}  # NodeConfig fields that are tables of their own
 TYPE_NAMES: dict[str, type] = {"string": str, "integer": int, "float": float, "boolean": bool}
 MINIMAL: dict[str, Any] = {
     "node_id": "n1",
@@ -82,7 +83,7 @@ def test_documented_types_and_defaults_are_the_real_ones(section: str) -> None:
         f = fields[name]
         assert row.type in TYPE_NAMES, f"{name}: unknown type {row.type!r}"
         loaded_value = getattr({"": cfg, "members": cfg.members[0], "limits": cfg.limits, "ap": cfg.ap,
-                                "tls": cfg.tls}[section], name)
+                                "tls": cfg.tls, "server": cfg.server}[section], name)
         if row.default == "required":
             # Required: no default in the dataclass (Member has none at all: check the loader), and
             # a file without it is refused naming the field.
