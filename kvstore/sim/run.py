@@ -1,0 +1,222 @@
+"""One simulated chaos run: ``(seed, SimConfig) -> (history, verdict)``.
+
+Theory of operation
+-------------------
+``run_sim(seed, config)`` builds a fresh ``VirtualLoop`` and a ``SimCluster`` (``config.nodes``
+real nodes over the simulated network and disks), lets the cluster warm up (failure detectors
+see every peer, acceptors are active), then runs the chaos harness's own scenario runner
+(``chaos.runner.run_scenario``: the same workload, the same fault schedule and driver, the same
+healing, convergence and final reads) against it through ``SimControl``, and judges the history
+with the explorer's judge (``kvstore.explore_report.judge``, i.e. the checker).  Nothing else
+varies: a run is fully described by ``(seed, config)``, and the same pair gives a byte-identical
+``history.jsonl`` in any process (its sha256 is ``SimResult.history_sha256``).
+
+The verdict says whether the mode kept its promise (``broken``, with reasons):
+
+* ``linearizable``: the history is linearizable;
+* ``quorum`` (W=2 of N=3, siblings): no acknowledged write lost, whatever single fault happened
+  (a lost disk included: every acknowledged write is on two disks);
+* ``eventual`` (W=1, siblings): no acknowledged write lost, except under a fault that loses a
+  disk (``kill-wipe``): a write acknowledged by one node is on one disk only until it spreads,
+  which is what W=1 means;
+* ``eventual-lww``: last-write-wins drops concurrent writes by design; nothing to break but
+* every mode: no node logged an error (an unhandled exception, a failed assertion in a task).
+
+Node logs: while a run is on, the ``kvstore`` and ``asyncio`` loggers go to an in-memory list
+(their records at ERROR and above become ``SimResult.node_errors``); below ERROR they are
+dropped, so a run prints nothing but its summary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from chaos.runner import SCENARIOS, RunSpec, run_scenario
+from chaos.workload import MODES
+from kvstore.config import APSettings, Limits
+from kvstore.sim import vloop
+from kvstore.sim.cluster import ClusterSpec, SimCluster
+from kvstore.sim.control import SimControl
+from kvstore.sim.network import Latency
+
+# The explorer's cluster settings (kvstore.explore: EXPLORE_AP, EXPLORE_LIMITS), so a simulated
+# cell and a real one run the same configuration.
+SIM_AP = APSettings(heartbeat_interval_ms=100, anti_entropy_interval_s=5.0, read_repair="async")
+SIM_LIMITS = Limits(request_timeout_ms=1000, replica_timeout_ms=500)
+WIPE_FAULTS = ("kill-wipe",)
+MAX_ERRORS_KEPT = 20
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """Everything a simulated run depends on besides its seed."""
+
+    mode: str = "eventual"
+    scenario: str = "majority-partition"
+    nodes: int = 5
+    replicas: int = 3
+    duration_s: float = 8.0
+    clients: int = 10
+    keys: int = 5
+    rate_per_s: float = 100.0
+    settle_s: float = 2.0
+    warmup_s: float = 1.0
+    random_schedule: bool = False
+    vnodes: int = 256
+    ap: APSettings = field(default_factory=lambda: SIM_AP)
+    limits: Limits = field(default_factory=lambda: SIM_LIMITS)
+    latency: Latency = field(default_factory=Latency)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r} (known: {', '.join(MODES)})")
+        if self.scenario not in SCENARIOS:
+            raise ValueError(f"unknown nemesis {self.scenario!r} (known: {', '.join(SCENARIOS)})")
+        if not 1 <= self.replicas <= self.nodes:
+            raise ValueError(f"replicas must be between 1 and nodes ({self.nodes})")
+        if self.duration_s <= 0 or self.clients < 1 or self.keys < 1 or self.rate_per_s <= 0:
+            raise ValueError("duration, clients, keys and rate must be positive")
+
+    def cluster_spec(self) -> ClusterSpec:
+        return ClusterSpec(
+            nodes=self.nodes, replicas=self.replicas, conflict_mode=MODES[self.mode]["conflict_mode"],
+            vnodes=self.vnodes, ap=self.ap, limits=self.limits, latency=self.latency,
+        )
+
+    def run_spec(self, seed: int) -> RunSpec:
+        return RunSpec(
+            scenario=self.scenario, mode=self.mode, duration_s=self.duration_s, seed=seed, clients=self.clients,
+            keys=self.keys, rate_per_s=self.rate_per_s, random_schedule=self.random_schedule, settle_s=self.settle_s,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class SimResult:
+    seed: int
+    config: SimConfig
+    out_dir: Path
+    history_path: Path
+    history_sha256: str
+    events: list[dict[str, Any]]
+    summary: dict[str, Any]  # the explorer's figures for this run (kvstore.explore_report.judge)
+    broken: list[str]  # the mode's promises this run broke (empty: kept)
+    node_errors: list[str]
+    simulated_s: float
+    wall_s: float
+
+    @property
+    def ok(self) -> bool:
+        return not self.broken
+
+    def to_json(self) -> dict[str, Any]:
+        figures = {k: v for k, v in self.summary.items() if k not in ("plot_marks", "timeline_svg")}
+        return {
+            "seed": self.seed, "config": self.config.to_json(), "verdict": "ok" if self.ok else "broken",
+            "broken": self.broken, "history": str(self.history_path), "history_sha256": self.history_sha256,
+            "ops": len([e for e in self.events if e.get("type") == "invoke"]),
+            "node_errors": self.node_errors, "simulated_s": round(self.simulated_s, 3),
+            "wall_s": round(self.wall_s, 3), "summary": figures,
+        }
+
+
+def broken_promises(mode: str, scenario: str, summary: dict[str, Any], node_errors: list[str]) -> list[str]:
+    """The promises of ``mode`` that a run with these figures broke (see the module docstring)."""
+    broken: list[str] = []
+    disk_lost = any(kind in WIPE_FAULTS for kind in SCENARIOS[scenario])
+    if mode == "linearizable" and summary["linearizable"] == "false":
+        broken.append(f"not linearizable ({len(summary['keys_invalid'])}/{summary['keys']} keys)")
+    if summary["lost_writes"] and (mode == "quorum" or (mode == "eventual" and not disk_lost)):
+        broken.append(f"{summary['lost_writes']} acknowledged write(s) lost")
+    if node_errors:
+        broken.append(f"{len(node_errors)} error(s) logged by the nodes (first: {node_errors[0]})")
+    return broken
+
+
+class _ErrorLog(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if len(self.messages) < MAX_ERRORS_KEPT:
+            text = f"{record.name}: {record.getMessage()}"
+            if record.exc_info and record.exc_info[1] is not None:
+                text += f" ({type(record.exc_info[1]).__name__}: {record.exc_info[1]})"
+            self.messages.append(text)
+
+
+async def _simulate(seed: int, config: SimConfig, out_dir: Path) -> float:
+    cluster = SimCluster(config.cluster_spec(), seed)
+    await cluster.start()
+    await asyncio.sleep(config.warmup_s)
+    control = SimControl(cluster)
+    info = {"simulated": True, **asdict(config.cluster_spec())}
+    try:
+        await run_scenario(config.run_spec(seed), control, out_dir, cluster_info=info,
+                           command=replay_command(seed, config, out_dir))
+    finally:
+        await cluster.stop()
+    return cluster.loop.now_ns / 1e9
+
+
+def run_sim(seed: int, config: SimConfig, out_dir: Path | None = None, *, judge_history: bool = True) -> SimResult:
+    """Run one simulated chaos run and judge it (see the module docstring)."""
+    from chaos.history import read_history
+    from kvstore.explore_report import judge
+
+    out = out_dir if out_dir is not None else Path(tempfile.mkdtemp(prefix=f"kvstore-sim-{seed}-"))
+    errors = _ErrorLog()
+    watched = [logging.getLogger("kvstore"), logging.getLogger("asyncio")]
+    saved = [(lg.level, lg.propagate) for lg in watched]
+    for lg in watched:
+        lg.addHandler(errors)
+        lg.setLevel(logging.ERROR)
+        lg.propagate = False
+    started = time.perf_counter()
+    try:
+        # A run lasts duration + warm-up + settle + healing; anything far beyond is a livelock.
+        budget_s = 10 * (config.duration_s + config.warmup_s + config.settle_s) + 600
+        simulated_s = vloop.run(_simulate(seed, config, out), max_time_s=budget_s)
+    finally:
+        for lg, (level, propagate) in zip(watched, saved, strict=True):
+            lg.removeHandler(errors)
+            lg.setLevel(level)
+            lg.propagate = propagate
+    wall_s = time.perf_counter() - started
+    history_path = out / "history.jsonl"
+    digest = hashlib.sha256(history_path.read_bytes()).hexdigest()
+    events = read_history(history_path)
+    summary: dict[str, Any] = {}
+    broken: list[str] = []
+    if judge_history:
+        members = config.cluster_spec().node_config("n1", "new").member_ids
+        summary = judge(events, config.mode, out, members, config.vnodes, config.replicas)
+        broken = broken_promises(config.mode, config.scenario, summary, errors.messages)
+    return SimResult(seed, config, out, history_path, digest, events, summary, broken, errors.messages,
+                     simulated_s, wall_s)
+
+
+def replay_command(seed: int, config: SimConfig, out_dir: Path | None = None) -> str:
+    """The command line that replays this run (defaults omitted)."""
+    default = SimConfig()
+    parts = ["kvstore", "sim", "--seed", str(seed), "--mode", config.mode, "--nemesis", config.scenario]
+    for flag, name in (("--nodes", "nodes"), ("--replicas", "replicas"), ("--duration", "duration_s"),
+                       ("--clients", "clients"), ("--keys", "keys"), ("--rate", "rate_per_s")):
+        value = getattr(config, name)
+        if value != getattr(default, name):
+            parts += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+    if config.random_schedule:
+        parts.append("--random-schedule")
+    if out_dir is not None:
+        parts += ["--out", str(out_dir)]
+    return " ".join(parts)
