@@ -145,7 +145,7 @@ class Workload:
             else:
                 f, value = "write", index * 1_000_000 + seq
             pause_s = interval_s * rng.uniform(0.5, 1.5)
-            completion = await self.perform(process, node, f, key, value, contexts, last_read)
+            completion = await self.perform(process, node, f, key, value, contexts, last_read, client=index)
             if completion == "info":
                 process = self.new_process()
             with contextlib.suppress(TimeoutError):
@@ -161,10 +161,17 @@ class Workload:
         contexts: dict[str, str] | None = None,
         last_read: dict[str, int | None] | None = None,
         params_override: dict[str, Any] | None = None,
+        client: int | None = None,
     ) -> str:
-        """Run one op, recording invoke and completion; returns the completion type."""
+        """Run one op, recording invoke and completion; returns the completion type.
+
+        ``client`` (the workload client's index) is recorded too: a client keeps its causal
+        contexts across the fresh process ids it takes after an ``info``, so only this field says
+        which ops share a context (e.g. a client's delete covering its own earlier write)."""
         contexts = contexts if contexts is not None else {}
         base = {"process": process, "f": f, "key": key, "node": node, "mode": self.spec.mode}
+        if client is not None:
+            base["client"] = client
         self.history.record({**base, "type": "invoke", "value": value})
         try:
             kind, extra = await self._request(node, f, key, value, contexts, params_override)
