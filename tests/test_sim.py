@@ -326,3 +326,25 @@ def test_a_lost_write_is_explained_only_by_its_own_clients_later_write(
 
     events = [_ev(0, 6, "invoke", "write", 4000020, 4), _ev(1, 6, "ok", "write", 4000020, 4), *later]
     assert superseded_by_its_client({"key": "k", "value": 4000020}, events) is explained
+
+
+def test_explore_simulate_gives_the_explorers_table_and_report_and_replays(tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    proc = subprocess.run(
+        [sys.executable, "-m", "kvstore", "explore", "--simulate", "--jobs", "2", "--modes", "eventual,linearizable",
+         "--scenarios", "isolated-node", "--duration", "4", "--seed", "3", "--out", str(out), "--json"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout)
+    assert results["meta"]["simulated"] is True
+    cells = {c["mode"]: c for c in results["cells"]}
+    assert cells["linearizable"]["linearizable"] == "true" and cells["linearizable"]["broken"] == []
+    assert cells["linearizable"]["availability_fault_minority"] < 0.2 < 0.8 < cells["eventual"][
+        "availability_fault_minority"]
+    html = (out / "index.html").read_text()
+    assert "data:image/png;base64," in html and "kvstore sim --seed 3 --mode linearizable" in html
+    # A cell is the same run as `kvstore sim` with its replay options.
+    replay = run_sim(3, SimConfig(mode="linearizable", scenario="isolated-node", duration_s=4.0), tmp_path / "again",
+                     judge_history=False)
+    assert replay.history_sha256 == cells["linearizable"]["history_sha256"]
