@@ -19,6 +19,7 @@ The nemesis history events and their timing come from the same ``chaos.runner.Fa
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from chaos.endpoint import Endpoint
@@ -64,8 +65,8 @@ class SimControl(FaultControl):
             self.cluster.crash(node, lose_state)
 
     async def _restart(self, nodes: list[str]) -> None:
-        for node in nodes:
-            await self.cluster.restart(node)
+        # All started together, then all awaited (as LocalCluster.restart_many does).
+        await asyncio.gather(*(self.cluster.restart(node) for node in nodes))
 
     async def _pause(self, node: str) -> None:
         self.cluster.pause(node)
