@@ -27,7 +27,7 @@ from multidict import CIMultiDict
 
 from kvstore.contract import NoAnswer
 from kvstore.http_session import client_session, no_answer_kind
-from kvstore.sim.shim import ApiRequest, ApiResponse  # SHIM: kvstore.api once A1's KvApi is merged
+from kvstore.kv_api import ApiRequest, ApiResponse
 
 __all__ = ["ApiRequest", "ApiResponse", "Endpoint", "HttpEndpoint", "NoAnswerError", "content_type"]
 

@@ -17,7 +17,6 @@ nondeterminism either simulated or derived from one seed, so that a run is a pur
 * ``control``: the chaos harness's ``FaultControl`` over a simulated cluster.
 * ``run``: one run (the chaos harness's own workload, schedule and checker) -> history + verdict.
 * ``cli``: ``kvstore sim``; ``kvstore explore --simulate`` runs the explorer's matrix on it.
-* ``shim``: TEMPORARY stand-ins for the node assembly and kv core of issue 12's plan.
 
 Sources of nondeterminism found and fixed where they live: time (the loop's clock is the
 simulated one; nodes read time through their ``Clock``), randomness (every rng is seeded from

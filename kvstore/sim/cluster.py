@@ -41,16 +41,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from chaos.endpoint import ApiRequest, ApiResponse, NoAnswerError
+from chaos.endpoint import NoAnswerError
+from kvstore.assembly import NodeSeams, assemble_node
 from kvstore.config import APSettings, Limits, Member, NodeConfig, validate
+from kvstore.kv_api import ApiRequest, ApiResponse, KvApi
 from kvstore.node import Node
 from kvstore.sim.disk import SimDisk, latency_sampler
 from kvstore.sim.network import Latency, SimNetwork, SimTransport
-from kvstore.sim.shim import (  # SHIM: kvstore.assembly / kvstore.api at the merge
-    KvApi,
-    NodeSeams,
-    assemble_node,
-)
 from kvstore.sim.vloop import Host, SimClock, VirtualLoop
 from kvstore.storage.faulty import FaultSettings
 from kvstore.transport.base import LinkRule
@@ -144,7 +141,7 @@ class SimCluster:
         cfg = self.spec.node_config(member.node_id, initial_cluster_state)
         seams = NodeSeams(transport=transport, data=stores["data"], hints=stores["hints"], paxos=stores["paxos"],
                           clock=clock, rng=rng)
-        node = assemble_node(cfg, seams, durable_data=True)
+        node = assemble_node(cfg, seams)
         member.host, member.node, member.transport, member.clock = host, node, transport, clock
         member.api = KvApi(node)
         await host.spawn(node.start(), name=f"{member.node_id}-start")
@@ -207,9 +204,7 @@ class SimCluster:
         member = self.members[node_id]
         if not member.up or member.node is None or member.host is None:
             return
-        trigger: Callable[[], Any] | None = getattr(member.node, "trigger_repair", None)  # SHIM: A1 types it
-        if trigger is not None:
-            await member.host.spawn(trigger(), name=f"{node_id}-repair")
+        await member.host.spawn(member.node.parts.anti_entropy.trigger_repair(), name=f"{node_id}-repair")
 
     # --- clients ------------------------------------------------------------------------------
 
