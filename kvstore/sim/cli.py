@@ -1,4 +1,4 @@
-"""``kvstore sim``: one deterministic simulated chaos run from a seed.
+"""``kvstore sim``: one deterministic simulated chaos run from a seed, or a sweep of many seeds.
 
 Theory of operation
 -------------------
@@ -11,8 +11,14 @@ how to check (``--json`` prints everything as one JSON document, hash included).
 ``--ops N`` is a convenience for the length: the run lasts N / rate seconds of simulated time
 (about N client operations), so it is still fully described by its seed and options.
 
-Exit status: 0 the mode kept its promise, 1 it broke it (or the simulation failed: a deadlock,
-a budget exceeded), 2 a usage error.
+``--seeds 1..1000`` (or a list, ``3,8,21``, or a mix) sweeps seeds instead
+(``kvstore.sim.sweep``): each seed picks its mode, nemesis and schedule from the seed (``--mode``
+/ ``--nemesis`` fix them), the seeds run in ``--jobs`` worker processes with a rich progress bar
+on stderr, and every seed that broke its mode's promise is printed with its replay command
+(``--json``: one JSON document with every seed's result).
+
+Exit status: 0 the mode kept its promise (every seed did), 1 it broke it (some seed did, or a
+simulation failed: a deadlock, a budget exceeded, a crash), 2 a usage error.
 """
 
 from __future__ import annotations
@@ -34,10 +40,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run one chaos run on a simulated cluster (real nodes, simulated time, network and disks) "
                     "from a seed; print the verdict and the history's hash.  Same seed, same history.",
     )
-    parser.add_argument("--seed", type=int, required=True, help="the run's seed (everything random derives from it)")
-    parser.add_argument("--mode", choices=list(MODES), default="eventual", help="consistency mode (default eventual)")
-    parser.add_argument("--nemesis", choices=list(SCENARIOS), default="majority-partition",
-                        help="fault scenario, as for kvstore chaos (default majority-partition)")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--seed", type=int, help="the run's seed (everything random derives from it)")
+    which.add_argument("--seeds", metavar="SEEDS",
+                       help="sweep these seeds: a range 1..1000 (inclusive), a list 3,8,21, or a mix; each seed "
+                            "picks its mode, nemesis and schedule, unless --mode / --nemesis fix them")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="with --seeds: worker processes (default: the CPU count)")
+    parser.add_argument("--mode", choices=list(MODES), default=None,
+                        help="consistency mode (default eventual; with --seeds: picked per seed)")
+    parser.add_argument("--nemesis", choices=list(SCENARIOS), default=None,
+                        help="fault scenario, as for kvstore chaos (default majority-partition; "
+                             "with --seeds: picked per seed)")
     parser.add_argument("--nodes", type=int, default=5, help="cluster size (default 5)")
     parser.add_argument("--replicas", type=int, default=3, help="replicas per key, N (default 3)")
     length = parser.add_mutually_exclusive_group()
@@ -48,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rate", type=float, default=100.0, help="ops per simulated second, all clients (default 100)")
     parser.add_argument("--random-schedule", action="store_true", help="random fault windows from the seed")
     parser.add_argument("--out", default=None, help="folder for history.jsonl, run.json, check.json "
-                                                     "(default: a new temporary folder)")
+                                                     "(default: a new temporary folder); with --seeds: the "
+                                                     "folder of the broken seeds' runs (seed-S/)")
     parser.add_argument("--json", action="store_true", help="print one JSON summary on stdout")
     return parser
 
@@ -66,12 +81,17 @@ def main(argv: list[str] | None = None) -> int:
         duration = round(args.ops / args.rate, 3)
     try:
         config = SimConfig(
-            mode=args.mode, scenario=args.nemesis, nodes=args.nodes, replicas=args.replicas, duration_s=duration,
-            clients=args.clients, keys=args.keys, rate_per_s=args.rate, random_schedule=args.random_schedule,
+            mode=args.mode or "eventual", scenario=args.nemesis or "majority-partition", nodes=args.nodes,
+            replicas=args.replicas, duration_s=duration, clients=args.clients, keys=args.keys, rate_per_s=args.rate,
+            random_schedule=args.random_schedule,
         )
     except ValueError as exc:
         parser.error(str(exc))
     out = Path(args.out) if args.out else None
+    if args.seeds is not None:
+        return _sweep(parser, args, config, out)
+    if args.jobs is not None:
+        parser.error("--jobs goes with --seeds")
     try:
         result = run_sim(args.seed, config, out)
     except SimError as exc:
@@ -114,3 +134,74 @@ def _print_summary(result: object, replay: str) -> None:
     speed = result.simulated_s / result.wall_s if result.wall_s > 0 else float("inf")
     print(f"simulated {result.simulated_s:.1f} s in {result.wall_s:.2f} s wall ({speed:.1f}x)")
     print(f"replay: {replay}")
+
+
+def _sweep(parser: argparse.ArgumentParser, args: argparse.Namespace, base: object, out: Path | None) -> int:
+    import os
+    import tempfile
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from kvstore.sim.run import SimConfig
+    from kvstore.sim.sweep import SeedOutcome, SeedSpecError, parse_seeds, sweep
+
+    assert isinstance(base, SimConfig)
+    try:
+        seeds = parse_seeds(args.seeds)
+    except SeedSpecError as exc:
+        parser.error(str(exc))
+    if args.random_schedule:
+        parser.error("with --seeds each seed picks its schedule; drop --random-schedule")
+    if args.jobs is not None and args.jobs < 1:
+        parser.error("--jobs must be at least 1")
+    jobs = max(1, min(args.jobs or os.cpu_count() or 1, len(seeds)))
+    out_root = out if out is not None else Path(tempfile.mkdtemp(prefix="kvstore-sim-sweep-"))
+    console = Console(stderr=True)
+    broken_so_far = 0
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("seeds"),
+        TextColumn("[red]{task.fields[broken]} broken"), TimeElapsedColumn(), console=console,
+    ) as bar:
+        task = bar.add_task(f"sweeping ({jobs} process{'es' if jobs > 1 else ''})", total=len(seeds), broken=0)
+
+        def done(outcome: SeedOutcome) -> None:
+            nonlocal broken_so_far
+            if not outcome.ok:
+                broken_so_far += 1
+                bar.console.print(f"[red]seed {outcome.seed} broke[/red] ({outcome.config.mode} x "
+                                  f"{outcome.config.scenario}): {'; '.join(outcome.broken)}", highlight=False)
+            bar.update(task, advance=1, broken=broken_so_far)
+
+        result = sweep(seeds, base, out_root, jobs=jobs, modes=[args.mode] if args.mode else None,
+                       scenarios=[args.nemesis] if args.nemesis else None, on_done=done)
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        _print_sweep(result, out_root)
+    return EXIT_BROKEN if result.broken else EXIT_OK
+
+
+def _print_sweep(result: object, out_root: Path) -> None:
+    from collections import Counter
+
+    from kvstore.sim.sweep import SweepResult
+
+    assert isinstance(result, SweepResult)
+    runs = Counter(o.config.mode for o in result.outcomes)
+    broke = Counter(o.config.mode for o in result.broken)
+    print(f"kvstore sim: {len(result.outcomes)} seeds in {result.elapsed_s:.1f} s "
+          f"({result.seeds_per_s:.2f} seeds/s, {result.jobs} process{'es' if result.jobs > 1 else ''})")
+    for mode, count in sorted(runs.items()):
+        print(f"  {mode:<13} {count:>5} seeds, {broke.get(mode, 0)} broke its promise")
+    if not result.broken:
+        print("verdict: ok: every seed kept its mode's promise")
+        return
+    print(f"verdict: BROKEN: {len(result.broken)} seed(s) broke their mode's promise:")
+    for o in result.broken:
+        print(f"  seed {o.seed}: {o.config.mode} x {o.config.scenario}"
+              f"{' (random schedule)' if o.config.random_schedule else ''}: {'; '.join(o.broken)}")
+        for line in o.details:
+            print(f"      {line}")
+        print(f"    replay: {o.replay}")
+    print(f"histories of the broken seeds: {out_root}/seed-S/")
