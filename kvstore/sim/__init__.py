@@ -16,6 +16,8 @@ nondeterminism either simulated or derived from one seed, so that a run is a pur
   process faults, and the client endpoint into each node's kv API.
 * ``control``: the chaos harness's ``FaultControl`` over a simulated cluster.
 * ``run``: one run (the chaos harness's own workload, schedule and checker) -> history + verdict.
+* ``sweep``: ``kvstore sim --seeds 1..1000``: many seeds in worker processes, each picking its mode
+  and nemesis; every seed that broke its mode's promise, with its replay command.
 * ``cli``: ``kvstore sim``; ``kvstore explore --simulate`` runs the explorer's matrix on it.
 
 Sources of nondeterminism found and fixed where they live: time (the loop's clock is the
