@@ -149,7 +149,7 @@ def run_seed(seed: int, config: SimConfig, out_root: str, wall_limit_s: float = 
     except SimError as exc:
         kind = "deadlock" if isinstance(exc, SimDeadlock) else "budget exceeded"
         outcome = SeedOutcome(seed, config, [f"simulation failed ({kind}): {exc}"], failure=kind)
-    except (Exception, SeedWallLimit) as exc:  # a crash or failed assertion of the run is a finding
+    except Exception as exc:  # a crash or failed assertion of the run is a finding (or SeedWallLimit)
         kind = "hung" if isinstance(exc, SeedWallLimit) else "crash"
         tail = traceback.format_exception(exc)[-6:]
         outcome = SeedOutcome(seed, config, [f"simulation failed ({kind}): {type(exc).__name__}: {exc}"],
