@@ -126,6 +126,8 @@ class RunSpec:
     random_schedule: bool = False
     settle_s: float = 3.0
     key_prefix: str = ""
+    phases: list[Phase] | None = None  # an explicit schedule (the simulator's --faults); overrides the above
+
 
     def faults(self) -> list[str]:
         if self.scenario not in SCENARIOS:
@@ -133,6 +135,8 @@ class RunSpec:
         return SCENARIOS[self.scenario]
 
     def schedule(self) -> list[Phase]:
+        if self.phases is not None:
+            return [Phase(p.name, p.start_s, p.end_s, list(p.faults)) for p in self.phases]
         if self.random_schedule:
             return random_schedule(self.faults(), self.duration_s, random.Random(f"{self.seed}:schedule"))
         return fixed_schedule(self.faults(), self.duration_s)

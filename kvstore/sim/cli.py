@@ -61,6 +61,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--keys", type=int, default=5, help="independent registers (default 5)")
     parser.add_argument("--rate", type=float, default=100.0, help="ops per simulated second, all clients (default 100)")
     parser.add_argument("--random-schedule", action="store_true", help="random fault windows from the seed")
+    parser.add_argument("--faults", default=None, metavar="WINDOWS",
+                        help="an explicit fault schedule instead of the nemesis's: KIND[+KIND]@START-END,... in "
+                             "seconds of workload (e.g. kill-all@2.4-5.6), or 'none' (--shrink prints these)")
+    parser.add_argument("--unsafe-skip-fsync-before-ack", action="store_true",
+                        help="TEST ONLY: inject a durability bug (the simulated disks acknowledge writes before "
+                             "syncing them; a crash loses them), to see the simulator and --shrink catch it")
+    parser.add_argument("--shrink", action="store_true",
+                        help="with --seed: if the run breaks its promise, delta-debug it (fewer faults, clients, "
+                             "keys, a shorter run) to a minimal run that breaks it the same way; print its replay")
+    parser.add_argument("--shrink-max-runs", type=int, default=80, help="with --shrink: at most this many runs")
+    parser.add_argument("--shrink-max-wall", type=float, default=900.0,
+                        help="with --shrink: at most this many wall-clock seconds")
     parser.add_argument("--out", default=None, help="folder for history.jsonl, run.json, check.json "
                                                      "(default: a new temporary folder); with --seeds: the "
                                                      "folder of the broken seeds' runs (seed-S/)")
@@ -69,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kvstore.sim.run import SimConfig, replay_command, run_sim
+    from kvstore.sim.run import SimConfig, parse_fault_windows, replay_command, run_sim
     from kvstore.sim.vloop import SimError
 
     parser = build_parser()
@@ -80,18 +92,29 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--ops must be at least 1")
         duration = round(args.ops / args.rate, 3)
     try:
+        faults = parse_fault_windows(args.faults) if args.faults is not None else None
         config = SimConfig(
             mode=args.mode or "eventual", scenario=args.nemesis or "majority-partition", nodes=args.nodes,
             replicas=args.replicas, duration_s=duration, clients=args.clients, keys=args.keys, rate_per_s=args.rate,
-            random_schedule=args.random_schedule,
+            random_schedule=args.random_schedule, faults=faults,
+            unsafe_skip_fsync_before_ack=args.unsafe_skip_fsync_before_ack,
         )
     except ValueError as exc:
         parser.error(str(exc))
     out = Path(args.out) if args.out else None
     if args.seeds is not None:
+        if args.shrink or args.faults is not None:
+            parser.error("--shrink and --faults go with --seed (shrink a broken seed of a sweep by its replay command)")
         return _sweep(parser, args, config, out)
     if args.jobs is not None:
         parser.error("--jobs goes with --seeds")
+    if args.shrink:
+        from kvstore.sim.shrink import main_shrink
+
+        if args.shrink_max_runs < 1 or args.shrink_max_wall <= 0:
+            parser.error("--shrink-max-runs and --shrink-max-wall must be positive")
+        return main_shrink(args.seed, config, out, max_runs=args.shrink_max_runs, max_wall_s=args.shrink_max_wall,
+                           as_json=args.json)
     try:
         result = run_sim(args.seed, config, out)
     except SimError as exc:

@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 
 _NO_HOST = contextvars.Context()
 SIM_SECRET = "simulated-cluster-secret"
+UNSAFE_WRITEBACK_S = 1.0  # under the injected bug: how often unsynced writes reach the disk
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,8 @@ class ClusterSpec:
     latency: Latency = field(default_factory=Latency)  # node <-> node, one way
     client_latency: Latency = field(default_factory=lambda: Latency(median_ms=0.3, sigma=0.3, max_ms=20.0))
     disk_write_ms: tuple[float, float] = (0.05, 0.5)
+    # Test-only injected durability bug (kvstore.sim.disk): disks acknowledge before syncing.
+    unsafe_skip_fsync_before_ack: bool = False
 
     def node_config(self, node_id: str, initial_cluster_state: str) -> NodeConfig:
         members = tuple(Member(f"n{i + 1}", "sim", 10_000 + i, 20_000 + i) for i in range(self.nodes))
@@ -122,7 +125,8 @@ class SimCluster:
 
     def _new_disk(self, node_id: str, generation: int) -> SimDisk:
         low, high = self.spec.disk_write_ms
-        return SimDisk(node_id, generation, latency_sampler(self.disk_rng, low, high))
+        writeback_s = UNSAFE_WRITEBACK_S if self.spec.unsafe_skip_fsync_before_ack else None
+        return SimDisk(node_id, generation, latency_sampler(self.disk_rng, low, high), writeback_s)
 
     # --- lifecycle --------------------------------------------------------------------------
 

@@ -42,11 +42,11 @@ import json
 import logging
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from chaos.runner import SCENARIOS, RunSpec, run_scenario
+from chaos.runner import SCENARIOS, Phase, RunSpec, run_scenario
 from chaos.workload import MODES
 from kvstore.config import APSettings, Limits
 from kvstore.sim import vloop
@@ -81,6 +81,11 @@ class SimConfig:
     ap: APSettings = field(default_factory=lambda: SIM_AP)
     limits: Limits = field(default_factory=lambda: SIM_LIMITS)
     latency: Latency = field(default_factory=Latency)
+    # An explicit fault schedule (``--faults``) instead of the nemesis's fixed or random one: what
+    # ``--shrink`` reduces.  The nemesis still names the run (and its promise: see broken_promises).
+    faults: tuple[FaultWindow, ...] | None = None
+    # Test-only: the injected durability bug (kvstore.sim.disk); no node configuration can set it.
+    unsafe_skip_fsync_before_ack: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -91,21 +96,97 @@ class SimConfig:
             raise ValueError(f"replicas must be between 1 and nodes ({self.nodes})")
         if self.duration_s <= 0 or self.clients < 1 or self.keys < 1 or self.rate_per_s <= 0:
             raise ValueError("duration, clients, keys and rate must be positive")
+        if self.faults is not None:
+            check_fault_windows(self.faults, self.duration_s)
 
     def cluster_spec(self) -> ClusterSpec:
         return ClusterSpec(
             nodes=self.nodes, replicas=self.replicas, conflict_mode=MODES[self.mode]["conflict_mode"],
             vnodes=self.vnodes, ap=self.ap, limits=self.limits, latency=self.latency,
+            unsafe_skip_fsync_before_ack=self.unsafe_skip_fsync_before_ack,
         )
 
     def run_spec(self, seed: int) -> RunSpec:
+        phases = phases_from_windows(self.faults, self.duration_s) if self.faults is not None else None
         return RunSpec(
             scenario=self.scenario, mode=self.mode, duration_s=self.duration_s, seed=seed, clients=self.clients,
             keys=self.keys, rate_per_s=self.rate_per_s, random_schedule=self.random_schedule, settle_s=self.settle_s,
+            phases=phases,
         )
+
+    def fault_windows(self, seed: int) -> tuple[FaultWindow, ...]:
+        """The run's fault windows: the explicit ones, or those of the nemesis's schedule for ``seed``."""
+        if self.faults is not None:
+            return self.faults
+        return tuple(FaultWindow(p.start_s, p.end_s, tuple(p.faults))
+                     for p in replace(self, faults=None).run_spec(seed).schedule() if p.faults)
+
+    def fault_kinds(self, seed: int) -> set[str]:
+        return {kind for window in self.fault_windows(seed) for kind in window.kinds}
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class FaultWindow:
+    """Faults in force from ``start_s`` to ``end_s`` of the workload (one phase of a schedule)."""
+
+    start_s: float
+    end_s: float
+    kinds: tuple[str, ...]
+
+    def text(self) -> str:
+        return f"{'+'.join(self.kinds)}@{self.start_s:g}-{self.end_s:g}"
+
+
+FAULT_KINDS = tuple(dict.fromkeys(kind for kinds in SCENARIOS.values() for kind in kinds))
+
+
+def check_fault_windows(windows: tuple[FaultWindow, ...], duration_s: float) -> None:
+    previous_end = 0.0
+    for w in windows:
+        unknown = [k for k in w.kinds if k not in FAULT_KINDS]
+        if not w.kinds or unknown:
+            raise ValueError(f"unknown fault {'+'.join(unknown) or '(none)'} (known: {', '.join(FAULT_KINDS)})")
+        if not previous_end <= w.start_s < w.end_s <= duration_s:
+            raise ValueError(f"fault window {w.text()}: windows must be in order, not overlap, and end by "
+                             f"the duration ({duration_s:g} s)")
+        previous_end = w.end_s
+
+
+def parse_fault_windows(text: str) -> tuple[FaultWindow, ...]:
+    """``"kill@2.4-5.6,latency+loss@6-7"`` -> windows; ``"none"`` -> no faults at all."""
+    if text.strip() == "none":
+        return ()
+    windows = []
+    for item in text.split(","):
+        kinds, at, span = item.strip().partition("@")
+        start, dash, end = span.partition("-")
+        try:
+            if not at or not dash:
+                raise ValueError
+            windows.append(FaultWindow(float(start), float(end), tuple(kinds.split("+"))))
+        except ValueError:
+            raise ValueError(f"not a fault window KIND[+KIND]@START-END: {item.strip()!r}") from None
+    return tuple(windows)
+
+
+def fault_windows_text(windows: tuple[FaultWindow, ...]) -> str:
+    return ",".join(w.text() for w in windows) or "none"
+
+
+def phases_from_windows(windows: tuple[FaultWindow, ...], duration_s: float) -> list[Phase]:
+    """A schedule with these fault windows, healthy between them and healed after the last."""
+    phases: list[Phase] = []
+    t = 0.0
+    for w in windows:
+        if w.start_s > t:
+            phases.append(Phase("healthy", t, w.start_s))
+        phases.append(Phase("fault", w.start_s, w.end_s, list(w.kinds)))
+        t = w.end_s
+    phases.append(Phase("healed", t, duration_s))
+    return [p for p in phases if p.end_s > p.start_s]
 
 
 @dataclass
@@ -166,12 +247,14 @@ def superseded_by_its_client(lost: dict[str, Any], events: list[dict[str, Any]])
 def broken_promises(
     mode: str, scenario: str, summary: dict[str, Any], node_errors: list[str],
     lost_writes: list[dict[str, Any]] | None = None, events: list[dict[str, Any]] | None = None,
+    fault_kinds: set[str] | None = None,
 ) -> list[str]:
     """The promises of ``mode`` that a run with these figures broke (see the module docstring).
 
     ``lost_writes`` are the checker's (``check.json``), with the ``events`` of the history."""
     broken: list[str] = []
-    disk_lost = any(kind in WIPE_FAULTS for kind in SCENARIOS[scenario])
+    kinds = fault_kinds if fault_kinds is not None else set(SCENARIOS[scenario])
+    disk_lost = any(kind in WIPE_FAULTS for kind in kinds)
     if mode == "linearizable" and summary["linearizable"] == "false":
         broken.append(f"not linearizable ({len(summary['keys_invalid'])}/{summary['keys']} keys)")
     if summary["lost_writes"] and (mode == "quorum" or (mode == "eventual" and not disk_lost)):
@@ -246,7 +329,8 @@ def run_sim(seed: int, config: SimConfig, out_dir: Path | None = None, *, judge_
         members = config.cluster_spec().node_config("n1", "new").member_ids
         summary = judge(events, config.mode, out, members, config.vnodes, config.replicas)
         lost = json.loads((out / "check.json").read_text())["analyses"]["lost_writes"]
-        broken = broken_promises(config.mode, config.scenario, summary, errors.messages, lost, events)
+        broken = broken_promises(config.mode, config.scenario, summary, errors.messages, lost, events,
+                                 config.fault_kinds(seed))
     return SimResult(seed, config, out, history_path, digest, events, summary, broken, errors.messages,
                      simulated_s, wall_s)
 
@@ -260,8 +344,12 @@ def replay_command(seed: int, config: SimConfig, out_dir: Path | None = None) ->
         value = getattr(config, name)
         if value != getattr(default, name):
             parts += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
-    if config.random_schedule:
+    if config.random_schedule and config.faults is None:
         parts.append("--random-schedule")
+    if config.faults is not None:
+        parts += ["--faults", fault_windows_text(config.faults)]
+    if config.unsafe_skip_fsync_before_ack:
+        parts.append("--unsafe-skip-fsync-before-ack")
     if out_dir is not None:
         parts += ["--out", str(out_dir)]
     return " ".join(parts)
