@@ -1,0 +1,204 @@
+"""Shrinking simulated runs: ddmin and shrink_int tables, failure kinds, fault windows, and the
+injected durability bug shrunk to a short run whose replay command reproduces it."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from kvstore.sim import cli
+from kvstore.sim.run import (
+    FaultWindow,
+    SimConfig,
+    fault_windows_text,
+    parse_fault_windows,
+    phases_from_windows,
+    replay_command,
+    run_sim,
+)
+from kvstore.sim.shrink import ShrinkBudgetExhausted, ShrinkResult, ddmin, failure_kinds, shrink_int, shrink_run
+
+# --- ddmin: pure tables with fake predicates ------------------------------------------------------
+
+
+def contains_all(needed: set[int]) -> Callable[[list[int]], bool]:
+    return lambda items: needed <= set(items)
+
+
+@pytest.mark.parametrize(
+    ("items", "needed", "expected"),
+    [
+        (list(range(8)), {5}, [5]),
+        (list(range(8)), {0, 7}, [0, 7]),
+        (list(range(10)), {2, 3, 9}, [2, 3, 9]),
+        (list(range(1)), {0}, [0]),
+        ([4, 1, 3], {3, 4}, [4, 3]),  # order kept
+        (list(range(16)), set(), []),  # fails without any element: the empty list
+    ],
+)
+def test_ddmin_finds_the_elements_the_failure_needs(items: list[int], needed: set[int], expected: list[int]) -> None:
+    assert ddmin(items, contains_all(needed)) == expected
+
+
+def test_ddmin_result_is_one_minimal_for_a_non_monotonic_predicate() -> None:
+    # Fails iff exactly two of the elements are even (not monotonic: adding an even one passes).
+    def fails(items: list[int]) -> bool:
+        return sum(1 for x in items if x % 2 == 0) == 2
+
+    items = [1, 2, 3, 4, 5, 7]
+    result = ddmin(items, fails)
+    assert fails(result)
+    assert all(not fails(result[:i] + result[i + 1:]) for i in range(len(result)))
+    assert result == [2, 4]
+
+
+def test_ddmin_runs_each_subset_test_through_the_predicate_and_propagates_its_exceptions() -> None:
+    calls: list[list[int]] = []
+
+    def fails(items: list[int]) -> bool:
+        calls.append(items)
+        if len(calls) > 3:
+            raise ShrinkBudgetExhausted
+        return 6 in items
+
+    with pytest.raises(ShrinkBudgetExhausted):
+        ddmin(list(range(32)), fails)
+    assert calls[0] == []  # the empty list first
+    assert calls[1] == list(range(16))  # then the halves
+
+
+@pytest.mark.parametrize(
+    ("value", "minimum", "threshold", "expected"),
+    [
+        (10, 1, 1, 1),  # fails at the minimum: no bisection
+        (10, 1, 7, 7),
+        (10, 1, 10, 10),
+        (100, 1, 37, 37),
+        (5, 5, 5, 5),
+    ],
+)
+def test_shrink_int_finds_the_least_failing_value_of_a_monotonic_predicate(
+    value: int, minimum: int, threshold: int, expected: int
+) -> None:
+    tried: list[int] = []
+
+    def fails(v: int) -> bool:
+        tried.append(v)
+        return v >= threshold
+
+    assert shrink_int(value, minimum, fails) == expected
+    assert len(tried) <= 1 + (value - minimum).bit_length()  # a bisection, not a scan
+
+
+def test_shrink_int_answers_a_value_that_failed_when_the_predicate_is_not_monotonic() -> None:
+    fails_at = {3, 9, 20}
+    seen: list[int] = []
+
+    def fails(v: int) -> bool:
+        seen.append(v)
+        return v in fails_at or v == 20
+
+    result = shrink_int(20, 1, fails)
+    assert result in fails_at and (result == 20 or result in seen)
+
+
+@pytest.mark.parametrize(
+    ("broken", "kinds"),
+    [
+        ([], set()),
+        (["2 acknowledged write(s) lost"], {"acknowledged write lost"}),
+        (["17 acknowledged write(s) lost"], {"acknowledged write lost"}),
+        (["not linearizable (3/5 keys)", "1 error(s) logged by the nodes (first: x)"],
+         {"not linearizable", "error logged by a node"}),
+        (["simulation failed (SimDeadlock): stuck tasks: a, b"], {"simulation failed (SimDeadlock)"}),
+    ],
+)
+def test_failure_kinds_ignore_counts(broken: list[str], kinds: set[str]) -> None:
+    assert failure_kinds(broken) == frozenset(kinds)
+
+
+# --- explicit fault windows ---------------------------------------------------------------------------
+
+
+def test_fault_windows_round_trip_and_become_phases() -> None:
+    windows = parse_fault_windows("kill-all@2.4-5.6,latency+loss@6-7.5")
+    assert windows == (FaultWindow(2.4, 5.6, ("kill-all",)), FaultWindow(6.0, 7.5, ("latency", "loss")))
+    assert parse_fault_windows(fault_windows_text(windows)) == windows
+    assert parse_fault_windows("none") == () and fault_windows_text(()) == "none"
+    phases = phases_from_windows(windows, 8.0)
+    assert [(p.name, p.start_s, p.end_s, p.faults) for p in phases] == [
+        ("healthy", 0.0, 2.4, []), ("fault", 2.4, 5.6, ["kill-all"]), ("healthy", 5.6, 6.0, []),
+        ("fault", 6.0, 7.5, ["latency", "loss"]), ("healed", 7.5, 8.0, []),
+    ]
+
+
+@pytest.mark.parametrize("text", ["kill", "kill@3", "meteor@1-2", "kill@2-1", "kill@1-2,kill@1.5-3", "kill@7-9"])
+def test_bad_fault_windows_are_refused(text: str) -> None:
+    with pytest.raises(ValueError):
+        SimConfig(duration_s=8.0, faults=parse_fault_windows(text))
+
+
+def test_the_nemesis_schedule_made_explicit_gives_the_same_history(tmp_path: Path) -> None:
+    config = SimConfig(mode="eventual", scenario="kill-restart", duration_s=2.0, clients=3, rate_per_s=30.0,
+                       random_schedule=True)
+    explicit = SimConfig(mode="eventual", scenario="kill-restart", duration_s=2.0, clients=3, rate_per_s=30.0,
+                         faults=config.fault_windows(5))
+    assert explicit.faults
+    a = run_sim(5, config, tmp_path / "a")
+    b = run_sim(5, explicit, tmp_path / "b")
+    assert a.history_sha256 == b.history_sha256
+
+
+# --- the injected bug, found and shrunk ----------------------------------------------------------------
+
+# A short eventual run whose kill-all lands right after writes the (buggy) disks had not written
+# back: acknowledged writes are lost.  Found with
+#   kvstore sim --seeds 1..40 --mode eventual --nemesis kill-all-restart --duration 3 --clients 4
+#               --rate 40 --unsafe-skip-fsync-before-ack
+BUG_SEED = 1
+BUG_CONFIG = SimConfig(mode="eventual", scenario="kill-all-restart", duration_s=3.0, clients=4, rate_per_s=40.0,
+                       unsafe_skip_fsync_before_ack=True)
+
+
+def test_the_injected_bug_loses_acknowledged_writes_and_without_it_the_seed_passes(tmp_path: Path) -> None:
+    with_bug = run_sim(BUG_SEED, BUG_CONFIG, tmp_path / "bug")
+    assert failure_kinds(with_bug.broken) == {"acknowledged write lost"}, with_bug.broken
+    without = run_sim(BUG_SEED, SimConfig(**{**BUG_CONFIG.__dict__, "unsafe_skip_fsync_before_ack": False}),
+                      tmp_path / "fixed")
+    assert without.ok, without.broken
+    assert "--unsafe-skip-fsync-before-ack" in replay_command(BUG_SEED, BUG_CONFIG)
+
+
+def test_shrink_reduces_the_injected_bug_to_a_shorter_run_whose_replay_reproduces_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    result = shrink_run(BUG_SEED, BUG_CONFIG, tmp_path / "shrink", max_runs=30, max_wall_s=600.0)
+    assert isinstance(result, ShrinkResult)
+    assert result.target == {"acknowledged write lost"}
+    assert result.minimal.ops < result.original.ops
+    assert result.minimal.events < result.original.events
+    assert result.runs <= 30
+    assert result.reproduced and result.confirmed.history_sha256 == result.minimal.history_sha256
+
+    # The printed replay command, run as the CLI, breaks the same promise with the same history.
+    argv = shlex.split(result.replay)
+    assert argv[:2] == ["kvstore", "sim"] and "--faults" in argv and "--unsafe-skip-fsync-before-ack" in argv
+    capsys.readouterr()
+    code = cli.main([*argv[2:], "--out", str(tmp_path / "replay")])
+    doc = json.loads(capsys.readouterr().out)
+    assert code == cli.EXIT_BROKEN
+    assert failure_kinds(doc["broken"]) == result.target
+    assert doc["history_sha256"] == result.minimal.history_sha256
+
+
+def test_shrink_of_a_passing_seed_has_nothing_to_do(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = cli.main(["--seed", str(BUG_SEED), "--mode", "eventual", "--nemesis", "kill-all-restart",
+                     "--duration", "3", "--clients", "4", "--rate", "40", "--shrink", "--json",
+                     "--out", str(tmp_path / "ok")])
+    doc = json.loads(capsys.readouterr().out)
+    assert code == cli.EXIT_OK
+    assert doc["verdict"] == "ok" and doc["shrunk"] is False
