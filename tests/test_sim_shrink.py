@@ -20,7 +20,14 @@ from kvstore.sim.run import (
     replay_command,
     run_sim,
 )
-from kvstore.sim.shrink import ShrinkBudgetExhausted, ShrinkResult, ddmin, failure_kinds, shrink_int, shrink_run
+from kvstore.sim.shrink import (
+    ShrinkBudgetExhausted,
+    ShrinkResult,
+    ddmin,
+    failure_kinds,
+    shrink_int,
+    shrink_run,
+)
 
 # --- ddmin: pure tables with fake predicates ------------------------------------------------------
 
@@ -143,13 +150,13 @@ def test_bad_fault_windows_are_refused(text: str) -> None:
 
 
 def test_the_nemesis_schedule_made_explicit_gives_the_same_history(tmp_path: Path) -> None:
-    config = SimConfig(mode="eventual", scenario="kill-restart", duration_s=2.0, clients=3, rate_per_s=30.0,
+    config = SimConfig(mode="eventual", scenario="kill-restart", duration_s=6.0, clients=3, rate_per_s=15.0,
                        random_schedule=True)
-    explicit = SimConfig(mode="eventual", scenario="kill-restart", duration_s=2.0, clients=3, rate_per_s=30.0,
-                         faults=config.fault_windows(5))
+    explicit = SimConfig(mode="eventual", scenario="kill-restart", duration_s=6.0, clients=3, rate_per_s=15.0,
+                         faults=config.fault_windows(4))
     assert explicit.faults
-    a = run_sim(5, config, tmp_path / "a")
-    b = run_sim(5, explicit, tmp_path / "b")
+    a = run_sim(4, config, tmp_path / "a")
+    b = run_sim(4, explicit, tmp_path / "b")
     assert a.history_sha256 == b.history_sha256
 
 

@@ -15,8 +15,8 @@ The inputs reduced, in this order, each against the best failing config found so
    windows are delta-debugged with ``ddmin`` (Zeller and Hildebrandt, "Simplifying and
    isolating failure-inducing input", TSE 2002): try halves, then their complements, then
    finer splits, down to single windows removed one by one;
-2. the numbers: clients, keys, each fault window's length and the run's duration (so the
-   number of operations) by ``shrink_int``: the minimum first, then a bisection between the
+2. the numbers: clients, keys, the request rate, each fault window's length and the run's
+   duration (the last three: the number of operations) by ``shrink_int``: the minimum first, then a bisection between the
    last passing and the last failing value.  The predicate need not be monotonic; the result
    always failed when it was run.
 
@@ -261,6 +261,10 @@ class Shrinker:
         self._settle("clients", replace(self.best.config, clients=clients))
         keys = shrink_int(self.best.config.keys, 1, lambda v: self.fails(replace(self.best.config, keys=v)))
         self._settle("keys", replace(self.best.config, keys=keys))
+        rate = shrink_int(int(self.best.config.rate_per_s), 1,
+                          lambda v: self.fails(replace(self.best.config, rate_per_s=float(v))))
+        if rate < self.best.config.rate_per_s:
+            self._settle("rate", replace(self.best.config, rate_per_s=float(rate)))
         faults = self.best.config.faults
         assert faults is not None
         for i in range(len(faults)):
@@ -302,7 +306,8 @@ def _steps(seconds: float) -> int:
 
 def _describe(config: SimConfig) -> str:
     faults = fault_windows_text(config.faults) if config.faults is not None else "(the nemesis's schedule)"
-    return f"{config.duration_s:g} s, {config.clients} clients, {config.keys} keys, faults {faults}"
+    return (f"{config.duration_s:g} s, {config.clients} clients, {config.keys} keys, {config.rate_per_s:g} ops/s, "
+            f"faults {faults}")
 
 
 def shrink_run(seed: int, config: SimConfig, out_dir: Path, *, max_runs: int, max_wall_s: float,
