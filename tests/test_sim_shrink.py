@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shlex
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -183,23 +184,38 @@ def test_the_injected_bug_loses_acknowledged_writes_and_without_it_the_seed_pass
 def test_shrink_reduces_the_injected_bug_to_a_shorter_run_whose_replay_reproduces_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    result = shrink_run(BUG_SEED, BUG_CONFIG, tmp_path / "shrink", max_runs=30, max_wall_s=600.0)
-    assert isinstance(result, ShrinkResult)
-    assert result.target == {"acknowledged write lost"}
-    assert result.minimal.ops < result.original.ops
-    assert result.minimal.events < result.original.events
-    assert result.runs <= 30
-    assert result.reproduced and result.confirmed.history_sha256 == result.minimal.history_sha256
-
-    # The printed replay command, run as the CLI, breaks the same promise with the same history.
-    argv = shlex.split(result.replay)
-    assert argv[:2] == ["kvstore", "sim"] and "--faults" in argv and "--unsafe-skip-fsync-before-ack" in argv
-    capsys.readouterr()
-    code = cli.main([*argv[2:], "--out", str(tmp_path / "replay")])
+    code = cli.main(["--seed", str(BUG_SEED), "--mode", "eventual", "--nemesis", "kill-all-restart",
+                     "--duration", "3", "--clients", "4", "--rate", "40", "--unsafe-skip-fsync-before-ack",
+                     "--shrink", "--shrink-max-runs", "30", "--json", "--out", str(tmp_path / "shrink")])
     doc = json.loads(capsys.readouterr().out)
     assert code == cli.EXIT_BROKEN
-    assert failure_kinds(doc["broken"]) == result.target
-    assert doc["history_sha256"] == result.minimal.history_sha256
+    assert doc["failure"] == ["acknowledged write lost"]
+    original, minimal = doc["original"], doc["minimal"]
+    assert failure_kinds(original["broken"]) == failure_kinds(minimal["broken"]) == {"acknowledged write lost"}
+    assert minimal["ops"] < original["ops"] and minimal["events"] < original["events"]
+    assert doc["runs"] <= 30
+    assert doc["replayed"]["same_failure"] and doc["replayed"]["history_sha256"] == minimal["history_sha256"]
+
+    # The printed replay command, run as the CLI, breaks the same promise with the same history.
+    argv = shlex.split(doc["replay"])
+    assert argv[:2] == ["kvstore", "sim"] and "--faults" in argv and "--unsafe-skip-fsync-before-ack" in argv
+    code = cli.main([*argv[2:], "--out", str(tmp_path / "replay")])
+    replayed = json.loads(capsys.readouterr().out)
+    assert code == cli.EXIT_BROKEN
+    assert failure_kinds(replayed["broken"]) == {"acknowledged write lost"}
+    assert replayed["history_sha256"] == minimal["history_sha256"]
+    assert replayed["ops"] == minimal["ops"]
+
+
+def test_shrink_run_answers_the_smallest_failure_it_saw_within_its_run_budget(tmp_path: Path) -> None:
+    result = shrink_run(BUG_SEED, BUG_CONFIG, tmp_path / "shrink", max_runs=2, max_wall_s=600.0)
+    assert isinstance(result, ShrinkResult)
+    assert result.runs == 2 and result.budget_exhausted
+    assert result.reproduced
+    small, big = result.minimal.config, BUG_CONFIG
+    assert small != replace(big, faults=big.fault_windows(BUG_SEED))  # it did reduce something
+    assert small.clients <= big.clients and small.keys <= big.keys and small.duration_s <= big.duration_s
+    assert set(small.faults or ()) <= set(big.fault_windows(BUG_SEED))
 
 
 def test_shrink_of_a_passing_seed_has_nothing_to_do(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -20,6 +20,8 @@ The inputs reduced, in this order, each against the best failing config found so
    last passing and the last failing value.  The predicate need not be monotonic; the result
    always failed when it was run.
 
+A smaller input is adopted even when its history is not shorter (fewer clients at the same total
+rate make about as many operations); the later reductions (rate, window, duration) shorten it.
 Then the reductions repeat once if the first pass changed anything.  Every candidate is one
 ``run_sim``; results are cached by config.  The search is bounded by ``max_runs`` and
 ``max_wall_s`` (checked before each run: a run is never cut half-way); when a bound is hit the
