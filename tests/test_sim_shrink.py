@@ -3,15 +3,22 @@ injected durability bug shrunk to a short run whose replay command reproduces it
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import json
 import shlex
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from kvstore.sim import cli
+from kvstore.config import NodeConfig
+from kvstore.ring import key_token
+from kvstore.sim import cli, vloop
+from kvstore.sim.cluster import ClusterSpec
+from kvstore.sim.disk import SimDisk
 from kvstore.sim.run import (
     FaultWindow,
     SimConfig,
@@ -225,3 +232,52 @@ def test_shrink_of_a_passing_seed_has_nothing_to_do(tmp_path: Path, capsys: pyte
     doc = json.loads(capsys.readouterr().out)
     assert code == cli.EXIT_OK
     assert doc["verdict"] == "ok" and doc["shrunk"] is False
+
+
+# --- the switch itself ------------------------------------------------------------------------------------
+
+
+def test_the_unsafe_disk_acks_at_once_and_a_crash_before_write_back_loses_the_write() -> None:
+    async def main(writeback_s: float | None) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        disk = SimDisk("n1", 0, lambda: 0.002, unsafe_writeback_s=writeback_s)
+        out: dict[str, Any] = {}
+        stores = disk.open()
+        started = loop.time()
+        await stores["data"].put("a", key_token("a"), b"x")
+        out["ack_after_s"] = loop.time() - started
+        out["read_back"] = await stores["data"].get("a", key_token("a"))
+        disk.fence()  # crash right after the acknowledgement
+        stores = disk.open()
+        out["after_crash"] = await stores["data"].get("a", key_token("a"))
+        await stores["data"].put("b", key_token("b"), b"y")
+        await asyncio.sleep(1.5)  # past the write-back
+        disk.fence()
+        out["written_back"] = await disk.open()["data"].get("b", key_token("b"))
+        return out
+
+    buggy = vloop.run(main(1.0))
+    assert buggy == {"ack_after_s": 0.0, "read_back": b"x", "after_crash": None, "written_back": b"y"}
+    sound = vloop.run(main(None))
+    assert sound["ack_after_s"] >= 0.002 and sound["after_crash"] == b"x" and sound["written_back"] == b"y"
+
+
+def test_the_switch_exists_only_in_the_simulator() -> None:
+    assert not any("unsafe" in f.name or "skip_fsync" in f.name for f in dataclasses.fields(NodeConfig))
+    assert not any("unsafe" in f.name for f in dataclasses.fields(ClusterSpec)
+                   if f.name != "unsafe_skip_fsync_before_ack")
+    assert ClusterSpec().unsafe_skip_fsync_before_ack is False and SimConfig().unsafe_skip_fsync_before_ack is False
+
+
+@pytest.mark.parametrize("argv", [
+    ["--seed", "1", "--faults", "meteor@1-2"],
+    ["--seed", "1", "--faults", "kill@7-9"],
+    ["--seeds", "1..3", "--shrink"],
+    ["--seeds", "1..3", "--faults", "kill@1-2"],
+    ["--seed", "1", "--shrink", "--shrink-max-runs", "0"],
+])
+def test_shrink_and_fault_window_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(argv)
+    assert exited.value.code == cli.EXIT_USAGE
+    assert "error:" in capsys.readouterr().err
