@@ -128,7 +128,6 @@ class RunSpec:
     key_prefix: str = ""
     phases: list[Phase] | None = None  # an explicit schedule (the simulator's --faults); overrides the above
 
-
     def faults(self) -> list[str]:
         if self.scenario not in SCENARIOS:
             raise ValueError(f"unknown scenario {self.scenario!r} (known: {', '.join(SCENARIOS)})")

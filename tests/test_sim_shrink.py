@@ -281,3 +281,15 @@ def test_shrink_and_fault_window_usage_errors(argv: list[str], capsys: pytest.Ca
         cli.main(argv)
     assert exited.value.code == cli.EXIT_USAGE
     assert "error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("broken", "kind"),
+    [
+        (["simulation failed (crash: KeyError): 'n9'"], "simulation failed (crash: KeyError)"),
+        (["simulation failed (SimLimitExceeded): past 100 s"], "simulation failed (SimLimitExceeded)"),
+    ],
+)
+def test_a_crashed_or_stuck_run_is_a_failure_kind_of_its_own(broken: list[str], kind: str) -> None:
+    assert failure_kinds(broken) == {kind}
+    assert failure_kinds(broken) != failure_kinds(["1 acknowledged write(s) lost"])

@@ -196,8 +196,11 @@ def _attempt(seed: int, config: SimConfig, out_dir: Path) -> Attempt:
     started = time.perf_counter()
     try:
         result: SimResult = run_sim(seed, config, out_dir)
-    except SimError as exc:
+    except SimError as exc:  # a deadlock or a passed budget: a failure kind of its own
         return Attempt(config, [f"simulation failed ({type(exc).__name__}): {exc}"], 0, 0, None,
+                       time.perf_counter() - started)
+    except Exception as exc:  # a crash or failed assertion of the run is a finding too (as in a sweep)
+        return Attempt(config, [f"simulation failed (crash: {type(exc).__name__}): {exc}"], 0, 0, None,
                        time.perf_counter() - started)
     ops = sum(1 for e in result.events if e.get("type") == "invoke" and e.get("process") != "nemesis")
     return Attempt(config, list(result.broken), ops, len(result.events), result.history_sha256, result.wall_s)
@@ -221,7 +224,8 @@ class Shrinker:
         self.steps: list[str] = []
 
     def fails(self, config: SimConfig) -> bool:
-        """Run ``config`` (unless cached); true iff it broke the same promises. Keeps the smallest failure."""
+        """Run ``config`` (unless cached): true iff it broke the same promises (then it is kept in
+        ``failures``).  Raises ``ShrinkBudgetExhausted`` instead of running past a bound."""
         if config in self.cache:
             return self.cache[config]
         if self.runs >= self.max_runs or time.perf_counter() - self.started >= self.max_wall_s:
