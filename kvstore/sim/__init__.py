@@ -18,6 +18,8 @@ nondeterminism either simulated or derived from one seed, so that a run is a pur
 * ``run``: one run (the chaos harness's own workload, schedule and checker) -> history + verdict.
 * ``sweep``: ``kvstore sim --seeds 1..1000``: many seeds in worker processes, each picking its mode
   and nemesis; every seed that broke its mode's promise, with its replay command.
+* ``shrink``: ``kvstore sim --seed S --shrink``: delta debugging (ddmin) of a failing run's fault
+  windows, clients, keys, rate and duration, down to a minimal run that fails the same way.
 * ``cli``: ``kvstore sim``; ``kvstore explore --simulate`` runs the explorer's matrix on it.
 
 Sources of nondeterminism found and fixed where they live: time (the loop's clock is the

@@ -17,6 +17,12 @@ how to check (``--json`` prints everything as one JSON document, hash included).
 on stderr, and every seed that broke its mode's promise is printed with its replay command
 (``--json``: one JSON document with every seed's result).
 
+``--faults KIND@START-END,...`` replaces the nemesis's schedule with explicit fault windows;
+``--shrink`` delta-debugs a failing ``--seed`` run down to a minimal one that fails the same way
+and prints its replay command (``kvstore.sim.shrink``).  ``--unsafe-skip-fsync-before-ack`` is a
+test-only switch that plants a durability bug in the simulated disks (``kvstore.sim.disk``), for
+seeing a sweep and a shrink catch a real broken promise; no node configuration can set it.
+
 Exit status: 0 the mode kept its promise (every seed did), 1 it broke it (some seed did, or a
 simulation failed: a deadlock, a budget exceeded, a crash), 2 a usage error.
 """
