@@ -5,7 +5,8 @@ Theory of operation
 Every client operation is written twice: an ``invoke`` line before the request
 is sent and one completion line (``ok``/``fail``/``info``) after.  Times are
 monotonic nanoseconds since the run began, so they never go backwards even if
-the wall clock is skewed by a nemesis.  Writes go through one object in one
+the wall clock is skewed by a nemesis (``clock_ns``: the real monotonic clock, or
+a simulation's virtual one).  Writes go through one object in one
 event loop, so indexes are dense and times non-decreasing in file order.
 The file is flushed line by line: a run interrupted by Ctrl-C still leaves a
 history the checker can read (open invokes count as ``info``).
@@ -15,23 +16,26 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any, Protocol
 
 
 class HistoryWriter:
-    def __init__(self, path: Path, start_ns: int | None = None) -> None:
+    def __init__(
+        self, path: Path, start_ns: int | None = None, clock_ns: Callable[[], int] = time.monotonic_ns
+    ) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._fh: IO[str] = open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
-        self.start_ns = start_ns if start_ns is not None else time.monotonic_ns()
+        self.clock_ns = clock_ns
+        self.start_ns = start_ns if start_ns is not None else clock_ns()
         self.index = 0
         self._last_time = 0
         self.events: list[dict[str, Any]] = []  # kept for the live progress line and in-process checks
 
     def now(self) -> int:
-        t = max(self._last_time, time.monotonic_ns() - self.start_ns)
+        t = max(self._last_time, self.clock_ns() - self.start_ns)
         self._last_time = t
         return t
 

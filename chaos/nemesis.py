@@ -11,25 +11,33 @@ drop, a partition holds as soon as either end has its rule, even while the rules
 reach the nodes one by one.  Client traffic never passes through these rules
 (they live in the inter-node Transport), so clients stay bound to their node.
 
-Process faults (kill/restart, kill-all -- every node at once --, pause/resume) act on the
-local cluster's PIDs;
+Process faults (kill/restart, kill-wipe -- a kill whose node comes back with an empty
+disk --, kill-all -- every node at once --, pause/resume) act on the local cluster's PIDs;
 ``clock-skew`` moves one node's wall clock (LWW timestamps follow it); ``latency``
 and ``loss`` set delay and drop probability on links; ``disk-full`` and ``slow-disk``
 set one node's disk faults (``/admin/storage-faults``: its writes refused, or each
 fsync held 3 s).  ``heal_all`` clears every
 fault on every node, and the runner calls it in a ``finally``.
+
+``FaultControl`` keeps what is in force (rules, skews, disk faults, who is killed or paused)
+and reinstalls a node's faults when it restarts (a restarted process forgot them); the
+per-node primitives are all a cluster has to provide.  ``ClusterControl`` provides them for
+real node processes (admin HTTP routes, signals); ``kvstore.sim.control.SimControl`` for a
+simulated cluster, so both run the same fault logic.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 
+from chaos.endpoint import Endpoint, HttpEndpoint
 from kvstore.cluster import LocalCluster
 from kvstore.http_session import client_session
 
@@ -37,7 +45,7 @@ Grudge = dict[str, set[str]]
 
 PARTITION_KINDS = ("halves", "majority", "isolate", "bridge", "majorities-ring", "one-way")
 FAULT_KINDS = PARTITION_KINDS + (
-    "kill", "kill-all", "pause", "clock-skew", "latency", "loss", "disk-full", "slow-disk",
+    "kill", "kill-wipe", "kill-all", "pause", "clock-skew", "latency", "loss", "disk-full", "slow-disk",
 )
 SLOW_DISK = {"fsync_delay_ms": 3000.0}  # a 3 s fsync: longer than any request timeout
 
@@ -133,12 +141,157 @@ def majority_side(description: Any) -> list[str] | None:
     return None
 
 
-# --- applying faults to a live cluster -------------------------------------------------------
+# --- applying faults to a cluster --------------------------------------------------------------
+
+
+class FaultControl:
+    """The faults in force on a cluster, and the logic of changing them (shared by real and
+    simulated clusters); subclasses provide the per-node primitives (``_`` methods)."""
+
+    rules: dict[str, dict[str, dict[str, Any]]]
+    skews_ms: dict[str, float]
+    disk_faults: dict[str, dict[str, Any]]
+    killed: set[str]
+    paused: set[str]
+
+    # --- what a cluster provides ----------------------------------------------------------
+
+    @property
+    def node_ids(self) -> list[str]:
+        raise NotImplementedError
+
+    def endpoint(self) -> Endpoint:
+        """How clients reach the nodes' kv API."""
+        raise NotImplementedError
+
+    def monotonic_ns(self) -> int:
+        """The clock of the run's history."""
+        raise NotImplementedError
+
+    async def trigger_repair(self, node: str) -> None:
+        """Start an anti-entropy round on ``node`` (best effort: a node that cannot is skipped)."""
+        raise NotImplementedError
+
+    async def _put_rules(self, node: str, rules: dict[str, dict[str, Any]]) -> None:
+        raise NotImplementedError
+
+    async def _put_skew(self, node: str, skew_ms: float) -> None:
+        raise NotImplementedError
+
+    async def _put_disk(self, node: str, faults: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    async def _kill(self, nodes: list[str], lose_state: bool) -> None:
+        raise NotImplementedError
+
+    async def _restart(self, nodes: list[str]) -> None:
+        raise NotImplementedError
+
+    async def _pause(self, node: str) -> None:
+        raise NotImplementedError
+
+    async def _resume(self, node: str) -> None:
+        raise NotImplementedError
+
+    async def _heal_node(self, node: str) -> str | None:
+        """Clear every fault of a running node; an error message, or None."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        pass
+
+    # --- the fault logic ------------------------------------------------------------------
+
+    async def set_rules(self, rules: dict[str, dict[str, dict[str, Any]]]) -> None:
+        """Install rules on every node (a node missing from ``rules`` gets an empty table)."""
+        self.rules = {n: r for n, r in rules.items() if r}
+        await asyncio.gather(
+            *(
+                self._put_rules(node, rules.get(node, {}))
+                for node in self.node_ids
+                if node not in self.killed and node not in self.paused
+            )
+        )
+
+    async def partition(self, grudge: Grudge) -> None:
+        await self.set_rules(grudge_to_rules(grudge))
+
+    async def link_faults(self, delay_ms: float = 0.0, jitter_ms: float = 0.0, loss: float = 0.0) -> None:
+        rule = {"delay_ms": delay_ms, "jitter_ms": jitter_ms, "loss": loss}
+        await self.set_rules({a: {b: dict(rule) for b in self.node_ids if b != a} for a in self.node_ids})
+
+    async def skew(self, node: str, skew_ms: float) -> None:
+        await self._put_skew(node, skew_ms)
+        self.skews_ms[node] = skew_ms
+        if not skew_ms:
+            self.skews_ms.pop(node, None)
+
+    async def disk(self, node: str, faults: dict[str, Any]) -> None:
+        """Set one node's disk faults (``{}`` heals): see kvstore/storage/faulty.py."""
+        await self._put_disk(node, faults)
+        self.disk_faults[node] = dict(faults)
+        if not faults:
+            self.disk_faults.pop(node, None)
+
+    async def kill(self, node: str, lose_state: bool = False) -> None:
+        """SIGKILL one node; with ``lose_state`` its disk is lost too (it restarts empty)."""
+        await self._kill([node], lose_state)
+        self.killed.add(node)
+        self.paused.discard(node)
+
+    async def kill_all(self, nodes: list[str]) -> None:
+        """SIGKILL every node of ``nodes`` at once (no node sees another die before its own end)."""
+        await self._kill(list(nodes), False)
+        self.killed.update(nodes)
+        self.paused.difference_update(nodes)
+
+    async def restart(self, node: str) -> None:
+        await self.restart_many([node])
+
+    async def restart_many(self, nodes: list[str]) -> None:
+        """Restart nodes from their data (all started, then all awaited healthy)."""
+        await self._restart(list(nodes))
+        for node in nodes:
+            self.killed.discard(node)
+            if node in self.rules:  # a restarted node lost its in-memory rules; reinstall them
+                await self._put_rules(node, self.rules[node])
+            if node in self.skews_ms:
+                await self._put_skew(node, self.skews_ms[node])
+            if node in self.disk_faults:  # the disk is still as bad after a restart
+                await self._put_disk(node, self.disk_faults[node])
+
+    async def pause(self, node: str) -> None:
+        await self._pause(node)
+        self.paused.add(node)
+
+    async def resume(self, node: str) -> None:
+        await self._resume(node)
+        self.paused.discard(node)
+
+    async def heal_all(self) -> None:
+        """Undo every fault: resume, restart the killed, clear rules and skews.  Idempotent."""
+        errors: list[str] = []
+        for node in sorted(self.paused):
+            await self.resume(node)
+        for node in sorted(self.killed):
+            try:
+                await self.restart(node)
+            except Exception as exc:  # keep healing the rest
+                errors.append(f"restart {node}: {exc}")
+        self.rules = {}
+        for node in self.node_ids:
+            error = await self._heal_node(node)
+            if error is not None:
+                errors.append(f"heal {node}: {error}")
+        self.skews_ms.clear()
+        self.disk_faults.clear()
+        if errors:
+            raise NemesisError("; ".join(errors))
 
 
 @dataclass
-class ClusterControl:
-    """What the nemesis needs of a cluster: node URLs, the secret, and maybe the processes."""
+class ClusterControl(FaultControl):
+    """Real node processes: URLs, the secret (admin routes), and maybe the processes (``local``)."""
 
     urls: dict[str, str]
     secret: str
@@ -154,6 +307,12 @@ class ClusterControl:
     def node_ids(self) -> list[str]:
         return sorted(self.urls)
 
+    def endpoint(self) -> Endpoint:
+        return HttpEndpoint(self.urls)
+
+    def monotonic_ns(self) -> int:
+        return time.monotonic_ns()
+
     async def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = client_session(timeout=aiohttp.ClientTimeout(total=5))
@@ -167,96 +326,57 @@ class ClusterControl:
             if resp.status >= 400:
                 raise NemesisError(f"{method} {path} on {node}: HTTP {resp.status} {await resp.text()}")
 
-    async def set_rules(self, rules: dict[str, dict[str, dict[str, Any]]]) -> None:
-        """Install rules on every node (a node missing from ``rules`` gets an empty table)."""
-        self.rules = {n: r for n, r in rules.items() if r}
-        await asyncio.gather(
-            *(
-                self._admin(node, "PUT", "/admin/faults", {"rules": rules.get(node, {})})
-                for node in self.node_ids
-                if node not in self.killed and node not in self.paused
-            )
-        )
+    async def trigger_repair(self, node: str) -> None:
+        session = await self.session()
+        try:
+            async with session.post(
+                self.urls[node] + "/admin/repair", headers={"X-Cluster-Secret": self.secret}
+            ) as resp:
+                await resp.read()
+        except (aiohttp.ClientError, TimeoutError):
+            pass
 
-    async def partition(self, grudge: Grudge) -> None:
-        await self.set_rules(grudge_to_rules(grudge))
+    async def _put_rules(self, node: str, rules: dict[str, dict[str, Any]]) -> None:
+        await self._admin(node, "PUT", "/admin/faults", {"rules": rules})
 
-    async def link_faults(self, delay_ms: float = 0.0, jitter_ms: float = 0.0, loss: float = 0.0) -> None:
-        rule = {"delay_ms": delay_ms, "jitter_ms": jitter_ms, "loss": loss}
-        await self.set_rules({a: {b: dict(rule) for b in self.node_ids if b != a} for a in self.node_ids})
-
-    async def skew(self, node: str, skew_ms: float) -> None:
+    async def _put_skew(self, node: str, skew_ms: float) -> None:
         await self._admin(node, "POST", "/admin/clock", {"skew_ms": skew_ms})
-        self.skews_ms[node] = skew_ms
-        if not skew_ms:
-            self.skews_ms.pop(node, None)
 
-    async def disk(self, node: str, faults: dict[str, Any]) -> None:
-        """Set one node's disk faults (``{}`` heals): see kvstore/storage/faulty.py."""
+    async def _put_disk(self, node: str, faults: dict[str, Any]) -> None:
         await self._admin(node, "PUT", "/admin/storage-faults", faults)
-        self.disk_faults[node] = dict(faults)
-        if not faults:
-            self.disk_faults.pop(node, None)
 
     def _local(self) -> LocalCluster:
         if self.local is None:
             raise NemesisError("kill/pause need a cluster started by this harness (not --nodes)")
         return self.local
 
-    async def kill(self, node: str) -> None:
-        await asyncio.to_thread(self._local().kill, node)
-        self.killed.add(node)
+    async def _kill(self, nodes: list[str], lose_state: bool) -> None:
+        local = self._local()
+        if len(nodes) == 1:
+            await asyncio.to_thread(local.kill, nodes[0])
+        else:
+            await asyncio.to_thread(local.kill_all, nodes)
+        if lose_state:
+            for node in nodes:
+                await asyncio.to_thread(local.wipe, node)
 
-    async def kill_all(self, nodes: list[str]) -> None:
-        """SIGKILL every node of ``nodes`` at once (no node sees another die before its own end)."""
-        await asyncio.to_thread(self._local().kill_all, list(nodes))
-        self.killed.update(nodes)
+    async def _restart(self, nodes: list[str]) -> None:
+        await asyncio.to_thread(self._local().restart_many, nodes)
 
-    async def restart(self, node: str) -> None:
-        await self.restart_many([node])
-
-    async def restart_many(self, nodes: list[str]) -> None:
-        """Restart nodes from their data (all started, then all awaited healthy)."""
-        await asyncio.to_thread(self._local().restart_many, list(nodes))
-        for node in nodes:
-            self.killed.discard(node)
-            if node in self.rules:  # a restarted node lost its in-memory rules; reinstall them
-                await self._admin(node, "PUT", "/admin/faults", {"rules": self.rules[node]})
-            if node in self.skews_ms:
-                await self._admin(node, "POST", "/admin/clock", {"skew_ms": self.skews_ms[node]})
-            if node in self.disk_faults:  # the disk is still as bad after a restart
-                await self._admin(node, "PUT", "/admin/storage-faults", self.disk_faults[node])
-
-    async def pause(self, node: str) -> None:
+    async def _pause(self, node: str) -> None:
         self._local().pause(node)
-        self.paused.add(node)
 
-    async def resume(self, node: str) -> None:
+    async def _resume(self, node: str) -> None:
         self._local().resume(node)
-        self.paused.discard(node)
 
-    async def heal_all(self) -> None:
-        """Undo every fault: resume, restart the killed, clear rules and skews.  Idempotent."""
-        errors: list[str] = []
-        for node in sorted(self.paused):
-            await self.resume(node)
-        for node in sorted(self.killed):
-            try:
-                await self.restart(node)
-            except Exception as exc:  # keep healing the rest
-                errors.append(f"restart {node}: {exc}")
-        self.rules = {}
-        for node in self.node_ids:
-            try:
-                await self._admin(node, "DELETE", "/admin/faults")
-                await self._admin(node, "POST", "/admin/clock", {"skew_ms": 0})
-                await self._admin(node, "DELETE", "/admin/storage-faults")
-            except (NemesisError, aiohttp.ClientError, TimeoutError) as exc:
-                errors.append(f"heal {node}: {exc}")
-        self.skews_ms.clear()
-        self.disk_faults.clear()
-        if errors:
-            raise NemesisError("; ".join(errors))
+    async def _heal_node(self, node: str) -> str | None:
+        try:
+            await self._admin(node, "DELETE", "/admin/faults")
+            await self._admin(node, "POST", "/admin/clock", {"skew_ms": 0})
+            await self._admin(node, "DELETE", "/admin/storage-faults")
+        except (NemesisError, aiohttp.ClientError, TimeoutError) as exc:
+            return str(exc)
+        return None
 
     async def close(self) -> None:
         if self._session is not None:

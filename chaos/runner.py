@@ -32,13 +32,21 @@ import aiohttp
 
 import kvstore
 from chaos.history import HistoryWriter, NemesisLog
-from chaos.nemesis import PARTITION_KINDS, SLOW_DISK, ClusterControl, NemesisError, partition_grudge
+from chaos.nemesis import (
+    PARTITION_KINDS,
+    SLOW_DISK,
+    ClusterControl,
+    FaultControl,
+    NemesisError,
+    partition_grudge,
+)
 from chaos.workload import MODES, Workload, WorkloadSpec
 
 SCENARIOS: dict[str, list[str]] = {
     "majority-partition": ["majority"],
     "isolated-node": ["isolate"],
     "kill-restart": ["kill"],
+    "kill-wipe-restart": ["kill-wipe"],
     "kill-all-restart": ["kill-all"],
     "disk-full": ["disk-full"],
     "slow-disk": ["slow-disk"],
@@ -54,6 +62,7 @@ SCENARIO_HELP = {
     "majority-partition": "a majority and a minority side, cut from each other",
     "isolated-node": "one node alone",
     "kill-restart": "SIGKILL a node, restart it from its data",
+    "kill-wipe-restart": "SIGKILL a node and lose its disk; it restarts empty (a new identity)",
     "kill-all-restart": "SIGKILL every node at once, restart them all from their data",
     "disk-full": "one node's disk refuses every write (the others fail over to another primary)",
     "slow-disk": "one node's fsyncs take 3 s (its writes answer by the deadline, indeterminate)",
@@ -117,6 +126,7 @@ class RunSpec:
     random_schedule: bool = False
     settle_s: float = 3.0
     key_prefix: str = ""
+    phases: list[Phase] | None = None  # an explicit schedule (the simulator's --faults); overrides the above
 
     def faults(self) -> list[str]:
         if self.scenario not in SCENARIOS:
@@ -124,6 +134,8 @@ class RunSpec:
         return SCENARIOS[self.scenario]
 
     def schedule(self) -> list[Phase]:
+        if self.phases is not None:
+            return [Phase(p.name, p.start_s, p.end_s, list(p.faults)) for p in self.phases]
         if self.random_schedule:
             return random_schedule(self.faults(), self.duration_s, random.Random(f"{self.seed}:schedule"))
         return fixed_schedule(self.faults(), self.duration_s)
@@ -142,7 +154,7 @@ class RunResult:
 class FaultDriver:
     """Starts and stops the faults of one phase, writing nemesis events to the history."""
 
-    def __init__(self, control: ClusterControl, history: NemesisLog, rng: random.Random) -> None:
+    def __init__(self, control: FaultControl, history: NemesisLog, rng: random.Random) -> None:
         self.control = control
         self.history = history
         self.rng = rng
@@ -161,6 +173,12 @@ class FaultDriver:
             victim = self.rng.choice(nodes)
             await self.control.kill(victim)
             self.history.nemesis("kill", [victim])
+            self.active.append((kind, victim))
+        elif kind == "kill-wipe":
+            victim = self.rng.choice(nodes)
+            await self.control.kill(victim, lose_state=True)
+            self.history.nemesis("kill", [victim])
+            self.history.nemesis("lose-state", [victim])
             self.active.append((kind, victim))
         elif kind == "kill-all":
             await self.control.kill_all(nodes)
@@ -204,7 +222,7 @@ class FaultDriver:
             if kind in PARTITION_KINDS:
                 self.history.nemesis("stop-partition", value)
                 await self.control.set_rules({})
-            elif kind == "kill":
+            elif kind in ("kill", "kill-wipe"):
                 self.history.nemesis("restart", [value])
                 await self.control.restart(value)
             elif kind == "kill-all":
@@ -232,7 +250,7 @@ ProgressFn = Callable[[str, Workload, float], None]
 
 async def run_scenario(
     spec: RunSpec,
-    control: ClusterControl,
+    control: FaultControl,
     out_dir: Path,
     *,
     cluster_info: dict[str, Any] | None = None,
@@ -243,7 +261,7 @@ async def run_scenario(
         raise ValueError(f"unknown mode {spec.mode!r} (known: {', '.join(MODES)})")
     schedule = spec.schedule()
     out_dir.mkdir(parents=True, exist_ok=True)
-    history = HistoryWriter(out_dir / "history.jsonl")
+    history = HistoryWriter(out_dir / "history.jsonl", clock_ns=control.monotonic_ns)
     keys = [f"{spec.key_prefix}k{i}" for i in range(spec.keys)]
     workload_spec = WorkloadSpec(mode=spec.mode, keys=keys, clients=spec.clients, rate_per_s=spec.rate_per_s)
     rng = random.Random(f"{spec.seed}:nemesis")
@@ -255,7 +273,7 @@ async def run_scenario(
         "spec": asdict(spec),
         "schedule": [asdict(p) for p in schedule],
         "workload": asdict(workload_spec),
-        "cluster": cluster_info or {"urls": control.urls},
+        "cluster": cluster_info or {"nodes": control.node_ids},
         "versions": {
             "kvstore": kvstore.__version__,
             "python": platform.python_version(),
@@ -267,7 +285,8 @@ async def run_scenario(
     interrupted = False
     loop = asyncio.get_running_loop()
     started = loop.time()
-    async with Workload(workload_spec, control.urls, history, spec.seed) as workload:
+    endpoint = control.endpoint()
+    async with Workload(workload_spec, control.node_ids, history, spec.seed, endpoint=endpoint) as workload:
         load = asyncio.create_task(workload.run())
         try:
             for phase in schedule:
@@ -294,11 +313,13 @@ async def run_scenario(
                 run_info["final_reads_from_index"] = history.index
                 await _final_reads(workload, keys, control.node_ids)
             run_info["finished_at_unix_s"] = time.time()
-            if control.local is not None:  # PIDs change when a killed node is restarted
+            local = control.local if isinstance(control, ClusterControl) else None
+            if local is not None:  # PIDs change when a killed node is restarted
                 run_info["cluster"] = {**run_info["cluster"],
-                                       "final_pids": {n: control.local.pid(n) for n in control.local.node_ids}}
+                                       "final_pids": {n: local.pid(n) for n in local.node_ids}}
             run_info["interrupted"] = interrupted
             history.close()
+            await endpoint.close()
             (out_dir / "run.json").write_text(json.dumps(run_info, indent=2))
     return RunResult(out_dir, history.path, out_dir / "run.json", history.events, schedule, interrupted)
 
@@ -321,18 +342,11 @@ async def _sleep_until(
 
 
 async def _converge(
-    control: ClusterControl, spec: RunSpec, progress: ProgressFn | None, workload: Workload, started: float
+    control: FaultControl, spec: RunSpec, progress: ProgressFn | None, workload: Workload, started: float
 ) -> None:
     """After healing: trigger anti-entropy everywhere and give hints/repair time to land."""
-    session = await control.session()
     for node in control.node_ids:
-        try:
-            async with session.post(
-                control.urls[node] + "/admin/repair", headers={"X-Cluster-Secret": control.secret}
-            ) as resp:
-                await resp.read()
-        except (aiohttp.ClientError, TimeoutError):
-            pass
+        await control.trigger_repair(node)
     loop = asyncio.get_running_loop()
     await _sleep_until(loop.time() + spec.settle_s, loop, progress, "converging", workload, started)
 

@@ -16,9 +16,11 @@ benchmarks): ``ok`` it happened; ``fail`` it certainly did not (a 4xx, a 5xx
 that says ``"indeterminate": false``, a connection never established);
 ``info`` anything else that may have reached a node (a timeout, a cut
 connection, any other 5xx).  That holds only if each operation is sent once:
-the session comes from ``kvstore.http_session.client_session``, which turns off
-aiohttp's hidden re-send of a dropped PUT/DELETE (a re-send that met a
-just-killed node once turned an applied write into a ``fail``).  After an
+requests go through an ``Endpoint`` (``chaos.endpoint``) that never re-sends --
+over HTTP its session comes from ``kvstore.http_session.client_session``, which
+turns off aiohttp's hidden re-send of a dropped PUT/DELETE (a re-send that met a
+just-killed node once turned an applied write into a ``fail``); in a simulation
+it calls the node's kv core in process.  After an
 ``info`` the client takes a fresh process id, because its old operation may
 still be in flight.  A timed-out or cut read is ``info`` too; the checker
 drops every read that did not return ``ok``, so it constrains nothing.
@@ -36,14 +38,13 @@ import contextlib
 import itertools
 import random
 import urllib.parse
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
-
+from chaos.endpoint import ApiRequest, Endpoint, HttpEndpoint, NoAnswerError, content_type
 from chaos.history import HistoryWriter
 from kvstore.contract import OK, answer_outcome, error_body, etag_of, no_answer_outcome
-from kvstore.http_session import client_session, no_answer_kind
 
 MODES: dict[str, dict[str, Any]] = {
     # AP: sloppy quorum, R=W=1, hinted handoff, siblings
@@ -81,31 +82,39 @@ class Counters:
 
 
 class Workload:
+    """The clients of one run.  ``nodes`` maps node ids to URLs (reached over HTTP), or is a list of
+    node ids reached through ``endpoint`` (e.g. a simulated cluster's)."""
+
     def __init__(
-        self, spec: WorkloadSpec, node_urls: dict[str, str], history: HistoryWriter, seed: int
+        self,
+        spec: WorkloadSpec,
+        nodes: Mapping[str, str] | list[str],
+        history: HistoryWriter,
+        seed: int,
+        endpoint: Endpoint | None = None,
     ) -> None:
         assert spec.mode in MODES, spec.mode
+        assert endpoint is not None or isinstance(nodes, Mapping), "node ids without an endpoint"
         self.spec = spec
         self.mode = MODES[spec.mode]
-        self.nodes = sorted(node_urls)
-        self.urls = node_urls
+        self.nodes = sorted(nodes)
         self.history = history
         self.seed = seed
         self.counters = Counters()
         self._next_process = itertools.count(spec.clients)
         self._stop = asyncio.Event()
-        self._session: aiohttp.ClientSession | None = None
+        self.endpoint: Endpoint = endpoint if endpoint is not None else HttpEndpoint(dict(nodes))  # type: ignore[arg-type]
+        self._owns_endpoint = endpoint is None
 
     def new_process(self) -> int:
         return next(self._next_process)
 
     async def __aenter__(self) -> Workload:
-        self._session = client_session(connector=aiohttp.TCPConnector(limit=0, force_close=False))
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
-        if self._session is not None:
-            await self._session.close()
+        if self._owns_endpoint:
+            await self.endpoint.close()
 
     def stop(self) -> None:
         self._stop.set()
@@ -136,7 +145,7 @@ class Workload:
             else:
                 f, value = "write", index * 1_000_000 + seq
             pause_s = interval_s * rng.uniform(0.5, 1.5)
-            completion = await self.perform(process, node, f, key, value, contexts, last_read)
+            completion = await self.perform(process, node, f, key, value, contexts, last_read, client=index)
             if completion == "info":
                 process = self.new_process()
             with contextlib.suppress(TimeoutError):
@@ -152,19 +161,23 @@ class Workload:
         contexts: dict[str, str] | None = None,
         last_read: dict[str, int | None] | None = None,
         params_override: dict[str, Any] | None = None,
+        client: int | None = None,
     ) -> str:
-        """Run one op, recording invoke and completion; returns the completion type."""
+        """Run one op, recording invoke and completion; returns the completion type.
+
+        ``client`` (the workload client's index) is recorded too: a client keeps its causal
+        contexts across the fresh process ids it takes after an ``info``, so only this field says
+        which ops share a context (e.g. a client's delete covering its own earlier write)."""
         contexts = contexts if contexts is not None else {}
         base = {"process": process, "f": f, "key": key, "node": node, "mode": self.spec.mode}
+        if client is not None:
+            base["client"] = client
         self.history.record({**base, "type": "invoke", "value": value})
         try:
             kind, extra = await self._request(node, f, key, value, contexts, params_override)
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            what = no_answer_kind(exc)
-            assert what is not None, exc
-            kind = no_answer_outcome(what)
-            reason = {"unreachable": "connection_refused", "timeout": "timeout"}.get(what, type(exc).__name__)
-            extra = {"error": reason}
+        except NoAnswerError as exc:
+            kind = no_answer_outcome(exc.kind)
+            extra = {"error": exc.reason}
         event = {**base, "type": kind, "value": value, **extra}
         if kind == "ok" and f == "read" and last_read is not None:
             last_read[key] = extra.get("value")
@@ -182,16 +195,13 @@ class Workload:
         contexts: dict[str, str],
         params_override: dict[str, Any] | None,
     ) -> tuple[str, dict[str, Any]]:
-        assert self._session is not None
         section = "read" if f == "read" else "write"
         params = {**self.mode[section], **(params_override or {})}
         timeout_ms = int(self.spec.timeout_s * 1000 * 0.8)
         params["timeout_ms"] = timeout_ms
-        url = self.urls[node] + "/kv/" + urllib.parse.quote(key, safe="") + "?" + urllib.parse.urlencode(params)
         headers: dict[str, str] = {}
         if key in contexts and self.spec.mode != "linearizable":
             headers["X-Context"] = contexts[key]
-        timeout = aiohttp.ClientTimeout(total=self.spec.timeout_s)
         method, body = "GET", None
         if f == "write":
             method, body = "PUT", str(value).encode()
@@ -200,14 +210,17 @@ class Workload:
         elif f == "cas":
             method, body = "PUT", str(value[1]).encode()
             headers["If-Match"] = etag_of(str(value[0]).encode())
-        async with self._session.request(method, url, data=body, headers=headers, timeout=timeout) as resp:
-            raw = await resp.read()
-            status = resp.status
-            # A read's context covers exactly what the client saw.  A write's context covers all the
-            # coordinator knew; it is only safe to reuse when the write left no other sibling.
-            if resp.headers.get("X-Context") and (method == "GET" or resp.headers.get("X-Siblings") == "1"):
-                contexts[key] = resp.headers["X-Context"]
-            doc = error_body(raw) if resp.content_type == "application/json" else None
+        request = ApiRequest(
+            method=method, raw_path="/kv/" + urllib.parse.quote(key, safe=""),
+            query={k: str(v) for k, v in params.items()}, headers=headers, body=body,
+        )
+        resp = await self.endpoint.request(node, request, self.spec.timeout_s)
+        raw, status = resp.body, resp.status
+        # A read's context covers exactly what the client saw.  A write's context covers all the
+        # coordinator knew; it is only safe to reuse when the write left no other sibling.
+        if resp.headers.get("X-Context") and (method == "GET" or resp.headers.get("X-Siblings") == "1"):
+            contexts[key] = resp.headers["X-Context"]
+        doc = error_body(raw) if content_type(resp.headers) == "application/json" else None
         return classify(f, status, raw, doc)
 
 

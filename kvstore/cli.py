@@ -588,6 +588,7 @@ DELEGATED: dict[str, tuple[str, str]] = {
     "explore": ("kvstore.explore", "run CP and AP side by side under faults and report the trade-off"),
     "check": ("kvstore.checker.cli", "check a recorded history for consistency anomalies"),
     "chaos": ("chaos.cli", "run a fault-injection scenario against a local cluster"),
+    "sim": ("kvstore.sim.cli", "deterministic chaos runs on a simulated cluster: one seed, or a sweep of seeds"),
     "bench": ("benchmarks.run", "measure throughput, latency, recovery and memory against baselines"),
 }
 

@@ -11,7 +11,7 @@ then ``"existing"`` once bootstrapped, which ``restart`` also writes (an empty
 Paxos store then means the node lost its disk, and it recovers from its peers
 before voting: ``kvstore.cp_recovery``).  It remembers each child's PID and only
 ever signals those PIDs: ``stop()`` sends SIGTERM, waits, then SIGKILLs stragglers.  ``kill``,
-``restart``, ``pause`` and ``resume`` are the process nemeses of the chaos
+``wipe`` (a killed node's disk is lost), ``restart``, ``pause`` and ``resume`` are the process nemeses of the chaos
 harness.  Ports are picked free by the OS unless a base port is given.
 
 It is a context manager and also registers an ``atexit`` hook, so a failing
@@ -366,6 +366,19 @@ class LocalCluster:
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.procs[node_id].pid, signal.SIGCONT)
         self.paused.discard(node_id)
+
+    def wipe(self, node_id: str) -> None:
+        """Lose a killed node's disk: delete its stores (its config and log stay).  It restarts
+        as a new identity and recovers its Paxos state from its peers (the kill-wipe nemesis)."""
+        assert not self.alive(node_id), f"wipe {node_id} only once it is dead"
+        node_dir = self.data_dir / node_id
+        for path in sorted(node_dir.iterdir()):
+            if path.name in ("node.toml", "node.log"):
+                continue
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
 
     def alive(self, node_id: str) -> bool:
         proc = self.procs.get(node_id)

@@ -777,13 +777,14 @@ class PaxosProposer:
                 )
                 if not done:
                     break
-                for finished in done:
+                # In send order, not set order (id-hashed): a simulation replays the same steps.
+                for finished in [t for t in peer_of if t in done]:
                     self._classify(finished, peer_of[finished], result, ballot, parse)
         finally:
             keep = keep_stragglers and len(result.oks) >= need
             if deferred is not None and keep:
                 waiting.add(send(deferred))  # the round succeeded without it: bring it up to date
-            for straggler in waiting:
+            for straggler in [t for t in peer_of if t in waiting]:
                 if keep and len(self._stragglers) < 4 * self.max_in_flight:
                     self._stragglers.add(straggler)
                     straggler.add_done_callback(self._stragglers.discard)

@@ -16,6 +16,13 @@ so they do not read each other's data.  Clusters are stopped by PID when the
 explorer ends, including on Ctrl-C.  With ``--netns`` the clusters are
 ``kvstore.netns.NetnsCluster``s and partitions are nftables rules
 (``chaos.nft_nemesis``); the runs, histories and judging are the same.
+
+``--simulate`` runs every cell on a fresh simulated cluster instead
+(``kvstore.sim``: the same nodes, workload, nemeses and checker on simulated
+time, network and disks), in parallel processes (``--jobs``).  Each cell is then
+a pure function of the seed and its settings: the table and report are the same
+on every machine, and every cell replays with the ``kvstore sim`` command shown
+in its report section.
 """
 
 from __future__ import annotations
@@ -85,6 +92,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--netns", action="store_true",
                         help="root, Linux: every node in its own network namespace and partitions cut by nftables "
                              "instead of the in-process fault layer (docs/netns.md)")
+    parser.add_argument("--simulate", action="store_true",
+                        help="run every cell on a simulated cluster (deterministic from --seed, seconds not minutes)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="with --simulate: cells run in parallel in this many processes (default: CPU count)")
     return parser
 
 
@@ -105,6 +116,16 @@ def main(argv: list[str] | None = None) -> int:
     duration = args.duration or (5.0 if args.quick else 8.0)
     if duration < 3:
         raise SystemExit("kvstore explore: --duration must be at least 3 seconds")
+    if args.simulate:
+        if args.nodes:
+            raise SystemExit("kvstore explore: --simulate runs its own simulated clusters; drop --nodes")
+        if args.netns:
+            raise SystemExit("kvstore explore: --simulate has no real network to cut; drop --netns")
+        try:
+            return _explore_simulated(args, modes, scenarios, duration)
+        except KeyboardInterrupt:
+            print("\nkvstore explore: interrupted", file=sys.stderr)
+            return 130
     try:
         return run_until_signalled(_explore(args, modes, scenarios, duration))
     except ClusterError as exc:
@@ -256,3 +277,73 @@ def ring_info(control: ClusterControl, cluster: LocalCluster | None) -> tuple[li
 def _cell_json(cell: Cell) -> dict[str, Any]:
     return {"mode": cell.mode, "scenario": cell.scenario, "dir": str(cell.out_dir), "seconds": round(cell.seconds, 1),
             "error": cell.error, **cell.summary}
+
+
+# --- the matrix on simulated clusters ---------------------------------------------------------------
+
+
+def _simulate_cell(mode: str, scenario: str, seed: int, duration: float, clients: int, rate: float,
+                   out_dir: str) -> dict[str, Any]:
+    """One simulated cell (runs in a worker process): the judge's figures, or the error."""
+    from kvstore.sim.run import SimConfig, replay_command, run_sim
+
+    config = SimConfig(mode=mode, scenario=scenario, duration_s=duration, clients=clients, rate_per_s=rate)
+    try:
+        result = run_sim(seed, config, Path(out_dir))
+    except Exception as exc:  # one broken run must not hide the others' results
+        return {"error": f"{type(exc).__name__}: {exc}", "seconds": 0.0}
+    summary = {**result.summary, "history_sha256": result.history_sha256, "simulated_s": round(result.simulated_s, 3),
+               "broken": result.broken, "replay": replay_command(seed, config)}
+    return {"summary": summary, "seconds": result.wall_s}
+
+
+def _explore_simulated(args: argparse.Namespace, modes: list[str], scenarios: list[str], duration: float) -> int:
+    import concurrent.futures
+    import os
+
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from kvstore.explore_report import print_table, write_report
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    command = "kvstore explore " + " ".join(shlex.quote(a) for a in (sys.argv[2:] if len(sys.argv) > 2 else []))
+    cells = [Cell(m, s, out / "runs" / f"{m}--{s}") for m in modes for s in scenarios]
+    jobs = max(1, min(args.jobs or os.cpu_count() or 1, len(cells)))
+    started = time.monotonic()
+    console = Console(stderr=True)
+    with Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} runs"),
+        TimeElapsedColumn(), console=console, transient=False,
+    ) as bar, concurrent.futures.ProcessPoolExecutor(max_workers=jobs) as pool:
+        task = bar.add_task(f"exploring (simulated, {jobs} process{'es' if jobs > 1 else ''})", total=len(cells))
+        futures = {
+            pool.submit(_simulate_cell, c.mode, c.scenario, args.seed, duration, args.clients, args.rate,
+                        str(c.out_dir)): c
+            for c in cells
+        }
+        for future in concurrent.futures.as_completed(futures):
+            cell = futures[future]
+            outcome = future.result()
+            cell.error = outcome.get("error")
+            cell.summary = outcome.get("summary", {})
+            cell.seconds = outcome["seconds"]
+            bar.advance(task)
+    elapsed = time.monotonic() - started
+    meta = {"seed": args.seed, "duration_s": duration, "modes": modes, "scenarios": scenarios, "skipped": [],
+            "elapsed_s": round(elapsed, 1), "command": command, "simulated": True, "jobs": jobs}
+    results = {"meta": meta, "cells": [_cell_json(c) for c in cells]}
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    write_report(out, cells, meta)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        print_table(cells, meta)
+        print(f"\nreport: {out / 'index.html'}   figures: {out / 'results.json'}   ({elapsed:.0f} s, simulated)")
+    failed = [c for c in cells if c.error]
+    if failed:
+        print(f"kvstore explore: {len(failed)} run(s) failed: " + "; ".join(f"{c.mode}/{c.scenario}: {c.error}"
+                                                                       for c in failed), file=sys.stderr)
+        return 1
+    return 0

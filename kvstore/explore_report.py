@@ -219,7 +219,8 @@ def print_table(cells: Sequence[Any], meta: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"kvstore CAP explorer — seed {meta['seed']}, {meta['duration_s']:.0f} s per run",
+    simulated = ", simulated" if meta.get("simulated") else ""
+    table = Table(title=f"kvstore CAP explorer — seed {meta['seed']}, {meta['duration_s']:.0f} s per run{simulated}",
                   show_lines=True)
     for col in ("mode", "nemesis", "avail. during fault\nmajority | minority", "linearizable", "stale\nreads",
                 "lost\nwrites", "sibling\nreads", "p50 / p99\nms", "finding"):
@@ -274,6 +275,10 @@ is unavailable where a key's replicas are cut off, and is still not linearizable
 """
 
 
+SIMULATED_NOTE = (" on simulated clusters (real nodes on simulated time, network and disks: kvstore.sim; "
+                  "each cell replays exactly with its kvstore sim command)")
+
+
 def _img(png: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
@@ -314,8 +319,8 @@ def write_report(out: Path, cells: Sequence[Any], meta: dict[str, Any]) -> Path:
                          lost=set(marks.get("lost", [])), stale=set(marks.get("stale", [])))
         (c.out_dir / "plot.png").write_bytes(png)
         timeline = s.get("timeline_svg")
-        repro = (f"python chaos/{c.scenario.replace('-', '_')}.py --mode {c.mode} "
-                 f"--duration {meta['duration_s']:g} --seed {meta['seed']} --out runs/{anchor}")
+        repro = s.get("replay") or (f"python chaos/{c.scenario.replace('-', '_')}.py --mode {c.mode} "
+                                    f"--duration {meta['duration_s']:g} --seed {meta['seed']} --out runs/{anchor}")
         sections.append(
             f"<section id='{anchor}'><h2>{c.mode} × {c.scenario}</h2><p class=finding>{html.escape(s['finding'])}</p>"
             + _img(png, f"latency and availability over time, {c.mode} under {c.scenario}")
@@ -338,7 +343,7 @@ img {{ max-width: 100%; border: 1px solid #dee2e6 }} section {{ margin-top: 36px
 code, pre {{ background: #f8f9fa; font-size: 12px }} pre {{ padding: 8px; overflow-x: auto }}
 </style></head><body>
 <h1>kvstore CAP explorer</h1>
-<p>Seed {meta['seed']}, {meta['duration_s']:g} s per run, {len(cells)} runs in {meta['elapsed_s']:.0f} s.
+<p>Seed {meta['seed']}, {meta['duration_s']:g} s per run, {len(cells)} runs in {meta['elapsed_s']:.0f} s{SIMULATED_NOTE if meta.get('simulated') else ''}.
 Command: <code>{html.escape(meta['command'])}</code></p>
 <table><tr><th>mode</th><th>nemesis</th><th>avail. during fault<br>majority | minority</th><th>linearizable</th>
 <th>stale reads</th><th>lost writes</th><th>sibling reads</th><th>p50 / p99 ms</th><th>finding</th></tr>
