@@ -471,7 +471,7 @@ async def test_fast_path_lru_is_bounded() -> None:
     _, nodes = await make_cluster(3, fast_path_capacity=4)
     for i in range(10):
         await propose(nodes[0], Write(b"v"), ids(nodes), key=f"k{i}")
-    assert len(nodes[0].proposer._fast) == 4
+    assert len(nodes[0].proposer.state.fast) == 4
     assert nodes[0].proposer.holds_fast_path("k9") and not nodes[0].proposer.holds_fast_path("k0")
     assert (await propose(nodes[0], Read(), ids(nodes), key="k9")).round_trips == 1
     assert (await propose(nodes[0], Read(), ids(nodes), key="k0")).round_trips == 2
@@ -694,7 +694,7 @@ async def test_rejections_jump_the_ballot_and_give_up_at_max_attempts() -> None:
     assert err.value.indeterminate is False and err.value.acknowledged == 0
     assert "5 attempts" in err.value.reason and "rejected" in err.value.reason
     assert len(sleeps) == 4 and all(0 <= s <= 0.05 for s in sleeps)
-    assert proposer._last is not None and proposer._last.counter > 10_000
+    assert proposer.state.last is not None and proposer.state.last.counter > 10_000
 
 
 async def test_gives_up_at_the_deadline_with_a_manual_clock() -> None:
