@@ -805,7 +805,13 @@ async def test_malformed_replies_count_as_failures(reply: Message) -> None:
 async def test_acceptor_locks_are_dropped_when_free() -> None:
     _, nodes = await make_cluster(3)
     r = ids(nodes)
-    await asyncio.gather(*(propose(nodes[i % 3], Write(b"v"), r, key=f"key{i % 7}") for i in range(40)))
+    # 40 contended proposals: on a busy machine some may time out; either way no lock may stay.
+    outcomes = await asyncio.gather(
+        *(propose(nodes[i % 3], Write(b"v"), r, key=f"key{i % 7}", timeout_s=10.0) for i in range(40)),
+        return_exceptions=True,
+    )
+    assert all(isinstance(o, ProposeResult | ConsensusUnavailable) for o in outcomes), outcomes
+    assert any(isinstance(o, ProposeResult) for o in outcomes)
     await settle()
     assert all(len(node.acceptor.locks) == 0 for node in nodes)
 
