@@ -3,8 +3,11 @@
 Theory of operation
 -------------------
 Linearizable keys are single-register replicated state machines run with
-CASPaxos (Rystsov 2018, arXiv:1802.07000); the rules themselves are pure
-functions in ``kvstore.paxos``.  This module adds I/O, time and concurrency.
+CASPaxos (Rystsov 2018, arXiv:1802.07000).  The rules are pure functions in
+``kvstore.paxos``, the messages in ``kvstore.paxos_wire``, and the proposer's
+whole protocol -- rounds, retries, backoff, the fast path, indeterminacy -- is
+the pure, step-able ``kvstore.proposer.ProposerCore``.  This module adds I/O,
+time and concurrency.
 
 **Acceptor** (``PaxosAcceptor``).  Every node runs one, over a dedicated
 ``Storage`` opened with ``fsync="always"``.  A message's read-modify-write of
@@ -15,245 +18,126 @@ safety rests on.  The critical section is shielded from cancellation so an
 abandoned caller can never leave a half-finished write racing with the next
 message for the key.  A rejected message changes nothing and costs no fsync.
 
-**Proposer** (``PaxosProposer``).  Any node can propose for any key, given the
-key's replica list (the acceptors; normally the ring's N primaries, fixed per
-key -- a majority is counted over exactly this list, so it must not vary
-between proposers).  ``propose`` runs prepare then accept, each sent to every
-replica in parallel and answered by a majority; the local node is reached
-through the same ``call`` (the node short-circuits calls to itself).  On a
-rejection it jumps its ballot counter past the conflicting ballot and retries
-after randomized, bounded, exponential backoff, until ``max_attempts`` or the
-deadline.  Nothing waits beyond the deadline: every call's timeout ends there,
-undecided calls of a failed round are cancelled, and the late accepts of a
-successful round finish in the background (bounded) so replicas keep up.
+**Proposer** (``PaxosProposer``): a thin asyncio driver, in the manner of
+etcd-io/raft's ``Ready``/``Advance`` loop.  Any node can propose for any key,
+given the key's replica list (the acceptors; normally the ring's N primaries,
+fixed per key -- a majority is counted over exactly this list, so it must not
+vary between proposers).  ``propose`` builds one ``ProposerCore`` per proposal
+over the node's shared ``ProposerState`` (ballot counter, fast-path cache),
+then loops:
 
-Ballot counters are one strictly increasing counter per proposer, never below
-the wall clock in milliseconds (``clock_ballots``, like Cassandra's timestamp
-ballots): a proposer new to a key then usually outbids the ballots already
-there instead of losing its first prepare.  Any counter is safe; only liveness
-depends on it.
+1. carry out the batch of effects the core returned, in its order: ``Send``
+   starts a task running the node's ``call`` (the local node is reached
+   through the same ``call``; the node short-circuits calls to itself), with a
+   timeout ending at the proposal's deadline; ``Abandon`` cancels calls;
+   ``Detach`` hands calls of a successful accept round to the background
+   (bounded: ``4 * max_in_flight``; beyond that they are cancelled);
+   ``StartTimer`` replaces the timer; ``Done``/``Failed`` return or raise;
+2. wait for the next input and feed it to the core: every call completed so
+   far, as one batch in completion order (completions are queued by the tasks'
+   done callbacks, in the order the event loop completes them -- never by
+   iterating a set of futures, whose order depends on object ids), else the
+   timer.  With no call in flight the
+   core is backing off, and the driver waits with the injected ``sleep``.
 
-**Fast path** (CASPaxos §2.2.1).  Each accept also asks the acceptors to
-promise the proposer's *next* ballot.  When a majority accepted that way, the
-proposer remembers (in a bounded LRU) the key, that next ballot, the committed
-value and the replica list; its next operation on the key skips phase 1 and
-costs one round trip and one fsync per acceptor instead of two.  If anyone else
-prepared in between, the fast accept is rejected and the proposer falls back
-to the full protocol.  The safety argument is in ``kvstore.paxos.on_accept``.
-A fast accept reaches the local acceptor only after a peer took it: the local
-acceptor answers first and is the likeliest to hold a stale fast-path promise,
-and a stale partial accept would be hard to trace on retry (see below).
+Nothing waits beyond the deadline: every call's timeout ends there, the
+deadline timer ends a round, and a cancelled proposal cancels its calls.  Time
+is read from the injected ``Clock`` (``Instant``: monotonic and wall), and
+backoff randomness comes from the injected ``random.Random``; so under a
+virtual-time event loop the whole proposer is deterministic from a seed.
 
-**Outcomes.**  Success returns a ``ProposeResult``.  A failed precondition
-(compare-and-set, put-if-absent) is a *successful* proposal that re-commits the
-unchanged value and reports ``precondition_failed``: it is a linearizable
-observation.  Failure raises ``ConsensusUnavailable``; it is *indeterminate*
-iff an accept carrying a changed value may have been stored by some acceptor:
-then a later proposer may finish it (the "recovery" of CASPaxos) and the change
-may still appear, so the caller must not report a certain failure.  A read
-never changes the value, so a failed read is never indeterminate.
-
-Retrying after an attempt whose changed value may have landed must neither
-apply the change twice nor report as failed a change that took effect (both
-break linearizability: think of a compare-and-set).  The proposer remembers the
-*origins* (ballots) of those attempts (``pending``) and, in the next phase 1,
-looks them up in the *lineage* of the latest state (``paxos.change_status``):
-
-* one of them is in it: the change took effect (maybe already built upon by
-  other proposers); re-commit the latest state unchanged, so it is chosen, and
-  report that attempt's outcome and resulting value;
-* none is in it, and the lineage proves it: once this attempt commits, no
-  pending value can ever be chosen or built upon (every later phase 1 sees this
-  attempt's ballot or a descendant of its value); apply the change afresh --
-  exactly once;
-* the lineage is too short to tell (``LINEAGE_DEPTH`` other changes happened
-  in between): fail as indeterminate.
-
-Round trips and fsyncs per operation: 2 RTT and 2 fsyncs per acceptor normally,
-1 RTT and 1 fsync per acceptor on the fast path; every retry adds a full round.
+Outcomes, the retry/lineage rule and the fast path are described in
+``kvstore.proposer``.  Round trips and fsyncs per operation: 2 RTT and 2 fsyncs
+per acceptor normally, 1 RTT and 1 fsync per acceptor on the fast path; every
+retry adds a full round.
 
 Assumptions: the node's ``call`` raises ``PeerUnavailable``/``RemoteError``
-(or returns an error reply) on failure; time comes from the injected ``Clock``
-and backoff randomness from the injected ``random.Random``.
+(or returns an error reply) on failure.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
-from collections import OrderedDict
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from kvstore.clock import Clock
-from kvstore.errors import Overloaded, QuorumUnavailable
+from kvstore.errors import Overloaded
 from kvstore.locks import KeyLocks
 from kvstore.paxos import (
-    ABSENT,
     EMPTY_STATE,
     Accepted,
     AcceptorState,
-    Ballot,
     Change,
-    ChangeOutcome,
     CorruptState,
-    Lineage,
-    OutcomeStatus,
     Promise,
-    RegisterValue,
     Rejected,
-    apply_change,
-    backoff_s,
-    ballot_from_wire,
-    ballot_to_wire,
-    change_status,
-    extend_lineage,
-    highest_accepted,
-    lineage_from_wire,
-    lineage_to_wire,
-    majority,
     merge_states,
-    next_ballot,
     on_accept,
     on_prepare,
-    stale_acceptors,
+)
+from kvstore.paxos_wire import (
+    MAX_GROUP,
+    OP_ACCEPT,
+    OP_PREPARE,
+    RECOVERING,
+    PaxosMessageError,
+    PaxosRequest,
+    accept_message,
+    parse_request,
+    prepare_message,
+    reply_to_wire,
+)
+from kvstore.proposer import (
+    Abandon,
+    Answer,
+    CallFailed,
+    ConsensusUnavailable,
+    Detach,
+    Done,
+    Effect,
+    Failed,
+    Instant,
+    ProposerConfig,
+    ProposerCore,
+    ProposeResult,
+    ProposerState,
+    ProposerStats,
+    Reply,
+    Send,
+    StartTimer,
 )
 from kvstore.storage.base import Storage, StorageError
 from kvstore.transport.base import Message, PeerUnavailable, RemoteError
 
-OP_PREPARE = "paxos_prepare"
-OP_ACCEPT = "paxos_accept"
+# Re-exported: the acceptor's and proposer's public names as callers knew them.
+__all__ = [
+    "MAX_GROUP",
+    "OP_ACCEPT",
+    "OP_PREPARE",
+    "RECOVERING",
+    "AcceptorGate",
+    "AcceptorStats",
+    "ConsensusOverloaded",
+    "ConsensusUnavailable",
+    "PaxosAcceptor",
+    "PaxosMessageError",
+    "PaxosProposer",
+    "ProposeResult",
+    "ProposerStats",
+    "accept_message",
+    "prepare_message",
+]
 
 Call = Callable[[str, Message, float], Awaitable[Message]]
 Sleep = Callable[[float], Awaitable[None]]
 
 
-# --------------------------------------------------------------------------------------------
-# Errors
-# --------------------------------------------------------------------------------------------
-
-
-class ConsensusUnavailable(QuorumUnavailable):
-    """No majority of the key's replicas completed a round before the deadline (or attempts ran out).
-
-    ``indeterminate``: an accept for a changed value may have been stored by some acceptor, so
-    the change may still become visible.  Maps to HTTP 503 ``quorum_unavailable`` like the AP
-    path's error (it subclasses ``QuorumUnavailable``).
-    """
-
-    def __init__(self, needed: int, acknowledged: int, indeterminate: bool, reason: str = "") -> None:
-        super().__init__(needed, acknowledged, indeterminate, detail=reason)
-        self.reason = reason
-
-
 class ConsensusOverloaded(Overloaded):
     """Too many proposals in flight on this node (HTTP 503 ``overloaded``)."""
-
-
-class PaxosMessageError(ValueError):
-    """A malformed Paxos message (answered with a remote error, never applied)."""
-
-
-# --------------------------------------------------------------------------------------------
-# Wire format
-# --------------------------------------------------------------------------------------------
-#
-# prepare: {"op": "paxos_prepare", "key": str, "token": int, "ballot": [counter, node],
-#           "group": [member, ...] (the key's acceptors)}
-#   reply: {"ok": True, "accepted": [counter, node] | None, "value": bytes | None,
-#           "lineage": [[counter, node], ...], "inc": str, "view": {member: str}}
-#        | {"ok": False, "conflict": [counter, node]}
-# accept:  {"op": "paxos_accept", "key": str, "token": int, "ballot": [counter, node],
-#           "value": bytes | None (None = absent/deleted), "promise_next": [counter, node] | None,
-#           "lineage": [[counter, node], ...] (origins of the value's last changes, newest first),
-#           "group": [member, ...]}
-#   reply: {"ok": True, "promised_next": [counter, node] | None, "inc": str, "view": {member: str}}
-#        | {"ok": False, "conflict": [counter, node]}
-# "inc" is the answering acceptor's incarnation, "view" the incarnations it has registered for
-# the other members of "group" (kvstore.cp_recovery); both absent when it has no identity.
-# errors:  {"error": code, "message": str, "remote_error": True}  (the transport's convention);
-#          code "recovering": the acceptor lost its storage and does not vote yet (nothing done).
-
-MAX_GROUP = 64  # acceptors named in one message (a key has N of them)
-
-
-def prepare_message(key: str, token: int, ballot: Ballot, group: Iterable[str] = ()) -> Message:
-    message: Message = {"op": OP_PREPARE, "key": key, "token": token, "ballot": ballot.to_wire()}
-    if group:
-        message["group"] = list(group)
-    return message
-
-
-def accept_message(
-    key: str,
-    token: int,
-    ballot: Ballot,
-    value: RegisterValue,
-    promise_next: Ballot | None,
-    lineage: Lineage = (),
-    group: Iterable[str] = (),
-) -> Message:
-    message: Message = {
-        "op": OP_ACCEPT,
-        "key": key,
-        "token": token,
-        "ballot": ballot.to_wire(),
-        "value": value.value,
-        "promise_next": ballot_to_wire(promise_next),
-        "lineage": lineage_to_wire(lineage),
-    }
-    if group:
-        message["group"] = list(group)
-    return message
-
-
-def _reply_to_wire(reply: Promise | Accepted | Rejected) -> Message:
-    match reply:
-        case Promise(accepted=accepted, value=value, lineage=lineage):
-            return {
-                "ok": True,
-                "accepted": ballot_to_wire(accepted),
-                "value": None if value is None else value.value,
-                "lineage": lineage_to_wire(lineage),
-            }
-        case Accepted(promised_next=promised_next):
-            return {"ok": True, "promised_next": ballot_to_wire(promised_next)}
-        case Rejected(conflict=conflict):
-            return {"ok": False, "conflict": conflict.to_wire()}
-    raise AssertionError(f"unknown reply {reply!r}")
-
-
-def _bytes_or_none(obj: Any, what: str) -> bytes | None:
-    if obj is not None and not isinstance(obj, bytes):
-        raise PaxosMessageError(f"{what} must be bytes or null")
-    return obj
-
-
-def _parse_prepare_reply(reply: Message, ballot: Ballot) -> Promise | Rejected:
-    """Parse a peer's reply (untrusted); raises ValueError when malformed."""
-    if reply.get("ok") is True:
-        accepted = ballot_from_wire(reply.get("accepted"))
-        raw = _bytes_or_none(reply.get("value"), "value")
-        if accepted is None:
-            return Promise(ballot, None, None)
-        if "value" not in reply:
-            raise ValueError("a promise with an accepted ballot must carry its value")
-        lineage = lineage_from_wire(reply.get("lineage"))
-        if lineage and lineage[0] > accepted:
-            raise ValueError("a state's latest change cannot be newer than its accepted ballot")
-        return Promise(ballot, accepted, RegisterValue.of(raw), lineage)
-    if reply.get("ok") is False:
-        return Rejected(Ballot.from_wire(reply.get("conflict")))
-    raise ValueError(f"malformed prepare reply {reply!r}")
-
-
-def _parse_accept_reply(reply: Message, ballot: Ballot) -> Accepted | Rejected:
-    if reply.get("ok") is True:
-        return Accepted(ballot, ballot_from_wire(reply.get("promised_next")))
-    if reply.get("ok") is False:
-        return Rejected(Ballot.from_wire(reply.get("conflict")))
-    raise ValueError(f"malformed accept reply {reply!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -287,9 +171,6 @@ class AcceptorGate(Protocol):
         ...
 
 
-RECOVERING = "recovering"
-
-
 class PaxosAcceptor:
     """Answers ``paxos_prepare`` / ``paxos_accept`` for every key, persisting before replying.
 
@@ -311,12 +192,11 @@ class PaxosAcceptor:
         (including an undecodable stored state) raise ``StorageError`` -- never a reply that
         could forget a promise."""
         try:
-            op, key, token, ballot, value, promise_next, lineage = _parse_request(message)
-            group = _parse_group(message.get("group"))
+            request = parse_request(message)
         except (PaxosMessageError, ValueError) as exc:
             self.stats.malformed += 1
             return {"error": "bad_request", "message": str(exc), "remote_error": True}
-        if self.gate is not None and not self.gate.votable(token):
+        if self.gate is not None and not self.gate.votable(request.token):
             # Our storage was lost and this key's range is not recovered yet: a vote from empty
             # state could contradict a promise or accept the lost state held.
             self.stats.refused_recovering += 1
@@ -329,31 +209,24 @@ class PaxosAcceptor:
         # deadline), the read-modify-write still finishes under the lock.  Without this, a put
         # still running in a storage thread could land after a later message's put and roll back
         # a promise that was already replied.
-        work = asyncio.ensure_future(self._apply(op, key, token, ballot, value, promise_next, lineage, group))
+        work = asyncio.ensure_future(self._apply(request))
         work.add_done_callback(_consume_outcome)  # abandoned by a cancelled caller: no warning
         return await asyncio.shield(work)
 
-    async def _apply(
-        self,
-        op: str,
-        key: str,
-        token: int,
-        ballot: Ballot,
-        value: RegisterValue | None,
-        promise_next: Ballot | None,
-        lineage: Lineage,
-        group: tuple[str, ...] = (),
-    ) -> Message:
+    async def _apply(self, request: PaxosRequest) -> Message:
+        key, token = request.key, request.token
         async with self.locks.hold(key):
             state = await self.load(key, token)
             reply: Promise | Accepted | Rejected
-            if op == OP_PREPARE:
+            if request.op == OP_PREPARE:
                 self.stats.prepares += 1
-                new_state, reply = on_prepare(state, ballot)
+                new_state, reply = on_prepare(state, request.ballot)
             else:
-                assert value is not None
+                assert request.value is not None
                 self.stats.accepts += 1
-                new_state, reply = on_accept(state, ballot, value, promise_next=promise_next, lineage=lineage)
+                new_state, reply = on_accept(
+                    state, request.ballot, request.value, promise_next=request.promise_next, lineage=request.lineage
+                )
             if isinstance(reply, Rejected):
                 self.stats.rejects += 1
                 assert new_state == state
@@ -361,13 +234,13 @@ class PaxosAcceptor:
                 # Durable before the reply leaves: the promise/accept is now unforgettable.
                 await self.storage.put(key, token, new_state.encode())
                 self.stats.writes += 1
-            wire = _reply_to_wire(reply)
+            wire = reply_to_wire(reply)
             if self.gate is not None:
                 # The view is read after the state is durable, with no await in between: if it
                 # does not show a peer's newer incarnation yet, that peer registered after this
                 # state was stored, hence its recovery scan sees it (kvstore.cp_recovery).
                 wire["inc"] = self.gate.incarnation
-                wire["view"] = self.gate.view(group)
+                wire["view"] = self.gate.view(request.group)
             return wire
 
     async def absorb(self, key: str, token: int, remote: AcceptorState) -> bool:
@@ -401,122 +274,15 @@ class PaxosAcceptor:
             raise StorageError(f"corrupt paxos state for key {key!r}: {exc}") from exc
 
 
-def _parse_group(raw: Any) -> tuple[str, ...]:
-    if raw is None:
-        return ()
-    if not isinstance(raw, list) or len(raw) > MAX_GROUP or not all(isinstance(m, str) and m for m in raw):
-        raise PaxosMessageError(f"group must be a list of at most {MAX_GROUP} member ids")
-    return tuple(raw)
-
-
-def _parse_tags(reply: Message) -> tuple[str | None, dict[str, str]]:
-    """The (incarnation, view) a reply carries; ValueError when malformed (untrusted input)."""
-    incarnation = reply.get("inc")
-    view = reply.get("view") or {}
-    if incarnation is not None and not isinstance(incarnation, str):
-        raise ValueError("inc must be a string")
-    if not isinstance(view, dict) or len(view) > MAX_GROUP:
-        raise ValueError("view must be a map of member ids to incarnations")
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in view.items()):
-        raise ValueError("view must map member ids to incarnation strings")
-    return incarnation, view
-
-
-def _parse_request(
-    message: Message,
-) -> tuple[str, str, int, Ballot, RegisterValue | None, Ballot | None, Lineage]:
-    op = message.get("op")
-    if op not in (OP_PREPARE, OP_ACCEPT):
-        raise PaxosMessageError(f"not a paxos op: {op!r}")
-    key = message.get("key")
-    token = message.get("token")
-    if not isinstance(key, str):
-        raise PaxosMessageError("key must be a string")
-    if not isinstance(token, int) or isinstance(token, bool):
-        raise PaxosMessageError("token must be an integer")
-    ballot = Ballot.from_wire(message.get("ballot"))
-    if op == OP_PREPARE:
-        return op, key, token, ballot, None, None, ()
-    if "value" not in message:
-        raise PaxosMessageError("accept needs a value (null = absent)")
-    value = RegisterValue.of(_bytes_or_none(message.get("value"), "value"))
-    promise_next = ballot_from_wire(message.get("promise_next"))
-    if promise_next is not None and not (promise_next > ballot and promise_next.node == ballot.node):
-        raise PaxosMessageError("promise_next must be a later ballot of the same proposer")
-    lineage = lineage_from_wire(message.get("lineage"))
-    if lineage and lineage[0] > ballot:
-        raise PaxosMessageError("a value's latest change cannot be newer than its accept ballot")
-    return op, key, token, ballot, value, promise_next, lineage
-
-
 # --------------------------------------------------------------------------------------------
-# Proposer
+# Proposer driver
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ProposeResult:
-    """A committed proposal.  ``value`` is the register state after it (never None: an absent
-    key is ``RegisterValue(None, None)``); ``current_etag`` is that state's etag."""
-
-    value: RegisterValue
-    outcome: OutcomeStatus
-    current_etag: str | None
-    round_trips: int
-
-
-@dataclass(frozen=True, slots=True)
-class _FastPath:
-    ballot: Ballot  # promised by a majority together with their accept of ``value``
-    value: RegisterValue
-    lineage: Lineage
-    replicas: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class _Pending:
-    """A change of this request whose accept may have been stored somewhere (keyed by origin)."""
-
-    value: RegisterValue  # the state right after the change
-    outcome: ChangeOutcome
-    parent: Ballot | None  # origin of the state the change was applied to
-
-
-@dataclass
-class _Round:
-    # (acceptor, Promise or Accepted, its incarnation, its view of the group's incarnations)
-    replies: list[tuple[str, Any, str | None, dict[str, str]]] = field(default_factory=list)
-    conflicts: list[Ballot] = field(default_factory=list)
-    # Calls whose request may have reached the acceptor without us seeing the answer: lost
-    # replies, timeouts, remote errors, cancelled stragglers.
-    maybe_delivered: int = 0
-    failures: int = 0
-    recovering: int = 0  # refused by an acceptor that lost its storage (nothing done there)
-
-    @property
-    def oks(self) -> list[Any]:
-        """The ok replies that count: those of an incarnation no other reply says is gone."""
-        stale = stale_acceptors({peer: (inc, view) for peer, _, inc, view in self.replies})
-        return [ok for peer, ok, _, _ in self.replies if peer not in stale]
-
-    @property
-    def discarded(self) -> int:
-        return len(self.replies) - len(self.oks)
-
-
-@dataclass
-class ProposerStats:
-    proposals: int = 0
-    committed: int = 0
-    failed: int = 0
-    retries: int = 0
-    fast_path_hits: int = 0  # fast accept committed
-    fast_path_misses: int = 0  # fast accept rejected: fell back to the full protocol
-    overloaded: int = 0
 
 
 class PaxosProposer:
-    """Runs CASPaxos proposals for this node; see the module docstring."""
+    """Runs CASPaxos proposals for this node: a ``ProposerCore`` per proposal, driven by asyncio.
+
+    See the module docstring (the driver) and ``kvstore.proposer`` (the protocol)."""
 
     def __init__(
         self,
@@ -539,21 +305,18 @@ class PaxosProposer:
         self.call = call
         self.clock = clock
         self.rng = rng
-        self.max_attempts = max_attempts
-        self.backoff_base_s = backoff_base_s
-        self.backoff_cap_s = backoff_cap_s
+        self.config = ProposerConfig(
+            max_attempts=max_attempts,
+            backoff_base_s=backoff_base_s,
+            backoff_cap_s=backoff_cap_s,
+            fast_path=fast_path,
+            clock_ballots=clock_ballots,
+        )
         self.max_in_flight = max_in_flight
-        self.fast_path = fast_path
-        self.clock_ballots = clock_ballots
-        self.fast_path_capacity = fast_path_capacity
         self.sleep = sleep
         self.stats = ProposerStats()
         self.in_flight = 0
-        # One counter for all keys: strictly increasing, so this proposer never reuses a ballot
-        # for any key (ballots only need to be unique per key; a shared counter is simpler).
-        self._last: Ballot | None = None
-        self._seen_counter = 0
-        self._fast: OrderedDict[str, _FastPath] = OrderedDict()
+        self.state = ProposerState(node_id, fast_path_capacity)
         self._stragglers: set[asyncio.Future[Message]] = set()
 
     # --- public ---------------------------------------------------------------------------
@@ -573,7 +336,11 @@ class PaxosProposer:
         self.in_flight += 1
         self.stats.proposals += 1
         try:
-            result = await self._propose(key, token, tuple(replicas), change, timeout_s)
+            deadline_ns = self.clock.monotonic_ns() + int(timeout_s * 1e9)
+            core = ProposerCore(
+                self.state, self.config, self.rng, key, token, tuple(replicas), change, deadline_ns, self.stats
+            )
+            result = await self._drive(core)
         except ConsensusUnavailable:
             self.stats.failed += 1
             raise
@@ -583,304 +350,122 @@ class PaxosProposer:
         return result
 
     def holds_fast_path(self, key: str) -> bool:
-        return key in self._fast
+        return self.state.holds_fast_path(key)
 
     def forget_fast_path(self, key: str | None = None) -> None:
         """Drop fast-path entries (e.g. when the ring changes the key's replicas)."""
-        if key is None:
-            self._fast.clear()
-        else:
-            self._fast.pop(key, None)
+        self.state.forget_fast_path(key)
 
-    # --- protocol -------------------------------------------------------------------------
+    # --- the driver -----------------------------------------------------------------------
 
-    async def _propose(
-        self, key: str, token: int, group: tuple[str, ...], change: Change, timeout_s: float
-    ) -> ProposeResult:
-        deadline_ns = self.clock.monotonic_ns() + int(timeout_s * 1e9)
-        need = majority(len(group))
-        pending: dict[Ballot, _Pending] = {}
-        round_trips = 0
-        acknowledged = 0
-        reason = "no majority answered"
-        # Single use: popped before any await, so two concurrent proposals on this node can never
-        # both send an accept at the same fast ballot (with possibly different values).
-        fast = self._fast.pop(key, None)
-        if fast is not None and fast.replicas != group:
-            fast = None  # promised by a majority of another replica set: not a phase 1 for this one
-        attempt = 0
-        while True:
-            if attempt > 0:
-                self.stats.retries += 1
-                if attempt >= self.max_attempts:
-                    raise ConsensusUnavailable(
-                        need, acknowledged, bool(pending), f"gave up after {attempt} attempts: {reason}"
-                    )
-                remaining = self._remaining_s(deadline_ns)
-                if remaining > 0:
-                    # With a change of ours possibly stored somewhere, look again soon: the longer
-                    # we wait, the more changes pile up after it and the likelier its trail in the
-                    # lineage is lost (an indeterminate answer).  Still randomized, so dueling
-                    # proposers still break their symmetry.
-                    step = 0 if pending else attempt - 1
-                    delay = backoff_s(step, self.rng, self.backoff_base_s, self.backoff_cap_s)
-                    await self.sleep(min(remaining, delay))
-            if self._remaining_s(deadline_ns) <= 0:
-                raise ConsensusUnavailable(need, acknowledged, bool(pending), f"timed out: {reason}")
-            attempt += 1
+    async def _drive(self, core: ProposerCore) -> ProposeResult:
+        """Carry out the core's effects in order; feed it answers in the order they complete."""
+        calls: dict[int, asyncio.Future[Message]] = {}  # sent, not yet fed back or released
+        completed: deque[int] = deque()  # calls whose answer is in, in completion order
+        wake = asyncio.Event()
+        timer_at_ns: int | None = None
 
-            current: RegisterValue
-            lineage: Lineage
-            applied: _Pending | None = None  # a pending change found in the latest state
-            if fast is not None:
-                # Phase 1 for fast.ballot was done by our previous accept (see paxos.on_accept).
-                assert not pending
-                ballot, current, lineage = fast.ballot, fast.value, fast.lineage
-                fast = None
-                used_fast = True
-            else:
-                used_fast = False
-                ballot = self._new_ballot()
-                round_trips += 1
-                prepared = await self._round(
-                    group,
-                    prepare_message(key, token, ballot, group),
-                    need,
-                    deadline_ns,
-                    ballot,
-                    _parse_prepare_reply,
-                )
-                acknowledged = len(prepared.oks)
-                if acknowledged < need:
-                    reason = self._reason("prepare", prepared, need)
-                    continue
-                best = highest_accepted(prepared.oks)
-                current = ABSENT if best is None or best.value is None else best.value
-                lineage = () if best is None else best.lineage
-                statuses = {
-                    origin: change_status(origin, lineage, attempt_state.parent)
-                    for origin, attempt_state in pending.items()
-                }
-                found = [pending[origin] for origin, status in statuses.items() if status == "applied"]
-                # Two attempts of one request are never both in one chain: each fresh attempt was
-                # made only after proving the earlier ones absent from the state it extended.  So
-                # one found applied settles it, even if older attempts' trails are lost.
-                assert len(found) <= 1, "a change applied twice"
-                if found:
-                    applied = found[0]
-                elif "unknown" in statuses.values():
-                    raise ConsensusUnavailable(
-                        need,
-                        acknowledged,
-                        True,
-                        "an attempt of this request was partially accepted and too many changes "
-                        "followed to tell whether it took effect",
-                    )
+        def on_done(call: int) -> Callable[[asyncio.Future[Message]], None]:
+            def done(_: asyncio.Future[Message]) -> None:
+                completed.append(call)
+                wake.set()
 
-            if applied is not None:
-                # Our change took effect (possibly built upon since): make that state chosen.
-                new_value, new_lineage, outcome, reported = current, lineage, applied.outcome, applied.value
-            else:
-                new_value, outcome = apply_change(change, current)
-                changed = new_value != current
-                new_lineage = extend_lineage(lineage, ballot) if changed else lineage
-                reported = new_value
+            return done
 
-            if self._remaining_s(deadline_ns) <= 0:
-                # Nothing sent in this attempt: only earlier attempts can make this indeterminate.
-                raise ConsensusUnavailable(need, acknowledged, bool(pending), f"timed out: {reason}")
-            promise_next = self._reserve_next(ballot) if self.fast_path else None
-            round_trips += 1
-            accepted = await self._round(
-                group,
-                accept_message(key, token, ballot, new_value, promise_next, new_lineage, group),
-                need,
-                deadline_ns,
-                ballot,
-                _parse_accept_reply,
-                # A fast accept goes to the local acceptor only once a peer took it.  The local
-                # acceptor answers first and is the one most likely to hold a stale fast-path
-                # promise (it is outside the majorities other proposers used meanwhile); if it
-                # alone took a stale fast accept, that partial value's origin would be far behind
-                # the chain and a retry could not tell whether it took effect.
-                defer=self.node_id if used_fast and self.node_id in group and len(group) > 1 else None,
-                keep_stragglers=True,
-            )
-            acknowledged = len(accepted.oks)
-            if acknowledged >= need:
-                if used_fast:
-                    self.stats.fast_path_hits += 1
-                if promise_next is not None:
-                    promised = sum(1 for ok in accepted.oks if ok.promised_next == promise_next)
-                    if promised >= need:
-                        self._remember_fast(key, _FastPath(promise_next, new_value, new_lineage, group))
-                return ProposeResult(reported, outcome.status, outcome.current_etag, round_trips)
-            if used_fast:
-                self.stats.fast_path_misses += 1
-            reason = self._reason("accept", accepted, need)
-            # Every acceptor that took the accept counts here, a discarded (stale) one too: it stored it.
-            if applied is None and new_value != current and (accepted.replies or accepted.maybe_delivered):
-                # Some acceptor may hold the changed value: anyone's phase 1 may still pick it up.
-                # Remember its origin so that a retry can tell whether it took effect.
-                pending[ballot] = _Pending(new_value, outcome, lineage[0] if lineage else None)
-
-    async def _round(
-        self,
-        group: tuple[str, ...],
-        message: Message,
-        need: int,
-        deadline_ns: int,
-        ballot: Ballot,
-        parse: Callable[[Message, Ballot], Any],
-        *,
-        defer: str | None = None,
-        keep_stragglers: bool = False,
-    ) -> _Round:
-        """Send ``message`` to every replica; return once ``need`` accepted, success became
-        impossible, or the deadline passed.
-
-        Calls still undecided then are cancelled, unless ``keep_stragglers`` and the round
-        succeeded: then they finish in the background (bounded: each call's timeout ends at the
-        deadline, and at most ``4 * max_in_flight`` are kept), so that every reachable replica
-        takes the accepted value and its acceptor does not fall behind.
-
-        ``defer`` names a replica contacted only after another replica said ok (so if everyone
-        else rejects, it never receives the message at all)."""
-        assert defer is None or defer in group
-        result = _Round()
-
-        peer_of: dict[asyncio.Future[Message], str] = {}
-
-        def send(peer: str) -> asyncio.Future[Message]:
-            task = asyncio.ensure_future(self.call(peer, message, self._remaining_s(deadline_ns)))
-            task.add_done_callback(_consume_outcome)
-            peer_of[task] = peer
-            return task
-
-        waiting: set[asyncio.Future[Message]] = {send(peer) for peer in group if peer != defer}
-        deferred = defer
+        effects = core.start(self._now())
         try:
             while True:
-                unsent = 1 if deferred is not None else 0
-                if len(result.oks) >= need or len(result.oks) + len(waiting) + unsent < need:
-                    break
-                if deferred is not None and (result.oks or not waiting):
-                    if not result.oks:
-                        break  # everyone else refused: the deferred replica is left alone
-                    waiting.add(send(deferred))
-                    deferred = None
-                remaining = self._remaining_s(deadline_ns)
-                if remaining <= 0 or not waiting:
-                    break
-                done, waiting = await asyncio.wait(
-                    waiting, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
-                )
-                if not done:
-                    break
-                # In send order, not set order (id-hashed): a simulation replays the same steps.
-                for finished in [t for t in peer_of if t in done]:
-                    self._classify(finished, peer_of[finished], result, ballot, parse)
+                for effect in effects:
+                    match effect:
+                        case Send(call=call, peer=peer, message=message, timeout_at_ns=timeout_at_ns):
+                            timeout_s = (timeout_at_ns - self.clock.monotonic_ns()) / 1e9
+                            sent = asyncio.ensure_future(self.call(peer, message, timeout_s))
+                            sent.add_done_callback(_consume_outcome)
+                            sent.add_done_callback(on_done(call))
+                            calls[call] = sent
+                        case Abandon(calls=abandoned):
+                            for call in abandoned:
+                                calls.pop(call).cancel()
+                        case Detach(calls=detached):
+                            for call in detached:
+                                self._keep_straggler(calls.pop(call))
+                        case StartTimer(at_ns=at_ns):
+                            timer_at_ns = at_ns
+                        case Done(result=result):
+                            return result
+                        case Failed(error=error):
+                            raise error
+                assert timer_at_ns is not None, "a core waiting for input always has a timer"
+                effects = await self._next_input(core, calls, completed, wake, timer_at_ns)
         finally:
-            keep = keep_stragglers and len(result.oks) >= need
-            if deferred is not None and keep:
-                waiting.add(send(deferred))  # the round succeeded without it: bring it up to date
-            for straggler in [t for t in peer_of if t in waiting]:
-                if keep and len(self._stragglers) < 4 * self.max_in_flight:
-                    self._stragglers.add(straggler)
-                    straggler.add_done_callback(self._stragglers.discard)
-                elif straggler.cancel():
-                    result.maybe_delivered += 1  # it was in flight: it may have been applied
-        for conflict in result.conflicts:
-            self._seen_counter = max(self._seen_counter, conflict.counter)
-        return result
+            for undecided in calls.values():  # the proposal itself was cancelled: no call outlives it
+                undecided.cancel()
+
+    async def _next_input(
+        self,
+        core: ProposerCore,
+        calls: dict[int, asyncio.Future[Message]],
+        completed: deque[int],
+        wake: asyncio.Event,
+        timer_at_ns: int,
+    ) -> list[Effect]:
+        """Wait for the next answer (oldest completion first) or the timer; feed it to the core."""
+        while True:
+            answers: list[Answer] = []
+            while completed:
+                call = completed.popleft()
+                task = calls.pop(call, None)
+                if task is not None:  # else abandoned or detached since it completed
+                    answers.append(self._answer(call, task))
+            # Calls that completed but whose done callback has not run yet (it runs one loop
+            # iteration later) are answered too, in send order: an answer at hand must not be
+            # counted as still in flight (a certain refusal would look maybe-delivered).
+            for call in [call for call, task in calls.items() if task.done()]:
+                answers.append(self._answer(call, calls.pop(call)))
+            if answers:
+                # Everything already in, as one batch: the core judges the round once, after all.
+                return core.on_answers(answers, self._now())
+            if not calls:
+                # Nothing in flight: a backoff.  Through the injected sleep, which tests use to
+                # run other proposals in between.
+                await self.sleep(max(0.0, (timer_at_ns - self.clock.monotonic_ns()) / 1e9))
+                return core.on_timer(self._now())
+            remaining_s = (timer_at_ns - self.clock.monotonic_ns()) / 1e9
+            if remaining_s <= 0:
+                return core.on_timer(self._now())
+            wake.clear()
+            try:
+                async with asyncio.timeout(remaining_s):
+                    await wake.wait()
+            except TimeoutError:
+                return core.on_timer(self._now())
 
     @staticmethod
-    def _classify(
-        task: asyncio.Future[Message],
-        peer: str,
-        result: _Round,
-        ballot: Ballot,
-        parse: Callable[[Message, Ballot], Any],
-    ) -> None:
-        exc = asyncio.CancelledError() if task.cancelled() else task.exception()
+    def _answer(call: int, task: asyncio.Future[Message]) -> Answer:
+        if task.cancelled():
+            return CallFailed(call, maybe_delivered=True)
+        exc = task.exception()
+        if exc is None:
+            return Reply(call, task.result())
         if isinstance(exc, RemoteError) and exc.code == RECOVERING:
             # A typed refusal sent before anything was done: a certain failure of this call.
-            result.failures += 1
-            result.recovering += 1
-            return
-        if exc is not None:
-            result.failures += 1
-            if not isinstance(exc, PeerUnavailable) or exc.maybe_delivered:
-                # Timeouts, lost replies and remote errors (e.g. a storage error mid-write)
-                # may have been applied; only a refused connection certainly was not.
-                result.maybe_delivered += 1
-            return
-        reply = task.result()
-        if isinstance(reply, dict) and reply.get("error") == RECOVERING:
-            # A typed refusal sent before anything was done: a certain failure of this call.
-            result.failures += 1
-            result.recovering += 1
-            return
-        try:
-            if not isinstance(reply, dict) or reply.get("error"):
-                raise ValueError(f"error reply {reply!r}")
-            parsed = parse(reply, ballot)
-            incarnation, view = _parse_tags(reply)
-        except ValueError:
-            result.failures += 1
-            result.maybe_delivered += 1
-            return
-        if isinstance(parsed, Rejected):
-            result.conflicts.append(parsed.conflict)
+            return CallFailed(call, maybe_delivered=False, recovering=True)
+        # Timeouts, lost replies and remote errors (e.g. a storage error mid-write) may have
+        # been applied; only a refused connection certainly was not.
+        return CallFailed(call, maybe_delivered=not isinstance(exc, PeerUnavailable) or exc.maybe_delivered)
+
+    def _keep_straggler(self, task: asyncio.Future[Message]) -> None:
+        """An accept of a successful round still in flight: let it finish so its replica keeps
+        up -- bounded (each call's timeout ends at the proposal's deadline, and at most
+        ``4 * max_in_flight`` are kept; beyond that it is cancelled, which only costs catch-up)."""
+        if len(self._stragglers) < 4 * self.max_in_flight:
+            self._stragglers.add(task)
+            task.add_done_callback(self._stragglers.discard)
         else:
-            result.replies.append((peer, parsed, incarnation, view))
+            task.cancel()
 
-    @staticmethod
-    def _reason(phase: str, result: _Round, need: int) -> str:
-        parts = [f"{phase}: {len(result.oks)}/{need} ok"]
-        if result.conflicts:
-            parts.append(f"{len(result.conflicts)} rejected (highest {max(result.conflicts).to_wire()})")
-        if result.recovering:
-            parts.append(f"{result.recovering} recovering lost storage")
-        if result.failures - result.recovering:
-            parts.append(f"{result.failures - result.recovering} unreachable")
-        if result.discarded:
-            parts.append(f"{result.discarded} from a lost incarnation")
-        return ", ".join(parts)
-
-    # --- ballots and the fast-path cache --------------------------------------------------
-
-    def _new_ballot(self) -> Ballot:
-        seen = self._seen_counter
-        if self.clock_ballots:
-            # Counters at least the wall clock in ms (as Cassandra's LWT ballots are timestamps):
-            # a proposer new to a key then usually beats the ballots already there instead of
-            # losing its first prepare.  Any counter is safe; a skewed clock costs only a retry.
-            seen = max(seen, self.clock.wall_ns() // 1_000_000 - 1)
-        ballot = next_ballot(self._last, seen, self.node_id)
-        self._last = ballot
-        return ballot
-
-    def _reserve_next(self, ballot: Ballot) -> Ballot:
-        """The ballot the acceptors promise with this accept; never used for anything else."""
-        nxt = self._new_ballot()
-        assert nxt > ballot
-        return nxt
-
-    def _remember_fast(self, key: str, entry: _FastPath) -> None:
-        if self.fast_path_capacity == 0:
-            return
-        existing = self._fast.get(key)
-        # Replies can complete out of ballot order under concurrency; an older entry would only
-        # be rejected by the acceptors, so keep the newest.
-        if existing is None or entry.ballot > existing.ballot:
-            self._fast[key] = entry
-        self._fast.move_to_end(key)
-        while len(self._fast) > self.fast_path_capacity:
-            self._fast.popitem(last=False)
-
-    def _remaining_s(self, deadline_ns: int) -> float:
-        return (deadline_ns - self.clock.monotonic_ns()) / 1e9
+    def _now(self) -> Instant:
+        return Instant(self.clock.monotonic_ns(), self.clock.wall_ns())
 
 
 def _consume_outcome(task: asyncio.Future[Any]) -> None:

@@ -25,6 +25,7 @@ nondeterminism either simulated or derived from one seed, so that a run is a pur
 Sources of nondeterminism found and fixed where they live: time (the loop's clock is the
 simulated one; nodes read time through their ``Clock``), randomness (every rng is seeded from
 the run's seed, the member and its boot number), iteration over id-hashed sets of futures
-(``cp.PaxosProposer._round`` now walks replies in send order).  Determinism is tested across
+(the proposer's driver feeds ``ProposerCore`` its answers in completion order from done
+callbacks, walking only dicts in send order).  Determinism is tested across
 processes with different ``PYTHONHASHSEED`` values (tests/test_sim.py).
 """
