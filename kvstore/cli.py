@@ -473,6 +473,9 @@ def register_nodes(sub: Subparsers) -> None:
                     help="keep concurrent writes as siblings, or last-write-wins (default siblings)")
     up.add_argument("--r", type=positive_int, help="default read quorum (default min(2, N))")
     up.add_argument("--w", type=positive_int, help="default write quorum (default min(2, N))")
+    up.add_argument("--netns", action="store_true",
+                    help="root, Linux: each node in its own network namespace with its own address on a bridge "
+                         "(every node then uses PORT and PORT+100 on its own address; docs/netns.md)")
     up.set_defaults(handler=cmd_cluster_up)
 
 

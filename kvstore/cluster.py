@@ -210,7 +210,7 @@ class LocalCluster:
         log = open(path.parent / "node.log", "ab")  # noqa: SIM115 - handed to the child process
         env = {**os.environ, "KVSTORE_LOG": self.log_level}
         self.procs[node_id] = subprocess.Popen(
-            [sys.executable, "-m", "kvstore.server", "--config", str(path)],
+            self.node_command(node_id, path),
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -218,6 +218,10 @@ class LocalCluster:
             start_new_session=True,  # Ctrl-C in a terminal reaches us, and we stop the nodes in order
         )
         log.close()
+
+    def node_command(self, node_id: str, config_path: Path) -> list[str]:
+        """The command line of one node (``kvstore.netns.NetnsCluster`` runs it in a namespace)."""
+        return [sys.executable, "-m", "kvstore.server", "--config", str(config_path)]
 
     def health(self, node_id: str, timeout_s: float = 0.5) -> bool:
         try:
@@ -366,7 +370,12 @@ class LocalCluster:
 def cluster_up(args: Any) -> int:
     """``kvstore cluster up``: start the nodes, print their URLs, stop them all on Ctrl-C/SIGTERM."""
     try:
-        cluster = LocalCluster(
+        cluster_class: type[LocalCluster] = LocalCluster
+        if getattr(args, "netns", False):  # each node its own host on a bridge: kvstore/netns.py
+            from kvstore.netns import NetnsCluster
+
+            cluster_class = NetnsCluster
+        cluster = cluster_class(
             nodes=args.nodes,
             replicas=args.replicas,
             data_dir=args.data_dir,
@@ -398,6 +407,11 @@ def cluster_up(args: Any) -> int:
     print(f"kvstore: {len(cluster.node_ids)} nodes up (N={args.replicas}), data in {cluster.data_dir}")
     for node_id in cluster.node_ids:
         print(f"  {node_id}  {cluster.url(node_id)}  pid {cluster.pid(node_id)}")
+    network = getattr(cluster, "network", None)
+    if network is not None:
+        net = network.describe()
+        names = " ".join(node["namespace"] for node in net["nodes"].values())
+        print(f"  network namespaces {names} on {net['subnet']} (this host is {net['client_address']})")
     print(f"cluster secret (admin routes): {cluster.secret}")
     print("Ctrl-C stops every node.", flush=True)
     try:
