@@ -69,7 +69,7 @@ from benchmarks.loadgen import (  # noqa: E402
     run_load,
     warn,
 )
-from kvstore.cluster import ClusterError, LocalCluster  # noqa: E402
+from kvstore.harness.local_cluster import ClusterError, LocalCluster  # noqa: E402
 
 SECTIONS = ("cluster3", "etcd", "single", "client", "antientropy", "cluster5", "recovery", "memory")
 

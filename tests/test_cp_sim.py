@@ -15,18 +15,7 @@ from typing import Any
 
 import pytest
 
-from kvstore.clock import ManualClock, SystemClock
-from kvstore.cp import (
-    ConsensusOverloaded,
-    ConsensusUnavailable,
-    PaxosAcceptor,
-    PaxosProposer,
-    ProposeResult,
-    accept_message,
-    prepare_message,
-)
-from kvstore.errors import Overloaded, QuorumUnavailable
-from kvstore.paxos import (
+from kvstore.protocol.paxos import (
     ABSENT,
     LINEAGE_DEPTH,
     AcceptorState,
@@ -40,6 +29,17 @@ from kvstore.paxos import (
     Write,
     etag_of,
 )
+from kvstore.runtime.caspaxos import (
+    ConsensusOverloaded,
+    ConsensusUnavailable,
+    PaxosAcceptor,
+    PaxosProposer,
+    ProposeResult,
+    accept_message,
+    prepare_message,
+)
+from kvstore.runtime.clock import ManualClock, SystemClock
+from kvstore.runtime.errors import Overloaded, QuorumUnavailable
 from kvstore.storage import open_storage
 from kvstore.storage.base import Storage, StorageError
 from kvstore.transport.base import FaultRules, LinkRule, Message, PeerUnavailable

@@ -1,4 +1,4 @@
-"""Tables for the pure CASPaxos rules (kvstore.paxos) and a seeded random-interleaving safety check."""
+"""Tables for the pure CASPaxos rules (kvstore.protocol.paxos) and a seeded random-interleaving safety check."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import msgpack
 import pytest
 
-from kvstore.paxos import (
+from kvstore.protocol.paxos import (
     ABSENT,
     EMPTY_STATE,
     LINEAGE_DEPTH,
@@ -721,7 +721,7 @@ def check_lineage_oracle(sim: SimResult) -> tuple[int, int]:
 
 @pytest.mark.parametrize("depth", [1, 2, LINEAGE_DEPTH])
 def test_random_interleavings_lineage_tells_the_truth(depth: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("kvstore.paxos.LINEAGE_DEPTH", depth)
+    monkeypatch.setattr("kvstore.protocol.paxos.LINEAGE_DEPTH", depth)
     decided = unknown = 0
     for seed in range(150):
         d, u = check_lineage_oracle(run_interleaving(20_000 + seed, 3))

@@ -9,7 +9,7 @@ from typing import Any
 import msgpack
 import pytest
 
-from kvstore.cluster import free_ports
+from kvstore.harness.local_cluster import free_ports
 from kvstore.transport.base import PeerUnavailable
 from kvstore.transport.stream import StreamTransport
 
