@@ -20,7 +20,7 @@ from kvstore.config import APSettings, Member, NodeConfig
 from kvstore.contract import etag_of
 from kvstore.runtime.anti_entropy import AntiEntropy
 from kvstore.runtime.assembly import NodeSeams, _parts, assemble_node
-from kvstore.runtime.clock import Clock, ManualClock, SystemClock
+from kvstore.clock import Clock, ManualClock, SystemClock
 from kvstore.runtime.node import Node, NodeParts
 from kvstore.runtime.reaper import TombstoneReaper
 from kvstore.server.kv_api import ApiRequest, ApiResponse, KvApi

@@ -30,7 +30,7 @@ from kvstore.protocol.paxos import (
 )
 from kvstore.protocol.ring import key_token
 from kvstore.runtime.caspaxos import ConsensusUnavailable, PaxosAcceptor, PaxosProposer
-from kvstore.runtime.clock import SystemClock
+from kvstore.clock import SystemClock
 from kvstore.runtime.identity import CorruptIdentity
 from kvstore.runtime.register_recovery import (
     ACCEPTOR_META,

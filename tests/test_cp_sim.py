@@ -38,8 +38,8 @@ from kvstore.runtime.caspaxos import (
     accept_message,
     prepare_message,
 )
-from kvstore.runtime.clock import ManualClock, SystemClock
-from kvstore.runtime.errors import Overloaded, QuorumUnavailable
+from kvstore.clock import ManualClock, SystemClock
+from kvstore.errors import Overloaded, QuorumUnavailable
 from kvstore.storage import open_storage
 from kvstore.storage.base import Storage, StorageError
 from kvstore.transport.base import FaultRules, LinkRule, Message, PeerUnavailable

@@ -10,7 +10,7 @@ from kvstore.checker import check
 from kvstore.contract import answer_outcome
 from kvstore.harness.history import HistoryWriter, read_history
 from kvstore.harness.workload import Workload, WorkloadSpec
-from kvstore.runtime.errors import Overloaded
+from kvstore.errors import Overloaded
 from tests.dropping_server import DroppingServer
 
 

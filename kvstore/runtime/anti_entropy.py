@@ -54,7 +54,7 @@ from kvstore.protocol.merkle import (
     keys_to_exchange,
 )
 from kvstore.protocol.ring import TokenRange, key_token
-from kvstore.runtime.clock import Clock
+from kvstore.clock import Clock
 from kvstore.runtime.reaper import MAX_REAP_CANDIDATES, ReapCandidate, TombstoneReaper
 from kvstore.runtime.repair_messages import (
     MESSAGE_BYTES_BUDGET,

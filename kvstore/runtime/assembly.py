@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from kvstore.config import NodeConfig
 from kvstore.runtime.anti_entropy import AntiEntropy
 from kvstore.runtime.caspaxos import PaxosAcceptor, PaxosProposer
-from kvstore.runtime.clock import Clock
+from kvstore.clock import Clock
 from kvstore.runtime.handoff import HintedHandoff
 from kvstore.runtime.metrics import Metrics
 from kvstore.runtime.node import Node, NodeParts

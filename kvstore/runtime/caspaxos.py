@@ -116,8 +116,8 @@ from kvstore.protocol.paxos import (
     on_prepare,
     stale_acceptors,
 )
-from kvstore.runtime.clock import Clock
-from kvstore.runtime.errors import Overloaded, QuorumUnavailable
+from kvstore.clock import Clock
+from kvstore.errors import Overloaded, QuorumUnavailable
 from kvstore.runtime.locks import KeyLocks
 from kvstore.storage.base import Storage, StorageError
 from kvstore.transport.base import Message, PeerUnavailable, RemoteError

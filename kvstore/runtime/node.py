@@ -94,8 +94,8 @@ from kvstore.protocol.hints import (
 from kvstore.protocol.quorum import QuorumTracker
 from kvstore.protocol.ring import TOKEN_MIN, Ring, key_token
 from kvstore.protocol.versions import VersionedObject
-from kvstore.runtime.clock import Clock
-from kvstore.runtime.errors import (
+from kvstore.clock import Clock
+from kvstore.errors import (
     BadRequest,
     ConsistencyConflict,
     InsufficientStorage,

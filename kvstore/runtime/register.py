@@ -41,7 +41,7 @@ from kvstore.protocol import versions
 from kvstore.protocol.paxos import Change, CompareAndSet, Delete, PutIfAbsent, Read, Write
 from kvstore.protocol.ring import TOKEN_MIN, key_token
 from kvstore.runtime.caspaxos import PaxosAcceptor, PaxosProposer
-from kvstore.runtime.errors import (
+from kvstore.errors import (
     ConsistencyConflict,
     NodeError,
     QuorumUnavailable,

@@ -33,7 +33,7 @@ from aiohttp.web_request import BaseRequest
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kvstore.protocol.failure import UnknownMember
-from kvstore.runtime.errors import BadRequest, BodyTimeout, NodeError, Unauthorized, ValueTooLarge
+from kvstore.errors import BadRequest, BodyTimeout, NodeError, Unauthorized, ValueTooLarge
 from kvstore.runtime.node import Node
 from kvstore.server.kv_api import ApiRequest, ApiResponse, KvApi
 from kvstore.storage import StorageBusy, StorageError

@@ -35,8 +35,8 @@ from aiohttp import web
 from kvstore import config as config_mod
 from kvstore.config import NodeConfig
 from kvstore.runtime.assembly import NodeSeams, assemble_node
-from kvstore.runtime.clock import SystemClock
-from kvstore.runtime.errors import BadRequest, NodeError
+from kvstore.clock import SystemClock
+from kvstore.errors import BadRequest, NodeError
 from kvstore.runtime.node import Node
 from kvstore.server import http_guard
 from kvstore.server.api import (

@@ -45,7 +45,7 @@ from kvstore.contract import etag_of
 from kvstore.protocol import causal_context, versions
 from kvstore.protocol.paxos import Change, CompareAndSet, Delete, PutIfAbsent, Read, Write
 from kvstore.protocol.quorum import InvalidQuorum, majority, parse_quorum
-from kvstore.runtime.errors import BadRequest, NodeError, ValueTooLarge
+from kvstore.errors import BadRequest, NodeError, ValueTooLarge
 from kvstore.runtime.node import Node
 from kvstore.storage import StorageBusy, StorageError
 
