@@ -75,8 +75,8 @@ from benchmarks.loadgen import (  # noqa: E402
     run_load,
     warn,
 )
-from kvstore.cluster import ClusterError, LocalCluster  # noqa: E402
 from kvstore.config import ServerSettings  # noqa: E402
+from kvstore.harness.local_cluster import ClusterError, LocalCluster  # noqa: E402
 
 SECTIONS = ("cluster3", "etcd", "frontend", "single", "client", "antientropy", "cluster5", "recovery", "memory")
 FRONT_ENDS = ("aiohttp", "httptools")

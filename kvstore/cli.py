@@ -40,6 +40,7 @@ import json
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 from kvstore import __version__
@@ -474,29 +475,19 @@ def register_admin(sub: Subparsers) -> None:
 
 
 def cmd_node(args: argparse.Namespace) -> int:
-    run_node = find_run_node()
+    from kvstore.server.app import run_node
+
     return run_node(args.config)
 
 
-def find_run_node() -> Callable[[str], int]:
-    # kvstore.node is the agreed home; kvstore.server is where the runner lives today.
-    for module_name in ("kvstore.node", "kvstore.server"):
-        module = importlib.import_module(module_name)
-        run_node = getattr(module, "run_node", None)
-        if callable(run_node):
-            result: Callable[[str], int] = run_node
-            return result
-    raise RuntimeError("no run_node(config_path) in kvstore.node or kvstore.server")
-
-
 def cmd_cluster_up(args: argparse.Namespace) -> int:
-    from kvstore.cluster import cluster_up
+    from kvstore.harness.local_cluster import cluster_up
 
     return cluster_up(args)
 
 
 def cmd_cluster_stop(args: argparse.Namespace) -> int:
-    from kvstore import cluster_control
+    from kvstore.harness import cluster_control
 
     try:
         stopped = cluster_control.stop(args.data_dir, grace_s=args.grace)
@@ -508,7 +499,7 @@ def cmd_cluster_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_cluster_restart(args: argparse.Namespace) -> int:
-    from kvstore import cluster_control
+    from kvstore.harness import cluster_control
 
     try:
         record = cluster_control.restart(args.data_dir, args.node_id, timeout_s=args.timeout, grace_s=args.grace)
@@ -585,9 +576,9 @@ COMMANDS: list[tuple[str, Callable[[Subparsers], None]]] = [
 
 # name -> (module with main(argv) -> int, one-line help).  They parse their own arguments.
 DELEGATED: dict[str, tuple[str, str]] = {
-    "explore": ("kvstore.explore", "run CP and AP side by side under faults and report the trade-off"),
+    "explore": ("kvstore.explore.matrix", "run CP and AP side by side under faults and report the trade-off"),
     "check": ("kvstore.checker.cli", "check a recorded history for consistency anomalies"),
-    "chaos": ("chaos.cli", "run a fault-injection scenario against a local cluster"),
+    "chaos": ("kvstore.harness.cli", "run a fault-injection scenario against a local cluster"),
     "sim": ("kvstore.sim.cli", "deterministic chaos runs on a simulated cluster: one seed, or a sweep of seeds"),
     "bench": ("benchmarks.run", "measure throughput, latency, recovery and memory against baselines"),
 }
@@ -609,8 +600,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Delegated commands whose code lives in the source checkout, not in the installed package.
+CHECKOUT_ONLY = {"bench": "benchmarks"}
+
+
+def checkout_root() -> Path | None:
+    """The source checkout this kvstore runs from (editable install), or None for an installed wheel."""
+    root = Path(__file__).resolve().parents[1]
+    return root if (root / "pyproject.toml").is_file() else None
+
+
 def run_delegated(name: str, argv: list[str]) -> int:
     module_name, _help = DELEGATED[name]
+    if name in CHECKOUT_ONLY:
+        top = CHECKOUT_ONLY[name]
+        root = checkout_root()
+        if root is None or not (root / top).is_dir():
+            note(f"kvstore {name}: runs from a source checkout ({top}/ is not installed with the package); "
+                 f"clone the repository, `pip install -e .` there and run `kvstore {name}` again")
+            return EXIT_ERROR
+        if str(root) not in sys.path:
+            sys.path.insert(0, str(root))
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:

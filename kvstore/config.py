@@ -16,10 +16,10 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from kvstore.ring import DEFAULT_VNODES
+from kvstore.protocol.ring import DEFAULT_VNODES
+from kvstore.protocol.tombstones import UnsafeGracePeriod, check_grace_covers_hint_window
+from kvstore.protocol.versions import CONFLICT_MODES
 from kvstore.storage.base import ENGINES, FSYNC_POLICIES
-from kvstore.tombstones import UnsafeGracePeriod, check_grace_covers_hint_window
-from kvstore.versions import CONFLICT_MODES
 
 CONSISTENCY_LEVELS: tuple[str, ...] = ("eventual", "quorum", "linearizable")
 READ_REPAIR_MODES: tuple[str, ...] = ("async", "blocking", "off")
@@ -98,7 +98,7 @@ FRONT_ENDS: tuple[str, ...] = ("aiohttp", "httptools")
 @dataclass(frozen=True)
 class ServerSettings:
     # Who parses the public port's HTTP: "httptools" for /kv/* with every other route forwarded
-    # in process to aiohttp (kvstore.http_front), or "aiohttp" for every route.
+    # in process to aiohttp (kvstore.server.http_front), or "aiohttp" for every route.
     front_end: str = "httptools"
 
 
@@ -136,7 +136,7 @@ class NodeConfig:
     bind: str = "127.0.0.1"
     # How to treat an *empty* Paxos store at start (etcd's flag): "existing" = this node lost its
     # state, recover it from the peers before voting; "new" = first start of a new cluster.
-    # Ignored once the store holds anything (see kvstore.cp_recovery).
+    # Ignored once the store holds anything (see kvstore.runtime.register_recovery).
     initial_cluster_state: str = "existing"
     limits: Limits = field(default_factory=Limits)
     ap: APSettings = field(default_factory=APSettings)

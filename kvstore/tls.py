@@ -17,7 +17,7 @@ the CA (``cert_file``, ``key_file``, ``ca_file``).  With ``cert_file`` set:
 TLS 1.2 at least, with the ``ssl`` module's default ciphers; peers trust only the configured CA,
 never the system's trust store.
 A certificate the peer does not trust ends the link before the hello: the dialling side records it
-as a refused link (``tls_rejected``, kvstore.links).  Under TLS 1.3 a listener's rejection of the
+as a refused link (``tls_rejected``, kvstore.transport.links).  Under TLS 1.3 a listener's rejection of the
 dialler's certificate arrives after the dialler's handshake completed, as a closed connection
 before the hello's answer; that is what the dialler reports, saying it is most likely a certificate
 the peer does not trust.  The listener's TLS layer refuses such connections before kvstore sees

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from kvstore.cluster import LocalCluster
 from kvstore.config import APSettings
+from kvstore.harness.local_cluster import LocalCluster
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CORPUS_DIR = REPO_ROOT.parent / "shared" / "corpus" / "porcupine"

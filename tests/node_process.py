@@ -12,8 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kvstore.cluster import write_private
 from kvstore.config import NodeConfig, to_toml
+from kvstore.harness.local_cluster import write_private
 
 DEADLINE_S = 30.0
 
@@ -25,7 +25,7 @@ def start_node_process(cfg: NodeConfig, data_dir: Path) -> subprocess.Popen[byte
     write_private(node_dir / "node.toml", to_toml(cfg))
     with open(node_dir / "node.log", "ab") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "kvstore.server", "--config", str(node_dir / "node.toml")],
+            [sys.executable, "-m", "kvstore.server.app", "--config", str(node_dir / "node.toml")],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env={**os.environ, "KVSTORE_LOG": "INFO"}, start_new_session=True,
         )

@@ -12,15 +12,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from kvstore import versions
-from kvstore.assembly import NodeSeams, assemble_node
 from kvstore.clock import SystemClock
-from kvstore.hints import hint_storage_key
-from kvstore.kv_api import KvApi
-from kvstore.node import Node
-from kvstore.ring import key_token
+from kvstore.protocol import versions
+from kvstore.protocol.hints import hint_storage_key
+from kvstore.protocol.ring import key_token
+from kvstore.protocol.versions import VersionedObject
+from kvstore.runtime.assembly import NodeSeams, assemble_node
+from kvstore.runtime.node import Node
+from kvstore.server.kv_api import KvApi
 from kvstore.transport.memory import MemoryNetwork
-from kvstore.versions import VersionedObject
 from tests.test_assembly import WAIT_S, cluster_configs, kv, memory_seams
 
 

@@ -1,4 +1,4 @@
-"""An acceptor that lost its storage (kvstore.cp_recovery): pure rules by table, then scenarios on
+"""An acceptor that lost its storage (kvstore.runtime.register_recovery): pure rules by table, then scenarios on
 the simulated network (kvstore.transport.memory) with real acceptors, proposers and recovery.
 
 The scenario that needs the incarnation views: a proposer holds a promise from an acceptor's
@@ -16,10 +16,23 @@ from typing import Any
 
 import pytest
 
-import kvstore.proposer as proposer_mod
+import kvstore.protocol.proposer as proposer_mod
 from kvstore.clock import SystemClock
-from kvstore.cp import ConsensusUnavailable, PaxosAcceptor, PaxosProposer
-from kvstore.cp_recovery import (
+from kvstore.protocol.paxos import (
+    AcceptorState,
+    Ballot,
+    CompareAndSet,
+    Read,
+    RegisterValue,
+    Write,
+    etag_of,
+    merge_states,
+    stale_acceptors,
+)
+from kvstore.protocol.ring import key_token
+from kvstore.runtime.caspaxos import ConsensusUnavailable, PaxosAcceptor, PaxosProposer
+from kvstore.runtime.identity import CorruptIdentity
+from kvstore.runtime.register_recovery import (
     ACCEPTOR_META,
     OP_RECOVER_SCAN,
     OP_REGISTER,
@@ -32,19 +45,6 @@ from kvstore.cp_recovery import (
     bootstrap_decision,
     may_vote,
 )
-from kvstore.identity import CorruptIdentity
-from kvstore.paxos import (
-    AcceptorState,
-    Ballot,
-    CompareAndSet,
-    Read,
-    RegisterValue,
-    Write,
-    etag_of,
-    merge_states,
-    stale_acceptors,
-)
-from kvstore.ring import key_token
 from kvstore.storage import MemoryStorage
 from kvstore.storage.base import StorageError
 from kvstore.transport.base import FaultRules, Message, PeerUnavailable

@@ -16,17 +16,8 @@ from typing import Any
 import pytest
 
 from kvstore.clock import ManualClock, SystemClock
-from kvstore.cp import (
-    ConsensusOverloaded,
-    ConsensusUnavailable,
-    PaxosAcceptor,
-    PaxosProposer,
-    ProposeResult,
-    accept_message,
-    prepare_message,
-)
 from kvstore.errors import Overloaded, QuorumUnavailable
-from kvstore.paxos import (
+from kvstore.protocol.paxos import (
     ABSENT,
     LINEAGE_DEPTH,
     AcceptorState,
@@ -40,7 +31,16 @@ from kvstore.paxos import (
     Write,
     etag_of,
 )
-from kvstore.proposer import Effect, Instant, ProposerCore, Send
+from kvstore.protocol.proposer import Effect, Instant, ProposerCore, Send
+from kvstore.runtime.caspaxos import (
+    ConsensusOverloaded,
+    ConsensusUnavailable,
+    PaxosAcceptor,
+    PaxosProposer,
+    ProposeResult,
+    accept_message,
+    prepare_message,
+)
 from kvstore.storage import open_storage
 from kvstore.storage.base import Storage, StorageError
 from kvstore.transport.base import FaultRules, LinkRule, Message, PeerUnavailable

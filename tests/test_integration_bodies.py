@@ -33,12 +33,12 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from kvstore import versions
 from kvstore.client import etag_of
-from kvstore.cluster import LocalCluster
 from kvstore.config import Limits
-from kvstore.paxos import AcceptorState
-from kvstore.ring import key_token
+from kvstore.harness.local_cluster import LocalCluster
+from kvstore.protocol import versions
+from kvstore.protocol.paxos import AcceptorState
+from kvstore.protocol.ring import key_token
 from tests.conftest import FAST_AP, FRONT_ENDS, Reply, http, kv_path
 
 pytestmark = pytest.mark.integration

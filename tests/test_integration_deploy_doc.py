@@ -34,7 +34,7 @@ from typing import Any
 import pytest
 
 from kvstore import config
-from kvstore.cluster import free_ports
+from kvstore.harness.local_cluster import free_ports
 from tests.deploy_doc import Step, read_doc, scenario_steps, section
 
 pytestmark = pytest.mark.integration

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from kvstore import cluster_control
-from kvstore.cluster import free_ports, port_is_free
+from kvstore.harness import cluster_control
+from kvstore.harness.local_cluster import free_ports, port_is_free
 
 pytestmark = pytest.mark.integration
 
@@ -190,7 +190,7 @@ def test_the_foreground_supervisor_reports_a_dead_node_once(tmp_path: Path) -> N
                 supervisor.wait(10)
         for pid in node_pids.values():  # the supervisor stops them; this only runs if it could not
             with contextlib.suppress(ProcessLookupError):
-                if Path(f"/proc/{pid}/cmdline").exists() and b"kvstore.server" in Path(
+                if Path(f"/proc/{pid}/cmdline").exists() and b"kvstore.server.app" in Path(
                         f"/proc/{pid}/cmdline").read_bytes():
                     os.kill(pid, signal.SIGKILL)
         if supervisor.stdout is not None:

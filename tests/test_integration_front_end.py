@@ -1,4 +1,4 @@
-"""Integration: the two HTTP front ends (``[server] front_end``) answer alike (kvstore.http_front).
+"""Integration: the two HTTP front ends (``[server] front_end``) answer alike (kvstore.server.http_front).
 
 Raw-socket tests of what the lean httptools front end must get right first -- pipelining (answers
 in request order, a forwarded route in the middle), chunked bodies, bodies cut short, oversize
@@ -21,9 +21,9 @@ from typing import BinaryIO
 
 import pytest
 
-from kvstore.cluster import LocalCluster
 from kvstore.config import Limits
 from kvstore.contract import etag_of
+from kvstore.harness.local_cluster import LocalCluster
 from tests.conftest import FAST_AP, FRONT_ENDS, Reply, http, kv_path
 
 pytestmark = pytest.mark.integration

@@ -23,8 +23,8 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from kvstore.cluster import LocalCluster, free_ports, port_is_free, write_private
 from kvstore.config import Limits
+from kvstore.harness.local_cluster import LocalCluster, free_ports, port_is_free, write_private
 from tests.conftest import FAST_AP, FRONT_ENDS, http, kv_path
 
 pytestmark = pytest.mark.integration

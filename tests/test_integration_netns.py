@@ -1,5 +1,5 @@
-"""Real network partitions: nodes in network namespaces, links cut by nftables (kvstore/netns.py,
-chaos/nft_nemesis.py).  Needs Linux, root, ``ip`` and ``nft``; skipped with the reason otherwise.
+"""Real network partitions: nodes in network namespaces, links cut by nftables (kvstore/harness/netns.py,
+kvstore/harness/nft_nemesis.py).  Needs Linux, root, ``ip`` and ``nft``; skipped with the reason otherwise.
 
 Every network gets a fresh random tag, so runs never share names; every test removes what it made
 (namespaces, veths, node processes) in a ``finally``, and checks it did.
@@ -22,10 +22,17 @@ from typing import Any
 
 import pytest
 
-from chaos.nemesis import PARTITION_KINDS, partition_grudge
-from chaos.nft_nemesis import NFT_TABLE, NftClusterControl, control_for
 from kvstore.config import APSettings, Limits
-from kvstore.netns import NetnsCluster, NetnsError, NetnsNetwork, existing_namespaces, probe_reason, run
+from kvstore.harness.nemesis import PARTITION_KINDS, partition_grudge
+from kvstore.harness.netns import (
+    NetnsCluster,
+    NetnsError,
+    NetnsNetwork,
+    existing_namespaces,
+    probe_reason,
+    run,
+)
+from kvstore.harness.nft_nemesis import NFT_TABLE, NftClusterControl, control_for
 from tests.conftest import http, kv_path
 
 SKIP_REASON = probe_reason()
@@ -114,7 +121,7 @@ def test_a_failing_test_still_removes_namespaces_veths_and_processes(tmp_path: P
 
 
 def test_a_network_that_fails_half_way_is_removed(monkeypatch: pytest.MonkeyPatch) -> None:
-    import kvstore.netns as netns
+    import kvstore.harness.netns as netns
 
     real = netns.creation_commands
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kvstore.cluster import LocalCluster
+from kvstore.harness.local_cluster import LocalCluster
 from tests.conftest import http, kv_path
 from tests.openapi_util import validate_response
 

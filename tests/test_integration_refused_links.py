@@ -21,8 +21,8 @@ from typing import Any
 
 import pytest
 
-from kvstore.cluster import LocalCluster, free_ports, stop_processes
 from kvstore.config import Member
+from kvstore.harness.local_cluster import LocalCluster, free_ports, stop_processes
 from kvstore.ratelog import RateLimitedLog
 from kvstore.transport.base import PeerUnavailable
 from kvstore.transport.stream import StreamTransport

@@ -25,8 +25,8 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from kvstore.cluster import LocalCluster, free_ports, stop_processes
 from kvstore.config import TLSSettings
+from kvstore.harness.local_cluster import LocalCluster, free_ports, stop_processes
 from kvstore.transport.base import PeerUnavailable
 from kvstore.transport.stream import StreamTransport
 from tests.conftest import FAST_AP

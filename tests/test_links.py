@@ -1,11 +1,11 @@
-"""LinkTable (kvstore.links): refused handshakes in each direction, by table, on a manual clock."""
+"""LinkTable (kvstore.transport.links): refused handshakes in each direction, by table, on a manual clock."""
 
 from __future__ import annotations
 
 import pytest
 
 from kvstore.clock import ManualClock
-from kvstore.links import MAX_MESSAGE_CHARS, STALE_AFTER_S, LinkTable
+from kvstore.transport.links import MAX_MESSAGE_CHARS, STALE_AFTER_S, LinkTable
 
 S = 1_000_000_000
 

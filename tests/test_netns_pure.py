@@ -11,9 +11,9 @@ import re
 
 import pytest
 
-from chaos.nemesis import PARTITION_KINDS, grudge_to_rules, partition_grudge
-from chaos.nft_nemesis import HEAL_SCRIPT, NFT_TABLE, cut_addresses, nft_script
-from kvstore.netns import NetnsLayout, NetnsNetwork, choose_subnet, creation_commands
+from kvstore.harness.nemesis import PARTITION_KINDS, grudge_to_rules, partition_grudge
+from kvstore.harness.netns import NetnsLayout, NetnsNetwork, choose_subnet, creation_commands
+from kvstore.harness.nft_nemesis import HEAL_SCRIPT, NFT_TABLE, cut_addresses, nft_script
 
 NODES = ["n1", "n2", "n3", "n4", "n5"]
 ADDRESS = {n: f"10.213.7.{i}" for i, n in enumerate(NODES, start=1)}
@@ -129,7 +129,7 @@ def test_one_way_script_drops_only_into_the_deaf_node() -> None:
 
 
 def test_unavailable_reason_names_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
-    import kvstore.netns as netns
+    import kvstore.harness.netns as netns
 
     monkeypatch.setattr(netns.sys, "platform", "linux")
     monkeypatch.setattr(netns.os, "geteuid", lambda: 1000)
@@ -142,8 +142,8 @@ def test_unavailable_reason_names_what_is_missing(monkeypatch: pytest.MonkeyPatc
 
 
 def test_netns_cluster_refuses_clearly_without_root(monkeypatch: pytest.MonkeyPatch) -> None:
-    import kvstore.netns as netns
-    from kvstore.cluster import ClusterError
+    import kvstore.harness.netns as netns
+    from kvstore.harness.local_cluster import ClusterError
 
     monkeypatch.setattr(netns, "unavailable_reason", lambda: "network namespaces need root")
     with pytest.raises(ClusterError, match="--netns: network namespaces need root"):

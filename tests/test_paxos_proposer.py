@@ -1,4 +1,4 @@
-"""Unit tables for the step-able CASPaxos proposer core (kvstore.proposer).
+"""Unit tables for the step-able CASPaxos proposer core (kvstore.protocol.proposer).
 
 Each test feeds a ``ProposerCore`` inputs by hand and checks the exact effects it returns: their
 order, the messages, when it falls back from the fast path, when a failure is indeterminate, and
@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from kvstore.paxos import (
+from kvstore.protocol.paxos import (
     ABSENT,
     LINEAGE_DEPTH,
     Ballot,
@@ -29,8 +29,8 @@ from kvstore.paxos import (
     etag_of,
     lineage_to_wire,
 )
-from kvstore.paxos_wire import OP_ACCEPT, OP_PREPARE
-from kvstore.proposer import (
+from kvstore.protocol.paxos_wire import OP_ACCEPT, OP_PREPARE
+from kvstore.protocol.proposer import (
     Abandon,
     Answer,
     CallFailed,

@@ -1,5 +1,5 @@
-"""Tables for the pure CASPaxos rules (kvstore.paxos), and the production proposer core
-(kvstore.proposer) stepped under a seeded scheduler, judged by the linearizability checker."""
+"""Tables for the pure CASPaxos rules (kvstore.protocol.paxos), and the production proposer core
+(kvstore.protocol.proposer) stepped under a seeded scheduler, judged by the linearizability checker."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import msgpack
 import pytest
 
 from kvstore.checker import check
-from kvstore.paxos import (
+from kvstore.protocol.paxos import (
     ABSENT,
     EMPTY_STATE,
     LINEAGE_DEPTH,
@@ -48,8 +48,8 @@ from kvstore.paxos import (
     on_accept,
     on_prepare,
 )
-from kvstore.paxos_wire import parse_request, reply_to_wire
-from kvstore.proposer import (
+from kvstore.protocol.paxos_wire import parse_request, reply_to_wire
+from kvstore.protocol.proposer import (
     Abandon,
     Answer,
     CallFailed,
@@ -553,9 +553,9 @@ def test_fast_path_promise_survives_restart() -> None:
 
 # --- the production proposer core under a seeded scheduler: safety property ---------------------
 #
-# Real ``ProposerCore``s (kvstore.proposer) -- several per node, sharing the node's
+# Real ``ProposerCore``s (kvstore.protocol.proposer) -- several per node, sharing the node's
 # ``ProposerState`` as in production -- are stepped against the pure acceptor rules answering
-# wire messages through the production codec (kvstore.paxos_wire).  A seeded discrete-event
+# wire messages through the production codec (kvstore.protocol.paxos_wire).  A seeded discrete-event
 # scheduler plays the network and the driver: every message gets a random latency (so they are
 # reordered), may be lost (the call then fails at once, as a refused or cut connection, or never
 # answers and the core's deadline ends the round), may be duplicated; acceptors restart from
@@ -868,7 +868,7 @@ def test_the_seeded_check_catches_an_injected_proposer_bug(bug: str, monkeypatch
         original = ProposerCore._fail
         monkeypatch.setattr(ProposerCore, "_fail", lambda self, indeterminate, reason: original(self, False, reason))
     else:
-        monkeypatch.setattr("kvstore.proposer.change_status", lambda origin, lineage, parent: "not_applied")
+        monkeypatch.setattr("kvstore.protocol.proposer.change_status", lambda origin, lineage, parent: "not_applied")
     for seed in range(60):
         try:
             assert_linearizable(run_cores(seed * 7919 + 3))
@@ -912,7 +912,7 @@ def check_lineage_oracle(sim: CoreSim) -> tuple[int, int]:
 @pytest.mark.parametrize("depth", [2, 3, LINEAGE_DEPTH])
 def test_seeded_runs_lineage_tells_the_truth(depth: int, monkeypatch: pytest.MonkeyPatch) -> None:
     # Depth 1 cannot be checked this way: the parent of a change is read off its accept's lineage.
-    monkeypatch.setattr("kvstore.paxos.LINEAGE_DEPTH", depth)
+    monkeypatch.setattr("kvstore.protocol.paxos.LINEAGE_DEPTH", depth)
     decided = unknown = 0
     for seed in range(30):
         d, u = check_lineage_oracle(run_cores(20_000 + seed, ops_per_client=6))

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from chaos.endpoint import ApiRequest, NoAnswerError
-from kvstore.ring import key_token
+from kvstore.harness.endpoint import ApiRequest, NoAnswerError
+from kvstore.protocol.ring import key_token
 from kvstore.sim import vloop
 from kvstore.sim.cluster import ClusterSpec, SimCluster
 from kvstore.sim.network import Latency, SimNetwork

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from kvstore.config import NodeConfig
-from kvstore.ring import key_token
+from kvstore.protocol.ring import key_token
 from kvstore.sim import cli, vloop
 from kvstore.sim.cluster import ClusterSpec
 from kvstore.sim.disk import SimDisk

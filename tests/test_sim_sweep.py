@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from chaos.runner import SCENARIOS
-from chaos.workload import MODES
+from kvstore.harness.runner import SCENARIOS
+from kvstore.harness.workload import MODES
 from kvstore.sim import cli, sweep
 from kvstore.sim.run import SimConfig, run_sim
 from kvstore.sim.sweep import SeedOutcome, SeedSpecError, SweepResult, parse_seeds, pick, run_seed

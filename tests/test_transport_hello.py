@@ -9,7 +9,7 @@ from typing import Any
 import msgpack
 import pytest
 
-from kvstore.cluster import free_ports
+from kvstore.harness.local_cluster import free_ports
 from kvstore.transport.base import PeerUnavailable
 from kvstore.transport.stream import StreamTransport
 
@@ -76,7 +76,7 @@ async def test_bad_hellos_get_a_refusal_frame(hello: Any, code: str) -> None:
 
 
 async def test_both_ends_record_a_refused_link_and_a_good_handshake_clears_it() -> None:
-    """kvstore.links: the refused caller knows it is refused (and why), the refusing node knows whom
+    """kvstore.transport.links: the refused caller knows it is refused (and why), the refusing node knows whom
     it refused and from where; one good handshake later both are clear."""
     port_a, port_b = free_ports(2)
     server = StreamTransport("b", SECRET, {"a": ("127.0.0.1", port_a)}, ("127.0.0.1", port_b))

@@ -34,8 +34,8 @@ import json
 import sys
 from pathlib import Path
 
-from chaos.runner import SCENARIOS
-from chaos.workload import MODES
+from kvstore.harness.runner import SCENARIOS
+from kvstore.harness.workload import MODES
 
 EXIT_OK, EXIT_BROKEN, EXIT_USAGE = 0, 1, 2
 

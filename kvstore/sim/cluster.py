@@ -41,11 +41,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from chaos.endpoint import NoAnswerError
-from kvstore.assembly import NodeSeams, assemble_node
 from kvstore.config import APSettings, Limits, Member, NodeConfig, validate
-from kvstore.kv_api import ApiRequest, ApiResponse, KvApi
-from kvstore.node import Node
+from kvstore.harness.endpoint import NoAnswerError
+from kvstore.runtime.assembly import NodeSeams, assemble_node
+from kvstore.runtime.node import Node
+from kvstore.server.kv_api import ApiRequest, ApiResponse, KvApi
 from kvstore.sim.disk import SimDisk, latency_sampler
 from kvstore.sim.network import Latency, SimNetwork, SimTransport
 from kvstore.sim.vloop import Host, SimClock, VirtualLoop
@@ -259,7 +259,7 @@ def _settle(answer: asyncio.Future[ApiResponse], response: ApiResponse | None, e
 
 
 class SimEndpoint:
-    """The ``chaos.endpoint.Endpoint`` of a simulated cluster."""
+    """The ``kvstore.harness.endpoint.Endpoint`` of a simulated cluster."""
 
     def __init__(self, cluster: SimCluster) -> None:
         self.cluster = cluster

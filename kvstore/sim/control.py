@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-``SimControl`` is a ``chaos.nemesis.FaultControl``: the fault logic (what is in force, reinstalling
+``SimControl`` is a ``kvstore.harness.nemesis.FaultControl``: the fault logic (what is in force, reinstalling
 a restarted node's faults, healing) is the one the real harness runs, and only the per-node
 primitives differ.  Where a real node gets an admin HTTP request (``/admin/faults``,
 ``/admin/clock``, ``/admin/storage-faults``, ``/admin/repair``) or a signal (SIGKILL, SIGSTOP,
@@ -14,7 +14,7 @@ SIGCONT), the simulated one gets the same change directly on its seams:
 * disk faults -> its ``SimDisk``'s ``DiskFaults``;
 * kill / kill with lost state / restart / pause / resume -> ``SimCluster`` (``kvstore.sim.cluster``).
 
-The nemesis history events and their timing come from the same ``chaos.runner.FaultDriver``.
+The nemesis history events and their timing come from the same ``kvstore.harness.runner.FaultDriver``.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from chaos.endpoint import Endpoint
-from chaos.nemesis import FaultControl
+from kvstore.harness.endpoint import Endpoint
+from kvstore.harness.nemesis import FaultControl
 from kvstore.sim.cluster import SimCluster, SimEndpoint
 
 

@@ -5,9 +5,9 @@ Theory of operation
 ``run_sim(seed, config)`` builds a fresh ``VirtualLoop`` and a ``SimCluster`` (``config.nodes``
 real nodes over the simulated network and disks), lets the cluster warm up (failure detectors
 see every peer, acceptors are active), then runs the chaos harness's own scenario runner
-(``chaos.runner.run_scenario``: the same workload, the same fault schedule and driver, the same
+(``kvstore.harness.runner.run_scenario``: the same workload, the same fault schedule and driver, the same
 healing, convergence and final reads) against it through ``SimControl``, and judges the history
-with the explorer's judge (``kvstore.explore_report.judge``, i.e. the checker).  Nothing else
+with the explorer's judge (``kvstore.explore.report.judge``, i.e. the checker).  Nothing else
 varies: a run is fully described by ``(seed, config)``, and the same pair gives a byte-identical
 ``history.jsonl`` in any process (its sha256 is ``SimResult.history_sha256``).
 
@@ -46,15 +46,15 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from chaos.runner import SCENARIOS, Phase, RunSpec, run_scenario
-from chaos.workload import MODES
 from kvstore.config import APSettings, Limits
+from kvstore.harness.runner import SCENARIOS, Phase, RunSpec, run_scenario
+from kvstore.harness.workload import MODES
 from kvstore.sim import vloop
 from kvstore.sim.cluster import ClusterSpec, SimCluster
 from kvstore.sim.control import SimControl
 from kvstore.sim.network import Latency
 
-# The explorer's cluster settings (kvstore.explore: EXPLORE_AP, EXPLORE_LIMITS), so a simulated
+# The explorer's cluster settings (kvstore.explore.matrix: EXPLORE_AP, EXPLORE_LIMITS), so a simulated
 # cell and a real one run the same configuration.
 SIM_AP = APSettings(heartbeat_interval_ms=100, anti_entropy_interval_s=5.0, read_repair="async")
 SIM_LIMITS = Limits(request_timeout_ms=1000, replica_timeout_ms=500)
@@ -197,7 +197,7 @@ class SimResult:
     history_path: Path
     history_sha256: str
     events: list[dict[str, Any]]
-    summary: dict[str, Any]  # the explorer's figures for this run (kvstore.explore_report.judge)
+    summary: dict[str, Any]  # the explorer's figures for this run (kvstore.explore.report.judge)
     broken: list[str]  # the mode's promises this run broke (empty: kept)
     node_errors: list[str]
     simulated_s: float
@@ -298,8 +298,8 @@ async def _simulate(seed: int, config: SimConfig, out_dir: Path) -> float:
 
 def run_sim(seed: int, config: SimConfig, out_dir: Path | None = None, *, judge_history: bool = True) -> SimResult:
     """Run one simulated chaos run and judge it (see the module docstring)."""
-    from chaos.history import read_history
-    from kvstore.explore_report import judge
+    from kvstore.explore.report import judge
+    from kvstore.harness.history import read_history
 
     out = out_dir if out_dir is not None else Path(tempfile.mkdtemp(prefix=f"kvstore-sim-{seed}-"))
     errors = _ErrorLog()

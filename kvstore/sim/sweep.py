@@ -4,8 +4,8 @@ Theory of operation
 -------------------
 ``kvstore sim --seeds 1..1000`` is the VOPR / FoundationDB way of testing: every seed is one
 complete simulated chaos run (``kvstore.sim.run.run_sim``), and the seed alone picks what the
-run exercises: the consistency mode (over every mode of ``chaos.workload.MODES``), the nemesis
-(over every scenario of ``chaos.runner.SCENARIOS``; the simulator runs them all) and whether
+run exercises: the consistency mode (over every mode of ``kvstore.harness.workload.MODES``), the nemesis
+(over every scenario of ``kvstore.harness.runner.SCENARIOS``; the simulator runs them all) and whether
 the fault windows are the fixed ones or random ones drawn from the seed (``pick``).  The pick
 comes from its own ``random.Random`` seeded with the seed, so it is the same in every process and
 on every machine, and a seed's replay command (``kvstore sim --seed S --mode M --nemesis X``)
@@ -41,8 +41,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from chaos.runner import SCENARIOS
-from chaos.workload import MODES
+from kvstore.harness.runner import SCENARIOS
+from kvstore.harness.workload import MODES
 from kvstore.sim.run import SimConfig, replay_command, run_sim
 from kvstore.sim.vloop import SimDeadlock, SimError
 

@@ -15,7 +15,7 @@ not a member of this cluster, gets a refusal frame (``{"ok": false, "error":
 code, "message": why}``) and is disconnected before any message is read (the
 internal protocol is as protected as the admin HTTP routes).  The caller sees
 the refusal's reason in its ``PeerUnavailable``.  Both sides record the refusal
-in ``links`` (kvstore.links), which ``/cluster`` and ``kvstore status`` show per
+in ``links`` (kvstore.transport.links), which ``/cluster`` and ``kvstore status`` show per
 member, so a refused link is never mistaken for a healthy or merely silent peer.
 
 Until it has authenticated, a connection can cost the node very little: its
@@ -53,9 +53,9 @@ from typing import Any
 import msgpack
 
 from kvstore.clock import Clock, SystemClock
-from kvstore.links import LinkTable
 from kvstore.ratelog import RateLimitedLog
 from kvstore.transport.base import FaultRules, Handler, Message, PeerUnavailable, RemoteError
+from kvstore.transport.links import LinkTable
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +206,7 @@ class StreamTransport:
         assert (server_ssl is None) == (client_ssl is None)
         self._server_ssl = server_ssl
         self._client_ssl = client_ssl
-        # What the handshakes said, both ways (kvstore.links): /cluster shows it per member.
+        # What the handshakes said, both ways (kvstore.transport.links): /cluster shows it per member.
         self.links = LinkTable(peers, self._clock)
         self._handler: Handler | None = None
         self._server: asyncio.Server | None = None
