@@ -37,6 +37,7 @@ from kvstore.contract import etag_of
 from kvstore.errors import BadRequest, BodyTimeout, NodeError, Unauthorized, ValueTooLarge
 from kvstore.failure import UnknownMember
 from kvstore.node import Node
+from kvstore.placement import placement
 from kvstore.quorum import InvalidQuorum, majority, parse_quorum
 from kvstore.storage import StorageBusy, StorageError
 
@@ -217,8 +218,12 @@ def require_secret(request: web.Request) -> None:
 
 
 def parse_key(request: web.Request) -> str:
+    return decode_key(request, request.rel_url.raw_path[len(KV_PREFIX) :])
+
+
+def decode_key(request: web.Request, raw: str) -> str:
+    """A percent-encoded key from the raw path, validated (400 ``invalid_key`` when it is not one)."""
     node = request.app[NODE_KEY]
-    raw = request.rel_url.raw_path[len(KV_PREFIX) :]
     try:
         key = unquote(raw, errors="strict")
     except UnicodeDecodeError:
@@ -450,6 +455,17 @@ async def cluster_handler(request: web.Request) -> web.Response:
     )
 
 
+PLACEMENT_PREFIX, PLACEMENT_SUFFIX = "/cluster/keys/", "/placement"
+
+
+async def placement_handler(request: web.Request) -> web.Response:
+    """Where a key lives as this node sees it (``kvstore.placement``): read-only, no secret."""
+    node = request.app[NODE_KEY]
+    raw = request.rel_url.raw_path[len(PLACEMENT_PREFIX) : -len(PLACEMENT_SUFFIX)]
+    key = decode_key(request, raw)
+    return web.json_response({"node": node.node_id, **placement(node.ring, key, node.n, node.is_up).to_json()})
+
+
 async def node_pending_hints(node: Node) -> dict[str, int]:
     counter = getattr(node, "pending_hints", None)
     if callable(counter):
@@ -547,6 +563,7 @@ def build_app(node: Node, extra_routes: list[web.RouteDef] | None = None) -> web
     for method in ("GET", "PUT", "DELETE"):
         app.router.add_route(method, r"/kv/{key:[\s\S]*}", kv_handler)
     app.router.add_get("/cluster", cluster_handler)
+    app.router.add_get(PLACEMENT_PREFIX + r"{key:[\s\S]+}" + PLACEMENT_SUFFIX, placement_handler)
     app.router.add_get("/health", health_handler)
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/openapi.json", openapi_handler)

@@ -365,6 +365,8 @@ def register_kv(sub: Subparsers) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.key is not None:
+        return print_placement(args)
     info: dict[str, Any] = with_client(args, lambda kv: kv.cluster())
     if args.json:
         print_json(info)
@@ -400,6 +402,29 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def print_placement(args: argparse.Namespace) -> int:
+    """``kvstore status --key K``: where the key lives, as the answering node sees it."""
+    where: dict[str, Any] = with_client(args, lambda kv: kv.placement(args.key))
+    if args.json:
+        print_json(where)
+        return EXIT_OK
+    down = set(where.get("primaries_down", []))
+    stand_ins = {f["stands_in_for"]: f["id"] for f in where.get("fallbacks", []) if f.get("stands_in_for")}
+    print(f"key {where.get('key')!r}  token {where.get('token')}  (vnode {where.get('vnode_token')}), "
+          f"as seen by {where.get('node')}")
+    for rank, member in enumerate(where.get("preference_list", []), start=1):
+        if member in down:
+            extra = f"  -> writes go to {stand_ins[member]} (a hint)" if member in stand_ins else "  (no stand-in up)"
+            print(f"  primary {rank}: {member}  DOWN{extra}")
+        else:
+            print(f"  primary {rank}: {member}  up")
+    fallbacks = ", ".join(f"{f['id']}{'' if f.get('up') else ' (down)'}" for f in where.get("fallbacks", []))
+    print(f"  fallbacks in ring order: {fallbacks or '-'}")
+    majority = "yes" if where.get("majority_reachable") else "NO: quorum and linearizable requests refuse here"
+    print(f"  a majority of the primaries is reachable: {majority}")
+    return EXIT_OK
+
+
 def cmd_repair(args: argparse.Namespace) -> int:
     if not args.secret:
         raise UsageError("the admin route needs the cluster secret: --secret or $KVSTORE_SECRET")
@@ -414,6 +439,8 @@ def register_admin(sub: Subparsers) -> None:
                        description="A table of members (state, phi, ring ownership, pending hints) and N/R/W.",
                        epilog=EPILOG, formatter_class=Formatter)
     p.add_argument("--json", action="store_true", help="print GET /cluster as JSON")
+    p.add_argument("--key", metavar="K", help="where key K lives: token, preference list, stand-ins "
+                                              "(GET /cluster/keys/K/placement)")
     p.set_defaults(handler=cmd_status)
 
     p = sub.add_parser("repair", parents=[conn], help="start an anti-entropy round on a node",
