@@ -513,7 +513,9 @@ COMMANDS: list[tuple[str, Callable[[Subparsers], None]]] = [
 
 # name -> (module with main(argv) -> int, one-line help).  They parse their own arguments.
 DELEGATED: dict[str, tuple[str, str]] = {
-    "explore": ("kvstore.explore", "run CP and AP side by side under faults and report the trade-off"),
+    "explore": ("kvstore.explore", "run CP and AP side by side under faults and report the trade-off "
+                "(--serve: live, in the browser)"),
+    "ui": ("kvstore.ui.cli", "the live CAP explorer in the browser, on an existing cluster"),
     "check": ("kvstore.checker.cli", "check a recorded history for consistency anomalies"),
     "chaos": ("chaos.cli", "run a fault-injection scenario against a local cluster"),
     "bench": ("benchmarks.run", "measure throughput, latency, recovery and memory against baselines"),
