@@ -1,21 +1,23 @@
-"""The public HTTP API of a node (Riak-style conventions) and its admin/internal routes.
+"""The public HTTP API of a node (aiohttp): the ``/kv`` adapter and the admin/internal routes.
 
 Theory of operation
 -------------------
-This module only translates: HTTP in, ``Node`` calls, HTTP out.  It validates
-everything a client sends before the node sees it (key length and encoding,
-r/w range, value size; a context only if the cluster signed it for this key)
-and maps every typed error to a JSON body with
-a stable ``error`` code, so no client input can produce a 500 or a traceback.
-Admin and internal routes demand the cluster secret (``X-Cluster-Secret``),
-compared in constant time.  In-flight client requests are bounded; past the
-bound the node answers 429 at once instead of queueing without limit.
+This module only translates HTTP.  A ``/kv`` request goes to the kv request core
+(``kvstore.kv_api.KvApi``), which validates it, calls the node, bounds the requests in
+flight and maps every typed error to a JSON body with a stable ``error`` code; the route
+here is a thin adapter: it builds an ``ApiRequest``, lets the core read the body through
+``read_bounded`` when (and only when) the request needs it, and writes the ``ApiResponse``
+back.  The other routes (``/cluster``, ``/health``, ``/metrics``, ``/openapi.json``, the
+internal message route and ``/admin/*``) are answered here; their typed errors become JSON
+in ``error_middleware``, and so do aiohttp's own refusals (no route, wrong method, a
+malformed request line or header: ``JsonErrorRequestHandler``), so no client input can
+produce a 500 or a traceback.  Admin and internal routes demand the cluster secret
+(``X-Cluster-Secret``), compared in constant time.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import hmac
 import json
 import logging
@@ -23,7 +25,6 @@ import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any
-from urllib.parse import unquote
 
 import msgpack
 from aiohttp import web
@@ -31,20 +32,17 @@ from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.web_request import BaseRequest
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from kvstore import causal_context, versions
-from kvstore.config import CONSISTENCY_LEVELS
-from kvstore.contract import etag_of
 from kvstore.errors import BadRequest, BodyTimeout, NodeError, Unauthorized, ValueTooLarge
 from kvstore.failure import UnknownMember
+from kvstore.kv_api import ApiRequest, ApiResponse, KvApi, decode_key
 from kvstore.node import Node
 from kvstore.placement import placement
-from kvstore.quorum import InvalidQuorum, majority, parse_quorum
 from kvstore.storage import StorageBusy, StorageError
 
 log = logging.getLogger(__name__)
 
 NODE_KEY: web.AppKey[Node] = web.AppKey("node", Node)
-KV_PREFIX = "/kv/"
+KV_API_KEY: web.AppKey[KvApi] = web.AppKey("kv_api", KvApi)
 Route = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -53,8 +51,7 @@ def json_error(status: int, code: str, message: str, **extra: Any) -> web.Respon
 
 
 def _op_name(request: web.Request) -> str:
-    if request.path.startswith(KV_PREFIX):
-        return {"GET": "get", "PUT": "put", "DELETE": "delete"}.get(request.method, "other")
+    # /kv requests are counted by the kv core (KvApi.handle), with the same labels.
     return "admin" if request.path.startswith("/admin") else "other"
 
 
@@ -67,7 +64,7 @@ async def error_middleware(request: web.Request, handler: Route) -> web.StreamRe
         response = await handler(request)
     except NodeError as exc:
         response = web.json_response(exc.body(), status=exc.status)
-        if getattr(exc, "close_connection", False):
+        if exc.close_connection:
             response.force_close()
     except StorageBusy:
         response = json_error(503, "overloaded", "the storage write queue is full; retry later",
@@ -217,95 +214,6 @@ def require_secret(request: web.Request) -> None:
         raise Unauthorized("this route needs the cluster secret in X-Cluster-Secret")
 
 
-def parse_key(request: web.Request) -> str:
-    return decode_key(request, request.rel_url.raw_path[len(KV_PREFIX) :])
-
-
-def decode_key(request: web.Request, raw: str) -> str:
-    """A percent-encoded key from the raw path, validated (400 ``invalid_key`` when it is not one)."""
-    node = request.app[NODE_KEY]
-    try:
-        key = unquote(raw, errors="strict")
-    except UnicodeDecodeError:
-        raise BadRequest("invalid_key", "the key is not valid percent-encoded UTF-8") from None
-    if not key:
-        raise BadRequest("invalid_key", "the key is empty")
-    if len(key.encode("utf-8")) > node.cfg.limits.max_key_bytes:
-        raise BadRequest("invalid_key", f"the key exceeds {node.cfg.limits.max_key_bytes} bytes")
-    if "\x00" in key:
-        raise BadRequest("invalid_key", "the key contains a NUL character")
-    return key
-
-
-def _bool_param(request: web.Request, name: str, default: bool) -> bool:
-    raw = request.query.get(name)
-    if raw is None:
-        return default
-    if raw.lower() in ("true", "1", "yes"):
-        return True
-    if raw.lower() in ("false", "0", "no"):
-        return False
-    raise BadRequest("invalid_parameter", f"{name} must be true or false, got {raw!r}")
-
-
-class RequestParams:
-    """The consistency parameters of one request, resolved against the node's defaults."""
-
-    def __init__(self, request: web.Request, quorum_name: str) -> None:
-        node = request.app[NODE_KEY]
-        cfg = node.cfg
-        known = {"r", "w", "consistency", "sloppy", "timeout_ms"}
-        unknown = sorted(set(request.query) - known)
-        if unknown:
-            raise BadRequest("invalid_parameter", f"unknown query parameter(s): {', '.join(unknown)}")
-        self.consistency = request.query.get("consistency", cfg.consistency)
-        if self.consistency not in CONSISTENCY_LEVELS:
-            raise BadRequest("invalid_parameter", f"consistency must be one of {', '.join(CONSISTENCY_LEVELS)}")
-        n = cfg.replicas
-        default_q = cfg.r if quorum_name == "r" else cfg.w
-        if self.consistency == "quorum":
-            default_q = majority(n)
-        raw_quorum = request.query.get(quorum_name)
-        if raw_quorum is not None and not raw_quorum.strip():  # "?w=" is a mistake, not "the default"
-            raise BadRequest("invalid_quorum", f"{quorum_name} is empty: give 1..N or one|quorum|all")
-        try:
-            self.quorum = parse_quorum(raw_quorum, n, default_q, quorum_name)
-        except InvalidQuorum as exc:
-            raise BadRequest("invalid_quorum", str(exc)) from None
-        if self.consistency == "quorum":
-            if request.query.get("sloppy", "false").lower() not in ("false", "0", "no"):
-                raise BadRequest("invalid_parameter", "consistency=quorum counts only primaries: sloppy must be false")
-            self.sloppy = False
-        else:
-            self.sloppy = _bool_param(request, "sloppy", cfg.sloppy)
-        raw_timeout = request.query.get("timeout_ms")
-        timeout_ms = cfg.limits.request_timeout_ms
-        if raw_timeout is not None:
-            try:
-                timeout_ms = int(raw_timeout)
-            except ValueError:
-                raise BadRequest("invalid_parameter", "timeout_ms must be an integer") from None
-            if not 1 <= timeout_ms <= 60_000:
-                raise BadRequest("invalid_parameter", "timeout_ms must be between 1 and 60000")
-        self.timeout_s = timeout_ms / 1000.0
-
-
-def parse_context(request: web.Request, key: str) -> dict[str, int]:
-    """The version vector of X-Context, only if this cluster issued that context for ``key``.
-
-    A context claims "I have seen all of this": the write supersedes whatever it covers.  Only
-    a context the cluster signed for this very key is believed (kvstore.causal_context), so a
-    client can neither invent counters nor bring another key's context.
-    """
-    signer = request.app[SIGNER_KEY]
-    try:
-        return signer.verify(key, request.headers.get("X-Context"))
-    except causal_context.BadContext as exc:
-        raise BadRequest("bad_context", str(exc)) from None
-    except causal_context.InvalidContext as exc:
-        raise BadRequest("invalid_context", str(exc)) from None
-
-
 async def read_bounded(request: web.Request, limit: int, what: str) -> bytes:
     """The whole request body, with or without Content-Length (chunked), or 413 past ``limit``.
 
@@ -342,82 +250,23 @@ async def read_bounded(request: web.Request, limit: int, what: str) -> bytes:
         parts.append(part)
 
 
-async def read_body(request: web.Request) -> bytes:
-    """A PUT's value: the whole body, at most ``max_value_bytes`` (413 ``value_too_large`` beyond)."""
-    return await read_bounded(request, request.app[NODE_KEY].cfg.limits.max_value_bytes, "value")
-
-
-def object_response(obj: versions.VersionedObject, context: str | None) -> web.Response:
-    """200 / 300 / 404 for a merged read; ``context`` is the signed clock of ``obj`` (None: no clock)."""
-    live = [s for s in obj.siblings if s.value is not None]
-    headers = {"X-Context": context} if context else {}
-    if not live:
-        response = json_error(404, "not_found", "no value for this key")
-        response.headers.update(headers)
-        return response
-    if len(live) == 1:
-        value = live[0].value
-        assert value is not None
-        return web.Response(
-            body=value, headers={**headers, "ETag": etag_of(value)}, content_type="application/octet-stream"
-        )
-    siblings = [
-        {"value": base64.b64encode(s.value).decode("ascii"), "timestamp_ns": s.timestamp_ns}
-        for s in live
-        if s.value is not None
-    ]
-    return web.json_response({"siblings": siblings, "context": context}, status=300, headers=headers)
-
-
-class InflightGate:
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.current = 0
-
-
 async def kv_handler(request: web.Request) -> web.StreamResponse:
-    node = request.app[NODE_KEY]
-    gate: InflightGate = request.app[GATE_KEY]
-    if gate.current >= gate.limit:
-        return json_error(429, "overloaded", f"more than {gate.limit} requests in flight; retry later")
-    gate.current += 1
-    try:
-        key = parse_key(request)
-        if request.method == "GET":
-            params = RequestParams(request, "r")
-            if params.consistency == "linearizable":
-                return await node_cp(request).get(request, key, params)
-            read = await node.get(key, params.quorum, params.sloppy, params.timeout_s)
-            signer = request.app[SIGNER_KEY]
-            return object_response(read.obj, signer.sign(key, read.obj.vector()) if read.obj.clock else None)
-        params = RequestParams(request, "w")
-        conditional = "If-Match" in request.headers or "If-None-Match" in request.headers
-        if params.consistency == "linearizable":
-            value = await read_body(request) if request.method == "PUT" else None
-            return await node_cp(request).write(request, key, value, params)
-        if conditional:
-            raise BadRequest(
-                "invalid_parameter", "If-Match / If-None-Match need consistency=linearizable (compare-and-set)"
-            )
-        context = parse_context(request, key)
-        value = await read_body(request) if request.method == "PUT" else None
-        outcome = await node.put(key, value, context, params.quorum, params.sloppy, params.timeout_s)
-        # X-Siblings tells the writer whether the context now covers values it never saw:
-        # reusing this context for another write would silently supersede them unless it is 1.
-        live = len(outcome.obj.live_values)
-        headers = {"X-Context": request.app[SIGNER_KEY].sign(key, outcome.obj.vector()), "X-Siblings": str(live)}
-        if value is not None:
-            headers["ETag"] = etag_of(value)
-        return web.Response(status=204, headers=headers)
-    finally:
-        gate.current -= 1
+    """``/kv/{key}``: the kv core answers; this adapter only moves bytes in and out."""
+    core_request = ApiRequest(request.method, request.rel_url.raw_path, request.query, request.headers)
+
+    async def read_value(limit: int) -> bytes:
+        return await read_bounded(request, limit, "value")
+
+    return web_response(await request.app[KV_API_KEY].handle(core_request, read_value))
 
 
-def node_cp(request: web.Request) -> Any:
-    cp = request.app.get(CP_KEY)
-    if cp is None:
-        raise BadRequest("invalid_parameter", "consistency=linearizable is not available on this node")
-    return cp
+def web_response(answer: ApiResponse) -> web.Response:
+    # No body and no Content-Type (a 204): aiohttp then sends neither, as for web.Response(status=204).
+    has_body = bool(answer.body) or "Content-Type" in answer.headers
+    response = web.Response(status=answer.status, body=answer.body if has_body else None, headers=answer.headers)
+    if answer.close_connection:
+        response.force_close()
+    return response
 
 
 async def cluster_handler(request: web.Request) -> web.Response:
@@ -438,7 +287,7 @@ async def cluster_handler(request: web.Request) -> web.Response:
                 "ownership": round(ownership[m.id] * 100, 2),
             }
         )
-    pending = await node_pending_hints(node)
+    pending = await node.parts.handoff.pending_hints()
     return web.json_response(
         {
             "node": node.node_id,
@@ -462,16 +311,8 @@ async def placement_handler(request: web.Request) -> web.Response:
     """Where a key lives as this node sees it (``kvstore.placement``): read-only, no secret."""
     node = request.app[NODE_KEY]
     raw = request.rel_url.raw_path[len(PLACEMENT_PREFIX) : -len(PLACEMENT_SUFFIX)]
-    key = decode_key(request, raw)
+    key = decode_key(raw, node.cfg)
     return web.json_response({"node": node.node_id, **placement(node.ring, key, node.n, node.is_up).to_json()})
-
-
-async def node_pending_hints(node: Node) -> dict[str, int]:
-    counter = getattr(node, "pending_hints", None)
-    if callable(counter):
-        result: dict[str, int] = await counter()
-        return result
-    return {}
 
 
 async def health_handler(request: web.Request) -> web.Response:
@@ -516,11 +357,7 @@ async def internal_handler(request: web.Request) -> web.Response:
 
 async def admin_repair_handler(request: web.Request) -> web.Response:
     require_secret(request)
-    node = request.app[NODE_KEY]
-    trigger = getattr(node, "trigger_repair", None)
-    if trigger is None:
-        return json_error(501, "not_implemented", "anti-entropy is not enabled on this node")
-    result = await trigger()
+    result = await request.app[NODE_KEY].parts.anti_entropy.trigger_repair()
     return web.json_response({"status": "started", **result}, status=202)
 
 
@@ -547,18 +384,12 @@ def refuse_unknown_fields(data: dict[str, Any], known: tuple[str, ...], where: s
                          field=unknown[0])
 
 
-GATE_KEY: web.AppKey[InflightGate] = web.AppKey("gate", InflightGate)
-SIGNER_KEY: web.AppKey[causal_context.ContextSigner] = web.AppKey("context_signer", causal_context.ContextSigner)
-CP_KEY: web.AppKey[Any] = web.AppKey("cp", object)
-
-
 def build_app(node: Node, extra_routes: list[web.RouteDef] | None = None) -> web.Application:
     app = web.Application(
         middlewares=[error_middleware], client_max_size=node.cfg.limits.max_value_bytes + 64 * 1024
     )
     app[NODE_KEY] = node
-    app[GATE_KEY] = InflightGate(node.cfg.limits.max_inflight_requests)
-    app[SIGNER_KEY] = causal_context.ContextSigner(node.cfg.secret)
+    app[KV_API_KEY] = KvApi(node)
     # [\s\S], not ".": a key may contain a newline (%0A), and the route matches the decoded path.
     for method in ("GET", "PUT", "DELETE"):
         app.router.add_route(method, r"/kv/{key:[\s\S]*}", kv_handler)

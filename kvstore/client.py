@@ -123,7 +123,7 @@ __all__ = [
 Quorum = int | Literal["one", "quorum", "all"]
 Consistency = Literal["eventual", "quorum", "linearizable"]
 
-# The server's accepted range for timeout_ms (kvstore.api.RequestParams).
+# The server's accepted range for timeout_ms (kvstore.kv_api.RequestParams).
 _SERVER_TIMEOUT_MS = (1, 60_000)
 _SERVER_TIMEOUT_SHARE = 0.9
 

@@ -1,4 +1,4 @@
-"""CP mode wired into a node: linearizable GET/PUT/DELETE with compare-and-set over CASPaxos.
+"""The linearizable register wired into a node: CASPaxos proposals, votes and acceptor recovery.
 
 Theory of operation
 -------------------
@@ -14,10 +14,9 @@ node could propose safely; this is only about latency.  If the forward may have
 reached the proposer and no answer came back, a change is reported as
 indeterminate (it may still take effect), a read as a plain failure.
 
-HTTP mapping: ``If-Match: "<etag>"`` is compare-and-set on the value's ETag,
-``If-None-Match: *`` is create-if-absent; a failed precondition is 412 with the
-current ETag.  A linearizable read answers 200 with ``ETag`` (no causal
-context: the register has none) or 404.
+This module speaks changes (``kvstore.paxos``: read, write, delete, compare-and-set,
+put-if-absent) and outcomes, not HTTP: the kv request core (``kvstore.kv_api``) maps
+``If-Match`` / ``If-None-Match`` to changes and outcomes to 200/204/404/412.
 
 Mixing modes on one key would silently break both guarantees (the register and
 the eventual data are separate states), so the node refuses it with 409
@@ -28,6 +27,9 @@ register state on a replica it reaches (see docs/consistency.md).
 An acceptor whose Paxos store is new (a lost or replaced disk) votes only after recovering its
 state from the other replicas (``kvstore.cp_recovery``); until then it answers ``recovering``,
 which its proposers count as a failure.
+
+The register receives its proposer, acceptor and recovery from ``kvstore.assembly``; deadlines
+read the node's injected clock (``Node.now_s``), waits are asyncio's.
 """
 
 from __future__ import annotations
@@ -35,14 +37,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from aiohttp import web
-
-from kvstore.api import CP_KEY, RequestParams, json_error
-from kvstore.contract import etag_of
-from kvstore.cp import ConsensusUnavailable, PaxosAcceptor, PaxosProposer
+from kvstore import versions
+from kvstore.cp import PaxosAcceptor, PaxosProposer
 from kvstore.cp_recovery import OP_RECOVER_SCAN, OP_REGISTER, OP_STATUS, AcceptorRecovery
 from kvstore.errors import (
-    BadRequest,
     ConsistencyConflict,
     NodeError,
     QuorumUnavailable,
@@ -50,38 +48,15 @@ from kvstore.errors import (
     StorageUnavailable,
 )
 from kvstore.node import FORWARD_MARGIN_MS, Node, _error_from_body, _error_from_remote
-from kvstore.paxos import CompareAndSet, Delete, PutIfAbsent, Read, Write
-from kvstore.ring import key_token
+from kvstore.paxos import Change, CompareAndSet, Delete, PutIfAbsent, Read, Write
+from kvstore.ring import TOKEN_MIN, key_token
 from kvstore.storage import StorageError
-from kvstore.transport.base import Message, PeerUnavailable, RemoteError
+from kvstore.transport.base import Handler, Message, PeerUnavailable, RemoteError
 
 AP_CONFLICT = "this key holds eventual-mode data; linearizable access would ignore it (use a separate key)"
 
 
-def _change(kind: str, value: bytes | None, if_match: str | None, if_none_match: str | None) -> Any:
-    if if_match is not None and if_none_match is not None:
-        raise BadRequest("invalid_parameter", "use either If-Match or If-None-Match, not both")
-    if if_none_match is not None:
-        if if_none_match.strip() != "*":
-            raise BadRequest("invalid_parameter", "If-None-Match supports only *")
-        if kind != "put":
-            raise BadRequest("invalid_parameter", "If-None-Match: * applies to PUT")
-        assert value is not None
-        return PutIfAbsent(value)
-    if if_match is not None:
-        etag = if_match.strip()
-        if not (etag.startswith('"') and etag.endswith('"') and len(etag) > 2):
-            raise BadRequest("invalid_parameter", 'If-Match takes a quoted ETag, e.g. "0123abcd..."')
-        return CompareAndSet(etag, value if kind == "put" else None)
-    if kind == "get":
-        return Read()
-    if kind == "delete":
-        return Delete()
-    assert value is not None
-    return Write(value)
-
-
-def _change_to_wire(change: Any) -> list[Any]:
+def _change_to_wire(change: Change) -> list[Any]:
     match change:
         case Read():
             return ["read"]
@@ -96,7 +71,7 @@ def _change_to_wire(change: Any) -> list[Any]:
     raise AssertionError(f"unknown change {change!r}")
 
 
-def _change_from_wire(raw: Any) -> Any:
+def _change_from_wire(raw: Any) -> Change:
     kind = raw[0]
     if kind == "read":
         return Read()
@@ -111,32 +86,41 @@ def _change_from_wire(raw: Any) -> Any:
     raise ValueError(f"unknown change {kind!r}")
 
 
-class CPMode:
-    def __init__(self, node: Node) -> None:
+class LinearizableRegister:
+    """The CP side of one node: proposes for the keys it leads, votes as an acceptor, recovers."""
+
+    def __init__(
+        self,
+        node: Node,
+        *,
+        proposer: PaxosProposer,
+        acceptor: PaxosAcceptor,
+        recovery: AcceptorRecovery,
+        register_keys: set[str],
+    ) -> None:
         self.node = node
+        self.proposer = proposer
+        self.acceptor = acceptor
+        self.recovery = recovery
         # Keys this acceptor has seen Paxos traffic for: the mixed-mode guard asks this set on
         # every eventual request instead of reading the Paxos store (a thread hop each time).
-        # It holds one entry per linearizable key, like the Paxos store itself.
-        self.register_keys: set[str] = set()
-        self.recovery = AcceptorRecovery(
-            node.node_id,
-            node.cfg.member_ids,
-            node.paxos_storage,
-            node.rng,
-            node.call,
-            replicas_of=lambda token: node.ring.walk_token(token)[: node.n],
-            cluster_state=node.cfg.initial_cluster_state,
-            on_key=self.register_keys.add,
-        )
-        self.acceptor = PaxosAcceptor(node.paxos_storage, gate=self.recovery)
-        self.recovery.acceptor = self.acceptor
-        self.proposer = PaxosProposer(node.node_id, node.call, node.clock, node.rng)
+        # It holds one entry per linearizable key, like the Paxos store itself; the recovery
+        # adds the keys it merges from its peers.
+        self.register_keys = register_keys
+
+    def handlers(self) -> dict[str, Handler]:
+        return {
+            "paxos_prepare": self.on_paxos,
+            "paxos_accept": self.on_paxos,
+            "cp_propose": self.on_cp_propose,
+            OP_REGISTER: self.recovery.on_register,
+            OP_RECOVER_SCAN: self.recovery.on_scan,
+            OP_STATUS: self.recovery.on_status,
+        }
 
     async def start(self) -> None:
-        from kvstore.ring import TOKEN_MIN
-
         after: tuple[int, str] | None = None
-        while True:  # loaded before serving: the node starts its transport after its extensions
+        while True:  # loaded before serving: the node starts its transport after its collaborators
             page = await self.node.paxos_storage.scan(TOKEN_MIN, TOKEN_MIN, 1000, after)
             self.register_keys.update(r.key for r in page)
             if len(page) < 1000:
@@ -170,21 +154,18 @@ class CPMode:
 
     # --- proposing ------------------------------------------------------------------------
 
-    async def propose_here(self, key: str, change: Any, timeout_s: float) -> dict[str, Any]:
+    async def propose_here(self, key: str, change: Change, timeout_s: float) -> dict[str, Any]:
         node = self.node
         token = key_token(key)
         replicas = list(node.ring.preference_list(key, node.n))
-        started = asyncio.get_running_loop().time()
+        started_s = node.now_s()
         blob = await self._eventual_blob(key, token, timeout_s)
-        timeout_s -= asyncio.get_running_loop().time() - started
+        timeout_s -= node.now_s() - started_s
         if timeout_s <= 0:
             raise RequestTimeout("the deadline passed before the proposal started; nothing was changed",
                                  indeterminate=False)
-        if blob is not None:
-            from kvstore import versions
-
-            if not versions.decode(blob).is_deleted:
-                raise ConsistencyConflict(AP_CONFLICT)
+        if blob is not None and not versions.decode(blob).is_deleted:
+            raise ConsistencyConflict(AP_CONFLICT)
         result = await self.proposer.propose(key, token, replicas, change, timeout_s)
         node.metrics.paxos_rounds.inc(result.round_trips)
         return {
@@ -207,11 +188,15 @@ class CPMode:
             raise StorageUnavailable(f"{self.node.node_id}: storage error: {exc}; nothing was changed",
                                      indeterminate=False) from None
 
-    async def run(self, key: str, change: Any, timeout_s: float) -> dict[str, Any]:
-        """Run the change on the key's first primary believed up (forwarding if that is not us)."""
+    async def run(self, key: str, change: Change, timeout_s: float) -> dict[str, Any]:
+        """Run the change on the key's first primary believed up (forwarding if that is not us).
+
+        Returns ``{"outcome": "ok" | "precondition_failed", "value": bytes | None (the register's
+        value after the change), "etag": str | None}``; raises the typed ``NodeError`` of a failure (``QuorumUnavailable``
+        and its ``ConsensusUnavailable``, ``ConsistencyConflict``, ``RequestTimeout``, ...).
+        """
         node = self.node
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
+        deadline = node.now_s() + timeout_s
         is_read = isinstance(change, Read)
         majority = node.n // 2 + 1
         up = [p for p in node.ring.preference_list(key, node.n) if node.is_up(p)]
@@ -219,7 +204,7 @@ class CPMode:
             raise QuorumUnavailable(majority, len(up), indeterminate=False,
                                     detail="fewer than a majority of the key's replicas are believed up")
         for primary in up:
-            remaining = deadline - loop.time()
+            remaining = deadline - node.now_s()
             if remaining <= 0:
                 break
             if primary == node.node_id:
@@ -246,48 +231,3 @@ class CPMode:
                 return reply
             raise _error_from_body(reply["body"], reply.get("http"))
         raise QuorumUnavailable(majority, 0, indeterminate=False, detail="no replica of the key reachable")
-
-    # --- HTTP -----------------------------------------------------------------------------
-
-    async def get(self, request: web.Request, key: str, params: RequestParams) -> web.Response:
-        outcome = await self._run_http(key, Read(), params)
-        value = outcome["value"]
-        if value is None:
-            return json_error(404, "not_found", "no value for this key")
-        return web.Response(body=value, headers={"ETag": etag_of(value)}, content_type="application/octet-stream")
-
-    async def write(self, request: web.Request, key: str, value: bytes | None, params: RequestParams) -> web.Response:
-        if "X-Context" in request.headers:
-            raise BadRequest("invalid_parameter", "X-Context is for eventual/quorum writes; linearizable writes "
-                                                  "use If-Match for compare-and-set")
-        kind = "put" if request.method == "PUT" else "delete"
-        change = _change(kind, value, request.headers.get("If-Match"), request.headers.get("If-None-Match"))
-        outcome = await self._run_http(key, change, params)
-        if outcome["outcome"] == "precondition_failed":
-            return json_error(412, "precondition_failed", "the current value does not match the precondition",
-                              current=outcome["etag"])
-        headers = {"ETag": outcome["etag"]} if outcome.get("etag") else {}
-        return web.Response(status=204, headers=headers)
-
-    async def _run_http(self, key: str, change: Any, params: RequestParams) -> dict[str, Any]:
-        try:
-            return await self.run(key, change, params.timeout_s)
-        except ConsensusUnavailable as exc:
-            raise QuorumUnavailable(exc.needed, exc.acknowledged, exc.indeterminate,
-                                    detail=getattr(exc, "reason", "")) from None
-
-
-def install(node: Node) -> CPMode:
-    cp = CPMode(node)
-    node.extensions.append(cp)
-    node.handlers["paxos_prepare"] = cp.on_paxos
-    node.handlers["paxos_accept"] = cp.on_paxos
-    node.handlers["cp_propose"] = cp.on_cp_propose
-    node.handlers[OP_REGISTER] = cp.recovery.on_register
-    node.handlers[OP_RECOVER_SCAN] = cp.recovery.on_scan
-    node.handlers[OP_STATUS] = cp.recovery.on_status
-    node.has_register = cp.has_register  # type: ignore[attr-defined]
-    hooks: list[Any] = getattr(node, "app_hooks", [])
-    hooks.append(lambda app: app.__setitem__(CP_KEY, cp))
-    node.app_hooks = hooks  # type: ignore[attr-defined]
-    return cp

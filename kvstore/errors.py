@@ -1,4 +1,4 @@
-"""Typed operating errors raised by the node and mapped to HTTP by ``kvstore.api``.
+"""Typed operating errors raised by the node, answered as JSON by ``kvstore.kv_api`` and ``kvstore.api``.
 
 Each carries a stable ``code`` (the JSON ``error`` field) and an HTTP ``status``.
 Programmer errors are asserts, not these.
@@ -12,6 +12,7 @@ from typing import Any
 class NodeError(Exception):
     status = 500
     code = "internal"
+    close_connection = False  # True: the request was not read to its end; close after answering
 
     def __init__(self, message: str, **extra: Any) -> None:
         super().__init__(message)

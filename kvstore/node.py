@@ -55,8 +55,18 @@ the background and the answer is 503 ``timeout`` -- ``indeterminate: true`` once
 the durable write was issued, ``false`` while it was still waiting for the key's
 lock or read.
 
+**Collaborators.**  The mechanisms that keep replicas converging and the CP side are not
+part of this class: hinted handoff (``kvstore.handoff``), read repair
+(``kvstore.read_repair``), anti-entropy (``kvstore.anti_entropy``), the tombstone reaper
+(``kvstore.reaper``) and the linearizable register (``kvstore.cp_node``).  The node receives
+them as one ``NodeParts`` from ``kvstore.assembly.assemble_node`` (the one place that builds
+a node, for the server and the simulator alike); its table of internal message handlers is
+its own handlers plus theirs, and it starts and stops them with itself.
+
 Everything time- or randomness-dependent comes from the injected ``Clock`` and
-``random.Random``; I/O goes through the ``Transport`` and ``Storage`` seams.
+``random.Random``: every deadline and elapsed time is a reading of ``clock.monotonic_ns``
+(``now_s``), every wait an asyncio sleep or timeout (in the simulator the event loop's time
+*is* that clock).  I/O goes through the ``Transport`` and ``Storage`` seams.
 """
 
 from __future__ import annotations
@@ -66,9 +76,9 @@ import contextlib
 import itertools
 import logging
 import random
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from kvstore import causal_context, versions
 from kvstore.clock import Clock
@@ -99,8 +109,15 @@ from kvstore.quorum import QuorumTracker
 from kvstore.ring import TOKEN_MIN, Ring, key_token
 from kvstore.storage import StorageBusy, StorageFull
 from kvstore.storage.base import Storage, StorageError
-from kvstore.transport.base import Message, PeerUnavailable, RemoteError, Transport
+from kvstore.transport.base import Handler, Message, PeerUnavailable, RemoteError, Transport
 from kvstore.versions import VersionedObject
+
+if TYPE_CHECKING:  # the collaborators' modules import this one; assembly.py imports them all
+    from kvstore.anti_entropy import AntiEntropy
+    from kvstore.cp_node import LinearizableRegister
+    from kvstore.handoff import HintedHandoff
+    from kvstore.read_repair import ReadRepair
+    from kvstore.reaper import TombstoneReaper
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +156,33 @@ class HintStoreFull(Overloaded):
         self.admission = admission
 
 
+class Mechanism(Protocol):
+    """What a node asks of each collaborator: the internal messages it answers, and a lifecycle."""
+
+    def handlers(self) -> Mapping[str, Handler]: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class NodeParts:
+    """A node's collaborators (built by ``kvstore.assembly``), each given the node it serves."""
+
+    handoff: HintedHandoff
+    read_repair: ReadRepair
+    anti_entropy: AntiEntropy
+    reaper: TombstoneReaper
+    register: LinearizableRegister
+
+    def mechanisms(self) -> tuple[Mechanism, ...]:
+        """In start order (``Node.stop`` stops them in reverse).  All of them start before the
+        node's transport does, so the state they guard (the register's keys, the acceptor's
+        identity) is loaded before any peer can reach them."""
+        return (self.handoff, self.read_repair, self.anti_entropy, self.reaper, self.register)
+
+
 def hint_policy(cfg: NodeConfig) -> HintPolicy:
     """The hint bounds of a node's config (``ap.hint_max_*``), as the pure policy wants them."""
     ap = cfg.ap
@@ -157,7 +201,11 @@ class Node:
         clock: Clock,
         rng: random.Random,
         metrics: Metrics | None = None,
+        parts: Callable[[Node], NodeParts],
     ) -> None:
+        """``parts`` builds the collaborators for this node (they need it: its stores, its calls);
+        it is called once, when every other field is set, and the handler table is built from
+        the node's own handlers and theirs."""
         self.cfg = cfg
         self.node_id = cfg.node_id
         self.transport = transport
@@ -176,20 +224,26 @@ class Node:
         self._fallback_seq = itertools.count(1)
         # A store that may lose acknowledged dots (memory, or no fsync) gets a new incarnation at
         # every start; a durable one keeps its incarnation exactly as long as it keeps its data.
-        self.durable_data = cfg.storage == "sqlite" and cfg.fsync != "never"
+        # The store says which it is (its config could not speak for a simulator's disk).
+        self.durable_data = data.durable
         self.identity: DataIdentity | None = None  # loaded by start(), before anything is served
-        self._background: set[asyncio.Task[Any]] = set()
+        # A dict, not a set: iterated in insertion order (a set of tasks iterates by id).
+        self._background: dict[asyncio.Task[Any], None] = {}
         self._background_slots = asyncio.Semaphore(cfg.limits.max_background_tasks)
         self._inflight = asyncio.Semaphore(cfg.limits.max_inflight_requests)
         self._loops: list[asyncio.Task[Any]] = []
-        self.handlers: dict[str, Callable[[str, Message], Awaitable[Message]]] = {
+        self.membership = self._make_membership()
+        self.parts = parts(self)
+        self.handlers: dict[str, Handler] = {
             "ping": self._on_ping,
             "replica_get": self._on_replica_get,
             "replica_put": self._on_replica_put,
             "coordinate_write": self._on_coordinate_write,
         }
-        self.membership = self._make_membership()
-        self.extensions: list[Any] = []  # AP/CP components that add handlers and loops
+        for mechanism in self.parts.mechanisms():
+            for op, handler in mechanism.handlers().items():
+                assert op not in self.handlers, f"two handlers for the internal op {op!r}"
+                self.handlers[op] = handler
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -221,16 +275,16 @@ class Node:
     async def start(self) -> None:
         await self.load_identity()  # before any write can be coordinated here
         await self.load_hint_ledger()  # before any peer can send a hint
-        for ext in self.extensions:  # before any peer can reach us: they load state they guard
-            await ext.start()
+        for mechanism in self.parts.mechanisms():  # before any peer can reach us: they load state they guard
+            await mechanism.start()
         await self.transport.start(self.handle_message)
         self._loops.append(asyncio.create_task(self._heartbeat_loop(), name="heartbeat"))
         self._loops.append(asyncio.create_task(self._loop_lag_monitor(), name="loop-lag"))
 
     async def stop(self) -> None:
-        for ext in reversed(self.extensions):
+        for mechanism in reversed(self.parts.mechanisms()):
             with contextlib.suppress(Exception):
-                await ext.stop()
+                await mechanism.stop()
         for task in self._loops:
             task.cancel()
         for task in self._loops:
@@ -264,9 +318,19 @@ class Node:
                     log.exception("background task %s failed", name)
 
         task = asyncio.create_task(run(), name=name)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._track(task)
         return task
+
+    def _track(self, task: asyncio.Task[Any]) -> None:
+        self._background[task] = None
+        task.add_done_callback(self._untrack)
+
+    def _untrack(self, task: asyncio.Task[Any]) -> None:
+        self._background.pop(task, None)
+
+    def now_s(self) -> float:
+        """The injected clock's monotonic reading in seconds: the frame of every deadline here."""
+        return self.clock.monotonic_ns() / NS_PER_S
 
     # --- membership ------------------------------------------------------------------------
 
@@ -292,13 +356,12 @@ class Node:
 
     async def _pinger(self, peer: str) -> None:
         interval_s = self.cfg.ap.heartbeat_interval_ms / 1000.0
-        loop = asyncio.get_running_loop()
         while True:
-            started = loop.time()
+            started_s = self.now_s()
             with contextlib.suppress(PeerUnavailable, RemoteError):
                 await self.transport.call(peer, {"op": "ping"}, max(0.05, interval_s * 2))
                 self.membership.heartbeat(peer, self.clock.monotonic_ns())
-            await asyncio.sleep(max(0.0, interval_s - (loop.time() - started)))
+            await asyncio.sleep(max(0.0, interval_s - (self.now_s() - started_s)))
 
     # --- messaging -------------------------------------------------------------------------
 
@@ -497,8 +560,7 @@ class Node:
         return reply
 
     async def _holds_register(self, key: str, token: int) -> bool:
-        check = getattr(self, "has_register", None)
-        return bool(check is not None and await check(key, token))
+        return await self.parts.register.has_register(key, token)
 
     async def _on_replica_put(self, sender: str, message: Message) -> Message:
         key, token = message["key"], int(message["token"])
@@ -539,15 +601,14 @@ class Node:
         it: ``_refused_before_replicating``) is replaced by the next primary believed up; any
         answer that may mean "applied" ends the request (no hidden second attempt).
         """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
+        deadline = self.now_s() + timeout_s
         up, down, spare = self.write_targets(key, sloppy)
         if not sloppy and len(up) < w:
             raise QuorumUnavailable(w, 0, indeterminate=False, detail=f"primaries believed down: {down}")
         refusals: list[NodeError] = []
         candidates = ([self.node_id] if self.node_id in up else []) + [p for p in up if p != self.node_id]
         for primary in candidates:
-            remaining = deadline - loop.time()
+            remaining = deadline - self.now_s()
             if remaining <= 0:
                 break
             try:
@@ -572,7 +633,7 @@ class Node:
             # Every primary is still believed up but none took the forwarded write (a forward that
             # may have been delivered raised above): there is no down primary for this node to
             # stand in for as a fallback.  Nothing was written: a certain failure.
-            if loop.time() >= deadline:
+            if self.now_s() >= deadline:
                 raise RequestTimeout("the deadline passed before a primary could be asked", indeterminate=False)
             raise QuorumUnavailable(w, 0, indeterminate=False, detail="no primary took the forwarded write")
         return await self.coordinate_write(key, value, context, w, sloppy, deadline, as_fallback=True)
@@ -612,7 +673,7 @@ class Node:
         raise _error_from_body(reply["body"], reply.get("http"))
 
     async def _on_coordinate_write(self, sender: str, message: Message) -> Message:
-        deadline = asyncio.get_running_loop().time() + int(message["timeout_ms"]) / 1000.0
+        deadline = self.now_s() + int(message["timeout_ms"]) / 1000.0
         try:
             outcome = await self.coordinate_write(
                 message["key"], message["value"], dict(message["context"]), int(message["w"]),
@@ -635,7 +696,6 @@ class Node:
         deadline: float,
         as_fallback: bool,
     ) -> WriteOutcome:
-        loop = asyncio.get_running_loop()
         token = key_token(key)
         up, down, spare = self.write_targets(key, sloppy)
         # Who stores what: primaries believed up store data; each primary believed down is
@@ -680,7 +740,7 @@ class Node:
             message = {"op": "replica_put", "key": key, "token": token, "obj": encoded}
             if hint_for is not None:
                 message["hint_for"] = hint_for
-            remaining = max(0.001, min(deadline - loop.time(), self.cfg.limits.replica_timeout_ms / 1000.0))
+            remaining = max(0.001, min(deadline - self.now_s(), self.cfg.limits.replica_timeout_ms / 1000.0))
             try:
                 await self.call(member, message, remaining)
                 ok = True
@@ -691,7 +751,7 @@ class Node:
                 fallback = unused_spares.pop(0)
                 owner = hint_for or member
                 try:
-                    await self.call(fallback, {**message, "hint_for": owner}, max(0.001, deadline - loop.time()))
+                    await self.call(fallback, {**message, "hint_for": owner}, max(0.001, deadline - self.now_s()))
                     ok = True
                     member = fallback
                     hinted.append(fallback)
@@ -746,7 +806,7 @@ class Node:
 
         if not done.is_set() and not tracker.done and tasks:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(done.wait(), max(0.0, deadline - loop.time()))
+                await asyncio.wait_for(done.wait(), max(0.0, deadline - self.now_s()))
         pending = [t for t in tasks if not t.done()]
         if pending:
             self._adopt(pending)
@@ -769,11 +829,10 @@ class Node:
         Storage errors become typed answers: a full disk is a certain refusal (507), anything
         else after the write was issued is indeterminate.
         """
-        loop = asyncio.get_running_loop()
         progress = _LocalWrite()
         task = asyncio.ensure_future(step(progress))
         try:
-            done, _ = await asyncio.wait({task}, timeout=max(0.0, deadline - loop.time()))
+            done, _ = await asyncio.wait({task}, timeout=max(0.0, deadline - self.now_s()))
         except asyncio.CancelledError:
             self._abandon(task, progress)
             raise
@@ -810,8 +869,7 @@ class Node:
     def _adopt(self, tasks: Iterable[asyncio.Task[Any]]) -> None:
         """Let replica writes still in flight finish after the reply (bounded: cancelled at stop)."""
         for task in tasks:
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._track(task)
 
     # --- coordinator: reads ----------------------------------------------------------------
 
@@ -824,8 +882,7 @@ class Node:
         return primaries
 
     async def get(self, key: str, r: int, sloppy: bool, timeout_s: float) -> ReadOutcome:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
+        deadline = self.now_s() + timeout_s
         token = key_token(key)
         targets = self.read_targets(key, sloppy)
         if len(targets) < r:
@@ -835,7 +892,7 @@ class Node:
         done = asyncio.Event()
 
         async def ask(member: str) -> None:
-            remaining = max(0.001, min(deadline - loop.time(), self.cfg.limits.replica_timeout_ms / 1000.0))
+            remaining = max(0.001, min(deadline - self.now_s(), self.cfg.limits.replica_timeout_ms / 1000.0))
             try:
                 reply = await self.call(member, {"op": "replica_get", "key": key, "token": token}, remaining)
             except (PeerUnavailable, RemoteError):
@@ -855,7 +912,7 @@ class Node:
         mixed: list[str] = []
         tasks = [asyncio.create_task(ask(m)) for m in targets]
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(done.wait(), max(0.0, deadline - loop.time()))
+            await asyncio.wait_for(done.wait(), max(0.0, deadline - self.now_s()))
         if mixed:
             raise ConsistencyConflict(
                 "this key is used with consistency=linearizable; read it with consistency=linearizable"
@@ -866,15 +923,8 @@ class Node:
             raise QuorumUnavailable(r, tracker.acknowledged, indeterminate=False)
         first = dict(replies)
         merged = versions.sync_all((o for o in first.values() if o is not None), self.mode)
-        repair = self.read_repair
-        if repair is not None:
-            await repair(key, token, targets, tasks, replies, merged, deadline)
-        else:
-            self._adopt(t for t in tasks if not t.done())
+        await self.parts.read_repair.after_read(key, token, targets, tasks, replies, merged, deadline)
         return ReadOutcome(merged, tracker.acknowledged, list(first))
-
-    # Set by the AP machinery: called after R replies with the outstanding asks.
-    read_repair: Callable[..., Awaitable[None]] | None = None
 
 
 def _hint_owner(plan: list[tuple[str, str | None]], node_id: str) -> str:

@@ -3,8 +3,10 @@
 Theory of operation
 -------------------
 ``build_node`` is the single place where the real seams are chosen: sqlite (or
-memory) storage, the multiplexed stream transport, the system clock.  Tests and
-simulations build a ``Node`` with other seams directly.  The Paxos acceptor
+memory) storage, the multiplexed stream transport, the system clock, an rng seeded
+from real entropy.  It hands them to ``kvstore.assembly.assemble_node``, which
+builds the node with all its collaborators; tests and the simulator call
+``assemble_node`` with other seams and get the same node.  The Paxos acceptor
 state is always kept in sqlite with ``fsync=always`` when the node has a data
 directory: a promise forgotten by a restart would break linearizability, so it
 is never held in memory only.
@@ -19,7 +21,6 @@ set) and ``/admin/clock`` (skew the wall clock, which moves LWW timestamps).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import os
@@ -34,6 +35,7 @@ from aiohttp import web
 from kvstore import config as config_mod
 from kvstore import http_guard
 from kvstore.api import NODE_KEY, admin_json, build_app, refuse_unknown_fields, require_secret, start_runner
+from kvstore.assembly import NodeSeams, assemble_node
 from kvstore.clock import SystemClock
 from kvstore.config import NodeConfig
 from kvstore.errors import BadRequest, NodeError
@@ -75,21 +77,8 @@ def build_node(cfg: NodeConfig) -> Node:
     # stream across starts, so it is seeded from real entropy (a PID is reused; a seed is chosen
     # by a simulator only).
     rng = random.Random(int.from_bytes(os.urandom(16), "big"))
-    node = Node(cfg, transport=transport, data=data, hints=hints, paxos=paxos, clock=SystemClock(), rng=rng)
-    install_extensions(node)
-    return node
-
-
-def install_extensions(node: Node) -> None:
-    """Plug in the AP and CP machinery when their modules are present."""
-    with contextlib.suppress(ImportError):
-        from kvstore.ap import install as install_ap
-
-        install_ap(node)
-    with contextlib.suppress(ImportError):
-        from kvstore.cp_node import install as install_cp
-
-        install_cp(node)
+    seams = NodeSeams(transport=transport, data=data, hints=hints, paxos=paxos, clock=SystemClock(), rng=rng)
+    return assemble_node(cfg, seams)
 
 
 RULE_FLAGS = ("drop_out", "drop_in")
@@ -246,8 +235,6 @@ def warn_if_few_file_descriptors(cfg: NodeConfig) -> None:
 async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
     node = build_node(cfg)
     app = build_app(node, admin_routes())
-    for hook in getattr(node, "app_hooks", []):
-        hook(app)
     guard = http_guard.ConnectionGuard(
         cfg.limits.max_http_connections, cfg.limits.http_header_timeout_ms / 1000.0, node.metrics
     )

@@ -29,7 +29,7 @@ from tests.conftest import http, kv_path
 
 pytestmark = pytest.mark.integration
 
-PULL_BATCH = 256  # kvstore.ap.OBJECTS_PER_MESSAGE
+PULL_BATCH = 256  # kvstore.repair_messages.OBJECTS_PER_MESSAGE
 
 
 # --- helpers ----------------------------------------------------------------------------------

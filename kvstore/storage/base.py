@@ -18,6 +18,12 @@ Durability contract, by ``fsync`` policy:
 A node acknowledges a replica write only after ``put`` returns, so under
 ``always`` and ``batch`` an acknowledged write survives ``kill -9``.
 
+Every store says whether it keeps what it acknowledged across a restart of its node
+(``durable``): sqlite under ``always`` or ``batch`` does, sqlite under ``never`` and an
+ordinary memory store do not.  The node trusts this attribute, never its config, to decide
+whether the store may still hold the dots it issued before (``kvstore.identity``); a
+simulator's disk, kept across a simulated restart, says ``durable = True``.
+
 Besides records, a store keeps a few named *meta* blobs (``meta_get``/``meta_put``): facts
 about the store itself, such as the incarnation of the node identity that wrote it.  They live
 in the same file as the records, so losing or replacing the data loses them too (that is the
@@ -50,6 +56,11 @@ class Record:
 
 
 class Storage(Protocol):
+    @property
+    def durable(self) -> bool:
+        """Whether an acknowledged ``put``/``meta_put`` survives a restart of the node (see above)."""
+        ...
+
     async def get(self, key: str, token: int) -> bytes | None:
         """The blob stored under (token, key), or None."""
         ...

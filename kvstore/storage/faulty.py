@@ -162,7 +162,12 @@ class FaultyStorage:
     def __init__(self, inner: Storage, faults: DiskFaults) -> None:
         self.inner = inner
         self.faults = faults
-        self._held: set[asyncio.Task[None]] = set()
+        # A dict, not a set: cancelled in the order they were held (a set of tasks iterates by id).
+        self._held: dict[asyncio.Task[None], None] = {}
+
+    @property
+    def durable(self) -> bool:
+        return self.inner.durable
 
     async def get(self, key: str, token: int) -> bytes | None:
         if self.faults.settings.active:
@@ -233,11 +238,14 @@ class FaultyStorage:
             await operation
             return
         task = asyncio.ensure_future(self._held_write(operation, delay_ms))
-        self._held.add(task)
-        task.add_done_callback(self._held.discard)
+        self._held[task] = None
+        task.add_done_callback(self._release)
         task.add_done_callback(_consume)
         # Shielded: a caller giving up does not stop the write, as with the engines themselves.
         await asyncio.shield(task)
+
+    def _release(self, task: asyncio.Task[None]) -> None:
+        self._held.pop(task, None)
 
     async def _held_write(self, operation: Any, delay_ms: float) -> None:
         stats = self.faults.stats

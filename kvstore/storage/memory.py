@@ -10,7 +10,9 @@ queue, and therefore nothing to bound or to report as busy.
 Durability: none.  The ``fsync`` policy is accepted so the engines are interchangeable, and
 ignored: *nothing survives the death of the process*, whatever the policy.  A node using this
 engine must not reuse its actor id across restarts (see ``Node``), since it forgets the dots
-it acknowledged.  Use it for tests, simulations and throw-away clusters.
+it acknowledged: it says ``durable = False``.  Use it for tests, simulations and throw-away
+clusters.  A simulator that keeps one ``MemoryStorage`` object across a *simulated* restart of
+its node (its disk survives, the process does not) builds it with ``durable=True``.
 
 Because no operation awaits, each one is atomic with respect to other coroutines, and
 operations apply in the order they are called.
@@ -30,9 +32,10 @@ _RECORD_OVERHEAD = 64
 class MemoryStorage:
     """A ``Storage`` backed by a ``SortedDict``; loses everything when the process ends."""
 
-    def __init__(self, fsync: FsyncPolicy = "never") -> None:
+    def __init__(self, fsync: FsyncPolicy = "never", *, durable: bool = False) -> None:
         assert fsync in ("always", "batch", "never"), f"unknown fsync policy {fsync!r}"
         self.fsync: FsyncPolicy = fsync
+        self.durable = durable  # True only for an object its owner keeps across a simulated restart
         self._data: SortedDict = SortedDict()
         self._meta: dict[str, bytes] = {}
         self._bytes = 0

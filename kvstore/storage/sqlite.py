@@ -206,6 +206,7 @@ class SqliteStorage:
             raise ValueError(f"max_pending must be >= 1, got {max_pending}")
         self.path = path
         self.fsync: FsyncPolicy = fsync
+        self.durable = fsync != "never"  # without fsync a crash may lose acknowledged writes
         self.batch_window_ms = batch_window_ms
         self.max_pending = max_pending
         self._window_s = batch_window_ms / 1000.0 if fsync == "batch" else 0.0
