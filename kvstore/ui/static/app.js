@@ -91,6 +91,7 @@ function render() {
   $("#histories").textContent = run.number ? "Histories of this run (for kvstore check): " + run.histories : "";
   $("#log").textContent = state.log.slice().reverse().join("\n");
   if (!state.cluster.nodes.length) return;
+  $("#topology-desc").textContent = state.topology.description ? "· " + state.topology.description : "";
   renderCapabilities();
   if (!drag) renderGraph();
   renderKeys();
