@@ -26,7 +26,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from chaos.nemesis import groups_grudge
+from chaos.nemesis import groups_grudge, grudge_groups
 from kvstore.placement import Placement
 from kvstore.ring import TOKEN_MIN, TOKEN_SPACE, Ring
 
@@ -257,3 +257,51 @@ def topology_svg(
         out.append(f'<text x="{size / 2:.1f}" y="{height - 6}" text-anchor="middle" fill="#495057">{_esc(label)}</text>')
     out.append("</svg>")
     return "\n".join(out)
+
+
+def run_fault(events: Sequence[Mapping[str, Any]], nodes: Sequence[str]) -> dict[str, Any]:
+    """The faults a recorded run started (its nemesis events, in order), as ``topology_svg``'s
+    arguments: the last partition's grudge and groups, the nodes killed or paused, the skews."""
+    fault: dict[str, Any] = {"grudge": {}, "groups": [], "killed": [], "paused": [], "skews_ms": {},
+                             "description": []}
+    for event in events:
+        if event.get("process") != "nemesis":
+            continue
+        f, value = str(event.get("f", "")), event.get("value")
+        if f == "start-partition":
+            fault["grudge"] = grudge_of(value, nodes)
+            fault["groups"] = grudge_groups(fault["grudge"])
+            kind = value.get("kind", "partition") if isinstance(value, dict) else "partition"
+            fault["description"].append(f"{kind}: " + " | ".join(" ".join(g) for g in fault["groups"]))
+        elif f in ("kill", "pause") and isinstance(value, list):
+            fault["killed" if f == "kill" else "paused"] += [str(n) for n in value]
+            fault["description"].append(f"{f} " + " ".join(str(n) for n in value))
+        elif f == "start-skew" and isinstance(value, dict):
+            fault["skews_ms"].update({str(n): float(ms) for n, ms in value.items()})
+            fault["description"].append("clock skew " + ", ".join(f"{n} {ms / 1000:+g} s" for n, ms in value.items()))
+    return fault
+
+
+def fault_svg(events: Sequence[Mapping[str, Any]], nodes: Sequence[str], size: int = 300) -> str | None:
+    """The topology with the fault a recorded run injected drawn on it (None: no fault recorded)."""
+    fault = run_fault(events, nodes)
+    if not fault["description"]:
+        return None
+    return topology_svg(nodes, fault["grudge"], fault["killed"], fault["paused"], fault["skews_ms"],
+                        fault["groups"], size=size, title="the fault: " + "; ".join(fault["description"]))
+
+
+def placement_during_fault_svg(ring: Ring, key: str, replicas: int, events: Sequence[Mapping[str, Any]]) -> str:
+    """A key's placement as a node on the smallest side of the run's fault saw it: the replicas
+    it could not reach drawn as down, with their stand-ins (with no partition: the nodes down)."""
+    from kvstore.placement import placement
+
+    fault = run_fault(events, ring.members)
+    down = set(fault["killed"]) | set(fault["paused"])
+    groups: list[list[str]] = [list(g) for g in fault["groups"] if not down.issuperset(g)]
+    smallest = min(groups, key=lambda g: (len(g), g)) if len(groups) > 1 else None
+    viewer_side = set(smallest) if smallest is not None else set(ring.members) - down
+    viewer = sorted(viewer_side)[0] if viewer_side else ring.members[0]
+    where = placement(ring, key, replicas, lambda m: m in viewer_side and m not in down)
+    unreachable = sorted(m for m in ring.members if m not in viewer_side or m in down)
+    return ring_svg(ring, where, down=unreachable, title=f"key {key} as {viewer} saw it during the fault")
