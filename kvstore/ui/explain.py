@@ -46,6 +46,11 @@ class Figures:
     anomalies: dict[str, Any] = field(default_factory=dict)  # verdicts.anomalies
     agree: int | None = None  # keys whose replicas hold the same versions (None: not probed)
     probed_keys: int = 0
+    replicas: int = 3  # N
+
+    @property
+    def majority_of_n(self) -> int:
+        return self.replicas // 2 + 1
 
     @property
     def faulty(self) -> bool:
@@ -93,11 +98,12 @@ def _availability(f: Figures) -> list[tuple[str, str]]:
         if minority <= 0.1:
             if f.mode == "linearizable":
                 why = ("each operation is a CASPaxos round that needs promises from a majority of the key's "
-                       "replicas (2 of 3), and from there at most 1 is reachable. It gives up availability "
-                       "to stay consistent: the C of CAP")
+                       f"replicas ({f.majority_of_n} of {f.replicas}), and from there at most "
+                       f"{f.majority_of_n - 1} is reachable. It gives up availability to stay consistent: "
+                       "the C of CAP")
             elif f.mode == "quorum":
-                why = ("R = W = 2 of N = 3 counts only the key's primaries, and from there at most 1 is "
-                       "reachable; stand-ins do not count")
+                why = (f"R = W = {f.majority_of_n} of N = {f.replicas} counts only the key's primaries, and from "
+                       f"there at most {f.majority_of_n - 1} is reachable; stand-ins do not count")
             else:
                 why = ("its clients are bound to a node that is down" if down else
                        "not even a sloppy quorum found a live node to take the request")

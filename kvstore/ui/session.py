@@ -614,7 +614,7 @@ class LiveSession:
             keys_invalid_now=sum(1 for k in keys.values() if k["verdict"] == "invalid"),
             keys_checked=sum(1 for k in keys.values() if k["verdict"] != "pending"),
             exact=all(k["exact"] for k in keys.values()), anomalies=run.verdict.get("anomalies", {}),
-            agree=agree, probed_keys=len(copies),
+            agree=agree, probed_keys=len(copies), replicas=self.replicas,
         )
         return fig, figures
 
