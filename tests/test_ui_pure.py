@@ -196,3 +196,8 @@ def test_run_fault_reads_the_recorded_nemesis_events() -> None:
     ring = Ring(NODES, 16)
     ring_pic = pictures.placement_during_fault_svg(ring, "k", 3, events[:2])
     assert "as n4 saw it during the fault" in ring_pic  # a node of the smaller side
+
+
+def test_writes_not_seen_yet_are_not_called_lost() -> None:
+    f = explain.Figures(mode="eventual", anomalies={"lost_writes": 0, "lost_writes_unsettled": 2})
+    assert "2 acknowledged writes not seen by any read yet" in texts(f) and "lost so far" not in texts(f)

@@ -194,6 +194,10 @@ def _anomalies(f: Figures) -> list[tuple[str, str]]:
         else:
             why = "with siblings this should not happen: a bug, or a write cut off from every later read"
         out.append((BAD, f"{lost} acknowledged writes lost so far ({why})" + (f", e.g. {example}." if example else ".")))
+    elif a.get("lost_writes_unsettled"):
+        out.append((INFO, f"{a['lost_writes_unsettled']} acknowledged writes not seen by any read yet: with R = 1 "
+                          "a read on another replica misses a write until it is copied there (one no read sees "
+                          "within 10 s counts as lost)."))
     elif f.mode == "eventual" and a.get("sibling_reads"):
         out.append((GOOD, "No acknowledged write was lost: concurrent ones became siblings instead."))
     return out

@@ -24,7 +24,12 @@ So each key is checked in *windows*, the way the history arrives:
   counterexample) or "no violation found" -- exact only while it has one window.
 * Lost writes, stale reads and sibling reads are properties of the whole history (a write is
   lost only if *no later* read saw it), so they are computed on all of it, from ops kept
-  between rounds (``kvstore.checker.analysis``, the batch checker's own functions).
+  between rounds (``kvstore.checker.analysis``, the batch checker's own functions).  A live
+  history has no final reads yet: with R = 1 a read on another replica a moment after a write
+  often misses it until hinted handoff or read repair copies it.  So a write the analysis
+  calls lost counts as *lost* only once it was acknowledged ``LOST_SETTLE_S`` before the
+  newest op and no read has seen it since; until then it is *not seen yet*
+  (``lost_writes_unsettled``), and a read that sees it later removes it from both.
 
 All of this runs in one worker process (``LiveChecker``, kept between rounds by a
 single-worker pool) so the UI's event loop never waits for a search; ``CheckerClient`` is the
@@ -50,6 +55,7 @@ WINDOW_OPS = 120  # completed ops of one key that close its window (at the next 
 WINDOW_S = 15.0  # or this old
 CHECK_TIME_LIMIT_S = 2.0  # one window's search; beyond it the window is "unknown"
 RECENT_S = 10.0  # "recent" anomalies: completed in the last 10 s of the history
+LOST_SETTLE_S = 10.0  # an unseen acknowledged write counts as lost once this old (see above)
 MAX_EXAMPLES = 3
 FAULT_FS = ("start-", "stop-")
 FAULT_EVENTS = frozenset({"kill", "restart", "pause", "resume"})
@@ -283,12 +289,14 @@ def anomalies(log: OpLog) -> dict[str, Any]:
     hist = log.history()
     now = max((op.complete_time or op.invoke_time or 0 for op in hist.ops[-200:]), default=0)
     recent_from = now - int(RECENT_S * 1e9)
-    lost = analysis.lost_writes(hist)
+    settled_by = now - int(LOST_SETTLE_S * 1e9)
+    unseen = analysis.lost_writes(hist)
+    lost = [lw for lw in unseen if (hist.ops[lw.op].complete_time or 0) <= settled_by]
     stale = analysis.stale_reads(hist, None)
     siblings = analysis.sibling_reads(hist)
 
-    def recent(op_ids: Sequence[int]) -> int:
-        return sum(1 for i in op_ids if (hist.ops[i].complete_time or 0) >= recent_from)
+    def recent(op_ids: Sequence[int], shift_ns: int = 0) -> int:
+        return sum(1 for i in op_ids if (hist.ops[i].complete_time or 0) >= recent_from - shift_ns)
 
     def show(op_id: int) -> str:
         op = hist.ops[op_id]
@@ -297,7 +305,9 @@ def anomalies(log: OpLog) -> dict[str, Any]:
 
     return {
         "lost_writes": len(lost),
-        "lost_writes_recent": recent([lw.op for lw in lost]),
+        # settled in the last RECENT_S: acknowledged between LOST_SETTLE_S + RECENT_S and LOST_SETTLE_S ago
+        "lost_writes_recent": recent([lw.op for lw in lost], int(LOST_SETTLE_S * 1e9)),
+        "lost_writes_unsettled": len(unseen) - len(lost),
         "lost_examples": [show(lw.op) for lw in lost[-MAX_EXAMPLES:]],
         "stale_reads": len(stale),
         "stale_reads_recent": recent([s.op for s in stale]),

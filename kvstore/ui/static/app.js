@@ -431,6 +431,9 @@ function renderModes() {
     };
     fill(".stale", a.stale_reads, a.stale_reads_recent);
     fill(".lost", a.lost_writes, a.lost_writes_recent);
+    if (a.lost_writes_unsettled) {
+      card.querySelector(".lost").textContent += ` · ${a.lost_writes_unsettled} not seen yet`;
+    }
     fill(".siblings", a.sibling_reads, a.sibling_reads_recent);
     const conv = card.querySelector(".convergence");
     const c = m.convergence;
