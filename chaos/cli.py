@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from chaos.nemesis import ClusterControl
+from chaos.nft_nemesis import NftClusterControl, attach_control, control_for
 from chaos.runner import SCENARIO_HELP, SCENARIOS, RunSpec, run_scenario
 from chaos.workload import MODES, Workload
 from kvstore.cluster import ClusterError, LocalCluster
+from kvstore.netns import NetnsCluster
 from kvstore.signals import Interrupted, run_until_signalled
 
 
@@ -35,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser, scenario: str | None) -> None
     parser.add_argument("--random-schedule", action="store_true", help="random fault windows from the seed")
     parser.add_argument("--storage", choices=["sqlite", "memory"], default="sqlite")
     parser.add_argument("--no-check", action="store_true", help="do not run the checker afterwards")
+    parser.add_argument("--netns", action="store_true",
+                        help="root, Linux: nodes in their own network namespaces, partitions cut by nftables "
+                             "(with --nodes: a cluster started by `kvstore cluster up --netns`; docs/netns.md)")
 
 
 class ProgressLine:
@@ -87,14 +92,20 @@ async def _run(args: argparse.Namespace, scenario: str) -> int:
     cluster: LocalCluster | None = None
     if args.nodes:
         control = _existing_cluster([u.strip() for u in args.nodes.split(",") if u.strip()], args.secret)
+        if args.netns:
+            control = attach_control(control.urls, control.secret)
         info: dict[str, Any] = {"urls": control.urls, "external": True}
     else:
-        cluster = LocalCluster(5, 3, storage=args.storage, conflict_mode=MODES[args.mode]["conflict_mode"])
-        print(f"starting a local 5-node cluster (N=3, {MODES[args.mode]['conflict_mode']})...", file=sys.stderr)
+        cluster = (NetnsCluster if args.netns else LocalCluster)(
+            5, 3, storage=args.storage, conflict_mode=MODES[args.mode]["conflict_mode"])
+        where = "a 5-node cluster in network namespaces" if args.netns else "a local 5-node cluster"
+        print(f"starting {where} (N=3, {MODES[args.mode]['conflict_mode']})...", file=sys.stderr)
         await asyncio.to_thread(cluster.start)
-        control = ClusterControl(urls={n: cluster.url(n) for n in cluster.node_ids}, secret=cluster.secret, local=cluster)
+        control = control_for(cluster)
         info = {"nodes": 5, "replicas": 3, "storage": args.storage, "conflict_mode": MODES[args.mode]["conflict_mode"],
                 "urls": control.urls, "pids": {n: cluster.pid(n) for n in cluster.node_ids}}
+    if isinstance(control, NftClusterControl):
+        info["netns"] = control.record()
     progress = ProgressLine(f"[{scenario}/{args.mode}]")
     try:
         result = await run_scenario(spec, control, out, cluster_info=info, progress=progress,

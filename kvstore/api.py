@@ -274,19 +274,25 @@ async def cluster_handler(request: web.Request) -> web.Response:
     now_ns = node.clock.monotonic_ns()
     snapshot = node.membership.snapshot(now_ns)
     ownership = node.ring.ownership(1)
+    links = getattr(node.transport, "links", None)  # refused handshakes, both ways (kvstore.links)
     members = []
     for m in node.cfg.members:
         view: dict[str, Any] = snapshot.get(m.id, {}) if m.id != node.node_id else {"state": "up", "phi": 0.0}
         phi = view.get("phi")
-        members.append(
-            {
-                "id": m.id,
-                "url": m.url,
-                "state": view.get("state", "up"),
-                "phi": None if phi is None or phi != phi or phi == float("inf") else round(float(phi), 3),
-                "ownership": round(ownership[m.id] * 100, 2),
-            }
-        )
+        entry: dict[str, Any] = {
+            "id": m.id,
+            "url": node.cfg.url_of(m),
+            "state": view.get("state", "up"),
+            "phi": None if phi is None or phi != phi or phi == float("inf") else round(float(phi), 3),
+            "ownership": round(ownership[m.id] * 100, 2),
+        }
+        if links is not None and m.id != node.node_id:
+            entry["link"] = links.member_json(m.id)
+            if links.is_refused(m.id):
+                entry["state"] = "refused"  # never "up, phi 0.00" for a peer no message can reach
+                if node.membership.detector(m.id).last_heard_ns is None:
+                    entry["phi"] = None
+        members.append(entry)
     pending = await node.parts.handoff.pending_hints()
     return web.json_response(
         {
@@ -300,6 +306,7 @@ async def cluster_handler(request: web.Request) -> web.Response:
             "consistency": node.cfg.consistency,
             "sloppy": node.cfg.sloppy,
             "pending_hints": pending,
+            "refused_peers": links.strangers_json() if links is not None else [],
         }
     )
 

@@ -120,6 +120,8 @@ def connection_options() -> argparse.ArgumentParser:
     )
     group.add_argument("--timeout", type=positive_float, default=5.0, metavar="SECONDS",
                        help="per-attempt timeout (default 5)")
+    group.add_argument("--cacert", metavar="PEM", default=os.environ.get("KVSTORE_CACERT"),
+                       help="the CA that signed the nodes' certificates, for https:// nodes (default $KVSTORE_CACERT)")
     return parent
 
 
@@ -151,9 +153,11 @@ def with_client(args: argparse.Namespace, use: Callable[[Client], Awaitable[T]],
     from kvstore.client import Client
 
     try:
-        client = Client(node_urls(args), timeout_s=args.timeout, secret=secret)
+        client = Client(node_urls(args), timeout_s=args.timeout, secret=secret, ca_file=args.cacert)
     except ValueError as exc:  # a malformed --node URL
         raise UsageError(str(exc)) from None
+    except OSError as exc:  # --cacert unreadable or not PEM (ssl.SSLError is an OSError)
+        raise UsageError(f"--cacert {args.cacert}: {exc}") from None
 
     async def run() -> T:
         async with client:
@@ -372,6 +376,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print_json(info)
         return EXIT_OK
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     hints = info.get("pending_hints") or {}
@@ -382,6 +387,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     table.add_column("phi", justify="right")
     table.add_column("ownership", justify="right")
     table.add_column("pending hints", justify="right")
+    table.add_column("link")
     for member in info.get("members", []):
         state = str(member.get("state", "?"))
         phi = member.get("phi")
@@ -393,9 +399,16 @@ def cmd_status(args: argparse.Namespace) -> int:
             "-" if phi is None else f"{phi:.2f}",
             "-" if ownership is None else f"{ownership:.2f}%",
             str(hints.get(member.get("id"), 0)),
+            escape(link_summary(member.get("link"))),
         )
     console = Console(highlight=False)
     console.print(table)
+    for member in info.get("members", []):
+        for line in link_details(member):
+            console.print("[red]refused[/red] " + escape(line))
+    for stranger in info.get("refused_peers") or []:
+        console.print(f"[red]refused[/red] a non-member: {escape(repr(stranger.get('id')))} "
+                      + escape(refusal_text(stranger)))
     settings = ("replicas", "r", "w", "vnodes", "conflict_mode", "consistency")
     n, r, w, vnodes, mode, consistency = (info.get(k, "?") for k in settings)
     console.print(f"N={n} R={r} W={w}  vnodes={vnodes}  conflict_mode={mode}  consistency={consistency}")
@@ -425,6 +438,40 @@ def print_placement(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def refusal_text(refusal: dict[str, Any]) -> str:
+    """``unauthorized since 2026-01-02T12:00:01Z (42 times, last 0.2 s ago, from 10.0.0.3:5123): why``"""
+    where = f", from {refusal['address']}" if refusal.get("address") else ""
+    return (f"{refusal.get('code')} since {refusal.get('since')} ({refusal.get('count')} times, last "
+            f"{refusal.get('last_s_ago')} s ago{where}): {refusal.get('message')}")
+
+
+LINK_DIRECTIONS = (("they_refuse_us", "it refuses us"), ("we_refuse_them", "we refuse it"))
+
+
+def link_summary(link: Any) -> str:
+    """The table's link column: who refuses whom, by code ("ok" when neither side refuses)."""
+    if not isinstance(link, dict):
+        return ""
+    out, incoming = link.get("they_refuse_us"), link.get("we_refuse_them")
+    if out and incoming:
+        codes = {out.get("code"), incoming.get("code")}
+        return f"both ways: {'/'.join(sorted(map(str, codes)))}"
+    if out:
+        return f"refuses us: {out.get('code')}"
+    if incoming:
+        return f"we refuse: {incoming.get('code')}"
+    return "ok"
+
+
+def link_details(member: dict[str, Any]) -> list[str]:
+    """One line per refused direction of a member's link, with the reason and since when."""
+    link = member.get("link")
+    if not isinstance(link, dict):
+        return []
+    return [f"{member.get('id')}: {words}: {refusal_text(link[key])}" for key, words in LINK_DIRECTIONS
+            if link.get(key)]
+
+
 def cmd_repair(args: argparse.Namespace) -> int:
     if not args.secret:
         raise UsageError("the admin route needs the cluster secret: --secret or $KVSTORE_SECRET")
@@ -436,7 +483,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
 def register_admin(sub: Subparsers) -> None:
     conn = connection_options()
     p = sub.add_parser("status", parents=[conn], help="show cluster membership and settings",
-                       description="A table of members (state, phi, ring ownership, pending hints) and N/R/W.",
+                       description="A table of members (state, phi, ring ownership, pending hints, refused links) and N/R/W.",
                        epilog=EPILOG, formatter_class=Formatter)
     p.add_argument("--json", action="store_true", help="print GET /cluster as JSON")
     p.add_argument("--key", metavar="K", help="where key K lives: token, preference list, stand-ins "
@@ -475,6 +522,30 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
     return cluster_up(args)
 
 
+def cmd_cluster_stop(args: argparse.Namespace) -> int:
+    from kvstore import cluster_control
+
+    try:
+        stopped = cluster_control.stop(args.data_dir, grace_s=args.grace)
+    except cluster_control.ControlError as exc:
+        note(f"kvstore cluster stop: {exc}")
+        return EXIT_ERROR
+    print(f"kvstore: stopped {', '.join(stopped)}" if stopped else "kvstore: no node of this cluster was running")
+    return EXIT_OK
+
+
+def cmd_cluster_restart(args: argparse.Namespace) -> int:
+    from kvstore import cluster_control
+
+    try:
+        record = cluster_control.restart(args.data_dir, args.node_id, timeout_s=args.timeout, grace_s=args.grace)
+    except cluster_control.ControlError as exc:
+        note(f"kvstore cluster restart: {exc}")
+        return EXIT_ERROR
+    print(f"kvstore: {args.node_id} restarted, pid {record.pid}, {record.url}")
+    return EXIT_OK
+
+
 def register_nodes(sub: Subparsers) -> None:
     p = sub.add_parser("node", help="run one node in the foreground",
                        description="Run one node from its TOML config until SIGINT/SIGTERM.")
@@ -500,7 +571,35 @@ def register_nodes(sub: Subparsers) -> None:
                     help="keep concurrent writes as siblings, or last-write-wins (default siblings)")
     up.add_argument("--r", type=positive_int, help="default read quorum (default min(2, N))")
     up.add_argument("--w", type=positive_int, help="default write quorum (default min(2, N))")
+    up.add_argument("--netns", action="store_true",
+                    help="root, Linux: each node in its own network namespace with its own address on a bridge "
+                         "(every node then uses PORT and PORT+100 on its own address; docs/netns.md)")
+    up.add_argument("--detach", action="store_true",
+                    help="return once the nodes are up and leave them running (state in DATA_DIR/cluster.json; "
+                         "see: kvstore cluster stop, kvstore cluster restart)")
     up.set_defaults(handler=cmd_cluster_up)
+
+    stop = cluster_sub.add_parser(
+        "stop", help="stop a cluster started with --detach (by the PIDs in its data dir)",
+        description="Stop every node of the detached cluster in DATA_DIR: SIGTERM, then SIGKILL after the grace "
+                    "period. Only PIDs recorded in DATA_DIR/cluster.json that still run that node are signalled.",
+    )
+    stop.add_argument("--data-dir", required=True, metavar="DIR", help="the data dir given to cluster up --detach")
+    stop.add_argument("--grace", type=positive_float, default=10.0, metavar="SECONDS",
+                      help="time to exit after SIGTERM before SIGKILL (default 10)")
+    stop.set_defaults(handler=cmd_cluster_stop)
+
+    restart = cluster_sub.add_parser(
+        "restart", help="restart one node of a cluster started with --detach",
+        description="Stop NODE (if it runs) and start it again from its node.toml, then wait until it is healthy.",
+    )
+    restart.add_argument("node_id", metavar="NODE", help="the node's id, e.g. n2")
+    restart.add_argument("--data-dir", required=True, metavar="DIR", help="the data dir given to cluster up --detach")
+    restart.add_argument("--grace", type=positive_float, default=10.0, metavar="SECONDS",
+                         help="time to exit after SIGTERM before SIGKILL (default 10)")
+    restart.add_argument("--timeout", type=positive_float, default=30.0, metavar="SECONDS",
+                         help="how long to wait for it to become healthy (default 30)")
+    restart.set_defaults(handler=cmd_cluster_restart)
 
 
 # --------------------------------------------------------------------------- registry and entry point

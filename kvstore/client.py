@@ -85,6 +85,7 @@ import base64
 import binascii
 import itertools
 import json
+import ssl
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -424,7 +425,10 @@ class Client:
         secret: str | None = None,
         max_connections: int = 64,
         down_cooldown_s: float = 2.0,
+        ca_file: str | None = None,
     ) -> None:
+        """``ca_file``: the PEM CA that signed the nodes' certificates, for https:// nodes of a cluster
+        with TLS (docs/deployment.md); without it https:// is verified against the system's CAs."""
         urls = [nodes] if isinstance(nodes, str) else list(nodes)
         if not urls:
             raise ValueError("Client needs at least one node URL")
@@ -440,6 +444,9 @@ class Client:
         self.secret = secret
         self.max_connections = max_connections
         self.down_cooldown_s = down_cooldown_s
+        self._ssl: ssl.SSLContext | None = None
+        if ca_file is not None:
+            self._ssl = ssl.create_default_context(cafile=ca_file)  # raises if the file is unreadable
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
         self._rotation = itertools.count()
@@ -469,7 +476,9 @@ class Client:
         if self._session is None:
             # Created lazily: a ClientSession must be made inside the running loop.
             # client_session: aiohttp's hidden re-send of a dropped PUT/DELETE is off.
-            connector = aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=self.max_connections)
+            connector = aiohttp.TCPConnector(
+                limit=self.max_connections, limit_per_host=self.max_connections, ssl=self._ssl or True
+            )
             self._session = client_session(
                 connector=connector, headers={"User-Agent": f"kvstore-client/{__version__}"}
             )

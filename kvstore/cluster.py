@@ -27,6 +27,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -39,7 +40,7 @@ from typing import Any
 
 import msgpack
 
-from kvstore.config import APSettings, Limits, Member, NodeConfig, to_toml, validate
+from kvstore.config import APSettings, Limits, Member, NodeConfig, TLSSettings, to_toml, validate
 
 PRIVATE_DIR_MODE = 0o700
 PRIVATE_FILE_MODE = 0o600
@@ -122,10 +123,12 @@ class LocalCluster:
         limits: Limits | None = None,
         secret: str | None = None,
         log_level: str = "WARNING",
+        tls: TLSSettings | None = None,
     ) -> None:
         assert nodes >= 1
         self._owns_dir = data_dir is None
-        self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="kvstore-cluster-"))  # mkdtemp: 0700
+        # Absolute: node processes, and `cluster stop`/`restart` run from elsewhere, find it by this path.
+        self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="kvstore-cluster-")).absolute()  # mkdtemp: 0700
         if base_port is not None:
             http_ports = [base_port + i for i in range(nodes)]
             peer_ports = [base_port + 100 + i for i in range(nodes)]
@@ -156,7 +159,13 @@ class LocalCluster:
                 fsync=fsync,
                 ap=ap or APSettings(),
                 limits=limits or Limits(),
+                tls=tls or TLSSettings(),
             )
+        )
+        # Our own HTTPS requests (health, acceptor status) trust the cluster's CA (kvstore.tls).
+        self.ssl_context = (
+            ssl.create_default_context(cafile=self.base_config.tls.ca_file)
+            if self.base_config.scheme == "https" else None
         )
         self.log_level = log_level
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -170,11 +179,11 @@ class LocalCluster:
         return [m.id for m in self.base_config.members]
 
     def url(self, node_id: str) -> str:
-        return self.base_config.member(node_id).url
+        return self.base_config.url_of(self.base_config.member(node_id))
 
     @property
     def urls(self) -> list[str]:
-        return [m.url for m in self.base_config.members]
+        return [self.base_config.url_of(m) for m in self.base_config.members]
 
     def config_path(self, node_id: str) -> Path:
         return self.data_dir / node_id / "node.toml"
@@ -210,7 +219,7 @@ class LocalCluster:
         log = open(path.parent / "node.log", "ab")  # noqa: SIM115 - handed to the child process
         env = {**os.environ, "KVSTORE_LOG": self.log_level}
         self.procs[node_id] = subprocess.Popen(
-            [sys.executable, "-m", "kvstore.server", "--config", str(path)],
+            self.node_command(node_id, path),
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -219,9 +228,14 @@ class LocalCluster:
         )
         log.close()
 
+    def node_command(self, node_id: str, config_path: Path) -> list[str]:
+        """The command line of one node (``kvstore.netns.NetnsCluster`` runs it in a namespace)."""
+        return [sys.executable, "-m", "kvstore.server", "--config", str(config_path)]
+
     def health(self, node_id: str, timeout_s: float = 0.5) -> bool:
         try:
-            with urllib.request.urlopen(self.url(node_id) + "/health", timeout=timeout_s) as resp:
+            with urllib.request.urlopen(self.url(node_id) + "/health", timeout=timeout_s,
+                                        context=self.ssl_context) as resp:
                 return bool(resp.status == 200)
         except (urllib.error.URLError, OSError, ValueError):
             return False
@@ -252,7 +266,7 @@ class LocalCluster:
             headers={"X-Cluster-Secret": self.secret, "X-Node": "cluster", "Content-Type": "application/msgpack"},
             method="POST",
         )
-        with urllib.request.urlopen(request, timeout=timeout_s) as resp:
+        with urllib.request.urlopen(request, timeout=timeout_s, context=self.ssl_context) as resp:
             doc = msgpack.unpackb(resp.read(), raw=False)
         if not isinstance(doc, dict):
             raise ClusterError(f"node {node_id}: unexpected paxos_status reply {doc!r}")
@@ -356,6 +370,12 @@ class LocalCluster:
         if remove_data if remove_data is not None else self._owns_dir:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 
+    def detach(self) -> None:
+        """Leave the running nodes to outlive this process (``cluster up --detach``): no atexit stop."""
+        if self._atexit_registered:
+            atexit.unregister(self.stop)
+            self._atexit_registered = False
+
     def __enter__(self) -> LocalCluster:
         return self.start()
 
@@ -364,9 +384,25 @@ class LocalCluster:
 
 
 def cluster_up(args: Any) -> int:
-    """``kvstore cluster up``: start the nodes, print their URLs, stop them all on Ctrl-C/SIGTERM."""
+    """``kvstore cluster up``: start the nodes, print their URLs, stop them all on Ctrl-C/SIGTERM
+    (with ``--detach``: leave them running, see kvstore.cluster_control)."""
+    from kvstore import cluster_control
+
+    detach = bool(getattr(args, "detach", False))
     try:
-        cluster = LocalCluster(
+        if detach and getattr(args, "netns", False):
+            # cluster stop signals PIDs only; it would leave the namespaces and the bridge behind.
+            print("kvstore: --detach cannot be combined with --netns (cluster stop does not remove namespaces); "
+                  "run cluster up --netns in the foreground", file=sys.stderr)
+            return 2
+        if args.data_dir:
+            cluster_control.refuse_if_running(args.data_dir)
+        cluster_class: type[LocalCluster] = LocalCluster
+        if getattr(args, "netns", False):  # each node its own host on a bridge: kvstore/netns.py
+            from kvstore.netns import NetnsCluster
+
+            cluster_class = NetnsCluster
+        cluster = cluster_class(
             nodes=args.nodes,
             replicas=args.replicas,
             data_dir=args.data_dir,
@@ -379,7 +415,7 @@ def cluster_up(args: Any) -> int:
             vnodes=getattr(args, "vnodes", 256),
             log_level="INFO",
         )
-    except (ClusterError, ValueError) as exc:
+    except (ClusterError, ValueError, cluster_control.ControlError) as exc:
         print(f"kvstore cluster up: {exc}", file=sys.stderr)
         return 1
     stopping = {"flag": False}
@@ -398,13 +434,27 @@ def cluster_up(args: Any) -> int:
     print(f"kvstore: {len(cluster.node_ids)} nodes up (N={args.replicas}), data in {cluster.data_dir}")
     for node_id in cluster.node_ids:
         print(f"  {node_id}  {cluster.url(node_id)}  pid {cluster.pid(node_id)}")
+    network = getattr(cluster, "network", None)
+    if network is not None:
+        net = network.describe()
+        names = " ".join(node["namespace"] for node in net["nodes"].values())
+        print(f"  network namespaces {names} on {net['subnet']} (this host is {net['client_address']})")
     print(f"cluster secret (admin routes): {cluster.secret}")
+    if detach:
+        cluster.detach()
+        state = cluster_control.record_detached(cluster)
+        print(f"detached: state in {state.path}; stop with: kvstore cluster stop --data-dir {cluster.data_dir}",
+              flush=True)
+        return 0
     print("Ctrl-C stops every node.", flush=True)
+    deaths = cluster_control.DeathReporter()  # one line per death, not one per 0.2 s poll
     try:
         while not stopping["flag"]:
-            for node_id in cluster.node_ids:
-                if not cluster.alive(node_id) and not stopping["flag"]:
-                    print(f"kvstore: node {node_id} exited; see {cluster.log_path(node_id)}", file=sys.stderr)
+            for node_id in deaths.newly_dead((n, cluster.alive(n)) for n in cluster.node_ids):
+                if not stopping["flag"]:
+                    code = cluster.procs[node_id].returncode
+                    print(f"kvstore: node {node_id} exited (code {code}); see {cluster.log_path(node_id)}",
+                          file=sys.stderr, flush=True)
             time.sleep(0.2)
     finally:
         print("kvstore: stopping nodes...", flush=True)

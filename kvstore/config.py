@@ -93,6 +93,21 @@ class APSettings:
 
 
 @dataclass(frozen=True)
+class TLSSettings:
+    """Optional TLS (kvstore.tls): on when ``cert_file`` is set; then key and CA are required too."""
+
+    cert_file: str = ""  # this node's certificate (PEM), shown to clients and to peers
+    key_file: str = ""  # its private key (PEM)
+    ca_file: str = ""  # the CA (PEM) that signed every member's certificate: peers are verified against it
+    http: bool = True  # serve the client API over HTTPS
+    peer: bool = True  # mutual TLS on peer links
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert_file)
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     node_id: str
     members: tuple[Member, ...]
@@ -115,6 +130,15 @@ class NodeConfig:
     initial_cluster_state: str = "existing"
     limits: Limits = field(default_factory=Limits)
     ap: APSettings = field(default_factory=APSettings)
+    tls: TLSSettings = field(default_factory=TLSSettings)
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls.enabled and self.tls.http else "http"
+
+    def url_of(self, member: Member) -> str:
+        """A member's client URL: https when this cluster serves HTTPS (``Member.url`` is plain http)."""
+        return f"{self.scheme}://{member.host}:{member.http_port}"
 
     @property
     def me(self) -> Member:
@@ -158,9 +182,10 @@ def _section(data: dict[str, Any], cls: type, name: str) -> Any:
 
 
 def from_dict(data: dict[str, Any]) -> NodeConfig:
-    top_known = {f.name for f in fields(NodeConfig)} - {"limits", "ap", "members"}
+    sections = {"limits", "ap", "tls"}
+    top_known = {f.name for f in fields(NodeConfig)} - sections - {"members"}
     for key in data:
-        if key not in top_known | {"limits", "ap", "members", "cluster"}:
+        if key not in top_known | sections | {"members", "cluster"}:
             raise ConfigError(key, "unknown setting")
     flat = dict(data)
     cluster = flat.pop("cluster", {})
@@ -189,8 +214,9 @@ def from_dict(data: dict[str, Any]) -> NodeConfig:
         )
     limits = _section(flat, Limits, "limits")
     ap = _section(flat, APSettings, "ap")
-    flat.pop("limits", None)
-    flat.pop("ap", None)
+    tls = _section(flat, TLSSettings, "tls")
+    for name in sections:
+        flat.pop(name, None)
     for key in ("node_id", "secret"):
         if key not in flat:
             raise ConfigError(key, "missing")
@@ -213,7 +239,7 @@ def from_dict(data: dict[str, Any]) -> NodeConfig:
     }
     for key, value in flat.items():
         _expect(value, scalar_kinds[key], key)
-    return validate(NodeConfig(members=tuple(members), limits=limits, ap=ap, **flat))
+    return validate(NodeConfig(members=tuple(members), limits=limits, ap=ap, tls=tls, **flat))
 
 
 def validate(cfg: NodeConfig) -> NodeConfig:
@@ -272,6 +298,13 @@ def validate(cfg: NodeConfig) -> NodeConfig:
             raise ConfigError(f"ap.{f.name}", "must be positive")
     if cfg.limits.max_key_bytes > 1024:
         raise ConfigError("limits.max_key_bytes", "keys are limited to 1 KiB")
+    tls_paths = ("cert_file", "key_file", "ca_file")
+    if any(getattr(cfg.tls, name) for name in tls_paths):
+        for name in tls_paths:
+            if not getattr(cfg.tls, name):
+                raise ConfigError(f"tls.{name}", "TLS needs cert_file, key_file and ca_file together")
+        if not (cfg.tls.http or cfg.tls.peer):
+            raise ConfigError("tls", "http and peer are both false: remove cert_file to run without TLS")
     return cfg
 
 
@@ -313,7 +346,10 @@ def to_toml(cfg: NodeConfig) -> str:
         "initial_cluster_state",
     ):
         lines.append(f"{name} = {lit(getattr(cfg, name))}")
-    for section, obj in (("limits", cfg.limits), ("ap", cfg.ap)):
+    sections: list[tuple[str, Any]] = [("limits", cfg.limits), ("ap", cfg.ap)]
+    if cfg.tls != TLSSettings():
+        sections.append(("tls", cfg.tls))
+    for section, obj in sections:
         lines.append(f"\n[{section}]")
         lines += [f"{f.name} = {lit(getattr(obj, f.name))}" for f in fields(obj)]
     for m in cfg.members:

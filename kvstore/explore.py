@@ -13,7 +13,9 @@ Clusters: one local 5-node, N=3 cluster per conflict mode the selected modes
 need (``eventual-lww`` needs a cluster in last-write-wins mode; the others
 share a sibling-mode cluster).  Runs on one cluster use disjoint key prefixes,
 so they do not read each other's data.  Clusters are stopped by PID when the
-explorer ends, including on Ctrl-C.
+explorer ends, including on Ctrl-C.  With ``--netns`` the clusters are
+``kvstore.netns.NetnsCluster``s and partitions are nftables rules
+(``chaos.nft_nemesis``); the runs, histories and judging are the same.
 """
 
 from __future__ import annotations
@@ -31,10 +33,12 @@ from pathlib import Path
 from typing import Any
 
 from chaos.nemesis import ClusterControl
+from chaos.nft_nemesis import NftClusterControl, attach_control, control_for
 from chaos.runner import SCENARIOS, RunSpec, run_scenario
 from chaos.workload import MODES
 from kvstore.cluster import ClusterError, LocalCluster
 from kvstore.config import APSettings, Limits
+from kvstore.netns import NetnsCluster
 from kvstore.signals import Interrupted, run_until_signalled
 
 DEFAULT_MODES = ["eventual", "eventual-lww", "quorum", "linearizable"]
@@ -80,6 +84,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--rate", type=float, default=100.0, help="ops/s per run over all clients (default 100)")
     parser.add_argument("--serve", action="store_true",
                         help="instead: the live explorer in the browser (see: kvstore explore --serve --help)")
+    parser.add_argument("--netns", action="store_true",
+                        help="root, Linux: every node in its own network namespace and partitions cut by nftables "
+                             "instead of the in-process fault layer (docs/netns.md)")
     return parser
 
 
@@ -131,6 +138,8 @@ async def _explore(args: argparse.Namespace, modes: list[str], scenarios: list[s
     try:
         if args.nodes:
             control, conflict_mode = _attach(args)
+            if args.netns:  # a cluster started by `kvstore cluster up --netns`
+                control = attach_control(control.urls, control.secret)
             controls[conflict_mode] = control
             for mode in list(modes):
                 if MODES[mode]["conflict_mode"] != conflict_mode:
@@ -139,16 +148,15 @@ async def _explore(args: argparse.Namespace, modes: list[str], scenarios: list[s
         else:
             needed = sorted({MODES[m]["conflict_mode"] for m in modes})
             for conflict_mode in needed:
-                console.print(f"[bold]starting a local 5-node cluster (N=3, conflict mode {conflict_mode})...")
-                cluster = LocalCluster(
+                where = "in network namespaces" if args.netns else "local"
+                console.print(f"[bold]starting a {where} 5-node cluster (N=3, conflict mode {conflict_mode})...")
+                cluster = (NetnsCluster if args.netns else LocalCluster)(
                     5, 3, data_dir=tempfile.mkdtemp(prefix=f"kvstore-explore-{conflict_mode}-"),
                     conflict_mode=conflict_mode, ap=EXPLORE_AP, limits=EXPLORE_LIMITS,
                 )
                 clusters[conflict_mode] = cluster
                 await asyncio.to_thread(cluster.start)
-                controls[conflict_mode] = ClusterControl(
-                    urls={n: cluster.url(n) for n in cluster.node_ids}, secret=cluster.secret, local=cluster
-                )
+                controls[conflict_mode] = control_for(cluster)
         cells = [Cell(m, s, out / "runs" / f"{m}--{s}") for m in modes for s in scenarios]
         await _run_cells(cells, controls, clusters, args, duration, command, console)
     finally:
@@ -158,7 +166,8 @@ async def _explore(args: argparse.Namespace, modes: list[str], scenarios: list[s
             await asyncio.to_thread(cluster.stop)
     elapsed = time.monotonic() - started
     meta = {"seed": args.seed, "duration_s": duration, "modes": modes, "scenarios": scenarios,
-            "skipped": skipped, "elapsed_s": round(elapsed, 1), "command": command}
+            "skipped": skipped, "elapsed_s": round(elapsed, 1), "command": command,
+            "partitions": "nftables in network namespaces" if args.netns else "in-process fault layer"}
     results = {"meta": meta, "cells": [_cell_json(c) for c in cells]}
     (out / "results.json").write_text(json.dumps(results, indent=2))
     write_report(out, cells, meta)
@@ -223,6 +232,8 @@ async def _run_cells(
             cluster = clusters.get(MODES[cell.mode]["conflict_mode"])
             info = {"nodes": 5, "replicas": 3, "conflict_mode": MODES[cell.mode]["conflict_mode"],
                     "urls": control.urls, "ap": vars(EXPLORE_AP), "limits": vars(EXPLORE_LIMITS)}
+            if isinstance(control, NftClusterControl):
+                info["netns"] = control.record()
             try:
                 result = await run_scenario(spec, control, cell.out_dir, cluster_info=info, progress=progress,
                                             command=f"{command}  # cell {cell.mode}/{cell.scenario}")

@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, cast
@@ -320,16 +321,19 @@ class GuardedSite(web.BaseSite):
         *,
         backlog: int = 128,
         reuse_address: bool = True,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         super().__init__(runner, backlog=backlog)
         self._guard = guard
         self._host = host
         self._port = port
         self._reuse_address = reuse_address
+        self._ssl_context = ssl_context  # HTTPS (kvstore.tls); the guard sees the decrypted bytes
 
     @property
     def name(self) -> str:
-        return f"http://{self._host}:{self._port}"
+        scheme = "https" if self._ssl_context is not None else "http"
+        return f"{scheme}://{self._host}:{self._port}"
 
     async def start(self) -> None:
         await super().start()
@@ -342,6 +346,9 @@ class GuardedSite(web.BaseSite):
             self._port,
             backlog=self._backlog,
             reuse_address=self._reuse_address,
+            ssl=self._ssl_context,
+            # A TLS handshake comes before the first byte the header timer sees: bound it the same way.
+            ssl_handshake_timeout=self._guard.header_timeout_s if self._ssl_context is not None else None,
         )
 
     async def stop(self) -> None:

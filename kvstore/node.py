@@ -337,6 +337,9 @@ class Node:
     def is_up(self, member: str) -> bool:
         if member == self.node_id:
             return True
+        links = getattr(self.transport, "links", None)
+        if links is not None and links.outgoing_blocked(member):
+            return False  # our handshake with it is refused: nothing can reach it, whatever phi says
         return bool(self.membership.state(member, self.clock.monotonic_ns()) == "up")
 
     async def _heartbeat_loop(self) -> None:

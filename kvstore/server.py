@@ -33,7 +33,7 @@ from typing import Any
 from aiohttp import web
 
 from kvstore import config as config_mod
-from kvstore import http_guard
+from kvstore import http_guard, tls
 from kvstore.api import NODE_KEY, admin_json, build_app, refuse_unknown_fields, require_secret, start_runner
 from kvstore.assembly import NodeSeams, assemble_node
 from kvstore.clock import SystemClock
@@ -64,6 +64,7 @@ def build_node(cfg: NodeConfig) -> Node:
         peer_urls = {m.id: m.url for m in cfg.members if m.id != cfg.node_id}
         transport = HttpTransport(cfg.node_id, cfg.secret, peer_urls)
     else:
+        peer_server_ssl, peer_client_ssl = tls.peer_contexts(cfg.tls)
         transport = StreamTransport(
             cfg.node_id,
             cfg.secret,
@@ -71,6 +72,8 @@ def build_node(cfg: NodeConfig) -> Node:
             (cfg.bind, cfg.me.peer_port),
             hello_timeout_s=cfg.limits.peer_hello_timeout_ms / 1000.0,
             max_unauthenticated=cfg.limits.max_unauthenticated_peer_connections,
+            server_ssl=peer_server_ssl,
+            client_ssl=peer_client_ssl,
         )
     # The node's rng drives jitter and backoff, and draws the incarnations that keep its dots and
     # its acceptor votes unique across disk losses (kvstore.identity): it must never repeat a
@@ -242,9 +245,11 @@ async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
     warn_if_few_file_descriptors(cfg)
     runner = await start_runner(app, keepalive_timeout=cfg.limits.http_idle_timeout_ms / 1000.0)
     await node.start()
-    site = http_guard.GuardedSite(runner, guard, cfg.bind, cfg.me.http_port, reuse_address=True)
+    site = http_guard.GuardedSite(runner, guard, cfg.bind, cfg.me.http_port, reuse_address=True,
+                                  ssl_context=tls.http_server_context(cfg.tls))
     await site.start()
-    log.info("node %s serving http://%s:%d (peer port %d)", cfg.node_id, cfg.bind, cfg.me.http_port, cfg.me.peer_port)
+    log.info("node %s serving %s (peer port %d%s)", cfg.node_id, site.name, cfg.me.peer_port,
+             ", mutual TLS" if cfg.tls.enabled and cfg.tls.peer else "")
     try:
         await stop.wait()
     finally:
@@ -256,6 +261,8 @@ async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
 def run_node(config_path: str) -> int:
     try:
         cfg = config_mod.load(config_path)
+        tls.http_server_context(cfg.tls)  # certificate files are checked now, not at the first connection
+        tls.peer_contexts(cfg.tls)
     except config_mod.ConfigError as exc:
         print(f"kvstore node: {exc}", file=sys.stderr)
         return 2

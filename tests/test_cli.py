@@ -8,6 +8,7 @@ import json
 import sys
 import types
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -407,3 +408,10 @@ def test_help_is_fast_because_heavy_modules_load_lazily() -> None:
     code = "import sys, kvstore.cli; print(sorted(m for m in ('aiohttp', 'rich', 'kvstore.node') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_cluster_up_refuses_detach_with_netns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """cluster stop signals PIDs only: a detached netns cluster would leave its namespaces behind."""
+    assert main(["cluster", "up", "--detach", "--netns", "--data-dir", str(tmp_path / "c")]) == 2
+    assert "--detach cannot be combined with --netns" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()  # refused before anything was made

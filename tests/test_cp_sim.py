@@ -804,7 +804,13 @@ async def test_malformed_replies_count_as_failures(reply: Message) -> None:
 async def test_acceptor_locks_are_dropped_when_free() -> None:
     _, nodes = await make_cluster(3)
     r = ids(nodes)
-    await asyncio.gather(*(propose(nodes[i % 3], Write(b"v"), r, key=f"key{i % 7}") for i in range(40)))
+    # Forty dueling proposals on seven keys: on a busy machine some may give up (liveness is not the point);
+    # whatever their outcome, no acceptor may keep a lock for a key nobody is working on.
+    outcomes = await asyncio.gather(
+        *(propose(nodes[i % 3], Write(b"v"), r, key=f"key{i % 7}") for i in range(40)), return_exceptions=True
+    )
+    assert all(not isinstance(o, BaseException) or isinstance(o, ConsensusUnavailable) for o in outcomes), outcomes
+    assert any(not isinstance(o, BaseException) for o in outcomes)
     await settle()
     assert all(len(node.acceptor.locks) == 0 for node in nodes)
 
