@@ -17,6 +17,7 @@ let ceShown = null;        // the id of the counterexample on screen
 let ceAutoOpened = false;
 let pending = false;       // an action is on its way
 const positions = {};      // node -> {x, y} as last laid out
+let graphDrawn = "";       // what the graph last drew (it is redrawn only when that changes)
 
 // --- small helpers -------------------------------------------------------------------------
 
@@ -93,7 +94,7 @@ function render() {
   if (!state.cluster.nodes.length) return;
   $("#topology-desc").textContent = state.topology.description ? "· " + state.topology.description : "";
   renderCapabilities();
-  if (!drag) renderGraph();
+  if (!drag) renderGraph(false);
   renderKeys();
   renderModes();
   renderCounterexamples();
@@ -133,9 +134,20 @@ function linkState(topo, a, b) {
   return ab ? "a-to-b" : "b-to-a";
 }
 
-function renderGraph() {
+function dotFill(mode, n) {
+  const c = (state.modes[mode].figures.by_node || {})[n];
+  const a = c ? c.availability : null;
+  return a === null || a === undefined ? "#dee2e6" : a >= 0.9 ? "#2b8a3e" : a <= 0.1 ? "#c92a2a" : "#e67700";
+}
+
+function renderGraph(force = true) {
   const topo = state.topology;
   const g = $("#graph");
+  // Redraw only when what it shows changed: a node replaced twice a second cannot be clicked.
+  const drawn = JSON.stringify([topo, selected, Object.keys(state.modes).map(
+    (mode) => topo.nodes.map((n) => dotFill(mode, n)))]);
+  if (!force && drawn === graphDrawn) return;
+  graphDrawn = drawn;
   layout(topo);
   g.replaceChildren();
   const defs = sv("defs");
@@ -204,7 +216,7 @@ function renderGraph() {
     modes.forEach((mode, i) => {   // one dot per mode: this node's clients, last 10 s
       const c = (state.modes[mode].figures.by_node || {})[n];
       const a = c ? c.availability : null;
-      const fill = a === null || a === undefined ? "#dee2e6" : a >= 0.9 ? "#2b8a3e" : a <= 0.1 ? "#c92a2a" : "#e67700";
+      const fill = dotFill(mode, n);
       const dot = sv("circle", {cx: (i - (modes.length - 1) / 2) * 12, cy: 32, r: 5, fill: fill, stroke: "#fff",
                                 "data-dot-mode": mode});
       dot.appendChild(sv("title", {}, `${mode} via ${n}: ${pct(a)} answered (last 10 s)`));
