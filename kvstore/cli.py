@@ -370,6 +370,8 @@ def register_kv(sub: Subparsers) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.key is not None:
+        return print_placement(args)
     info: dict[str, Any] = with_client(args, lambda kv: kv.cluster())
     if args.json:
         print_json(info)
@@ -411,6 +413,29 @@ def cmd_status(args: argparse.Namespace) -> int:
     settings = ("replicas", "r", "w", "vnodes", "conflict_mode", "consistency")
     n, r, w, vnodes, mode, consistency = (info.get(k, "?") for k in settings)
     console.print(f"N={n} R={r} W={w}  vnodes={vnodes}  conflict_mode={mode}  consistency={consistency}")
+    return EXIT_OK
+
+
+def print_placement(args: argparse.Namespace) -> int:
+    """``kvstore status --key K``: where the key lives, as the answering node sees it."""
+    where: dict[str, Any] = with_client(args, lambda kv: kv.placement(args.key))
+    if args.json:
+        print_json(where)
+        return EXIT_OK
+    down = set(where.get("primaries_down", []))
+    stand_ins = {f["stands_in_for"]: f["id"] for f in where.get("fallbacks", []) if f.get("stands_in_for")}
+    print(f"key {where.get('key')!r}  token {where.get('token')}  (vnode {where.get('vnode_token')}), "
+          f"as seen by {where.get('node')}")
+    for rank, member in enumerate(where.get("preference_list", []), start=1):
+        if member in down:
+            extra = f"  -> writes go to {stand_ins[member]} (a hint)" if member in stand_ins else "  (no stand-in up)"
+            print(f"  primary {rank}: {member}  DOWN{extra}")
+        else:
+            print(f"  primary {rank}: {member}  up")
+    fallbacks = ", ".join(f"{f['id']}{'' if f.get('up') else ' (down)'}" for f in where.get("fallbacks", []))
+    print(f"  fallbacks in ring order: {fallbacks or '-'}")
+    majority = "yes" if where.get("majority_reachable") else "NO: quorum and linearizable requests refuse here"
+    print(f"  a majority of the primaries is reachable: {majority}")
     return EXIT_OK
 
 
@@ -462,6 +487,8 @@ def register_admin(sub: Subparsers) -> None:
                        description="A table of members (state, phi, ring ownership, pending hints, refused links) and N/R/W.",
                        epilog=EPILOG, formatter_class=Formatter)
     p.add_argument("--json", action="store_true", help="print GET /cluster as JSON")
+    p.add_argument("--key", metavar="K", help="where key K lives: token, preference list, stand-ins "
+                                              "(GET /cluster/keys/K/placement)")
     p.set_defaults(handler=cmd_status)
 
     p = sub.add_parser("repair", parents=[conn], help="start an anti-entropy round on a node",
@@ -576,7 +603,9 @@ COMMANDS: list[tuple[str, Callable[[Subparsers], None]]] = [
 
 # name -> (module with main(argv) -> int, one-line help).  They parse their own arguments.
 DELEGATED: dict[str, tuple[str, str]] = {
-    "explore": ("kvstore.explore.matrix", "run CP and AP side by side under faults and report the trade-off"),
+    "explore": ("kvstore.explore.matrix", "run CP and AP side by side under faults and report the trade-off "
+                "(--serve: live, in the browser)"),
+    "ui": ("kvstore.ui.cli", "the live CAP explorer in the browser, on an existing cluster"),
     "check": ("kvstore.checker.cli", "check a recorded history for consistency anomalies"),
     "chaos": ("kvstore.harness.cli", "run a fault-injection scenario against a local cluster"),
     "sim": ("kvstore.sim.cli", "deterministic chaos runs on a simulated cluster: one seed, or a sweep of seeds"),

@@ -55,7 +55,7 @@ def test_document_is_openapi_303_with_the_public_routes() -> None:
     assert doc["openapi"] == "3.0.3"
     assert doc["info"]["title"] and doc["info"]["version"]
     assert set(doc["paths"]["/kv/{key}"]) == {"get", "put", "delete"}
-    for path in ("/cluster", "/health", "/metrics", "/openapi.json"):
+    for path in ("/cluster", "/cluster/keys/{key}/placement", "/health", "/metrics", "/openapi.json"):
         assert "get" in doc["paths"][path], path
     assert doc["paths"]["/admin/repair"]["post"]["security"] == [{"ClusterSecret": []}]
 

@@ -694,6 +694,11 @@ class Client:
         """``GET /cluster``: membership, ring ownership, N/R/W and pending hints, as one node sees them."""
         return await self._json("GET", "/cluster", timeout_s=timeout_s)
 
+    async def placement(self, key: str, *, timeout_s: float | None = None) -> dict[str, Any]:
+        """``GET /cluster/keys/{key}/placement``: the key's token, preference list and stand-ins,
+        as the answering node sees them."""
+        return await self._json("GET", f"/cluster/keys/{quote(key, safe='')}/placement", timeout_s=timeout_s)
+
     async def health(self, *, timeout_s: float | None = None) -> dict[str, Any]:
         """``GET /health`` of the first node that answers."""
         return await self._json("GET", "/health", timeout_s=timeout_s)

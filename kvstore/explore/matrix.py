@@ -89,6 +89,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--json", action="store_true", help="print every figure as JSON on stdout")
     parser.add_argument("--clients", type=int, default=10, help="clients per run (default 10)")
     parser.add_argument("--rate", type=float, default=100.0, help="ops/s per run over all clients (default 100)")
+    parser.add_argument("--serve", action="store_true",
+                        help="instead: the live explorer in the browser (see: kvstore explore --serve --help)")
     parser.add_argument("--netns", action="store_true",
                         help="root, Linux: every node in its own network namespace and partitions cut by nftables "
                              "instead of the in-process fault layer (docs/netns.md)")
@@ -110,6 +112,10 @@ def _split(text: str | None, default: list[str], known: list[str] | dict[str, An
 
 
 def main(argv: list[str] | None = None) -> int:
+    if "--serve" in (sys.argv[1:] if argv is None else argv):  # the live explorer parses its own options
+        from kvstore.ui.cli import serve_main
+
+        return serve_main(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     modes = _split(args.modes, DEFAULT_MODES, list(MODES), "mode")
     scenarios = _split(args.scenarios, QUICK_SCENARIOS if args.quick else DEFAULT_SCENARIOS, SCENARIOS, "scenario")

@@ -149,6 +149,8 @@ def judge(
         "stale": [result.op(sr.op).invoke for sr in a.stale_reads],
     }
     summary["finding"] = findings_for(summary)
+    if members:  # for the report's pictures: the topology with the fault, a key's placement
+        summary["ring"] = {"members": list(members), "vnodes": vnodes, "replicas": replicas}
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "check.json").write_text(result.to_json(indent=1))
@@ -283,6 +285,30 @@ def _img(png: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
+def _cluster_pictures(s: dict[str, Any], events: list[dict[str, Any]]) -> tuple[str, str]:
+    """The topology with the run's fault drawn on it and a key's placement during it (the key of
+    the counterexample when there is one), as inline SVG; and the key's replicas, in words."""
+    from kvstore.ui import pictures
+
+    ring_info = s.get("ring")
+    if not ring_info or not events:
+        return "", ""
+    ring = Ring(ring_info["members"], ring_info["vnodes"])
+    keys = sorted({str(e["key"]) for e in events if e.get("process") != "nemesis" and "key" in e})
+    key = s["keys_invalid"][0] if s.get("keys_invalid") else (keys[0] if keys else None)
+    topology = pictures.fault_svg(events, ring.members)
+    parts = [f"<figure>{topology}<figcaption>Who heard whom while the fault was in force.</figcaption></figure>"
+             if topology else ""]
+    note = ""
+    if key is not None:
+        replicas = ring.preference_list(key, ring_info["replicas"])
+        note = ", replicas " + " ".join(replicas)
+        parts.append(f"<figure>{pictures.placement_during_fault_svg(ring, key, ring_info['replicas'], events)}"
+                     f"<figcaption>Where key {html.escape(key)} lives: its replicas are {' '.join(replicas)} "
+                     "(numbered 1..N clockwise from its token).</figcaption></figure>")
+    return "<div class=pics>" + "".join(parts) + "</div>", note
+
+
 def write_report(out: Path, cells: Sequence[Any], meta: dict[str, Any]) -> Path:
     from kvstore.explore.plots import run_figure
     from kvstore.harness.history import read_history
@@ -319,12 +345,14 @@ def write_report(out: Path, cells: Sequence[Any], meta: dict[str, Any]) -> Path:
                          lost=set(marks.get("lost", [])), stale=set(marks.get("stale", [])))
         (c.out_dir / "plot.png").write_bytes(png)
         timeline = s.get("timeline_svg")
+        pictures, replicas_note = _cluster_pictures(s, events)
         repro = s.get("replay") or (f"python chaos/{c.scenario.replace('-', '_')}.py --mode {c.mode} "
                                     f"--duration {meta['duration_s']:g} --seed {meta['seed']} --out runs/{anchor}")
         sections.append(
             f"<section id='{anchor}'><h2>{c.mode} × {c.scenario}</h2><p class=finding>{html.escape(s['finding'])}</p>"
+            + pictures
             + _img(png, f"latency and availability over time, {c.mode} under {c.scenario}")
-            + (f"<h3>Why it is not linearizable (key {html.escape(s['keys_invalid'][0])})</h3>"
+            + (f"<h3>Why it is not linearizable (key {html.escape(s['keys_invalid'][0])}{replicas_note})</h3>"
                f"<div class=svg>{timeline}</div>" if timeline else "")
             + "<details><summary>configuration, seed and how to reproduce</summary>"
             + f"<p>Reproduce this cell alone: <code>{html.escape(repro)}</code><br>"
@@ -339,7 +367,8 @@ body {{ font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; ma
 table {{ border-collapse: collapse; font-size: 14px }} td, th {{ border: 1px solid #dee2e6; padding: 4px 8px; vertical-align: top }}
 th {{ background: #f1f3f5 }} .good {{ color: #2b8a3e; font-weight: bold }} .bad {{ color: #c92a2a; font-weight: bold }}
 .warn {{ color: #e67700; font-weight: bold }} .finding {{ font-size: 15px; background: #f8f9fa; padding: 6px 10px; border-left: 4px solid #1864ab }}
-img {{ max-width: 100%; border: 1px solid #dee2e6 }} section {{ margin-top: 36px }} .svg {{ overflow-x: auto }}
+img {{ max-width: 100%; border: 1px solid #dee2e6 }} .pics {{ display: flex; flex-wrap: wrap; gap: 16px; align-items: flex-start }}
+figure {{ margin: 0 }} figcaption {{ font-size: 13px; color: #495057; max-width: 480px }} section {{ margin-top: 36px }} .svg {{ overflow-x: auto }}
 code, pre {{ background: #f8f9fa; font-size: 12px }} pre {{ padding: 8px; overflow-x: auto }}
 </style></head><body>
 <h1>kvstore CAP explorer</h1>

@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +44,7 @@ from kvstore.harness.local_cluster import LocalCluster
 Grudge = dict[str, set[str]]
 
 PARTITION_KINDS = ("halves", "majority", "isolate", "bridge", "majorities-ring", "one-way")
+CUSTOM_PARTITION = "custom"  # a grudge drawn by hand (the live explorer): groups or single links
 FAULT_KINDS = PARTITION_KINDS + (
     "kill", "kill-wipe", "kill-all", "pause", "clock-skew", "latency", "loss", "disk-full", "slow-disk",
 )
@@ -67,11 +68,68 @@ def _complete_cut(groups: Sequence[Sequence[str]]) -> Grudge:
     return grudge
 
 
-def partition_grudge(kind: str, nodes: Sequence[str], rng: random.Random) -> tuple[Grudge, Any]:
-    """(grudge, description) for one partition shape; the description goes in the history."""
+def groups_grudge(groups: Sequence[Sequence[str]]) -> Grudge:
+    """Cut every link between two different groups (both directions); links inside a group stay."""
+    seen: set[str] = set()
+    for group in groups:
+        for node in group:
+            if node in seen:
+                raise NemesisError(f"{node} is in two groups (a bridge is the 'bridge' shape)")
+            seen.add(node)
+    return _complete_cut(groups)
+
+
+def links_grudge(nodes: Sequence[str], cut: Iterable[tuple[str, str]]) -> Grudge:
+    """A grudge from single links: each ``(sender, receiver)`` means the receiver no longer hears
+    the sender (cut both ways by naming both pairs)."""
+    grudge: Grudge = {n: set() for n in nodes}
+    for sender, receiver in cut:
+        if sender not in grudge or receiver not in grudge or sender == receiver:
+            raise NemesisError(f"no link {sender}->{receiver} among {', '.join(sorted(grudge))}")
+        grudge[receiver].add(sender)
+    return grudge
+
+
+def grudge_groups(grudge: Grudge) -> list[list[str]]:
+    """The groups of nodes that still hear each other both ways, directly or through each other
+    (connected components, largest first, then by name): the sides a grudge leaves."""
+    nodes = sorted(grudge)
+    talks = {a: {b for b in nodes if b != a and b not in grudge[a] and a not in grudge[b]} for a in nodes}
+    groups: list[list[str]] = []
+    placed: set[str] = set()
+    for start in nodes:
+        if start in placed:
+            continue
+        group, frontier = {start}, [start]
+        while frontier:
+            for peer in talks[frontier.pop()]:
+                if peer not in group:
+                    group.add(peer)
+                    frontier.append(peer)
+        placed |= group
+        groups.append(sorted(group))
+    return sorted(groups, key=lambda g: (-len(g), g))
+
+
+def partition_grudge(
+    kind: str, nodes: Sequence[str], rng: random.Random, focus: str | None = None
+) -> tuple[Grudge, Any]:
+    """(grudge, description) for one partition shape; the description goes in the history.
+
+    The nodes are drawn from ``rng``; ``focus`` names the node the shape is aimed at instead
+    (the isolated, bridge or deaf node; for ``majority``/``halves``, one on the smaller side).
+    """
     ordered = sorted(nodes)
     shuffled = ordered[:]
     rng.shuffle(shuffled)
+    if focus is not None:
+        if focus not in ordered:
+            raise NemesisError(f"{focus!r} is not one of {', '.join(ordered)}")
+        shuffled.remove(focus)
+        if kind in ("majority", "halves"):
+            shuffled.append(focus)
+        else:
+            shuffled.insert(0, focus)
     n = len(ordered)
     if n < 2:
         raise NemesisError("a partition needs at least two nodes")
@@ -272,7 +330,10 @@ class FaultControl:
         """Undo every fault: resume, restart the killed, clear rules and skews.  Idempotent."""
         errors: list[str] = []
         for node in sorted(self.paused):
-            await self.resume(node)
+            try:
+                await self.resume(node)
+            except Exception as exc:  # resumed; its rules are cleared below
+                errors.append(f"resume {node}: {exc}")
         for node in sorted(self.killed):
             try:
                 await self.restart(node)
@@ -368,6 +429,9 @@ class ClusterControl(FaultControl):
 
     async def _resume(self, node: str) -> None:
         self._local().resume(node)
+        # set_rules skipped the node while it was stopped: give it the table in force now (a
+        # partition started or healed meanwhile), or it would keep dropping links on its own.
+        await self._put_rules(node, self.rules.get(node, {}))
 
     async def _heal_node(self, node: str) -> str | None:
         try:

@@ -33,10 +33,12 @@ import aiohttp
 import kvstore
 from kvstore.harness.history import HistoryWriter, NemesisLog
 from kvstore.harness.nemesis import (
+    CUSTOM_PARTITION,
     PARTITION_KINDS,
     SLOW_DISK,
     ClusterControl,
     FaultControl,
+    Grudge,
     NemesisError,
     partition_grudge,
 )
@@ -161,21 +163,23 @@ class FaultDriver:
         self.active: list[tuple[str, Any]] = []
         self.link: dict[str, float] = {"delay_ms": 0.0, "jitter_ms": 0.0, "loss": 0.0}
 
-    async def start(self, kind: str) -> None:
+    async def start(self, kind: str, target: str | None = None, skew_ms: float | None = None) -> None:
+        """Start one fault.  The nodes it hits are drawn from the seeded rng, unless ``target``
+        names the node to aim at (the live explorer's clicks); ``skew_ms`` with a target sets
+        that node's skew (default +CLOCK_SKEW_MS) instead of one node ahead and one behind."""
         nodes = [n for n in self.control.node_ids if n not in self.control.killed]
+        if target is not None and target not in nodes:
+            raise NemesisError(f"{target!r} is not a running node (running: {', '.join(nodes)})")
         if kind in PARTITION_KINDS:
-            grudge, description = partition_grudge(kind, nodes, self.rng)
-            await self.control.partition(grudge)
-            value = {"kind": kind, "groups": description}
-            self.history.nemesis("start-partition", value)
-            self.active.append((kind, value))
+            grudge, description = partition_grudge(kind, nodes, self.rng, focus=target)
+            await self.start_partition(grudge, {"kind": kind, "groups": description})
         elif kind == "kill":
-            victim = self.rng.choice(nodes)
+            victim = target if target is not None else self.rng.choice(nodes)
             await self.control.kill(victim)
             self.history.nemesis("kill", [victim])
             self.active.append((kind, victim))
         elif kind == "kill-wipe":
-            victim = self.rng.choice(nodes)
+            victim = target if target is not None else self.rng.choice(nodes)
             await self.control.kill(victim, lose_state=True)
             self.history.nemesis("kill", [victim])
             self.history.nemesis("lose-state", [victim])
@@ -185,19 +189,23 @@ class FaultDriver:
             self.history.nemesis("kill", list(nodes))
             self.active.append((kind, list(nodes)))
         elif kind == "pause":
-            victim = self.rng.choice(nodes)
+            victim = target if target is not None else self.rng.choice(nodes)
             await self.control.pause(victim)
             self.history.nemesis("pause", [victim])
             self.active.append((kind, victim))
         elif kind == "clock-skew":
-            ahead, behind = self.rng.sample(nodes, 2)
-            await self.control.skew(ahead, CLOCK_SKEW_MS)
-            await self.control.skew(behind, -CLOCK_SKEW_MS)
-            value = {ahead: CLOCK_SKEW_MS, behind: -CLOCK_SKEW_MS}
+            value: dict[str, Any]
+            if target is not None:
+                value = {target: CLOCK_SKEW_MS if skew_ms is None else skew_ms}
+            else:
+                ahead, behind = self.rng.sample(nodes, 2)
+                value = {ahead: CLOCK_SKEW_MS, behind: -CLOCK_SKEW_MS}
+            for node, node_skew_ms in value.items():
+                await self.control.skew(node, node_skew_ms)
             self.history.nemesis("start-skew", value)
             self.active.append((kind, value))
         elif kind in ("disk-full", "slow-disk"):
-            victim = self.rng.choice(nodes)
+            victim = target if target is not None else self.rng.choice(nodes)
             faults: dict[str, Any] = {"disk_full": True} if kind == "disk-full" else dict(SLOW_DISK)
             await self.control.disk(victim, faults)
             value = {"node": victim, **faults}
@@ -215,34 +223,74 @@ class FaultDriver:
         else:
             raise NemesisError(f"unknown fault {kind!r}")
 
+    async def start_partition(self, grudge: Grudge, value: dict[str, Any]) -> None:
+        """Install a partition and record it (``value`` describes it: its kind and groups).  An
+        active partition is replaced without a healed moment in between: its stop is recorded,
+        then the new rules replace the old ones on every node."""
+        for kind, old in [a for a in self.active if _is_partition(a[0])]:
+            self.history.nemesis("stop-partition", old)
+            self.active.remove((kind, old))
+        await self.control.partition(grudge)
+        self.history.nemesis("start-partition", value)
+        self.active.append((str(value.get("kind", CUSTOM_PARTITION)), value))
+
+    async def stop(self, kind: str, target: str | None = None) -> None:
+        """Undo the active faults of one kind (any partition shape for ``partition``), only
+        those aimed at ``target`` when it is given."""
+        for active_kind, value in reversed(list(self.active)):
+            if not (active_kind == kind or (kind == "partition" and _is_partition(active_kind))):
+                continue
+            if target is not None and not _aims_at(value, target):
+                continue
+            self.active.remove((active_kind, value))
+            await self._undo(active_kind, value)
+
     async def stop_all(self) -> None:
-        # The stop event is recorded *before* the fault is undone (and the start event after it
-        # was installed), so every op inside a recorded window ran with the fault fully in force.
         for kind, value in reversed(self.active):
-            if kind in PARTITION_KINDS:
-                self.history.nemesis("stop-partition", value)
-                await self.control.set_rules({})
-            elif kind in ("kill", "kill-wipe"):
-                self.history.nemesis("restart", [value])
-                await self.control.restart(value)
-            elif kind == "kill-all":
-                self.history.nemesis("restart", value)
-                await self.control.restart_many(value)
-            elif kind == "pause":
-                self.history.nemesis("resume", [value])
-                await self.control.resume(value)
-            elif kind == "clock-skew":
-                self.history.nemesis("stop-skew", value)
-                for node in value:
-                    await self.control.skew(node, 0)
-            elif kind in ("disk-full", "slow-disk"):
-                self.history.nemesis(f"stop-{kind}", value)
-                await self.control.disk(value["node"], {})
-            elif kind in ("latency", "loss"):
-                self.history.nemesis(f"stop-{kind}", value)
-                await self.control.set_rules({})
+            await self._undo(kind, value)
         self.active.clear()
         self.link = {"delay_ms": 0.0, "jitter_ms": 0.0, "loss": 0.0}
+
+    async def _undo(self, kind: str, value: Any) -> None:
+        # The stop event is recorded *before* the fault is undone (and the start event after it
+        # was installed), so every op inside a recorded window ran with the fault fully in force.
+        if _is_partition(kind):
+            self.history.nemesis("stop-partition", value)
+            await self.control.set_rules({})
+        elif kind in ("kill", "kill-wipe"):
+            self.history.nemesis("restart", [value])
+            await self.control.restart(value)
+        elif kind == "kill-all":
+            self.history.nemesis("restart", value)
+            await self.control.restart_many(value)
+        elif kind == "pause":
+            self.history.nemesis("resume", [value])
+            await self.control.resume(value)
+        elif kind == "clock-skew":
+            self.history.nemesis("stop-skew", value)
+            for node in value:
+                await self.control.skew(node, 0)
+        elif kind in ("disk-full", "slow-disk"):
+            self.history.nemesis(f"stop-{kind}", value)
+            await self.control.disk(value["node"], {})
+        elif kind in ("latency", "loss"):
+            self.history.nemesis(f"stop-{kind}", value)
+            await self.control.set_rules({})
+
+
+def _is_partition(kind: str) -> bool:
+    return kind in PARTITION_KINDS or kind == CUSTOM_PARTITION
+
+
+def _aims_at(value: Any, node: str) -> bool:
+    """Whether an active fault's value names ``node`` (a victim, a skewed clock, a disk)."""
+    if isinstance(value, str):
+        return value == node
+    if isinstance(value, list):
+        return node in value
+    if isinstance(value, dict):
+        return node in value or value.get("node") == node
+    return False
 
 
 ProgressFn = Callable[[str, Workload, float], None]

@@ -104,6 +104,14 @@ class Ring:
     def walk_token(self, token: int) -> tuple[str, ...]:
         return self._walk[self._vnode_index(token)]
 
+    def vnode_token_of(self, token: int) -> int:
+        """The token of the vnode that owns ``token`` (the first at or after it, wrapping)."""
+        return self._tokens[self._vnode_index(token)]
+
+    def vnode_owners(self) -> list[tuple[int, str]]:
+        """Every vnode as (token, member), in ring order (for pictures of the ring)."""
+        return list(zip(self._tokens, self._owner_at, strict=True))
+
     def preference_list(self, key: str, n: int) -> tuple[str, ...]:
         assert 1 <= n <= len(self.members), f"N={n} with {len(self.members)} members"
         return self.walk(key)[:n]

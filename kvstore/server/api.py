@@ -34,8 +34,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kvstore.errors import BadRequest, BodyTimeout, NodeError, Unauthorized, ValueTooLarge
 from kvstore.protocol.failure import UnknownMember
+from kvstore.protocol.placement import placement
 from kvstore.runtime.node import Node
-from kvstore.server.kv_api import ApiRequest, ApiResponse, KvApi
+from kvstore.server.kv_api import ApiRequest, ApiResponse, KvApi, decode_key
 from kvstore.storage import StorageBusy, StorageError
 
 log = logging.getLogger(__name__)
@@ -310,6 +311,17 @@ async def cluster_handler(request: web.Request) -> web.Response:
     )
 
 
+PLACEMENT_PREFIX, PLACEMENT_SUFFIX = "/cluster/keys/", "/placement"
+
+
+async def placement_handler(request: web.Request) -> web.Response:
+    """Where a key lives as this node sees it (``kvstore.protocol.placement``): read-only, no secret."""
+    node = request.app[NODE_KEY]
+    raw = request.rel_url.raw_path[len(PLACEMENT_PREFIX) : -len(PLACEMENT_SUFFIX)]
+    key = decode_key(raw, node.cfg)
+    return web.json_response({"node": node.node_id, **placement(node.ring, key, node.n, node.is_up).to_json()})
+
+
 async def health_handler(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok", "node": request.app[NODE_KEY].node_id})
 
@@ -389,6 +401,7 @@ def build_app(node: Node, extra_routes: list[web.RouteDef] | None = None) -> web
     for method in ("GET", "PUT", "DELETE"):
         app.router.add_route(method, r"/kv/{key:[\s\S]*}", kv_handler)
     app.router.add_get("/cluster", cluster_handler)
+    app.router.add_get(PLACEMENT_PREFIX + r"{key:[\s\S]+}" + PLACEMENT_SUFFIX, placement_handler)
     app.router.add_get("/health", health_handler)
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/openapi.json", openapi_handler)

@@ -92,7 +92,11 @@ def value_response(value: bytes, headers: Mapping[str, str]) -> ApiResponse:
 
 
 def parse_key(raw_path: str, cfg: NodeConfig) -> str:
-    raw = raw_path[len(KV_PREFIX) :]
+    return decode_key(raw_path[len(KV_PREFIX) :], cfg)
+
+
+def decode_key(raw: str, cfg: NodeConfig) -> str:
+    """A percent-encoded key (a path segment), validated: 400 ``invalid_key`` when it is not one."""
     try:
         key = unquote(raw, errors="strict")
     except UnicodeDecodeError:
