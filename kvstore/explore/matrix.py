@@ -145,8 +145,6 @@ def main(argv: list[str] | None = None) -> int:
 async def _explore(args: argparse.Namespace, modes: list[str], scenarios: list[str], duration: float) -> int:
     from rich.console import Console
 
-    from kvstore.explore.report import print_table, write_report
-
     console = Console(stderr=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -189,6 +187,13 @@ async def _explore(args: argparse.Namespace, modes: list[str], scenarios: list[s
     meta = {"seed": args.seed, "duration_s": duration, "modes": modes, "scenarios": scenarios,
             "skipped": skipped, "elapsed_s": round(elapsed, 1), "command": command,
             "partitions": "nftables in network namespaces" if args.netns else "in-process fault layer"}
+    return _finish(args, out, cells, meta, f"{elapsed:.0f} s")
+
+
+def _finish(args: argparse.Namespace, out: Path, cells: list[Cell], meta: dict[str, Any], took: str) -> int:
+    """Write results.json and the report, print the table (or JSON); 1 if any run failed."""
+    from kvstore.explore.report import print_table, write_report  # matplotlib: only once there is a report
+
     results = {"meta": meta, "cells": [_cell_json(c) for c in cells]}
     (out / "results.json").write_text(json.dumps(results, indent=2))
     write_report(out, cells, meta)
@@ -196,7 +201,7 @@ async def _explore(args: argparse.Namespace, modes: list[str], scenarios: list[s
         print(json.dumps(results, indent=2))
     else:
         print_table(cells, meta)
-        print(f"\nreport: {out / 'index.html'}   figures: {out / 'results.json'}   ({elapsed:.0f} s)")
+        print(f"\nreport: {out / 'index.html'}   figures: {out / 'results.json'}   ({took})")
     failed = [c for c in cells if c.error]
     if failed:
         print(f"kvstore explore: {len(failed)} run(s) failed: " + "; ".join(f"{c.mode}/{c.scenario}: {c.error}"
@@ -310,8 +315,6 @@ def _explore_simulated(args: argparse.Namespace, modes: list[str], scenarios: li
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from kvstore.explore.report import print_table, write_report
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = "kvstore explore " + " ".join(shlex.quote(a) for a in (sys.argv[2:] if len(sys.argv) > 2 else []))
@@ -339,17 +342,4 @@ def _explore_simulated(args: argparse.Namespace, modes: list[str], scenarios: li
     elapsed = time.monotonic() - started
     meta = {"seed": args.seed, "duration_s": duration, "modes": modes, "scenarios": scenarios, "skipped": [],
             "elapsed_s": round(elapsed, 1), "command": command, "simulated": True, "jobs": jobs}
-    results = {"meta": meta, "cells": [_cell_json(c) for c in cells]}
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    write_report(out, cells, meta)
-    if args.json:
-        print(json.dumps(results, indent=2))
-    else:
-        print_table(cells, meta)
-        print(f"\nreport: {out / 'index.html'}   figures: {out / 'results.json'}   ({elapsed:.0f} s, simulated)")
-    failed = [c for c in cells if c.error]
-    if failed:
-        print(f"kvstore explore: {len(failed)} run(s) failed: " + "; ".join(f"{c.mode}/{c.scenario}: {c.error}"
-                                                                       for c in failed), file=sys.stderr)
-        return 1
-    return 0
+    return _finish(args, out, cells, meta, f"{elapsed:.0f} s, simulated")

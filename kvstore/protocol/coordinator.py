@@ -104,6 +104,7 @@ from kvstore.errors import (
     StorageUnavailable,
 )
 from kvstore.protocol import causal_context, versions
+from kvstore.protocol.calls import Abandon, Answer, CallFailed, Reply, Send, StartTimer
 from kvstore.protocol.quorum import QuorumTracker
 from kvstore.protocol.versions import VersionedObject
 from kvstore.transport.base import Message, RemoteError
@@ -160,28 +161,7 @@ class PersistLocal:
     timeout_at_ns: int
 
 
-@dataclass(frozen=True, slots=True)
-class Send:
-    """Call ``peer`` with ``message``, giving up at ``timeout_at_ns`` (monotonic)."""
 
-    call: int
-    peer: str
-    message: Message
-    timeout_at_ns: int
-
-
-@dataclass(frozen=True, slots=True)
-class Abandon:
-    """Cancel these calls; the core ignores their answers."""
-
-    calls: tuple[int, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class StartTimer:
-    """Call ``on_timer`` once the monotonic clock reaches ``at_ns`` (replaces any earlier timer)."""
-
-    at_ns: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,24 +204,8 @@ def outcome_of(effect: Done | Failed) -> contract.Outcome:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """Input: the peer's wire reply to ``Send`` ``call`` (untrusted)."""
-
-    call: int
-    message: Message
 
 
-@dataclass(frozen=True, slots=True)
-class CallFailed:
-    """Input: ``Send`` ``call`` got no reply (``PeerUnavailable``, ``RemoteError``).
-    ``maybe_delivered``: the request may have reached the peer."""
-
-    call: int
-    maybe_delivered: bool
-
-
-Answer = Reply | CallFailed
 
 
 @dataclass(frozen=True, slots=True)

@@ -109,6 +109,7 @@ if TYPE_CHECKING:  # the rng is injected; this pure module never draws from the 
     import random
 
 from kvstore.errors import QuorumUnavailable
+from kvstore.protocol.calls import Abandon, Answer, CallFailed, Reply, Send, StartTimer
 from kvstore.protocol.paxos import (
     ABSENT,
     Accepted,
@@ -192,21 +193,6 @@ class Instant:
     wall_ns: int
 
 
-@dataclass(frozen=True, slots=True)
-class Send:
-    """Call ``peer`` with ``message``, giving up at ``timeout_at_ns`` (monotonic)."""
-
-    call: int
-    peer: str
-    message: Message
-    timeout_at_ns: int
-
-
-@dataclass(frozen=True, slots=True)
-class Abandon:
-    """Cancel these calls; the core counted them as maybe delivered and ignores their answers."""
-
-    calls: tuple[int, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,12 +201,6 @@ class Detach:
 
     calls: tuple[int, ...]
 
-
-@dataclass(frozen=True, slots=True)
-class StartTimer:
-    """Call ``on_timer`` once the monotonic clock reaches ``at_ns`` (replaces any earlier timer)."""
-
-    at_ns: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,26 +216,8 @@ class Failed:
 Effect = Send | Abandon | Detach | StartTimer | Done | Failed
 
 
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """Input: the peer's wire reply to ``Send`` ``call`` (untrusted)."""
-
-    call: int
-    message: Message
 
 
-@dataclass(frozen=True, slots=True)
-class CallFailed:
-    """Input: ``Send`` ``call`` got no reply.  ``maybe_delivered``: the request may have reached
-    the acceptor (timeout, lost reply, remote error); ``recovering``: the acceptor refused because
-    it lost its storage (nothing was done there, a certain failure)."""
-
-    call: int
-    maybe_delivered: bool
-    recovering: bool = False
-
-
-Answer = Reply | CallFailed
 
 
 # --------------------------------------------------------------------------------------------
