@@ -147,8 +147,10 @@ class SimCluster:
                           clock=clock, rng=rng)
         node = assemble_node(cfg, seams)
         member.host, member.node, member.transport, member.clock = host, node, transport, clock
-        member.api = KvApi(node)
         await host.spawn(node.start(), name=f"{member.node_id}-start")
+        # Clients reach the node only once it has started, as a real node opens its HTTP port after
+        # Node.start: before, a request would meet a node without its identity (sweep seed 300).
+        member.api = KvApi(node)
 
     def crash(self, node_id: str, lose_state: bool = False) -> None:
         member = self.members[node_id]
