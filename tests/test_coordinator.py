@@ -408,6 +408,19 @@ def test_read_repair_without_anything_outstanding_decides_at_once() -> None:
     assert isinstance(repair, Repair) and repair.peer == "n3"
 
 
+def test_a_read_that_finds_nothing_anywhere_repairs_nothing() -> None:
+    # A key nobody holds (never written, or its tombstone reaped): a "repair" would write an
+    # empty record on every primary at every read of an absent key.
+    core = read_core(3)
+    calls = sends(core.start(T0))
+    core.on_reply(calls["n1"].call, holding(None), T0)
+    core.on_reply(calls["n2"].call, holding(None), T0)
+    [done] = core.on_reply(calls["n3"].call, holding(None), T0)
+    assert isinstance(done, Done) and done.result.obj == VersionedObject.empty()
+    assert core.begin_repair(T0, 200 * MS) == []
+    assert core.settled
+
+
 def test_a_read_short_of_r_abandons_the_rest_then_fails_certainly() -> None:
     core = read_core(3)
     calls = sends(core.start(T0))
@@ -573,7 +586,7 @@ def test_a_read_under_any_answer_order_answers_once_and_repairs_only_stale_prima
             t for t in targets
             if t in primaries and t in held
             and (held[t] is None or versions.digest(held[t]) != versions.digest(merged))  # type: ignore[arg-type]
-        ]
+        ] if merged != VersionedObject.empty() else []  # nobody holds anything: nothing is stale
         assert [e.peer for e in repairs] == stale
 
 

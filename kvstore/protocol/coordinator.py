@@ -682,6 +682,10 @@ class ReadCoordinatorCore:
         """One ``Repair`` per primary that answered with something other than the merge."""
         self._repaired = True
         merged = versions.sync_all([self.merged, *(o for o in self.replies.values() if o is not None)], self.mode)
+        if merged == VersionedObject.empty():
+            # Nobody holds the key (never written, or its tombstone was reaped): there is nothing
+            # to repair, and "repairing" would store an empty record on every primary per read.
+            return []
         digest = versions.digest(merged)
         message: Message = {"op": "replica_put", "key": self.key, "token": self.token, "obj": versions.encode(merged)}
         effects: list[Effect] = []

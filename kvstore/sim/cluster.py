@@ -35,9 +35,10 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import inspect
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,11 +47,13 @@ from kvstore.harness.endpoint import NoAnswerError
 from kvstore.runtime.assembly import NodeSeams, assemble_node
 from kvstore.runtime.node import Node
 from kvstore.server.kv_api import ApiRequest, ApiResponse, KvApi
+from kvstore.protocol.ring import Ring, key_token
 from kvstore.sim.disk import SimDisk, latency_sampler
 from kvstore.sim.network import Latency, SimNetwork, SimTransport
-from kvstore.sim.vloop import Host, SimClock, VirtualLoop
+from kvstore.sim.vloop import Host, SimClock, SimError, VirtualLoop
 from kvstore.storage.faulty import FaultSettings
 from kvstore.transport.base import LinkRule
+from kvstore.protocol.versions import VersionedObject, decode
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +88,10 @@ class ClusterSpec:
         ))
 
 
+class ConditionNotMet(SimError):
+    """``SimCluster.wait_until``'s condition did not hold by its simulated deadline."""
+
+
 class SimMember:
     """One member of the cluster across its boots: its disk survives them, the rest is per boot."""
 
@@ -114,6 +121,7 @@ class SimCluster:
         self.disk_rng = random.Random(f"{seed}:disk")
         self.client_rng = random.Random(f"{seed}:clients")
         self.network = SimNetwork(self.net_rng, spec.latency)
+        self.ring = Ring([f"n{i + 1}" for i in range(spec.nodes)], spec.vnodes)  # the nodes' own ring
         self.members: dict[str, SimMember] = {}
         for i in range(spec.nodes):
             node_id = f"n{i + 1}"
@@ -211,6 +219,65 @@ class SimCluster:
         if not member.up or member.node is None or member.host is None:
             return
         await member.host.spawn(member.node.parts.anti_entropy.trigger_repair(), name=f"{node_id}-repair")
+
+    # --- partitions (what the nemesis installs through /admin/faults, both ends enforcing) -------
+
+    def cut(self, a: str, b: str) -> None:
+        """Partition ``a`` <-> ``b`` in both directions, keeping the other rules of ``a`` and ``b``.
+
+        Rules live in a boot's transport: a restarted node starts with none, as a process does."""
+        for here, there in ((a, b), (b, a)):
+            transport = self.members[here].transport
+            if transport is not None and self.members[here].up:
+                transport.faults.set_rule(there, LinkRule(drop_in=True, drop_out=True))
+
+    def isolate(self, node_id: str) -> None:
+        for other in self.node_ids:
+            if other != node_id:
+                self.cut(node_id, other)
+
+    def heal(self) -> None:
+        """Every running node drops every link rule."""
+        for member in self.members.values():
+            if member.up and member.transport is not None:
+                member.transport.faults.clear()
+
+    # --- inspection and waiting (tests: what a real node's internal routes would show) ---------
+
+    def walk(self, key: str) -> list[str]:
+        """The key's preference list (its first ``replicas`` members), then its fallbacks, in ring order."""
+        return list(self.ring.walk(key))
+
+    async def local_object(self, node_id: str, key: str) -> VersionedObject:
+        """A running node's knowledge of a key: its data plus its unexpired hints (its ``replica_get``)."""
+        return await self.node(node_id).read_local(key, key_token(key))
+
+    async def stored_object(self, node_id: str, key: str) -> VersionedObject | None:
+        """A running node's *data store* copy of a key (tombstones included; hints not), or None."""
+        blob = await self.node(node_id).data.get(key, key_token(key))
+        return None if blob is None else decode(blob)
+
+    def metric(self, node_id: str, name: str, **labels: str) -> float:
+        """A running node's metric sample (e.g. ``kvstore_hints_stored_total``); 0 if never set."""
+        value = self.node(node_id).metrics.registry.get_sample_value(name, labels)
+        return 0.0 if value is None else value
+
+    async def wait_until(
+        self, what: str, condition: Callable[[], bool | Awaitable[bool]], deadline_s: float, every_s: float = 0.1
+    ) -> float:
+        """Advance simulated time until ``condition`` holds, checking every ``every_s`` simulated
+        seconds; returns the simulated seconds it took.  Raises ``ConditionNotMet`` once
+        ``deadline_s`` simulated seconds have passed without it (no wall-clock time is involved)."""
+        started = self.loop.time()
+        while True:
+            held = condition()
+            if inspect.isawaitable(held):
+                held = await held
+            if held:
+                return self.loop.time() - started
+            if self.loop.time() - started >= deadline_s:
+                raise ConditionNotMet(f"not within {deadline_s:g} simulated s: {what}")
+            await asyncio.sleep(every_s)
 
     # --- clients ------------------------------------------------------------------------------
 
