@@ -21,9 +21,9 @@ import json
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
+from kvstore.config import APSettings
 from kvstore.harness.endpoint import ApiRequest, ApiResponse
 from kvstore.protocol import versions
-from kvstore.config import APSettings
 from kvstore.sim import vloop
 from kvstore.sim.cluster import ClusterSpec, SimCluster
 

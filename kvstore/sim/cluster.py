@@ -44,16 +44,16 @@ from typing import Any
 
 from kvstore.config import APSettings, Limits, Member, NodeConfig, validate
 from kvstore.harness.endpoint import NoAnswerError
+from kvstore.protocol.ring import Ring, key_token
+from kvstore.protocol.versions import VersionedObject, decode
 from kvstore.runtime.assembly import NodeSeams, assemble_node
 from kvstore.runtime.node import Node
 from kvstore.server.kv_api import ApiRequest, ApiResponse, KvApi
-from kvstore.protocol.ring import Ring, key_token
 from kvstore.sim.disk import SimDisk, latency_sampler
 from kvstore.sim.network import Latency, SimNetwork, SimTransport
 from kvstore.sim.vloop import Host, SimClock, SimError, VirtualLoop
 from kvstore.storage.faulty import FaultSettings
 from kvstore.transport.base import LinkRule
-from kvstore.protocol.versions import VersionedObject, decode
 
 log = logging.getLogger(__name__)
 

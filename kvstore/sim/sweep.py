@@ -43,6 +43,7 @@ from typing import Any
 
 from kvstore.harness.runner import SCENARIOS
 from kvstore.harness.workload import MODES
+from kvstore.sim import vloop
 from kvstore.sim.run import SimConfig, replay_command, run_sim
 from kvstore.sim.vloop import SimDeadlock, SimError
 
@@ -129,11 +130,17 @@ class SeedOutcome:
 
 
 class SeedWallLimit(Exception):
-    """A worker passed the wall-clock limit of one seed (it never got back to the event loop)."""
+    """A worker passed the wall-clock limit of one seed and never got back to the event loop."""
 
 
 def _alarm(signum: int, frame: FrameType | None) -> None:
-    raise SeedWallLimit(f"the run passed the wall-clock limit of {SEED_WALL_LIMIT_S:.0f} s for one seed")
+    reason = f"the run passed the wall-clock limit of {SEED_WALL_LIMIT_S:.0f} s for one seed"
+    if vloop.aborting():
+        # Asked once and the loop never took another step: stuck outside it (raising may then be
+        # swallowed where it lands, but there is nothing else left to try).
+        raise SeedWallLimit(reason)
+    vloop.request_abort(reason)  # the loop raises SimAborted at its next step: reliable
+    signal.setitimer(signal.ITIMER_REAL, 5.0)
 
 
 def run_seed(seed: int, config: SimConfig, out_root: str, wall_limit_s: float = SEED_WALL_LIMIT_S) -> SeedOutcome:
@@ -142,12 +149,14 @@ def run_seed(seed: int, config: SimConfig, out_root: str, wall_limit_s: float = 
     if out_dir.exists():
         shutil.rmtree(out_dir)
     started = time.perf_counter()
+    vloop.clear_abort()
     previous = signal.signal(signal.SIGALRM, _alarm)
     signal.setitimer(signal.ITIMER_REAL, wall_limit_s)
     try:
         result = run_sim(seed, config, out_dir)
     except SimError as exc:
-        kind = "deadlock" if isinstance(exc, SimDeadlock) else "budget exceeded"
+        kind = ("deadlock" if isinstance(exc, SimDeadlock)
+                else "hung" if isinstance(exc, vloop.SimAborted) else "budget exceeded")
         outcome = SeedOutcome(seed, config, [f"simulation failed ({kind}): {exc}"], failure=kind)
     except Exception as exc:  # a crash or failed assertion of the run is a finding (or SeedWallLimit)
         kind = "hung" if isinstance(exc, SeedWallLimit) else "crash"
@@ -161,6 +170,7 @@ def run_seed(seed: int, config: SimConfig, out_root: str, wall_limit_s: float = 
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+        vloop.clear_abort()
     if outcome.wall_s == 0.0:
         outcome.wall_s = time.perf_counter() - started
     if outcome.ok:

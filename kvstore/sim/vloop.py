@@ -74,6 +74,31 @@ class SimLimitExceeded(SimError):
     """The run passed its budget of simulated time or loop steps (a livelock, or a budget too small)."""
 
 
+class SimAborted(SimError):
+    """The run was asked to stop from outside (``request_abort``: a sweep's wall-clock limit)."""
+
+
+# Set from a signal handler; read by the selector at every loop step.  An exception raised inside
+# a signal handler can be swallowed (Python ignores exceptions raised in weakref callbacks and
+# __del__), so a wall-clock limit sets this flag and the loop raises at its next step instead.
+_abort_reason: str | None = None
+
+
+def request_abort(reason: str) -> None:
+    """Make every running virtual loop of this process raise ``SimAborted`` at its next step."""
+    global _abort_reason
+    _abort_reason = reason
+
+
+def aborting() -> bool:
+    return _abort_reason is not None
+
+
+def clear_abort() -> None:
+    global _abort_reason
+    _abort_reason = None
+
+
 CURRENT_HOST: contextvars.ContextVar[Host | None] = contextvars.ContextVar("kvstore_sim_host", default=None)
 
 
@@ -120,6 +145,8 @@ class VirtualSelector(selectors.SelectSelector):
         loop = self.loop
         assert loop is not None
         loop.steps += 1
+        if _abort_reason is not None:
+            raise SimAborted(_abort_reason)
         if loop.steps > loop.max_steps:
             raise SimLimitExceeded(f"more than {loop.max_steps} loop steps (simulated t={loop.now_ns / NS_PER_S:.3f} s)")
         if timeout is None:
@@ -232,6 +259,7 @@ def run(main: Coroutine[Any, Any, T], *, max_time_s: float = 24 * 3600.0, max_st
 
 
 def _cancel_all(loop: VirtualLoop) -> None:
+    clear_abort()  # an abort has stopped the run; the tasks still get their bounded chance to unwind
     pending = loop.tasks_in_order()
     if not pending:
         return
