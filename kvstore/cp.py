@@ -89,6 +89,7 @@ from typing import Any, Protocol
 from kvstore.clock import Clock
 from kvstore.errors import Overloaded, QuorumUnavailable
 from kvstore.locks import KeyLocks
+from kvstore.membership import STALE_CONFIG, quorum_possible, quorum_reached
 from kvstore.paxos import (
     ABSENT,
     EMPTY_STATE,
@@ -471,6 +472,7 @@ class _FastPath:
     value: RegisterValue
     lineage: Lineage
     replicas: tuple[str, ...]
+    acceptor_sets: tuple[tuple[str, ...], ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -498,6 +500,12 @@ class _Round:
         """The ok replies that count: those of an incarnation no other reply says is gone."""
         stale = stale_acceptors({peer: (inc, view) for peer, _, inc, view in self.replies})
         return [ok for peer, ok, _, _ in self.replies if peer not in stale]
+
+    @property
+    def ok_peers(self) -> list[tuple[str, Any]]:
+        """(acceptor, reply) of the ok replies that count (see ``oks``)."""
+        stale = stale_acceptors({peer: (inc, view) for peer, _, inc, view in self.replies})
+        return [(peer, ok) for peer, ok, _, _ in self.replies if peer not in stale]
 
     @property
     def discarded(self) -> int:
@@ -559,13 +567,29 @@ class PaxosProposer:
     # --- public ---------------------------------------------------------------------------
 
     async def propose(
-        self, key: str, token: int, replicas: list[str], change: Change, timeout_s: float
+        self,
+        key: str,
+        token: int,
+        replicas: list[str],
+        change: Change,
+        timeout_s: float,
+        *,
+        acceptor_sets: tuple[tuple[str, ...], ...] | None = None,
+        stamp: Message | None = None,
     ) -> ProposeResult:
         """Linearizably apply ``change`` to ``key``'s register replicated on ``replicas``.
+
+        ``acceptor_sets`` (default: ``replicas`` alone) are the sets each phase needs a majority
+        of: during a membership change the key's old and new acceptor sets (joint consensus,
+        ``kvstore.membership``); ``replicas`` must be their union.  ``stamp`` is merged into every
+        prepare and accept (the configuration version the sets were computed from, so an
+        acceptor that knows a newer one refuses the round instead of counting in it).
 
         Raises ``ConsensusUnavailable`` (see ``indeterminate``) or ``ConsensusOverloaded``.
         """
         assert replicas and len(set(replicas)) == len(replicas), "replicas must be distinct"
+        sets = acceptor_sets if acceptor_sets is not None else (tuple(replicas),)
+        assert set().union(*sets) == set(replicas), "the replicas are the union of the acceptor sets"
         assert timeout_s > 0
         if self.in_flight >= self.max_in_flight:
             self.stats.overloaded += 1
@@ -573,7 +597,7 @@ class PaxosProposer:
         self.in_flight += 1
         self.stats.proposals += 1
         try:
-            result = await self._propose(key, token, tuple(replicas), change, timeout_s)
+            result = await self._propose(key, token, tuple(replicas), change, timeout_s, sets, stamp or {})
         except ConsensusUnavailable:
             self.stats.failed += 1
             raise
@@ -595,10 +619,17 @@ class PaxosProposer:
     # --- protocol -------------------------------------------------------------------------
 
     async def _propose(
-        self, key: str, token: int, group: tuple[str, ...], change: Change, timeout_s: float
+        self,
+        key: str,
+        token: int,
+        group: tuple[str, ...],
+        change: Change,
+        timeout_s: float,
+        sets: tuple[tuple[str, ...], ...],
+        stamp: Message,
     ) -> ProposeResult:
         deadline_ns = self.clock.monotonic_ns() + int(timeout_s * 1e9)
-        need = majority(len(group))
+        need = majority(len(group)) if len(sets) == 1 else sum(majority(len(s)) for s in sets)
         pending: dict[Ballot, _Pending] = {}
         round_trips = 0
         acknowledged = 0
@@ -606,7 +637,7 @@ class PaxosProposer:
         # Single use: popped before any await, so two concurrent proposals on this node can never
         # both send an accept at the same fast ballot (with possibly different values).
         fast = self._fast.pop(key, None)
-        if fast is not None and fast.replicas != group:
+        if fast is not None and (fast.replicas != group or fast.acceptor_sets != sets):
             fast = None  # promised by a majority of another replica set: not a phase 1 for this one
         attempt = 0
         while True:
@@ -644,14 +675,14 @@ class PaxosProposer:
                 round_trips += 1
                 prepared = await self._round(
                     group,
-                    prepare_message(key, token, ballot, group),
-                    need,
+                    {**prepare_message(key, token, ballot, group), **stamp},
+                    sets,
                     deadline_ns,
                     ballot,
                     _parse_prepare_reply,
                 )
                 acknowledged = len(prepared.oks)
-                if acknowledged < need:
+                if not quorum_reached({peer for peer, _ in prepared.ok_peers}, sets):
                     reason = self._reason("prepare", prepared, need)
                     continue
                 best = highest_accepted(prepared.oks)
@@ -693,8 +724,8 @@ class PaxosProposer:
             round_trips += 1
             accepted = await self._round(
                 group,
-                accept_message(key, token, ballot, new_value, promise_next, new_lineage, group),
-                need,
+                {**accept_message(key, token, ballot, new_value, promise_next, new_lineage, group), **stamp},
+                sets,
                 deadline_ns,
                 ballot,
                 _parse_accept_reply,
@@ -707,13 +738,13 @@ class PaxosProposer:
                 keep_stragglers=True,
             )
             acknowledged = len(accepted.oks)
-            if acknowledged >= need:
+            if quorum_reached({peer for peer, _ in accepted.ok_peers}, sets):
                 if used_fast:
                     self.stats.fast_path_hits += 1
                 if promise_next is not None:
-                    promised = sum(1 for ok in accepted.oks if ok.promised_next == promise_next)
-                    if promised >= need:
-                        self._remember_fast(key, _FastPath(promise_next, new_value, new_lineage, group))
+                    promised = {peer for peer, ok in accepted.ok_peers if ok.promised_next == promise_next}
+                    if quorum_reached(promised, sets):
+                        self._remember_fast(key, _FastPath(promise_next, new_value, new_lineage, group, sets))
                 return ProposeResult(reported, outcome.status, outcome.current_etag, round_trips)
             if used_fast:
                 self.stats.fast_path_misses += 1
@@ -728,7 +759,7 @@ class PaxosProposer:
         self,
         group: tuple[str, ...],
         message: Message,
-        need: int,
+        sets: tuple[tuple[str, ...], ...],
         deadline_ns: int,
         ballot: Ballot,
         parse: Callable[[Message, Ballot], Any],
@@ -736,8 +767,8 @@ class PaxosProposer:
         defer: str | None = None,
         keep_stragglers: bool = False,
     ) -> _Round:
-        """Send ``message`` to every replica; return once ``need`` accepted, success became
-        impossible, or the deadline passed.
+        """Send ``message`` to every replica; return once a majority of every one of ``sets``
+        accepted, success became impossible, or the deadline passed.
 
         Calls still undecided then are cancelled, unless ``keep_stragglers`` and the round
         succeeded: then they finish in the background (bounded: each call's timeout ends at the
@@ -761,8 +792,9 @@ class PaxosProposer:
         deferred = defer
         try:
             while True:
-                unsent = 1 if deferred is not None else 0
-                if len(result.oks) >= need or len(result.oks) + len(waiting) + unsent < need:
+                acked = {peer for peer, _ in result.ok_peers}
+                outstanding = {peer_of[w] for w in waiting} | ({deferred} if deferred is not None else set())
+                if quorum_reached(acked, sets) or not quorum_possible(acked, outstanding, sets):
                     break
                 if deferred is not None and (result.oks or not waiting):
                     if not result.oks:
@@ -780,7 +812,7 @@ class PaxosProposer:
                 for finished in done:
                     self._classify(finished, peer_of[finished], result, ballot, parse)
         finally:
-            keep = keep_stragglers and len(result.oks) >= need
+            keep = keep_stragglers and quorum_reached({peer for peer, _ in result.ok_peers}, sets)
             if deferred is not None and keep:
                 waiting.add(send(deferred))  # the round succeeded without it: bring it up to date
             for straggler in waiting:
@@ -802,7 +834,7 @@ class PaxosProposer:
         parse: Callable[[Message, Ballot], Any],
     ) -> None:
         exc = asyncio.CancelledError() if task.cancelled() else task.exception()
-        if isinstance(exc, RemoteError) and exc.code == RECOVERING:
+        if isinstance(exc, RemoteError) and exc.code in (RECOVERING, STALE_CONFIG):
             # A typed refusal sent before anything was done: a certain failure of this call.
             result.failures += 1
             result.recovering += 1
@@ -815,7 +847,7 @@ class PaxosProposer:
                 result.maybe_delivered += 1
             return
         reply = task.result()
-        if isinstance(reply, dict) and reply.get("error") == RECOVERING:
+        if isinstance(reply, dict) and reply.get("error") in (RECOVERING, STALE_CONFIG):
             # A typed refusal sent before anything was done: a certain failure of this call.
             result.failures += 1
             result.recovering += 1
