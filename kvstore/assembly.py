@@ -33,6 +33,7 @@ from kvstore.metrics import Metrics
 from kvstore.node import Node, NodeParts
 from kvstore.read_repair import ReadRepair
 from kvstore.reaper import TombstoneReaper
+from kvstore.reconfig import Reconfiguration
 from kvstore.storage.base import Storage
 from kvstore.transport.base import Transport
 
@@ -52,7 +53,7 @@ class NodeSeams:
 
 def assemble_node(cfg: NodeConfig, seams: NodeSeams) -> Node:
     """The one place that builds a Node with all its collaborators (hinted handoff, read repair,
-    anti-entropy, tombstone reaper, the CP register + acceptor recovery).  server.build_node calls
+    anti-entropy, tombstone reaper, the CP register + acceptor recovery, membership changes).  server.build_node calls
     it with real seams; the simulator with simulated ones."""
     assert seams.transport.node_id == cfg.node_id, "the transport must speak for this node"
     return Node(
@@ -76,6 +77,7 @@ def _parts(node: Node) -> NodeParts:
         anti_entropy=AntiEntropy(node, reaper),
         reaper=reaper,
         register=_register(node),
+        reconfig=Reconfiguration(node),
     )
 
 

@@ -104,6 +104,7 @@ from kvstore.hints import (
 )
 from kvstore.identity import DataIdentity, open_identity
 from kvstore.locks import KeyLocks
+from kvstore.membership import STALE_CONFIG, Address, ClusterConfig, Placement, fence, write_quorum_reached
 from kvstore.metrics import Metrics
 from kvstore.quorum import QuorumTracker
 from kvstore.ring import TOKEN_MIN, Ring, key_token
@@ -118,10 +119,16 @@ if TYPE_CHECKING:  # the collaborators' modules import this one; assembly.py imp
     from kvstore.handoff import HintedHandoff
     from kvstore.read_repair import ReadRepair
     from kvstore.reaper import TombstoneReaper
+    from kvstore.reconfig import Reconfiguration
 
 log = logging.getLogger(__name__)
 
 HINT_SCAN_PAGE = 500
+# Requests stamped with an older configuration version than the receiver's are refused
+# (``stale_config``): they were planned on a placement that no longer holds.
+FENCED_OPS = frozenset(
+    {"replica_put", "replica_get", "coordinate_write", "paxos_prepare", "paxos_accept", "cp_propose"}
+)
 # A forwarded request gets this much less time than the forwarder, so the coordinator's own typed
 # answer (e.g. a timeout with ``indeterminate``) can arrive before the forwarder's call times out.
 FORWARD_MARGIN_MS = 20
@@ -175,12 +182,13 @@ class NodeParts:
     anti_entropy: AntiEntropy
     reaper: TombstoneReaper
     register: LinearizableRegister
+    reconfig: Reconfiguration
 
     def mechanisms(self) -> tuple[Mechanism, ...]:
         """In start order (``Node.stop`` stops them in reverse).  All of them start before the
         node's transport does, so the state they guard (the register's keys, the acceptor's
         identity) is loaded before any peer can reach them."""
-        return (self.handoff, self.read_repair, self.anti_entropy, self.reaper, self.register)
+        return (self.handoff, self.read_repair, self.anti_entropy, self.reaper, self.register, self.reconfig)
 
 
 def hint_policy(cfg: NodeConfig) -> HintPolicy:
@@ -216,7 +224,14 @@ class Node:
         self.clock = clock
         self.rng = rng
         self.metrics = metrics or Metrics()
-        self.ring = Ring(cfg.member_ids, cfg.vnodes)
+        # The membership in force (kvstore.membership): version 0 is the TOML's member list; a
+        # newer one is loaded at start (kvstore.reconfig) or learnt from a peer.  ``ring`` is the
+        # placement's read ring (the old one while a range moves).
+        self.config = ClusterConfig.initial(
+            {m.id: Address(m.host, m.http_port, m.peer_port) for m in cfg.members}
+        )
+        self.placement = Placement(self.config, cfg.replicas, cfg.vnodes)
+        self.ring: Ring = self.placement.read_ring
         self.n = cfg.replicas
         self.mode: versions.ConflictMode = "lww" if cfg.conflict_mode == "lww" else "siblings"
         self.peers = [m for m in cfg.member_ids if m != self.node_id]
@@ -334,24 +349,48 @@ class Node:
 
     # --- membership ------------------------------------------------------------------------
 
+    def install_config(self, config: ClusterConfig) -> None:
+        """Switch to a newer membership version (kvstore.reconfig decides when; it persists it first)."""
+        assert config.version > self.config.version, "configurations only move forward"
+        self.config = config
+        self.placement = Placement(config, self.n, self.cfg.vnodes)
+        self.ring = self.placement.read_ring
+        self.peers = [m for m in config.members if m != self.node_id]
+        self.membership.set_members(config.members)
+        self.transport.add_peers({m: (a.host, a.peer_port, a.http_port) for m, a in config.addresses})
+        self.parts.register.proposer.forget_fast_path()  # a key's acceptor sets may have changed
+        recovery = self.parts.register.recovery  # newcomers may register their acceptor's identity
+        recovery.members = list(config.members)
+        recovery.peers = list(self.peers)
+        log.warning("node %s installed membership version %d (%s: %s -> %s)", self.node_id, config.version,
+                    config.phase, list(config.old), list(config.new))
+
     def is_up(self, member: str) -> bool:
         if member == self.node_id:
             return True
+        if member not in self.membership.members:
+            return False  # no longer (or not yet) a member here
         return bool(self.membership.state(member, self.clock.monotonic_ns()) == "up")
 
     async def _heartbeat_loop(self) -> None:
         """One pinger per peer: a dead peer's timeouts must not delay the others' heartbeats
         (a stretched gap would look like a failure to the phi detector)."""
-        pingers = [asyncio.create_task(self._pinger(peer), name=f"ping-{peer}") for peer in self.peers]
+        pingers: dict[str, asyncio.Task[None]] = {}
         interval_s = self.cfg.ap.heartbeat_interval_ms / 1000.0
         try:
             while True:
+                # The peers change with the membership: start and stop pingers to match.
+                for peer in self.peers:
+                    if peer not in pingers:
+                        pingers[peer] = asyncio.create_task(self._pinger(peer), name=f"ping-{peer}")
+                for peer in [p for p in pingers if p not in self.peers]:
+                    pingers.pop(peer).cancel()
                 for member, old, new in self.membership.transitions(self.clock.monotonic_ns()):
                     log.warning("failure detector: %s %s -> %s", member, old, new)
                     self.metrics.fd_transitions.labels(member=member, state=new).inc()
                 await asyncio.sleep(interval_s)
         finally:
-            for task in pingers:
+            for task in pingers.values():
                 task.cancel()
 
     async def _pinger(self, peer: str) -> None:
@@ -359,8 +398,12 @@ class Node:
         while True:
             started_s = self.now_s()
             with contextlib.suppress(PeerUnavailable, RemoteError):
-                await self.transport.call(peer, {"op": "ping"}, max(0.05, interval_s * 2))
-                self.membership.heartbeat(peer, self.clock.monotonic_ns())
+                reply = await self.transport.call(
+                    peer, {"op": "ping", "cv": self.config.version}, max(0.05, interval_s * 2)
+                )
+                if peer in self.membership.members:
+                    self.membership.heartbeat(peer, self.clock.monotonic_ns())
+                self._gossip(peer, reply)
             await asyncio.sleep(max(0.0, interval_s - (self.now_s() - started_s)))
 
     # --- messaging -------------------------------------------------------------------------
@@ -372,6 +415,8 @@ class Node:
         handler still running after ``timeout_s`` raises ``PeerUnavailable`` (maybe delivered)
         while it finishes in the background -- a slow local disk must not hold the caller.
         """
+        if "cv" not in message:  # the version this message was planned on (see FENCED_OPS)
+            message = {**message, "cv": self.config.version}
         if peer == self.node_id:
             work = asyncio.ensure_future(self.handle_message(self.node_id, message))
             try:
@@ -391,8 +436,20 @@ class Node:
             self.metrics.replica_errors.labels(peer=peer, reason="unavailable").inc()
             log.debug("call to %s failed: %s", peer, exc)
             raise
-        self.membership.heartbeat(peer, self.clock.monotonic_ns())
+        except RemoteError as exc:
+            if exc.code == STALE_CONFIG:
+                self.parts.reconfig.learn_from(peer)  # it knows a newer membership: fetch it
+            raise
+        if peer in self.membership.members:
+            self.membership.heartbeat(peer, self.clock.monotonic_ns())
+        self._gossip(peer, reply)
         return reply
+
+    def _gossip(self, peer: str, reply: Any) -> None:
+        """A reply stamped with a newer configuration version makes this node fetch it."""
+        version = reply.get("cv") if isinstance(reply, dict) else None
+        if isinstance(version, int) and version > self.config.version:
+            self.parts.reconfig.learn_from(peer)
 
     async def handle_message(self, sender: str, message: Message) -> Message:
         if not isinstance(message, dict):
@@ -401,6 +458,21 @@ class Node:
         handler = self.handlers.get(op) if isinstance(op, str) else None
         if handler is None:
             return {"error": "unknown_op", "message": f"unknown internal op {op!r}", "remote_error": True}
+        version = message.get("cv")
+        if isinstance(version, int) and sender != self.node_id:
+            verdict = fence(version, self.config.version)
+            if verdict == "newer":
+                self.parts.reconfig.learn_from(sender)
+            elif verdict == "stale" and op in FENCED_OPS:
+                return {
+                    "error": STALE_CONFIG, "remote_error": True, "cv": self.config.version,
+                    "message": f"{op} planned on membership version {version}; {self.node_id} is at "
+                    f"{self.config.version}",
+                }
+        elif isinstance(version, int) and op in FENCED_OPS and version < self.config.version:
+            # Our own request, planned before we installed a newer version: refuse it the same way.
+            return {"error": STALE_CONFIG, "remote_error": True, "cv": self.config.version,
+                    "message": f"{op} planned on membership version {version}, now {self.config.version}"}
         try:
             return await handler(sender, message)
         except (KeyError, TypeError, ValueError) as exc:
@@ -416,9 +488,9 @@ class Node:
             return {"error": "storage", "message": str(exc), "remote_error": True}
 
     async def _on_ping(self, sender: str, message: Message) -> Message:
-        if sender != self.node_id:
+        if sender != self.node_id and sender in self.membership.members:
             self.membership.heartbeat(sender, self.clock.monotonic_ns())
-        return {"ok": True}
+        return {"ok": True, "cv": self.config.version}
 
     # --- local replica operations ---------------------------------------------------------
 
@@ -697,6 +769,7 @@ class Node:
         as_fallback: bool,
     ) -> WriteOutcome:
         token = key_token(key)
+        version, placement = self.config.version, self.placement  # every replica call is stamped with it
         up, down, spare = self.write_targets(key, sloppy)
         # Who stores what: primaries believed up store data; each primary believed down is
         # replaced by the next spare fallback, which stores a hint naming it.
@@ -718,7 +791,15 @@ class Node:
             raise ConsistencyConflict(
                 "this key is used with consistency=linearizable; an eventual/quorum write would bypass its register"
             )
+        # While a range moves (joint phase) the key's new owners get the write too, and it needs W
+        # acknowledgements among them as well as among the old ones (membership.write_quorum_reached):
+        # it then survives the commit whatever the transfer missed.
+        old_owners = placement.old_owners(token)
+        new_owners = placement.new_owners(token) if placement.joint else old_owners
+        plan += [(m, None) for m in new_owners if m not in old_owners and m != self.node_id]
         tracker = QuorumTracker(needed=w, total=len(plan))
+        owners_acked: set[str] = set()
+        calls_left = [len(plan)]
         hinted: list[str] = []
         remote = [(m, hint) for m, hint in plan if m != self.node_id]
         unused_spares = list(spare_iter)
@@ -726,18 +807,25 @@ class Node:
         obj = VersionedObject.empty()
         encoded = b""
 
-        def record(ok: bool, member: str) -> None:
-            if tracker.done:
+        def satisfied() -> bool:
+            if not placement.joint:
+                return tracker.satisfied
+            return tracker.satisfied and write_quorum_reached(owners_acked, old_owners, new_owners, w)
+
+        def record(ok: bool, member: str, owner: str | None = None) -> None:
+            if done.is_set():
                 return  # the answer was already given; this completion is background work
+            calls_left[0] -= 1
             if ok:
                 tracker.ack(member)
+                owners_acked.add(owner or member)
             else:
                 tracker.fail()
-            if tracker.done:
+            if satisfied() or tracker.impossible or calls_left[0] <= 0:
                 done.set()
 
         async def replicate(member: str, hint_for: str | None) -> None:
-            message = {"op": "replica_put", "key": key, "token": token, "obj": encoded}
+            message = {"op": "replica_put", "key": key, "token": token, "obj": encoded, "cv": version}
             if hint_for is not None:
                 message["hint_for"] = hint_for
             remaining = max(0.001, min(deadline - self.now_s(), self.cfg.limits.replica_timeout_ms / 1000.0))
@@ -753,13 +841,14 @@ class Node:
                 try:
                     await self.call(fallback, {**message, "hint_for": owner}, max(0.001, deadline - self.now_s()))
                     ok = True
+                    hint_for = owner
                     member = fallback
                     hinted.append(fallback)
                 except (PeerUnavailable, RemoteError):
                     ok = False
             elif ok and hint_for is not None:
                 hinted.append(member)
-            record(ok, member)
+            record(ok, member, hint_for)
 
         tasks: list[asyncio.Task[Any]] = []
         if as_fallback:
@@ -801,16 +890,16 @@ class Node:
 
             obj = await self._local_write_by(deadline, local_step)
             encoded = versions.encode(obj)
-        record(True, self.node_id)
+        record(True, self.node_id, _hint_owner(plan, self.node_id) if as_fallback else None)
         tasks = [asyncio.create_task(replicate(m, h)) for m, h in remote]
 
-        if not done.is_set() and not tracker.done and tasks:
+        if not done.is_set() and tasks:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(done.wait(), max(0.0, deadline - self.now_s()))
         pending = [t for t in tasks if not t.done()]
         if pending:
             self._adopt(pending)
-        if not tracker.satisfied:
+        if not satisfied():
             # Some target (the coordinator or a replica) may hold the write: indeterminate.
             raise QuorumUnavailable(
                 w, tracker.acknowledged, indeterminate=True,
@@ -884,6 +973,7 @@ class Node:
     async def get(self, key: str, r: int, sloppy: bool, timeout_s: float) -> ReadOutcome:
         deadline = self.now_s() + timeout_s
         token = key_token(key)
+        version = self.config.version  # a replica that installed a newer placement refuses the read
         targets = self.read_targets(key, sloppy)
         if len(targets) < r:
             raise QuorumUnavailable(r, 0, indeterminate=False, detail="not enough replicas believed up")
@@ -894,7 +984,9 @@ class Node:
         async def ask(member: str) -> None:
             remaining = max(0.001, min(deadline - self.now_s(), self.cfg.limits.replica_timeout_ms / 1000.0))
             try:
-                reply = await self.call(member, {"op": "replica_get", "key": key, "token": token}, remaining)
+                reply = await self.call(
+                    member, {"op": "replica_get", "key": key, "token": token, "cv": version}, remaining
+                )
             except (PeerUnavailable, RemoteError):
                 if not tracker.done:
                     tracker.fail()

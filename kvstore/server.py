@@ -39,6 +39,7 @@ from kvstore.assembly import NodeSeams, assemble_node
 from kvstore.clock import SystemClock
 from kvstore.config import NodeConfig
 from kvstore.errors import BadRequest, NodeError
+from kvstore.membership_api import membership_routes
 from kvstore.node import Node
 from kvstore.storage import open_storage
 from kvstore.storage.faulty import DiskFaults, FaultSettings, FaultyStorage
@@ -202,6 +203,7 @@ def admin_routes() -> list[web.RouteDef]:
         web.put("/admin/storage-faults", storage_faults_put),
         web.delete("/admin/storage-faults", storage_faults_delete),
         web.post("/admin/clock", clock_post),
+        *membership_routes(),
     ]
 
 

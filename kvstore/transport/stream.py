@@ -43,7 +43,7 @@ import itertools
 import logging
 import struct
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import msgpack
@@ -178,6 +178,11 @@ class StreamTransport:
         self._connecting: dict[str, asyncio.Lock] = {}
         self._incoming: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
+
+    def add_peers(self, peers: Mapping[str, tuple[str, int, int]]) -> None:
+        for member, (host, peer_port, _http_port) in sorted(peers.items()):
+            if member != self.node_id:
+                self._peers[member] = (host, peer_port)
 
     # --- server side ------------------------------------------------------------------
 
