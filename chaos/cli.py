@@ -89,7 +89,8 @@ async def _run(args: argparse.Namespace, scenario: str) -> int:
         control = _existing_cluster([u.strip() for u in args.nodes.split(",") if u.strip()], args.secret)
         info: dict[str, Any] = {"urls": control.urls, "external": True}
     else:
-        cluster = LocalCluster(5, 3, storage=args.storage, conflict_mode=MODES[args.mode]["conflict_mode"])
+        cluster = LocalCluster(5, 3, storage=args.storage, conflict_mode=MODES[args.mode]["conflict_mode"],
+                               spares=2 if scenario == "membership" else 0)
         print(f"starting a local 5-node cluster (N=3, {MODES[args.mode]['conflict_mode']})...", file=sys.stderr)
         await asyncio.to_thread(cluster.start)
         control = ClusterControl(urls={n: cluster.url(n) for n in cluster.node_ids}, secret=cluster.secret, local=cluster)

@@ -227,6 +227,21 @@ class ClusterControl:
             if node in self.disk_faults:  # the disk is still as bad after a restart
                 await self._admin(node, "PUT", "/admin/storage-faults", self.disk_faults[node])
 
+    def spares(self) -> list[str]:
+        """Nodes of the local cluster that are not members now (they can join)."""
+        local = self._local()
+        return sorted(n for n in local.all_members if n not in local.node_ids)
+
+    async def join(self, node: str) -> None:
+        """A membership change adding ``node`` (its ranges are streamed to it; returns once committed).
+        The workload keeps its nodes: a joined node serves only through the others."""
+        await asyncio.to_thread(self._local().join, node)
+
+    async def leave(self, node: str) -> None:
+        """A membership change removing ``node`` (its ranges move first), then its process stops and
+        its directory is removed, so it is a spare again."""
+        await asyncio.to_thread(self._local().leave, node, None, 120.0, True, True)
+
     async def pause(self, node: str) -> None:
         self._local().pause(node)
         self.paused.add(node)

@@ -274,16 +274,18 @@ async def cluster_handler(request: web.Request) -> web.Response:
     snapshot = node.membership.snapshot(now_ns)
     ownership = node.ring.ownership(1)
     members = []
-    for m in node.cfg.members:
-        view: dict[str, Any] = snapshot.get(m.id, {}) if m.id != node.node_id else {"state": "up", "phi": 0.0}
+    for member_id, address in node.config.addresses:  # the membership in force (kvstore.membership)
+        view: dict[str, Any] = (
+            snapshot.get(member_id, {}) if member_id != node.node_id else {"state": "up", "phi": 0.0}
+        )
         phi = view.get("phi")
         members.append(
             {
-                "id": m.id,
-                "url": m.url,
+                "id": member_id,
+                "url": f"http://{address.host}:{address.http_port}",
                 "state": view.get("state", "up"),
                 "phi": None if phi is None or phi != phi or phi == float("inf") else round(float(phi), 3),
-                "ownership": round(ownership[m.id] * 100, 2),
+                "ownership": round(ownership.get(member_id, 0.0) * 100, 2),
             }
         )
     pending = await node.parts.handoff.pending_hints()

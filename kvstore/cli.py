@@ -475,6 +475,10 @@ def register_nodes(sub: Subparsers) -> None:
     up.add_argument("--w", type=positive_int, help="default write quorum (default min(2, N))")
     up.set_defaults(handler=cmd_cluster_up)
 
+    from kvstore.membership_cli import register as register_membership
+
+    register_membership(cluster_sub)
+
 
 # --------------------------------------------------------------------------- registry and entry point
 

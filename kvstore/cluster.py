@@ -387,13 +387,14 @@ class LocalCluster:
         return doc
 
     def wait_membership(self, via: str, version: int, timeout_s: float = 120.0) -> dict[str, Any]:
-        """Wait until ``via`` holds a stable configuration of at least ``version``."""
+        """Wait until ``via`` (the node driving the change) holds a stable configuration of at least
+        ``version`` and is done with it."""
         deadline = time.monotonic() + timeout_s
         while True:
             doc = self.admin(via, "GET", "/admin/membership")
             config, progress = doc["config"], doc["progress"]
-            if config["version"] >= version and config["phase"] == "stable":
-                return doc
+            if config["version"] >= version and config["phase"] == "stable" and progress.get("step") == "done":
+                return doc  # committed, and ``via`` finished announcing it
             if "error" in progress:
                 raise ClusterError(f"the membership change stopped: {progress}")
             if time.monotonic() > deadline:
@@ -422,14 +423,20 @@ class LocalCluster:
         self.config_path(node_id).write_text(to_toml(existing))
         return done
 
-    def leave(self, node_id: str, via: str | None = None, timeout_s: float = 120.0, stop: bool = True) -> dict[str, Any]:
-        """Remove member ``node_id`` (its ranges move to the others first), then stop its process."""
+    def leave(
+        self, node_id: str, via: str | None = None, timeout_s: float = 120.0, stop: bool = True, wipe: bool = False
+    ) -> dict[str, Any]:
+        """Remove member ``node_id`` (its ranges move to the others first), then stop its process;
+        ``wipe`` also deletes its directory, so it can join again as a new node (a spare)."""
         seed = via or next(n for n in self._ids if n != node_id)
         doc = self.admin(seed, "POST", "/admin/membership", {"action": "leave", "id": node_id})
         done = self.wait_membership(seed, int(doc["config"]["version"]) + 1, timeout_s)
         self._ids.remove(node_id)
         if stop and node_id in self.procs:
             self.terminate(node_id)
+            if wipe:
+                shutil.rmtree(self.data_dir / node_id, ignore_errors=True)
+                self._members_of.pop(node_id, None)
         return done
 
     def __enter__(self) -> LocalCluster:
