@@ -127,7 +127,7 @@ async def faults_put(request: web.Request) -> web.Response:
         raise BadRequest("invalid_body", "rules must be an object keyed by peer id")
     parsed = {}
     for peer, raw in rules.items():
-        if peer not in node.cfg.member_ids or peer == node.node_id:
+        if peer not in node.config.members or peer == node.node_id:  # the membership in force
             raise BadRequest("invalid_body", f"{peer!r} is not a peer of {node.node_id}")
         parsed[peer] = _rule_from_json(peer, raw)
     node.transport.faults.clear()
