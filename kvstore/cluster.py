@@ -423,6 +423,28 @@ class LocalCluster:
         self.config_path(node_id).write_text(to_toml(existing))
         return done
 
+    def replace(self, node_id: str, by: str, via: str | None = None, timeout_s: float = 120.0) -> dict[str, Any]:
+        """Replace member ``node_id`` by spare ``by`` in one change; ``node_id`` is stopped afterwards."""
+        seed = via or next(n for n in self._ids if n != node_id)
+        member = self.all_members[by]
+        doc = self.admin(seed, "POST", "/admin/membership", {
+            "action": "replace", "id": node_id, "by": by, "host": member.host,
+            "http_port": member.http_port, "peer_port": member.peer_port,
+        })
+        joint = doc["config"]
+        self._members_of[by] = tuple(
+            Member(m, a["host"], a["http_port"], a["peer_port"]) for m, a in sorted(joint["members"].items())
+        )
+        self._spawn(by, "new")
+        self.wait_healthy([by], timeout_s)
+        done = self.wait_membership(seed, int(joint["version"]) + 1, timeout_s)
+        self._ids = [by if n == node_id else n for n in self._ids]
+        existing = replace(self.base_config, node_id=by, members=self._members_of[by], initial_cluster_state="existing")
+        self.config_path(by).write_text(to_toml(existing))
+        if node_id in self.procs:
+            self.terminate(node_id)
+        return done
+
     def leave(
         self, node_id: str, via: str | None = None, timeout_s: float = 120.0, stop: bool = True, wipe: bool = False
     ) -> dict[str, Any]:

@@ -99,9 +99,20 @@ def _post(url: str, secret: str | None, body: Any) -> tuple[int, dict[str, Any]]
         return exc.code, json.loads(exc.read())
 
 
+def _put(url: str, key: str, value: bytes) -> None:
+    request = urllib.request.Request(f"{url}/kv/{key}?w=3", data=value, method="PUT")
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        assert resp.status == 204
+
+
+def _get(url: str, key: str) -> bytes:
+    with urllib.request.urlopen(f"{url}/kv/{key}?r=2", timeout=10) as resp:
+        return bytes(resp.read())
+
+
 def test_admin_refusals_restart_keeps_the_learnt_membership(tmp_path: Path) -> None:
     with LocalCluster(3, 3, data_dir=str(tmp_path / "cluster"), ap=EXPLORE_AP, limits=EXPLORE_LIMITS,
-                      spares=1) as cluster:
+                      spares=2) as cluster:
         url, secret = cluster.url("n1"), cluster.secret
         refusals = [
             (_post(url, None, {"action": "leave", "id": "n2"}), 401, "unauthorized"),
@@ -128,11 +139,18 @@ def test_admin_refusals_restart_keeps_the_learnt_membership(tmp_path: Path) -> N
         with urllib.request.urlopen(cluster.url("n3") + "/cluster", timeout=5) as resp:
             members = [m["id"] for m in json.loads(resp.read())["members"]]
         assert members == ["n1", "n2", "n3", "n4"]
-        # The CLI: n4 leaves again through another member; the command waits for the commit.
-        code = cli_main(["cluster", "leave", "n4", "--seed", cluster.url("n2"), "--secret", secret, "--wait", "120"])
+        # A replace (n4 out, n5 in, one range move), with a key written before it read after it.
+        _put(cluster.url("n1"), "before-replace", b"kept")
+        done = cluster.replace("n4", "n5")
+        assert done["config"]["new"] == ["n1", "n2", "n3", "n5"]
+        for node in ("n1", "n2", "n3", "n5"):
+            assert _get(cluster.url(node), "before-replace") == b"kept"
+        # The CLI: n5 leaves again through another member; the command waits for the commit.
+        code = cli_main(["cluster", "leave", "n5", "--seed", cluster.url("n2"), "--secret", secret, "--wait", "120"])
         assert code == 0
         assert cluster.admin("n2", "GET", "/admin/membership")["config"]["new"] == ["n1", "n2", "n3"]
-        refused = cli_main(["cluster", "leave", "n4", "--seed", cluster.url("n2"), "--secret", secret])
+        assert _get(cluster.url("n3"), "before-replace") == b"kept"
+        refused = cli_main(["cluster", "leave", "n5", "--seed", cluster.url("n2"), "--secret", secret])
         assert refused == 1  # unknown_member now
 
 
