@@ -488,9 +488,11 @@ class Node:
             return {"error": "storage", "message": str(exc), "remote_error": True}
 
     async def _on_ping(self, sender: str, message: Message) -> Message:
-        if sender != self.node_id and sender in self.membership.members:
+        if sender != self.node_id:
+            # A non-member's ping raises UnknownMember (the HTTP route answers 400 unknown_member);
+            # a member removed by a change learns it from the change's announcement instead.
             self.membership.heartbeat(sender, self.clock.monotonic_ns())
-        return {"ok": True, "cv": self.config.version}
+        return {"ok": True, "cv": self.config.version}  # cv: the pinger fetches a newer membership
 
     # --- local replica operations ---------------------------------------------------------
 
