@@ -60,8 +60,9 @@ log = logging.getLogger(__name__)
 META_CONFIG = "cluster_config"
 REGISTER_TIMEOUT_S = 5.0
 INSTALL_TIMEOUT_S = 60.0  # every member must install the joint version within this
-TRANSFER_TIMEOUT_S = 300.0  # one member's whole stream
+TRANSFER_TIMEOUT_S = 300.0  # one member's whole stream, all attempts together
 CATCHUP_TIMEOUT_S = 300.0
+STEP_CALL_TIMEOUT_S = 30.0  # one attempt: a request lost to a partition costs this, not the whole step
 CATCHUP_CONCURRENCY = 8
 CATCHUP_MAX_KEYS = 1_000_000  # one member re-commits at most this many registers per change
 DROP_PAGE = 500
@@ -209,13 +210,13 @@ class Reconfiguration:
             self.progress["step"] = "transfer"
             transferred = 0
             for member in joint.new:
-                reply = await self.node.call(member, {"op": "mb_transfer", "version": joint.version}, TRANSFER_TIMEOUT_S)
+                reply = await self._step(member, {"op": "mb_transfer", "version": joint.version}, TRANSFER_TIMEOUT_S)
                 transferred += int(reply.get("keys", 0))
             self.progress["keys_transferred"] = transferred
             self.progress["step"] = "catchup"
             registers = 0
             for member in joint.old:
-                reply = await self.node.call(member, {"op": "mb_catchup", "version": joint.version}, CATCHUP_TIMEOUT_S)
+                reply = await self._step(member, {"op": "mb_catchup", "version": joint.version}, CATCHUP_TIMEOUT_S)
                 registers += int(reply.get("registers", 0))
             self.progress["registers_recommitted"] = registers
             self.progress["step"] = "commit"
@@ -228,6 +229,24 @@ class Reconfiguration:
         except (PeerUnavailable, RemoteError, MembershipError, NodeError, TimeoutError) as exc:
             self.progress = {**self.progress, "error": f"{type(exc).__name__}: {exc}"}
             log.error("membership change stopped at %s: %s (resume or abort it)", self.progress.get("step"), exc)
+
+    async def _step(self, member: str, message: Message, total_s: float) -> Message:
+        """Ask ``member`` to run an (idempotent) step, again after a lost request or a failed
+        attempt, until it succeeds or ``total_s`` passed; a refusal for the version is final."""
+        deadline = self.node.now_s() + total_s
+        while True:
+            remaining = deadline - self.node.now_s()
+            try:
+                return await self.node.call(member, message, max(0.001, min(STEP_CALL_TIMEOUT_S, remaining)))
+            except RemoteError as exc:
+                if exc.code == "wrong_version" or self.node.now_s() >= deadline:
+                    raise
+                self.progress["retrying"] = f"{member}: {exc.code}"
+            except PeerUnavailable as exc:
+                if self.node.now_s() >= deadline:
+                    raise
+                self.progress["retrying"] = f"{member}: {exc}"
+            await asyncio.sleep(RETRY_S)
 
     async def _install_everywhere(self, config: ClusterConfig) -> None:
         deadline = self.node.now_s() + INSTALL_TIMEOUT_S
