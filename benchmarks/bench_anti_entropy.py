@@ -49,10 +49,10 @@ if __package__ in (None, ""):  # ``python benchmarks/bench_anti_entropy.py``: ma
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.loadgen import loadavg, machine_info  # noqa: E402
-from kvstore import versions  # noqa: E402
-from kvstore.cluster import LocalCluster  # noqa: E402
 from kvstore.config import APSettings  # noqa: E402
-from kvstore.ring import Ring, key_token  # noqa: E402
+from kvstore.harness.local_cluster import LocalCluster  # noqa: E402
+from kvstore.protocol import versions  # noqa: E402
+from kvstore.protocol.ring import Ring, key_token  # noqa: E402
 
 PULL_BATCH = 256
 

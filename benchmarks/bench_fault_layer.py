@@ -18,7 +18,7 @@ import time
 import timeit
 from typing import Any
 
-from kvstore.cluster import free_ports
+from kvstore.harness.local_cluster import free_ports
 from kvstore.transport.base import FaultRules
 from kvstore.transport.stream import StreamTransport
 

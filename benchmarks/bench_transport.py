@@ -55,7 +55,7 @@ from benchmarks.loadgen import (  # noqa: E402
     run_load,
     warn,
 )
-from kvstore.cluster import LocalCluster  # noqa: E402
+from kvstore.harness.local_cluster import LocalCluster  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.loadgen import ensure_tool
-from kvstore.cluster import free_ports, stop_processes
+from kvstore.harness.local_cluster import free_ports, stop_processes
 
 
 class EtcdError(Exception):

@@ -45,8 +45,8 @@ from urllib.parse import parse_qsl, urlparse
 
 import aiohttp
 
+from kvstore.client.http_session import client_session, no_answer_kind
 from kvstore.contract import FAIL, OK, answer_outcome, no_answer_outcome
-from kvstore.http_session import client_session, no_answer_kind
 
 LUA_SCRIPT = Path(__file__).with_name("bench.lua")
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -52,7 +52,7 @@ from benchmarks.loadgen import (  # noqa: E402
     prepopulate,
     run_load,
 )
-from kvstore.cluster import LocalCluster  # noqa: E402
+from kvstore.harness.local_cluster import LocalCluster  # noqa: E402
 
 QUERIES = {
     ("eventual", "put"): "w=1", ("eventual", "get"): "r=1",
@@ -67,10 +67,10 @@ COMPONENTS: tuple[tuple[str, str], ...] = (
     ("sqlite3", "storage (kvstore.storage)"),
     ("kvstore/transport/", "transport (stream/http)"),
     ("msgpack", "msgpack"),
-    ("kvstore/versions.py", "versions (DVV merge/encode)"),
+    ("kvstore/protocol/versions.py", "versions (DVV merge/encode)"),
     ("prometheus_client", "metrics (prometheus_client)"),
-    ("kvstore/api.py", "kvstore.api (validation, responses)"),
-    ("kvstore/node.py", "kvstore.node (coordinator/replica)"),
+    ("kvstore/server/api.py", "kvstore.server.api (validation, responses)"),
+    ("kvstore/runtime/node.py", "kvstore.runtime.node (coordinator/replica)"),
     ("kvstore/", "kvstore (other modules)"),
     ("aiohttp/", "aiohttp (HTTP server/client)"),
     ("multidict", "aiohttp (HTTP server/client)"),

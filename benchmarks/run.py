@@ -18,6 +18,11 @@ Sections (``--only a,b`` selects; the order below is the run order):
                  ``invalid_parameter`` ... "not available") x PUT/GET x 100 B/10 KiB, each at
                  saturation (closed loop, 64 connections) and at half that rate (paced).
 ``etcd``         the same PUT/GET x sizes x loads against etcd (linearizable reads).
+``frontend``     (only with ``--only``) the two HTTP front ends (``[server] front_end``, issue 15) in rounds interleaved
+                 aiohttp, httptools, aiohttp, ...: one in-memory node (PUT/GET 100 B: the HTTP stack
+                 alone) and 3 nodes, N=3, quorum PUT/GET 100 B on ``--storage``; medians, the
+                 httptools/aiohttp ratios of throughput and CPU per op, and against etcd when the
+                 ``etcd`` section ran before it in the same run.
 ``single``       the same PUT/GET x sizes x loads against one in-memory N=1 node.
 ``client``       quorum PUT/GET through ``kvstore.Client`` (Python): what an application sees.
 ``antientropy``  convergence of keys a node missed, via ``POST /admin/repair`` (if it answers 202).
@@ -44,6 +49,7 @@ import http.client
 import json
 import shlex
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -69,9 +75,12 @@ from benchmarks.loadgen import (  # noqa: E402
     run_load,
     warn,
 )
-from kvstore.cluster import ClusterError, LocalCluster  # noqa: E402
+from kvstore.config import ServerSettings  # noqa: E402
+from kvstore.harness.local_cluster import ClusterError, LocalCluster  # noqa: E402
 
-SECTIONS = ("cluster3", "etcd", "single", "client", "antientropy", "cluster5", "recovery", "memory")
+SECTIONS = ("cluster3", "etcd", "frontend", "single", "client", "antientropy", "cluster5", "recovery", "memory")
+FRONT_ENDS = ("aiohttp", "httptools")
+OPT_IN_SECTIONS = ("frontend",)  # run only when named with --only
 
 MODES: dict[str, dict[str, str]] = {
     "eventual": {"put": "w=1", "get": "r=1"},
@@ -248,12 +257,19 @@ class Bench:
     def cluster(self, name: str) -> LocalCluster:
         if name not in self.clusters:
             args = self.args
+            fe = args.front_end
             if name == "kvstore-3":
-                c = LocalCluster(3, 3, storage=args.storage, fsync=args.fsync, r=2, w=2)
+                c = LocalCluster(3, 3, storage=args.storage, fsync=args.fsync, r=2, w=2, front_end=fe)
             elif name == "kvstore-5":
-                c = LocalCluster(5, 3, storage=args.storage, fsync=args.fsync, r=2, w=2)
+                c = LocalCluster(5, 3, storage=args.storage, fsync=args.fsync, r=2, w=2, front_end=fe)
             elif name == "single":
-                c = LocalCluster(1, 1, storage="memory", fsync="never", r=1, w=1)
+                c = LocalCluster(1, 1, storage="memory", fsync="never", r=1, w=1, front_end=fe)
+            elif name.startswith(("fe-single-", "fe-3-")):  # the frontend section's own clusters
+                fe = name.rsplit("-", 1)[1]
+                if name.startswith("fe-single-"):
+                    c = LocalCluster(1, 1, storage="memory", fsync="never", r=1, w=1, front_end=fe)
+                else:
+                    c = LocalCluster(3, 3, storage=args.storage, fsync=args.fsync, r=2, w=2, front_end=fe)
             else:
                 raise KeyError(name)
             self.clusters[name] = c
@@ -395,6 +411,78 @@ class Bench:
         finally:
             self.etcd.stop()
             self.etcd = None
+
+    def section_frontend(self) -> None:
+        """aiohttp vs httptools front end, interleaved rounds on the same machine (issue 15)."""
+        rounds = self.args.frontend_rounds
+        duration_s = self.plan.sat_s
+        self.print_header(f"front ends: aiohttp vs httptools, {rounds} interleaved rounds of {duration_s:g} s "
+                          f"(single = 1 in-memory node; 3 nodes = N=3 quorum, {self.args.storage}/fsync={self.args.fsync})")
+        setups = [("single", "n1", {"put": "w=1", "get": "r=1"}, "w=1"),
+                  ("3", "quorum", {"put": MODES["quorum"]["put"], "get": MODES["quorum"]["get"]}, "w=3")]
+        figures: dict[str, dict[str, list[tuple[float, float | None]]]] = {}
+        for shape, mode, queries, load_query in setups:
+            names = {fe: f"fe-{shape}-{fe}" for fe in FRONT_ENDS}
+            clusters = {fe: self.cluster(name) for fe, name in names.items()}
+            try:
+                for op in ("put", "get"):
+                    for round_no in range(rounds):
+                        for fe in FRONT_ENDS if round_no % 2 == 0 else reversed(FRONT_ENDS):
+                            if self.over_budget(duration_s + 1):
+                                continue
+                            c, system = clusters[fe], names[fe]
+                            prefix, keys = self.read_keys(system, c.urls, 100, query=load_query)
+                            spec = LoadSpec(
+                                urls=c.urls, op=op, query=queries[op], value_size=100,  # type: ignore[arg-type]
+                                prefix=f"{system}-r{round_no}-" if op == "put" else prefix, keys=keys,
+                                count=self.plan.count, duration_s=duration_s, connections=self.plan.connections,
+                            )
+                            result, cpu = self.measured(spec, self.pids_of(c))
+                            row = Row(system, mode, op, 100, f"sat{round_no + 1}", result, cpu_us_per_op=cpu)
+                            self.add(row)
+                            figures.setdefault(f"{shape}/{op}", {}).setdefault(fe, []).append(
+                                (result.ops_per_s, cpu))
+            finally:
+                for name in names.values():
+                    self.release(name)
+        self.report.facts["front_end"] = self.front_end_summary(figures)
+
+    def front_end_summary(self, figures: dict[str, dict[str, list[tuple[float, float | None]]]]) -> dict[str, Any]:
+        summary: dict[str, Any] = {}
+        print("\n  front end figures (median over rounds; ratio = httptools / aiohttp; per-round ratios in brackets)")
+        for what, by_fe in figures.items():
+            if set(by_fe) != set(FRONT_ENDS) or len(by_fe["aiohttp"]) != len(by_fe["httptools"]):
+                continue
+            entry: dict[str, Any] = {}
+            for fe in FRONT_ENDS:
+                rates = [r for r, _ in by_fe[fe]]
+                cpus = [c for _, c in by_fe[fe] if c is not None]
+                entry[fe] = {"ops_per_s": statistics.median(rates),
+                             "cpu_us_per_op": statistics.median(cpus) if cpus else None,
+                             "rounds": rates}
+            per_round = [h[0] / a[0] for a, h in zip(by_fe["aiohttp"], by_fe["httptools"], strict=True) if a[0]]
+            entry["ratio_ops"] = entry["httptools"]["ops_per_s"] / entry["aiohttp"]["ops_per_s"]
+            entry["ratio_rounds"] = per_round
+            a_cpu, h_cpu = entry["aiohttp"]["cpu_us_per_op"], entry["httptools"]["cpu_us_per_op"]
+            entry["ratio_cpu_per_op"] = h_cpu / a_cpu if a_cpu and h_cpu else None
+            shape, op = what.split("/")
+            etcd = self.report.row("etcd", "etcd", op, 100, "sat")
+            if shape == "3" and etcd is not None and etcd.result is not None and etcd.result.ops_per_s:
+                entry["etcd"] = {"ops_per_s": etcd.result.ops_per_s, "cpu_us_per_op": etcd.cpu_us_per_op}
+            summary[what] = entry
+            label = f"{'1 node, memory' if shape == 'single' else '3 nodes, quorum'} {op}"
+            line = (f"  {label:<22} aiohttp {entry['aiohttp']['ops_per_s']:>7.0f}/s "
+                    f"({a_cpu or 0:.0f} us/op)  httptools {entry['httptools']['ops_per_s']:>7.0f}/s "
+                    f"({h_cpu or 0:.0f} us/op)  ratio {entry['ratio_ops']:.2f}x "
+                    f"[{', '.join(f'{r:.2f}' for r in per_round)}]")
+            if entry["ratio_cpu_per_op"] is not None:
+                line += f"  CPU/op {entry['ratio_cpu_per_op']:.2f}x"
+            if "etcd" in entry:
+                e = entry["etcd"]
+                line += (f"  vs etcd {e['ops_per_s']:.0f}/s: aiohttp {entry['aiohttp']['ops_per_s'] / e['ops_per_s']:.2f}x"
+                         f", httptools {entry['httptools']['ops_per_s'] / e['ops_per_s']:.2f}x")
+            print(line, flush=True)
+        return summary
 
     def section_single(self) -> None:
         self.print_header("baseline: one in-memory node, N=1 (no replication)")
@@ -836,6 +924,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--storage", choices=("memory", "sqlite"), default="sqlite", help="engine of our clusters")
     parser.add_argument("--fsync", choices=("always", "batch", "never"), default="batch")
+    parser.add_argument("--front-end", choices=FRONT_ENDS, default=ServerSettings().front_end,
+                        help="HTTP front end of the clusters of every section but frontend ([server] front_end; "
+                             "default: the node's default)")
+    parser.add_argument("--frontend-rounds", type=int, default=3, help="interleaved rounds of the frontend section")
     parser.add_argument("--generator", choices=("auto", "wrk", "python"), default="auto")
     parser.add_argument("--no-install", action="store_true", help="never apt-get install wrk/etcd")
     parser.add_argument("--json", help="write every figure to this JSON file")
@@ -847,7 +939,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = [s for s in only if s not in SECTIONS]
     if unknown:
         parser.error(f"unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}")
-    args.sections = [s for s in SECTIONS if not only or s in only]
+    args.sections = [s for s in SECTIONS if s in only or (not only and s not in OPT_IN_SECTIONS)]
     args.explicit_sections = bool(only)
     return args
 

@@ -2,7 +2,7 @@
 
 import sys
 
-from chaos.cli import main
+from kvstore.harness.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(scenario="disk-full"))

@@ -40,6 +40,7 @@ import json
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 from kvstore import __version__
@@ -120,6 +121,8 @@ def connection_options() -> argparse.ArgumentParser:
     )
     group.add_argument("--timeout", type=positive_float, default=5.0, metavar="SECONDS",
                        help="per-attempt timeout (default 5)")
+    group.add_argument("--cacert", metavar="PEM", default=os.environ.get("KVSTORE_CACERT"),
+                       help="the CA that signed the nodes' certificates, for https:// nodes (default $KVSTORE_CACERT)")
     return parent
 
 
@@ -151,9 +154,11 @@ def with_client(args: argparse.Namespace, use: Callable[[Client], Awaitable[T]],
     from kvstore.client import Client
 
     try:
-        client = Client(node_urls(args), timeout_s=args.timeout, secret=secret)
+        client = Client(node_urls(args), timeout_s=args.timeout, secret=secret, ca_file=args.cacert)
     except ValueError as exc:  # a malformed --node URL
         raise UsageError(str(exc)) from None
+    except OSError as exc:  # --cacert unreadable or not PEM (ssl.SSLError is an OSError)
+        raise UsageError(f"--cacert {args.cacert}: {exc}") from None
 
     async def run() -> T:
         async with client:
@@ -365,11 +370,14 @@ def register_kv(sub: Subparsers) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.key is not None:
+        return print_placement(args)
     info: dict[str, Any] = with_client(args, lambda kv: kv.cluster())
     if args.json:
         print_json(info)
         return EXIT_OK
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     hints = info.get("pending_hints") or {}
@@ -380,6 +388,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     table.add_column("phi", justify="right")
     table.add_column("ownership", justify="right")
     table.add_column("pending hints", justify="right")
+    table.add_column("link")
     for member in info.get("members", []):
         state = str(member.get("state", "?"))
         phi = member.get("phi")
@@ -391,13 +400,77 @@ def cmd_status(args: argparse.Namespace) -> int:
             "-" if phi is None else f"{phi:.2f}",
             "-" if ownership is None else f"{ownership:.2f}%",
             str(hints.get(member.get("id"), 0)),
+            escape(link_summary(member.get("link"))),
         )
     console = Console(highlight=False)
     console.print(table)
+    for member in info.get("members", []):
+        for line in link_details(member):
+            console.print("[red]refused[/red] " + escape(line))
+    for stranger in info.get("refused_peers") or []:
+        console.print(f"[red]refused[/red] a non-member: {escape(repr(stranger.get('id')))} "
+                      + escape(refusal_text(stranger)))
     settings = ("replicas", "r", "w", "vnodes", "conflict_mode", "consistency")
     n, r, w, vnodes, mode, consistency = (info.get(k, "?") for k in settings)
     console.print(f"N={n} R={r} W={w}  vnodes={vnodes}  conflict_mode={mode}  consistency={consistency}")
     return EXIT_OK
+
+
+def print_placement(args: argparse.Namespace) -> int:
+    """``kvstore status --key K``: where the key lives, as the answering node sees it."""
+    where: dict[str, Any] = with_client(args, lambda kv: kv.placement(args.key))
+    if args.json:
+        print_json(where)
+        return EXIT_OK
+    down = set(where.get("primaries_down", []))
+    stand_ins = {f["stands_in_for"]: f["id"] for f in where.get("fallbacks", []) if f.get("stands_in_for")}
+    print(f"key {where.get('key')!r}  token {where.get('token')}  (vnode {where.get('vnode_token')}), "
+          f"as seen by {where.get('node')}")
+    for rank, member in enumerate(where.get("preference_list", []), start=1):
+        if member in down:
+            extra = f"  -> writes go to {stand_ins[member]} (a hint)" if member in stand_ins else "  (no stand-in up)"
+            print(f"  primary {rank}: {member}  DOWN{extra}")
+        else:
+            print(f"  primary {rank}: {member}  up")
+    fallbacks = ", ".join(f"{f['id']}{'' if f.get('up') else ' (down)'}" for f in where.get("fallbacks", []))
+    print(f"  fallbacks in ring order: {fallbacks or '-'}")
+    majority = "yes" if where.get("majority_reachable") else "NO: quorum and linearizable requests refuse here"
+    print(f"  a majority of the primaries is reachable: {majority}")
+    return EXIT_OK
+
+
+def refusal_text(refusal: dict[str, Any]) -> str:
+    """``unauthorized since 2026-01-02T12:00:01Z (42 times, last 0.2 s ago, from 10.0.0.3:5123): why``"""
+    where = f", from {refusal['address']}" if refusal.get("address") else ""
+    return (f"{refusal.get('code')} since {refusal.get('since')} ({refusal.get('count')} times, last "
+            f"{refusal.get('last_s_ago')} s ago{where}): {refusal.get('message')}")
+
+
+LINK_DIRECTIONS = (("they_refuse_us", "it refuses us"), ("we_refuse_them", "we refuse it"))
+
+
+def link_summary(link: Any) -> str:
+    """The table's link column: who refuses whom, by code ("ok" when neither side refuses)."""
+    if not isinstance(link, dict):
+        return ""
+    out, incoming = link.get("they_refuse_us"), link.get("we_refuse_them")
+    if out and incoming:
+        codes = {out.get("code"), incoming.get("code")}
+        return f"both ways: {'/'.join(sorted(map(str, codes)))}"
+    if out:
+        return f"refuses us: {out.get('code')}"
+    if incoming:
+        return f"we refuse: {incoming.get('code')}"
+    return "ok"
+
+
+def link_details(member: dict[str, Any]) -> list[str]:
+    """One line per refused direction of a member's link, with the reason and since when."""
+    link = member.get("link")
+    if not isinstance(link, dict):
+        return []
+    return [f"{member.get('id')}: {words}: {refusal_text(link[key])}" for key, words in LINK_DIRECTIONS
+            if link.get(key)]
 
 
 def cmd_repair(args: argparse.Namespace) -> int:
@@ -411,9 +484,11 @@ def cmd_repair(args: argparse.Namespace) -> int:
 def register_admin(sub: Subparsers) -> None:
     conn = connection_options()
     p = sub.add_parser("status", parents=[conn], help="show cluster membership and settings",
-                       description="A table of members (state, phi, ring ownership, pending hints) and N/R/W.",
+                       description="A table of members (state, phi, ring ownership, pending hints, refused links) and N/R/W.",
                        epilog=EPILOG, formatter_class=Formatter)
     p.add_argument("--json", action="store_true", help="print GET /cluster as JSON")
+    p.add_argument("--key", metavar="K", help="where key K lives: token, preference list, stand-ins "
+                                              "(GET /cluster/keys/K/placement)")
     p.set_defaults(handler=cmd_status)
 
     p = sub.add_parser("repair", parents=[conn], help="start an anti-entropy round on a node",
@@ -427,25 +502,39 @@ def register_admin(sub: Subparsers) -> None:
 
 
 def cmd_node(args: argparse.Namespace) -> int:
-    run_node = find_run_node()
+    from kvstore.server.app import run_node
+
     return run_node(args.config)
 
 
-def find_run_node() -> Callable[[str], int]:
-    # kvstore.node is the agreed home; kvstore.server is where the runner lives today.
-    for module_name in ("kvstore.node", "kvstore.server"):
-        module = importlib.import_module(module_name)
-        run_node = getattr(module, "run_node", None)
-        if callable(run_node):
-            result: Callable[[str], int] = run_node
-            return result
-    raise RuntimeError("no run_node(config_path) in kvstore.node or kvstore.server")
-
-
 def cmd_cluster_up(args: argparse.Namespace) -> int:
-    from kvstore.cluster import cluster_up
+    from kvstore.harness.local_cluster import cluster_up
 
     return cluster_up(args)
+
+
+def cmd_cluster_stop(args: argparse.Namespace) -> int:
+    from kvstore.harness import cluster_control
+
+    try:
+        stopped = cluster_control.stop(args.data_dir, grace_s=args.grace)
+    except cluster_control.ControlError as exc:
+        note(f"kvstore cluster stop: {exc}")
+        return EXIT_ERROR
+    print(f"kvstore: stopped {', '.join(stopped)}" if stopped else "kvstore: no node of this cluster was running")
+    return EXIT_OK
+
+
+def cmd_cluster_restart(args: argparse.Namespace) -> int:
+    from kvstore.harness import cluster_control
+
+    try:
+        record = cluster_control.restart(args.data_dir, args.node_id, timeout_s=args.timeout, grace_s=args.grace)
+    except cluster_control.ControlError as exc:
+        note(f"kvstore cluster restart: {exc}")
+        return EXIT_ERROR
+    print(f"kvstore: {args.node_id} restarted, pid {record.pid}, {record.url}")
+    return EXIT_OK
 
 
 def register_nodes(sub: Subparsers) -> None:
@@ -473,9 +562,37 @@ def register_nodes(sub: Subparsers) -> None:
                     help="keep concurrent writes as siblings, or last-write-wins (default siblings)")
     up.add_argument("--r", type=positive_int, help="default read quorum (default min(2, N))")
     up.add_argument("--w", type=positive_int, help="default write quorum (default min(2, N))")
+    up.add_argument("--netns", action="store_true",
+                    help="root, Linux: each node in its own network namespace with its own address on a bridge "
+                         "(every node then uses PORT and PORT+100 on its own address; docs/netns.md)")
+    up.add_argument("--detach", action="store_true",
+                    help="return once the nodes are up and leave them running (state in DATA_DIR/cluster.json; "
+                         "see: kvstore cluster stop, kvstore cluster restart)")
     up.set_defaults(handler=cmd_cluster_up)
 
-    from kvstore.membership_cli import register as register_membership
+    stop = cluster_sub.add_parser(
+        "stop", help="stop a cluster started with --detach (by the PIDs in its data dir)",
+        description="Stop every node of the detached cluster in DATA_DIR: SIGTERM, then SIGKILL after the grace "
+                    "period. Only PIDs recorded in DATA_DIR/cluster.json that still run that node are signalled.",
+    )
+    stop.add_argument("--data-dir", required=True, metavar="DIR", help="the data dir given to cluster up --detach")
+    stop.add_argument("--grace", type=positive_float, default=10.0, metavar="SECONDS",
+                      help="time to exit after SIGTERM before SIGKILL (default 10)")
+    stop.set_defaults(handler=cmd_cluster_stop)
+
+    restart = cluster_sub.add_parser(
+        "restart", help="restart one node of a cluster started with --detach",
+        description="Stop NODE (if it runs) and start it again from its node.toml, then wait until it is healthy.",
+    )
+    restart.add_argument("node_id", metavar="NODE", help="the node's id, e.g. n2")
+    restart.add_argument("--data-dir", required=True, metavar="DIR", help="the data dir given to cluster up --detach")
+    restart.add_argument("--grace", type=positive_float, default=10.0, metavar="SECONDS",
+                         help="time to exit after SIGTERM before SIGKILL (default 10)")
+    restart.add_argument("--timeout", type=positive_float, default=30.0, metavar="SECONDS",
+                         help="how long to wait for it to become healthy (default 30)")
+    restart.set_defaults(handler=cmd_cluster_restart)
+
+    from kvstore.harness.membership_cli import register as register_membership
 
     register_membership(cluster_sub)
 
@@ -490,9 +607,12 @@ COMMANDS: list[tuple[str, Callable[[Subparsers], None]]] = [
 
 # name -> (module with main(argv) -> int, one-line help).  They parse their own arguments.
 DELEGATED: dict[str, tuple[str, str]] = {
-    "explore": ("kvstore.explore", "run CP and AP side by side under faults and report the trade-off"),
+    "explore": ("kvstore.explore.matrix", "run CP and AP side by side under faults and report the trade-off "
+                "(--serve: live, in the browser)"),
+    "ui": ("kvstore.ui.cli", "the live CAP explorer in the browser, on an existing cluster"),
     "check": ("kvstore.checker.cli", "check a recorded history for consistency anomalies"),
-    "chaos": ("chaos.cli", "run a fault-injection scenario against a local cluster"),
+    "chaos": ("kvstore.harness.cli", "run a fault-injection scenario against a local cluster"),
+    "sim": ("kvstore.sim.cli", "deterministic chaos runs on a simulated cluster: one seed, or a sweep of seeds"),
     "bench": ("benchmarks.run", "measure throughput, latency, recovery and memory against baselines"),
 }
 
@@ -513,8 +633,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Delegated commands whose code lives in the source checkout, not in the installed package.
+CHECKOUT_ONLY = {"bench": "benchmarks"}
+
+
+def checkout_root() -> Path | None:
+    """The source checkout this kvstore runs from (editable install), or None for an installed wheel."""
+    root = Path(__file__).resolve().parents[1]
+    return root if (root / "pyproject.toml").is_file() else None
+
+
 def run_delegated(name: str, argv: list[str]) -> int:
     module_name, _help = DELEGATED[name]
+    if name in CHECKOUT_ONLY:
+        top = CHECKOUT_ONLY[name]
+        root = checkout_root()
+        if root is None or not (root / top).is_dir():
+            note(f"kvstore {name}: runs from a source checkout ({top}/ is not installed with the package); "
+                 f"clone the repository, `pip install -e .` there and run `kvstore {name}` again")
+            return EXIT_ERROR
+        if str(root) not in sys.path:
+            sys.path.insert(0, str(root))
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:

@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 Every node reads the same member list, so every node computes the same ring:
 that list is version 0 of the membership; later versions come from membership
-changes (kvstore.membership, kvstore.reconfig) and are persisted by the node.  A config file describes the whole cluster plus which
+changes (kvstore.protocol.membership, kvstore.runtime.reconfig) and are persisted by the node.  A config file describes the whole cluster plus which
 member this process is (``node_id``).  Validation names the bad field
 (``ConfigError.field``) so a typo never surfaces as a stack trace at the first
 request.  Defaults follow Dynamo/Riak: N=3, R=2, W=2.
@@ -17,10 +17,10 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from kvstore.ring import DEFAULT_VNODES
+from kvstore.protocol.ring import DEFAULT_VNODES
+from kvstore.protocol.tombstones import UnsafeGracePeriod, check_grace_covers_hint_window
+from kvstore.protocol.versions import CONFLICT_MODES
 from kvstore.storage.base import ENGINES, FSYNC_POLICIES
-from kvstore.tombstones import UnsafeGracePeriod, check_grace_covers_hint_window
-from kvstore.versions import CONFLICT_MODES
 
 CONSISTENCY_LEVELS: tuple[str, ...] = ("eventual", "quorum", "linearizable")
 READ_REPAIR_MODES: tuple[str, ...] = ("async", "blocking", "off")
@@ -93,6 +93,31 @@ class APSettings:
     tombstone_grace_s: float = 4 * 3600.0
 
 
+FRONT_ENDS: tuple[str, ...] = ("aiohttp", "httptools")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    # Who parses the public port's HTTP: "httptools" for /kv/* with every other route forwarded
+    # in process to aiohttp (kvstore.server.http_front), or "aiohttp" for every route.
+    front_end: str = "httptools"
+
+
+@dataclass(frozen=True)
+class TLSSettings:
+    """Optional TLS (kvstore.tls): on when ``cert_file`` is set; then key and CA are required too."""
+
+    cert_file: str = ""  # this node's certificate (PEM), shown to clients and to peers
+    key_file: str = ""  # its private key (PEM)
+    ca_file: str = ""  # the CA (PEM) that signed every member's certificate: peers are verified against it
+    http: bool = True  # serve the client API over HTTPS
+    peer: bool = True  # mutual TLS on peer links
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert_file)
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     node_id: str
@@ -112,10 +137,20 @@ class NodeConfig:
     bind: str = "127.0.0.1"
     # How to treat an *empty* Paxos store at start (etcd's flag): "existing" = this node lost its
     # state, recover it from the peers before voting; "new" = first start of a new cluster.
-    # Ignored once the store holds anything (see kvstore.cp_recovery).
+    # Ignored once the store holds anything (see kvstore.runtime.register_recovery).
     initial_cluster_state: str = "existing"
     limits: Limits = field(default_factory=Limits)
     ap: APSettings = field(default_factory=APSettings)
+    tls: TLSSettings = field(default_factory=TLSSettings)
+    server: ServerSettings = field(default_factory=ServerSettings)
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls.enabled and self.tls.http else "http"
+
+    def url_of(self, member: Member) -> str:
+        """A member's client URL: https when this cluster serves HTTPS (``Member.url`` is plain http)."""
+        return f"{self.scheme}://{member.host}:{member.http_port}"
 
     @property
     def me(self) -> Member:
@@ -159,9 +194,10 @@ def _section(data: dict[str, Any], cls: type, name: str) -> Any:
 
 
 def from_dict(data: dict[str, Any]) -> NodeConfig:
-    top_known = {f.name for f in fields(NodeConfig)} - {"limits", "ap", "members"}
+    sections = {"limits", "ap", "tls", "server"}
+    top_known = {f.name for f in fields(NodeConfig)} - sections - {"members"}
     for key in data:
-        if key not in top_known | {"limits", "ap", "members", "cluster"}:
+        if key not in top_known | sections | {"members", "cluster"}:
             raise ConfigError(key, "unknown setting")
     flat = dict(data)
     cluster = flat.pop("cluster", {})
@@ -190,8 +226,10 @@ def from_dict(data: dict[str, Any]) -> NodeConfig:
         )
     limits = _section(flat, Limits, "limits")
     ap = _section(flat, APSettings, "ap")
-    flat.pop("limits", None)
-    flat.pop("ap", None)
+    tls = _section(flat, TLSSettings, "tls")
+    server = _section(flat, ServerSettings, "server")
+    for name in sections:
+        flat.pop(name, None)
     for key in ("node_id", "secret"):
         if key not in flat:
             raise ConfigError(key, "missing")
@@ -214,7 +252,7 @@ def from_dict(data: dict[str, Any]) -> NodeConfig:
     }
     for key, value in flat.items():
         _expect(value, scalar_kinds[key], key)
-    return validate(NodeConfig(members=tuple(members), limits=limits, ap=ap, **flat))
+    return validate(NodeConfig(members=tuple(members), limits=limits, ap=ap, tls=tls, server=server, **flat))
 
 
 def validate(cfg: NodeConfig) -> NodeConfig:
@@ -254,6 +292,8 @@ def validate(cfg: NodeConfig) -> NodeConfig:
     if len(cfg.secret.encode("utf-8")) > MAX_SECRET_BYTES:
         # The secret travels in the peer hello, which is read before authentication and so is small.
         raise ConfigError("secret", f"must be at most {MAX_SECRET_BYTES} bytes")
+    if cfg.server.front_end not in FRONT_ENDS:
+        raise ConfigError("server.front_end", f"must be one of {FRONT_ENDS}")
     if cfg.ap.read_repair not in READ_REPAIR_MODES:
         raise ConfigError("ap.read_repair", f"must be one of {READ_REPAIR_MODES}")
     try:
@@ -273,6 +313,13 @@ def validate(cfg: NodeConfig) -> NodeConfig:
             raise ConfigError(f"ap.{f.name}", "must be positive")
     if cfg.limits.max_key_bytes > 1024:
         raise ConfigError("limits.max_key_bytes", "keys are limited to 1 KiB")
+    tls_paths = ("cert_file", "key_file", "ca_file")
+    if any(getattr(cfg.tls, name) for name in tls_paths):
+        for name in tls_paths:
+            if not getattr(cfg.tls, name):
+                raise ConfigError(f"tls.{name}", "TLS needs cert_file, key_file and ca_file together")
+        if not (cfg.tls.http or cfg.tls.peer):
+            raise ConfigError("tls", "http and peer are both false: remove cert_file to run without TLS")
     return cfg
 
 
@@ -314,7 +361,10 @@ def to_toml(cfg: NodeConfig) -> str:
         "initial_cluster_state",
     ):
         lines.append(f"{name} = {lit(getattr(cfg, name))}")
-    for section, obj in (("limits", cfg.limits), ("ap", cfg.ap)):
+    sections: list[tuple[str, Any]] = [("limits", cfg.limits), ("ap", cfg.ap), ("server", cfg.server)]
+    if cfg.tls != TLSSettings():
+        sections.append(("tls", cfg.tls))
+    for section, obj in sections:
         lines.append(f"\n[{section}]")
         lines += [f"{f.name} = {lit(getattr(obj, f.name))}" for f in fields(obj)]
     for m in cfg.members:

@@ -35,7 +35,7 @@ is that one agreement.  It is pure (no I/O, no clock, no randomness) and table-t
 exactly once.  A transport that silently re-sends after a dropped connection (aiohttp does,
 for PUT and DELETE) turns a first copy that was applied plus a refused second copy into a
 ``fail``.  Every HTTP client session of the project comes from
-``kvstore.http_session.client_session``, which switches that re-send off.
+``kvstore.client.http_session.client_session``, which switches that re-send off.
 
 **ETag**: the entity tag of a present value is a quoted 64-bit BLAKE2b digest of its bytes,
 the same on every node and in every client, so ``If-Match: etag_of(expected)`` is a
@@ -83,6 +83,26 @@ ERROR_CODES: Final = frozenset({
 
 # Codes the Python client gives errors that have no HTTP answer (``status`` None) or no JSON body.
 CLIENT_ERROR_CODES: Final = frozenset({"unreachable", "indeterminate", "bad_response"})
+
+
+class KvstoreError(Exception):
+    """The root of the project's one error family: every operating error a node answers with and every
+    error the client raises is one, so a caller (the harness, the benchmarks, an application) can catch
+    one type and read what the failure *proves*.
+
+    ``code`` is the stable ``error`` code (``ERROR_CODES``, or ``CLIENT_ERROR_CODES`` for failures with
+    no HTTP answer); ``status`` the HTTP status (None when no answer came); ``indeterminate`` whether a
+    write may still take effect -- when in doubt it is, as in the outcome rules above.
+    """
+
+    code: str = "internal"
+    status: int | None = None
+    indeterminate: bool = True
+
+    @property
+    def outcome(self) -> Outcome:
+        """``info`` if the request may have been applied, else ``fail`` (a certain refusal)."""
+        return INFO if self.indeterminate else FAIL
 
 
 def etag_of(value: bytes) -> str:

@@ -1,4 +1,4 @@
-"""Typed operating errors raised by the node, answered as JSON by ``kvstore.kv_api`` and ``kvstore.api``.
+"""Typed operating errors raised by the node, answered as JSON by ``kvstore.server.kv_api`` and ``kvstore.server.api``.
 
 Each carries a stable ``code`` (the JSON ``error`` field) and an HTTP ``status``.
 Programmer errors are asserts, not these.
@@ -8,9 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from kvstore.contract import KvstoreError
 
-class NodeError(Exception):
-    status = 500
+
+class NodeError(KvstoreError):
+    """A node's operating error (the server side of the one family in ``kvstore.contract``)."""
+
+    status: int = 500
     code = "internal"
     close_connection = False  # True: the request was not read to its end; close after answering
 
@@ -18,6 +22,8 @@ class NodeError(Exception):
         super().__init__(message)
         self.message = message
         self.extra = extra
+        # A refusal (4xx) changed nothing; a 5xx may have, unless it says otherwise (kvstore.contract).
+        self.indeterminate = bool(extra.get("indeterminate", self.status >= 500))
 
     def body(self) -> dict[str, Any]:
         return {"error": self.code, "message": self.message, **self.extra}

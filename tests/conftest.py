@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from kvstore.cluster import LocalCluster
 from kvstore.config import APSettings
+from kvstore.harness.local_cluster import LocalCluster
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CORPUS_DIR = REPO_ROOT.parent / "shared" / "corpus" / "porcupine"
@@ -52,12 +52,15 @@ def kv_path(key: str, **params: object) -> str:
 
 
 FAST_AP = APSettings(heartbeat_interval_ms=100, anti_entropy_interval_s=3600.0)
+# Both HTTP front ends (kvstore.config.FRONT_ENDS) answer the same requests the same way: the
+# API and conformance tests run against each (fixtures parametrized with these).
+FRONT_ENDS = ["aiohttp", "httptools"]
 
 
-@pytest.fixture(scope="module")
-def cluster5(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    """A shared healthy 5-node, N=3 cluster for tests that do not break it."""
-    cluster = LocalCluster(5, 3, data_dir=str(tmp_path_factory.mktemp("c5")), ap=FAST_AP)
+@pytest.fixture(scope="module", params=FRONT_ENDS)
+def cluster5(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[LocalCluster]:
+    """A shared healthy 5-node, N=3 cluster for tests that do not break it (once per front end)."""
+    cluster = LocalCluster(5, 3, data_dir=str(tmp_path_factory.mktemp("c5")), ap=FAST_AP, front_end=request.param)
     try:
         cluster.start()
         yield cluster

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from aiohttp.http_exceptions import BadHttpMessage, BadHttpMethod, InvalidHeader, LineTooLong
 
-from kvstore.api import MAX_HEADER_FIELD_BYTES, MAX_REQUEST_LINE_BYTES, classify_protocol_error
+from kvstore.server.api import MAX_HEADER_FIELD_BYTES, MAX_REQUEST_LINE_BYTES, classify_protocol_error
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from benchmarks.loadgen import LoadSpec, prepopulate, run_load
-from kvstore.cluster import LocalCluster
+from kvstore.harness.local_cluster import LocalCluster
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,4 @@
-"""Table tests for kvstore.causal_context: contexts only the cluster can issue, bound to one key (pure)."""
+"""Table tests for kvstore.protocol.causal_context: contexts only the cluster can issue, bound to one key (pure)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import random
 import msgpack
 import pytest
 
-from kvstore.causal_context import (
+from kvstore.protocol.causal_context import (
     MAC_BYTES,
     MAX_CONTEXT_TEXT_BYTES,
     TOKEN_VERSION,
@@ -17,7 +17,7 @@ from kvstore.causal_context import (
     InvalidContext,
     refuse_unissued,
 )
-from kvstore.versions import MAX_CONTEXT_COUNTER, MAX_CONTEXT_ENTRIES, encode_vector
+from kvstore.protocol.versions import MAX_CONTEXT_COUNTER, MAX_CONTEXT_ENTRIES, encode_vector
 
 SECRET = "cluster-secret-1"
 SIGNER = ContextSigner(SECRET)

@@ -14,13 +14,13 @@ from typing import Any
 
 import pytest
 
-from chaos.history import read_history
-from chaos.nemesis import ClusterControl, partition_grudge
-from chaos.runner import RunSpec, run_scenario
 from kvstore.checker import check
-from kvstore.cluster import LocalCluster, free_ports
-from kvstore.explore import EXPLORE_AP, EXPLORE_LIMITS
-from kvstore.ring import Ring
+from kvstore.explore.matrix import EXPLORE_AP, EXPLORE_LIMITS
+from kvstore.harness.history import read_history
+from kvstore.harness.local_cluster import LocalCluster, free_ports
+from kvstore.harness.nemesis import ClusterControl, partition_grudge
+from kvstore.harness.runner import RunSpec, run_scenario
+from kvstore.protocol.ring import Ring
 from kvstore.transport.base import LinkRule, PeerUnavailable
 from kvstore.transport.stream import StreamTransport
 from tests.conftest import FAST_AP, REPO_ROOT, http, kv_path

@@ -6,9 +6,15 @@ import random
 
 import pytest
 
-from chaos.nemesis import PARTITION_KINDS, NemesisError, grudge_to_rules, majority_side, partition_grudge
-from chaos.runner import RunSpec, fixed_schedule, random_schedule
-from chaos.workload import classify
+from kvstore.harness.nemesis import (
+    PARTITION_KINDS,
+    NemesisError,
+    grudge_to_rules,
+    majority_side,
+    partition_grudge,
+)
+from kvstore.harness.runner import RunSpec, fixed_schedule, random_schedule
+from kvstore.harness.workload import classify
 
 NODES = ["n1", "n2", "n3", "n4", "n5"]
 

@@ -8,6 +8,7 @@ import json
 import sys
 import types
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -330,9 +331,9 @@ def test_node_calls_run_node_with_the_config_path(monkeypatch: pytest.MonkeyPatc
         calls.append(config_path)
         return 7
 
-    import kvstore.server
+    import kvstore.server.app
 
-    monkeypatch.setattr(kvstore.server, "run_node", fake_run_node)
+    monkeypatch.setattr(kvstore.server.app, "run_node", fake_run_node)
     assert main(["node", "--config", "/tmp/n1.toml"]) == 7
     assert calls == ["/tmp/n1.toml"]
 
@@ -344,9 +345,9 @@ def test_cluster_up_passes_every_option(monkeypatch: pytest.MonkeyPatch) -> None
         seen.append(args)
         return 0
 
-    import kvstore.cluster
+    import kvstore.harness.local_cluster
 
-    monkeypatch.setattr(kvstore.cluster, "cluster_up", fake_cluster_up)
+    monkeypatch.setattr(kvstore.harness.local_cluster, "cluster_up", fake_cluster_up)
     argv = ["cluster", "up", "--nodes", "5", "--replicas", "3", "--data-dir", "/tmp/d", "--base-port", "7001",
             "--storage", "memory", "--fsync", "never", "--vnodes", "32", "--conflict-mode", "lww", "--r", "1",
             "--w", "3"]
@@ -388,7 +389,7 @@ def test_a_delegated_command_exiting_with_a_message_prints_it(
         raise SystemExit("kvstore explore: unknown mode: strong")
 
     module.main = explore_main  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "kvstore.explore", module)
+    monkeypatch.setitem(sys.modules, "kvstore.explore.matrix", module)
     assert main(["explore", "--modes", "strong"]) == 1
     assert_one_line_error(capsys.readouterr().err, "kvstore explore: unknown mode: strong")
 
@@ -404,6 +405,22 @@ def test_a_missing_delegated_module_is_a_one_line_error(
 def test_help_is_fast_because_heavy_modules_load_lazily() -> None:
     import subprocess
 
-    code = "import sys, kvstore.cli; print(sorted(m for m in ('aiohttp', 'rich', 'kvstore.node') if m in sys.modules))"
+    code = "import sys, kvstore.cli; print(sorted(m for m in ('aiohttp', 'rich', 'kvstore.runtime.node') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_cluster_up_refuses_detach_with_netns(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """cluster stop signals PIDs only: a detached netns cluster would leave its namespaces behind."""
+    assert main(["cluster", "up", "--detach", "--netns", "--data-dir", str(tmp_path / "c")]) == 2
+    assert "--detach cannot be combined with --netns" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()  # refused before anything was made
+
+
+def test_bench_outside_a_checkout_says_where_it_runs(monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """benchmarks/ is not installed with the package: an installed wheel says so instead of a traceback."""
+    monkeypatch.setattr(cli, "checkout_root", lambda: None)
+    assert cli.main(["bench", "--quick"]) != 0
+    err = capsys.readouterr().err
+    assert "source checkout" in err and "benchmarks/" in err

@@ -16,7 +16,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, unquote
@@ -26,12 +26,16 @@ from aiohttp import web
 
 import kvstore
 from kvstore.client import (
+    AiohttpTransport,
     Attempt,
     BadRequest,
     Client,
     GetResult,
     KVError,
+    KvstoreError,
+    Lost,
     NodeUnreachable,
+    NotSent,
     Overloaded,
     PreconditionFailed,
     PutResult,
@@ -686,8 +690,10 @@ async def test_close_is_idempotent_and_final(fake: FakeNode) -> None:
     kv = Client([fake.url], max_connections=3)
     async with kv:
         await kv.health()
-        assert kv._session is not None and kv._session.connector is not None
-        assert kv._session.connector.limit == 3
+        assert isinstance(kv.transport, AiohttpTransport)
+        session = kv.transport.session
+        assert session is not None and session.connector is not None
+        assert session.connector.limit == 3
     await kv.close()
     with pytest.raises(RuntimeError):
         await kv.health()
@@ -707,3 +713,55 @@ def test_key_path_encoding() -> None:
     assert key_path("user:42") == "/kv/user%3A42"
     assert key_path("a/b") == "/kv/a%2Fb"
     assert key_path("..") == "/kv/%2E%2E"
+
+
+# --------------------------------------------------------------------------- an injected transport
+
+
+class ScriptedTransport:
+    """A ClientTransport that answers from a script, per node URL, and records what was sent."""
+
+    def __init__(self, script: dict[str, list[object]]) -> None:
+        self.script = script
+        self.sent: list[tuple[str, str]] = []
+        self.closed = False
+
+    async def request(
+        self, method: str, url: str, headers: Mapping[str, str], body: bytes | None,
+        timeout_s: float, connect_timeout_s: float,
+    ) -> tuple[int, Mapping[str, str], bytes]:
+        node = url.split("/kv/")[0]
+        self.sent.append((method, url))
+        answer = self.script[node].pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        assert isinstance(answer, tuple)
+        return answer
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+async def test_an_injected_transport_carries_every_request_and_stays_the_callers() -> None:
+    transport = ScriptedTransport({
+        "http://a:1": [NotSent("cannot connect: refused")],
+        "http://b:2": [(204, {"ETag": etag_of(b"v")}, b"")],
+    })
+    async with Client(["http://a:1", "http://b:2"], transport=transport) as kv:
+        await kv.put("k", b"v")
+    # Nothing left for a: the client went on to b.  The caller's transport is not closed by the client.
+    assert [m for m, _ in transport.sent] == ["PUT", "PUT"]
+    assert transport.closed is False
+
+
+async def test_a_lost_write_through_an_injected_transport_is_indeterminate_and_not_resent() -> None:
+    transport = ScriptedTransport({
+        "http://a:1": [Lost("disconnected", "connection lost")],
+        "http://b:2": [(204, {}, b"")],
+    })
+    async with Client(["http://a:1", "http://b:2"], transport=transport) as kv:
+        with pytest.raises(RequestTimeout) as caught:
+            await kv.put("k", b"v")
+    assert caught.value.indeterminate and caught.value.outcome == "info"
+    assert isinstance(caught.value, KvstoreError)
+    assert len(transport.sent) == 1  # one request, one outcome: never re-sent to b

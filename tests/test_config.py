@@ -100,6 +100,9 @@ def test_the_largest_valid_hello_fits_the_pre_authentication_cap() -> None:
         ("ap.hint_max_per_target", 0, "ap.hint_max_per_target"),
         ("ap.tombstone_grace_s", 60.0, "ap.tombstone_grace_s"),
         ("ap.phi_threshold", "high", "ap.phi_threshold"),
+        ("server.front_end", "nginx", "server.front_end"),
+        ("server.front_end", 1, "server.front_end"),
+        ("server.workers", 2, "server.workers"),
     ],
 )
 def test_bad_fields_are_named(path: str, value: Any, field: str) -> None:
@@ -120,9 +123,18 @@ def test_load_file_errors(tmp_path: Path) -> None:
     assert "not valid TOML" in str(exc.value)
 
 
+@pytest.mark.parametrize("front_end", ["aiohttp", "httptools"])
+def test_the_front_end_is_chosen_in_the_server_table(front_end: str) -> None:
+    assert from_dict(with_change("server.front_end", front_end)).server.front_end == front_end
+
+
 def test_to_toml_round_trip(tmp_path: Path) -> None:
-    cfg = from_dict(with_change("cluster.conflict_mode", "lww"))
+    cfg = from_dict(with_change("server.front_end", "aiohttp"))
+    assert cfg.server.front_end == "aiohttp" != from_dict(copy.deepcopy(BASE)).server.front_end
     path = tmp_path / "node.toml"
+    path.write_text(to_toml(cfg))
+    assert load(path) == cfg
+    cfg = from_dict(with_change("cluster.conflict_mode", "lww"))
     path.write_text(to_toml(cfg))
     assert load(path) == cfg
     assert cfg.with_node("n3").me.http_port == 7003

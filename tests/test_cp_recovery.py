@@ -1,4 +1,4 @@
-"""An acceptor that lost its storage (kvstore.cp_recovery): pure rules by table, then scenarios on
+"""An acceptor that lost its storage (kvstore.runtime.register_recovery): pure rules by table, then scenarios on
 the simulated network (kvstore.transport.memory) with real acceptors, proposers and recovery.
 
 The scenario that needs the incarnation views: a proposer holds a promise from an acceptor's
@@ -16,10 +16,23 @@ from typing import Any
 
 import pytest
 
-import kvstore.cp as cp_mod
+import kvstore.protocol.proposer as proposer_mod
 from kvstore.clock import SystemClock
-from kvstore.cp import ConsensusUnavailable, PaxosAcceptor, PaxosProposer
-from kvstore.cp_recovery import (
+from kvstore.protocol.paxos import (
+    AcceptorState,
+    Ballot,
+    CompareAndSet,
+    Read,
+    RegisterValue,
+    Write,
+    etag_of,
+    merge_states,
+    stale_acceptors,
+)
+from kvstore.protocol.ring import key_token
+from kvstore.runtime.caspaxos import ConsensusUnavailable, PaxosAcceptor, PaxosProposer
+from kvstore.runtime.identity import CorruptIdentity
+from kvstore.runtime.register_recovery import (
     ACCEPTOR_META,
     OP_RECOVER_SCAN,
     OP_REGISTER,
@@ -32,19 +45,6 @@ from kvstore.cp_recovery import (
     bootstrap_decision,
     may_vote,
 )
-from kvstore.identity import CorruptIdentity
-from kvstore.paxos import (
-    AcceptorState,
-    Ballot,
-    CompareAndSet,
-    Read,
-    RegisterValue,
-    Write,
-    etag_of,
-    merge_states,
-    stale_acceptors,
-)
-from kvstore.ring import key_token
 from kvstore.storage import MemoryStorage
 from kvstore.storage.base import StorageError
 from kvstore.transport.base import FaultRules, Message, PeerUnavailable
@@ -433,7 +433,7 @@ async def run_in_flight_scenario() -> tuple[Any, Any, bytes | None]:
         return await q.call(peer, message, timeout_s)
 
     proposer_p = PaxosProposer("p", p_call, SystemClock(), random.Random(5), max_attempts=3, backoff_base_s=0.002)
-    proposer_p._seen_counter = 10**15  # P's ballots are above anything Q will use
+    proposer_p.state.observe(10**15)  # P's ballots are above anything Q will use
     proposer_q = PaxosProposer("q", q_call, SystemClock(), random.Random(6), backoff_base_s=0.002)
     task_p = asyncio.create_task(proposer_p.propose("k", TOKEN, GROUP, CompareAndSet(etag_of(b"v1"), b"p"), 5.0))
     await n2_promised.wait()
@@ -464,7 +464,7 @@ async def test_without_the_views_the_in_flight_promise_loses_an_acknowledged_cas
 ) -> None:
     """The counterfactual: proposers that ignore incarnations let P's CAS on v1 succeed after Q's
     acknowledged CAS on v1 -- both "won", and Q's value is gone.  This is what the views prevent."""
-    monkeypatch.setattr(cp_mod, "stale_acceptors", lambda tags: frozenset())
+    monkeypatch.setattr(proposer_mod, "stale_acceptors", lambda tags: frozenset())
     result_p, result_q, final = await run_in_flight_scenario()
     assert result_q.outcome == "ok"
     assert not isinstance(result_p, Exception) and result_p.outcome == "ok"

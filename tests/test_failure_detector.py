@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from kvstore.failure import (
+from kvstore.protocol.failure import (
     DOWN,
     UP,
     MembershipView,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import msgpack
 import pytest
 
-from kvstore import versions
-from kvstore.hints import (
+from kvstore.protocol import versions
+from kvstore.protocol.hints import (
     ADMITTED,
     NS_PER_S,
     HintDecodeError,
@@ -23,7 +23,7 @@ from kvstore.hints import (
     plan_replay,
     split_hint_storage_key,
 )
-from kvstore.versions import VersionedObject
+from kvstore.protocol.versions import VersionedObject
 
 T0 = 1_700_000_000 * NS_PER_S
 MS = 1_000_000

@@ -1,4 +1,4 @@
-"""kvstore.http_session: every session the project makes sends each request once."""
+"""kvstore.client.http_session: every session the project makes sends each request once."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 import aiohttp
 import pytest
 
-from kvstore.http_session import client_session
+from kvstore.client.http_session import client_session
 from tests.conftest import REPO_ROOT
 from tests.dropping_server import DroppingServer
 
@@ -42,4 +42,4 @@ def test_no_module_makes_an_aiohttp_session_by_hand() -> None:
             for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
                 if pattern.search(line) and "KV-SESSION" not in line:
                     offenders.append(f"{path.relative_to(REPO_ROOT)}:{number}: {line.strip()}")
-    assert not offenders, "make sessions with kvstore.http_session.client_session:\n" + "\n".join(offenders)
+    assert not offenders, "make sessions with kvstore.client.http_session.client_session:\n" + "\n".join(offenders)

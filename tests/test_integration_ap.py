@@ -20,16 +20,16 @@ from typing import Any
 import msgpack
 import pytest
 
-from kvstore import versions
-from kvstore.cluster import LocalCluster
 from kvstore.config import APSettings, ConfigError
-from kvstore.ring import Ring, key_token
-from kvstore.versions import VersionedObject
+from kvstore.harness.local_cluster import LocalCluster
+from kvstore.protocol import versions
+from kvstore.protocol.ring import Ring, key_token
+from kvstore.protocol.versions import VersionedObject
 from tests.conftest import http, kv_path
 
 pytestmark = pytest.mark.integration
 
-PULL_BATCH = 256  # kvstore.repair_messages.OBJECTS_PER_MESSAGE
+PULL_BATCH = 256  # kvstore.runtime.repair_messages.OBJECTS_PER_MESSAGE
 
 
 # --- helpers ----------------------------------------------------------------------------------

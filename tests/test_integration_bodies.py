@@ -33,13 +33,13 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from kvstore import versions
 from kvstore.client import etag_of
-from kvstore.cluster import LocalCluster
 from kvstore.config import Limits
-from kvstore.paxos import AcceptorState
-from kvstore.ring import key_token
-from tests.conftest import FAST_AP, Reply, http, kv_path
+from kvstore.harness.local_cluster import LocalCluster
+from kvstore.protocol import versions
+from kvstore.protocol.paxos import AcceptorState
+from kvstore.protocol.ring import key_token
+from tests.conftest import FAST_AP, FRONT_ENDS, Reply, http, kv_path
 
 pytestmark = pytest.mark.integration
 
@@ -52,10 +52,11 @@ BODY_IDLE_TIMEOUT_MS = 3000  # far above PAUSE_S, so only the stalled-body test 
 TIMEOUT_MS = 20_000  # generous: a 1 MiB write to three fsyncing replicas on a busy 2-core machine
 
 
-@pytest.fixture(scope="module")
-def cluster3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+@pytest.fixture(scope="module", params=FRONT_ENDS)
+def cluster3(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[LocalCluster]:
     limits = Limits(body_idle_timeout_ms=BODY_IDLE_TIMEOUT_MS)
-    cluster = LocalCluster(3, 3, data_dir=str(tmp_path_factory.mktemp("bodies")), ap=FAST_AP, limits=limits)
+    cluster = LocalCluster(3, 3, data_dir=str(tmp_path_factory.mktemp("bodies")), ap=FAST_AP, limits=limits,
+                           front_end=request.param)
     try:
         cluster.start()
         yield cluster

@@ -10,8 +10,8 @@ import pytest
 import kvstore
 from kvstore.cli import main as cli_main
 from kvstore.client import BadRequest, PreconditionFailed, QuorumUnavailable, ValueTooLarge, lww_resolver
-from kvstore.cluster import LocalCluster
-from kvstore.ring import Ring
+from kvstore.harness.local_cluster import LocalCluster
+from kvstore.protocol.ring import Ring
 
 pytestmark = pytest.mark.integration
 

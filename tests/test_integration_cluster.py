@@ -11,9 +11,9 @@ from http.client import HTTPResponse
 import msgpack
 import pytest
 
-from kvstore import versions
-from kvstore.cluster import LocalCluster
-from kvstore.ring import Ring, key_token
+from kvstore.harness.local_cluster import LocalCluster
+from kvstore.protocol import versions
+from kvstore.protocol.ring import Ring, key_token
 from tests.conftest import http, kv_path
 
 pytestmark = pytest.mark.integration
@@ -121,7 +121,7 @@ def test_delete_with_context_and_tombstone(cluster5: LocalCluster) -> None:
         ("GET", "/kv/ok?r=", {}, None, 400, "invalid_quorum"),  # not "the default": found by schemathesis
         ("DELETE", "/kv/ok?w=", {}, None, 400, "invalid_quorum"),
         ("PUT", "/kv/ok", {"X-Context": "!!not-base64!!"}, b"v", 400, "invalid_context"),
-        # base64url, but not a context this cluster issued for this key (kvstore.causal_context)
+        # base64url, but not a context this cluster issued for this key (kvstore.protocol.causal_context)
         ("PUT", "/kv/ok", {"X-Context": "bm90IG1zZ3BhY2s"}, b"v", 400, "bad_context"),  # "not msgpack"
         ("PUT", "/kv/ok", {"X-Context": "kZKnbWFsbG9yeQE"}, b"v", 400, "bad_context"),  # bare [["mallory", 1]]
         ("PUT", "/kv/ok", {"X-Context": "kZKibjHOO5rKAA"}, b"v", 400, "bad_context"),  # bare [["n1", 10**9]]

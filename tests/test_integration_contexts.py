@@ -19,9 +19,9 @@ from collections.abc import Iterator
 import msgpack
 import pytest
 
-from kvstore.cluster import LocalCluster
 from kvstore.config import APSettings
-from kvstore.ring import Ring
+from kvstore.harness.local_cluster import LocalCluster
+from kvstore.protocol.ring import Ring
 from tests.conftest import Reply, http, kv_path
 
 pytestmark = pytest.mark.integration

@@ -11,13 +11,13 @@ from typing import Any
 import aiohttp
 import pytest
 
-from chaos.history import HistoryWriter, read_history
 from kvstore.checker import check
-from kvstore.cluster import LocalCluster
+from kvstore.client.http_session import client_session, no_answer_kind
 from kvstore.contract import answer_outcome, error_body, no_answer_outcome
 from kvstore.contract import etag_of as etag
-from kvstore.http_session import client_session, no_answer_kind
-from kvstore.ring import Ring
+from kvstore.harness.history import HistoryWriter, read_history
+from kvstore.harness.local_cluster import LocalCluster
+from kvstore.protocol.ring import Ring
 from tests.conftest import http, kv_path
 
 pytestmark = pytest.mark.integration

@@ -22,11 +22,11 @@ from typing import Any
 import msgpack
 import pytest
 
-from chaos.nemesis import ClusterControl
-from chaos.runner import RunSpec, run_scenario
-from kvstore import versions
-from kvstore.cluster import LocalCluster
-from kvstore.ring import Ring, key_token
+from kvstore.harness.local_cluster import LocalCluster
+from kvstore.harness.nemesis import ClusterControl
+from kvstore.harness.runner import RunSpec, run_scenario
+from kvstore.protocol import versions
+from kvstore.protocol.ring import Ring, key_token
 from tests.conftest import FAST_AP, Reply, http, kv_path
 from tests.disk_util import fill, tiny_tmpfs
 from tests.openapi_util import validate_response

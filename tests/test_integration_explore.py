@@ -41,6 +41,10 @@ def test_explore_small_matrix_end_to_end(tmp_path: Path) -> None:
     assert eventual["availability_fault_minority"] is not None and eventual["availability_fault_minority"] > 0.8
     html = (out / "index.html").read_text()
     assert "data:image/png;base64," in html and "linearizable" in html
+    # The pictures: the topology with the partition drawn (cut links), a key's placement on the ring.
+    assert html.count('class="topology"') == 2 and "the fault: majority:" in html
+    assert 'stroke-dasharray="5 4"><title>' in html  # a link drawn cut
+    assert html.count('class="ring"') == 2 and "saw it during the fault" in html
     # Self-contained: nothing is fetched when it opens (no scripts, stylesheets or remote images).
     assert "<script" not in html and "<link" not in html
     assert 'src="http' not in html and "url(http" not in html

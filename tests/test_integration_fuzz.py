@@ -8,8 +8,8 @@ import random
 import aiohttp
 import pytest
 
-from kvstore.cluster import LocalCluster
-from kvstore.http_session import client_session
+from kvstore.client.http_session import client_session
+from kvstore.harness.local_cluster import LocalCluster
 
 pytestmark = pytest.mark.integration
 

@@ -6,7 +6,7 @@ Each test wipes one node's data directory on a real cluster and then checks, thr
 coordinated by *other* nodes, that what was acknowledged afterwards is there.
 
 The CP twin: a Paxos acceptor that comes back empty must not vote before it has recovered
-its state from the other replicas (``kvstore.cp_recovery``), or a chosen value disappears.
+its state from the other replicas (``kvstore.runtime.register_recovery``), or a chosen value disappears.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ import aiohttp
 import msgpack
 import pytest
 
-from chaos.history import HistoryWriter, read_history
 from kvstore.checker import check
-from kvstore.cluster import LocalCluster
-from kvstore.http_session import client_session
-from kvstore.ring import Ring, key_token
+from kvstore.client.http_session import client_session
+from kvstore.harness.history import HistoryWriter, read_history
+from kvstore.harness.local_cluster import LocalCluster
+from kvstore.protocol.ring import Ring, key_token
 from tests.conftest import FAST_AP, http, kv_path
 from tests.test_integration_cp import etag as etag_of
 from tests.test_integration_cp import final_value

@@ -23,9 +23,9 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from kvstore.cluster import LocalCluster, free_ports, port_is_free, write_private
 from kvstore.config import Limits
-from tests.conftest import FAST_AP, http, kv_path
+from kvstore.harness.local_cluster import LocalCluster, free_ports, port_is_free, write_private
+from tests.conftest import FAST_AP, FRONT_ENDS, http, kv_path
 
 pytestmark = pytest.mark.integration
 
@@ -52,11 +52,12 @@ IMPATIENT_LIMITS = Limits(
 )
 
 
-@pytest.fixture(scope="module")
-def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+@pytest.fixture(scope="module", params=FRONT_ENDS)
+def guarded(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[LocalCluster]:
     """Two nodes, N=2, so a w=2 write proves that the real peers still authenticate and talk."""
     cluster = LocalCluster(
-        2, 2, r=1, w=2, data_dir=str(tmp_path_factory.mktemp("guarded")), ap=FAST_AP, limits=GUARDED_LIMITS
+        2, 2, r=1, w=2, data_dir=str(tmp_path_factory.mktemp("guarded")), ap=FAST_AP, limits=GUARDED_LIMITS,
+        front_end=request.param,
     )
     try:
         cluster.start()
@@ -65,10 +66,11 @@ def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
         cluster.stop()
 
 
-@pytest.fixture(scope="module")
-def impatient(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+@pytest.fixture(scope="module", params=FRONT_ENDS)
+def impatient(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[LocalCluster]:
     cluster = LocalCluster(
-        1, 1, r=1, w=1, data_dir=str(tmp_path_factory.mktemp("impatient")), ap=FAST_AP, limits=IMPATIENT_LIMITS
+        1, 1, r=1, w=1, data_dir=str(tmp_path_factory.mktemp("impatient")), ap=FAST_AP, limits=IMPATIENT_LIMITS,
+        front_end=request.param,
     )
     try:
         cluster.start()

@@ -17,12 +17,12 @@ from typing import Any
 
 import pytest
 
-from chaos.nemesis import ClusterControl
-from chaos.runner import RunSpec, run_scenario
+from kvstore.harness.nemesis import ClusterControl
+from kvstore.harness.runner import RunSpec, run_scenario
 from kvstore.checker import check
 from kvstore.cli import main as cli_main
-from kvstore.cluster import LocalCluster
-from kvstore.explore import EXPLORE_AP, EXPLORE_LIMITS
+from kvstore.harness.local_cluster import LocalCluster
+from kvstore.explore.matrix import EXPLORE_AP, EXPLORE_LIMITS
 
 pytestmark = pytest.mark.integration
 
@@ -167,9 +167,9 @@ def test_a_partition_during_the_change_keeps_registers_linearizable(tmp_path: Pa
     """n4 joins while n3 is cut from n1 and n2 during the joint phase (the change waits for n3, at
     whichever step the cut met it, and goes on after the heal; rounds on the majority side need
     majorities of both acceptor sets).  A linearizable CAS workload runs throughout; judged."""
-    from chaos.history import HistoryWriter
-    from chaos.nemesis import _complete_cut
-    from chaos.workload import Workload, WorkloadSpec
+    from kvstore.harness.history import HistoryWriter
+    from kvstore.harness.nemesis import _complete_cut
+    from kvstore.harness.workload import Workload, WorkloadSpec
 
     keys = [f"p{i}" for i in range(4)]
     history_path = tmp_path / "history.jsonl"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kvstore.cluster import LocalCluster
+from kvstore.harness.local_cluster import LocalCluster
 from tests.conftest import http, kv_path
 from tests.openapi_util import validate_response
 
@@ -28,6 +28,9 @@ def test_responses_match_the_openapi_document(cluster5: LocalCluster) -> None:
         ("GET", "/cluster", "/cluster", {}, None),
         ("GET", "/health", "/health", {}, None),
         ("GET", "/openapi.json", "/openapi.json", {}, None),
+        ("GET", "/cluster/keys/{key}/placement", "/cluster/keys/oa%3A1/placement", {}, None),
+        ("GET", "/cluster/keys/{key}/placement", "/cluster/keys/a%2Fb%2Fplacement/placement", {}, None),
+        ("GET", "/cluster/keys/{key}/placement", "/cluster/keys/%FF/placement", {}, None),
         # Linearizable answers: the register has no causal context, so no X-Context.
         ("PUT", "/kv/{key}", kv_path("oa:lin", consistency="linearizable"), {"If-None-Match": "*"}, b"l"),
         ("GET", "/kv/{key}", kv_path("oa:lin", consistency="linearizable"), {}, None),
@@ -92,5 +95,5 @@ def test_schemathesis_run_passes(cluster5: LocalCluster) -> None:
     # It did test: every documented operation, with a few hundred generated cases.
     tested = re.search(r"Tested: (\d+)", run.stdout)
     generated = re.search(r"(\d+) generated, (\d+) passed", run.stdout)
-    assert tested and int(tested.group(1)) == 7, report
+    assert tested and int(tested.group(1)) == 8, report
     assert generated and int(generated.group(1)) >= 500 and generated.group(1) == generated.group(2), report

@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from chaos.history import read_history
-from chaos.kill_campaign import ALL_MODES, CampaignSpec, main, run_campaign
+from kvstore.harness.history import read_history
+from kvstore.harness.kill_campaign import ALL_MODES, CampaignSpec, main, run_campaign
 
 pytestmark = pytest.mark.integration
 

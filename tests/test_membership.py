@@ -1,10 +1,10 @@
-"""Table tests for kvstore.membership (pure: configs, transitions, placement, joint quorums)."""
+"""Table tests for kvstore.protocol.membership (pure: configs, transitions, placement, joint quorums)."""
 
 from __future__ import annotations
 
 import pytest
 
-from kvstore.membership import (
+from kvstore.protocol.membership import (
     Address,
     ClusterConfig,
     MembershipError,
@@ -15,7 +15,7 @@ from kvstore.membership import (
     segment_of,
     write_quorum_reached,
 )
-from kvstore.ring import TOKEN_SPACE, Ring, key_token
+from kvstore.protocol.ring import TOKEN_SPACE, Ring, key_token
 
 
 def addr(i: int) -> Address:

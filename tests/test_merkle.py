@@ -8,7 +8,7 @@ import random
 import msgpack
 import pytest
 
-from kvstore.merkle import (
+from kvstore.protocol.merkle import (
     HASH_BYTES,
     BucketReply,
     BucketRequest,
@@ -22,7 +22,7 @@ from kvstore.merkle import (
     keys_to_exchange,
     range_size,
 )
-from kvstore.ring import TOKEN_MAX, TOKEN_MIN, TOKEN_SPACE, Ring, TokenRange, key_token
+from kvstore.protocol.ring import TOKEN_MAX, TOKEN_MIN, TOKEN_SPACE, Ring, TokenRange, key_token
 
 Leaf = tuple[int, str, bytes]
 

@@ -1,4 +1,4 @@
-"""Table-driven unit tests for kvstore.quorum (pure; milliseconds)."""
+"""Table-driven unit tests for kvstore.protocol.quorum (pure; milliseconds)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from kvstore.quorum import InvalidQuorum, QuorumTracker, majority, parse_quorum
+from kvstore.protocol.quorum import InvalidQuorum, QuorumTracker, majority, parse_quorum
 
 # --- majority ---------------------------------------------------------------------------------------
 

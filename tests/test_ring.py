@@ -1,4 +1,4 @@
-"""Table-driven unit tests for kvstore.ring (pure; no I/O, well under a second)."""
+"""Table-driven unit tests for kvstore.protocol.ring (pure; no I/O, well under a second)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from bisect import bisect_left
 import mmh3
 import pytest
 
-from kvstore.ring import (
+from kvstore.protocol.ring import (
     DEFAULT_VNODES,
     TOKEN_MAX,
     TOKEN_MIN,

@@ -8,7 +8,7 @@ import resource
 import pytest
 
 from kvstore.config import Limits, Member, NodeConfig, validate
-from kvstore.server import warn_if_few_file_descriptors
+from kvstore.server.app import warn_if_few_file_descriptors
 
 
 def _config(max_http_connections: int) -> NodeConfig:
@@ -24,7 +24,7 @@ def test_warns_only_when_the_caps_do_not_fit(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, soft_limit: int, warned: bool
 ) -> None:
     monkeypatch.setattr(resource, "getrlimit", lambda which: (soft_limit, resource.RLIM_INFINITY))
-    caplog.set_level(logging.WARNING, logger="kvstore.server")
+    caplog.set_level(logging.WARNING, logger="kvstore.server.app")
     warn_if_few_file_descriptors(_config(512))
     lines = [r.getMessage() for r in caplog.records]
     assert bool(lines) is warned, lines

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 import kvstore.storage.sqlite as sqlite_mod
-from kvstore.identity import IDENTITY_META, DataIdentity, open_identity
+from kvstore.runtime.identity import IDENTITY_META, DataIdentity, open_identity
 from kvstore.storage import (
     MemoryStorage,
     Record,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from kvstore import versions
-from kvstore.tombstones import (
+from kvstore.protocol import versions
+from kvstore.protocol.tombstones import (
     UnsafeGracePeriod,
     can_reap,
     check_grace_covers_hint_window,
@@ -13,7 +13,7 @@ from kvstore.tombstones import (
     tombstone_is_covered,
     tombstone_written_at_ns,
 )
-from kvstore.versions import VersionedObject
+from kvstore.protocol.versions import VersionedObject
 
 S = 1_000_000_000
 T0 = 1_700_000_000 * S

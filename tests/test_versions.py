@@ -1,4 +1,4 @@
-"""Table-driven and seeded-random unit tests for kvstore.versions (pure; about a second)."""
+"""Table-driven and seeded-random unit tests for kvstore.protocol.versions (pure; about a second)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import msgpack
 import pytest
 
-from kvstore.versions import (
+from kvstore.protocol.versions import (
     MAX_CONTEXT_COUNTER,
     MAX_CONTEXT_ENTRIES,
     ConflictMode,

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from chaos.history import HistoryWriter, read_history
-from chaos.workload import Workload, WorkloadSpec
 from kvstore.checker import check
 from kvstore.contract import answer_outcome
 from kvstore.errors import Overloaded
+from kvstore.harness.history import HistoryWriter, read_history
+from kvstore.harness.workload import Workload, WorkloadSpec
 from tests.dropping_server import DroppingServer
 
 

@@ -21,7 +21,7 @@ A node acknowledges a replica write only after ``put`` returns, so under
 Every store says whether it keeps what it acknowledged across a restart of its node
 (``durable``): sqlite under ``always`` or ``batch`` does, sqlite under ``never`` and an
 ordinary memory store do not.  The node trusts this attribute, never its config, to decide
-whether the store may still hold the dots it issued before (``kvstore.identity``); a
+whether the store may still hold the dots it issued before (``kvstore.runtime.identity``); a
 simulator's disk, kept across a simulated restart, says ``durable = True``.
 
 Besides records, a store keeps a few named *meta* blobs (``meta_get``/``meta_put``): facts
@@ -35,6 +35,7 @@ Engines must not block the event loop: blocking I/O runs on a thread.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -105,3 +106,22 @@ class Storage(Protocol):
     async def close(self) -> None:
         """Flush and release resources; idempotent."""
         ...
+
+
+async def scan_pages(
+    storage: Storage, start_token: int, end_token: int, page_size: int
+) -> AsyncIterator[list[Record]]:
+    """Every record of a range, one bounded page at a time: the project's one paging loop.
+
+    The cursor is the (token, key) of the last record of the previous page, so a caller may
+    delete records it was given (a reaped tombstone, a delivered hint) without skipping any.
+    """
+    assert page_size >= 1, page_size
+    after: tuple[int, str] | None = None
+    while True:
+        page = await storage.scan(start_token, end_token, page_size, after)
+        if page:
+            yield page
+        if len(page) < page_size:
+            return
+        after = (page[-1].token, page[-1].key)

@@ -28,7 +28,7 @@ observes deterministically that an answer came while a write was still held, wit
 time.
 
 The chaos harness drives it through the authenticated admin route ``/admin/storage-faults``
-(``kvstore.server``); a simulation can hold a ``DiskFaults`` directly.
+(``kvstore.server.app``); a simulation can hold a ``DiskFaults`` directly.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 import msgpack
 
-from kvstore.http_session import client_session
+from kvstore.client.http_session import client_session
 from kvstore.transport.base import FaultRules, Handler, Message, PeerUnavailable, RemoteError
 
 

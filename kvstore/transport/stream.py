@@ -9,11 +9,14 @@ is the shape of Cassandra's and Riak's internode messaging: no connection set-up
 or HTTP parsing per message, and many replica writes in flight on one socket.
 
 Frames are ``4-byte big-endian length + msgpack``.  A connection starts with a
-hello frame carrying the sender's member id and the cluster secret; a peer with
-the wrong secret, or one that is not a member of this cluster, gets a refusal
-frame (``{"ok": false, "error": code, "message": why}``) and is disconnected
-before any message is read (the internal protocol is as protected as the admin
-HTTP routes).  The caller sees the refusal's reason in its ``PeerUnavailable``.
+hello frame carrying the sender's member id, the cluster secret and the peer
+protocol version; a peer with another version, the wrong secret, or one that is
+not a member of this cluster, gets a refusal frame (``{"ok": false, "error":
+code, "message": why}``) and is disconnected before any message is read (the
+internal protocol is as protected as the admin HTTP routes).  The caller sees
+the refusal's reason in its ``PeerUnavailable``.  Both sides record the refusal
+in ``links`` (kvstore.transport.links), which ``/cluster`` and ``kvstore status`` show per
+member, so a refused link is never mistaken for a healthy or merely silent peer.
 
 Until it has authenticated, a connection can cost the node very little: its
 hello may be at most ``MAX_HELLO_BYTES`` (a larger length is refused before a
@@ -41,6 +44,7 @@ import contextlib
 import hmac
 import itertools
 import logging
+import ssl
 import struct
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -48,8 +52,10 @@ from typing import Any
 
 import msgpack
 
+from kvstore.clock import Clock, SystemClock
 from kvstore.ratelog import RateLimitedLog
 from kvstore.transport.base import FaultRules, Handler, Message, PeerUnavailable, RemoteError
+from kvstore.transport.links import LinkTable
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +64,16 @@ MAX_FRAME_BYTES = 16 * 1024 * 1024
 # ample for a real peer while an unauthenticated stranger cannot make the node buffer more.
 MAX_HELLO_BYTES = 4096
 MAX_REFUSAL_MESSAGE_CHARS = 1024  # a refusal frame must fit in the caller's MAX_HELLO_BYTES
+MAX_CLAIMED_ID_CHARS = 128  # a longer "node" in a hello is no member id (config caps ids at 128 bytes)
 DEFAULT_HELLO_TIMEOUT_S = 2.0
 DEFAULT_MAX_UNAUTHENTICATED = 64
 MAX_INFLIGHT_PER_PEER = 8192
 MAX_HANDLERS_PER_CONNECTION = 4096
 CONNECT_TIMEOUT_S = 1.0
+# The peer protocol's version, sent in the hello: nodes that frame or spell messages differently
+# refuse each other's links with ``version_mismatch`` (shown in /cluster) instead of failing at the
+# first message.  A hello without it is from a node that predates the field: version 1.
+PROTOCOL_VERSION = 1
 _HEADER = struct.Struct(">I")
 
 
@@ -78,10 +89,22 @@ class FrameTooLarge(ConnectionError):
 
 
 class HelloRefused(Exception):
-    """Why an incoming connection is not authenticated; sent back to the peer before closing."""
+    """Why an incoming connection is not authenticated; sent back to the peer before closing.
+
+    ``claimed`` is the member id the hello named, if it named one (not proven: it was refused)."""
+
+    def __init__(self, code: str, message: str, claimed: str | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.claimed = claimed
+
+
+class HandshakeRefused(ConnectionError):
+    """The peer refused our hello (its refusal frame's code and message)."""
 
     def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
+        super().__init__(f"handshake refused: {code}: {message}")
         self.code = code
         self.message = message
 
@@ -160,6 +183,10 @@ class StreamTransport:
         *,
         hello_timeout_s: float = DEFAULT_HELLO_TIMEOUT_S,
         max_unauthenticated: int = DEFAULT_MAX_UNAUTHENTICATED,
+        clock: Clock | None = None,
+        protocol_version: int = PROTOCOL_VERSION,
+        server_ssl: ssl.SSLContext | None = None,
+        client_ssl: ssl.SSLContext | None = None,
     ) -> None:
         assert hello_timeout_s > 0 and max_unauthenticated >= 1
         self.node_id = node_id
@@ -172,6 +199,15 @@ class StreamTransport:
         # Insertion order is arrival order: the first entry is the oldest connection still waiting.
         self._unauthenticated: OrderedDict[asyncio.StreamWriter, None] = OrderedDict()
         self._refusals = RateLimitedLog(log)
+        self._clock = clock or SystemClock()
+        self._protocol_version = protocol_version
+        # Mutual TLS (kvstore.tls): the listener requires a certificate from the cluster's CA, the
+        # dialler checks the listener's against the CA and the member's host.  Both or neither.
+        assert (server_ssl is None) == (client_ssl is None)
+        self._server_ssl = server_ssl
+        self._client_ssl = client_ssl
+        # What the handshakes said, both ways (kvstore.transport.links): /cluster shows it per member.
+        self.links = LinkTable(peers, self._clock)
         self._handler: Handler | None = None
         self._server: asyncio.Server | None = None
         self._conns: dict[str, _PeerConnection] = {}
@@ -188,7 +224,12 @@ class StreamTransport:
 
     async def start(self, handler: Handler) -> None:
         self._handler = handler
-        self._server = await asyncio.start_server(self._serve, self._listen[0], self._listen[1])
+        # With TLS, the handshake happens before _serve and has the hello's time budget.  (Done by the
+        # loop: uvloop's start_tls on an accepted stream loses a ClientHello that arrived with it.)
+        handshake_timeout = self._hello_timeout_s if self._server_ssl is not None else None
+        self._server = await asyncio.start_server(
+            self._serve, self._listen[0], self._listen[1], ssl=self._server_ssl, ssl_handshake_timeout=handshake_timeout
+        )
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._incoming.add(writer)
@@ -205,6 +246,7 @@ class StreamTransport:
                 return
             finally:
                 self._unauthenticated.pop(writer, None)
+            self.links.authenticated(sender)
             writer.write(_pack({"ok": True}))
             out = _FrameWriter(writer)
             slots = asyncio.Semaphore(MAX_HANDLERS_PER_CONNECTION)
@@ -237,14 +279,22 @@ class StreamTransport:
             raise HelloRefused("bad_hello", "the hello is not a msgpack map") from None
         if not isinstance(hello, dict) or not isinstance(hello.get("secret"), str):
             raise HelloRefused("bad_hello", "the hello must be a map with the member id and the cluster secret")
+        node = hello.get("node")
+        claimed = node if isinstance(node, str) and len(node) <= MAX_CLAIMED_ID_CHARS else None
+        protocol = hello.get("protocol", 1)
+        if protocol != self._protocol_version:
+            raise HelloRefused(
+                "version_mismatch",
+                f"this node speaks peer protocol {self._protocol_version}, the hello says {protocol!r}",
+                claimed,
+            )
         given = hello["secret"].encode("utf-8", "surrogatepass")
         if not hmac.compare_digest(given, self._secret.encode("utf-8")):
-            raise HelloRefused("unauthorized", "wrong cluster secret")
-        node = hello.get("node")
+            raise HelloRefused("unauthorized", "wrong cluster secret", claimed)
         if not isinstance(node, str) or node not in self._peers:
             members = ", ".join(sorted([*self._peers, self.node_id]))
             what = "this node's own id" if node == self.node_id else "not a member of this cluster"
-            raise HelloRefused("unknown_member", f"node id {node!r} is {what} (members: {members})")
+            raise HelloRefused("unknown_member", f"node id {node!r} is {what} (members: {members})", claimed)
         return node
 
     def _admit_unauthenticated(self, writer: asyncio.StreamWriter) -> None:
@@ -264,6 +314,8 @@ class StreamTransport:
         """Tell the peer why (best effort: it may have gone), log it rate-limited; the caller closes."""
         peer = writer.get_extra_info("peername")
         self._refusals.warning(refusal.code, "refused a peer connection from %s: %s", peer, refusal)
+        address = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else None
+        self.links.refused_incoming(refusal.claimed, refusal.code, refusal.message, address)
         if not writer.is_closing():
             with contextlib.suppress(ConnectionError, RuntimeError):
                 reply = {"ok": False, "error": refusal.code, "message": refusal.message[:MAX_REFUSAL_MESSAGE_CHARS]}
@@ -315,18 +367,54 @@ class StreamTransport:
             host, port = self._peers[peer]
             writer = None
             try:
-                reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), CONNECT_TIMEOUT_S)
-                writer.write(_pack({"node": self.node_id, "secret": self._secret}))
-                ack = await asyncio.wait_for(_read_frame(reader, MAX_HELLO_BYTES), CONNECT_TIMEOUT_S)
+                if self._client_ssl is not None:
+                    connect = asyncio.open_connection(host, port, ssl=self._client_ssl, server_hostname=host)
+                else:
+                    connect = asyncio.open_connection(host, port)
+                reader, writer = await asyncio.wait_for(connect, CONNECT_TIMEOUT_S)
+                hello = {"node": self.node_id, "secret": self._secret, "protocol": self._protocol_version}
+                writer.write(_pack(hello))
+                try:
+                    ack = await asyncio.wait_for(_read_frame(reader, MAX_HELLO_BYTES), CONNECT_TIMEOUT_S)
+                except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError) as exc:
+                    if self._client_ssl is None:
+                        raise
+                    # TLS 1.3: the listener checks our certificate after our handshake has completed.
+                    raise HandshakeRefused(
+                        "tls_rejected",
+                        "the peer closed the TLS connection before answering the hello: most likely it does not "
+                        f"trust this node's certificate (signed by another CA?) ({exc!r})",
+                    ) from None
                 if not isinstance(ack, dict) or not ack.get("ok"):
                     code, why = (ack.get("error"), ack.get("message")) if isinstance(ack, dict) else (None, None)
-                    refusal = f"handshake refused: {code or 'refused'}: {why or 'no reason given'}"
-                    self._refusals.warning("refused_by_peer", "peer %s %s", peer, refusal)
-                    raise ConnectionError(refusal)
+                    raise HandshakeRefused(str(code or "refused"), str(why or "no reason given"))
+            except ssl.SSLCertVerificationError as exc:
+                if writer is not None:
+                    writer.close()
+                why = f"this node does not trust the certificate of {host}:{port}: {exc.verify_message or exc}"
+                self._refusals.warning(f"refused_by:{peer}", "peer %s: %s", peer, why)
+                self.links.refused_on_our_attempt(peer, "tls_rejected", why)
+                raise PeerUnavailable(peer, f"connect failed: tls_rejected: {why}", maybe_delivered=False) from None
+            except ssl.SSLError as exc:  # an alert from the listener during the handshake (TLS 1.2)
+                if writer is not None:
+                    writer.close()
+                why = f"the TLS handshake failed: {exc.reason or exc}"
+                self._refusals.warning(f"refused_by:{peer}", "peer %s: %s", peer, why)
+                self.links.refused_by_peer(peer, "tls_rejected", why)
+                raise PeerUnavailable(peer, f"connect failed: tls_rejected: {why}", maybe_delivered=False) from None
+            except HandshakeRefused as refusal:
+                if writer is not None:
+                    writer.close()
+                # One line per peer at once, then rate-limited: the pinger retries every interval.
+                self._refusals.warning(f"refused_by:{peer}", "peer %s %s", peer, refusal)
+                self.links.refused_by_peer(peer, refusal.code, refusal.message)
+                raise PeerUnavailable(peer, f"connect failed: {refusal}", maybe_delivered=False) from None
             except (OSError, TimeoutError, asyncio.IncompleteReadError, ConnectionError, ValueError) as exc:
                 if writer is not None:
                     writer.close()
+                self.links.handshake_failed(peer)
                 raise PeerUnavailable(peer, f"connect failed: {exc!r}", maybe_delivered=False) from None
+            self.links.handshake_succeeded(peer)
             conn = _PeerConnection(reader, writer)
             conn.reader_task = asyncio.create_task(self._read_replies(peer, conn))
             self._conns[peer] = conn

@@ -1,1 +1,0 @@
-"""The chaos harness: fault injection, workloads and Jepsen-style histories (see docs/chaos.md)."""

@@ -1,0 +1,8 @@
+"""Scenario: kill-wipe-restart -- run with `python chaos/kill_wipe_restart.py --mode eventual|quorum|linearizable --duration 30 --seed 7 --out runs/NAME`."""
+
+import sys
+
+from kvstore.harness.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(scenario="kill-wipe-restart"))

@@ -1,0 +1,700 @@
+"""CASPaxos proposer core: one proposal as a pure, step-able state machine.
+
+Theory of operation
+-------------------
+A ``ProposerCore`` runs one proposal (CASPaxos, Rystsov 2018, arXiv:1802.07000; the
+rules are in ``kvstore.protocol.paxos``) without doing any I/O itself, in the style of
+etcd-io/raft's ``Ready``/``Advance``: it is fed *inputs* and answers each one with a
+batch of *effects* for its driver to carry out, in order, before the next input.
+The production driver is ``kvstore.runtime.caspaxos.PaxosProposer`` (asyncio, the node's
+``call``); the property test in ``tests/test_paxos_rules.py`` steps many cores
+against pure acceptors under a seeded scheduler that delivers, drops, duplicates
+and reorders messages -- the same code either way.
+
+Inputs (``at`` is an ``Instant``: a reading of the node's Clock; the core never
+reads time or global randomness -- backoff draws from the ``random.Random`` it is
+given):
+
+* ``start(at)`` -- once, first;
+* ``on_answers(answers, at)`` -- answers to earlier ``Send``s, in the order they
+  completed: ``Reply(call, message)`` (the wire reply, untrusted) or
+  ``CallFailed(call, maybe_delivered, recovering)``: ``maybe_delivered`` when the
+  request may have reached the acceptor (a timeout, a lost reply, a remote error),
+  ``recovering`` for an acceptor's typed refusal because it lost its storage (nothing
+  was done there: a certain failure).  The round is judged after the whole batch, so
+  a driver passes every answer it already has (an answer at hand is then never
+  counted as a call in flight); ``on_reply``/``on_failure`` are one-answer batches;
+* ``on_timer(at)`` -- the timer of the last ``StartTimer`` fired.
+
+Replies and failures for calls the core no longer waits for (abandoned, detached,
+duplicated, or after the outcome) are ignored, so a driver may deliver them anyway.
+
+Effects of one batch, always in this order:
+
+1. ``Send(call, peer, message, timeout_at_ns)`` -- start a call (in replica-list
+   order); its answer comes back as ``on_reply``/``on_failure`` with the same ``call``.
+2. ``Abandon(calls)`` -- cancel these calls of a round that ended without them (their
+   requests may still arrive: the core has counted them as maybe delivered); or
+   ``Detach(calls)`` -- the calls of an accept round that succeeded without them: let
+   them finish in the background so lagging acceptors take the chosen state (a
+   driver may cancel them instead when it has too many; that only costs catch-up).
+   Both come after the sends because a ``Detach`` may name a call sent in the same batch.
+3. ``StartTimer(at_ns)`` -- at most one; it replaces any earlier timer.  In a round it
+   is the proposal's deadline; between attempts it ends the backoff (a backoff timer
+   may fire early: its length only spreads dueling proposers apart, safety never
+   depends on it).
+4. ``Done(result)`` or ``Failed(error)`` -- last, once; nothing follows it.
+
+There is no "persist" effect: a proposer keeps nothing durable.  Acceptors persist
+before they reply (``kvstore.runtime.caspaxos``), and ballot uniqueness across a proposer's restart
+rests on prepares being strictly greater (``kvstore.protocol.paxos``).
+
+What the core does, one attempt at a time: a prepare round to every replica
+answered by a majority (the local node is a replica like any other), then an
+accept round with the change applied to the highest accepted state.  A round ends
+as soon as a majority said ok, success became impossible, or the deadline timer
+fired; its still-undecided calls are then abandoned -- or, after a successful
+accept, detached.  On failure the core jumps its ballot counter past every
+conflict it saw and retries after randomized, bounded, exponential backoff, until
+``max_attempts`` or the deadline.  Ok votes from an acceptor's lost incarnation
+(``kvstore.protocol.paxos.stale_acceptors``, fed by the "inc"/"view" tags of replies) are
+dropped from every count.
+
+**Shared per-node state** (``ProposerState``): one strictly increasing ballot
+counter for all keys, never below the wall clock in milliseconds
+(``clock_ballots``, like Cassandra's timestamp ballots, so a proposer new to a key
+usually outbids the ballots there; any counter is safe), and the fast-path cache.
+
+**Fast path** (CASPaxos §2.2.1).  Each accept also asks the acceptors to promise
+the proposer's *next* ballot.  When a majority accepted that way, the state
+remembers (bounded LRU) the key, that next ballot, the committed value and the
+replica list; the next proposal on the key skips phase 1 (1 round trip and 1 fsync
+per acceptor instead of 2).  An entry is taken (popped) by ``start``, so two
+proposals can never both send an accept at one fast ballot.  If anyone else
+prepared in between, the fast accept is rejected and the core falls back to the
+full protocol.  A fast accept reaches the local acceptor only after a peer took it:
+the local acceptor answers first and is the likeliest to hold a stale fast-path
+promise, and a stale partial accept would be hard to trace on retry.
+
+**Outcomes.**  ``Done`` carries a ``ProposeResult``; a failed precondition is a
+*successful* proposal re-committing the unchanged value (a linearizable
+observation).  ``Failed`` carries ``ConsensusUnavailable``, *indeterminate* iff an
+accept carrying a changed value may have been stored by some acceptor (a later
+proposer may finish it).  A read never changes the value: a failed read is never
+indeterminate.
+
+A retry after an attempt whose changed value may have landed must neither apply
+the change twice nor report as failed a change that took effect.  The core
+remembers those attempts' *origins* (ballots) and looks them up in the *lineage*
+of the state its next phase 1 finds (``paxos.change_status``): found -> re-commit
+that state unchanged and report that attempt's outcome; provably absent -> apply
+the change afresh (once this attempt commits, no pending value can ever be chosen
+or built upon); trail lost (``LINEAGE_DEPTH`` changes in between) -> fail as
+indeterminate.  After such an attempt the backoff is the shortest one, so the
+trail is rarely lost.
+
+Round trips and fsyncs per proposal: 2 and 2 per acceptor normally, 1 and 1 on
+the fast path; every retry adds a full round.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:  # the rng is injected; this pure module never draws from the global one
+    import random
+
+from kvstore.errors import QuorumUnavailable
+from kvstore.protocol.paxos import (
+    ABSENT,
+    Accepted,
+    Ballot,
+    Change,
+    ChangeOutcome,
+    Lineage,
+    OutcomeStatus,
+    Promise,
+    RegisterValue,
+    Rejected,
+    apply_change,
+    backoff_s,
+    change_status,
+    extend_lineage,
+    highest_accepted,
+    majority,
+    next_ballot,
+    stale_acceptors,
+)
+from kvstore.protocol.paxos_wire import (
+    RECOVERING,
+    accept_message,
+    parse_accept_reply,
+    parse_prepare_reply,
+    parse_tags,
+    prepare_message,
+)
+from kvstore.transport.base import Message
+
+# --------------------------------------------------------------------------------------------
+# Results and errors
+# --------------------------------------------------------------------------------------------
+
+
+class ConsensusUnavailable(QuorumUnavailable):
+    """No majority of the key's replicas completed a round before the deadline (or attempts ran out).
+
+    ``indeterminate``: an accept for a changed value may have been stored by some acceptor, so
+    the change may still become visible.  Maps to HTTP 503 ``quorum_unavailable`` like the AP
+    path's error (it subclasses ``QuorumUnavailable``).
+    """
+
+    def __init__(self, needed: int, acknowledged: int, indeterminate: bool, reason: str = "") -> None:
+        super().__init__(needed, acknowledged, indeterminate, detail=reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class ProposeResult:
+    """A committed proposal.  ``value`` is the register state after it (never None: an absent
+    key is ``RegisterValue(None, None)``); ``current_etag`` is that state's etag."""
+
+    value: RegisterValue
+    outcome: OutcomeStatus
+    current_etag: str | None
+    round_trips: int
+
+
+@dataclass
+class ProposerStats:
+    proposals: int = 0
+    committed: int = 0
+    failed: int = 0
+    retries: int = 0
+    fast_path_hits: int = 0  # fast accept committed
+    fast_path_misses: int = 0  # fast accept rejected: fell back to the full protocol
+    overloaded: int = 0
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs and effects
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Instant:
+    """One reading of the node's Clock: monotonic time (deadlines) and wall time (ballot floors)."""
+
+    monotonic_ns: int
+    wall_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Call ``peer`` with ``message``, giving up at ``timeout_at_ns`` (monotonic)."""
+
+    call: int
+    peer: str
+    message: Message
+    timeout_at_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class Abandon:
+    """Cancel these calls; the core counted them as maybe delivered and ignores their answers."""
+
+    calls: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Detach:
+    """Let these calls finish in the background (the round succeeded without them)."""
+
+    calls: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class StartTimer:
+    """Call ``on_timer`` once the monotonic clock reaches ``at_ns`` (replaces any earlier timer)."""
+
+    at_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    result: ProposeResult
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    error: ConsensusUnavailable
+
+
+Effect = Send | Abandon | Detach | StartTimer | Done | Failed
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """Input: the peer's wire reply to ``Send`` ``call`` (untrusted)."""
+
+    call: int
+    message: Message
+
+
+@dataclass(frozen=True, slots=True)
+class CallFailed:
+    """Input: ``Send`` ``call`` got no reply.  ``maybe_delivered``: the request may have reached
+    the acceptor (timeout, lost reply, remote error); ``recovering``: the acceptor refused because
+    it lost its storage (nothing was done there, a certain failure)."""
+
+    call: int
+    maybe_delivered: bool
+    recovering: bool = False
+
+
+Answer = Reply | CallFailed
+
+
+# --------------------------------------------------------------------------------------------
+# Per-node state shared by the node's proposals
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FastPath:
+    ballot: Ballot  # promised by a majority together with their accept of ``value``
+    value: RegisterValue
+    lineage: Lineage
+    replicas: tuple[str, ...]
+
+
+class ProposerState:
+    """One node's ballot counter and fast-path entries, shared by all its proposals."""
+
+    def __init__(self, node_id: str, fast_path_capacity: int = 10_000) -> None:
+        assert node_id and fast_path_capacity >= 0
+        self.node_id = node_id
+        self.fast_path_capacity = fast_path_capacity
+        # One counter for all keys: strictly increasing, so this proposer never reuses a ballot
+        # for any key (ballots only need to be unique per key; a shared counter is simpler).
+        self.last: Ballot | None = None
+        self.seen_counter = 0
+        self.fast: OrderedDict[str, FastPath] = OrderedDict()
+
+    def observe(self, counter: int) -> None:
+        """A ballot counter seen elsewhere (a conflict): the next ballot jumps past it."""
+        self.seen_counter = max(self.seen_counter, counter)
+
+    def new_ballot(self, wall_ns: int | None) -> Ballot:
+        """The next ballot; with ``wall_ns``, its counter is at least the wall clock in ms (as
+        Cassandra's LWT ballots are timestamps): a proposer new to a key then usually beats the
+        ballots already there.  Any counter is safe; a skewed clock costs only a retry."""
+        seen = self.seen_counter
+        if wall_ns is not None:
+            seen = max(seen, wall_ns // 1_000_000 - 1)
+        ballot = next_ballot(self.last, seen, self.node_id)
+        self.last = ballot
+        return ballot
+
+    def take_fast(self, key: str, replicas: tuple[str, ...]) -> FastPath | None:
+        """Pop the key's fast-path entry (single use), if it was promised by this replica set."""
+        entry = self.fast.pop(key, None)
+        if entry is None or entry.replicas != replicas:
+            return None  # promised by a majority of another replica set: not a phase 1 for this one
+        return entry
+
+    def remember_fast(self, key: str, entry: FastPath) -> None:
+        if self.fast_path_capacity == 0:
+            return
+        existing = self.fast.get(key)
+        # Proposals on one key can finish out of ballot order; an older entry would only be
+        # rejected by the acceptors, so keep the newest.
+        if existing is None or entry.ballot > existing.ballot:
+            self.fast[key] = entry
+        self.fast.move_to_end(key)
+        while len(self.fast) > self.fast_path_capacity:
+            self.fast.popitem(last=False)
+
+    def holds_fast_path(self, key: str) -> bool:
+        return key in self.fast
+
+    def forget_fast_path(self, key: str | None = None) -> None:
+        if key is None:
+            self.fast.clear()
+        else:
+            self.fast.pop(key, None)
+
+
+@dataclass(frozen=True, slots=True)
+class ProposerConfig:
+    max_attempts: int = 20
+    backoff_base_s: float = 0.005
+    backoff_cap_s: float = 0.2
+    fast_path: bool = True
+    clock_ballots: bool = True
+
+    def __post_init__(self) -> None:
+        assert self.max_attempts >= 1 and self.backoff_base_s >= 0 and self.backoff_cap_s >= 0
+
+
+# --------------------------------------------------------------------------------------------
+# The core
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    """A change of this proposal whose accept may have been stored somewhere (keyed by origin)."""
+
+    value: RegisterValue  # the state right after the change
+    outcome: ChangeOutcome
+    parent: Ballot | None  # origin of the state the change was applied to
+
+
+@dataclass
+class _Round:
+    phase: Literal["prepare", "accept"]
+    ballot: Ballot
+    message: Message
+    undecided: dict[int, str] = field(default_factory=dict)  # call -> peer, in send order
+    deferred: str | None = None  # sent only once another replica said ok
+    # (acceptor, Promise or Accepted, its incarnation, its view of the group's incarnations)
+    replies: list[tuple[str, Any, str | None, dict[str, str]]] = field(default_factory=list)
+    conflicts: list[Ballot] = field(default_factory=list)
+    # Calls whose request may have reached the acceptor without us seeing the answer: lost
+    # replies, timeouts, remote errors, abandoned calls.
+    maybe_delivered: int = 0
+    failures: int = 0
+    recovering: int = 0  # refused by an acceptor that lost its storage (nothing done there)
+
+    @property
+    def oks(self) -> list[Any]:
+        """The ok replies that count: those of an incarnation no other reply says is gone."""
+        stale = stale_acceptors({peer: (inc, view) for peer, _, inc, view in self.replies})
+        return [ok for peer, ok, _, _ in self.replies if peer not in stale]
+
+    def reason(self, need: int) -> str:
+        oks = len(self.oks)
+        parts = [f"{self.phase}: {oks}/{need} ok"]
+        if self.conflicts:
+            parts.append(f"{len(self.conflicts)} rejected (highest {max(self.conflicts).to_wire()})")
+        if self.recovering:
+            parts.append(f"{self.recovering} recovering lost storage")
+        if self.failures - self.recovering:
+            parts.append(f"{self.failures - self.recovering} unreachable")
+        if len(self.replies) > oks:
+            parts.append(f"{len(self.replies) - oks} from a lost incarnation")
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class _AcceptPlan:
+    """What the current accept round carries and what to report if it succeeds."""
+
+    current: RegisterValue  # the state phase 1 found
+    new_value: RegisterValue
+    new_lineage: Lineage
+    outcome: ChangeOutcome
+    reported: RegisterValue
+    parent: Ballot | None  # origin of the state phase 1 found (lineage[0])
+    applied: _Pending | None  # an earlier attempt found in the state: re-committed, not re-applied
+    used_fast: bool
+    promise_next: Ballot | None
+
+
+class ProposerCore:
+    """One proposal of ``change`` to ``key``'s register on ``replicas``; see the module docstring."""
+
+    def __init__(
+        self,
+        state: ProposerState,
+        config: ProposerConfig,
+        rng: random.Random,
+        key: str,
+        token: int,
+        replicas: tuple[str, ...],
+        change: Change,
+        deadline_ns: int,
+        stats: ProposerStats | None = None,
+    ) -> None:
+        assert replicas and len(set(replicas)) == len(replicas), "replicas must be distinct"
+        self.state = state
+        self.config = config
+        self.rng = rng
+        self.key = key
+        self.token = token
+        self.group = replicas
+        self.change = change
+        self.deadline_ns = deadline_ns
+        self.stats = stats if stats is not None else ProposerStats()
+        self.need = majority(len(replicas))
+        self.attempt = 0
+        self.round_trips = 0
+        self.acknowledged = 0
+        self.reason = "no majority answered"
+        self.pending: dict[Ballot, _Pending] = {}
+        self.finished = False
+        self._started = False
+        self._fast: FastPath | None = None
+        self._round: _Round | None = None
+        self._plan: _AcceptPlan | None = None
+        self._backing_off = False
+        self._calls = itertools.count()
+
+    # --- inputs ---------------------------------------------------------------------------
+
+    def start(self, at: Instant) -> list[Effect]:
+        assert not self._started, "a core runs one proposal"
+        self._started = True
+        # Popped here, before any effect: a concurrent proposal on this node cannot take it too.
+        self._fast = self.state.take_fast(self.key, self.group)
+        return self._attempt(at)
+
+    def on_answers(self, answers: Iterable[Answer], at: Instant) -> list[Effect]:
+        """Answers to earlier sends, in the order they completed.  A driver passes together all
+        the answers it has at hand: the round is judged once, after all of them, so an answer
+        already in is never counted as a call still in flight."""
+        r = self._round
+        if self.finished or r is None:
+            return []
+        took = False
+        for answer in answers:
+            peer = r.undecided.pop(answer.call, None)
+            if peer is None:
+                continue  # abandoned, detached, duplicated or of an earlier round
+            took = True
+            match answer:
+                case Reply(message=reply):
+                    self._classify(r, peer, reply)
+                case CallFailed(maybe_delivered=maybe_delivered, recovering=recovering):
+                    r.failures += 1
+                    if recovering:
+                        r.recovering += 1
+                    elif maybe_delivered:
+                        r.maybe_delivered += 1
+        return self._progress(at) if took else []
+
+    def on_reply(self, call: int, reply: Message, at: Instant) -> list[Effect]:
+        return self.on_answers([Reply(call, reply)], at)
+
+    def on_failure(self, call: int, at: Instant, *, maybe_delivered: bool, recovering: bool = False) -> list[Effect]:
+        return self.on_answers([CallFailed(call, maybe_delivered, recovering)], at)
+
+    def on_timer(self, at: Instant) -> list[Effect]:
+        if self.finished:
+            return []
+        if self._backing_off:
+            self._backing_off = False
+            return self._attempt(at)
+        assert self._round is not None, "a timer only runs during a round or a backoff"
+        return self._end_round(at)  # the deadline passed
+
+    # --- attempts -------------------------------------------------------------------------
+
+    def _attempt(self, at: Instant) -> list[Effect]:
+        if self._remaining_ns(at) <= 0:
+            return self._fail(bool(self.pending), f"timed out: {self.reason}")
+        self.attempt += 1
+        if self._fast is not None:
+            # Phase 1 for fast.ballot was done by our previous accept (see paxos.on_accept).
+            assert not self.pending
+            fast, self._fast = self._fast, None
+            return self._accept(at, fast.ballot, fast.value, fast.lineage, None, used_fast=True)
+        ballot = self._new_ballot(at)
+        self.round_trips += 1
+        return self._start_round("prepare", ballot, prepare_message(self.key, self.token, ballot, self.group))
+
+    def _after_prepare(self, r: _Round, at: Instant) -> list[Effect]:
+        oks = r.oks
+        self.acknowledged = len(oks)
+        if self.acknowledged < self.need:
+            self.reason = r.reason(self.need)
+            return self._retry(at)
+        best = highest_accepted(oks)
+        current = ABSENT if best is None or best.value is None else best.value
+        lineage = () if best is None else best.lineage
+        statuses = {origin: change_status(origin, lineage, p.parent) for origin, p in self.pending.items()}
+        found = [self.pending[origin] for origin, status in statuses.items() if status == "applied"]
+        # Two attempts of one proposal are never both in one chain: each fresh attempt was made
+        # only after proving the earlier ones absent from the state it extended.  So one found
+        # applied settles it, even if older attempts' trails are lost.
+        assert len(found) <= 1, "a change applied twice"
+        if not found and "unknown" in statuses.values():
+            return self._fail(
+                True,
+                "an attempt of this request was partially accepted and too many changes "
+                "followed to tell whether it took effect",
+            )
+        return self._accept(at, r.ballot, current, lineage, found[0] if found else None, used_fast=False)
+
+    def _accept(
+        self,
+        at: Instant,
+        ballot: Ballot,
+        current: RegisterValue,
+        lineage: Lineage,
+        applied: _Pending | None,
+        *,
+        used_fast: bool,
+    ) -> list[Effect]:
+        if applied is not None:
+            # Our change took effect (possibly built upon since): make that state chosen.
+            new_value, new_lineage, outcome, reported = current, lineage, applied.outcome, applied.value
+        else:
+            new_value, outcome = apply_change(self.change, current)
+            new_lineage = extend_lineage(lineage, ballot) if new_value != current else lineage
+            reported = new_value
+        if self._remaining_ns(at) <= 0:
+            # Nothing sent in this attempt: only earlier attempts can make this indeterminate.
+            return self._fail(bool(self.pending), f"timed out: {self.reason}")
+        promise_next = self._reserve_next(ballot, at) if self.config.fast_path else None
+        parent = lineage[0] if lineage else None
+        self._plan = _AcceptPlan(
+            current, new_value, new_lineage, outcome, reported, parent, applied, used_fast, promise_next
+        )
+        self.round_trips += 1
+        node = self.state.node_id
+        message = accept_message(self.key, self.token, ballot, new_value, promise_next, new_lineage, self.group)
+        # A fast accept goes to the local acceptor only once a peer took it.  The local acceptor
+        # answers first and is the one most likely to hold a stale fast-path promise (it is
+        # outside the majorities other proposers used meanwhile); if it alone took a stale fast
+        # accept, that partial value's origin would be far behind the chain and a retry could
+        # not tell whether it took effect.
+        defer = node if used_fast and node in self.group and len(self.group) > 1 else None
+        return self._start_round("accept", ballot, message, defer)
+
+    def _after_accept(self, r: _Round, at: Instant) -> list[Effect]:
+        plan = self._plan
+        assert plan is not None
+        oks = r.oks
+        self.acknowledged = len(oks)
+        if self.acknowledged >= self.need:
+            if plan.used_fast:
+                self.stats.fast_path_hits += 1
+            if plan.promise_next is not None:
+                promised = sum(1 for ok in oks if ok.promised_next == plan.promise_next)
+                if promised >= self.need:
+                    entry = FastPath(plan.promise_next, plan.new_value, plan.new_lineage, self.group)
+                    self.state.remember_fast(self.key, entry)
+            self.finished = True
+            result = ProposeResult(plan.reported, plan.outcome.status, plan.outcome.current_etag, self.round_trips)
+            return [Done(result)]
+        if plan.used_fast:
+            self.stats.fast_path_misses += 1
+        self.reason = r.reason(self.need)
+        # Every acceptor that took the accept counts here, a discarded (stale) one too: it stored it.
+        if plan.applied is None and plan.new_value != plan.current and (r.replies or r.maybe_delivered):
+            # Some acceptor may hold the changed value: anyone's phase 1 may still pick it up.
+            # Remember its origin so that a retry can tell whether it took effect.
+            self.pending[r.ballot] = _Pending(plan.new_value, plan.outcome, plan.parent)
+        return self._retry(at)
+
+    def _retry(self, at: Instant) -> list[Effect]:
+        self.stats.retries += 1
+        if self.attempt >= self.config.max_attempts:
+            return self._fail(bool(self.pending), f"gave up after {self.attempt} attempts: {self.reason}")
+        remaining_ns = self._remaining_ns(at)
+        if remaining_ns <= 0:
+            return self._fail(bool(self.pending), f"timed out: {self.reason}")
+        # With a change of ours possibly stored somewhere, look again soon: the longer we wait,
+        # the more changes pile up after it and the likelier its trail in the lineage is lost (an
+        # indeterminate answer).  Still randomized, so dueling proposers still break their symmetry.
+        step = 0 if self.pending else self.attempt - 1
+        delay_s = backoff_s(step, self.rng, self.config.backoff_base_s, self.config.backoff_cap_s)
+        self._backing_off = True
+        return [StartTimer(at.monotonic_ns + min(remaining_ns, int(delay_s * 1e9)))]
+
+    def _fail(self, indeterminate: bool, reason: str) -> list[Effect]:
+        self.finished = True
+        return [Failed(ConsensusUnavailable(self.need, self.acknowledged, indeterminate, reason))]
+
+    # --- rounds ---------------------------------------------------------------------------
+
+    def _start_round(
+        self, phase: Literal["prepare", "accept"], ballot: Ballot, message: Message, defer: str | None = None
+    ) -> list[Effect]:
+        assert self._round is None and (defer is None or defer in self.group)
+        r = self._round = _Round(phase, ballot, message, deferred=defer)
+        effects: list[Effect] = [self._send(r, peer) for peer in self.group if peer != defer]
+        effects.append(StartTimer(self.deadline_ns))
+        return effects
+
+    def _send(self, r: _Round, peer: str) -> Send:
+        call = next(self._calls)
+        r.undecided[call] = peer
+        return Send(call, peer, r.message, self.deadline_ns)
+
+    def _classify(self, r: _Round, peer: str, reply: Message) -> None:
+        if isinstance(reply, dict) and reply.get("error") == RECOVERING:
+            # A typed refusal sent before anything was done: a certain failure of this call.
+            r.failures += 1
+            r.recovering += 1
+            return
+        try:
+            if not isinstance(reply, dict) or reply.get("error"):
+                raise ValueError(f"error reply {reply!r}")
+            parsed: Promise | Accepted | Rejected = (
+                parse_prepare_reply(reply, r.ballot) if r.phase == "prepare" else parse_accept_reply(reply, r.ballot)
+            )
+            incarnation, view = parse_tags(reply)
+        except ValueError:
+            # Malformed or an error: it may have been applied before the answer went wrong.
+            r.failures += 1
+            r.maybe_delivered += 1
+            return
+        if isinstance(parsed, Rejected):
+            r.conflicts.append(parsed.conflict)
+            self.state.observe(parsed.conflict.counter)
+        else:
+            r.replies.append((peer, parsed, incarnation, view))
+
+    def _progress(self, at: Instant) -> list[Effect]:
+        """After an answer: end the round if it is decided, else maybe send the deferred accept."""
+        r = self._round
+        assert r is not None
+        oks = len(r.oks)
+        unsent = 1 if r.deferred is not None else 0
+        if oks >= self.need or oks + len(r.undecided) + unsent < self.need:
+            return self._end_round(at)
+        if r.deferred is not None and oks > 0:
+            peer, r.deferred = r.deferred, None
+            return [self._send(r, peer)]
+        return []
+
+    def _end_round(self, at: Instant) -> list[Effect]:
+        r = self._round
+        assert r is not None
+        sends: list[Effect] = []
+        release: list[Effect] = []
+        if r.phase == "accept" and len(r.oks) >= self.need:
+            if r.deferred is not None:
+                # The round succeeded without it: bring it up to date all the same.
+                sends.append(self._send(r, r.deferred))
+                r.deferred = None
+            if r.undecided:
+                release.append(Detach(tuple(r.undecided)))
+        elif r.undecided:
+            r.maybe_delivered += len(r.undecided)  # in flight: it may have been applied
+            release.append(Abandon(tuple(r.undecided)))
+        self._round = None
+        after = self._after_prepare(r, at) if r.phase == "prepare" else self._after_accept(r, at)
+        # The documented order: sends, then this round's calls released, then timer / outcome.
+        sends.extend(e for e in after if isinstance(e, Send))
+        return [*sends, *release, *(e for e in after if not isinstance(e, Send))]
+
+    # --- ballots ----------------------------------------------------------------------------
+
+    def _new_ballot(self, at: Instant) -> Ballot:
+        return self.state.new_ballot(at.wall_ns if self.config.clock_ballots else None)
+
+    def _reserve_next(self, ballot: Ballot, at: Instant) -> Ballot:
+        """The ballot the acceptors promise with this accept; never used for anything else."""
+        nxt = self._new_ballot(at)
+        assert nxt > ballot
+        return nxt
+
+    def _remaining_ns(self, at: Instant) -> int:
+        return self.deadline_ns - at.monotonic_ns

@@ -1,0 +1,237 @@
+"""The linearizable register wired into a node: CASPaxos proposals, votes and acceptor recovery.
+
+Theory of operation
+-------------------
+``consistency=linearizable`` requests are CASPaxos proposals (``kvstore.runtime.caspaxos``) on
+the key's N primaries, which are also its acceptors; a majority of them must
+answer, so on the minority side of a partition a request fails with 503
+``quorum_unavailable`` instead of answering from stale or unconfirmed data.
+
+Every proposal for a key is run by the key's *first primary believed up*: a
+receiving node that is not that primary forwards the operation (one extra hop),
+so one proposer keeps the key's one-round-trip fast path across requests.  Any
+node could propose safely; this is only about latency.  If the forward may have
+reached the proposer and no answer came back, a change is reported as
+indeterminate (it may still take effect), a read as a plain failure.
+
+This module speaks changes (``kvstore.protocol.paxos``: read, write, delete, compare-and-set,
+put-if-absent) and outcomes, not HTTP: the kv request core (``kvstore.server.kv_api``) maps
+``If-Match`` / ``If-None-Match`` to changes and outcomes to 200/204/404/412.
+
+Mixing modes on one key would silently break both guarantees (the register and
+the eventual data are separate states), so the node refuses it with 409
+``consistency_conflict``: a linearizable operation on a key that holds eventual
+data on its proposer, and an eventual/quorum operation on a key that has
+register state on a replica it reaches (see docs/consistency.md).
+
+An acceptor whose Paxos store is new (a lost or replaced disk) votes only after recovering its
+state from the other replicas (``kvstore.runtime.register_recovery``); until then it answers ``recovering``,
+which its proposers count as a failure.
+
+The register receives its proposer, acceptor and recovery from ``kvstore.runtime.assembly``; deadlines
+read the node's injected clock (``Node.now_s``), waits are asyncio's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from kvstore.errors import (
+    ConsistencyConflict,
+    NodeError,
+    QuorumUnavailable,
+    RequestTimeout,
+    StorageUnavailable,
+)
+from kvstore.protocol import versions
+from kvstore.protocol.paxos import Change, CompareAndSet, Delete, PutIfAbsent, Read, Write
+from kvstore.protocol.ring import TOKEN_MIN, key_token
+from kvstore.runtime.caspaxos import PaxosAcceptor, PaxosProposer
+from kvstore.runtime.node import FORWARD_MARGIN_MS, Node, _error_from_body, _error_from_remote
+from kvstore.runtime.register_recovery import OP_RECOVER_SCAN, OP_REGISTER, OP_STATUS, AcceptorRecovery
+from kvstore.storage import StorageError
+from kvstore.storage.base import scan_pages
+from kvstore.transport.base import Handler, Message, PeerUnavailable, RemoteError
+
+AP_CONFLICT = "this key holds eventual-mode data; linearizable access would ignore it (use a separate key)"
+
+
+def _change_to_wire(change: Change) -> list[Any]:
+    match change:
+        case Read():
+            return ["read"]
+        case Write(value=v):
+            return ["write", v]
+        case Delete():
+            return ["delete"]
+        case CompareAndSet(expected_etag=e, new_value=v):
+            return ["cas", e, v]
+        case PutIfAbsent(value=v):
+            return ["put_if_absent", v]
+    raise AssertionError(f"unknown change {change!r}")
+
+
+def _change_from_wire(raw: Any) -> Change:
+    kind = raw[0]
+    if kind == "read":
+        return Read()
+    if kind == "write":
+        return Write(raw[1])
+    if kind == "delete":
+        return Delete()
+    if kind == "cas":
+        return CompareAndSet(raw[1], raw[2])
+    if kind == "put_if_absent":
+        return PutIfAbsent(raw[1])
+    raise ValueError(f"unknown change {kind!r}")
+
+
+class LinearizableRegister:
+    """The CP side of one node: proposes for the keys it leads, votes as an acceptor, recovers."""
+
+    def __init__(
+        self,
+        node: Node,
+        *,
+        proposer: PaxosProposer,
+        acceptor: PaxosAcceptor,
+        recovery: AcceptorRecovery,
+        register_keys: set[str],
+    ) -> None:
+        self.node = node
+        self.proposer = proposer
+        self.acceptor = acceptor
+        self.recovery = recovery
+        # Keys this acceptor has seen Paxos traffic for: the mixed-mode guard asks this set on
+        # every eventual request instead of reading the Paxos store (a thread hop each time).
+        # It holds one entry per linearizable key, like the Paxos store itself; the recovery
+        # adds the keys it merges from its peers.
+        self.register_keys = register_keys
+
+    def handlers(self) -> dict[str, Handler]:
+        return {
+            "paxos_prepare": self.on_paxos,
+            "paxos_accept": self.on_paxos,
+            "cp_propose": self.on_cp_propose,
+            OP_REGISTER: self.recovery.on_register,
+            OP_RECOVER_SCAN: self.recovery.on_scan,
+            OP_STATUS: self.recovery.on_status,
+        }
+
+    async def start(self) -> None:
+        # Loaded before serving: the node starts its transport after its collaborators.
+        async for page in scan_pages(self.node.paxos_storage, TOKEN_MIN, TOKEN_MIN, 1000):
+            self.register_keys.update(r.key for r in page)
+        await self.recovery.load()  # before any vote: a new store must not answer from empty state
+        self.recovery.start()
+
+    async def stop(self) -> None:
+        await self.recovery.stop()
+
+    # --- internal messages ----------------------------------------------------------------
+
+    async def on_paxos(self, sender: str, message: Message) -> Message:
+        key = message.get("key")
+        if isinstance(key, str):
+            # Before handling: from the first prepare on, eventual access to the key is refused.
+            self.register_keys.add(key)
+        return await self.acceptor.handle(message)
+
+    async def on_cp_propose(self, sender: str, message: Message) -> Message:
+        try:
+            outcome = await self.propose_here(message["key"], _change_from_wire(message["change"]),
+                                              int(message["timeout_ms"]) / 1000.0)
+        except NodeError as exc:
+            return {"status": "error", "body": exc.body(), "http": exc.status}
+        return {"status": "ok", **outcome}
+
+    async def has_register(self, key: str, token: int) -> bool:
+        return key in self.register_keys
+
+    # --- proposing ------------------------------------------------------------------------
+
+    async def propose_here(self, key: str, change: Change, timeout_s: float) -> dict[str, Any]:
+        node = self.node
+        token = key_token(key)
+        # The acceptor sets of the membership in force: while the key's replicas move, a majority of
+        # the old set and one of the new set (joint consensus, docs/membership.md).  Every vote is
+        # stamped with that version, so an acceptor that already installed a newer one refuses.
+        version, placement = node.config.version, node.placement
+        acceptor_sets = placement.acceptor_sets(token)
+        replicas = list(placement.write_owners(token)) if len(acceptor_sets) > 1 else list(acceptor_sets[0])
+        started_s = node.now_s()
+        blob = await self._eventual_blob(key, token, timeout_s)
+        timeout_s -= node.now_s() - started_s
+        if timeout_s <= 0:
+            raise RequestTimeout("the deadline passed before the proposal started; nothing was changed",
+                                 indeterminate=False)
+        if blob is not None and not versions.decode(blob).is_deleted:
+            raise ConsistencyConflict(AP_CONFLICT)
+        result = await self.proposer.propose(
+            key, token, replicas, change, timeout_s, acceptor_sets=acceptor_sets, stamp={"cv": version}
+        )
+        node.metrics.paxos_rounds.inc(result.round_trips)
+        return {
+            "outcome": result.outcome,
+            "value": result.value.value,
+            "etag": result.current_etag,
+        }
+
+    async def _eventual_blob(self, key: str, token: int, timeout_s: float) -> bytes | None:
+        """This node's eventual-mode record of the key (for the mixed-mode guard), by the deadline.
+
+        A read cancelled at the deadline changes nothing, and no proposal has started yet: both a
+        slow and a failing disk are certain failures here."""
+        try:
+            return await asyncio.wait_for(self.node.data.get(key, token), max(0.0, timeout_s))
+        except TimeoutError:
+            raise RequestTimeout(f"{self.node.node_id}'s storage did not answer within timeout_ms; "
+                                 "nothing was changed", indeterminate=False) from None
+        except StorageError as exc:
+            raise StorageUnavailable(f"{self.node.node_id}: storage error: {exc}; nothing was changed",
+                                     indeterminate=False) from None
+
+    async def run(self, key: str, change: Change, timeout_s: float) -> dict[str, Any]:
+        """Run the change on the key's first primary believed up (forwarding if that is not us).
+
+        Returns ``{"outcome": "ok" | "precondition_failed", "value": bytes | None (the register's
+        value after the change), "etag": str | None}``; raises the typed ``NodeError`` of a failure (``QuorumUnavailable``
+        and its ``ConsensusUnavailable``, ``ConsistencyConflict``, ``RequestTimeout``, ...).
+        """
+        node = self.node
+        deadline = node.now_s() + timeout_s
+        is_read = isinstance(change, Read)
+        majority = node.n // 2 + 1
+        up = [p for p in node.ring.preference_list(key, node.n) if node.is_up(p)]
+        if len(up) < majority:
+            raise QuorumUnavailable(majority, len(up), indeterminate=False,
+                                    detail="fewer than a majority of the key's replicas are believed up")
+        for primary in up:
+            remaining = deadline - node.now_s()
+            if remaining <= 0:
+                break
+            if primary == node.node_id:
+                return await self.propose_here(key, change, remaining)
+            try:
+                reply = await node.call(
+                    primary,
+                    {"op": "cp_propose", "key": key, "change": _change_to_wire(change),
+                     "timeout_ms": max(1, int(remaining * 1000) - FORWARD_MARGIN_MS)},
+                    remaining,
+                )
+            except PeerUnavailable as exc:
+                if exc.maybe_delivered:
+                    raise QuorumUnavailable(majority, 0, indeterminate=not is_read,
+                                            detail=f"proposer {primary} did not answer in time") from None
+                continue
+            except RemoteError as exc:
+                # The proposer failed outside its typed answers: certain only if it refused at once.
+                err = _error_from_remote(exc, majority)
+                if is_read and err.extra.get("indeterminate"):
+                    err.extra["indeterminate"] = False  # a read changes nothing
+                raise err from None
+            if reply.get("status") == "ok":
+                return reply
+            raise _error_from_body(reply["body"], reply.get("http"))
+        raise QuorumUnavailable(majority, 0, indeterminate=False, detail="no replica of the key reachable")

@@ -1,0 +1,65 @@
+"""GET /cluster/keys/{key}/placement and ``kvstore status --key`` on a live cluster."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.parse
+
+import pytest
+
+from kvstore import cli
+from kvstore.harness.local_cluster import LocalCluster
+from kvstore.protocol.ring import Ring
+from tests.conftest import http
+from tests.openapi_util import validate_response
+
+pytestmark = pytest.mark.integration
+
+
+def placement_of(url: str, key: str) -> dict[str, object]:
+    reply = http(url, "GET", "/cluster/keys/" + urllib.parse.quote(key, safe="") + "/placement")
+    body = validate_response("GET", "/cluster/keys/{key}/placement", reply.status, reply.headers, reply.body)
+    assert reply.status == 200, reply.body
+    assert isinstance(body, dict)
+    return body
+
+
+def test_placement_follows_the_ring_and_the_failure_detector(fresh_cluster: LocalCluster,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    key = "user/42?x"  # a slash and a question mark: one path segment, percent-encoded
+    ring = Ring(fresh_cluster.node_ids, fresh_cluster.base_config.vnodes)
+    walk = list(ring.walk(key))
+    asker = walk[-1]  # a fallback of the key, so it stays up while a primary dies
+    url = fresh_cluster.url(asker)
+    healthy = placement_of(url, key)
+    assert healthy["node"] == asker and healthy["key"] == key
+    assert healthy["preference_list"] == walk[:3] and healthy["primaries_down"] == []
+    assert [f["id"] for f in healthy["fallbacks"]] == walk[3:]  # type: ignore[index]
+    assert healthy["majority_reachable"] is True
+
+    victim = walk[0]
+    fresh_cluster.kill(victim)
+    deadline = time.monotonic() + 30
+    while True:  # the failure detector needs a few missed heartbeats
+        seen = placement_of(url, key)
+        if seen["primaries_down"] == [victim] or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert seen["primaries_down"] == [victim], seen
+    assert seen["primaries_up"] == walk[1:3] and seen["majority_reachable"] is True
+    stand_in = [f for f in seen["fallbacks"] if f["stands_in_for"] == victim]  # type: ignore[union-attr]
+    assert stand_in == [{"id": walk[3], "up": True, "stands_in_for": victim}]
+
+    assert cli.main(["status", "--node", url, "--key", key]) == 0
+    text = capsys.readouterr().out
+    assert f"primary 1: {victim}  DOWN  -> writes go to {walk[3]} (a hint)" in text
+    assert "a majority of the primaries is reachable: yes" in text
+    assert cli.main(["status", "--node", url, "--key", key, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == seen
+
+
+def test_placement_refuses_a_key_that_is_not_one(cluster5: LocalCluster) -> None:
+    for raw in ("%FF", "%00", "x" * 1025):
+        reply = http(cluster5.urls[0], "GET", f"/cluster/keys/{raw}/placement")
+        assert reply.status == 400 and json.loads(reply.body)["error"] == "invalid_key", reply.body
