@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pytest
 
-from kvstore.runtime.caspaxos import ConsensusUnavailable
 from kvstore.protocol.paxos import CompareAndSet, Read, Write, etag_of
+from kvstore.runtime.caspaxos import ConsensusUnavailable
 from tests.test_cp_sim import TOKEN, make_cluster, settle
 
 OLD = ("n1", "n2", "n3")

@@ -17,12 +17,12 @@ from typing import Any
 
 import pytest
 
-from kvstore.harness.nemesis import ClusterControl
-from kvstore.harness.runner import RunSpec, run_scenario
 from kvstore.checker import check
 from kvstore.cli import main as cli_main
-from kvstore.harness.local_cluster import LocalCluster
 from kvstore.explore.matrix import EXPLORE_AP, EXPLORE_LIMITS
+from kvstore.harness.local_cluster import LocalCluster
+from kvstore.harness.nemesis import ClusterControl
+from kvstore.harness.runner import RunSpec, run_scenario
 
 pytestmark = pytest.mark.integration
 

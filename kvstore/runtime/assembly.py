@@ -31,9 +31,9 @@ from kvstore.runtime.metrics import Metrics
 from kvstore.runtime.node import Node, NodeParts
 from kvstore.runtime.read_repair import ReadRepair
 from kvstore.runtime.reaper import TombstoneReaper
+from kvstore.runtime.reconfig import Reconfiguration
 from kvstore.runtime.register import LinearizableRegister
 from kvstore.runtime.register_recovery import AcceptorRecovery
-from kvstore.runtime.reconfig import Reconfiguration
 from kvstore.storage.base import Storage
 from kvstore.transport.base import Transport
 

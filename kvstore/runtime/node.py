@@ -113,6 +113,7 @@ from kvstore.protocol.coordinator import (
     Done,
     Effect,
     Failed,
+    JointOwners,
     LocalFailed,
     LocalResult,
     LocalWritten,
@@ -130,7 +131,6 @@ from kvstore.protocol.coordinator import (
     WriteOutcome,
     WriteRouterCore,
     WriteTargets,
-    JointOwners,
     error_from_body,
     error_from_remote,
     plan_write,
@@ -146,12 +146,12 @@ from kvstore.protocol.hints import (
     HintRecord,
     hint_storage_key,
 )
+from kvstore.protocol.membership import STALE_CONFIG, Address, ClusterConfig, Placement, fence
 from kvstore.protocol.ring import TOKEN_MIN, Ring, key_token
 from kvstore.protocol.versions import VersionedObject
 from kvstore.runtime.identity import DataIdentity, open_identity
 from kvstore.runtime.locks import KeyLocks
 from kvstore.runtime.metrics import Metrics
-from kvstore.protocol.membership import STALE_CONFIG, Address, ClusterConfig, Placement, fence
 from kvstore.storage import StorageBusy, StorageFull
 from kvstore.storage.base import Storage, StorageError, scan_pages
 from kvstore.transport.base import Handler, Message, PeerUnavailable, RemoteError, Transport
@@ -161,8 +161,8 @@ if TYPE_CHECKING:  # the collaborators' modules import this one; assembly.py imp
     from kvstore.runtime.handoff import HintedHandoff
     from kvstore.runtime.read_repair import ReadRepair
     from kvstore.runtime.reaper import TombstoneReaper
-    from kvstore.runtime.register import LinearizableRegister
     from kvstore.runtime.reconfig import Reconfiguration
+    from kvstore.runtime.register import LinearizableRegister
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ from typing import Any
 
 from aiohttp import web
 
-from kvstore.server.api import NODE_KEY, admin_json, refuse_unknown_fields, require_secret
 from kvstore.errors import BadRequest, NodeError
 from kvstore.protocol.membership import Address, MembershipError
+from kvstore.server.api import NODE_KEY, admin_json, refuse_unknown_fields, require_secret
 
 ACTIONS = ("join", "leave", "replace", "resume", "abort")
 FIELDS = {
