@@ -592,6 +592,10 @@ def register_nodes(sub: Subparsers) -> None:
                          help="how long to wait for it to become healthy (default 30)")
     restart.set_defaults(handler=cmd_cluster_restart)
 
+    from kvstore.harness.membership_cli import register as register_membership
+
+    register_membership(cluster_sub)
+
 
 # --------------------------------------------------------------------------- registry and entry point
 

@@ -2,8 +2,9 @@
 
 Theory of operation
 -------------------
-Membership is static: every node reads the same member list, so every node
-computes the same ring.  A config file describes the whole cluster plus which
+Every node reads the same member list, so every node computes the same ring:
+that list is version 0 of the membership; later versions come from membership
+changes (kvstore.protocol.membership, kvstore.runtime.reconfig) and are persisted by the node.  A config file describes the whole cluster plus which
 member this process is (``node_id``).  Validation names the bad field
 (``ConfigError.field``) so a typo never surfaces as a stack trace at the first
 request.  Defaults follow Dynamo/Riak: N=3, R=2, W=2.

@@ -76,6 +76,9 @@ ERROR_CODES: Final = frozenset({
     "overloaded", "quorum_unavailable", "timeout", "storage_unavailable", "insufficient_storage",
     # 500, 501
     "internal", "not_implemented",
+    # /admin/membership (docs/membership.md): 400 and 409 refusals of a membership change
+    "invalid_action", "invalid_config", "change_in_progress", "change_running", "already_member",
+    "too_few_members", "too_many_members", "address_in_use", "conflict", "no_change_in_progress", "config_lost",
 })
 
 # Codes the Python client gives errors that have no HTTP answer (``status`` None) or no JSON body.

@@ -155,6 +155,8 @@ async def test_the_handler_table_is_the_nodes_own_plus_its_parts(trio: list[Node
         "paxos_prepare": parts.register, "paxos_accept": parts.register, "cp_propose": parts.register,
         "paxos_register": parts.register.recovery, "paxos_recover_scan": parts.register.recovery,
         "paxos_status": parts.register.recovery,
+        "config_get": parts.reconfig, "config_push": parts.reconfig, "mb_transfer": parts.reconfig,
+        "mb_catchup": parts.reconfig,
     }
     assert sorted(node.handlers) == sorted(owners)
     for op, owner in owners.items():
@@ -177,7 +179,7 @@ def test_two_parts_answering_one_op_is_a_programming_error() -> None:
     def parts(node: Node) -> NodeParts:
         real = _parts(node)
         reaper = GreedyReaper(node)
-        return NodeParts(real.handoff, real.read_repair, AntiEntropy(node, reaper), reaper, real.register)
+        return NodeParts(real.handoff, real.read_repair, AntiEntropy(node, reaper), reaper, real.register, real.reconfig)
 
     seams = memory_seams(MemoryNetwork(), cfg.node_id, ManualClock(), 1)
     with pytest.raises(AssertionError, match="ping"):

@@ -22,6 +22,7 @@ from kvstore.protocol.coordinator import (
     Done,
     Effect,
     Failed,
+    JointOwners,
     LocalFailed,
     LocalWritten,
     NoteRefusal,
@@ -44,6 +45,7 @@ from kvstore.protocol.coordinator import (
     read_targets,
     write_targets,
 )
+from kvstore.protocol.membership import STALE_CONFIG
 from kvstore.protocol.versions import VersionedObject
 from kvstore.transport.base import RemoteError
 
@@ -718,3 +720,144 @@ def test_sloppy_with_every_primary_still_up_fails_certainly(at_ns: int, code: st
     assert effects == [ReadMembership()]
     [failed] = core.on_membership(WriteTargets(("n2", "n3", "n4"), (), ()), at_ns)
     assert isinstance(failed, Failed) and failed.error.code == code and outcome_of(failed) == contract.FAIL
+
+
+# --- membership changes: the joint phase (docs/membership.md) ---------------------------------
+
+# n4 joins: the key's old owners n1 n2 n3, its new owners n1 n2 n4 (n3 loses the range).
+JOIN = JointOwners(old=("n1", "n2", "n3"), new=("n1", "n2", "n4"))
+
+
+def joint_write_core(
+    w: int, joint: JointOwners = JOIN, *, spare: tuple[str, ...] = (), sloppy: bool = False,
+    version: int | None = 5,
+) -> WriteCoordinatorCore:
+    return WriteCoordinatorCore(
+        node_id="n1", key="k", token=7, value=b"v", context={}, w=w, sloppy=sloppy,
+        plan=plan_write(WriteTargets(joint.old, (), spare), "n1", False, joint), as_fallback=False,
+        deadline_ns=DEADLINE, replica_timeout_ns=REPLICA_TIMEOUT, mode="siblings", config_version=version,
+    )
+
+
+@pytest.mark.parametrize(
+    ("targets", "node", "as_fallback", "joint", "slots", "spares"),
+    [
+        # a new owner that is not an old one gets a data slot after the others
+        (WriteTargets(("n1", "n2", "n3"), (), ()), "n1", False, JOIN,
+         (("n1", None), ("n2", None), ("n3", None), ("n4", None)), ()),
+        # a down old owner still gets its stand-in; the new owner its own slot
+        (WriteTargets(("n1", "n2"), ("n3",), ("n5",)), "n1", False, JOIN,
+         (("n1", None), ("n2", None), ("n5", "n3"), ("n4", None)), ()),
+        # both rings agree on the key: nothing more
+        (WriteTargets(("n1", "n2", "n3"), (), ()), "n1", False, JointOwners(("n1", "n2", "n3"), ("n3", "n2", "n1")),
+         (("n1", None), ("n2", None), ("n3", None)), ()),
+        # a fallback coordinator that is a new owner: its own write is that slot (no second one)
+        (WriteTargets((), ("n1", "n2", "n3"), ("n4", "n5")), "n4", True, JOIN,
+         (("n4", "n1"), ("n5", "n2")), ()),
+    ],
+)
+def test_plan_write_joint_table(
+    targets: WriteTargets, node: str, as_fallback: bool, joint: JointOwners,
+    slots: tuple[tuple[str, str | None], ...], spares: tuple[str, ...],
+) -> None:
+    assert plan_write(targets, node, as_fallback, joint) == WritePlan(slots, spares, joint)
+
+
+def test_a_joint_write_waits_for_w_among_the_new_owners_too() -> None:
+    core = joint_write_core(w=2)
+    calls = sends(replicating(core))
+    assert set(calls) == {"n2", "n3", "n4"}
+    # n1 (itself) and n3 make W=2 slots and W among the old owners, but only one new owner (n1).
+    assert core.on_reply(calls["n3"].call, OK, T0) == []
+    [done] = core.on_reply(calls["n4"].call, OK, T0)
+    assert isinstance(done, Done) and isinstance(done.result, WriteOutcome)
+    assert done.result.acknowledged == 3
+    # Without the joint phase the same answers end the write at n3's ack.
+    stable = joint_write_core(w=2, joint=JointOwners(("n1", "n2", "n3"), ("n1", "n2", "n3")))
+    stable_calls = sends(replicating(stable))
+    [stable_done] = stable.on_reply(stable_calls["n3"].call, OK, T0)
+    assert isinstance(stable_done, Done)
+
+
+def test_a_joint_write_needs_w_among_the_old_owners_too() -> None:
+    core = joint_write_core(w=2)
+    calls = sends(replicating(core))
+    assert core.on_reply(calls["n4"].call, OK, T0) == []  # new: n1, n4; old: n1 only
+    assert core.on_failure(calls["n3"].call, T0) == []  # n2 still in flight: it may make both
+    [done] = core.on_reply(calls["n2"].call, OK, T0)
+    assert isinstance(done, Done)
+
+
+def test_a_joint_write_short_of_the_new_owners_fails_indeterminate_once_nothing_is_in_flight() -> None:
+    core = joint_write_core(w=2)
+    calls = sends(replicating(core))
+    assert core.on_reply(calls["n3"].call, OK, T0) == []
+    assert core.on_failure(calls["n2"].call, T0) == []
+    [failed] = core.on_failure(calls["n4"].call, T0)
+    assert isinstance(failed, Failed) and failed.indeterminate  # n1 and n3 hold it
+    assert failed.error.body()["acknowledged"] == 2
+    assert core.settled
+
+
+def test_a_joint_write_at_its_deadline_short_of_the_new_owners_is_indeterminate() -> None:
+    core2 = joint_write_core(w=3)
+    calls2 = sends(replicating(core2))
+    assert core2.on_reply(calls2["n2"].call, OK, T0) == []
+    assert core2.on_reply(calls2["n3"].call, OK, T0) == []  # W=3 slots, old 3/3, new 2/3
+    [failed] = core2.on_timer(DEADLINE)
+    assert isinstance(failed, Failed) and failed.indeterminate
+
+
+def test_w2_joint_done_as_soon_as_both_rings_have_two() -> None:
+    core = joint_write_core(w=2)
+    calls = sends(replicating(core))
+    [done] = core.on_reply(calls["n2"].call, OK, T0)  # n1 + n2 are owners in both rings
+    assert isinstance(done, Done) and isinstance(done.result, WriteOutcome) and done.result.acknowledged == 2
+
+
+def test_a_hinted_stand_in_counts_for_the_new_owner_it_stands_in_for() -> None:
+    core = joint_write_core(w=2, spare=("n5",), sloppy=True)
+    calls = sends(replicating(core))
+    assert core.on_reply(calls["n3"].call, OK, T0) == []
+    [handoff] = core.on_failure(calls["n4"].call, T0)
+    assert isinstance(handoff, Send) and handoff.peer == "n5" and handoff.message["hint_for"] == "n4"
+    [done] = core.on_reply(handoff.call, OK, T0)
+    assert isinstance(done, Done) and isinstance(done.result, WriteOutcome) and done.result.hinted == ["n5"]
+
+
+def test_replica_messages_carry_the_version_the_plan_was_made_on() -> None:
+    core = joint_write_core(w=2, version=9)
+    assert {e.message["cv"] for e in sends(replicating(core)).values()} == {9}
+    unstamped = joint_write_core(w=2, version=None)
+    assert all("cv" not in e.message for e in sends(replicating(unstamped)).values())
+    read = ReadCoordinatorCore(
+        key="k", token=7, r=2, targets=("n1", "n2", "n3"), primaries=("n1", "n2", "n3"), deadline_ns=DEADLINE,
+        replica_timeout_ns=REPLICA_TIMEOUT, mode="siblings", config_version=9,
+    )
+    effects = read.start(T0)
+    assert [e.message for e in effects if isinstance(e, Send)] == [
+        {"op": "replica_get", "key": "k", "token": 7, "cv": 9}
+    ] * 3
+    calls = sends(effects)
+    stale = written(b"other", actor="n9.z")  # concurrent: every primary misses one sibling
+    read.on_reply(calls["n1"].call, {"obj": versions.encode(written())}, T0)
+    [done] = read.on_reply(calls["n2"].call, {"obj": versions.encode(stale)}, T0)
+    assert isinstance(done, Done)
+    read.on_reply(calls["n3"].call, {"obj": versions.encode(written())}, T0)
+    repairs = [e for e in read.begin_repair(T0, 10 * MS) if isinstance(e, Repair)]
+    assert repairs and all(r.message["cv"] == 9 for r in repairs)
+
+
+def test_a_fenced_replica_call_is_a_failed_call_and_a_fenced_forward_a_certain_failure() -> None:
+    core = joint_write_core(w=3)
+    calls = sends(replicating(core))
+    fenced = {"error": STALE_CONFIG, "remote_error": True, "cv": 6}
+    assert core.on_reply(calls["n2"].call, fenced, T0) == []
+    assert core.on_reply(calls["n3"].call, OK, T0) == []
+    [failed] = core.on_reply(calls["n4"].call, fenced, T0)
+    assert isinstance(failed, Failed)
+    forward = router()
+    [first] = forward.start(T0)
+    assert isinstance(first, Send)
+    [refused] = forward.on_answer(RemoteFailed(first.call, RemoteError("n2", STALE_CONFIG, "planned on 4")), T0)
+    assert isinstance(refused, Failed) and outcome_of(refused) == contract.FAIL

@@ -405,7 +405,8 @@ def test_an_internal_message_without_a_member_sender_is_400_json(guarded: LocalC
     doc = reply.json()
     assert isinstance(doc, dict) and doc["error"] == "unknown_member"
     reply = http(url, "POST", "/internal/msg", body=ping, headers={"X-Cluster-Secret": guarded.secret, "X-Node": "n2"})
-    assert reply.status == 200 and msgpack.unpackb(reply.body) == {"ok": True}
+    # The reply also carries the node's membership version ("cv", docs/membership.md).
+    assert reply.status == 200 and msgpack.unpackb(reply.body) == {"ok": True, "cv": 0}
 
 
 # --- the secret on disk -------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from kvstore.protocol.membership import STALE_CONFIG
 from kvstore.protocol.paxos import (
     ABSENT,
     LINEAGE_DEPTH,
@@ -306,6 +307,8 @@ def test_a_fast_path_entry_for_another_replica_set_is_not_used() -> None:
         (Write(b"v"), ["maybe", "rejected", "rejected"], True),
         # Refused before sending, or refused by a recovering acceptor: certainly not stored.
         (Write(b"v"), ["refused", "recovering", "rejected"], False),
+        # Fenced by an acceptor that installed a newer membership version: nothing was done there.
+        (Write(b"v"), ["stale", "stale", "rejected"], False),
         # A malformed or error reply: the acceptor may have stored it before answering badly.
         (Write(b"v"), ["garbage", "rejected", "rejected"], True),
         # A read changes nothing: never indeterminate, even if taken somewhere.
@@ -334,6 +337,7 @@ def test_a_failure_is_indeterminate_iff_a_changed_value_may_have_been_stored(
                 "refused": CallFailed(send.call, maybe_delivered=False),
                 "recovering": CallFailed(send.call, maybe_delivered=False, recovering=True),
                 "garbage": {"ok": "yes"},
+                "stale": {"error": STALE_CONFIG, "remote_error": True, "cv": 9},
             }[kind]
         )
     effects = core.on_answers(as_answers(accepts, answers), T0)  # one batch: judged after all
@@ -455,3 +459,88 @@ def test_absent_is_reported_for_a_read_of_nothing() -> None:
     _, effects = commit(core)
     done = effects[-1]
     assert isinstance(done, Done) and done.result.value == ABSENT and done.result.current_etag is None
+
+
+# --- joint consensus (membership changes, docs/membership.md) -----------------------------------
+
+OLD_SET, NEW_SET = ("n0", "n1", "n2"), ("n0", "n1", "n3")  # n3 replaces n2 in the key's acceptor set
+UNION = ("n0", "n1", "n2", "n3")
+
+
+def joint_core(
+    change: Change, *, state: ProposerState | None = None, sets: tuple[tuple[str, ...], ...] = (OLD_SET, NEW_SET),
+    config: ProposerConfig | None = None,
+) -> ProposerCore:
+    return ProposerCore(
+        state or ProposerState("n0"), config or ProposerConfig(clock_ballots=False), random.Random(1), "k", 7, UNION,
+        change, DEADLINE_NS, acceptor_sets=sets, stamp={"cv": 4},
+    )
+
+
+@pytest.mark.parametrize(
+    ("ok", "failed", "decision"),
+    [
+        ({"n0", "n1"}, set(), "accept"),  # a majority of both sets
+        ({"n1", "n2", "n3"}, set(), "accept"),
+        ({"n0", "n2"}, set(), "wait"),  # the old set's majority; n1 or n3 may still make the new one's
+        ({"n2", "n3"}, set(), "wait"),
+        ({"n0", "n2"}, {"n1", "n3"}, "retry"),  # the new set can no longer answer a majority
+        ({"n0", "n3"}, {"n1", "n2"}, "retry"),  # nor here the old set
+        ({"n2"}, {"n0", "n3"}, "retry"),
+    ],
+)
+def test_a_joint_prepare_needs_a_majority_of_each_acceptor_set(ok: set[str], failed: set[str], decision: str) -> None:
+    core = joint_core(Write(b"v"))
+    started = core.start(T0)
+    prepares = {s.peer: s for s in sends(started)}
+    assert sorted(prepares) == sorted(UNION)
+    assert all(s.message["cv"] == 4 and s.message["op"] == OP_PREPARE for s in prepares.values())
+    answers: list[Answer] = [Reply(prepares[p].call, promise()) for p in sorted(ok)]
+    answers += [CallFailed(prepares[p].call, maybe_delivered=False) for p in sorted(failed)]
+    effects = core.on_answers(answers, T0)
+    if decision == "accept":
+        accepts = sends(effects)
+        assert accepts and all(s.message["op"] == OP_ACCEPT and s.message["cv"] == 4 for s in accepts)
+    elif decision == "wait":
+        assert effects == []
+    else:
+        assert kinds(effects)[-1] == "StartTimer" and not sends(effects)  # backoff, then a new attempt
+
+
+def test_a_joint_accept_is_chosen_only_with_a_majority_of_each_set() -> None:
+    core = joint_core(Write(b"v"))
+    prepares = {s.peer: s for s in sends(core.start(T0))}
+    accepts = {s.peer: s for s in sends(core.on_answers([Reply(prepares[p].call, promise()) for p in UNION], T0))}
+    assert sorted(accepts) == sorted(UNION)
+    # n0 and n2: a majority of the old set, not of the new one.
+    assert core.on_answers([Reply(accepts["n0"].call, accepted()), Reply(accepts["n2"].call, accepted())], T0) == []
+    effects = core.on_reply(accepts["n3"].call, accepted(), T0)
+    assert kinds(effects)[-1] == "Done"
+    # n0 and n1 alone are a majority of both sets (two of four, fewer than a majority of the union):
+    other = joint_core(Write(b"w"))
+    prep = {s.peer: s for s in sends(other.start(T0))}
+    acc = {s.peer: s for s in sends(other.on_answers([Reply(prep[p].call, promise()) for p in ("n0", "n1")], T0))}
+    effects = other.on_answers([Reply(acc["n0"].call, accepted()), Reply(acc["n1"].call, accepted())], T0)
+    assert kinds(effects)[-1] == "Done"
+
+
+def test_a_fast_path_entry_is_used_only_by_the_same_acceptor_sets() -> None:
+    state = ProposerState("n0")
+    core = joint_core(Write(b"1"), state=state)
+    prepares = {s.peer: s for s in sends(core.start(T0))}
+    accepts = sends(core.on_answers([Reply(prepares[p].call, promise()) for p in UNION], T0))
+    promised_next = Ballot.from_wire(accepts[0].message["promise_next"])
+    effects = core.on_answers([Reply(s.call, accepted(promised_next)) for s in accepts], T0)
+    assert kinds(effects)[-1] == "Done" and state.holds_fast_path("k")
+    # The same four replicas as one set (another quorum shape): a full prepare.
+    single = joint_core(Read(), state=state, sets=(UNION,))
+    assert sends(single.start(T0))[0].message["op"] == OP_PREPARE
+    # Remembered again, then taken by the same joint shape: a fast accept.
+    core = joint_core(Write(b"2"), state=state)
+    prepares = {s.peer: s for s in sends(core.start(T0))}
+    accepts = sends(core.on_answers([Reply(prepares[p].call, promise()) for p in UNION], T0))
+    promised_next = Ballot.from_wire(accepts[0].message["promise_next"])
+    core.on_answers([Reply(s.call, accepted(promised_next)) for s in accepts], T0)
+    fast = joint_core(Read(), state=state)
+    first = sends(fast.start(T0))
+    assert first and first[0].message["op"] == OP_ACCEPT and first[0].message["cv"] == 4

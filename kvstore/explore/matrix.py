@@ -172,6 +172,7 @@ async def _explore(args: argparse.Namespace, modes: list[str], scenarios: list[s
                 cluster = (NetnsCluster if args.netns else LocalCluster)(
                     5, 3, data_dir=tempfile.mkdtemp(prefix=f"kvstore-explore-{conflict_mode}-"),
                     conflict_mode=conflict_mode, ap=EXPLORE_AP, limits=EXPLORE_LIMITS,
+                    spares=2 if "membership" in scenarios else 0,  # the membership nemesis joins them
                 )
                 clusters[conflict_mode] = cluster
                 await asyncio.to_thread(cluster.start)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -132,10 +133,13 @@ class LocalCluster:
         limits: Limits | None = None,
         secret: str | None = None,
         log_level: str = "WARNING",
+        spares: int = 0,
         tls: TLSSettings | None = None,
         front_end: str | None = None,  # None: ServerSettings' default
     ) -> None:
-        assert nodes >= 1
+        """``spares``: extra node ids (n{nodes+1}...) with ports reserved, not members yet: they
+        enter with ``join`` (a membership change, kvstore.runtime.reconfig)."""
+        assert nodes >= 1 and spares >= 0
         self._owns_dir = data_dir is None
         # Absolute: node processes, and `cluster stop`/`restart` run from elsewhere, find it by this path.
         self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="kvstore-cluster-")).absolute()  # mkdtemp: 0700
@@ -146,11 +150,18 @@ class LocalCluster:
             if busy:
                 raise ClusterError(f"ports already in use: {busy} (choose another --base-port)")
         else:
-            ports = free_ports(2 * nodes)
-            http_ports, peer_ports = ports[:nodes], ports[nodes:]
-        members = tuple(
-            Member(f"n{i + 1}", "127.0.0.1", http_ports[i], peer_ports[i]) for i in range(nodes)
+            ports = free_ports(2 * (nodes + spares))
+            http_ports, peer_ports = ports[: nodes + spares], ports[nodes + spares :]
+        if base_port is not None and spares:
+            raise ClusterError("spares need OS-picked ports (no --base-port)")
+        everyone = tuple(
+            Member(f"n{i + 1}", "127.0.0.1", http_ports[i], peer_ports[i]) for i in range(nodes + spares)
         )
+        members = everyone[:nodes]
+        self.all_members = {m.id: m for m in everyone}
+        self._ids = [m.id for m in members]
+        # A node that joined later was started with the member list of the change that added it.
+        self._members_of: dict[str, tuple[Member, ...]] = {}
         self.secret = secret or secrets.token_hex(16)
         self.base_config = validate(
             NodeConfig(
@@ -187,14 +198,17 @@ class LocalCluster:
 
     @property
     def node_ids(self) -> list[str]:
-        return [m.id for m in self.base_config.members]
+        """The current members (the initial ones, plus those that joined, minus those that left)."""
+        return list(self._ids)
 
     def url(self, node_id: str) -> str:
-        return self.base_config.url_of(self.base_config.member(node_id))
+        # A member's own address (NetnsCluster rewrites the members' hosts), else a spare's.
+        member = next((m for m in self.base_config.members if m.id == node_id), None) or self.all_members[node_id]
+        return self.base_config.url_of(member)
 
     @property
     def urls(self) -> list[str]:
-        return [self.base_config.url_of(m) for m in self.base_config.members]
+        return [self.url(n) for n in self._ids]
 
     def config_path(self, node_id: str) -> Path:
         return self.data_dir / node_id / "node.toml"
@@ -222,7 +236,8 @@ class LocalCluster:
         return self
 
     def _spawn(self, node_id: str, initial_cluster_state: str = "existing") -> None:
-        cfg = replace(self.base_config, node_id=node_id, initial_cluster_state=initial_cluster_state)
+        members = self._members_of.get(node_id, self.base_config.members)
+        cfg = replace(self.base_config, node_id=node_id, members=members, initial_cluster_state=initial_cluster_state)
         path = self.config_path(node_id)
         path.parent.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
         os.chmod(path.parent, PRIVATE_DIR_MODE)  # also when an older run created it readable
@@ -399,6 +414,98 @@ class LocalCluster:
         if self._atexit_registered:
             atexit.unregister(self.stop)
             self._atexit_registered = False
+
+    # --- membership changes (kvstore.runtime.reconfig, /admin/membership) -------------------------------
+
+    def admin(self, node_id: str, method: str, path: str, body: Any = None, timeout_s: float = 10.0) -> dict[str, Any]:
+        """One admin request (sent once); raises ClusterError with the JSON error on a non-2xx."""
+        request = urllib.request.Request(
+            self.url(node_id) + path, method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"X-Cluster-Secret": self.secret, "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=timeout_s, context=self.ssl_context) as resp:
+                doc = json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            raise ClusterError(f"{method} {path} on {node_id}: {exc.code} {exc.read().decode(errors='replace')}") from None
+        assert isinstance(doc, dict)
+        return doc
+
+    def wait_membership(self, via: str, version: int, timeout_s: float = 120.0) -> dict[str, Any]:
+        """Wait until ``via`` (the node driving the change) holds a stable configuration of at least
+        ``version`` and is done with it."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            doc = self.admin(via, "GET", "/admin/membership")
+            config, progress = doc["config"], doc["progress"]
+            if config["version"] >= version and config["phase"] == "stable" and progress.get("step") == "done":
+                return doc  # committed, and ``via`` finished announcing it
+            if "error" in progress:
+                raise ClusterError(f"the membership change stopped: {progress}")
+            if time.monotonic() > deadline:
+                raise ClusterError(f"membership not at a stable version >= {version} after {timeout_s:.0f}s: {doc}")
+            time.sleep(0.2)
+
+    def join(self, node_id: str, via: str | None = None, timeout_s: float = 120.0) -> dict[str, Any]:
+        """Add spare ``node_id``: ask ``via`` (a member) to begin the change, start the node with
+        the member list of the joint configuration it answered, wait until the move is committed."""
+        seed = via or self._ids[0]
+        member = self.all_members[node_id]
+        doc = self.admin(seed, "POST", "/admin/membership", {
+            "action": "join", "id": node_id, "host": member.host,
+            "http_port": member.http_port, "peer_port": member.peer_port,
+        })
+        joint = doc["config"]
+        self._members_of[node_id] = tuple(
+            Member(m, a["host"], a["http_port"], a["peer_port"]) for m, a in sorted(joint["members"].items())
+        )
+        self._spawn(node_id, "new")
+        self.wait_healthy([node_id], timeout_s)
+        done = self.wait_membership(seed, int(joint["version"]) + 1, timeout_s)
+        self._ids.append(node_id)
+        existing = replace(self.base_config, node_id=node_id, members=self._members_of[node_id],
+                           initial_cluster_state="existing")
+        self.config_path(node_id).write_text(to_toml(existing))
+        return done
+
+    def replace(self, node_id: str, by: str, via: str | None = None, timeout_s: float = 120.0) -> dict[str, Any]:
+        """Replace member ``node_id`` by spare ``by`` in one change; ``node_id`` is stopped afterwards."""
+        seed = via or next(n for n in self._ids if n != node_id)
+        member = self.all_members[by]
+        doc = self.admin(seed, "POST", "/admin/membership", {
+            "action": "replace", "id": node_id, "by": by, "host": member.host,
+            "http_port": member.http_port, "peer_port": member.peer_port,
+        })
+        joint = doc["config"]
+        self._members_of[by] = tuple(
+            Member(m, a["host"], a["http_port"], a["peer_port"]) for m, a in sorted(joint["members"].items())
+        )
+        self._spawn(by, "new")
+        self.wait_healthy([by], timeout_s)
+        done = self.wait_membership(seed, int(joint["version"]) + 1, timeout_s)
+        self._ids = [by if n == node_id else n for n in self._ids]
+        existing = replace(self.base_config, node_id=by, members=self._members_of[by], initial_cluster_state="existing")
+        self.config_path(by).write_text(to_toml(existing))
+        if node_id in self.procs:
+            self.terminate(node_id)
+        return done
+
+    def leave(
+        self, node_id: str, via: str | None = None, timeout_s: float = 120.0, stop: bool = True, wipe: bool = False
+    ) -> dict[str, Any]:
+        """Remove member ``node_id`` (its ranges move to the others first), then stop its process;
+        ``wipe`` also deletes its directory, so it can join again as a new node (a spare)."""
+        seed = via or next(n for n in self._ids if n != node_id)
+        doc = self.admin(seed, "POST", "/admin/membership", {"action": "leave", "id": node_id})
+        done = self.wait_membership(seed, int(doc["config"]["version"]) + 1, timeout_s)
+        self._ids.remove(node_id)
+        if stop and node_id in self.procs:
+            self.terminate(node_id)
+            if wipe:
+                shutil.rmtree(self.data_dir / node_id, ignore_errors=True)
+                self._members_of.pop(node_id, None)
+        return done
 
     def __enter__(self) -> LocalCluster:
         return self.start()

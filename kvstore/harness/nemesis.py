@@ -255,6 +255,16 @@ class FaultControl:
         """Clear every fault of a running node; an error message, or None."""
         raise NotImplementedError
 
+    def spares(self) -> list[str]:
+        """Nodes that are not members now and can join (none where membership changes are not driven)."""
+        return []
+
+    async def join(self, node: str) -> None:
+        raise NemesisError("membership changes need a cluster started by this harness")
+
+    async def leave(self, node: str) -> None:
+        raise NemesisError("membership changes need a cluster started by this harness")
+
     async def close(self) -> None:
         pass
 
@@ -423,6 +433,21 @@ class ClusterControl(FaultControl):
 
     async def _restart(self, nodes: list[str]) -> None:
         await asyncio.to_thread(self._local().restart_many, nodes)
+
+    def spares(self) -> list[str]:
+        """Nodes of the local cluster that are not members now (they can join)."""
+        local = self._local()
+        return sorted(n for n in local.all_members if n not in local.node_ids)
+
+    async def join(self, node: str) -> None:
+        """A membership change adding ``node`` (its ranges are streamed to it; returns once committed).
+        The workload keeps its nodes: a joined node serves only through the others."""
+        await asyncio.to_thread(self._local().join, node)
+
+    async def leave(self, node: str) -> None:
+        """A membership change removing ``node`` (its ranges move first), then its process stops and
+        its directory is removed, so it is a spare again."""
+        await asyncio.to_thread(self._local().leave, node, None, 120.0, True, True)
 
     async def _pause(self, node: str) -> None:
         self._local().pause(node)

@@ -59,6 +59,7 @@ SCENARIOS: dict[str, list[str]] = {
     "majorities-ring": ["majorities-ring"],
     "one-way": ["one-way"],
     "pause": ["pause"],
+    "membership": ["membership"],
 }
 SCENARIO_HELP = {
     "majority-partition": "a majority and a minority side, cut from each other",
@@ -75,6 +76,7 @@ SCENARIO_HELP = {
     "majorities-ring": "every node sees a different majority",
     "one-way": "one node hears nobody but can still send",
     "pause": "SIGSTOP a node, SIGCONT it later",
+    "membership": "two spare nodes join (ranges streamed to them), then leave again, under the workload",
 }
 CLOCK_SKEW_MS = 10_000.0
 
@@ -211,6 +213,15 @@ class FaultDriver:
             value = {"node": victim, **faults}
             self.history.nemesis(f"start-{kind}", value)
             self.active.append((kind, value))
+        elif kind == "membership":
+            # Each join is a whole membership change (joint phase, stream, commit): it takes seconds,
+            # so this phase lasts at least that long whatever the schedule says.
+            joined: list[str] = []
+            for spare in self.control.spares()[:2]:
+                await self.control.join(spare)
+                joined.append(spare)
+            self.history.nemesis("start-membership", {"joined": joined})
+            self.active.append((kind, joined))
         elif kind in ("latency", "loss"):
             # Latency and loss combine into one rule per link.
             if kind == "latency":
@@ -276,6 +287,10 @@ class FaultDriver:
         elif kind in ("latency", "loss"):
             self.history.nemesis(f"stop-{kind}", value)
             await self.control.set_rules({})
+        elif kind == "membership":
+            self.history.nemesis("stop-membership", {"leaving": list(value)})
+            for node in reversed(value):
+                await self.control.leave(node)
 
 
 def _is_partition(kind: str) -> bool:

@@ -62,6 +62,17 @@ and emits one ``Repair(peer, message, timeout_ns)`` per *primary* that answered 
 missing, stale or conflicting version, in target order.  A target that did not answer is left
 to anti-entropy; a fallback holds hints, not data.
 
+**Membership changes** (``kvstore.protocol.membership``, docs/membership.md).  Every replica
+message carries ``cv``, the configuration version the plan was made on (``config_version``), so
+a replica that installed a newer version refuses it (``stale_config``, nothing done) instead of
+answering from a placement that no longer holds.  While a range moves (a *joint* phase) reads
+follow the old ring (their targets are the old owners), and a write also goes to the key's new
+owners that are not old ones (``plan_write``'s ``joint``: extra data slots) and needs, besides W
+slots in all, W acknowledgements among the old owners *and* W among the new ones
+(``write_quorum_reached``; a hinted stand-in counts for the owner it stands in for): it then
+survives the commit whatever the range transfer missed.  Such a write is decided once both
+counts are met, or once no call is left in flight (or the deadline passed) without them.
+
 **Effect order within a batch**: ``Send``s, then ``Abandon``, then ``StartTimer`` (at most
 one, replacing any earlier timer), then ``Repair``s, then ``Done``/``Failed`` last.
 ``CheckRegister`` and ``PersistLocal`` come alone: the core waits for their result.
@@ -105,6 +116,7 @@ from kvstore.errors import (
 )
 from kvstore.protocol import causal_context, versions
 from kvstore.protocol.calls import Abandon, Answer, CallFailed, Reply, Send, StartTimer
+from kvstore.protocol.membership import STALE_CONFIG, write_quorum_reached
 from kvstore.protocol.quorum import QuorumTracker
 from kvstore.protocol.versions import VersionedObject
 from kvstore.transport.base import Message, RemoteError
@@ -253,13 +265,23 @@ class WriteTargets:
 
 
 @dataclass(frozen=True, slots=True)
+class JointOwners:
+    """A key's owners in both rings while its range moves (a joint configuration)."""
+
+    old: tuple[str, ...]  # the old ring's preference list (N)
+    new: tuple[str, ...]  # the new ring's preference list (N)
+
+
+@dataclass(frozen=True, slots=True)
 class WritePlan:
     """Who stores what: ``slots`` are (member, hint_for) -- ``hint_for`` names the down primary
     a fallback stands in for (None: the member stores data).  ``spares`` are the unused healthy
-    fallbacks, in ring order, for hand-offs when a slot's call fails."""
+    fallbacks, in ring order, for hand-offs when a slot's call fails.  ``joint``: the write needs
+    W acknowledgements among the old owners and W among the new ones too."""
 
     slots: tuple[tuple[str, str | None], ...]
     spares: tuple[str, ...]
+    joint: JointOwners | None = None
 
 
 def write_targets(walk: Sequence[str], n: int, is_up: Callable[[str], bool], sloppy: bool) -> WriteTargets:
@@ -270,10 +292,14 @@ def write_targets(walk: Sequence[str], n: int, is_up: Callable[[str], bool], slo
     return WriteTargets(up, down, spare)
 
 
-def plan_write(targets: WriteTargets, node_id: str, as_fallback: bool) -> WritePlan:
+def plan_write(
+    targets: WriteTargets, node_id: str, as_fallback: bool, joint: JointOwners | None = None
+) -> WritePlan:
     """Up primaries store data; each down primary is replaced by the next spare fallback, which
     stores a hint naming it.  ``as_fallback``: this node coordinates as the first down
-    primary's stand-in (no primary took the write)."""
+    primary's stand-in (no primary took the write).  ``joint`` (``targets`` are then the old
+    ring's): each new owner that is not an old one gets a data slot too, after the others
+    (the coordinator's own write counts for it when it is one)."""
     slots: list[tuple[str, str | None]] = [(p, None) for p in targets.up]
     spares = [f for f in targets.spare if f != node_id]
     down = list(targets.down)
@@ -283,7 +309,9 @@ def plan_write(targets: WriteTargets, node_id: str, as_fallback: bool) -> WriteP
     for owner in down:
         if spares:
             slots.append((spares.pop(0), owner))
-    return WritePlan(tuple(slots), tuple(spares))
+    if joint is not None:
+        slots += [(m, None) for m in joint.new if m not in joint.old and m != node_id]
+    return WritePlan(tuple(slots), tuple(spares), joint)
 
 
 def read_targets(walk: Sequence[str], n: int, is_up: Callable[[str], bool], sloppy: bool) -> list[str]:
@@ -330,6 +358,7 @@ class WriteCoordinatorCore:
         deadline_ns: int,
         replica_timeout_ns: int,
         mode: versions.ConflictMode,
+        config_version: int | None = None,
     ) -> None:
         assert w >= 1 and replica_timeout_ns > 0
         assert not as_fallback or (node_id, _owner_of(plan, node_id)) in plan.slots
@@ -345,8 +374,11 @@ class WriteCoordinatorCore:
         self.deadline_ns = deadline_ns
         self.replica_timeout_ns = replica_timeout_ns
         self.mode = mode
+        self.config_version = config_version  # stamped on every replica message (``cv``)
         self.obj = VersionedObject.empty()
         self.hinted: list[str] = []
+        # Owners whose copy is stored: a slot's member, or the owner a hinted stand-in holds it for.
+        self.owners_acked: set[str] = set()
         self.answered = False  # Done or Failed was emitted
         self._phase: Literal["new", "register", "local", "replicating"] = "new"
         self._tracker: QuorumTracker | None = None
@@ -404,16 +436,19 @@ class WriteCoordinatorCore:
         self._phase = "replicating"
         self.obj = result.obj
         self._message = {"op": "replica_put", "key": self.key, "token": self.token, "obj": versions.encode(self.obj)}
+        if self.config_version is not None:
+            self._message["cv"] = self.config_version
         self._tracker = QuorumTracker(needed=self.w, total=len(self.plan.slots))
         if self.as_fallback:
             self.hinted.append(self.node_id)
-        own = [member for member, _ in self.plan.slots if member == self.node_id]
+        own = [(member, owner) for member, owner in self.plan.slots if member == self.node_id]
         assert len(own) == 1, "the coordinator is a primary believed up, or a fallback with a slot"
         effects: list[Effect] = []
-        outcome = self._record(True, self.node_id)
         for slot, (member, hint_for) in enumerate(self.plan.slots):
             if member != self.node_id:
                 effects.append(self._send(_WriteCall(slot, member, hint_for, handoff=False), at_ns))
+        # Recorded after the sends: a joint write decides early only once no call is in flight.
+        outcome = self._record(True, self.node_id, own[0][1] or self.node_id)
         if not outcome:
             effects.append(StartTimer(self.deadline_ns))
         return effects + outcome
@@ -430,7 +465,7 @@ class WriteCoordinatorCore:
             if ok:
                 if call.hint_for is not None:
                     self.hinted.append(call.member)
-                outcome += self._record(True, call.member)
+                outcome += self._record(True, call.member, call.hint_for or call.member)
             elif not call.handoff and self.sloppy and self._spares:
                 # The slot's member did not take it (in time): hand its copy to the next fallback.
                 spare = self._spares.pop(0)
@@ -462,21 +497,34 @@ class WriteCoordinatorCore:
         cap = None if deadline_only else self.replica_timeout_ns
         return Send(number, call.member, message, _call_timeout_at(at_ns, self.deadline_ns, cap))
 
-    def _record(self, ok: bool, member: str) -> list[Effect]:
+    def _record(self, ok: bool, member: str, owner: str | None = None) -> list[Effect]:
         tracker = self._tracker
         assert tracker is not None
         if self.answered:
             return []  # the answer was given: this completion is background work
         if ok:
             tracker.ack(member)
+            self.owners_acked.add(owner or member)
         else:
             tracker.fail()
-        return self._decide() if tracker.done else []
+        if self.plan.joint is None:
+            return self._decide() if tracker.done else []
+        # Joint: W slots in all may come before W among the new owners; wait for both, or for
+        # the last call in flight (then it is decided as it stands).
+        return self._decide() if self._satisfied() or tracker.impossible or not self._calls else []
+
+    def _satisfied(self) -> bool:
+        tracker = self._tracker
+        assert tracker is not None
+        joint = self.plan.joint
+        if joint is None:
+            return tracker.satisfied
+        return tracker.satisfied and write_quorum_reached(self.owners_acked, joint.old, joint.new, self.w)
 
     def _decide(self) -> list[Effect]:
         tracker = self._tracker
         assert tracker is not None
-        if tracker.satisfied:
+        if self._satisfied():
             return self._answer(Done(WriteOutcome(self.obj, tracker.acknowledged, list(self.hinted))))
         # The coordinator holds the write, and maybe some replicas do: indeterminate.
         targets = ", ".join(m for m, _ in self.plan.slots)
@@ -551,9 +599,11 @@ class ReadCoordinatorCore:
         deadline_ns: int,
         replica_timeout_ns: int,
         mode: versions.ConflictMode,
+        config_version: int | None = None,
     ) -> None:
         assert r >= 1 and replica_timeout_ns > 0
         assert len(set(targets)) == len(targets), "targets must be distinct"
+        self.config_version = config_version  # stamped on every replica message (``cv``)
         self.key = key
         self.token = token
         self.r = r
@@ -593,7 +643,7 @@ class ReadCoordinatorCore:
             self.answered = self.failed = True
             return [Failed(QuorumUnavailable(self.r, 0, indeterminate=False, detail="not enough replicas believed up"))]
         self._tracker = QuorumTracker(needed=self.r, total=len(self.targets))
-        message: Message = {"op": "replica_get", "key": self.key, "token": self.token}
+        message: Message = {"op": "replica_get", "key": self.key, "token": self.token, **self._stamp()}
         effects: list[Effect] = []
         for number, member in enumerate(self.targets):
             self._calls[number] = member
@@ -672,6 +722,9 @@ class ReadCoordinatorCore:
         self.merged = versions.sync_all((o for o in self.replies.values() if o is not None), self.mode)
         return [Done(ReadOutcome(self.merged, tracker.acknowledged, list(self.replies)))]
 
+    def _stamp(self) -> Message:
+        return {} if self.config_version is None else {"cv": self.config_version}
+
     def _abandon(self) -> list[Effect]:
         if not self._calls:
             return []
@@ -687,7 +740,9 @@ class ReadCoordinatorCore:
             # to repair, and "repairing" would store an empty record on every primary per read.
             return []
         digest = versions.digest(merged)
-        message: Message = {"op": "replica_put", "key": self.key, "token": self.token, "obj": versions.encode(merged)}
+        message: Message = {
+            "op": "replica_put", "key": self.key, "token": self.token, "obj": versions.encode(merged), **self._stamp()
+        }
         effects: list[Effect] = []
         for member in self.targets:
             if member not in self.primaries or member not in self.replies:
@@ -722,7 +777,8 @@ def _replica_object(reply: Message) -> VersionedObject | None | Literal[False]:
 FORWARD_MARGIN_MS = 20
 
 # RemoteError codes that a peer answers before doing anything (the request was not applied).
-REFUSED_REMOTE_CODES = ("bad_request", "unknown_op", "overloaded", "insufficient_storage")
+# ``stale_config``: the request was planned on an older membership version and fenced (docs/membership.md).
+REFUSED_REMOTE_CODES = ("bad_request", "unknown_op", "overloaded", "insufficient_storage", STALE_CONFIG)
 
 
 @dataclass(frozen=True, slots=True)

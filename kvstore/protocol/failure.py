@@ -70,7 +70,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Iterable
-from typing import Literal
+from typing import Any, Literal
 
 MemberState = Literal["up", "down"]
 UP: MemberState = "up"
@@ -256,20 +256,33 @@ class MembershipView:
         self.threshold = threshold
         self.startup_grace_ns = int(startup_grace_ms * NS_PER_MS)
         self._started_at_ns = started_at_ns
+        self._detector_settings: dict[str, Any] = {
+            "threshold": threshold,
+            "window_size": window_size,
+            "min_std_ms": min_std_ms,
+            "acceptable_pause_ms": acceptable_pause_ms,
+            "first_heartbeat_estimate_ms": first_heartbeat_estimate_ms,
+            "min_sample_interval_ms": min_sample_interval_ms,
+        }
         self._detectors: dict[str, PhiAccrualDetector] = {
-            member: PhiAccrualDetector(
-                threshold=threshold,
-                window_size=window_size,
-                min_std_ms=min_std_ms,
-                acceptable_pause_ms=acceptable_pause_ms,
-                first_heartbeat_estimate_ms=first_heartbeat_estimate_ms,
-                min_sample_interval_ms=min_sample_interval_ms,
-            )
-            for member in ordered
-            if member != self_id
+            member: PhiAccrualDetector(**self._detector_settings) for member in ordered if member != self_id
         }
         # What transitions() last reported; everyone starts "up" (see the class docstring).
         self._reported: dict[str, MemberState] = dict.fromkeys(ordered, UP)
+
+    def set_members(self, members: Iterable[str]) -> None:
+        """A membership change: detectors of staying members keep their history, newcomers start
+        "never heard from" (up within the grace), members that left are forgotten."""
+        ordered = tuple(sorted(set(members) | {self.self_id}))
+        for member in ordered:
+            if member != self.self_id and member not in self._detectors:
+                self._detectors[member] = PhiAccrualDetector(**self._detector_settings)
+                self._reported[member] = UP
+        for member in self.members:
+            if member not in ordered:
+                self._detectors.pop(member, None)
+                self._reported.pop(member, None)
+        self.members = ordered
 
     def _observe(self, now_ns: int) -> None:
         if self._started_at_ns is None:

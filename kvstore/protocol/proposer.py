@@ -60,6 +60,16 @@ conflict it saw and retries after randomized, bounded, exponential backoff, unti
 (``kvstore.protocol.paxos.stale_acceptors``, fed by the "inc"/"view" tags of replies) are
 dropped from every count.
 
+**Joint consensus** (Raft's §6 applied to CASPaxos; docs/membership.md).  While a
+membership change moves a key's replicas, the core is given the key's *acceptor sets*
+(the old and the new one; ``replicas`` is their union) and a round succeeds only with a
+majority of *each* set (``kvstore.protocol.membership.quorum_reached``); it ends early once
+that became impossible.  Every prepare and accept carries the caller's ``stamp`` (the
+configuration version the sets came from): an acceptor that installed a newer version
+answers ``stale_config``, a certain failure of that call like ``recovering``.  A fast-path
+entry is kept per acceptor-set shape, so a promise made by majorities of one shape is never
+used as the phase 1 of another.
+
 **Shared per-node state** (``ProposerState``): one strictly increasing ballot
 counter for all keys, never below the wall clock in milliseconds
 (``clock_ballots``, like Cassandra's timestamp ballots, so a proposer new to a key
@@ -110,6 +120,7 @@ if TYPE_CHECKING:  # the rng is injected; this pure module never draws from the 
 
 from kvstore.errors import QuorumUnavailable
 from kvstore.protocol.calls import Abandon, Answer, CallFailed, Reply, Send, StartTimer
+from kvstore.protocol.membership import STALE_CONFIG, quorum_possible, quorum_reached
 from kvstore.protocol.paxos import (
     ABSENT,
     Accepted,
@@ -231,6 +242,7 @@ class FastPath:
     value: RegisterValue
     lineage: Lineage
     replicas: tuple[str, ...]
+    acceptor_sets: tuple[tuple[str, ...], ...] = ()  # () : the replicas alone
 
 
 class ProposerState:
@@ -261,10 +273,13 @@ class ProposerState:
         self.last = ballot
         return ballot
 
-    def take_fast(self, key: str, replicas: tuple[str, ...]) -> FastPath | None:
-        """Pop the key's fast-path entry (single use), if it was promised by this replica set."""
+    def take_fast(
+        self, key: str, replicas: tuple[str, ...], acceptor_sets: tuple[tuple[str, ...], ...] = ()
+    ) -> FastPath | None:
+        """Pop the key's fast-path entry (single use), if it was promised by quorums of these
+        acceptor sets (a membership change may keep the replicas and change the sets)."""
         entry = self.fast.pop(key, None)
-        if entry is None or entry.replicas != replicas:
+        if entry is None or entry.replicas != replicas or entry.acceptor_sets != acceptor_sets:
             return None  # promised by a majority of another replica set: not a phase 1 for this one
         return entry
 
@@ -335,8 +350,13 @@ class _Round:
     @property
     def oks(self) -> list[Any]:
         """The ok replies that count: those of an incarnation no other reply says is gone."""
+        return [ok for _, ok in self.ok_peers]
+
+    @property
+    def ok_peers(self) -> list[tuple[str, Any]]:
+        """(acceptor, reply) of the ok replies that count (see ``oks``)."""
         stale = stale_acceptors({peer: (inc, view) for peer, _, inc, view in self.replies})
-        return [ok for peer, ok, _, _ in self.replies if peer not in stale]
+        return [(peer, ok) for peer, ok, _, _ in self.replies if peer not in stale]
 
     def reason(self, need: int) -> str:
         oks = len(self.oks)
@@ -381,8 +401,20 @@ class ProposerCore:
         change: Change,
         deadline_ns: int,
         stats: ProposerStats | None = None,
+        *,
+        acceptor_sets: tuple[tuple[str, ...], ...] | None = None,
+        stamp: Message | None = None,
     ) -> None:
+        """``acceptor_sets`` (default: ``replicas`` alone) are the sets each phase needs a majority
+        of: during a membership change the key's old and new acceptor sets (joint consensus,
+        ``kvstore.protocol.membership``); ``replicas`` must be their union.  ``stamp`` is merged
+        into every prepare and accept (``{"cv": version}``: the configuration version the sets were
+        computed from, so an acceptor that installed a newer one refuses the round with
+        ``stale_config`` instead of voting in it)."""
         assert replicas and len(set(replicas)) == len(replicas), "replicas must be distinct"
+        sets = acceptor_sets if acceptor_sets is not None else (tuple(replicas),)
+        assert sets and all(sets), "every acceptor set has members"
+        assert set().union(*sets) == set(replicas), "the replicas are the union of the acceptor sets"
         self.state = state
         self.config = config
         self.rng = rng
@@ -392,7 +424,11 @@ class ProposerCore:
         self.change = change
         self.deadline_ns = deadline_ns
         self.stats = stats if stats is not None else ProposerStats()
-        self.need = majority(len(replicas))
+        self.sets = sets
+        self.joint = len(sets) > 1
+        self.stamp: Message = dict(stamp or {})
+        # For reporting only (the error's ``needed``): a joint quorum is a majority of each set.
+        self.need = majority(len(replicas)) if not self.joint else sum(majority(len(s)) for s in sets)
         self.attempt = 0
         self.round_trips = 0
         self.acknowledged = 0
@@ -412,7 +448,7 @@ class ProposerCore:
         assert not self._started, "a core runs one proposal"
         self._started = True
         # Popped here, before any effect: a concurrent proposal on this node cannot take it too.
-        self._fast = self.state.take_fast(self.key, self.group)
+        self._fast = self.state.take_fast(self.key, self.group, self.sets if self.joint else ())
         return self._attempt(at)
 
     def on_answers(self, answers: Iterable[Answer], at: Instant) -> list[Effect]:
@@ -467,12 +503,13 @@ class ProposerCore:
             return self._accept(at, fast.ballot, fast.value, fast.lineage, None, used_fast=True)
         ballot = self._new_ballot(at)
         self.round_trips += 1
-        return self._start_round("prepare", ballot, prepare_message(self.key, self.token, ballot, self.group))
+        message = {**prepare_message(self.key, self.token, ballot, self.group), **self.stamp}
+        return self._start_round("prepare", ballot, message)
 
     def _after_prepare(self, r: _Round, at: Instant) -> list[Effect]:
         oks = r.oks
         self.acknowledged = len(oks)
-        if self.acknowledged < self.need:
+        if not self._quorum(r):
             self.reason = r.reason(self.need)
             return self._retry(at)
         best = highest_accepted(oks)
@@ -519,7 +556,10 @@ class ProposerCore:
         )
         self.round_trips += 1
         node = self.state.node_id
-        message = accept_message(self.key, self.token, ballot, new_value, promise_next, new_lineage, self.group)
+        message = {
+            **accept_message(self.key, self.token, ballot, new_value, promise_next, new_lineage, self.group),
+            **self.stamp,
+        }
         # A fast accept goes to the local acceptor only once a peer took it.  The local acceptor
         # answers first and is the one most likely to hold a stale fast-path promise (it is
         # outside the majorities other proposers used meanwhile); if it alone took a stale fast
@@ -531,15 +571,17 @@ class ProposerCore:
     def _after_accept(self, r: _Round, at: Instant) -> list[Effect]:
         plan = self._plan
         assert plan is not None
-        oks = r.oks
-        self.acknowledged = len(oks)
-        if self.acknowledged >= self.need:
+        self.acknowledged = len(r.oks)
+        if self._quorum(r):
             if plan.used_fast:
                 self.stats.fast_path_hits += 1
             if plan.promise_next is not None:
-                promised = sum(1 for ok in oks if ok.promised_next == plan.promise_next)
-                if promised >= self.need:
-                    entry = FastPath(plan.promise_next, plan.new_value, plan.new_lineage, self.group)
+                promised = {peer for peer, ok in r.ok_peers if ok.promised_next == plan.promise_next}
+                if quorum_reached(promised, self.sets):
+                    entry = FastPath(
+                        plan.promise_next, plan.new_value, plan.new_lineage, self.group,
+                        self.sets if self.joint else (),
+                    )
                     self.state.remember_fast(self.key, entry)
             self.finished = True
             result = ProposeResult(plan.reported, plan.outcome.status, plan.outcome.current_etag, self.round_trips)
@@ -590,7 +632,7 @@ class ProposerCore:
         return Send(call, peer, r.message, self.deadline_ns)
 
     def _classify(self, r: _Round, peer: str, reply: Message) -> None:
-        if isinstance(reply, dict) and reply.get("error") == RECOVERING:
+        if isinstance(reply, dict) and reply.get("error") in (RECOVERING, STALE_CONFIG):
             # A typed refusal sent before anything was done: a certain failure of this call.
             r.failures += 1
             r.recovering += 1
@@ -617,11 +659,11 @@ class ProposerCore:
         """After an answer: end the round if it is decided, else maybe send the deferred accept."""
         r = self._round
         assert r is not None
-        oks = len(r.oks)
-        unsent = 1 if r.deferred is not None else 0
-        if oks >= self.need or oks + len(r.undecided) + unsent < self.need:
+        acked = {peer for peer, _ in r.ok_peers}
+        outstanding = set(r.undecided.values()) | ({r.deferred} if r.deferred is not None else set())
+        if quorum_reached(acked, self.sets) or not quorum_possible(acked, outstanding, self.sets):
             return self._end_round(at)
-        if r.deferred is not None and oks > 0:
+        if r.deferred is not None and acked:
             peer, r.deferred = r.deferred, None
             return [self._send(r, peer)]
         return []
@@ -631,7 +673,7 @@ class ProposerCore:
         assert r is not None
         sends: list[Effect] = []
         release: list[Effect] = []
-        if r.phase == "accept" and len(r.oks) >= self.need:
+        if r.phase == "accept" and self._quorum(r):
             if r.deferred is not None:
                 # The round succeeded without it: bring it up to date all the same.
                 sends.append(self._send(r, r.deferred))
@@ -646,6 +688,10 @@ class ProposerCore:
         # The documented order: sends, then this round's calls released, then timer / outcome.
         sends.extend(e for e in after if isinstance(e, Send))
         return [*sends, *release, *(e for e in after if not isinstance(e, Send))]
+
+    def _quorum(self, r: _Round) -> bool:
+        """A majority of every acceptor set said ok (one set: a majority of the replicas)."""
+        return quorum_reached({peer for peer, _ in r.ok_peers}, self.sets)
 
     # --- ballots ----------------------------------------------------------------------------
 

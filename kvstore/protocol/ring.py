@@ -19,7 +19,8 @@ Guarantees:
 * O(log V*M) lookup: a bisection on a sorted token list, then an index into a
   precomputed table of distinct successors per vnode.
 
-Assumes the member list is the same on every node (static membership from config).
+Assumes the member list is the same on every node: the membership version in force
+(kvstore.protocol.membership), whose ``Placement`` holds one ring per member set.
 """
 
 from __future__ import annotations

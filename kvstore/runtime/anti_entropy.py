@@ -243,6 +243,20 @@ class AntiEntropy:
         log.info("anti-entropy round (%s) done: %s", reason, stats.as_dict())
         return stats
 
+    async def sync_ranges(self, peer: str, ranges: list[TokenRange]) -> RoundStats:
+        """The Merkle exchange of the given ranges with one peer, now (a membership change streams
+        a moving range to its new owner this way: kvstore.runtime.reconfig).  Merges both ways, like a
+        round; ``exchanges_failed`` says whether every range was compared."""
+        stats = RoundStats()
+        stats.ranges = len(ranges)
+        slots = asyncio.Semaphore(AE_CONCURRENCY)
+        for offset in range(0, len(ranges), SUMMARY_BATCH):
+            chunk = [TokenRange(r.start, r.end, (self.node.node_id, peer)) for r in ranges[offset : offset + SUMMARY_BATCH]]
+            unused: list[ReapCandidate] = []  # reaping is left to the periodic rounds
+            leaves = [await self._local_leaves(r, unused, stats) for r in chunk]
+            await self._sync_with_peer(peer, chunk, leaves, stats, slots)
+        return stats
+
     # --- initiator --------------------------------------------------------------------------
 
     async def _local_leaves(
@@ -371,7 +385,8 @@ class AntiEntropy:
     # --- responder --------------------------------------------------------------------------
 
     def _owns(self, token: int) -> bool:
-        return self.node.node_id in self.node.ring.walk_token(token)[: self.node.n]
+        # While a range moves its new owners own it too (they are being streamed it).
+        return self.node.placement.owns(self.node.node_id, token)
 
     async def _scan_leaves(self, start: int, end: int) -> list[Leaf]:
         leaves: list[Leaf] = []

@@ -31,6 +31,7 @@ from kvstore.runtime.metrics import Metrics
 from kvstore.runtime.node import Node, NodeParts
 from kvstore.runtime.read_repair import ReadRepair
 from kvstore.runtime.reaper import TombstoneReaper
+from kvstore.runtime.reconfig import Reconfiguration
 from kvstore.runtime.register import LinearizableRegister
 from kvstore.runtime.register_recovery import AcceptorRecovery
 from kvstore.storage.base import Storage
@@ -52,7 +53,7 @@ class NodeSeams:
 
 def assemble_node(cfg: NodeConfig, seams: NodeSeams) -> Node:
     """The one place that builds a Node with all its collaborators (hinted handoff, read repair,
-    anti-entropy, tombstone reaper, the CP register + acceptor recovery).  server.build_node calls
+    anti-entropy, tombstone reaper, the CP register + acceptor recovery, membership changes).  server.build_node calls
     it with real seams; the simulator with simulated ones."""
     assert seams.transport.node_id == cfg.node_id, "the transport must speak for this node"
     return Node(
@@ -76,6 +77,7 @@ def _parts(node: Node) -> NodeParts:
         anti_entropy=AntiEntropy(node, reaper),
         reaper=reaper,
         register=_register(node),
+        reconfig=Reconfiguration(node),
     )
 
 

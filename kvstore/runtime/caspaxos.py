@@ -66,6 +66,7 @@ from typing import Any, Protocol
 
 from kvstore.clock import Clock
 from kvstore.errors import Overloaded
+from kvstore.protocol.membership import STALE_CONFIG
 from kvstore.protocol.paxos import (
     EMPTY_STATE,
     Accepted,
@@ -322,10 +323,20 @@ class PaxosProposer:
     # --- public ---------------------------------------------------------------------------
 
     async def propose(
-        self, key: str, token: int, replicas: list[str], change: Change, timeout_s: float
+        self,
+        key: str,
+        token: int,
+        replicas: list[str],
+        change: Change,
+        timeout_s: float,
+        *,
+        acceptor_sets: tuple[tuple[str, ...], ...] | None = None,
+        stamp: Message | None = None,
     ) -> ProposeResult:
         """Linearizably apply ``change`` to ``key``'s register replicated on ``replicas``.
 
+        ``acceptor_sets`` and ``stamp``: joint consensus during a membership change
+        (``ProposerCore``); by default a majority of ``replicas``, unstamped.
         Raises ``ConsensusUnavailable`` (see ``indeterminate``) or ``ConsensusOverloaded``.
         """
         assert replicas and len(set(replicas)) == len(replicas), "replicas must be distinct"
@@ -338,7 +349,8 @@ class PaxosProposer:
         try:
             deadline_ns = self.clock.monotonic_ns() + int(timeout_s * 1e9)
             core = ProposerCore(
-                self.state, self.config, self.rng, key, token, tuple(replicas), change, deadline_ns, self.stats
+                self.state, self.config, self.rng, key, token, tuple(replicas), change, deadline_ns, self.stats,
+                acceptor_sets=acceptor_sets, stamp=stamp,
             )
             result = await self._drive(core)
         except ConsensusUnavailable:
@@ -447,7 +459,7 @@ class PaxosProposer:
         exc = task.exception()
         if exc is None:
             return Reply(call, task.result())
-        if isinstance(exc, RemoteError) and exc.code == RECOVERING:
+        if isinstance(exc, RemoteError) and exc.code in (RECOVERING, STALE_CONFIG):
             # A typed refusal sent before anything was done: a certain failure of this call.
             return CallFailed(call, maybe_delivered=False, recovering=True)
         # Timeouts, lost replies and remote errors (e.g. a storage error mid-write) may have

@@ -113,6 +113,7 @@ from kvstore.protocol.coordinator import (
     Done,
     Effect,
     Failed,
+    JointOwners,
     LocalFailed,
     LocalResult,
     LocalWritten,
@@ -145,6 +146,7 @@ from kvstore.protocol.hints import (
     HintRecord,
     hint_storage_key,
 )
+from kvstore.protocol.membership import STALE_CONFIG, Address, ClusterConfig, Placement, fence
 from kvstore.protocol.ring import TOKEN_MIN, Ring, key_token
 from kvstore.protocol.versions import VersionedObject
 from kvstore.runtime.identity import DataIdentity, open_identity
@@ -159,11 +161,17 @@ if TYPE_CHECKING:  # the collaborators' modules import this one; assembly.py imp
     from kvstore.runtime.handoff import HintedHandoff
     from kvstore.runtime.read_repair import ReadRepair
     from kvstore.runtime.reaper import TombstoneReaper
+    from kvstore.runtime.reconfig import Reconfiguration
     from kvstore.runtime.register import LinearizableRegister
 
 log = logging.getLogger(__name__)
 
 HINT_SCAN_PAGE = 500
+# Requests stamped with an older configuration version than the receiver's are refused
+# (``stale_config``): they were planned on a placement that no longer holds.
+FENCED_OPS = frozenset(
+    {"replica_put", "replica_get", "coordinate_write", "paxos_prepare", "paxos_accept", "cp_propose"}
+)
 
 
 @dataclass
@@ -200,12 +208,13 @@ class NodeParts:
     anti_entropy: AntiEntropy
     reaper: TombstoneReaper
     register: LinearizableRegister
+    reconfig: Reconfiguration
 
     def mechanisms(self) -> tuple[Mechanism, ...]:
         """In start order (``Node.stop`` stops them in reverse).  All of them start before the
         node's transport does, so the state they guard (the register's keys, the acceptor's
         identity) is loaded before any peer can reach them."""
-        return (self.handoff, self.read_repair, self.anti_entropy, self.reaper, self.register)
+        return (self.handoff, self.read_repair, self.anti_entropy, self.reaper, self.register, self.reconfig)
 
 
 def hint_policy(cfg: NodeConfig) -> HintPolicy:
@@ -241,7 +250,14 @@ class Node:
         self.clock = clock
         self.rng = rng
         self.metrics = metrics or Metrics()
-        self.ring = Ring(cfg.member_ids, cfg.vnodes)
+        # The membership in force (kvstore.protocol.membership): version 0 is the TOML's member list; a
+        # newer one is loaded at start (kvstore.runtime.reconfig) or learnt from a peer.  ``ring`` is the
+        # placement's read ring (the old one while a range moves).
+        self.config = ClusterConfig.initial(
+            {m.id: Address(m.host, m.http_port, m.peer_port) for m in cfg.members}
+        )
+        self.placement = Placement(self.config, cfg.replicas, cfg.vnodes)
+        self.ring: Ring = self.placement.read_ring
         self.n = cfg.replicas
         self.mode: versions.ConflictMode = "lww" if cfg.conflict_mode == "lww" else "siblings"
         self.peers = [m for m in cfg.member_ids if m != self.node_id]
@@ -359,9 +375,27 @@ class Node:
 
     # --- membership ------------------------------------------------------------------------
 
+    def install_config(self, config: ClusterConfig) -> None:
+        """Switch to a newer membership version (kvstore.runtime.reconfig decides when; it persists it first)."""
+        assert config.version > self.config.version, "configurations only move forward"
+        self.config = config
+        self.placement = Placement(config, self.n, self.cfg.vnodes)
+        self.ring = self.placement.read_ring
+        self.peers = [m for m in config.members if m != self.node_id]
+        self.membership.set_members(config.members)
+        self.transport.add_peers({m: (a.host, a.peer_port, a.http_port) for m, a in config.addresses})
+        self.parts.register.proposer.forget_fast_path()  # a key's acceptor sets may have changed
+        recovery = self.parts.register.recovery  # newcomers may register their acceptor's identity
+        recovery.members = list(config.members)
+        recovery.peers = list(self.peers)
+        log.warning("node %s installed membership version %d (%s: %s -> %s)", self.node_id, config.version,
+                    config.phase, list(config.old), list(config.new))
+
     def is_up(self, member: str) -> bool:
         if member == self.node_id:
             return True
+        if member not in self.membership.members:
+            return False  # no longer (or not yet) a member here
         links = getattr(self.transport, "links", None)
         if links is not None and links.outgoing_blocked(member):
             return False  # our handshake with it is refused: nothing can reach it, whatever phi says
@@ -370,16 +404,22 @@ class Node:
     async def _heartbeat_loop(self) -> None:
         """One pinger per peer: a dead peer's timeouts must not delay the others' heartbeats
         (a stretched gap would look like a failure to the phi detector)."""
-        pingers = [asyncio.create_task(self._pinger(peer), name=f"ping-{peer}") for peer in self.peers]
+        pingers: dict[str, asyncio.Task[None]] = {}
         interval_s = self.cfg.ap.heartbeat_interval_ms / 1000.0
         try:
             while True:
+                # The peers change with the membership: start and stop pingers to match.
+                for peer in self.peers:
+                    if peer not in pingers:
+                        pingers[peer] = asyncio.create_task(self._pinger(peer), name=f"ping-{peer}")
+                for peer in [p for p in pingers if p not in self.peers]:
+                    pingers.pop(peer).cancel()
                 for member, old, new in self.membership.transitions(self.clock.monotonic_ns()):
                     log.warning("failure detector: %s %s -> %s", member, old, new)
                     self.metrics.fd_transitions.labels(member=member, state=new).inc()
                 await asyncio.sleep(interval_s)
         finally:
-            for task in pingers:
+            for task in pingers.values():
                 task.cancel()
 
     async def _pinger(self, peer: str) -> None:
@@ -387,8 +427,12 @@ class Node:
         while True:
             started_s = self.now_s()
             with contextlib.suppress(PeerUnavailable, RemoteError):
-                await self.transport.call(peer, {"op": "ping"}, max(0.05, interval_s * 2))
-                self.membership.heartbeat(peer, self.clock.monotonic_ns())
+                reply = await self.transport.call(
+                    peer, {"op": "ping", "cv": self.config.version}, max(0.05, interval_s * 2)
+                )
+                if peer in self.membership.members:
+                    self.membership.heartbeat(peer, self.clock.monotonic_ns())
+                self._gossip(peer, reply)
             await asyncio.sleep(max(0.0, interval_s - (self.now_s() - started_s)))
 
     # --- messaging -------------------------------------------------------------------------
@@ -400,6 +444,8 @@ class Node:
         handler still running after ``timeout_s`` raises ``PeerUnavailable`` (maybe delivered)
         while it finishes in the background -- a slow local disk must not hold the caller.
         """
+        if "cv" not in message:  # the version this message was planned on (see FENCED_OPS)
+            message = {**message, "cv": self.config.version}
         if peer == self.node_id:
             work = asyncio.ensure_future(self.handle_message(self.node_id, message))
             try:
@@ -419,8 +465,20 @@ class Node:
             self.metrics.replica_errors.labels(peer=peer, reason="unavailable").inc()
             log.debug("call to %s failed: %s", peer, exc)
             raise
-        self.membership.heartbeat(peer, self.clock.monotonic_ns())
+        except RemoteError as exc:
+            if exc.code == STALE_CONFIG:
+                self.parts.reconfig.learn_from(peer)  # it knows a newer membership: fetch it
+            raise
+        if peer in self.membership.members:
+            self.membership.heartbeat(peer, self.clock.monotonic_ns())
+        self._gossip(peer, reply)
         return reply
+
+    def _gossip(self, peer: str, reply: Any) -> None:
+        """A reply stamped with a newer configuration version makes this node fetch it."""
+        version = reply.get("cv") if isinstance(reply, dict) else None
+        if isinstance(version, int) and version > self.config.version:
+            self.parts.reconfig.learn_from(peer)
 
     async def handle_message(self, sender: str, message: Message) -> Message:
         if not isinstance(message, dict):
@@ -429,6 +487,21 @@ class Node:
         handler = self.handlers.get(op) if isinstance(op, str) else None
         if handler is None:
             return {"error": "unknown_op", "message": f"unknown internal op {op!r}", "remote_error": True}
+        version = message.get("cv")
+        if isinstance(version, int) and sender != self.node_id:
+            verdict = fence(version, self.config.version)
+            if verdict == "newer":
+                self.parts.reconfig.learn_from(sender)
+            elif verdict == "stale" and op in FENCED_OPS:
+                return {
+                    "error": STALE_CONFIG, "remote_error": True, "cv": self.config.version,
+                    "message": f"{op} planned on membership version {version}; {self.node_id} is at "
+                    f"{self.config.version}",
+                }
+        elif isinstance(version, int) and op in FENCED_OPS and version < self.config.version:
+            # Our own request, planned before we installed a newer version: refuse it the same way.
+            return {"error": STALE_CONFIG, "remote_error": True, "cv": self.config.version,
+                    "message": f"{op} planned on membership version {version}, now {self.config.version}"}
         try:
             return await handler(sender, message)
         except (KeyError, TypeError, ValueError) as exc:
@@ -445,8 +518,10 @@ class Node:
 
     async def _on_ping(self, sender: str, message: Message) -> Message:
         if sender != self.node_id:
+            # A non-member's ping raises UnknownMember (the HTTP route answers 400 unknown_member);
+            # a member removed by a change learns it from the change's announcement instead.
             self.membership.heartbeat(sender, self.clock.monotonic_ns())
-        return {"ok": True}
+        return {"ok": True, "cv": self.config.version}  # cv: the pinger fetches a newer membership
 
     # --- local replica operations ---------------------------------------------------------
 
@@ -695,11 +770,17 @@ class Node:
     ) -> WriteOutcome:
         """Coordinate a write here: drive a ``WriteCoordinatorCore`` (every decision is the
         core's; this carries out its effects through the node's seams)."""
+        token = key_token(key)
+        # The plan and every replica call are stamped with the membership version in force now;
+        # while a range moves the key's new owners get the write too (docs/membership.md).
+        version, placement = self.config.version, self.placement
+        joint = JointOwners(placement.old_owners(token), placement.new_owners(token)) if placement.joint else None
         core = WriteCoordinatorCore(
-            node_id=self.node_id, key=key, token=key_token(key), value=value, context=context, w=w,
-            sloppy=sloppy, plan=plan_write(self.write_targets(key, sloppy), self.node_id, as_fallback),
+            node_id=self.node_id, key=key, token=token, value=value, context=context, w=w,
+            sloppy=sloppy, plan=plan_write(self.write_targets(key, sloppy), self.node_id, as_fallback, joint),
             as_fallback=as_fallback, deadline_ns=int(deadline * NS_PER_S),
             replica_timeout_ns=self.cfg.limits.replica_timeout_ms * 1_000_000, mode=self.mode,
+            config_version=version,
         )
         calls = _CoreCalls(self)
         outcome = await self._drive(core, calls, core.start(self.clock.monotonic_ns()))
@@ -844,6 +925,7 @@ class Node:
             key=key, token=token, r=r, targets=self.read_targets(key, sloppy),
             primaries=self.ring.walk_token(token)[: self.n], deadline_ns=int(deadline * NS_PER_S),
             replica_timeout_ns=self.cfg.limits.replica_timeout_ms * 1_000_000, mode=self.mode,
+            config_version=self.config.version,  # a replica that installed a newer one refuses
         )
         calls = _CoreCalls(self)
         outcome = await self._drive(core, calls, core.start(self.clock.monotonic_ns()))

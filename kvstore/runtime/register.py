@@ -154,7 +154,12 @@ class LinearizableRegister:
     async def propose_here(self, key: str, change: Change, timeout_s: float) -> dict[str, Any]:
         node = self.node
         token = key_token(key)
-        replicas = list(node.ring.preference_list(key, node.n))
+        # The acceptor sets of the membership in force: while the key's replicas move, a majority of
+        # the old set and one of the new set (joint consensus, docs/membership.md).  Every vote is
+        # stamped with that version, so an acceptor that already installed a newer one refuses.
+        version, placement = node.config.version, node.placement
+        acceptor_sets = placement.acceptor_sets(token)
+        replicas = list(placement.write_owners(token)) if len(acceptor_sets) > 1 else list(acceptor_sets[0])
         started_s = node.now_s()
         blob = await self._eventual_blob(key, token, timeout_s)
         timeout_s -= node.now_s() - started_s
@@ -163,7 +168,9 @@ class LinearizableRegister:
                                  indeterminate=False)
         if blob is not None and not versions.decode(blob).is_deleted:
             raise ConsistencyConflict(AP_CONFLICT)
-        result = await self.proposer.propose(key, token, replicas, change, timeout_s)
+        result = await self.proposer.propose(
+            key, token, replicas, change, timeout_s, acceptor_sets=acceptor_sets, stamp={"cv": version}
+        )
         node.metrics.paxos_rounds.inc(result.round_trips)
         return {
             "outcome": result.outcome,

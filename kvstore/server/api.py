@@ -276,21 +276,23 @@ async def cluster_handler(request: web.Request) -> web.Response:
     ownership = node.ring.ownership(1)
     links = getattr(node.transport, "links", None)  # refused handshakes, both ways (kvstore.transport.links)
     members = []
-    for m in node.cfg.members:
-        view: dict[str, Any] = snapshot.get(m.id, {}) if m.id != node.node_id else {"state": "up", "phi": 0.0}
+    for member_id, address in node.config.addresses:  # the membership in force (kvstore.protocol.membership)
+        view: dict[str, Any] = (
+            snapshot.get(member_id, {}) if member_id != node.node_id else {"state": "up", "phi": 0.0}
+        )
         phi = view.get("phi")
         entry: dict[str, Any] = {
-            "id": m.id,
-            "url": node.cfg.url_of(m),
+            "id": member_id,
+            "url": f"{node.cfg.scheme}://{address.host}:{address.http_port}",
             "state": view.get("state", "up"),
             "phi": None if phi is None or phi != phi or phi == float("inf") else round(float(phi), 3),
-            "ownership": round(ownership[m.id] * 100, 2),
+            "ownership": round(ownership.get(member_id, 0.0) * 100, 2),
         }
-        if links is not None and m.id != node.node_id:
-            entry["link"] = links.member_json(m.id)
-            if links.is_refused(m.id):
+        if links is not None and member_id != node.node_id:
+            entry["link"] = links.member_json(member_id)
+            if links.is_refused(member_id):
                 entry["state"] = "refused"  # never "up, phi 0.00" for a peer no message can reach
-                if node.membership.detector(m.id).last_heard_ns is None:
+                if node.membership.detector(member_id).last_heard_ns is None:
                     entry["phi"] = None
         members.append(entry)
     pending = await node.parts.handoff.pending_hints()

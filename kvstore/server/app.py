@@ -49,6 +49,7 @@ from kvstore.server.api import (
     require_secret,
     start_runner,
 )
+from kvstore.server.app.membership_api import membership_routes
 from kvstore.storage import open_storage
 from kvstore.storage.faulty import DiskFaults, FaultSettings, FaultyStorage
 from kvstore.transport.base import LinkRule
@@ -138,7 +139,7 @@ async def faults_put(request: web.Request) -> web.Response:
         raise BadRequest("invalid_body", "rules must be an object keyed by peer id")
     parsed = {}
     for peer, raw in rules.items():
-        if peer not in node.cfg.member_ids or peer == node.node_id:
+        if peer not in node.config.members or peer == node.node_id:  # the membership in force
             raise BadRequest("invalid_body", f"{peer!r} is not a peer of {node.node_id}")
         parsed[peer] = _rule_from_json(peer, raw)
     node.transport.faults.clear()
@@ -214,6 +215,7 @@ def admin_routes() -> list[web.RouteDef]:
         web.put("/admin/storage-faults", storage_faults_put),
         web.delete("/admin/storage-faults", storage_faults_delete),
         web.post("/admin/clock", clock_post),
+        *membership_routes(),
     ]
 
 

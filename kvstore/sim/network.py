@@ -38,6 +38,7 @@ import asyncio
 import contextvars
 import logging
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,6 +142,9 @@ class SimTransport:
 
     async def start(self, handler: Handler) -> None:
         self.handler = handler
+
+    def add_peers(self, peers: Mapping[str, tuple[str, int, int]]) -> None:
+        pass  # the simulated network routes by member id
 
     async def close(self) -> None:
         self.up = False

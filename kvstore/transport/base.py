@@ -29,7 +29,7 @@ what arrives from it.
 from __future__ import annotations
 
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -79,6 +79,11 @@ class Transport(Protocol):
         ...
 
     async def close(self) -> None:
+        ...
+
+    def add_peers(self, peers: Mapping[str, tuple[str, int, int]]) -> None:
+        """Learn more members' addresses (id -> (host, peer_port, http_port)) after a membership
+        change; peers are only ever added, so a removed member can still learn its removal."""
         ...
 
 

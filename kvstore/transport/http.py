@@ -12,6 +12,7 @@ Nodes use it only when started with ``KVSTORE_TRANSPORT=http``.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
@@ -28,6 +29,11 @@ class HttpTransport:
         self._peer_urls = peer_urls
         self.faults = faults or FaultRules()
         self._session: aiohttp.ClientSession | None = None
+
+    def add_peers(self, peers: Mapping[str, tuple[str, int, int]]) -> None:
+        for member, (host, _peer_port, http_port) in sorted(peers.items()):
+            if member != self.node_id:
+                self._peer_urls[member] = f"http://{host}:{http_port}"
 
     async def start(self, handler: Handler) -> None:
         # Incoming messages arrive through the node's HTTP app (/internal/msg), not here.

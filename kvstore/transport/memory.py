@@ -17,6 +17,7 @@ Messages are deep-copied through msgpack so that no object is shared between
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 
 import msgpack
 
@@ -55,6 +56,9 @@ class MemoryTransport:
         self.faults = faults
         self.handler: Handler | None = None
         self.up = True  # False simulates a crashed process: nothing in, nothing out
+
+    def add_peers(self, peers: Mapping[str, tuple[str, int, int]]) -> None:
+        pass  # the simulated network routes by member id
 
     async def start(self, handler: Handler) -> None:
         self.handler = handler

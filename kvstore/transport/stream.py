@@ -47,7 +47,7 @@ import logging
 import ssl
 import struct
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import msgpack
@@ -214,6 +214,11 @@ class StreamTransport:
         self._connecting: dict[str, asyncio.Lock] = {}
         self._incoming: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
+
+    def add_peers(self, peers: Mapping[str, tuple[str, int, int]]) -> None:
+        for member, (host, peer_port, _http_port) in sorted(peers.items()):
+            if member != self.node_id:
+                self._peers[member] = (host, peer_port)
 
     # --- server side ------------------------------------------------------------------
 
