@@ -49,7 +49,7 @@ from kvstore.server.api import (
     require_secret,
     start_runner,
 )
-from kvstore.server.app.membership_api import membership_routes
+from kvstore.server.membership_api import membership_routes
 from kvstore.storage import open_storage
 from kvstore.storage.faulty import DiskFaults, FaultSettings, FaultyStorage
 from kvstore.transport.base import LinkRule
