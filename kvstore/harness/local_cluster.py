@@ -451,44 +451,37 @@ class LocalCluster:
         """Add spare ``node_id``: ask ``via`` (a member) to begin the change, start the node with
         the member list of the joint configuration it answered, wait until the move is committed."""
         seed = via or self._ids[0]
-        member = self.all_members[node_id]
-        doc = self.admin(seed, "POST", "/admin/membership", {
-            "action": "join", "id": node_id, "host": member.host,
-            "http_port": member.http_port, "peer_port": member.peer_port,
-        })
-        joint = doc["config"]
-        self._members_of[node_id] = tuple(
-            Member(m, a["host"], a["http_port"], a["peer_port"]) for m, a in sorted(joint["members"].items())
-        )
-        self._spawn(node_id, "new")
-        self.wait_healthy([node_id], timeout_s)
-        done = self.wait_membership(seed, int(joint["version"]) + 1, timeout_s)
+        done = self._bring_in(node_id, seed, {"action": "join", "id": node_id}, timeout_s)
         self._ids.append(node_id)
-        existing = replace(self.base_config, node_id=node_id, members=self._members_of[node_id],
-                           initial_cluster_state="existing")
-        self.config_path(node_id).write_text(to_toml(existing))
         return done
 
     def replace(self, node_id: str, by: str, via: str | None = None, timeout_s: float = 120.0) -> dict[str, Any]:
         """Replace member ``node_id`` by spare ``by`` in one change; ``node_id`` is stopped afterwards."""
         seed = via or next(n for n in self._ids if n != node_id)
-        member = self.all_members[by]
-        doc = self.admin(seed, "POST", "/admin/membership", {
-            "action": "replace", "id": node_id, "by": by, "host": member.host,
-            "http_port": member.http_port, "peer_port": member.peer_port,
-        })
-        joint = doc["config"]
-        self._members_of[by] = tuple(
-            Member(m, a["host"], a["http_port"], a["peer_port"]) for m, a in sorted(joint["members"].items())
-        )
-        self._spawn(by, "new")
-        self.wait_healthy([by], timeout_s)
-        done = self.wait_membership(seed, int(joint["version"]) + 1, timeout_s)
+        done = self._bring_in(by, seed, {"action": "replace", "id": node_id, "by": by}, timeout_s)
         self._ids = [by if n == node_id else n for n in self._ids]
-        existing = replace(self.base_config, node_id=by, members=self._members_of[by], initial_cluster_state="existing")
-        self.config_path(by).write_text(to_toml(existing))
         if node_id in self.procs:
             self.terminate(node_id)
+        return done
+
+    def _bring_in(self, newcomer: str, seed: str, change: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+        """Begin ``change`` (a join or replace of spare ``newcomer``) through ``seed``, start the
+        newcomer with the joint configuration's members, wait until the change is committed, and
+        leave it a config that restarts it as an existing member."""
+        member = self.all_members[newcomer]
+        doc = self.admin(seed, "POST", "/admin/membership", {
+            **change, "host": member.host, "http_port": member.http_port, "peer_port": member.peer_port,
+        })
+        joint = doc["config"]
+        self._members_of[newcomer] = tuple(
+            Member(m, a["host"], a["http_port"], a["peer_port"]) for m, a in sorted(joint["members"].items())
+        )
+        self._spawn(newcomer, "new")
+        self.wait_healthy([newcomer], timeout_s)
+        done = self.wait_membership(seed, int(joint["version"]) + 1, timeout_s)
+        existing = replace(self.base_config, node_id=newcomer, members=self._members_of[newcomer],
+                           initial_cluster_state="existing")
+        self.config_path(newcomer).write_text(to_toml(existing))
         return done
 
     def leave(
