@@ -12,6 +12,7 @@ Nodes use it only when started with ``KVSTORE_TRANSPORT=http``.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -56,15 +57,43 @@ class HttpTransport:
                 timeout=aiohttp.ClientTimeout(total=timeout_s),
             ) as resp:
                 body = await resp.read()
+                content_type = resp.content_type
         except aiohttp.ClientConnectorError as exc:
             raise PeerUnavailable(peer, f"connect failed: {exc}", maybe_delivered=False) from None
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise PeerUnavailable(peer, f"{type(exc).__name__}", maybe_delivered=True) from None
-        reply: Any = msgpack.unpackb(body, raw=False)
-        if isinstance(reply, dict) and (reply.get("remote_error") or "error" in reply and resp.status >= 400):
-            raise RemoteError(peer, str(reply.get("error")), str(reply.get("message", "")))
-        return reply  # type: ignore[no-any-return]
+        return decode_reply(peer, resp.status, content_type, body)
 
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+
+def decode_reply(peer: str, status: int, content_type: str, body: bytes) -> Message:
+    """The peer's answer to one ``/internal/msg`` POST, or the typed error it stands for.
+
+    The node answers a message with msgpack, but its HTTP layer refuses some requests before
+    the message handler runs (a wrong secret, an oversize body) with the public API's JSON
+    error body; both are errors *from the peer*, so both become ``RemoteError`` with the
+    peer's stable code.  A body that is neither is still an answer from the peer (the request
+    reached it), so it is a ``RemoteError`` too, never an untyped decoding exception.
+    """
+    if content_type == "application/json":
+        try:
+            data: Any = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            data = None
+        if isinstance(data, dict) and "error" in data:
+            raise RemoteError(peer, str(data["error"]), str(data.get("message", "")))
+        raise RemoteError(peer, "bad_reply", f"HTTP {status} with a JSON body that is not an error")
+    try:
+        reply: Any = msgpack.unpackb(body, raw=False)
+    except (ValueError, msgpack.UnpackException):
+        raise RemoteError(peer, "bad_reply", f"HTTP {status} with an undecodable body") from None
+    if isinstance(reply, dict) and (reply.get("remote_error") or "error" in reply and status >= 400):
+        raise RemoteError(peer, str(reply.get("error")), str(reply.get("message", "")))
+    if status >= 400:
+        raise RemoteError(peer, "bad_reply", f"HTTP {status} without an error body")
+    if not isinstance(reply, dict):
+        raise RemoteError(peer, "bad_reply", f"HTTP {status} with a reply that is not a map")
+    return reply
