@@ -8,7 +8,7 @@ import msgpack
 import pytest
 from aiohttp import web
 
-from kvstore.transport.base import RemoteError
+from kvstore.transport.base import Message, RemoteError
 from kvstore.transport.http import HttpTransport, decode_reply
 
 JSON = "application/json"
@@ -40,6 +40,10 @@ def test_a_reply_map_is_returned() -> None:
     assert decode_reply("n2", 200, MSGPACK, msgpack.packb({"ok": True, "v": b"x"})) == {"ok": True, "v": b"x"}
 
 
+async def echo(message: Message) -> Message:
+    return message
+
+
 async def test_a_json_refusal_from_the_peers_http_layer_is_a_remote_error() -> None:
     async def refuse(request: web.Request) -> web.Response:
         return web.json_response({"error": "unauthorized", "message": "wrong cluster secret"}, status=401)
@@ -53,7 +57,7 @@ async def test_a_json_refusal_from_the_peers_http_layer_is_a_remote_error() -> N
     try:
         port = runner.addresses[0][1]
         transport = HttpTransport("n1", "wrong", {"n2": f"http://127.0.0.1:{port}"})
-        await transport.start(lambda message: message)  # type: ignore[arg-type,return-value]
+        await transport.start(echo)
         try:
             with pytest.raises(RemoteError) as caught:
                 await transport.call("n2", {"op": "ping"}, timeout_s=30.0)
