@@ -40,7 +40,7 @@ def test_a_reply_map_is_returned() -> None:
     assert decode_reply("n2", 200, MSGPACK, msgpack.packb({"ok": True, "v": b"x"})) == {"ok": True, "v": b"x"}
 
 
-async def echo(message: Message) -> Message:
+async def echo(sender: str, message: Message) -> Message:
     return message
 
 
