@@ -1,4 +1,5 @@
-"""CASPaxos across an acceptor-set change (joint consensus), on the simulated network.
+"""CASPaxos across an acceptor-set change (joint consensus), on the simulated network and on virtual
+time (tests/test_cp_sim.py's harness: every deadline here is simulated, so a busy machine changes nothing).
 
 Old set {n1,n2,n3}, new set {n1,n2,n4} (n3 replaced by n4).  The protocol: stable(old) ->
 joint(old, new): every round needs a majority of both -> catch-up (a joint read of each key, which
@@ -13,13 +14,14 @@ import pytest
 
 from kvstore.protocol.paxos import CompareAndSet, Read, Write, etag_of
 from kvstore.runtime.caspaxos import ConsensusUnavailable
-from tests.test_cp_sim import TOKEN, make_cluster, settle
+from tests.test_cp_sim import TOKEN, make_cluster, settle, simulated
 
 OLD = ("n1", "n2", "n3")
 NEW = ("n1", "n2", "n4")
 UNION = ["n1", "n2", "n3", "n4"]
 
 
+@simulated
 async def test_new_majority_alone_without_catch_up_loses_a_chosen_value() -> None:
     """The unsafe shortcut the joint phase exists to prevent (shown, so the test below means something)."""
     net, nodes = await make_cluster(4)
@@ -33,6 +35,7 @@ async def test_new_majority_alone_without_catch_up_loses_a_chosen_value() -> Non
     await settle()
 
 
+@simulated
 async def test_joint_round_then_new_only_keeps_the_value() -> None:
     net, nodes = await make_cluster(4)
     net.partition(["n1"], ["n2", "n3", "n4"])
@@ -51,6 +54,7 @@ async def test_joint_round_then_new_only_keeps_the_value() -> None:
     await settle()
 
 
+@simulated
 @pytest.mark.parametrize(
     ("side", "reachable"),
     [
@@ -75,6 +79,7 @@ async def test_joint_round_needs_both_majorities(side: list[str], reachable: boo
     await settle()
 
 
+@simulated
 async def test_cas_chain_across_the_change_is_linear() -> None:
     """Increment a counter by CAS through old -> joint -> new; every acknowledged CAS is kept."""
     _net, nodes = await make_cluster(4)

@@ -1,21 +1,37 @@
-"""Scenario tests: PaxosAcceptor + PaxosProposer over the simulated network (kvstore.transport.memory).
+"""Scenario tests: PaxosAcceptor + PaxosProposer over the simulated network (kvstore.transport.memory),
+on virtual time (kvstore.sim.vloop).
 
 Each simulated node has its own acceptor (over its own storage) and its own proposer, and reaches
 itself through the same ``call`` as its peers, like the real node does.  Everything random is
 seeded (link jitter, proposer backoff).
+
+Every test but one runs on a fresh ``VirtualLoop`` (``@simulated``): the loop's clock is simulated
+and jumps to the next timer when nothing is ready, and the proposers read time through ``CLOCK``,
+whose monotonic time *is* that clock.  So every deadline, call timeout, backoff, link delay and
+sleep here is virtual: a 2 s deadline costs no wall time, a busy machine cannot make a proposal
+time out, and a run is the same sequence of steps every time (a seed replays it exactly).  The
+assertions about time are about simulated time and can be exact (a proposal gives up *at* its
+deadline).  A livelock or hang ends as ``SimLimitExceeded`` (the simulated-time and step budgets
+below), a wait that nothing can end as ``SimDeadlock``: typed failures, never a stuck test.
+
+The one test on a real loop is the sqlite acceptor restart: the sqlite engine does its I/O in
+executor threads, which a virtual loop cannot wait for (nothing is ready and no timer is pending
+while a thread works: ``SimDeadlock``).  It has no deadline or sleep, so nothing in it depends on
+speed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec
 
 import pytest
 
-from kvstore.clock import ManualClock, SystemClock
+from kvstore.clock import ManualClock
 from kvstore.errors import Overloaded, QuorumUnavailable
 from kvstore.protocol.paxos import (
     ABSENT,
@@ -41,12 +57,18 @@ from kvstore.runtime.caspaxos import (
     accept_message,
     prepare_message,
 )
+from kvstore.sim import vloop
 from kvstore.storage import open_storage
 from kvstore.storage.base import Storage, StorageError
 from kvstore.transport.base import FaultRules, LinkRule, Message, PeerUnavailable
 from kvstore.transport.memory import MemoryNetwork
 
 TOKEN = 42
+# Budgets of one simulated test: hang and livelock guards in virtual time, not speed assertions.
+SIM_BUDGET_S = 3600.0
+SIM_MAX_STEPS = 1_000_000  # the busiest test here takes ~25,000
+
+P = ParamSpec("P")
 
 
 class CountingStorage:
@@ -81,23 +103,49 @@ class CountingStorage:
         await self.inner.close()
 
 
-class TickingClock:
-    """Real monotonic time (timeouts are real) and a shared simulated wall clock that moves 1 ms per
-    reading, so clock-derived ballots order deterministically by creation."""
+def virtual_loop() -> vloop.VirtualLoop:
+    loop = asyncio.get_running_loop()
+    assert isinstance(loop, vloop.VirtualLoop), "this test must run on virtual time (@simulated)"
+    return loop
+
+
+class VirtualClock:
+    """The ``Clock`` seam on the virtual loop.  Monotonic time is the loop's simulated time, so every
+    proposal deadline is virtual.  The wall clock is the simulated time plus 1 ms per reading, so
+    clock-derived ballots order deterministically by creation even within one simulated instant;
+    ``reset`` at the start of each run makes a test independent of the tests before it."""
 
     def __init__(self) -> None:
-        self._system = SystemClock()
-        self._wall_ns = 1_700_000_000_000_000_000
+        self._readings = 0
+
+    def reset(self) -> None:
+        self._readings = 0
 
     def monotonic_ns(self) -> int:
-        return self._system.monotonic_ns()
+        return virtual_loop().now_ns
 
     def wall_ns(self) -> int:
-        self._wall_ns += 1_000_000
-        return self._wall_ns
+        self._readings += 1
+        return vloop.WALL_EPOCH_NS + virtual_loop().now_ns + self._readings * 1_000_000
 
 
-CLOCK = TickingClock()
+CLOCK = VirtualClock()
+
+
+def simulated(test: Callable[P, Coroutine[Any, Any, None]]) -> Callable[P, None]:
+    """Run an async test on a fresh virtual-time loop (closed, with every leftover task cancelled,
+    when the test ends, even when it fails)."""
+
+    @functools.wraps(test)
+    def run(*args: P.args, **kwargs: P.kwargs) -> None:
+        CLOCK.reset()
+        vloop.run(test(*args, **kwargs), max_time_s=SIM_BUDGET_S, max_steps=SIM_MAX_STEPS)
+
+    return run
+
+
+def elapsed_s(since_ns: int) -> float:
+    return (CLOCK.monotonic_ns() - since_ns) / 1e9
 
 
 class SimNode:
@@ -198,8 +246,14 @@ async def cas_incrementer(node: SimNode, replicas: list[str], increments: int, l
         log["round_trips"] += result.round_trips
 
 
-@pytest.mark.parametrize(("n", "seed"), [(3, 1), (3, 2), (3, 3), (5, 4), (5, 5)])
-async def test_concurrent_cas_increments_lose_nothing(n: int, seed: int) -> None:
+CAS_INCREMENTS = 8  # per client; two clients per node
+CAS_HANG_GUARD_S = 60.0  # simulated seconds; the workload takes well under one (a livelock guard)
+CAS_SEEDS = [(3, 1), (3, 2), (3, 3), (5, 4), (5, 5)]
+
+
+async def cas_workload(n: int, seed: int) -> dict[str, Any]:
+    """Two read-CAS clients per node increment one counter over jittery links; returns the log, the
+    final counter, the proposers' retries, and a fingerprint of the whole run (for the replay test)."""
     net, nodes = await make_cluster(n, seed)
     for node in nodes:  # jittery links so that messages of concurrent proposals interleave
         for peer in nodes:
@@ -207,21 +261,63 @@ async def test_concurrent_cas_increments_lose_nothing(n: int, seed: int) -> None
                 node.transport.faults.set_rule(peer.node_id, LinkRule(delay_ms=0.5, jitter_ms=0.5))
     log: dict[str, Any] = {"ok": [], "indeterminate": 0, "failed": 0, "conflicts": 0, "round_trips": 0}
     replicas = ids(nodes)
-    clients = [cas_incrementer(node, replicas, 8, log) for node in nodes for _ in range(2)]
-    await asyncio.wait_for(asyncio.gather(*clients), 600)  # a hang guard, not a speed assertion
+    clients = [cas_incrementer(node, replicas, CAS_INCREMENTS, log) for node in nodes for _ in range(2)]
+    await asyncio.wait_for(asyncio.gather(*clients), CAS_HANG_GUARD_S)
     final = await propose(nodes[0], Read(), replicas, key="counter")
-    assert final.value.value is not None
-    total = int(final.value.value)
+    await settle()
+    acceptors = [await node.acceptor.load("counter", TOKEN) for node in nodes]
+    return {
+        "clients": len(clients),
+        "log": log,
+        "final": final.value.value,
+        "retries": sum(node.proposer.stats.retries for node in nodes),
+        "fingerprint": (
+            repr(log),
+            repr(final),
+            [repr(node.proposer.stats) for node in nodes],
+            [repr(node.acceptor.stats) for node in nodes],
+            [repr(state) for state in acceptors],
+            CLOCK.monotonic_ns(),
+            virtual_loop().steps,
+        ),
+    }
+
+
+TEST_CAS = "test_concurrent_cas_increments_lose_nothing"
+
+
+@simulated
+@pytest.mark.parametrize(("n", "seed"), CAS_SEEDS)
+async def test_concurrent_cas_increments_lose_nothing(n: int, seed: int) -> None:
+    run = await cas_workload(n, seed)
+    log = run["log"]
+    replay = f"seed {seed} ({n} nodes); it replays exactly: pytest 'tests/test_cp_sim.py::{TEST_CAS}[{n}-{seed}]'"
+    assert run["final"] is not None, replay
+    total = int(run["final"])
     ok = log["ok"]
     # Every acknowledged increment produced a distinct successor value: no lost update.
-    assert len(set(ok)) == len(ok)
-    assert len(ok) <= total <= len(ok) + log["indeterminate"]
-    assert len(ok) + log["indeterminate"] == len(clients) * 8
-    retries = sum(node.proposer.stats.retries for node in nodes)
-    assert log["conflicts"] + retries > 0  # the clients did contend
-    await settle()
+    assert len(set(ok)) == len(ok), replay
+    assert len(ok) <= total <= len(ok) + log["indeterminate"], replay
+    assert len(ok) + log["indeterminate"] == run["clients"] * CAS_INCREMENTS, replay
+    assert log["conflicts"] + run["retries"] > 0, replay  # the clients did contend
 
 
+def test_concurrent_cas_run_replays_from_its_seed() -> None:
+    """On virtual time the contended workload is a function of its seed: the same seed gives the
+    same run step for step (every outcome, counter, acceptor state, simulated time and loop step);
+    another seed gives another run (the seed does reach the jitter and the backoffs)."""
+
+    def one_run(n: int, seed: int) -> Any:
+        CLOCK.reset()
+        run = vloop.run(cas_workload(n, seed), max_time_s=SIM_BUDGET_S, max_steps=SIM_MAX_STEPS)
+        return run["fingerprint"]
+
+    first = one_run(3, 1)
+    assert one_run(3, 1) == first
+    assert one_run(3, 2) != first
+
+
+@simulated
 async def test_many_proposers_on_one_node_share_ballots_safely() -> None:
     """Concurrent proposals on one proposer for one key (fast-path entry used at most once)."""
     _, nodes = await make_cluster(3, seed=9)
@@ -234,6 +330,7 @@ async def test_many_proposers_on_one_node_share_ballots_safely() -> None:
     await settle()
 
 
+@simulated
 async def test_write_read_delete_cycle() -> None:
     _, nodes = await make_cluster(3)
     r = ids(nodes)
@@ -257,6 +354,7 @@ async def test_write_read_delete_cycle() -> None:
     await settle()
 
 
+@simulated
 async def test_proposer_outside_the_replica_set() -> None:
     """A node that is not one of the key's replicas can still coordinate (5 nodes, N=3)."""
     _, nodes = await make_cluster(5)
@@ -270,19 +368,20 @@ async def test_proposer_outside_the_replica_set() -> None:
 # --- availability --------------------------------------------------------------------------------
 
 
+@simulated
 async def test_minority_side_gets_unavailable_not_stale() -> None:
     net, nodes = await make_cluster(3)
     r = ids(nodes)
     await propose(nodes[0], Write(b"v1"), r)
     net.partition(["n1"], ["n2", "n3"])
     assert (await propose(nodes[1], Write(b"v2"), r)).outcome == "ok"
-    loop = asyncio.get_running_loop()
 
-    started = loop.time()
+    started_ns = CLOCK.monotonic_ns()
     with pytest.raises(ConsensusUnavailable) as read_err:
         await propose(nodes[0], Read(), r, timeout_s=0.3)
-    elapsed = loop.time() - started
-    assert 0.25 <= elapsed < 0.6
+    # Silence from the majority: it gives up at its deadline, not before and not after (virtual time,
+    # so this is exact up to the loop's nanosecond rounding).
+    assert elapsed_s(started_ns) == pytest.approx(0.3, abs=1e-6)
     assert read_err.value.indeterminate is False  # a read never is
     assert read_err.value.needed == 2 and read_err.value.acknowledged <= 1
     assert isinstance(read_err.value, QuorumUnavailable)  # maps to HTTP 503 quorum_unavailable
@@ -290,15 +389,18 @@ async def test_minority_side_gets_unavailable_not_stale() -> None:
     # Full protocol (the fast-path entry was used up by the read): the prepare fails, no accept is
     # ever sent, so the failure is certain.
     assert not nodes[0].proposer.holds_fast_path("k")
+    started_ns = CLOCK.monotonic_ns()
     with pytest.raises(ConsensusUnavailable) as write_err:
         await propose(nodes[0], Write(b"lost"), r, timeout_s=0.3)
     assert write_err.value.indeterminate is False
+    assert elapsed_s(started_ns) == pytest.approx(0.3, abs=1e-6)
 
     net.heal()
     assert (await propose(nodes[0], Read(), r)).value.value == b"v2"
     await settle()
 
 
+@simulated
 async def test_fast_path_write_in_minority_is_indeterminate() -> None:
     """The fast accept reaches the local acceptor: the write may appear, so never a certain failure."""
     net, nodes = await make_cluster(3)
@@ -306,9 +408,11 @@ async def test_fast_path_write_in_minority_is_indeterminate() -> None:
     await propose(nodes[0], Write(b"v1"), r)
     assert nodes[0].proposer.holds_fast_path("k")
     net.partition(["n1"], ["n2", "n3"])
+    started_ns = CLOCK.monotonic_ns()
     with pytest.raises(ConsensusUnavailable) as err:
         await propose(nodes[0], Write(b"maybe"), r, timeout_s=0.2)
     assert err.value.indeterminate is True
+    assert elapsed_s(started_ns) == pytest.approx(0.2, abs=1e-6)  # at its deadline
     net.heal()
     # The majority never saw it, and the next proposal commits above it: it is gone for good.
     assert (await propose(nodes[1], Read(), r)).value.value == b"v1"
@@ -316,6 +420,7 @@ async def test_fast_path_write_in_minority_is_indeterminate() -> None:
     await settle()
 
 
+@simulated
 @pytest.mark.parametrize("down", ["n1", "n2", "n3"])
 async def test_one_replica_down_still_works(down: str) -> None:
     _, nodes = await make_cluster(3)
@@ -331,29 +436,43 @@ async def test_one_replica_down_still_works(down: str) -> None:
     await settle()
 
 
+@simulated
 async def test_two_replicas_down_is_unavailable_promptly() -> None:
-    """Refused connections (not silence): the round fails at once; retries run until the deadline."""
-    _, nodes = await make_cluster(3, max_attempts=3)
+    """Refused connections (not silence): each round fails at once; the retries (bounded by
+    max_attempts) end the proposal before its deadline."""
+    backoffs: list[float] = []
+
+    async def recorded_sleep(delay_s: float) -> None:
+        backoffs.append(delay_s)
+        await asyncio.sleep(delay_s)
+
+    _, nodes = await make_cluster(3, max_attempts=3, sleep=recorded_sleep)
     r = ids(nodes)
     for node in nodes[1:]:
         await node.transport.close()
+    started_ns = CLOCK.monotonic_ns()
     with pytest.raises(ConsensusUnavailable) as err:
         await propose(nodes[0], Write(b"x"), r, timeout_s=1.0)
     assert err.value.indeterminate is False
     assert "3 attempts" in err.value.reason
+    # Three rounds, two backoffs in between, and no round waited for anything: the whole proposal
+    # took exactly its backoffs in simulated time, well inside the deadline.
+    assert len(backoffs) == 2
+    assert elapsed_s(started_ns) == pytest.approx(sum(backoffs), abs=1e-6)
+    assert elapsed_s(started_ns) < 1.0
     await settle()
 
 
+@simulated
 async def test_deadline_respected_when_everyone_is_silent() -> None:
     net, nodes = await make_cluster(3)
     r = ids(nodes)
     net.partition(["n1"], ["n2"], ["n3"])
     before = len(asyncio.all_tasks())
-    loop = asyncio.get_running_loop()
-    started = loop.time()
+    started_ns = CLOCK.monotonic_ns()
     with pytest.raises(ConsensusUnavailable):
         await propose(nodes[0], Write(b"x"), r, timeout_s=0.2)
-    assert loop.time() - started < 0.45
+    assert elapsed_s(started_ns) == pytest.approx(0.2, abs=1e-6)  # at the deadline, not after it
     await settle()
     assert len(asyncio.all_tasks()) <= before  # no call outlives the proposal
 
@@ -361,6 +480,7 @@ async def test_deadline_respected_when_everyone_is_silent() -> None:
 # --- durability of promises ----------------------------------------------------------------------
 
 
+@simulated
 async def test_restarted_acceptor_keeps_promise_memory_storage() -> None:
     _, nodes = await make_cluster(3)
     node = nodes[0]
@@ -401,6 +521,7 @@ async def test_restarted_acceptor_keeps_promise_sqlite(tmp_path: Path) -> None:
     await storage.close()
 
 
+@simulated
 async def test_cluster_survives_acceptor_restarts_mid_stream() -> None:
     _, nodes = await make_cluster(3)
     r = ids(nodes)
@@ -411,6 +532,7 @@ async def test_cluster_survives_acceptor_restarts_mid_stream() -> None:
     await settle()
 
 
+@simulated
 async def test_corrupt_state_is_refused_not_reset() -> None:
     _, nodes = await make_cluster(3)
     await nodes[0].storage.put("k", TOKEN, b"\xc1garbage")
@@ -424,6 +546,7 @@ async def test_corrupt_state_is_refused_not_reset() -> None:
 # --- fast path ------------------------------------------------------------------------------------
 
 
+@simulated
 async def test_fast_path_round_trips_and_fsyncs() -> None:
     _, nodes = await make_cluster(3)
     r = ids(nodes)
@@ -460,6 +583,7 @@ async def test_fast_path_round_trips_and_fsyncs() -> None:
     await settle()
 
 
+@simulated
 async def test_fast_path_not_used_for_a_different_replica_set() -> None:
     _, nodes = await make_cluster(5)
     await propose(nodes[0], Write(b"1"), ["n1", "n2", "n3"])
@@ -468,6 +592,7 @@ async def test_fast_path_not_used_for_a_different_replica_set() -> None:
     await settle()
 
 
+@simulated
 async def test_fast_path_lru_is_bounded() -> None:
     _, nodes = await make_cluster(3, fast_path_capacity=4)
     for i in range(10):
@@ -503,6 +628,7 @@ def scripted(node: SimNode, script: Script) -> Callable[[str, Message, float], A
     return call
 
 
+@simulated
 async def test_partial_accept_makes_a_write_indeterminate_but_not_a_read() -> None:
     _, nodes = await make_cluster(3)
     r = ids(nodes)
@@ -529,6 +655,7 @@ async def test_partial_accept_makes_a_write_indeterminate_but_not_a_read() -> No
     await settle()
 
 
+@simulated
 async def test_refused_accepts_are_a_certain_failure() -> None:
     _, nodes = await make_cluster(3)
     r = ids(nodes)
@@ -545,6 +672,7 @@ async def test_refused_accepts_are_a_certain_failure() -> None:
     await settle()
 
 
+@simulated
 async def test_retry_finishes_own_partial_write_exactly_once() -> None:
     """Attempt 1's CAS reaches one acceptor only; attempt 2's prepare finds it as the latest state
     and must finish it (ok), not re-apply the CAS (which would spuriously fail its precondition)."""
@@ -593,6 +721,7 @@ async def other_proposer(node: SimNode, unreachable: str, change: Change, r: lis
     return await proposer.propose("k", TOKEN, r, change, 1.0)
 
 
+@simulated
 async def test_retry_after_takeover_that_missed_the_partial_write_applies_it_fresh() -> None:
     """While n1 backs off, n2 commits on {n2, n3}, which never saw n1's partial value: the lineage
     proves n1's change absent, so n1 applies it afresh (exactly once) on top of n2's value."""
@@ -614,6 +743,7 @@ async def test_retry_after_takeover_that_missed_the_partial_write_applies_it_fre
     await settle()
 
 
+@simulated
 async def test_retry_after_takeover_that_built_on_the_partial_write_reports_it_applied() -> None:
     """n2's majority {n1, n2} picks n1's partial CAS up and builds on it; n1's retry must see its
     change in the lineage and answer ok -- re-applying would fail the precondition, a lie."""
@@ -635,6 +765,7 @@ async def test_retry_after_takeover_that_built_on_the_partial_write_reports_it_a
     await settle()
 
 
+@simulated
 async def test_retry_after_the_trail_is_lost_is_indeterminate() -> None:
     """More than LINEAGE_DEPTH changes happen before the retry: its fate cannot be told."""
     _, nodes = await make_cluster(3)
@@ -655,6 +786,7 @@ async def test_retry_after_the_trail_is_lost_is_indeterminate() -> None:
     await settle()
 
 
+@simulated
 async def test_partially_accepted_value_recovers() -> None:
     """A proposer crashed after its accept reached one acceptor: the next proposal whose majority
     includes that acceptor finishes the value."""
@@ -676,6 +808,7 @@ async def test_partially_accepted_value_recovers() -> None:
 # --- contention, overload, malformed input ---------------------------------------------------------
 
 
+@simulated
 async def test_rejections_jump_the_ballot_and_give_up_at_max_attempts() -> None:
     clock = ManualClock()
     sleeps: list[float] = []
@@ -698,6 +831,7 @@ async def test_rejections_jump_the_ballot_and_give_up_at_max_attempts() -> None:
     assert proposer.state.last is not None and proposer.state.last.counter > 10_000
 
 
+@simulated
 async def test_gives_up_at_the_deadline_with_a_manual_clock() -> None:
     clock = ManualClock()
 
@@ -716,6 +850,7 @@ async def test_gives_up_at_the_deadline_with_a_manual_clock() -> None:
     assert clock.monotonic_ns() >= 1_000_000_000 + 1_000_000_000
 
 
+@simulated
 async def test_overloaded_when_too_many_in_flight() -> None:
     release = asyncio.Event()
 
@@ -735,6 +870,7 @@ async def test_overloaded_when_too_many_in_flight() -> None:
     assert proposer.in_flight == 0
 
 
+@simulated
 @pytest.mark.parametrize(
     "message",
     [
@@ -771,6 +907,7 @@ async def test_malformed_messages_get_an_error_reply(message: Message) -> None:
     assert storage.puts == 0
 
 
+@simulated
 async def test_error_replies_count_as_failures() -> None:
     async def broken(peer: str, message: Message, timeout_s: float) -> Message:
         return {"error": "storage", "message": "disk on fire", "remote_error": True}
@@ -781,6 +918,7 @@ async def test_error_replies_count_as_failures() -> None:
     assert err.value.indeterminate is False
 
 
+@simulated
 @pytest.mark.parametrize(
     "reply",
     [
@@ -802,20 +940,23 @@ async def test_malformed_replies_count_as_failures(reply: Message) -> None:
     assert err.value.indeterminate is False and err.value.acknowledged == 0
 
 
+@simulated
 async def test_acceptor_locks_are_dropped_when_free() -> None:
     _, nodes = await make_cluster(3)
     r = ids(nodes)
-    # Forty dueling proposals on seven keys: on a busy machine some may give up (liveness is not the point);
-    # whatever their outcome, no acceptor may keep a lock for a key nobody is working on.
+    # Forty dueling proposals on seven keys.  On virtual time no deadline can pass because the machine
+    # is busy, so every one of them commits (as the test first asserted, before a busy machine made
+    # some give up on the real loop); then no acceptor may keep a lock for a key nobody works on.
     outcomes = await asyncio.gather(
-        *(propose(nodes[i % 3], Write(b"v"), r, key=f"key{i % 7}") for i in range(40)), return_exceptions=True
+        *(propose(nodes[i % 3], Write(b"v"), r, key=f"key{i % 7}") for i in range(40))
     )
-    assert all(not isinstance(o, BaseException) or isinstance(o, ConsensusUnavailable) for o in outcomes), outcomes
-    assert any(not isinstance(o, BaseException) for o in outcomes)
+    assert all(o.outcome == "ok" for o in outcomes), outcomes
+    assert any(node.proposer.stats.retries for node in nodes)  # they did duel
     await settle()
     assert all(len(node.acceptor.locks) == 0 for node in nodes)
 
 
+@simulated
 async def test_concurrent_messages_for_one_key_are_serialized() -> None:
     """Many prepares racing on one acceptor: exactly one promise per strictly increasing ballot."""
     storage = CountingStorage(open_storage("memory", None, "always"))
@@ -832,6 +973,7 @@ async def test_concurrent_messages_for_one_key_are_serialized() -> None:
 # --- the asyncio driver of the proposer core -------------------------------------------------------
 
 
+@simulated
 async def test_driver_feeds_each_answer_as_it_completes_not_in_send_order(monkeypatch: pytest.MonkeyPatch) -> None:
     gates = {peer: asyncio.Event() for peer in ("n1", "n2", "n3")}
 
@@ -872,6 +1014,7 @@ async def test_driver_feeds_each_answer_as_it_completes_not_in_send_order(monkey
     await settle()
 
 
+@simulated
 async def test_a_cancelled_proposal_cancels_its_calls() -> None:
     started: list[str] = []
     cancelled: list[str] = []
