@@ -2,12 +2,18 @@
 
 No socket and no process: the nodes talk over a ``MemoryNetwork``, store in ``MemoryStorage``
 and clients call ``KvApi.handle`` directly, as the simulator will.
+
+The tests on a running three-node cluster run on virtual time (``@simulated`` from
+tests/vtime.py, the nodes on ``CLOCK``): request deadlines, heartbeats, the CP recovery and the
+``WAIT_S`` bound are simulated, so a busy machine cannot make them time out.  The other tests wait
+for nothing and read no real deadline (the injected-clock test drives its own jumping clock).
 """
 
 from __future__ import annotations
 
 import ast
 import asyncio
+import contextlib
 import json
 import random
 from collections.abc import AsyncIterator, Mapping
@@ -16,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from kvstore.clock import Clock, ManualClock, SystemClock
+from kvstore.clock import Clock, ManualClock
 from kvstore.config import APSettings, Member, NodeConfig
 from kvstore.contract import etag_of
 from kvstore.runtime.anti_entropy import AntiEntropy
@@ -27,10 +33,11 @@ from kvstore.server.kv_api import ApiRequest, ApiResponse, KvApi
 from kvstore.storage import MemoryStorage, SqliteStorage
 from kvstore.transport.base import Handler, Message
 from kvstore.transport.memory import MemoryNetwork
+from tests.vtime import CLOCK, simulated
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FAST_AP = APSettings(heartbeat_interval_ms=50, anti_entropy_interval_s=3600.0)
-WAIT_S = 20.0  # a bound on waiting for a condition, never an expected duration
+WAIT_S = 20.0  # a bound on waiting for a condition (simulated seconds where @simulated), never an expected duration
 
 
 def cluster_configs(count: int, replicas: int, **overrides: Any) -> list[NodeConfig]:
@@ -57,9 +64,9 @@ async def start_cluster(configs: list[NodeConfig], clock: Clock) -> list[Node]:
     return nodes
 
 
-@pytest.fixture
-async def trio() -> AsyncIterator[list[Node]]:
-    nodes = await start_cluster(cluster_configs(3, 3), SystemClock())
+@contextlib.asynccontextmanager
+async def running_trio() -> AsyncIterator[list[Node]]:
+    nodes = await start_cluster(cluster_configs(3, 3), CLOCK)
     try:
         yield nodes
     finally:
@@ -84,85 +91,95 @@ def requests_counted(node: Node, op: str, status: int) -> float:
     return value or 0.0
 
 
-async def test_an_assembled_node_answers_a_put_and_a_get_through_the_kv_core(trio: list[Node]) -> None:
-    apis = [KvApi(node) for node in trio]
-    put = await apis[0].handle(kv("PUT", "user%3A42", {"w": "3"}, body=b"hello"))
-    assert put.status == 204, put.body
-    assert put.body == b"" and put.headers["X-Siblings"] == "1" and put.headers["ETag"] == etag_of(b"hello")
-    for api in apis:  # w=3: every replica took it, so any node reads it back
-        got = await api.handle(kv("GET", "user%3A42", {"r": "1"}))
-        assert (got.status, got.body) == (200, b"hello")
-        assert got.headers["ETag"] == etag_of(b"hello") and got.headers["X-Context"] == put.headers["X-Context"]
-        assert got.headers["Content-Type"] == "application/octet-stream"
-    assert requests_counted(trio[0], "put", 204) == 1 and requests_counted(trio[2], "get", 200) == 1
+@simulated
+async def test_an_assembled_node_answers_a_put_and_a_get_through_the_kv_core() -> None:
+    async with running_trio() as trio:
+        apis = [KvApi(node) for node in trio]
+        put = await apis[0].handle(kv("PUT", "user%3A42", {"w": "3"}, body=b"hello"))
+        assert put.status == 204, put.body
+        assert put.body == b"" and put.headers["X-Siblings"] == "1" and put.headers["ETag"] == etag_of(b"hello")
+        for api in apis:  # w=3: every replica took it, so any node reads it back
+            got = await api.handle(kv("GET", "user%3A42", {"r": "1"}))
+            assert (got.status, got.body) == (200, b"hello")
+            assert got.headers["ETag"] == etag_of(b"hello") and got.headers["X-Context"] == put.headers["X-Context"]
+            assert got.headers["Content-Type"] == "application/octet-stream"
+        assert requests_counted(trio[0], "put", 204) == 1 and requests_counted(trio[2], "get", 200) == 1
 
 
-async def test_the_kv_core_refuses_bad_input_with_json_errors(trio: list[Node]) -> None:
-    api = KvApi(trio[0])
-    cases = [
-        (kv("GET", "%FF"), 400, "invalid_key"),
-        (kv("GET", ""), 400, "invalid_key"),
-        (kv("GET", "k", {"r": "9"}), 400, "invalid_quorum"),
-        (kv("GET", "k", {"colour": "blue"}), 400, "invalid_parameter"),
-        (kv("PUT", "k", headers={"x-context": "not base64!"}, body=b"v"), 400, "invalid_context"),
-        (kv("PUT", "k", headers={"if-match": '"abc"'}, body=b"v"), 400, "invalid_parameter"),
-        (kv("PUT", "k", body=b"x" * (trio[0].cfg.limits.max_value_bytes + 1)), 413, "value_too_large"),
-        (kv("POST", "k", body=b"v"), 405, "method_not_allowed"),
-        (ApiRequest("GET", "/elsewhere", {}, {}), 404, "no_route"),
-    ]
-    for request, status, code in cases:
-        response = await api.handle(request)
-        assert (response.status, document(response)["error"]) == (status, code), request
-    assert (await api.handle(kv("POST", "k"))).headers["Allow"] == "DELETE,GET,PUT"
-    # Headers are looked up case-insensitively: a plain dict with a lower-case name still counts.
-    missing = await api.handle(kv("GET", "nothing-here"))
-    assert missing.status == 404 and document(missing)["error"] == "not_found"
+@simulated
+async def test_the_kv_core_refuses_bad_input_with_json_errors() -> None:
+    async with running_trio() as trio:
+        api = KvApi(trio[0])
+        cases = [
+            (kv("GET", "%FF"), 400, "invalid_key"),
+            (kv("GET", ""), 400, "invalid_key"),
+            (kv("GET", "k", {"r": "9"}), 400, "invalid_quorum"),
+            (kv("GET", "k", {"colour": "blue"}), 400, "invalid_parameter"),
+            (kv("PUT", "k", headers={"x-context": "not base64!"}, body=b"v"), 400, "invalid_context"),
+            (kv("PUT", "k", headers={"if-match": '"abc"'}, body=b"v"), 400, "invalid_parameter"),
+            (kv("PUT", "k", body=b"x" * (trio[0].cfg.limits.max_value_bytes + 1)), 413, "value_too_large"),
+            (kv("POST", "k", body=b"v"), 405, "method_not_allowed"),
+            (ApiRequest("GET", "/elsewhere", {}, {}), 404, "no_route"),
+        ]
+        for request, status, code in cases:
+            response = await api.handle(request)
+            assert (response.status, document(response)["error"]) == (status, code), request
+        assert (await api.handle(kv("POST", "k"))).headers["Allow"] == "DELETE,GET,PUT"
+        # Headers are looked up case-insensitively: a plain dict with a lower-case name still counts.
+        missing = await api.handle(kv("GET", "nothing-here"))
+        assert missing.status == 404 and document(missing)["error"] == "not_found"
 
 
-async def test_the_kv_core_bounds_the_requests_in_flight(trio: list[Node]) -> None:
-    api = KvApi(trio[0])
-    api.inflight = api.max_inflight  # as if that many requests were being handled right now
-    refused = await api.handle(kv("GET", "k"))
-    assert refused.status == 429 and document(refused)["error"] == "overloaded"
-    api.inflight = 0
-    assert (await api.handle(kv("GET", "k"))).status == 404
+@simulated
+async def test_the_kv_core_bounds_the_requests_in_flight() -> None:
+    async with running_trio() as trio:
+        api = KvApi(trio[0])
+        api.inflight = api.max_inflight  # as if that many requests were being handled right now
+        refused = await api.handle(kv("GET", "k"))
+        assert refused.status == 429 and document(refused)["error"] == "overloaded"
+        api.inflight = 0
+        assert (await api.handle(kv("GET", "k"))).status == 404
 
 
-async def test_a_linearizable_put_and_compare_and_set_through_the_kv_core(trio: list[Node]) -> None:
-    await asyncio.wait_for(asyncio.gather(*(n.parts.register.recovery.active.wait() for n in trio)), WAIT_S)
-    api = KvApi(trio[1])
-    lin = {"consistency": "linearizable"}
-    created = await api.handle(kv("PUT", "lock", lin, body=b"free"))
-    assert created.status == 204 and created.headers["ETag"] == etag_of(b"free")
-    stale = await api.handle(kv("PUT", "lock", lin, {"If-Match": etag_of(b"taken")}, b"mine"))
-    assert stale.status == 412 and document(stale)["current"] == etag_of(b"free")
-    swapped = await api.handle(kv("PUT", "lock", lin, {"If-Match": etag_of(b"free")}, b"mine"))
-    assert swapped.status == 204
-    read = await KvApi(trio[2]).handle(kv("GET", "lock", lin))
-    assert (read.status, read.body, read.headers["ETag"]) == (200, b"mine", etag_of(b"mine"))
-    mixed = await api.handle(kv("GET", "lock"))  # eventual access to a register key is refused
-    assert mixed.status == 409 and document(mixed)["error"] == "consistency_conflict"
+@simulated
+async def test_a_linearizable_put_and_compare_and_set_through_the_kv_core() -> None:
+    async with running_trio() as trio:
+        await asyncio.wait_for(asyncio.gather(*(n.parts.register.recovery.active.wait() for n in trio)), WAIT_S)
+        api = KvApi(trio[1])
+        lin = {"consistency": "linearizable"}
+        created = await api.handle(kv("PUT", "lock", lin, body=b"free"))
+        assert created.status == 204 and created.headers["ETag"] == etag_of(b"free")
+        stale = await api.handle(kv("PUT", "lock", lin, {"If-Match": etag_of(b"taken")}, b"mine"))
+        assert stale.status == 412 and document(stale)["current"] == etag_of(b"free")
+        swapped = await api.handle(kv("PUT", "lock", lin, {"If-Match": etag_of(b"free")}, b"mine"))
+        assert swapped.status == 204
+        read = await KvApi(trio[2]).handle(kv("GET", "lock", lin))
+        assert (read.status, read.body, read.headers["ETag"]) == (200, b"mine", etag_of(b"mine"))
+        mixed = await api.handle(kv("GET", "lock"))  # eventual access to a register key is refused
+        assert mixed.status == 409 and document(mixed)["error"] == "consistency_conflict"
 
 
-async def test_the_handler_table_is_the_nodes_own_plus_its_parts(trio: list[Node]) -> None:
-    node = trio[0]
-    parts = node.parts
-    owners = {
-        "ping": node, "replica_get": node, "replica_put": node, "coordinate_write": node,
-        "ae_summary": parts.anti_entropy, "ae_level": parts.anti_entropy, "ae_buckets": parts.anti_entropy,
-        "ae_pull": parts.anti_entropy, "ae_push": parts.anti_entropy, "ae_status": parts.anti_entropy,
-        "reap_check": parts.reaper, "reap": parts.reaper,
-        "paxos_prepare": parts.register, "paxos_accept": parts.register, "cp_propose": parts.register,
-        "paxos_register": parts.register.recovery, "paxos_recover_scan": parts.register.recovery,
-        "paxos_status": parts.register.recovery,
-        "config_get": parts.reconfig, "config_push": parts.reconfig, "mb_transfer": parts.reconfig,
-        "mb_catchup": parts.reconfig,
-    }
-    assert sorted(node.handlers) == sorted(owners)
-    for op, owner in owners.items():
-        assert getattr(node.handlers[op], "__self__", None) is owner, op
-    reply = await node.handle_message("n2", {"op": "ae_status"})
-    assert reply["rounds_completed"] == 0 and reply["running"] is False
+@simulated
+async def test_the_handler_table_is_the_nodes_own_plus_its_parts() -> None:
+    async with running_trio() as trio:
+        node = trio[0]
+        parts = node.parts
+        owners = {
+            "ping": node, "replica_get": node, "replica_put": node, "coordinate_write": node,
+            "ae_summary": parts.anti_entropy, "ae_level": parts.anti_entropy, "ae_buckets": parts.anti_entropy,
+            "ae_pull": parts.anti_entropy, "ae_push": parts.anti_entropy, "ae_status": parts.anti_entropy,
+            "reap_check": parts.reaper, "reap": parts.reaper,
+            "paxos_prepare": parts.register, "paxos_accept": parts.register, "cp_propose": parts.register,
+            "paxos_register": parts.register.recovery, "paxos_recover_scan": parts.register.recovery,
+            "paxos_status": parts.register.recovery,
+            "config_get": parts.reconfig, "config_push": parts.reconfig, "mb_transfer": parts.reconfig,
+            "mb_catchup": parts.reconfig,
+        }
+        assert sorted(node.handlers) == sorted(owners)
+        for op, owner in owners.items():
+            assert getattr(node.handlers[op], "__self__", None) is owner, op
+        reply = await node.handle_message("n2", {"op": "ae_status"})
+        assert reply["rounds_completed"] == 0 and reply["running"] is False
 
 
 class GreedyReaper(TombstoneReaper):

@@ -14,7 +14,8 @@ import pytest
 
 from kvstore.protocol.paxos import CompareAndSet, Read, Write, etag_of
 from kvstore.runtime.caspaxos import ConsensusUnavailable
-from tests.test_cp_sim import TOKEN, make_cluster, settle, simulated
+from tests.test_cp_sim import TOKEN, make_cluster, settle
+from tests.vtime import simulated
 
 OLD = ("n1", "n2", "n3")
 NEW = ("n1", "n2", "n4")

@@ -5,6 +5,14 @@ The scenario that needs the incarnation views: a proposer holds a promise from a
 lost incarnation, and completes its phase 1 with a promise given *after* that acceptor's
 recovery scan.  ``test_in_flight_promise_of_a_lost_incarnation_is_dropped`` shows the views
 prevent it; its counterfactual twin shows that without them an acknowledged CAS is lost.
+
+Every scenario runs on virtual time (``@simulated`` from tests/vtime.py: a fresh
+``kvstore.sim.vloop.VirtualLoop`` per test, and the proposers read ``CLOCK``, the loop's time).
+The in-memory network, storage and recovery have no real I/O or threads, so every proposal
+deadline, call timeout, recovery backoff, sleep and ``wait_for`` deadline here is simulated: a busy
+machine cannot make a proposal time out or a wait run out, the runs cost almost no wall time, and
+the assertions about time are exact statements about simulated time (a refused proposal gives up
+*at* its deadline; a new cluster votes without waiting out a down peer's call timeout).
 """
 
 from __future__ import annotations
@@ -17,7 +25,6 @@ from typing import Any
 import pytest
 
 import kvstore.protocol.proposer as proposer_mod
-from kvstore.clock import SystemClock
 from kvstore.protocol.paxos import (
     AcceptorState,
     Ballot,
@@ -49,8 +56,10 @@ from kvstore.storage import MemoryStorage
 from kvstore.storage.base import StorageError
 from kvstore.transport.base import FaultRules, Message, PeerUnavailable
 from kvstore.transport.memory import MemoryNetwork
+from tests.vtime import CLOCK, elapsed_s, run_simulated, simulated, virtual_loop
 
 TOKEN = 42
+CALL_TIMEOUT_S = 1.0  # the recovery's per-call timeout (simulated seconds)
 
 
 def b(counter: int, node: str = "p") -> Ballot:
@@ -184,7 +193,7 @@ class RecNode:
         self.seed = seed
         self.transport = net.endpoint(node_id, FaultRules(rng=random.Random(seed)))
         self.storage = MemoryStorage()
-        self.proposer = PaxosProposer(node_id, self.call, SystemClock(), random.Random(seed), backoff_base_s=0.002)
+        self.proposer = PaxosProposer(node_id, self.call, CLOCK, random.Random(seed), backoff_base_s=0.002)
         self.recovery: AcceptorRecovery
         self.acceptor: PaxosAcceptor
         self.boots = 0
@@ -194,7 +203,7 @@ class RecNode:
         self.recovery = AcceptorRecovery(
             self.node_id, self.members, self.storage, random.Random(self.seed * 1000 + self.boots), self.call,
             replicas_of=lambda token: GROUP, cluster_state=cluster_state,
-            backoff_base_s=0.005, backoff_cap_s=0.05, call_timeout_s=1.0, **kw,
+            backoff_base_s=0.005, backoff_cap_s=0.05, call_timeout_s=CALL_TIMEOUT_S, **kw,
         )
         self.acceptor = PaxosAcceptor(self.storage, gate=self.recovery)
         self.recovery.acceptor = self.acceptor
@@ -246,12 +255,14 @@ async def make_cluster(members: list[str], cluster_state: str = "new", start: li
     return net, nodes
 
 
-async def wait_for(what: str, predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
+async def wait_for(what: str, predicate: Callable[[], bool], timeout_s: float = 10.0) -> float:
+    """Poll ``predicate`` every 5 ms of simulated time, for at most ``timeout_s`` simulated seconds;
+    returns the simulated seconds waited (a multiple of the poll interval)."""
+    started_ns = CLOCK.monotonic_ns()
     while not predicate():
-        assert loop.time() < deadline, f"timed out waiting for {what}"
+        assert elapsed_s(started_ns) < timeout_s, f"timed out waiting for {what}"
         await asyncio.sleep(0.005)
+    return elapsed_s(started_ns)
 
 
 async def stop_all(nodes: dict[str, RecNode]) -> None:
@@ -268,9 +279,11 @@ async def propose(node: RecNode, change: Any, key: str = "k", timeout_s: float =
 # --- bootstrap --------------------------------------------------------------------------------
 
 
+@simulated
 async def test_a_new_cluster_votes_at_once_even_with_a_node_down() -> None:
     _, nodes = await make_cluster(GROUP, "new", start=["n1", "n2"])  # n3 is down at the first boot
-    await wait_for("fresh", lambda: all(nodes[m].recovery.active.is_set() for m in ("n1", "n2")))
+    waited_s = await wait_for("fresh", lambda: all(nodes[m].recovery.active.is_set() for m in ("n1", "n2")))
+    assert waited_s < CALL_TIMEOUT_S  # at once: a majority answered, n3's call was not waited out
     assert nodes["n1"].recovery.decision == "fresh"
     assert (await propose(nodes["n1"], Write(b"x"))).outcome == "ok"
     await nodes["n3"].start("new")  # arrives later, also new: nobody knew it
@@ -279,19 +292,24 @@ async def test_a_new_cluster_votes_at_once_even_with_a_node_down() -> None:
     await stop_all(nodes)
 
 
+@simulated
 async def test_existing_cluster_state_on_empty_stores_waits_for_every_peer() -> None:
     _, nodes = await make_cluster(GROUP, "existing", start=["n1", "n2"])
-    await asyncio.sleep(0.2)
+    await asyncio.sleep(10 * CALL_TIMEOUT_S)  # simulated: however long n3 stays away
     assert not nodes["n1"].recovery.active.is_set()  # n3 could hold state n1 lost: no vote
+    started_ns = CLOCK.monotonic_ns()
     with pytest.raises(ConsensusUnavailable) as err:
         await propose(nodes["n1"], Write(b"x"), timeout_s=0.3)
     assert err.value.indeterminate is False  # "recovering" is a refusal: nothing was stored
+    assert "recovering" in err.value.reason
+    assert elapsed_s(started_ns) == pytest.approx(0.3, abs=1e-6)  # it retried until its deadline, no longer
     await nodes["n3"].start("existing")
     await wait_for("all recovered", lambda: all(n.recovery.active.is_set() for n in nodes.values()))
     assert (await propose(nodes["n1"], Write(b"x"))).outcome == "ok"
     await stop_all(nodes)
 
 
+@simulated
 async def test_a_wiped_node_restarted_as_new_is_told_by_its_peers() -> None:
     _, nodes = await make_cluster(GROUP)
     await wait_for("fresh", lambda: all(n.recovery.active.is_set() for n in nodes.values()))
@@ -311,6 +329,7 @@ async def test_a_wiped_node_restarted_as_new_is_told_by_its_peers() -> None:
 # --- the refusal and the recovery -------------------------------------------------------------
 
 
+@simulated
 async def test_wiped_acceptor_refuses_until_recovered_and_keeps_the_chosen_value() -> None:
     _, nodes = await make_cluster(GROUP)
     await wait_for("fresh", lambda: all(n.recovery.active.is_set() for n in nodes.values()))
@@ -324,9 +343,11 @@ async def test_wiped_acceptor_refuses_until_recovered_and_keeps_the_chosen_value
     )
     assert reply["error"] == "recovering"
     assert (await nodes["n2"].acceptor.load("k", TOKEN)) == AcceptorState()  # the refusal stored nothing
+    started_ns = CLOCK.monotonic_ns()
     with pytest.raises(ConsensusUnavailable) as err:
         await propose(nodes["n3"], Read(), timeout_s=0.3)  # {n2, n3} must not answer "absent"
     assert "recovering" in err.value.reason
+    assert elapsed_s(started_ns) == pytest.approx(0.3, abs=1e-6)  # refused until its deadline, no longer
     await nodes["n1"].start("existing")
     await wait_for("n2 recovered", nodes["n2"].recovery.active.is_set)
     await nodes["n1"].stop()
@@ -334,6 +355,7 @@ async def test_wiped_acceptor_refuses_until_recovered_and_keeps_the_chosen_value
     await stop_all(nodes)
 
 
+@simulated
 async def test_recovery_is_paged_bounded_and_takes_only_the_keys_it_replicates() -> None:
     members = ["n1", "n2", "n3", "n4"]
     net = MemoryNetwork()
@@ -371,6 +393,7 @@ async def test_recovery_is_paged_bounded_and_takes_only_the_keys_it_replicates()
     await stop_all(nodes)
 
 
+@simulated
 async def test_recovery_resumes_after_a_crash_midway() -> None:
     _, nodes = await make_cluster(GROUP)
     await wait_for("fresh", lambda: all(n.recovery.active.is_set() for n in nodes.values()))
@@ -390,6 +413,7 @@ async def test_recovery_resumes_after_a_crash_midway() -> None:
     await stop_all(nodes)
 
 
+@simulated
 async def test_registration_and_scan_are_for_registered_members_only() -> None:
     _, nodes = await make_cluster(GROUP)
     await wait_for("fresh", lambda: all(n.recovery.active.is_set() for n in nodes.values()))
@@ -432,9 +456,9 @@ async def run_in_flight_scenario() -> tuple[Any, Any, bytes | None]:
             raise PeerUnavailable(peer, "refused", maybe_delivered=False)
         return await q.call(peer, message, timeout_s)
 
-    proposer_p = PaxosProposer("p", p_call, SystemClock(), random.Random(5), max_attempts=3, backoff_base_s=0.002)
+    proposer_p = PaxosProposer("p", p_call, CLOCK, random.Random(5), max_attempts=3, backoff_base_s=0.002)
     proposer_p.state.observe(10**15)  # P's ballots are above anything Q will use
-    proposer_q = PaxosProposer("q", q_call, SystemClock(), random.Random(6), backoff_base_s=0.002)
+    proposer_q = PaxosProposer("q", q_call, CLOCK, random.Random(6), backoff_base_s=0.002)
     task_p = asyncio.create_task(proposer_p.propose("k", TOKEN, GROUP, CompareAndSet(etag_of(b"v1"), b"p"), 5.0))
     await n2_promised.wait()
     await nodes["n2"].wipe_and_restart()
@@ -450,6 +474,7 @@ async def run_in_flight_scenario() -> tuple[Any, Any, bytes | None]:
     return result_p, result_q, final
 
 
+@simulated
 async def test_in_flight_promise_of_a_lost_incarnation_is_dropped() -> None:
     result_p, result_q, final = await run_in_flight_scenario()
     assert result_q.outcome == "ok" and result_q.value.value == b"q"  # acknowledged
@@ -459,6 +484,7 @@ async def test_in_flight_promise_of_a_lost_incarnation_is_dropped() -> None:
     assert final == b"q"
 
 
+@simulated
 async def test_without_the_views_the_in_flight_promise_loses_an_acknowledged_cas(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -471,6 +497,19 @@ async def test_without_the_views_the_in_flight_promise_loses_an_acknowledged_cas
     assert final == b"p"
 
 
+def test_the_in_flight_scenario_replays_step_for_step() -> None:
+    """On virtual time the wipe-and-recover interleaving is a function of the seeds: two runs give the
+    same outcomes (with their etags), final value, simulated end time and number of loop steps."""
+
+    async def fingerprint() -> tuple[Any, ...]:
+        result_p, result_q, final = await run_in_flight_scenario()
+        return repr(result_p), repr(result_q), final, CLOCK.monotonic_ns(), virtual_loop().steps
+
+    first = run_simulated(fingerprint())
+    assert run_simulated(fingerprint()) == first
+
+
+@simulated
 async def test_proposer_counts_recovering_as_a_certain_failure() -> None:
     """A proposal whose accepts are all refused as "recovering" is not indeterminate."""
     _, nodes = await make_cluster(GROUP)
@@ -481,14 +520,17 @@ async def test_proposer_counts_recovering_as_a_certain_failure() -> None:
             return {"error": "recovering", "message": "test", "remote_error": True}
         return await nodes["n1"].call(peer, message, timeout_s)
 
-    proposer = PaxosProposer("n1", refusing, SystemClock(), random.Random(1), max_attempts=2)
+    proposer = PaxosProposer("n1", refusing, CLOCK, random.Random(1), max_attempts=2)
+    started_ns = CLOCK.monotonic_ns()
     with pytest.raises(ConsensusUnavailable) as err:
         await proposer.propose("k", TOKEN, GROUP, Write(b"x"), 1.0)
     assert err.value.indeterminate is False
     assert "recovering" in err.value.reason
+    assert "2 attempts" in err.value.reason and elapsed_s(started_ns) < 1.0  # ended by its attempts, not its deadline
     await stop_all(nodes)
 
 
+@simulated
 @pytest.mark.parametrize("record", [ACCEPTOR_META, REGISTRY_META])
 async def test_a_corrupt_identity_or_registry_means_recovering_again(record: str) -> None:
     _, nodes = await make_cluster(GROUP)

@@ -1,5 +1,5 @@
 """Scenario tests: PaxosAcceptor + PaxosProposer over the simulated network (kvstore.transport.memory),
-on virtual time (kvstore.sim.vloop).
+on virtual time (kvstore.sim.vloop, through the shared helpers in tests/vtime.py).
 
 Each simulated node has its own acceptor (over its own storage) and its own proposer, and reaches
 itself through the same ``call`` as its peers, like the real node does.  Everything random is
@@ -12,7 +12,7 @@ sleep here is virtual: a 2 s deadline costs no wall time, a busy machine cannot 
 time out, and a run is the same sequence of steps every time (a seed replays it exactly).  The
 assertions about time are about simulated time and can be exact (a proposal gives up *at* its
 deadline).  A livelock or hang ends as ``SimLimitExceeded`` (the simulated-time and step budgets
-below), a wait that nothing can end as ``SimDeadlock``: typed failures, never a stuck test.
+of tests/vtime.py), a wait that nothing can end as ``SimDeadlock``: typed failures, never a stuck test.
 
 The one test on a real loop is the sqlite acceptor restart: the sqlite engine does its I/O in
 executor threads, which a virtual loop cannot wait for (nothing is ready and no timer is pending
@@ -23,11 +23,10 @@ speed.
 from __future__ import annotations
 
 import asyncio
-import functools
 import random
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, ParamSpec
+from typing import Any
 
 import pytest
 
@@ -57,18 +56,13 @@ from kvstore.runtime.caspaxos import (
     accept_message,
     prepare_message,
 )
-from kvstore.sim import vloop
 from kvstore.storage import open_storage
 from kvstore.storage.base import Storage, StorageError
 from kvstore.transport.base import FaultRules, LinkRule, Message, PeerUnavailable
 from kvstore.transport.memory import MemoryNetwork
+from tests.vtime import CLOCK, elapsed_s, run_simulated, simulated, virtual_loop
 
 TOKEN = 42
-# Budgets of one simulated test: hang and livelock guards in virtual time, not speed assertions.
-SIM_BUDGET_S = 3600.0
-SIM_MAX_STEPS = 1_000_000  # the busiest test here takes ~25,000
-
-P = ParamSpec("P")
 
 
 class CountingStorage:
@@ -101,51 +95,6 @@ class CountingStorage:
 
     async def close(self) -> None:
         await self.inner.close()
-
-
-def virtual_loop() -> vloop.VirtualLoop:
-    loop = asyncio.get_running_loop()
-    assert isinstance(loop, vloop.VirtualLoop), "this test must run on virtual time (@simulated)"
-    return loop
-
-
-class VirtualClock:
-    """The ``Clock`` seam on the virtual loop.  Monotonic time is the loop's simulated time, so every
-    proposal deadline is virtual.  The wall clock is the simulated time plus 1 ms per reading, so
-    clock-derived ballots order deterministically by creation even within one simulated instant;
-    ``reset`` at the start of each run makes a test independent of the tests before it."""
-
-    def __init__(self) -> None:
-        self._readings = 0
-
-    def reset(self) -> None:
-        self._readings = 0
-
-    def monotonic_ns(self) -> int:
-        return virtual_loop().now_ns
-
-    def wall_ns(self) -> int:
-        self._readings += 1
-        return vloop.WALL_EPOCH_NS + virtual_loop().now_ns + self._readings * 1_000_000
-
-
-CLOCK = VirtualClock()
-
-
-def simulated(test: Callable[P, Coroutine[Any, Any, None]]) -> Callable[P, None]:
-    """Run an async test on a fresh virtual-time loop (closed, with every leftover task cancelled,
-    when the test ends, even when it fails)."""
-
-    @functools.wraps(test)
-    def run(*args: P.args, **kwargs: P.kwargs) -> None:
-        CLOCK.reset()
-        vloop.run(test(*args, **kwargs), max_time_s=SIM_BUDGET_S, max_steps=SIM_MAX_STEPS)
-
-    return run
-
-
-def elapsed_s(since_ns: int) -> float:
-    return (CLOCK.monotonic_ns() - since_ns) / 1e9
 
 
 class SimNode:
@@ -308,8 +257,7 @@ def test_concurrent_cas_run_replays_from_its_seed() -> None:
     another seed gives another run (the seed does reach the jitter and the backoffs)."""
 
     def one_run(n: int, seed: int) -> Any:
-        CLOCK.reset()
-        run = vloop.run(cas_workload(n, seed), max_time_s=SIM_BUDGET_S, max_steps=SIM_MAX_STEPS)
+        run = run_simulated(cas_workload(n, seed))
         return run["fingerprint"]
 
     first = one_run(3, 1)

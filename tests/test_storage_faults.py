@@ -4,6 +4,12 @@ A full disk must be told apart from other storage errors: ``StorageFull`` promis
 not applied (the node then answers 507 with ``indeterminate: false``, or fails over), any other
 ``StorageError`` promises nothing.  The sqlite check uses a real full filesystem (a tiny tmpfs)
 when this process may mount one, and says why it skips otherwise.
+
+The tests that hold a write or a read (a slow fsync, a slow read) run on virtual time
+(``@simulated`` from tests/vtime.py): the 60 s holds, the sleeps and the ``wait_for`` bounds are
+simulated, so how busy the machine is changes nothing and a hold's length can be asserted exactly.
+The sqlite tests stay on a real loop: the engine works in executor threads, which a virtual loop
+cannot wait for.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import kvstore.storage.sqlite as sqlite_mod
 from kvstore.storage import MemoryStorage, SqliteStorage, StorageError, StorageFull
 from kvstore.storage.faulty import DiskFaults, FaultSettings, FaultyStorage
 from tests.disk_util import fill, tiny_tmpfs
+from tests.vtime import CLOCK, elapsed_s, simulated
 
 
 def faulty(**settings: Any) -> tuple[FaultyStorage, MemoryStorage, DiskFaults]:
@@ -53,6 +60,7 @@ async def test_one_disk_is_shared_by_every_store_over_it() -> None:
             await store.put("k", 1, b"v")
 
 
+@simulated
 async def test_slow_fsync_holds_the_write_until_it_lands_and_clearing_ends_the_hold() -> None:
     store, inner, disk = faulty(fsync_delay_ms=60_000)
     put = asyncio.ensure_future(store.put("k", 1, b"v"))
@@ -70,6 +78,17 @@ async def test_slow_fsync_holds_the_write_until_it_lands_and_clearing_ends_the_h
     assert disk.stats.writes_landed_after_hold == 1
 
 
+@simulated
+async def test_a_held_write_lands_by_itself_at_its_fsync_delay() -> None:
+    store, inner, disk = faulty(fsync_delay_ms=60_000)
+    started_ns = CLOCK.monotonic_ns()
+    await store.put("k", 1, b"v")  # nobody clears the fault: the hold ends at its delay
+    assert elapsed_s(started_ns) == pytest.approx(60.0, abs=1e-6)
+    assert await inner.get("k", 1) == b"v"
+    assert disk.stats.writes_landed_after_hold == 1
+
+
+@simulated
 async def test_a_held_write_lands_even_if_its_caller_gives_up() -> None:
     """Like the engines: a write handed to storage is applied even when the awaiting task is
     cancelled (a coordinator answering "timeout, indeterminate" relies on this being honest)."""
@@ -85,6 +104,7 @@ async def test_a_held_write_lands_even_if_its_caller_gives_up() -> None:
     assert await inner.get("k", 1) == b"v"
 
 
+@simulated
 async def test_slow_reads_are_held_and_released_too() -> None:
     store, inner, disk = faulty()
     await store.put("k", 1, b"v")
@@ -116,6 +136,7 @@ async def test_error_rates_are_reproducible_from_the_seed() -> None:
     assert True in first and False in first
 
 
+@simulated
 async def test_close_drops_held_writes_like_a_crash() -> None:
     store, inner, disk = faulty(fsync_delay_ms=60_000)
     put = asyncio.ensure_future(store.put("k", 1, b"v"))
