@@ -424,3 +424,20 @@ def test_bench_outside_a_checkout_says_where_it_runs(monkeypatch: pytest.MonkeyP
     assert cli.main(["bench", "--quick"]) != 0
     err = capsys.readouterr().err
     assert "source checkout" in err and "benchmarks/" in err
+
+
+@pytest.mark.parametrize(
+    ("machines", "replicas", "warns"),
+    [
+        ({"n1": "n1", "n2": "n2", "n3": "n3"}, 3, False),  # each its own machine (the default)
+        ({"n1": "m1", "n2": "m1", "n3": "m2", "n4": "m2", "n5": "m3", "n6": "m3"}, 3, False),
+        ({"n1": "m1", "n2": "m1", "n3": "m2", "n4": "m2"}, 3, True),
+        ({"n1": "m1", "n2": "m1", "n3": "m1"}, 2, True),
+        ({"n1": "m1", "n2": "m1"}, "?", False),  # an answer without N: nothing to judge
+    ],
+)
+def test_machines_warning(machines: dict[str, str], replicas: object, warns: bool) -> None:
+    warning = cli.machines_warning(machines, replicas)
+    assert (warning is not None) is warns
+    if warning is not None:
+        assert f"N={replicas}" in warning and f"{len(set(machines.values()))} machine(s)" in warning

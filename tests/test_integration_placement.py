@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 import urllib.parse
+from pathlib import Path
 
 import pytest
 
@@ -63,3 +64,27 @@ def test_placement_refuses_a_key_that_is_not_one(cluster5: LocalCluster) -> None
     for raw in ("%FF", "%00", "x" * 1025):
         reply = http(cluster5.urls[0], "GET", f"/cluster/keys/{raw}/placement")
         assert reply.status == 400 and json.loads(reply.body)["error"] == "invalid_key", reply.body
+
+
+def test_machines_in_placement_and_status(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """4 nodes, 2 per machine, N=3: fewer machines than N, so every key keeps two replicas on one
+    machine; the placement names it and both status commands warn."""
+    cluster = LocalCluster(4, 3, data_dir=str(tmp_path / "c"), storage="memory", nodes_per_machine=2)
+    try:
+        cluster.start()
+        machines = {"n1": "m1", "n2": "m1", "n3": "m2", "n4": "m2"}
+        ring = Ring(cluster.node_ids, cluster.base_config.vnodes, machines)
+        for key in ("user:1", "user:2", "k"):
+            seen = placement_of(cluster.urls[0], key)
+            assert seen["preference_list"] == list(ring.preference_list(key, 3))
+            assert seen["machines"] == {m: machines[m] for m in ring.walk(key)}
+            on = [machines[m] for m in ring.preference_list(key, 3)]
+            assert seen["shared_machines"] == [m for m in ("m1", "m2") if on.count(m) == 2]
+        assert cli.main(["status", "--node", cluster.urls[0], "--key", "k"]) == 0
+        text = capsys.readouterr().out
+        assert "WARNING: replicas" in text and "share machine" in text
+        assert cli.main(["status", "--node", cluster.urls[0]]) == 0
+        text = capsys.readouterr().out
+        assert "machine" in text and "N=3 but the members run on 2 machine(s) (m1, m2)" in text.replace("\n", " ")
+    finally:
+        cluster.stop()
