@@ -11,7 +11,8 @@ loop, the same connections and wrk threads for both) against
 
 Both clusters are up for the whole run and measured in interleaved rounds (3, 6, 6, 3, ...), so
 a change in the machine's load hits both; the summary prints medians and the 6/3 ratios of
-ops/s and of server CPU per op (all node processes), with the load averages before and after.
+ops/s and of server CPU per op (all node processes), with the load averages before and after,
+and what each cluster's processes use with no load at all (heartbeats, anti-entropy, timers).
 On a 2-core machine six processes cannot use more than the two cores three already had: the
 figure says what the extra processes cost.
 
@@ -25,6 +26,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"commit {info['commit']} ({info['kvstore_source']}); wrk {info['wrk']}")
     clusters: dict[str, LocalCluster] = {}
     figures: dict[str, dict[str, list[tuple[float, float | None]]]] = {"put": {}, "get": {}}
+    idle: dict[str, float] = {}
     try:
         for name, (nodes, per_machine) in SHAPES.items():
             cluster = LocalCluster(nodes, 3, storage=args.storage, fsync=args.fsync, r=2, w=2,
@@ -74,6 +77,12 @@ def main(argv: list[str] | None = None) -> int:
             clusters[name] = cluster
             cluster.start()
             prepopulate(cluster.urls, "pre-", args.keys, 100, query="consistency=quorum&w=3")
+        for name, cluster in clusters.items():  # what the nodes cost with no client at all
+            pids = [cluster.pid(n) for n in cluster.node_ids]
+            before = cpu_seconds(pids)
+            time.sleep(args.seconds)
+            idle[name] = (cpu_seconds(pids) - before) / args.seconds
+            print(f"idle: {name} nodes use {idle[name]:.3f} cores (heartbeats, anti-entropy, timers)")
         print(f"{'round':<6} {'op':<4} {'nodes':>5} {'ops/s':>9} {'cpu us/op':>10} {'cores':>6}")
         for op in ("put", "get"):
             for round_no in range(args.rounds):
@@ -97,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             cluster.stop()
     after = loadavg()
     print(f"load average after: {after}")
-    summary: dict[str, Any] = {"machine": info, "loadavg_after": after, "args": vars(args), "ops": {}}
+    summary: dict[str, Any] = {"machine": info, "loadavg_after": after, "args": vars(args), "ops": {},
+                               "idle_cores": idle}
     print("\nmedians over rounds; ratio = 6 nodes (2 per machine) / 3 nodes; per-round ratios in brackets")
     for op, by_shape in figures.items():
         if set(by_shape) != set(SHAPES):
