@@ -12,7 +12,9 @@ loop, the same connections and wrk threads for both) against
 Both clusters are up for the whole run and measured in interleaved rounds (3, 6, 6, 3, ...), so
 a change in the machine's load hits both; the summary prints medians and the 6/3 ratios of
 ops/s and of server CPU per op (all node processes), with the load averages before and after,
-and what each cluster's processes use with no load at all (heartbeats, anti-entropy, timers).
+what each cluster's processes use with no load at all (heartbeats, anti-entropy, timers), and the
+share of PUTs that arrived at a node that is not one of the key's primaries and were forwarded
+(always 0 with 3 nodes and N=3: every node is a primary of every key).
 On a 2-core machine six processes cannot use more than the two cores three already had: the
 figure says what the extra processes cost.
 
@@ -27,6 +29,7 @@ import json
 import statistics
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +50,21 @@ def measure(cluster: LocalCluster, spec: LoadSpec, generator: str) -> tuple[floa
     result = run_load(spec, generator)  # type: ignore[arg-type]
     cpu = (cpu_seconds(pids) - before) / result.ok * 1e6 if result.ok else None
     return result.ops_per_s, cpu, result.error_text()
+
+
+def forwarded_share(cluster: LocalCluster) -> tuple[float, float]:
+    """(client PUTs answered, writes forwarded to a primary) summed over the nodes' /metrics: a
+    node that is not one of the key's primaries forwards the write to one (kvstore.runtime.node)."""
+    puts = forwarded = 0.0
+    for url in cluster.urls:
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        for line in text.splitlines():
+            if line.startswith("kvstore_forwarded_writes_total"):
+                forwarded += float(line.rsplit(" ", 1)[1])
+            elif line.startswith("kvstore_requests_total{") and 'op="put"' in line:
+                puts += float(line.rsplit(" ", 1)[1])
+    return puts, forwarded
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     clusters: dict[str, LocalCluster] = {}
     figures: dict[str, dict[str, list[tuple[float, float | None]]]] = {"put": {}, "get": {}}
     idle: dict[str, float] = {}
+    forwarded_puts: dict[str, float] = {}
     try:
         for name, (nodes, per_machine) in SHAPES.items():
             cluster = LocalCluster(nodes, 3, storage=args.storage, fsync=args.fsync, r=2, w=2,
@@ -101,13 +120,19 @@ def main(argv: list[str] | None = None) -> int:
                     cpu_text = f"{cpu:>10.0f}" if cpu is not None else f"{'-':>10}"
                     print(f"{round_no + 1:<6} {op:<4} {name:>5} {ops:>9.0f} {cpu_text} {cores}  {errors}".rstrip(),
                           flush=True)
+            if op == "put":
+                for name, cluster in clusters.items():
+                    puts, forwarded = forwarded_share(cluster)
+                    forwarded_puts[name] = forwarded / puts if puts else 0.0
+                    print(f"{name} nodes: {forwarded:.0f} of {puts:.0f} PUTs (with the loading) forwarded to a "
+                          f"primary ({forwarded_puts[name]:.0%})")
     finally:
         for cluster in clusters.values():
             cluster.stop()
     after = loadavg()
     print(f"load average after: {after}")
     summary: dict[str, Any] = {"machine": info, "loadavg_after": after, "args": vars(args), "ops": {},
-                               "idle_cores": idle}
+                               "idle_cores": idle, "forwarded_put_share": forwarded_puts}
     print("\nmedians over rounds; ratio = 6 nodes (2 per machine) / 3 nodes; per-round ratios in brackets")
     for op, by_shape in figures.items():
         if set(by_shape) != set(SHAPES):
