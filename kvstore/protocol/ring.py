@@ -128,24 +128,26 @@ class Ring:
     def _walk_from(self, start: int) -> tuple[str, ...]:
         """Every member, from the vnode at index ``start``: first met on its machine first (ring
         order), then second met, and so on (see the module docstring)."""
-        count = len(self._tokens)
-        seen: set[str] = set()  # only asked "in?", never iterated
-        met: list[tuple[int, int, str]] = []  # (rank on its machine, position in the walk, member)
+        owner_at, count, everyone = self._owner_at, len(self._tokens), len(self.members)
+        met: list[str] = []  # distinct members in clockwise order (a list: M is small, `in` is cheap)
+        index = start
+        for _ in range(count):
+            member = owner_at[index]
+            index = index + 1 if index + 1 < count else 0
+            if member not in met:
+                met.append(member)
+                if len(met) == everyone:
+                    break
+        if not self.shares_machines:
+            return tuple(met)
         per_machine: dict[str, int] = {}
-        for step in range(count):
-            member = self._owner_at[(start + step) % count]
-            if member in seen:
-                continue
-            seen.add(member)
+        ranked: list[tuple[int, int, str]] = []  # (rank on its machine, position in the walk, member)
+        for position, member in enumerate(met):
             machine = self._machine_of[member]
             rank = per_machine.get(machine, 0)
             per_machine[machine] = rank + 1
-            met.append((rank, len(met), member))
-            if len(met) == len(self.members):
-                break
-        if not self.shares_machines:
-            return tuple(member for _, _, member in met)
-        return tuple(member for _, _, member in sorted(met))
+            ranked.append((rank, position, member))
+        return tuple(member for _, _, member in sorted(ranked))
 
     def _walk_at(self, index: int) -> tuple[str, ...]:
         cache = self._walk_cache
