@@ -441,3 +441,24 @@ def test_machines_warning(machines: dict[str, str], replicas: object, warns: boo
     assert (warning is not None) is warns
     if warning is not None:
         assert f"N={replicas}" in warning and f"{len(set(machines.values()))} machine(s)" in warning
+
+
+def test_cluster_join_sends_the_machine_and_prints_it_for_the_new_nodes_file(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kvstore.harness import membership_cli
+
+    sent: list[dict[str, object]] = []
+    member = {"host": "127.0.0.1", "http_port": 7004, "peer_port": 7104, "machine": "host-b"}
+
+    def fake_request(seed: str, secret: str, method: str, body: dict[str, object] | None = None) -> dict[str, object]:
+        sent.append(dict(body or {}))
+        return {"config": {"version": 1, "phase": "joint", "members": {"n4": member}}, "progress": {}}
+
+    monkeypatch.setattr(membership_cli, "_request", fake_request)
+    code = cli.main(["cluster", "join", "n4", "--host", "127.0.0.1", "--http-port", "7004", "--peer-port", "7104",
+                     "--machine", "host-b", "--seed", "http://127.0.0.1:1", "--secret", "s3cret-s3cret",
+                     "--wait", "0"])
+    assert code == 0
+    assert sent == [{"action": "join", "id": "n4", **member}]
+    assert 'machine = "host-b"' in capsys.readouterr().err
