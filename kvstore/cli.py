@@ -456,7 +456,7 @@ def print_placement(args: argparse.Namespace) -> int:
         print(f"  WARNING: replicas {', '.join(sharing)} share machine {machine}: the cluster has fewer machines "
               "than N, and that machine failing takes them all")
     fallbacks = ", ".join(f"{f['id']}{'' if f.get('up') else ' (down)'}" for f in where.get("fallbacks", []))
-    print(f"  fallbacks in ring order: {fallbacks or '-'}")
+    print(f"  fallbacks in order: {fallbacks or '-'}")
     majority = "yes" if where.get("majority_reachable") else "NO: quorum and linearizable requests refuse here"
     print(f"  a majority of the primaries is reachable: {majority}")
     return EXIT_OK
