@@ -389,6 +389,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     table.add_column("ownership", justify="right")
     table.add_column("pending hints", justify="right")
     table.add_column("link")
+    machines = {str(m.get("id")): str(m.get("machine", m.get("id"))) for m in info.get("members", [])}
+    named = any(machine != member for member, machine in machines.items())
+    if named:
+        table.add_column("machine")
     for member in info.get("members", []):
         state = str(member.get("state", "?"))
         phi = member.get("phi")
@@ -401,6 +405,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             "-" if ownership is None else f"{ownership:.2f}%",
             str(hints.get(member.get("id"), 0)),
             escape(link_summary(member.get("link"))),
+            *([escape(machines[str(member.get("id"))])] if named else []),
         )
     console = Console(highlight=False)
     console.print(table)
@@ -413,7 +418,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     settings = ("replicas", "r", "w", "vnodes", "conflict_mode", "consistency")
     n, r, w, vnodes, mode, consistency = (info.get(k, "?") for k in settings)
     console.print(f"N={n} R={r} W={w}  vnodes={vnodes}  conflict_mode={mode}  consistency={consistency}")
+    warning = machines_warning(machines, n)
+    if warning:
+        console.print("[red]WARNING[/red] " + escape(warning))
     return EXIT_OK
+
+
+def machines_warning(machines: dict[str, str], replicas: Any) -> str | None:
+    """Why some keys keep more than one replica on one machine, or None (kvstore.protocol.ring)."""
+    distinct = sorted(set(machines.values()))
+    if not isinstance(replicas, int) or len(distinct) >= replicas:
+        return None
+    return (f"N={replicas} but the members run on {len(distinct)} machine(s) ({', '.join(distinct)}): every key "
+            "keeps more than one replica on one machine, and that machine failing takes them together")
 
 
 def print_placement(args: argparse.Namespace) -> int:
@@ -426,14 +443,20 @@ def print_placement(args: argparse.Namespace) -> int:
     stand_ins = {f["stands_in_for"]: f["id"] for f in where.get("fallbacks", []) if f.get("stands_in_for")}
     print(f"key {where.get('key')!r}  token {where.get('token')}  (vnode {where.get('vnode_token')}), "
           f"as seen by {where.get('node')}")
+    machines: dict[str, str] = where.get("machines", {})
     for rank, member in enumerate(where.get("preference_list", []), start=1):
+        on = f" on {machines[member]}" if machines.get(member, member) != member else ""
         if member in down:
             extra = f"  -> writes go to {stand_ins[member]} (a hint)" if member in stand_ins else "  (no stand-in up)"
-            print(f"  primary {rank}: {member}  DOWN{extra}")
+            print(f"  primary {rank}: {member}{on}  DOWN{extra}")
         else:
-            print(f"  primary {rank}: {member}  up")
+            print(f"  primary {rank}: {member}{on}  up")
+    for machine in where.get("shared_machines", []):
+        sharing = [m for m in where.get("preference_list", []) if machines.get(m) == machine]
+        print(f"  WARNING: replicas {', '.join(sharing)} share machine {machine}: the cluster has fewer machines "
+              "than N, and that machine failing takes them all")
     fallbacks = ", ".join(f"{f['id']}{'' if f.get('up') else ' (down)'}" for f in where.get("fallbacks", []))
-    print(f"  fallbacks in ring order: {fallbacks or '-'}")
+    print(f"  fallbacks in order: {fallbacks or '-'}")
     majority = "yes" if where.get("majority_reachable") else "NO: quorum and linearizable requests refuse here"
     print(f"  a majority of the primaries is reachable: {majority}")
     return EXIT_OK
@@ -558,6 +581,10 @@ def register_nodes(sub: Subparsers) -> None:
     up.add_argument("--fsync", choices=["always", "batch", "never"], default="batch",
                     help="durability of sqlite writes (default batch)")
     up.add_argument("--vnodes", type=positive_int, default=256, help="virtual nodes per member (default 256)")
+    up.add_argument("--nodes-per-machine", type=positive_int, default=1, metavar="K",
+                    help="name machines m1, m2, ... for each K consecutive nodes, as one node per core on "
+                         "shared hosts would be: replicas go to distinct machines first (default 1: each node "
+                         "its own machine; docs/deployment.md, 'Using more cores')")
     up.add_argument("--conflict-mode", choices=["siblings", "lww"], default="siblings",
                     help="keep concurrent writes as siblings, or last-write-wins (default siblings)")
     up.add_argument("--r", type=positive_int, help="default read quorum (default min(2, N))")

@@ -42,6 +42,14 @@ class Member:
     host: str
     http_port: int
     peer_port: int
+    # The machine it runs on, for placement only (kvstore.protocol.ring): a key's replicas go
+    # to distinct machines first.  "" is a machine of its own (named by its id).  Not ``host``,
+    # which is a network address: two addresses may be one machine, and one name may not.
+    machine: str = ""
+
+    @property
+    def machine_name(self) -> str:
+        return self.machine or self.id
 
     @property
     def url(self) -> str:
@@ -222,6 +230,7 @@ def from_dict(data: dict[str, Any]) -> NodeConfig:
                 host=_expect(raw.get("host", "127.0.0.1"), str, f"{where}.host"),
                 http_port=_expect(raw["http_port"], int, f"{where}.http_port"),
                 peer_port=_expect(raw["peer_port"], int, f"{where}.peer_port"),
+                machine=_expect(raw.get("machine", ""), str, f"{where}.machine"),
             )
         )
     limits = _section(flat, Limits, "limits")
@@ -264,6 +273,8 @@ def validate(cfg: NodeConfig) -> NodeConfig:
             raise ConfigError(f"members[{i}].id", f"{m.id!r} must be non-empty without spaces or / ? # % ! ~")
         if len(m.id.encode("utf-8")) > MAX_MEMBER_ID_BYTES:
             raise ConfigError(f"members[{i}].id", f"must be at most {MAX_MEMBER_ID_BYTES} bytes")
+        if len(m.machine.encode("utf-8")) > MAX_MEMBER_ID_BYTES or not m.machine.isprintable():
+            raise ConfigError(f"members[{i}].machine", f"must be printable, at most {MAX_MEMBER_ID_BYTES} bytes")
         for port_name in ("http_port", "peer_port"):
             port = getattr(m, port_name)
             if not 1 <= port <= 65535:
@@ -375,4 +386,6 @@ def to_toml(cfg: NodeConfig) -> str:
             f"http_port = {m.http_port}",
             f"peer_port = {m.peer_port}",
         ]
+        if m.machine:
+            lines.append(f"machine = {lit(m.machine)}")
     return "\n".join(lines) + "\n"

@@ -424,3 +424,41 @@ def test_bench_outside_a_checkout_says_where_it_runs(monkeypatch: pytest.MonkeyP
     assert cli.main(["bench", "--quick"]) != 0
     err = capsys.readouterr().err
     assert "source checkout" in err and "benchmarks/" in err
+
+
+@pytest.mark.parametrize(
+    ("machines", "replicas", "warns"),
+    [
+        ({"n1": "n1", "n2": "n2", "n3": "n3"}, 3, False),  # each its own machine (the default)
+        ({"n1": "m1", "n2": "m1", "n3": "m2", "n4": "m2", "n5": "m3", "n6": "m3"}, 3, False),
+        ({"n1": "m1", "n2": "m1", "n3": "m2", "n4": "m2"}, 3, True),
+        ({"n1": "m1", "n2": "m1", "n3": "m1"}, 2, True),
+        ({"n1": "m1", "n2": "m1"}, "?", False),  # an answer without N: nothing to judge
+    ],
+)
+def test_machines_warning(machines: dict[str, str], replicas: object, warns: bool) -> None:
+    warning = cli.machines_warning(machines, replicas)
+    assert (warning is not None) is warns
+    if warning is not None:
+        assert f"N={replicas}" in warning and f"{len(set(machines.values()))} machine(s)" in warning
+
+
+def test_cluster_join_sends_the_machine_and_prints_it_for_the_new_nodes_file(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from kvstore.harness import membership_cli
+
+    sent: list[dict[str, object]] = []
+    member = {"host": "127.0.0.1", "http_port": 7004, "peer_port": 7104, "machine": "host-b"}
+
+    def fake_request(seed: str, secret: str, method: str, body: dict[str, object] | None = None) -> dict[str, object]:
+        sent.append(dict(body or {}))
+        return {"config": {"version": 1, "phase": "joint", "members": {"n4": member}}, "progress": {}}
+
+    monkeypatch.setattr(membership_cli, "_request", fake_request)
+    code = cli.main(["cluster", "join", "n4", "--host", "127.0.0.1", "--http-port", "7004", "--peer-port", "7104",
+                     "--machine", "host-b", "--seed", "http://127.0.0.1:1", "--secret", "s3cret-s3cret",
+                     "--wait", "0"])
+    assert code == 0
+    assert sent == [{"action": "join", "id": "n4", **member}]
+    assert 'machine = "host-b"' in capsys.readouterr().err

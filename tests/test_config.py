@@ -96,6 +96,9 @@ def test_the_largest_valid_hello_fits_the_pre_authentication_cap() -> None:
         ("limits.max_unauthenticated_peer_connections", 0, "limits.max_unauthenticated_peer_connections"),
         ("secret", "s" * 1025, "secret"),
         ("members.3.id", "n" * 129, "members[3].id"),
+        ("members.1.machine", 7, "members[1].machine"),
+        ("members.1.machine", "m" * 129, "members[1].machine"),
+        ("members.1.machine", "new\nline", "members[1].machine"),
         ("ap.read_repair", "sometimes", "ap.read_repair"),
         ("ap.hint_max_per_target", 0, "ap.hint_max_per_target"),
         ("ap.tombstone_grace_s", 60.0, "ap.tombstone_grace_s"),
@@ -138,3 +141,15 @@ def test_to_toml_round_trip(tmp_path: Path) -> None:
     path.write_text(to_toml(cfg))
     assert load(path) == cfg
     assert cfg.with_node("n3").me.http_port == 7003
+
+
+def test_machines_load_default_to_the_member_and_survive_to_toml(tmp_path: Path) -> None:
+    cfg = from_dict(copy.deepcopy(BASE))
+    assert [m.machine for m in cfg.members] == [""] * len(cfg.members)
+    assert [m.machine_name for m in cfg.members] == [m.id for m in cfg.members]
+    assert "machine" not in to_toml(cfg)  # a file naming no machines is written as before
+    shared = from_dict(with_change("members.1.machine", "box-a"))
+    assert shared.members[1].machine_name == "box-a"
+    path = tmp_path / "node.toml"
+    path.write_text(to_toml(shared))
+    assert load(path) == shared

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 import urllib.parse
+from pathlib import Path
 
 import pytest
 
@@ -63,3 +64,55 @@ def test_placement_refuses_a_key_that_is_not_one(cluster5: LocalCluster) -> None
     for raw in ("%FF", "%00", "x" * 1025):
         reply = http(cluster5.urls[0], "GET", f"/cluster/keys/{raw}/placement")
         assert reply.status == 400 and json.loads(reply.body)["error"] == "invalid_key", reply.body
+
+
+def test_machines_in_placement_and_status(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """4 nodes, 2 per machine, N=3: fewer machines than N, so every key keeps two replicas on one
+    machine; the placement names it and both status commands warn."""
+    cluster = LocalCluster(4, 3, data_dir=str(tmp_path / "c"), storage="memory", nodes_per_machine=2)
+    try:
+        cluster.start()
+        machines = {"n1": "m1", "n2": "m1", "n3": "m2", "n4": "m2"}
+        ring = Ring(cluster.node_ids, cluster.base_config.vnodes, machines)
+        for key in ("user:1", "user:2", "k"):
+            seen = placement_of(cluster.urls[0], key)
+            assert seen["preference_list"] == list(ring.preference_list(key, 3))
+            assert seen["machines"] == {m: machines[m] for m in ring.walk(key)}
+            on = [machines[m] for m in ring.preference_list(key, 3)]
+            assert seen["shared_machines"] == [m for m in ("m1", "m2") if on.count(m) == 2]
+        assert cli.main(["status", "--node", cluster.urls[0], "--key", "k"]) == 0
+        text = capsys.readouterr().out
+        assert "WARNING: replicas" in text and "share machine" in text
+        assert cli.main(["status", "--node", cluster.urls[0]]) == 0
+        text = capsys.readouterr().out
+        assert "machine" in text and "N=3 but the members run on 2 machine(s) (m1, m2)" in text.replace("\n", " ")
+    finally:
+        cluster.stop()
+
+
+def test_a_joining_node_brings_its_machine_into_the_configuration(tmp_path: Path) -> None:
+    """n1, n2 on m1, n3 on m2, then spare n4 joins on m2: the committed configuration carries
+    n4's machine to every member, and their placements use it."""
+    cluster = LocalCluster(3, 3, data_dir=str(tmp_path / "c"), storage="memory", nodes_per_machine=2, spares=1)
+    try:
+        cluster.start()
+        url = cluster.url("n1")
+        bad = {"action": "join", "id": "n4", "host": "127.0.0.1", "http_port": 1, "peer_port": 2, "machine": 5}
+        reply = http(url, "POST", "/admin/membership", json.dumps(bad).encode(),
+                     {"X-Cluster-Secret": cluster.secret, "Content-Type": "application/json"})
+        assert reply.status == 400 and json.loads(reply.body)["error"] == "invalid_body", reply.body
+        done = cluster.join("n4")
+        members = done["config"]["members"]
+        assert {m: a.get("machine") for m, a in members.items()} == {"n1": "m1", "n2": "m1", "n3": "m2", "n4": "m2"}
+        machines = {"n1": "m1", "n2": "m1", "n3": "m2", "n4": "m2"}
+        ring = Ring(["n1", "n2", "n3", "n4"], cluster.base_config.vnodes, machines)
+        for node in ("n1", "n2", "n3", "n4"):
+            deadline = time.monotonic() + 30
+            while cluster.admin(node, "GET", "/admin/membership")["config"]["version"] < done["config"]["version"]:
+                assert time.monotonic() < deadline, f"{node} did not install the committed version"
+                time.sleep(0.1)
+            seen = placement_of(cluster.url(node), "user:7")
+            assert seen["preference_list"] == list(ring.preference_list("user:7", 3))
+            assert seen["machines"]["n4"] == "m2"
+    finally:
+        cluster.stop()

@@ -210,3 +210,77 @@ def test_every_joint_quorum_meets_every_old_and_every_new_quorum() -> None:
 )
 def test_joint_write_quorum(acked: set[str], reached: bool) -> None:
     assert write_quorum_reached(acked, ("a", "b", "c"), ("b", "c", "d"), 2) is reached
+
+
+# --- machines: part of the configuration, old encodings still decode -----------------------------
+
+# A version-3 configuration exactly as this module encoded it before machines existed.
+OLD_ENCODING = (
+    b'{"members":{"n1":{"host":"127.0.0.1","http_port":7001,"peer_port":8001},'
+    b'"n2":{"host":"127.0.0.1","http_port":7002,"peer_port":8002},'
+    b'"n3":{"host":"127.0.0.1","http_port":7003,"peer_port":8003}},'
+    b'"new":["n1","n2","n3"],"old":["n1","n2","n3"],"phase":"stable","version":3}'
+)
+
+
+def on_machines(layout: dict[str, str]) -> ClusterConfig:
+    return ClusterConfig.initial(
+        {m: Address("127.0.0.1", 7000 + i, 8000 + i, machine) for i, (m, machine) in enumerate(sorted(layout.items()))}
+    )
+
+
+SIX_ON_THREE = {"n1": "h1", "n2": "h1", "n3": "h2", "n4": "h2", "n5": "h3", "n6": "h3"}
+
+
+def test_an_encoding_without_machines_decodes_and_re_encodes_byte_for_byte() -> None:
+    config = ClusterConfig.decode(OLD_ENCODING)
+    assert config.version == 3 and config.machines == {}
+    assert all(address.machine == "" for _, address in config.addresses)
+    assert config.encode() == OLD_ENCODING  # a cluster naming no machines writes what it always wrote
+    assert ClusterConfig.initial({f"n{i}": addr(i) for i in (1, 2, 3)}).encode() == THREE.encode()
+
+
+def test_machines_travel_in_the_encoding() -> None:
+    config = on_machines(SIX_ON_THREE)
+    assert config.machines == SIX_ON_THREE
+    wire = config.to_wire()
+    assert wire["members"]["n1"]["machine"] == "h1"
+    decoded = ClusterConfig.decode(config.encode())
+    assert decoded == config and decoded.machines == SIX_ON_THREE
+    joined = config.join("n7", Address("127.0.0.1", 7100, 8100, "h4"), 3)
+    assert ClusterConfig.decode(joined.encode()).machines == SIX_ON_THREE | {"n7": "h4"}
+    assert joined.commit().machines == SIX_ON_THREE | {"n7": "h4"}
+
+
+@pytest.mark.parametrize(
+    "machine", [7, "", "x" * 129, "tab\there", None],
+)
+def test_malformed_machines_are_refused(machine: object) -> None:
+    raw = {"version": 0, "phase": "stable", "old": ["a"], "new": ["a"],
+           "members": {"a": {"host": "h", "http_port": 1, "peer_port": 2, "machine": machine}}}
+    if machine == "":
+        assert ClusterConfig.from_wire(raw).machines == {}  # "" is "a machine of its own"
+        return
+    with pytest.raises(MembershipError) as info:
+        ClusterConfig.from_wire(raw)
+    assert info.value.code == "invalid_config"
+
+
+def test_two_members_may_share_a_machine_never_an_endpoint() -> None:
+    config = on_machines({"n1": "h1", "n2": "h1", "n3": "h2"})
+    config.join("n4", Address("127.0.0.1", 7050, 8050, "h1"), 3)  # a third process on h1: fine
+    with pytest.raises(MembershipError) as info:
+        config.join("n4", Address("127.0.0.1", 7000, 8000, "h9"), 3)  # n1's endpoint, another machine
+    assert info.value.code == "address_in_use"
+
+
+def test_placement_puts_replicas_on_distinct_machines() -> None:
+    placement = Placement(on_machines(SIX_ON_THREE), 3, 64)
+    plain = Placement(ClusterConfig.initial({f"n{i}": addr(i) for i in range(1, 7)}), 3, 64)
+    spread = [len({SIX_ON_THREE[m] for m in placement.write_owners(key_token(k))}) for k in KEYS]
+    assert spread == [3] * len(KEYS)
+    assert any(len({SIX_ON_THREE[m] for m in plain.write_owners(key_token(k))}) < 3 for k in KEYS)
+    joint = Placement(on_machines(SIX_ON_THREE).join("n7", Address("127.0.0.1", 7100, 8100, "h4"), 3), 3, 64)
+    for key in KEYS[:300]:
+        for owners in joint.acceptor_sets(key_token(key)):
+            assert len({(SIX_ON_THREE | {"n7": "h4"})[m] for m in owners}) == 3

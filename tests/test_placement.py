@@ -60,3 +60,49 @@ def test_a_fallback_believed_down_is_skipped() -> None:
     assert doc["fallbacks"] == [{"id": walk[3], "up": False, "stands_in_for": None},
                                 {"id": walk[4], "up": True, "stands_in_for": walk[0]}]
     assert doc["primaries_down"] == [walk[0]] and doc["majority_reachable"] is True
+
+
+# --- machines -------------------------------------------------------------------------------------
+
+SIX = ["n1", "n2", "n3", "n4", "n5", "n6"]
+THREE_MACHINES = {"n1": "h1", "n2": "h1", "n3": "h2", "n4": "h2", "n5": "h3", "n6": "h3"}
+TWO_MACHINES = {"n1": "h1", "n2": "h1", "n3": "h1", "n4": "h2", "n5": "h2", "n6": "h2"}
+KEYS = [f"key-{i}" for i in range(500)]
+
+
+def test_no_machines_named_reports_each_member_its_own_machine() -> None:
+    where = placement(RING, "user:42", 3, all_up)
+    assert where.machines == {m: m for m in MEMBERS}
+    assert where.shared_machines == ()
+    doc = where.to_json()
+    assert doc["machines"] == {m: m for m in (*where.preference_list, *where.fallbacks)}
+    assert doc["shared_machines"] == []
+
+
+def test_enough_machines_no_key_shares_one() -> None:
+    ring = Ring(SIX, 64, THREE_MACHINES)
+    for key in KEYS:
+        where = placement(ring, key, 3, all_up)
+        assert where.shared_machines == (), key
+        assert sorted(where.machines[p] for p in where.preference_list) == ["h1", "h2", "h3"]
+
+
+def test_fewer_machines_than_n_every_key_names_the_shared_machine() -> None:
+    ring = Ring(SIX, 64, TWO_MACHINES)
+    for key in KEYS:
+        where = placement(ring, key, 3, all_up)
+        on = [TWO_MACHINES[p] for p in where.preference_list]
+        assert sorted(set(on)) == ["h1", "h2"]  # both machines hold one before either holds two
+        assert where.shared_machines == tuple(m for m in ("h1", "h2") if on.count(m) == 2)
+        assert where.to_json()["shared_machines"] == list(where.shared_machines)
+
+
+def test_a_stand_in_goes_to_a_machine_without_a_replica_first() -> None:
+    machines = {"n1": "h1", "n2": "h1", "n3": "h2", "n4": "h2", "n5": "h3", "n6": "h4"}
+    ring = Ring(SIX, 64, machines)
+    for key in KEYS:
+        walk = ring.walk(key)
+        down = walk[0]
+        where = placement(ring, key, 3, lambda m, down=down: m != down)  # type: ignore[misc]
+        stand_in = where.stand_ins[down]
+        assert machines[stand_in] not in {machines[p] for p in where.preference_list}, key

@@ -374,3 +374,146 @@ def test_ranges_of_and_ownership_agree() -> None:
             assert all(member in r.owners for r in mine)
             assert sum(r.size() for r in mine) / TOKEN_SPACE == pytest.approx(share[member])
         assert sum(len(RING5.ranges_of(m, n)) for m in FIVE) == n * len(RING5.ranges(n))
+
+
+# --- machines: replicas on distinct machines first ----------------------------------------------------
+
+
+def reference_machine_walk(members: list[str], vnodes: int, machines: dict[str, str], token: int) -> tuple[str, ...]:
+    """An independent model: the plain clockwise walk, then a second pass per rank on a machine."""
+    plain = reference_walk(members, vnodes, token)
+    out: list[str] = []
+    rank = 0
+    while len(out) < len(plain):
+        for member in plain:
+            earlier_on_machine = [m for m in plain[: plain.index(member)] if machines.get(m, m) == machines.get(member, member)]
+            if len(earlier_on_machine) == rank:
+                out.append(member)
+        rank += 1
+    return tuple(out)
+
+
+# Worked by hand from WALK_GOLDEN (the plain walks above): n1,n2 on machine A, n3,n4 on B, n5 on C.
+# "a": plain n4 n3 n1 n2 n5 -> first on their machine: n4 (B) n1 (A) n5 (C); then n3 (B) n2 (A).
+MACHINES_ABC = {"n1": "A", "n2": "A", "n3": "B", "n4": "B", "n5": "C"}
+MACHINE_WALK_TABLE = [
+    ("a", ("n4", "n1", "n5", "n3", "n2")),
+    ("key-1", ("n3", "n2", "n5", "n4", "n1")),
+    ("hello", ("n1", "n4", "n5", "n3", "n2")),
+    ("user:42", ("n2", "n5", "n3", "n1", "n4")),
+]
+RING5_ABC = Ring(FIVE, machines=MACHINES_ABC)
+
+
+@pytest.mark.parametrize(("key", "walk"), MACHINE_WALK_TABLE)
+def test_machine_walk_table(key: str, walk: tuple[str, ...]) -> None:
+    assert RING5_ABC.walk(key) == walk
+    assert RING5_ABC.preference_list(key, 3) == walk[:3]
+    assert {MACHINES_ABC[m] for m in RING5_ABC.preference_list(key, 3)} == {"A", "B", "C"}
+
+
+@pytest.mark.parametrize(
+    "machines",
+    [
+        None,
+        {},
+        {m: m for m in FIVE},  # each its own machine, named like the member
+        {m: f"box-{m}" for m in FIVE},  # each its own machine, under other names
+        {"n1": ""},  # "" is "a machine of its own"
+        {"n1": "solo", "other-cluster-member": "solo"},  # a name used by no other member of this ring
+    ],
+)
+def test_no_shared_machines_places_exactly_as_before(machines: dict[str, str] | None) -> None:
+    ring = Ring(FIVE, machines=machines)
+    assert not ring.shares_machines
+    assert [ring.walk(k) for k in KEYS_1K] == [RING5.walk(k) for k in KEYS_1K]
+    for n in (1, 3, 5):
+        assert [ring.preference_list(k, n) for k in KEYS_1K] == [RING5.preference_list(k, n) for k in KEYS_1K]
+        assert ring.ranges(n) == RING5.ranges(n)
+    for key, walk in WALK_GOLDEN:
+        assert ring.walk(key) == walk
+
+
+MACHINE_LAYOUTS = [
+    # (members, machines, N): 6 nodes on 3 machines (2 per machine), the "one node per core" layout
+    (SIX, {"n1": "h1", "n2": "h1", "n3": "h2", "n4": "h2", "n5": "h3", "n6": "h3"}, 3),
+    (SIX, {"n1": "h1", "n4": "h1", "n2": "h2", "n5": "h2", "n3": "h3", "n6": "h3"}, 3),
+    # fewer machines than N: every machine holds one before any holds two
+    (SIX, {"n1": "h1", "n2": "h1", "n3": "h1", "n4": "h2", "n5": "h2", "n6": "h2"}, 3),
+    (FIVE, {"n1": "h1", "n2": "h1", "n3": "h1", "n4": "h1", "n5": "h2"}, 3),
+    # one machine for all: the plain walk
+    (FIVE, dict.fromkeys(FIVE, "h"), 3),
+    # 4 machines, 6 members, N=3: a spare machine for the stand-ins
+    (SIX, {"n1": "h1", "n2": "h1", "n3": "h2", "n4": "h2", "n5": "h3", "n6": "h4"}, 3),
+]
+
+
+@pytest.mark.parametrize(("members", "machines", "n"), MACHINE_LAYOUTS)
+def test_machine_walk_matches_the_reference_and_spreads(members: list[str], machines: dict[str, str], n: int) -> None:
+    ring = Ring(members, vnodes=32, machines=machines)
+    count = len(set(machines.values()))
+    for key in KEYS_1K[:300]:
+        walk = ring.walk(key)
+        assert walk == reference_machine_walk(members, 32, machines, key_token(key)), key
+        assert sorted(walk) == sorted(members)
+        primaries = walk[:n]
+        # Distinct machines first: min(N, machines) distinct machines, and none used twice before
+        # every machine is used once.
+        assert len({machines[m] for m in primaries}) == min(n, count)
+        on_primaries = {machines[m] for m in primaries}
+        fallbacks = walk[n:]
+        spare_machines = {machines[m] for m in fallbacks} - on_primaries
+        # Fallbacks: one member of each machine holding no replica comes before any member of a
+        # machine that does (a stand-in lands on a new machine while there is one).
+        assert {machines[m] for m in fallbacks[: len(spare_machines)]} == spare_machines
+    one_machine = count == 1
+    assert ring.shares_machines
+    if one_machine:
+        assert [ring.walk(k) for k in KEYS_1K] == [Ring(members, vnodes=32).walk(k) for k in KEYS_1K]
+
+
+def test_machine_map_order_does_not_matter() -> None:
+    forward = dict(MACHINE_LAYOUTS[0][1])
+    backward = dict(reversed(list(forward.items())))
+    a, b = Ring(SIX, machines=forward), Ring(list(reversed(SIX)), machines=backward)
+    assert [a.walk(k) for k in KEYS_1K] == [b.walk(k) for k in KEYS_1K]
+
+
+def test_a_whole_machine_down_leaves_a_majority_of_every_key() -> None:
+    """6 nodes on 3 machines, N=3: losing both nodes of one machine costs each key at most one
+    primary; without machines some keys lose two (the reason to name machines)."""
+    machines = MACHINE_LAYOUTS[0][1]
+    aware, plain = Ring(SIX, machines=machines), Ring(SIX)
+    for machine in ("h1", "h2", "h3"):
+        dead = {m for m, h in machines.items() if h == machine}
+        assert all(len(dead & set(aware.preference_list(k, 3))) <= 1 for k in KEYS_1K)
+        assert any(len(dead & set(plain.preference_list(k, 3))) == 2 for k in KEYS_1K)
+
+
+# --- the walk cache ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("machines", [None, MACHINE_LAYOUTS[0][1], MACHINE_LAYOUTS[2][1]])
+def test_cached_and_uncached_walks_agree(machines: dict[str, str] | None) -> None:
+    uncached = Ring(SIX, vnodes=64, machines=machines, walk_cache_size=0)
+    tiny = Ring(SIX, vnodes=64, machines=machines, walk_cache_size=7)  # evicts all the time
+    default = Ring(SIX, vnodes=64, machines=machines)
+    rng = random.Random(11)
+    tokens = [rng.randint(TOKEN_MIN, TOKEN_MAX) for _ in range(3000)] + [key_token(k) for k in KEYS_1K]
+    tokens += tokens[:500]  # asked again: answered from the cache where it still holds them
+    for token in tokens:
+        assert uncached.walk_token(token) == tiny.walk_token(token) == default.walk_token(token), token
+        assert len(tiny._walk_cache) <= 7
+    assert uncached.ranges(3) == tiny.ranges(3) == default.ranges(3)
+    assert len(uncached._walk_cache) == 0
+    assert len(default._walk_cache) == len(default.ranges(3)) <= 6 * 64
+
+
+def test_a_new_ring_never_answers_from_the_old_rings_cache() -> None:
+    old = Ring(FIVE, vnodes=16)
+    for key in KEYS_1K:
+        old.walk(key)  # fill its cache
+    new = Ring(SIX, vnodes=16)
+    for key in KEYS_1K:
+        assert new.walk(key) == reference_walk(SIX, 16, key_token(key))
+    assert any("n6" in new.preference_list(k, 3) for k in KEYS_1K)

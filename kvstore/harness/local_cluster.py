@@ -136,10 +136,14 @@ class LocalCluster:
         spares: int = 0,
         tls: TLSSettings | None = None,
         front_end: str | None = None,  # None: ServerSettings' default
+        nodes_per_machine: int = 1,
     ) -> None:
         """``spares``: extra node ids (n{nodes+1}...) with ports reserved, not members yet: they
-        enter with ``join`` (a membership change, kvstore.runtime.reconfig)."""
-        assert nodes >= 1 and spares >= 0
+        enter with ``join`` (a membership change, kvstore.runtime.reconfig).  ``nodes_per_machine``
+        > 1 names machines m1, m2, ... for consecutive nodes (n1, n2 on m1 ...), as a deployment
+        with one node per core does (docs/deployment.md, "Using more cores"): a key's replicas then
+        go to nodes of distinct machines first, though here every "machine" is this one host."""
+        assert nodes >= 1 and spares >= 0 and nodes_per_machine >= 1
         self._owns_dir = data_dir is None
         # Absolute: node processes, and `cluster stop`/`restart` run from elsewhere, find it by this path.
         self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="kvstore-cluster-")).absolute()  # mkdtemp: 0700
@@ -155,7 +159,9 @@ class LocalCluster:
         if base_port is not None and spares:
             raise ClusterError("spares need OS-picked ports (no --base-port)")
         everyone = tuple(
-            Member(f"n{i + 1}", "127.0.0.1", http_ports[i], peer_ports[i]) for i in range(nodes + spares)
+            Member(f"n{i + 1}", "127.0.0.1", http_ports[i], peer_ports[i],
+                   f"m{i // nodes_per_machine + 1}" if nodes_per_machine > 1 else "")
+            for i in range(nodes + spares)
         )
         members = everyone[:nodes]
         self.all_members = {m.id: m for m in everyone}
@@ -471,10 +477,12 @@ class LocalCluster:
         member = self.all_members[newcomer]
         doc = self.admin(seed, "POST", "/admin/membership", {
             **change, "host": member.host, "http_port": member.http_port, "peer_port": member.peer_port,
+            **({"machine": member.machine} if member.machine else {}),
         })
         joint = doc["config"]
         self._members_of[newcomer] = tuple(
-            Member(m, a["host"], a["http_port"], a["peer_port"]) for m, a in sorted(joint["members"].items())
+            Member(m, a["host"], a["http_port"], a["peer_port"], a.get("machine", ""))
+            for m, a in sorted(joint["members"].items())
         )
         self._spawn(newcomer, "new")
         self.wait_healthy([newcomer], timeout_s)
@@ -538,6 +546,7 @@ def cluster_up(args: Any) -> int:
             w=getattr(args, "w", None) or min(2, args.replicas),
             vnodes=getattr(args, "vnodes", 256),
             log_level="INFO",
+            nodes_per_machine=getattr(args, "nodes_per_machine", 1),
         )
     except (ClusterError, ValueError, cluster_control.ControlError) as exc:
         print(f"kvstore cluster up: {exc}", file=sys.stderr)
@@ -557,7 +566,8 @@ def cluster_up(args: Any) -> int:
         return 1
     print(f"kvstore: {len(cluster.node_ids)} nodes up (N={args.replicas}), data in {cluster.data_dir}")
     for node_id in cluster.node_ids:
-        print(f"  {node_id}  {cluster.url(node_id)}  pid {cluster.pid(node_id)}")
+        machine = cluster.all_members[node_id].machine
+        print(f"  {node_id}  {cluster.url(node_id)}  pid {cluster.pid(node_id)}" + (f"  machine {machine}" if machine else ""))
     network = getattr(cluster, "network", None)
     if network is not None:
         net = network.describe()

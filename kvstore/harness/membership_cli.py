@@ -70,6 +70,8 @@ def cmd_membership(args: argparse.Namespace) -> int:
         body["by"] = args.by
     if args.action in ("join", "replace"):
         body |= {"host": args.host, "http_port": args.http_port, "peer_port": args.peer_port}
+        if args.machine:
+            body["machine"] = args.machine
     try:
         if args.action == "show":
             print(json.dumps(_request(args.seed, args.secret, "GET"), indent=2))
@@ -82,7 +84,8 @@ def cmd_membership(args: argparse.Namespace) -> int:
                   "node.toml (initial_cluster_state = \"new\"):", file=sys.stderr)
             for member, address in sorted(config["members"].items()):
                 print(f'[[members]]\nid = "{member}"\nhost = "{address["host"]}"\n'
-                      f'http_port = {address["http_port"]}\npeer_port = {address["peer_port"]}', file=sys.stderr)
+                      f'http_port = {address["http_port"]}\npeer_port = {address["peer_port"]}'
+                      + (f'\nmachine = "{address["machine"]}"' if address.get("machine") else ""), file=sys.stderr)
         if args.wait > 0 and config["phase"] == "joint":
             done = _wait(args.seed, args.secret, int(config["version"]) + 1, args.wait)
             print(f"committed: version {done['config']['version']}, members {done['config']['new']}", file=sys.stderr)
@@ -106,6 +109,8 @@ def register(cluster_sub: Any) -> None:
         p.add_argument("--host", required=True, help="the new node's host (as the others reach it)")
         p.add_argument("--http-port", type=int, required=True, help="the new node's HTTP port")
         p.add_argument("--peer-port", type=int, required=True, help="the new node's peer port")
+        p.add_argument("--machine", default="", help="the machine it runs on, if other members run there too "
+                       "(replicas go to distinct machines first; default: a machine of its own)")
 
     p = cluster_sub.add_parser("join", help="add a node: its ranges are streamed to it, then the ring commits")
     p.add_argument("id", help="the new node's id")

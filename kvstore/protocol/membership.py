@@ -23,8 +23,14 @@ Nodes learn newer versions by gossip (every internal message and heartbeat carri
 sender's version; a node seeing a higher one fetches it) and *fence* requests stamped with an
 older one: a typed ``stale_config`` refusal, never a silent answer from an old placement.
 
+Each member's address may name the *machine* it runs on (``Address.machine``): rings place a
+key's replicas on distinct machines first (kvstore.protocol.ring).  Machines are part of the
+configuration, so every node of a version places by the same ones; an encoding without them
+(every configuration written before they existed) decodes as "each member a machine of its own",
+which places exactly as before, and a configuration that names none encodes byte for byte as before.
+
 Guarantees of this module: ``Placement`` of a config is deterministic (rings derive only from
-member ids); ``segments`` partitions the token space so that each segment has exactly one old
+member ids and machines); ``segments`` partitions the token space so that each segment has exactly one old
 and one new owner list (what must be streamed where); transitions refuse every ill-formed
 change with a typed ``MembershipError`` carrying a stable code.  No I/O, no clock, no
 randomness; every ordering is by sorted member id.
@@ -43,6 +49,7 @@ from kvstore.protocol.ring import Ring
 CONFIG_KEY = "\x00kvstore/cluster-config"  # client keys never hold a NUL (kv_api refuses them)
 MAX_MEMBERS = 64
 MAX_CONFIG_BYTES = 64 * 1024
+MAX_MACHINE_BYTES = 128
 # The typed refusal of a request stamped with an older configuration version (nothing was done).
 STALE_CONFIG = "stale_config"
 
@@ -61,24 +68,42 @@ class MembershipError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Address:
+    """Where a member is reached, and (``machine``) which machine it runs on, for placement:
+    "" is a machine of its own.  The machine travels with the address so that every node places
+    keys by the same machines: they are part of the configuration version, like the members."""
+
     host: str
     http_port: int
     peer_port: int
+    machine: str = ""
+
+    @property
+    def endpoint(self) -> tuple[str, int, int]:
+        """The network part: two members may share a machine, never an endpoint."""
+        return (self.host, self.http_port, self.peer_port)
 
     def to_wire(self) -> dict[str, Any]:
-        return {"host": self.host, "http_port": self.http_port, "peer_port": self.peer_port}
+        wire: dict[str, Any] = {"host": self.host, "http_port": self.http_port, "peer_port": self.peer_port}
+        if self.machine:
+            # Only when set: a configuration that names no machine encodes exactly as before.
+            wire["machine"] = self.machine
+        return wire
 
     @staticmethod
     def from_wire(raw: Any) -> Address:
-        if not isinstance(raw, dict) or set(raw) != {"host", "http_port", "peer_port"}:
-            raise MembershipError("invalid_config", "an address is {host, http_port, peer_port}")
+        required = {"host", "http_port", "peer_port"}
+        if not isinstance(raw, dict) or not required <= set(raw) <= required | {"machine"}:
+            raise MembershipError("invalid_config", "an address is {host, http_port, peer_port[, machine]}")
         host, http_port, peer_port = raw["host"], raw["http_port"], raw["peer_port"]
         if not isinstance(host, str) or not host:
             raise MembershipError("invalid_config", "an address's host must be a non-empty string")
         for port in (http_port, peer_port):
             if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
                 raise MembershipError("invalid_config", f"port {port!r} is not in 1..65535")
-        return Address(host, http_port, peer_port)
+        machine = raw.get("machine", "")
+        if not isinstance(machine, str) or len(machine.encode()) > MAX_MACHINE_BYTES or not machine.isprintable():
+            raise MembershipError("invalid_config", f"a machine is a printable string of at most {MAX_MACHINE_BYTES} bytes")
+        return Address(host, http_port, peer_port, machine)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +133,11 @@ class ClusterConfig:
     def members(self) -> tuple[str, ...]:
         """Every member that takes part in this version (old and new), sorted."""
         return tuple(member for member, _ in self.addresses)
+
+    @property
+    def machines(self) -> dict[str, str]:
+        """member -> machine, for the members that name one (the others are machines of their own)."""
+        return {member: address.machine for member, address in self.addresses if address.machine}
 
     def address(self, member: str) -> Address:
         for member_id, address in self.addresses:
@@ -147,7 +177,7 @@ class ClusterConfig:
         if member in self.new:
             raise MembershipError("already_member", f"{member!r} is already a member")
         for other, other_address in self.addresses:
-            if other_address == address:
+            if other_address.endpoint == address.endpoint:
                 raise MembershipError("address_in_use", f"{other!r} already uses {address}")
         return self._begin((*self.new, member), {member: address}, replicas)
 
@@ -262,8 +292,9 @@ class Placement:
         assert replicas >= 1
         self.config = config
         self.replicas = replicas
-        self.old_ring = Ring(list(config.old), vnodes)
-        self.new_ring = self.old_ring if config.phase == "stable" else Ring(list(config.new), vnodes)
+        machines = config.machines
+        self.old_ring = Ring(list(config.old), vnodes, machines)
+        self.new_ring = self.old_ring if config.phase == "stable" else Ring(list(config.new), vnodes, machines)
         assert replicas <= min(len(config.old), len(config.new)), "fewer members than replicas"
 
     @property

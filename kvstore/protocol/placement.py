@@ -4,8 +4,10 @@ Theory of operation
 -------------------
 Pure: a ``Ring``, N and a "believed up" predicate in, a ``Placement`` out; no clock, no I/O.
 It states what the coordinator does (``Node.write_targets``): the key's token falls in one
-vnode; walking the ring clockwise from there, the first N distinct members are its
-*primaries* (the preference list) and the rest, in the same order, its *fallbacks*.  Each
+vnode; the ring's walk from there (distinct machines first, kvstore.protocol.ring) gives
+its N *primaries* (the preference list) and, after them, its *fallbacks*.  With fewer
+machines than N some primaries share a machine: ``shared_machines`` names those machines,
+since one machine failing then takes more than one replica of the key with it.  Each
 primary believed down is replaced, in order, by the next fallback believed up (Dynamo's
 sloppy quorum, section 4.6), which stores the write as a hint for that primary.  Which
 members are believed up is the asking node's view (its failure detector), so two nodes on
@@ -42,6 +44,13 @@ class Placement:
     fallbacks: tuple[str, ...]  # every other member, in ring order
     fallbacks_up: tuple[str, ...]
     stand_ins: dict[str, str]  # primary believed down -> the fallback that takes its writes
+    machines: dict[str, str]  # every member (primaries and fallbacks) -> the machine it runs on
+
+    @property
+    def shared_machines(self) -> tuple[str, ...]:
+        """Machines holding more than one of the key's primaries (sorted): empty when N machines hold them."""
+        on = [self.machines[p] for p in self.preference_list]
+        return tuple(sorted({m for m in on if on.count(m) > 1}))
 
     @property
     def majority_reachable(self) -> bool:
@@ -63,6 +72,8 @@ class Placement:
                 for f in self.fallbacks
             ],
             "majority_reachable": self.majority_reachable,
+            "machines": {m: self.machines[m] for m in (*self.preference_list, *self.fallbacks)},
+            "shared_machines": list(self.shared_machines),
         }
 
 
@@ -87,4 +98,5 @@ def placement(ring: Ring, key: str, replicas: int, is_up: Callable[[str], bool])
         fallbacks=fallbacks,
         fallbacks_up=tuple(spare),
         stand_ins=stand_ins,
+        machines={m: ring.machine_of(m) for m in walk},
     )

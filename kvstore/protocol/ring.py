@@ -6,35 +6,57 @@ Follows the Dynamo paper (DeCandia et al., SOSP 2007, §4.2-4.3) with Cassandra'
 "vnodes": every member owns ``vnodes`` tokens on a 64-bit ring (signed mmh3 x64
 hashes, the same token space as Cassandra's Murmur3Partitioner).  A key's token is
 the mmh3 hash of its UTF-8 bytes; the key belongs to the first vnode clockwise at
-or after that token, and its *preference list* is the first N distinct members met
-walking clockwise from there.  The members after those N, in the same order, are
-the key's *fallbacks*: where a sloppy quorum sends writes for unreachable primaries.
+or after that token, and its *preference list* is the first N members of its *walk*.
+The members after those N, in the same order, are the key's *fallbacks*: where a
+sloppy quorum sends writes for unreachable primaries.
+
+Machines.  Each member runs on a *machine* (by default a machine of its own, named by
+its id).  Several node processes on one machine (one per core: a node uses one core at
+most) fail together, so the walk prefers distinct machines, as Riak's location-aware
+claim and Cassandra's rack-aware NetworkTopologyStrategy do: walking clockwise from the
+key's vnode, the first member met on each machine comes first (in ring order), then the
+second member met on each machine (in ring order), and so on.  So the N primaries sit on
+N distinct machines whenever there are N machines; with fewer, every machine holds one
+before any holds two.  Fallbacks follow the same rule, so the first fallbacks are one member
+of each machine that holds no replica of the key (a stand-in lands on a new machine while
+one is up).  When every member is its own machine
+(the default) every member is "first on its machine" and the walk is exactly the
+clockwise order of distinct members: clusters that name no machines place as before.
 
 Guarantees:
 
-* Determinism: tokens are derived only from (member id, vnode index), so every node
-  computes the identical ring from the same member list, with no coordination.
-* Minimal movement: adding a member only inserts its tokens; a key changes primary
-  only to the new member, never between two old members.
-* O(log V*M) lookup: a bisection on a sorted token list, then an index into a
-  precomputed table of distinct successors per vnode.
+* Determinism: tokens are derived only from (member id, vnode index), and the walk only
+  from tokens and the member -> machine map, so every node computes the identical ring
+  from the same member list, with no coordination.
+* Minimal movement (one member per machine): adding a member only inserts it into
+  walks; a key changes primary only to the new member, never between two old members.
+  A member added to a machine that already has one can also reorder the walk's later
+  members (a range move like any other: kvstore.protocol.membership streams it).
+* O(log V*M) lookup: a bisection on a sorted token list, then the walk from that vnode,
+  computed once and kept in a bounded cache (``walk_cache_size`` vnodes, least recently
+  used out).  A ring never changes in place: a membership change builds a new ``Ring``,
+  so a cached walk can never answer for another member set.
 
-Assumes the member list is the same on every node: the membership version in force
-(kvstore.protocol.membership), whose ``Placement`` holds one ring per member set.
+Assumes the member list (and machines) is the same on every node: the membership version
+in force (kvstore.protocol.membership), whose ``Placement`` holds one ring per member set.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
+from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import mmh3
-from sortedcontainers import SortedDict
 
 TOKEN_MIN = -(2**63)
 TOKEN_MAX = 2**63 - 1
 TOKEN_SPACE = 2**64
 DEFAULT_VNODES = 256
+# Walks cached per ring: every vnode of 16 members at 256 vnodes fits, so a node's ring is
+# computed once per vnode; bigger rings keep the most recently used.
+WALK_CACHE_SIZE = 4096
 
 
 def key_token(key: str) -> int:
@@ -64,46 +86,93 @@ class TokenRange:
 
 
 class Ring:
-    def __init__(self, members: list[str], vnodes: int = DEFAULT_VNODES) -> None:
+    def __init__(
+        self,
+        members: list[str],
+        vnodes: int = DEFAULT_VNODES,
+        machines: Mapping[str, str] | None = None,
+        walk_cache_size: int = WALK_CACHE_SIZE,
+    ) -> None:
+        """``machines`` maps a member to the machine it runs on; a member it leaves out (or maps
+        to "") is a machine of its own, named by its id, and entries for non-members are ignored
+        (a joint configuration hands both rings one map).  ``walk_cache_size`` bounds the cached
+        walks (0: compute every lookup, for tests that compare with the cache)."""
         assert members, "a ring needs at least one member"
         assert len(set(members)) == len(members), "duplicate member ids"
         assert vnodes >= 1
+        assert walk_cache_size >= 0
         self.members: tuple[str, ...] = tuple(sorted(members))
         self.vnodes = vnodes
-        by_token: SortedDict = SortedDict()
-        for member in self.members:
-            for index in range(vnodes):
-                token = vnode_token(member, index)
-                # A 64-bit collision is astronomically unlikely; resolve it deterministically anyway.
-                if token not in by_token or member < by_token[token]:
-                    by_token[token] = member
-        self._tokens: list[int] = list(by_token.keys())
-        self._owner_at: list[str] = list(by_token.values())
-        # Precomputing the distinct clockwise walk from each vnode turns every lookup into
-        # a bisection plus an index, instead of a walk over up to V*M tokens.
-        self._walk: list[tuple[str, ...]] = [self._distinct_from(i) for i in range(len(self._tokens))]
+        given = machines or {}
+        self._machine_of: dict[str, str] = {m: given.get(m) or m for m in self.members}
+        # Whether any machine holds two members; if not, the walk is the plain clockwise order.
+        self.shares_machines = len(set(self._machine_of.values())) < len(self.members)
+        points = sorted((vnode_token(member, index), member) for member in self.members for index in range(vnodes))
+        self._tokens: list[int] = []
+        self._owner_at: list[str] = []
+        for token, member in points:
+            # A 64-bit collision is astronomically unlikely; resolve it deterministically anyway
+            # (the smallest member id keeps the token: it sorts first).
+            if not self._tokens or self._tokens[-1] != token:
+                self._tokens.append(token)
+                self._owner_at.append(member)
+        # Walks are computed when first asked for, not all V*M at construction: a ring is built
+        # at every node start and membership change, and most lookups hit few vnodes.  The cache
+        # is bounded (a 64-member ring of 4096 vnodes would otherwise hold 262,144 walks).
+        self._walk_cache_size = min(walk_cache_size, len(self._tokens))
+        self._walk_cache: OrderedDict[int, tuple[str, ...]] = OrderedDict()
 
-    def _distinct_from(self, start: int) -> tuple[str, ...]:
-        seen: list[str] = []
-        count = len(self._tokens)
-        for step in range(count):
-            member = self._owner_at[(start + step) % count]
-            if member not in seen:
-                seen.append(member)
-                if len(seen) == len(self.members):
+    def machine_of(self, member: str) -> str:
+        return self._machine_of[member]
+
+    def _walk_from(self, start: int) -> tuple[str, ...]:
+        """Every member, from the vnode at index ``start``: first met on its machine first (ring
+        order), then second met, and so on (see the module docstring)."""
+        owner_at, count, everyone = self._owner_at, len(self._tokens), len(self.members)
+        met: list[str] = []  # distinct members in clockwise order (a list: M is small, `in` is cheap)
+        index = start
+        for _ in range(count):
+            member = owner_at[index]
+            index = index + 1 if index + 1 < count else 0
+            if member not in met:
+                met.append(member)
+                if len(met) == everyone:
                     break
-        return tuple(seen)
+        if not self.shares_machines:
+            return tuple(met)
+        per_machine: dict[str, int] = {}
+        ranked: list[tuple[int, int, str]] = []  # (rank on its machine, position in the walk, member)
+        for position, member in enumerate(met):
+            machine = self._machine_of[member]
+            rank = per_machine.get(machine, 0)
+            per_machine[machine] = rank + 1
+            ranked.append((rank, position, member))
+        return tuple(member for _, _, member in sorted(ranked))
+
+    def _walk_at(self, index: int) -> tuple[str, ...]:
+        cache = self._walk_cache
+        walk = cache.get(index)
+        if walk is not None:
+            if self._walk_cache_size < len(self._tokens):
+                cache.move_to_end(index)  # least recently used goes first; pointless when all fit
+            return walk
+        walk = self._walk_from(index)
+        if self._walk_cache_size:
+            if len(cache) >= self._walk_cache_size:
+                cache.popitem(last=False)
+            cache[index] = walk
+        return walk
 
     def _vnode_index(self, token: int) -> int:
         index = bisect_left(self._tokens, token)
         return 0 if index == len(self._tokens) else index
 
     def walk(self, key: str) -> tuple[str, ...]:
-        """Every member, in the key's clockwise order: preference list first, then fallbacks."""
-        return self._walk[self._vnode_index(key_token(key))]
+        """Every member, in the key's walk order: preference list first, then fallbacks."""
+        return self._walk_at(self._vnode_index(key_token(key)))
 
     def walk_token(self, token: int) -> tuple[str, ...]:
-        return self._walk[self._vnode_index(token)]
+        return self._walk_at(self._vnode_index(token))
 
     def vnode_token_of(self, token: int) -> int:
         """The token of the vnode that owns ``token`` (the first at or after it, wrapping)."""
@@ -125,7 +194,7 @@ class Ring:
         """Every vnode range with its N replicas, in ring order."""
         count = len(self._tokens)
         return [
-            TokenRange(self._tokens[i - 1] if i else self._tokens[-1], self._tokens[i], self._walk[i][:n])
+            TokenRange(self._tokens[i - 1] if i else self._tokens[-1], self._tokens[i], self._walk_at(i)[:n])
             for i in range(count)
         ]
 

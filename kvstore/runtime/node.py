@@ -254,7 +254,7 @@ class Node:
         # newer one is loaded at start (kvstore.runtime.reconfig) or learnt from a peer.  ``ring`` is the
         # placement's read ring (the old one while a range moves).
         self.config = ClusterConfig.initial(
-            {m.id: Address(m.host, m.http_port, m.peer_port) for m in cfg.members}
+            {m.id: Address(m.host, m.http_port, m.peer_port, m.machine) for m in cfg.members}
         )
         self.placement = Placement(self.config, cfg.replicas, cfg.vnodes)
         self.ring: Ring = self.placement.read_ring

@@ -287,6 +287,7 @@ async def cluster_handler(request: web.Request) -> web.Response:
             "state": view.get("state", "up"),
             "phi": None if phi is None or phi != phi or phi == float("inf") else round(float(phi), 3),
             "ownership": round(ownership.get(member_id, 0.0) * 100, 2),
+            "machine": address.machine or member_id,  # replicas go to distinct machines first
         }
         if links is not None and member_id != node.node_id:
             entry["link"] = links.member_json(member_id)

@@ -2,9 +2,11 @@
 
 ``POST`` bodies (JSON; an unknown field is 400 ``invalid_body``):
 
-* ``{"action": "join", "id": ..., "host": ..., "http_port": ..., "peer_port": ...}``
+* ``{"action": "join", "id": ..., "host": ..., "http_port": ..., "peer_port": ..., "machine": ...}``
+  (``machine`` optional: the machine it runs on, for placement; kvstore.protocol.ring)
 * ``{"action": "leave", "id": ...}``
-* ``{"action": "replace", "id": <leaving>, "by": <joining>, "host": ..., "http_port": ..., "peer_port": ...}``
+* ``{"action": "replace", "id": <leaving>, "by": <joining>, "host": ..., "http_port": ..., "peer_port": ...,
+  "machine": ...}`` (``machine`` optional, as for join)
 * ``{"action": "resume"}`` / ``{"action": "abort"}`` (the change in progress)
 
 Answer 202 with the configuration the register now holds and the driver's progress; the range
@@ -27,9 +29,9 @@ from kvstore.server.api import NODE_KEY, admin_json, refuse_unknown_fields, requ
 
 ACTIONS = ("join", "leave", "replace", "resume", "abort")
 FIELDS = {
-    "join": ("action", "id", "host", "http_port", "peer_port"),
+    "join": ("action", "id", "host", "http_port", "peer_port", "machine"),
     "leave": ("action", "id"),
-    "replace": ("action", "id", "by", "host", "http_port", "peer_port"),
+    "replace": ("action", "id", "by", "host", "http_port", "peer_port", "machine"),
     "resume": ("action",),
     "abort": ("action",),
 }
@@ -55,7 +57,8 @@ def _member_id(data: dict[str, Any], name: str) -> str:
 
 def _address(data: dict[str, Any]) -> Address:
     try:
-        return Address.from_wire({k: data.get(k) for k in ("host", "http_port", "peer_port")})
+        optional = {"machine": data["machine"]} if "machine" in data else {}
+        return Address.from_wire({**{k: data.get(k) for k in ("host", "http_port", "peer_port")}, **optional})
     except MembershipError as exc:
         raise BadRequest("invalid_body", exc.message) from None
 
