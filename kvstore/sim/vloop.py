@@ -42,8 +42,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import heapq
 import selectors
-from asyncio import events
+from asyncio import base_events, events
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -99,6 +100,51 @@ def clear_abort() -> None:
     _abort_reason = None
 
 
+class _Handle(events.Handle):
+    """``events.Handle`` without the per-handle ``loop.get_debug()`` probe (the loop is never in debug
+    mode when it makes these: see ``VirtualLoop.call_soon``).  Same slots, same ``_run``."""
+
+    __slots__ = ()
+
+    def __init__(self, callback: Callable[..., Any], args: tuple[Any, ...], loop: asyncio.AbstractEventLoop,
+                 context: contextvars.Context | None = None) -> None:
+        self._context = context if context is not None else contextvars.copy_context()
+        self._loop = loop
+        self._callback = callback
+        self._args = args
+        self._cancelled = False
+        self._repr = None
+        self._source_traceback = None
+
+
+class _TimerHandle(events.TimerHandle):
+    """``events.TimerHandle`` made as cheaply as ``_Handle``; it orders by ``_when`` exactly as its base
+    does (so the timer heap, and with it every tie between equal deadlines, is unchanged)."""
+
+    __slots__ = ()
+
+    def __init__(self, when: float, callback: Callable[..., Any], args: tuple[Any, ...],
+                 loop: asyncio.AbstractEventLoop, context: contextvars.Context | None = None) -> None:
+        self._context = context if context is not None else contextvars.copy_context()
+        self._loop = loop
+        self._callback = callback
+        self._args = args
+        self._cancelled = False
+        self._repr = None
+        self._source_traceback = None
+        self._when = when
+        self._scheduled = False
+
+    def __lt__(self, other: object) -> bool:
+        return self._when < other._when  # type: ignore[attr-defined,no-any-return]
+
+
+# The stock loop's tuning, which ``VirtualLoop._run_once`` keeps so that the timer heap evolves identically.
+_stock: Any = base_events
+_MIN_SCHEDULED_TIMER_HANDLES: int = _stock._MIN_SCHEDULED_TIMER_HANDLES
+_MIN_CANCELLED_TIMER_HANDLES_FRACTION: float = _stock._MIN_CANCELLED_TIMER_HANDLES_FRACTION
+_MAXIMUM_SELECT_TIMEOUT: float = _stock.MAXIMUM_SELECT_TIMEOUT
+
 CURRENT_HOST: contextvars.ContextVar[Host | None] = contextvars.ContextVar("kvstore_sim_host", default=None)
 
 
@@ -144,23 +190,7 @@ class VirtualSelector(selectors.SelectSelector):
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         loop = self.loop
         assert loop is not None
-        loop.steps += 1
-        if _abort_reason is not None:
-            raise SimAborted(_abort_reason)
-        if loop.steps > loop.max_steps:
-            raise SimLimitExceeded(f"more than {loop.max_steps} loop steps (simulated t={loop.now_ns / NS_PER_S:.3f} s)")
-        if timeout is None:
-            raise SimDeadlock(loop.now_ns, loop.describe_waiting())
-        if timeout > 0:
-            # +1 ns: the loop pops timers strictly earlier than now + resolution, and the
-            # float seconds of a timer's ``when`` may round a hair above the integer instant.
-            target = loop.now_ns + int(timeout * NS_PER_S) + 1
-            if target > loop.max_time_ns:
-                raise SimLimitExceeded(
-                    f"simulated time would pass its limit of {loop.max_time_ns / NS_PER_S:.0f} s; "
-                    f"waiting: {', '.join(loop.describe_waiting()[:10])}"
-                )
-            loop.now_ns = target
+        loop._advance(timeout)
         return []
 
 
@@ -180,6 +210,97 @@ class VirtualLoop(asyncio.SelectorEventLoop):
 
     def time(self) -> float:
         return self.now_ns / NS_PER_S
+
+    # --- the loop's step, on simulated time ------------------------------------------------
+
+    def _advance(self, timeout: float | None) -> None:
+        """What ``select(timeout)`` means here: one more step, and the clock moves by ``timeout``."""
+        self.steps += 1
+        if _abort_reason is not None:
+            raise SimAborted(_abort_reason)
+        if self.steps > self.max_steps:
+            raise SimLimitExceeded(f"more than {self.max_steps} loop steps (simulated t={self.now_ns / NS_PER_S:.3f} s)")
+        if timeout is None:
+            raise SimDeadlock(self.now_ns, self.describe_waiting())
+        if timeout > 0:
+            # +1 ns: the loop pops timers strictly earlier than now + resolution, and the
+            # float seconds of a timer's ``when`` may round a hair above the integer instant.
+            target = self.now_ns + int(timeout * NS_PER_S) + 1
+            if target > self.max_time_ns:
+                raise SimLimitExceeded(
+                    f"simulated time would pass its limit of {self.max_time_ns / NS_PER_S:.0f} s; "
+                    f"waiting: {', '.join(self.describe_waiting()[:10])}"
+                )
+            self.now_ns = target
+
+    def _run_once(self) -> None:
+        """``BaseEventLoop._run_once`` without the selector, I/O events and debug timing: the same
+        steps in the same order (drop cancelled timers, advance the clock to the next timer when
+        nothing is ready, move the due timers to the ready queue, run what was ready), so a seed
+        makes exactly the steps it made on the stock loop, for a fraction of the cost."""
+        stock: Any = self  # the base loop's private state, which this method reimplements
+        if stock._debug:
+            super()._run_once()  # type: ignore[misc]
+            return
+        scheduled: list[Any] = stock._scheduled
+        sched_count = len(scheduled)
+        if (sched_count > _MIN_SCHEDULED_TIMER_HANDLES
+                and stock._timer_cancelled_count / sched_count > _MIN_CANCELLED_TIMER_HANDLES_FRACTION):
+            kept = []
+            for timer in scheduled:
+                if timer._cancelled:
+                    timer._scheduled = False
+                else:
+                    kept.append(timer)
+            heapq.heapify(kept)
+            stock._scheduled = scheduled = kept
+            stock._timer_cancelled_count = 0
+        else:
+            while scheduled and scheduled[0]._cancelled:
+                stock._timer_cancelled_count -= 1
+                heapq.heappop(scheduled)._scheduled = False
+        ready = stock._ready
+        if ready or stock._stopping:
+            self._advance(0)
+        elif scheduled:
+            self._advance(min(max(0, scheduled[0]._when - self.now_ns / NS_PER_S), _MAXIMUM_SELECT_TIMEOUT))
+        else:
+            self._advance(None)
+        end_time = self.now_ns / NS_PER_S + stock._clock_resolution
+        while scheduled:
+            if scheduled[0]._when >= end_time:
+                break
+            timer = heapq.heappop(scheduled)
+            timer._scheduled = False
+            ready.append(timer)
+        popleft = ready.popleft
+        for _ in range(len(ready)):
+            handle = popleft()
+            if not handle._cancelled:
+                handle._run()
+        handle = None  # break cycles when an exception occurred, as the stock loop does
+
+    def call_at(  # type: ignore[override]
+        self, when: float, callback: Callable[..., Any], *args: Any, context: contextvars.Context | None = None
+    ) -> events.TimerHandle:
+        stock: Any = self
+        if stock._debug:
+            return super().call_at(when, callback, *args, context=context)
+        if when is None:
+            raise TypeError("when cannot be None")
+        if stock._closed:
+            raise RuntimeError("Event loop is closed")
+        timer = _TimerHandle(when, callback, args, self, context)
+        heapq.heappush(stock._scheduled, timer)
+        timer._scheduled = True
+        return timer
+
+    def call_later(  # type: ignore[override]
+        self, delay: float, callback: Callable[..., Any], *args: Any, context: contextvars.Context | None = None
+    ) -> events.TimerHandle:
+        if delay is None:
+            raise TypeError("delay must not be None")
+        return self.call_at(self.now_ns / NS_PER_S + delay, callback, *args, context=context)
 
     # --- task ownership -------------------------------------------------------------------
 
@@ -234,10 +355,17 @@ class VirtualLoop(asyncio.SelectorEventLoop):
             if host is not None and host.paused:
                 if self.is_closed():
                     raise RuntimeError("Event loop is closed")
-                handle = events.Handle(callback, args, self, context)
+                handle = _Handle(callback, args, self, context)
                 host.held.append(handle)
                 return handle
-        return super().call_soon(callback, *args, context=context)
+        stock: Any = self
+        if stock._debug:
+            return super().call_soon(callback, *args, context=context)
+        if stock._closed:
+            raise RuntimeError("Event loop is closed")
+        handle = _Handle(callback, args, self, context)
+        stock._ready.append(handle)
+        return handle
 
 
 def run(main: Coroutine[Any, Any, T], *, max_time_s: float = 24 * 3600.0, max_steps: int = 50_000_000) -> T:
