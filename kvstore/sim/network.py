@@ -44,7 +44,7 @@ from typing import Any, cast
 
 import msgpack
 
-from kvstore.sim.vloop import Host
+from kvstore.sim.vloop import Host, wait_answer
 from kvstore.transport.base import FaultRules, Handler, Message, PeerUnavailable, RemoteError
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ class SimTransport:
         network.messages_sent += 1
         network._later(delay_s + network.transit_s(), network._arrive, self.node_id, peer, _pack(message), reply)
         try:
-            answer = await asyncio.wait_for(reply, max(0.0, timeout_s))
+            answer = await wait_answer(reply, timeout_s)
         except TimeoutError:
             raise PeerUnavailable(peer, "timeout", maybe_delivered=True) from None
         if isinstance(answer, dict) and answer.get("remote_error"):

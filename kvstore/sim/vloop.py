@@ -368,6 +368,41 @@ class VirtualLoop(asyncio.SelectorEventLoop):
         return handle
 
 
+# Timers that belong to no simulated process (a reply's deadline): run them in an empty context.
+_NO_HOST = contextvars.Context()
+
+
+class _Expired(Exception):
+    """Set on a future whose deadline passed (``wait_answer``); never escapes it."""
+
+
+def _expire(future: asyncio.Future[Any]) -> None:
+    if not future.done():
+        future.set_exception(_Expired())
+
+
+async def wait_answer(future: asyncio.Future[T], timeout_s: float) -> T:
+    """``asyncio.wait_for(future, timeout_s)`` for a plain future that the simulator settles (a reply).
+
+    ``wait_for`` wraps the future in a waiter with its own done callback, so an answer wakes the
+    caller two loop steps after it arrives; here the deadline is a timer that fails the future
+    itself, and an answer wakes the caller at the next step.  The outcomes are ``wait_for``'s:
+    the result, the future's exception, ``TimeoutError`` once ``timeout_s`` passed (the future is
+    then done: a late answer is ignored), and a cancelled caller cancels the future."""
+    if timeout_s <= 0:
+        if future.done():
+            return future.result()
+        future.cancel()
+        raise TimeoutError
+    expiry = future.get_loop().call_later(timeout_s, _expire, future, context=_NO_HOST)
+    try:
+        return await future
+    except _Expired:
+        raise TimeoutError from None
+    finally:
+        expiry.cancel()
+
+
 def run(main: Coroutine[Any, Any, T], *, max_time_s: float = 24 * 3600.0, max_steps: int = 50_000_000) -> T:
     """Run ``main`` to completion on a fresh ``VirtualLoop``; always closes the loop.
 
