@@ -51,6 +51,7 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 NS_PER_S = 1_000_000_000
+PRUNE_TASKS_AT = 256  # the task table is swept of finished tasks when it passes this (or twice its live size)
 # The simulated wall clock starts at a fixed, realistic date (2024-01-01T00:00:00Z) so LWW
 # timestamps, hint ages and clock-derived ballots look like real ones.
 WALL_EPOCH_NS = 1_704_067_200 * NS_PER_S
@@ -153,7 +154,6 @@ class Host:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.tasks: dict[asyncio.Task[Any], None] = {}  # creation order (a dict, not a set)
         self.paused = False
         self.crashed = False
         self.held: list[events.Handle] = []
@@ -176,7 +176,7 @@ class Host:
         loop = asyncio.get_running_loop()
         assert isinstance(loop, VirtualLoop)
         loop.release(self)
-        for task in list(self.tasks):
+        for task in loop.tasks_of(self):
             task.cancel()
 
 
@@ -206,7 +206,8 @@ class VirtualLoop(asyncio.SelectorEventLoop):
         self.max_time_ns = int(max_time_s * NS_PER_S)
         self.max_steps = max_steps
         self._paused: dict[Host, None] = {}
-        self._all_tasks: dict[asyncio.Task[Any], Host | None] = {}
+        self._all_tasks: dict[asyncio.Task[Any], Host | None] = {}  # creation order (a dict, not a set)
+        self._prune_at = PRUNE_TASKS_AT
 
     def time(self) -> float:
         return self.now_ns / NS_PER_S
@@ -309,24 +310,30 @@ class VirtualLoop(asyncio.SelectorEventLoop):
     ) -> asyncio.Task[Any]:
         task = super().create_task(coro, name=name, context=context)
         host = context.get(CURRENT_HOST) if context is not None else CURRENT_HOST.get()
+        # Finished tasks are dropped in batches (when the table doubled), not by a done callback:
+        # that callback was one loop step per task, the most frequent step of a run.
         self._all_tasks[task] = host
-        if host is not None:
-            host.tasks[task] = None
-        task.add_done_callback(self._forget)
+        if len(self._all_tasks) > self._prune_at:
+            self._drop_finished()
         return task
 
-    def _forget(self, task: asyncio.Task[Any]) -> None:
-        host = self._all_tasks.pop(task, None)
-        if host is not None:
-            host.tasks.pop(task, None)
+    def _drop_finished(self) -> None:
+        self._all_tasks = {task: host for task, host in self._all_tasks.items() if not task.done()}
+        self._prune_at = max(PRUNE_TASKS_AT, 2 * len(self._all_tasks))
 
     def tasks_in_order(self) -> list[asyncio.Task[Any]]:
         """Every unfinished task, in creation order (``asyncio.all_tasks`` is a set)."""
-        return list(self._all_tasks)
+        return [task for task in self._all_tasks if not task.done()]
+
+    def tasks_of(self, host: Host) -> list[asyncio.Task[Any]]:
+        """The unfinished tasks of ``host``, in creation order."""
+        return [task for task, owner in self._all_tasks.items() if owner is host and not task.done()]
 
     def describe_waiting(self) -> list[str]:
         out = []
         for task, host in self._all_tasks.items():
+            if task.done():
+                continue
             coro = task.get_coro()
             where = getattr(coro, "__qualname__", type(coro).__name__)
             out.append(f"{host.name if host else 'harness'}:{task.get_name()}({where})")
@@ -417,6 +424,9 @@ def run(main: Coroutine[Any, Any, T], *, max_time_s: float = 24 * 3600.0, max_st
         try:
             _cancel_all(loop)
         finally:
+            # Release the finished tasks now, while the run's log handlers are still in place (a
+            # task whose exception nobody retrieved logs it when it is freed), not at some later GC.
+            loop._all_tasks.clear()
             asyncio.set_event_loop(None)
             loop.close()
 
