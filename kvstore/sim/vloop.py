@@ -119,8 +119,7 @@ class _Handle(events.Handle):
 
 
 class _TimerHandle(events.TimerHandle):
-    """``events.TimerHandle`` made as cheaply as ``_Handle``; it orders by ``_when`` exactly as its base
-    does (so the timer heap, and with it every tie between equal deadlines, is unchanged)."""
+    """``events.TimerHandle`` made as cheaply as ``_Handle`` (ordered as its base: by ``_when`` only)."""
 
     __slots__ = ()
 
@@ -136,8 +135,6 @@ class _TimerHandle(events.TimerHandle):
         self._when = when
         self._scheduled = False
 
-    def __lt__(self, other: object) -> bool:
-        return self._when < other._when  # type: ignore[attr-defined,no-any-return]
 
 
 # The stock loop's tuning, which ``VirtualLoop._run_once`` keeps so that the timer heap evolves identically.
@@ -238,40 +235,45 @@ class VirtualLoop(asyncio.SelectorEventLoop):
         """``BaseEventLoop._run_once`` without the selector, I/O events and debug timing: the same
         steps in the same order (drop cancelled timers, advance the clock to the next timer when
         nothing is ready, move the due timers to the ready queue, run what was ready), so a seed
-        makes exactly the steps it made on the stock loop, for a fraction of the cost."""
+        makes exactly the steps it made on the stock loop, for a fraction of the cost.  In asyncio's
+        debug mode (decided when the loop is made, e.g. ``PYTHONASYNCIODEBUG``) the stock step and
+        timers run instead; switching debug mode on a running simulation is not supported."""
         stock: Any = self  # the base loop's private state, which this method reimplements
         if stock._debug:
             super()._run_once()  # type: ignore[misc]
             return
-        scheduled: list[Any] = stock._scheduled
+        # The timer heap holds (when, handle) pairs: a pair compares its float in C, and for equal
+        # instants falls back to the handles, which never order equal instants -- so the heap makes
+        # exactly the comparisons, and keeps exactly the order, of the stock heap of handles.
+        scheduled: list[tuple[float, Any]] = stock._scheduled
         sched_count = len(scheduled)
         if (sched_count > _MIN_SCHEDULED_TIMER_HANDLES
                 and stock._timer_cancelled_count / sched_count > _MIN_CANCELLED_TIMER_HANDLES_FRACTION):
             kept = []
-            for timer in scheduled:
-                if timer._cancelled:
-                    timer._scheduled = False
+            for entry in scheduled:
+                if entry[1]._cancelled:
+                    entry[1]._scheduled = False
                 else:
-                    kept.append(timer)
+                    kept.append(entry)
             heapq.heapify(kept)
             stock._scheduled = scheduled = kept
             stock._timer_cancelled_count = 0
         else:
-            while scheduled and scheduled[0]._cancelled:
+            while scheduled and scheduled[0][1]._cancelled:
                 stock._timer_cancelled_count -= 1
-                heapq.heappop(scheduled)._scheduled = False
+                heapq.heappop(scheduled)[1]._scheduled = False
         ready = stock._ready
         if ready or stock._stopping:
             self._advance(0)
         elif scheduled:
-            self._advance(min(max(0, scheduled[0]._when - self.now_ns / NS_PER_S), _MAXIMUM_SELECT_TIMEOUT))
+            self._advance(min(max(0, scheduled[0][0] - self.now_ns / NS_PER_S), _MAXIMUM_SELECT_TIMEOUT))
         else:
             self._advance(None)
         end_time = self.now_ns / NS_PER_S + stock._clock_resolution
         while scheduled:
-            if scheduled[0]._when >= end_time:
+            if scheduled[0][0] >= end_time:
                 break
-            timer = heapq.heappop(scheduled)
+            timer = heapq.heappop(scheduled)[1]
             timer._scheduled = False
             ready.append(timer)
         popleft = ready.popleft
@@ -292,7 +294,7 @@ class VirtualLoop(asyncio.SelectorEventLoop):
         if stock._closed:
             raise RuntimeError("Event loop is closed")
         timer = _TimerHandle(when, callback, args, self, context)
-        heapq.heappush(stock._scheduled, timer)
+        heapq.heappush(stock._scheduled, (when, timer))
         timer._scheduled = True
         return timer
 
