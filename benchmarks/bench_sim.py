@@ -36,6 +36,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -102,10 +103,10 @@ class Worker:
 
     def stop(self) -> None:
         if self.process.stdin is not None:
-            self.process.stdin.close()
+            self.process.stdin.close()  # a worker between seeds exits at once
         try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # one in the middle of a seed: no need to finish it
             self.process.kill()
             self.process.wait()
 
@@ -129,6 +130,8 @@ def compare(args: argparse.Namespace) -> int:
           f"per seed, run alternately one at a time; {os.cpu_count()} CPUs, load average "
           f"{os.getloadavg()[0]:.2f} at start", flush=True)
     out_root = Path(tempfile.mkdtemp(prefix="kvstore-bench-sim-"))
+    # A stopped benchmark (SIGTERM) still stops its workers and removes their files (the finally below).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     workers = {
         "baseline": Worker.start("baseline", baseline_checkout, args.baseline_python or sys.executable,
                                  out_root / "baseline"),
