@@ -19,6 +19,7 @@ from kvstore.protocol.merkle import (
     MerkleTree,
     MerkleWireError,
     TreeShape,
+    flat_root,
     keys_to_exchange,
     range_size,
 )
@@ -387,3 +388,16 @@ def test_replies_of_the_wrong_length_or_shape_are_rejected() -> None:
         BucketReply.from_wire({"buckets": [[["a", b"d"]]]}, bucket_request)
     with pytest.raises(MerkleWireError):
         BucketReply.from_wire({"buckets": [[["a", "not bytes"]], []]}, bucket_request)
+
+
+@pytest.mark.parametrize("bounds", [FULL, HALF, WRAP, TINY])
+@pytest.mark.parametrize("count", [0, 1, 7])
+def test_flat_root_is_the_root_of_a_depth_zero_tree(bounds: tuple[int, int], count: int) -> None:
+    leaves = synthetic(bounds[0], count, range_size(*bounds))
+    assert flat_root(*bounds, leaves) == MerkleTree.build(*bounds, leaves, 0).root
+
+
+@pytest.mark.parametrize("leaves", [[], [(5, "a", b"d")]])
+def test_flat_root_checks_the_range_as_a_tree_does(leaves: list[Leaf]) -> None:
+    with pytest.raises(MerkleError):
+        flat_root(TOKEN_MAX + 1, 0, leaves)

@@ -228,6 +228,102 @@ def test_a_crash_keeps_or_loses_the_disk_and_the_identity_with_it() -> None:
     assert out["read_after_loss"] == (200, b"v1")  # the other replicas still have it
 
 
+def test_wait_answer_gives_the_answer_the_error_or_a_timeout_at_the_deadline() -> None:
+    async def main() -> list[Any]:
+        loop = asyncio.get_running_loop()
+        out: list[Any] = []
+        answered: asyncio.Future[str] = loop.create_future()
+        loop.call_later(0.2, answered.set_result, "yes")
+        out.append((await vloop.wait_answer(answered, 1.0), loop.time()))
+        failed: asyncio.Future[str] = loop.create_future()
+        loop.call_later(0.1, failed.set_exception, PeerUnavailable("n2", "refused", maybe_delivered=False))
+        with pytest.raises(PeerUnavailable):
+            await vloop.wait_answer(failed, 1.0)
+        silent: asyncio.Future[str] = loop.create_future()
+        started = loop.time()
+        with pytest.raises(TimeoutError):
+            await vloop.wait_answer(silent, 0.5)
+        out.append((silent.done(), loop.time() - started))
+        silent_now: asyncio.Future[str] = loop.create_future()
+        with pytest.raises(TimeoutError):
+            await vloop.wait_answer(silent_now, 0.0)  # no time left: as wait_for, at once
+        out.append(silent_now.cancelled())
+        waiting: asyncio.Future[str] = loop.create_future()
+        caller = asyncio.ensure_future(vloop.wait_answer(waiting, 5.0))
+        await asyncio.sleep(0.1)
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        out.append(waiting.cancelled())  # a cancelled caller cancels the future, as wait_for does
+        return out
+
+    (answer, at), (done, waited), cancelled_at_once, cancelled_with_caller = vloop.run(main())
+    assert answer == "yes" and at == pytest.approx(0.2, abs=1e-6)
+    assert done and waited == pytest.approx(0.5, abs=1e-6)
+    assert cancelled_at_once and cancelled_with_caller
+
+
+def test_a_disk_write_lands_after_its_latency_in_order_even_if_its_caller_stops_waiting() -> None:
+    async def main() -> dict[str, Any]:
+        from kvstore.sim.disk import SimDisk
+
+        loop = asyncio.get_running_loop()
+        disk = SimDisk("n1", 0, lambda: 0.010)
+        host = Host("n1#1")
+        data = disk.open()["data"]
+        out: dict[str, Any] = {}
+
+        async def writes() -> None:
+            await data.put("a", 1, b"1")
+            out["a_at"] = loop.time()
+            await data.put("b", 2, b"2")
+            out["b_at"] = loop.time()
+            abandoned = asyncio.ensure_future(data.put("c", 3, b"3"))
+            await asyncio.sleep(0.001)
+            abandoned.cancel()  # the caller stops waiting: the write still lands
+            await asyncio.sleep(0.1)
+            out["c"] = await data.get("c", 3)
+
+        await host.spawn(writes())
+        return out
+
+    out = vloop.run(main())
+    assert out["a_at"] == pytest.approx(0.010, abs=1e-6) and out["b_at"] == pytest.approx(0.020, abs=1e-6)
+    assert out["c"] == b"3"
+
+
+def test_a_disk_write_of_a_paused_node_lands_on_resume_and_a_crash_drops_it() -> None:
+    async def main() -> dict[str, Any]:
+        from kvstore.sim.disk import SimDisk
+
+        loop = asyncio.get_running_loop()
+        assert isinstance(loop, vloop.VirtualLoop)
+        disk = SimDisk("n1", 0, lambda: 0.010)
+        host = Host("n1#1")
+        stores = disk.open()
+        out: dict[str, Any] = {}
+        host.spawn(stores["data"].put("p", 1, b"paused"))
+        await asyncio.sleep(0.001)
+        loop.pause(host)
+        await asyncio.sleep(0.1)  # the write's instant passes while the node is stopped
+        out["while_paused"] = disk.stores["data"]._data.get((1, "p"))
+        loop.release(host)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        out["after_resume"] = disk.stores["data"]._data.get((1, "p"))
+        host.spawn(stores["data"].put("q", 2, b"crashed"))
+        await asyncio.sleep(0.001)
+        disk.fence()
+        host.crash()
+        await asyncio.sleep(0.1)
+        out["after_crash"] = disk.stores["data"]._data.get((2, "q"))
+        return out
+
+    out = vloop.run(main())
+    assert out["while_paused"] is None and out["after_resume"] == b"paused"
+    assert out["after_crash"] is None
+
+
 # --- whole runs -----------------------------------------------------------------------------------
 
 
@@ -353,6 +449,10 @@ def test_explore_simulate_gives_the_explorers_table_and_report_and_replays(tmp_p
         "availability_fault_minority"]
     html = (out / "index.html").read_text()
     assert "data:image/png;base64," in html and "kvstore sim --seed 3 --mode linearizable" in html
+    # Each cell's section (its plots) was rendered by the worker that ran it, and the report has them all.
+    assert html.count("<section id=") == 2
+    assert all((out / "runs" / f"{mode}--isolated-node" / "plot.png").stat().st_size > 0
+               for mode in ("eventual", "linearizable"))
     # A cell is the same run as `kvstore sim` with its replay options.
     replay = run_sim(3, SimConfig(mode="linearizable", scenario="isolated-node", duration_s=4.0), tmp_path / "again",
                      judge_history=False)

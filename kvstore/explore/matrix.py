@@ -69,6 +69,7 @@ class Cell:
     summary: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     seconds: float = 0.0
+    section: str | None = None  # its report section, when the worker that ran it rendered it (--simulate)
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -295,8 +296,10 @@ def _cell_json(cell: Cell) -> dict[str, Any]:
 
 
 def _simulate_cell(mode: str, scenario: str, seed: int, duration: float, clients: int, rate: float,
-                   out_dir: str) -> dict[str, Any]:
-    """One simulated cell (runs in a worker process): the judge's figures, or the error."""
+                   out_dir: str, command: str) -> dict[str, Any]:
+    """One simulated cell (runs in a worker process): the judge's figures and the cell's report
+    section (its plots rendered here, in parallel with the other cells), or the error."""
+    from kvstore.explore.report import cell_section
     from kvstore.sim.run import SimConfig, replay_command, run_sim
 
     config = SimConfig(mode=mode, scenario=scenario, duration_s=duration, clients=clients, rate_per_s=rate)
@@ -306,7 +309,9 @@ def _simulate_cell(mode: str, scenario: str, seed: int, duration: float, clients
         return {"error": f"{type(exc).__name__}: {exc}", "seconds": 0.0}
     summary = {**result.summary, "history_sha256": result.history_sha256, "simulated_s": round(result.simulated_s, 3),
                "broken": result.broken, "replay": replay_command(seed, config)}
-    return {"summary": summary, "seconds": result.wall_s}
+    section = cell_section(Path(out_dir), mode, scenario, summary,
+                           {"seed": seed, "duration_s": duration, "command": command})
+    return {"summary": summary, "seconds": result.wall_s, "section": section}
 
 
 def _explore_simulated(args: argparse.Namespace, modes: list[str], scenarios: list[str], duration: float) -> int:
@@ -330,7 +335,7 @@ def _explore_simulated(args: argparse.Namespace, modes: list[str], scenarios: li
         task = bar.add_task(f"exploring (simulated, {jobs} process{'es' if jobs > 1 else ''})", total=len(cells))
         futures = {
             pool.submit(_simulate_cell, c.mode, c.scenario, args.seed, duration, args.clients, args.rate,
-                        str(c.out_dir)): c
+                        str(c.out_dir), command): c
             for c in cells
         }
         for future in concurrent.futures.as_completed(futures):
@@ -339,6 +344,7 @@ def _explore_simulated(args: argparse.Namespace, modes: list[str], scenarios: li
             cell.error = outcome.get("error")
             cell.summary = outcome.get("summary", {})
             cell.seconds = outcome["seconds"]
+            cell.section = outcome.get("section")
             bar.advance(task)
     elapsed = time.monotonic() - started
     meta = {"seed": args.seed, "duration_s": duration, "modes": modes, "scenarios": scenarios, "skipped": [],

@@ -309,10 +309,49 @@ def _cluster_pictures(s: dict[str, Any], events: list[dict[str, Any]]) -> tuple[
     return "<div class=pics>" + "".join(parts) + "</div>", note
 
 
-def write_report(out: Path, cells: Sequence[Any], meta: dict[str, Any]) -> Path:
+def cell_section(out_dir: Path, mode: str, scenario: str, s: dict[str, Any], meta: dict[str, Any]) -> str:
+    """One cell's section of the report (its plots, pictures and how to reproduce it); writes its
+    ``plot.png``.  Needs only the cell's directory, its summary and the matrix's seed, duration and
+    command, so a worker process can render it right after the run (``kvstore explore --simulate``
+    does, in parallel), and the report only assembles the sections."""
     from kvstore.explore.plots import run_figure
     from kvstore.harness.history import read_history
 
+    anchor = f"{mode}--{scenario}"
+    history_path = out_dir / "history.jsonl"
+    run_json = json.loads((out_dir / "run.json").read_text()) if (out_dir / "run.json").exists() else {}
+    events = read_history(history_path) if history_path.exists() else []
+    first_final = run_json.get("final_reads_from_index")
+    final_from = events[first_final]["time"] / 1e9 if isinstance(first_final, int) and first_final < len(events) else None
+    marks = s.get("plot_marks", {})
+    label = ("minority side (no majority of the key's replicas)" if s["sides_rule"] == "per-key replica majority"
+             else f"clients of {','.join(s.get('minority_nodes') or [])}")
+    png = run_figure(events, f"{mode} × {scenario}", minority=set(marks.get("minority", [])) or None,
+                     subtitle=s["finding"], final_reads_from_s=final_from, minority_label=label,
+                     lost=set(marks.get("lost", [])), stale=set(marks.get("stale", [])))
+    (out_dir / "plot.png").write_bytes(png)
+    timeline = s.get("timeline_svg")
+    pictures, replicas_note = _cluster_pictures(s, events)
+    repro = s.get("replay") or (f"python chaos/{scenario.replace('-', '_')}.py --mode {mode} "
+                                f"--duration {meta['duration_s']:g} --seed {meta['seed']} --out runs/{anchor}")
+    return (
+        f"<section id='{anchor}'><h2>{mode} × {scenario}</h2><p class=finding>{html.escape(s['finding'])}</p>"
+        + pictures
+        + _img(png, f"latency and availability over time, {mode} under {scenario}")
+        + (f"<h3>Why it is not linearizable (key {html.escape(s['keys_invalid'][0])}{replicas_note})</h3>"
+           f"<div class=svg>{timeline}</div>" if timeline else "")
+        + "<details><summary>configuration, seed and how to reproduce</summary>"
+        + f"<p>Reproduce this cell alone: <code>{html.escape(repro)}</code><br>"
+        + f"or the whole matrix: <code>{html.escape(meta['command'])}</code></p>"
+        + f"<pre>{html.escape(json.dumps({k: run_json.get(k) for k in ('scenario', 'mode', 'seed', 'schedule', 'workload', 'cluster', 'versions')}, indent=1, default=str))}</pre>"
+        + f"<p>History: <code>{html.escape(str(history_path))}</code>; checker output: "
+        + f"<code>{html.escape(str(out_dir / 'check.json'))}</code></p></details></section>"
+    )
+
+
+def write_report(out: Path, cells: Sequence[Any], meta: dict[str, Any]) -> Path:
+    """The matrix's ``index.html``: the table, the guide, and every cell's section (rendered here,
+    or already by the worker that ran the cell: a cell's ``section``)."""
     rows = []
     sections = []
     for c in cells:
@@ -332,35 +371,8 @@ def write_report(out: Path, cells: Sequence[Any], meta: dict[str, Any]) -> Path:
             f"<td>{lin}</td><td>{s['stale_reads']}</td><td>{s['lost_writes']}</td><td>{s['sibling_reads']}</td>"
             f"<td>{lat}</td><td>{html.escape(s['finding'])}</td></tr>"
         )
-        history_path = c.out_dir / "history.jsonl"
-        run_json = json.loads((c.out_dir / "run.json").read_text()) if (c.out_dir / "run.json").exists() else {}
-        events = read_history(history_path) if history_path.exists() else []
-        first_final = run_json.get("final_reads_from_index")
-        final_from = events[first_final]["time"] / 1e9 if isinstance(first_final, int) and first_final < len(events) else None
-        marks = s.get("plot_marks", {})
-        label = ("minority side (no majority of the key's replicas)" if s["sides_rule"] == "per-key replica majority"
-                 else f"clients of {','.join(s.get('minority_nodes') or [])}")
-        png = run_figure(events, f"{c.mode} × {c.scenario}", minority=set(marks.get("minority", [])) or None,
-                         subtitle=s["finding"], final_reads_from_s=final_from, minority_label=label,
-                         lost=set(marks.get("lost", [])), stale=set(marks.get("stale", [])))
-        (c.out_dir / "plot.png").write_bytes(png)
-        timeline = s.get("timeline_svg")
-        pictures, replicas_note = _cluster_pictures(s, events)
-        repro = s.get("replay") or (f"python chaos/{c.scenario.replace('-', '_')}.py --mode {c.mode} "
-                                    f"--duration {meta['duration_s']:g} --seed {meta['seed']} --out runs/{anchor}")
-        sections.append(
-            f"<section id='{anchor}'><h2>{c.mode} × {c.scenario}</h2><p class=finding>{html.escape(s['finding'])}</p>"
-            + pictures
-            + _img(png, f"latency and availability over time, {c.mode} under {c.scenario}")
-            + (f"<h3>Why it is not linearizable (key {html.escape(s['keys_invalid'][0])}{replicas_note})</h3>"
-               f"<div class=svg>{timeline}</div>" if timeline else "")
-            + "<details><summary>configuration, seed and how to reproduce</summary>"
-            + f"<p>Reproduce this cell alone: <code>{html.escape(repro)}</code><br>"
-            + f"or the whole matrix: <code>{html.escape(meta['command'])}</code></p>"
-            + f"<pre>{html.escape(json.dumps({k: run_json.get(k) for k in ('scenario', 'mode', 'seed', 'schedule', 'workload', 'cluster', 'versions')}, indent=1, default=str))}</pre>"
-            + f"<p>History: <code>{html.escape(str(history_path))}</code>; checker output: "
-            + f"<code>{html.escape(str(c.out_dir / 'check.json'))}</code></p></details></section>"
-        )
+        section = getattr(c, "section", None)
+        sections.append(section if section else cell_section(c.out_dir, c.mode, c.scenario, s, meta))
     doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>kvstore CAP explorer</title>
 <style>
 body {{ font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 24px; max-width: 1200px; color: #212529 }}

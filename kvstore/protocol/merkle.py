@@ -344,6 +344,15 @@ class MerkleTree:
         return BucketReply(tuple(tuple(self.bucket_items(i)) for i in request.indexes))
 
 
+def flat_root(start: int, end: int, leaves: Sequence[tuple[int, str, bytes]]) -> bytes:
+    """The root of ``MerkleTree.build(start, end, leaves, 0)`` (a range's summary hash), with the same
+    checks; an empty range (most ranges of a small store) costs no tree at all."""
+    if not leaves:
+        _check_range(start, end, 0)
+        return EMPTY_BUCKET_HASH
+    return MerkleTree.build(start, end, leaves, 0).root
+
+
 def children_of(indexes: Iterable[int]) -> list[int]:
     return [child for i in indexes for child in (2 * i, 2 * i + 1)]
 

@@ -35,7 +35,7 @@ import asyncio
 import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +52,7 @@ from kvstore.protocol.merkle import (
     MerkleTree,
     MerkleWireError,
     TreeShape,
+    flat_root,
     keys_to_exchange,
 )
 from kvstore.protocol.ring import TokenRange, key_token
@@ -487,9 +488,9 @@ async def _bounded(slots: asyncio.Semaphore, job: Awaitable[None]) -> None:
         await job
 
 
-def _flat_hash(token_range: TokenRange, leaves: Iterable[Leaf]) -> bytes:
+def _flat_hash(token_range: TokenRange, leaves: list[Leaf]) -> bytes:
     """The root of a depth-0 tree of the range: one hash of every (key, digest) pair."""
-    return MerkleTree.build(token_range.start, token_range.end, leaves, 0).root
+    return flat_root(token_range.start, token_range.end, leaves)
 
 
 def _parse_summaries(reply: Message, count: int) -> list[tuple[int, bytes]]:

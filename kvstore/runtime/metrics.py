@@ -1,10 +1,56 @@
-"""Prometheus metrics of one node (one registry per node, so in-process test clusters don't collide)."""
+"""Prometheus metrics of one node (one registry per node, so in-process test clusters don't collide).
+
+Labelled metrics remember the child of each label set they were asked for: ``prometheus_client``'s
+``labels()`` validates, stringifies and takes a lock on every call, and the hot paths (every
+client request, every anti-entropy range) ask for the same few children again and again.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from typing import Any
+
+import prometheus_client
+from prometheus_client import CollectorRegistry
 
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+MAX_REMEMBERED_CHILDREN = 1024  # per metric; label sets past this are looked up the slow way
+
+
+class _RememberedLabels:
+    """``labels()`` answered from a dict of the children already made (forgotten on ``remove``/``clear``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def labels(self, *labelvalues: Any, **labelkwargs: Any) -> Any:
+        key = (labelvalues, *labelkwargs.items())
+        child = self._children.get(key)
+        if child is None:
+            child = super().labels(*labelvalues, **labelkwargs)  # type: ignore[misc]
+            if len(self._children) < MAX_REMEMBERED_CHILDREN:
+                self._children[key] = child
+        return child
+
+    def remove(self, *labelvalues: Any) -> None:
+        self._children.clear()
+        super().remove(*labelvalues)  # type: ignore[misc]
+
+    def clear(self) -> None:
+        self._children.clear()
+        super().clear()  # type: ignore[misc]
+
+
+class Counter(_RememberedLabels, prometheus_client.Counter):
+    pass
+
+
+class Gauge(_RememberedLabels, prometheus_client.Gauge):
+    pass
+
+
+class Histogram(_RememberedLabels, prometheus_client.Histogram):
+    pass
 
 
 class Metrics:

@@ -51,7 +51,7 @@ from kvstore.runtime.node import Node
 from kvstore.server.kv_api import ApiRequest, ApiResponse, KvApi
 from kvstore.sim.disk import SimDisk, latency_sampler
 from kvstore.sim.network import Latency, SimNetwork, SimTransport
-from kvstore.sim.vloop import Host, SimClock, SimError, VirtualLoop
+from kvstore.sim.vloop import Host, SimClock, SimError, VirtualLoop, wait_answer
 from kvstore.storage.faulty import FaultSettings
 from kvstore.transport.base import LinkRule
 
@@ -292,7 +292,7 @@ class SimCluster:
         answer: asyncio.Future[ApiResponse] = self.loop.create_future()
         self._later(self._client_transit_s(), self._client_arrive, node_id, request, answer)
         try:
-            return await asyncio.wait_for(answer, timeout_s)
+            return await wait_answer(answer, timeout_s)
         except TimeoutError:
             raise NoAnswerError("timeout", "timeout") from None
 

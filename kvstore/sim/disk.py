@@ -37,10 +37,13 @@ import random
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from kvstore.sim.vloop import CURRENT_HOST, Host
 from kvstore.storage._common import StorageClosed
 from kvstore.storage.base import Record
 from kvstore.storage.faulty import DiskFaults, FaultyStorage
 from kvstore.storage.memory import MemoryStorage
+
+_NO_HOST = contextvars.Context()  # the write's timer belongs to the disk, not to a process
 
 STORE_NAMES = ("data", "hints", "paxos")
 
@@ -122,24 +125,34 @@ class StoreHandle:
             self.disk.note_unsynced(self.durable_store, op, args)
             return
 
-        async def apply() -> None:
-            await getattr(self.store, op)(*args)
-
         loop = asyncio.get_running_loop()
         now_ns = int(loop.time() * 1e9)
         done_ns = max(now_ns + int(self.disk.write_latency_s() * 1e9), self.disk.busy_until_ns + 1)
         self.disk.busy_until_ns = done_ns
+        # The write lands from a timer, not from the caller: a caller that stops waiting does not
+        # stop it, a crash of the node does (the handle is fenced), and a paused node's write lands
+        # only once it resumes (the landing is scheduled in its process, which holds it meanwhile).
+        landed: asyncio.Future[None] = loop.create_future()
+        loop.call_later(max(0.0, (done_ns - now_ns) / 1e9), self._land_soon, landed, op, args,
+                        CURRENT_HOST.get(), context=_NO_HOST)
+        await landed
 
-        async def land() -> None:
-            await asyncio.sleep(max(0.0, (done_ns - now_ns) / 1e9))
+    def _land_soon(self, landed: asyncio.Future[None], op: str, args: tuple[Any, ...], host: Host | None) -> None:
+        if host is not None and host.paused:
+            asyncio.get_running_loop().call_soon(self._land, landed, op, args, context=host.context())
+        else:
+            self._land(landed, op, args)
+
+    def _land(self, landed: asyncio.Future[None], op: str, args: tuple[Any, ...]) -> None:
+        try:
             if not self.fenced:
-                await apply()
-
-        # Shielded, in its own task (of this node's process): a caller that stops waiting does
-        # not stop the write; a crash of the node does.
-        task = asyncio.ensure_future(land())
-        task.add_done_callback(_consume)
-        await asyncio.shield(task)
+                _run_now(getattr(self.store, op)(*args))
+        except Exception as exc:
+            if not landed.done():
+                landed.set_exception(exc)
+            return
+        if not landed.done():
+            landed.set_result(None)
 
     async def get(self, key: str, token: int) -> bytes | None:
         self._check()
@@ -181,12 +194,6 @@ def latency_sampler(rng: random.Random, low_ms: float, high_ms: float) -> Callab
     """Uniform latencies in seconds between ``low_ms`` and ``high_ms`` drawn from ``rng``."""
     assert 0 <= low_ms <= high_ms
     return lambda: rng.uniform(low_ms, high_ms) / 1000.0
-
-
-def _consume(task: asyncio.Task[None]) -> None:
-    # A write whose caller stopped waiting must not log "exception was never retrieved".
-    if not task.cancelled():
-        task.exception()
 
 
 def _copy(store: MemoryStorage) -> MemoryStorage:

@@ -38,13 +38,13 @@ import asyncio
 import contextvars
 import logging
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import msgpack
 
-from kvstore.sim.vloop import Host
+from kvstore.sim.vloop import Host, wait_answer
 from kvstore.transport.base import FaultRules, Handler, Message, PeerUnavailable, RemoteError
 
 log = logging.getLogger(__name__)
@@ -70,8 +70,9 @@ class Latency:
         return min(self.max_ms, self.median_ms * rng.lognormvariate(0.0, self.sigma)) / 1000.0
 
 
-def _pack(obj: Any) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
+# One packer for every message (``msgpack.packb`` builds a new one per call); it resets itself
+# after each message, also after a failed one.
+_pack: Callable[[Any], bytes] = msgpack.Packer(use_bin_type=True).pack
 
 
 def _unpack(wire: bytes) -> Any:
@@ -109,13 +110,9 @@ class SimNetwork:
             return
         if target.faults.incoming_dropped(sender):
             return  # a partitioned or lossy link: the message vanishes, the caller times out
-        handler = target.handler
-        message = _unpack(wire)
-
-        async def handle() -> Message:
-            return await handler(sender, message)
-
-        task = target.host.spawn(handle(), name=f"{peer}<-{sender}")
+        # The handler (the node's ``handle_message``) is a coroutine function: its coroutine is the task.
+        handling = cast(Coroutine[Any, Any, Message], target.handler(sender, _unpack(wire)))
+        task = target.host.spawn(handling, name=f"{peer}<-{sender}")
         task.add_done_callback(lambda done: target._answered(done, sender, reply))
 
 
@@ -166,7 +163,7 @@ class SimTransport:
         network.messages_sent += 1
         network._later(delay_s + network.transit_s(), network._arrive, self.node_id, peer, _pack(message), reply)
         try:
-            answer = await asyncio.wait_for(reply, max(0.0, timeout_s))
+            answer = await wait_answer(reply, timeout_s)
         except TimeoutError:
             raise PeerUnavailable(peer, "timeout", maybe_delivered=True) from None
         if isinstance(answer, dict) and answer.get("remote_error"):

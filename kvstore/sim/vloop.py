@@ -42,14 +42,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import heapq
 import selectors
-from asyncio import events
+from asyncio import base_events, events
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 
 NS_PER_S = 1_000_000_000
+PRUNE_TASKS_AT = 256  # the task table is swept of finished tasks when it passes this (or twice its live size)
 # The simulated wall clock starts at a fixed, realistic date (2024-01-01T00:00:00Z) so LWW
 # timestamps, hint ages and clock-derived ballots look like real ones.
 WALL_EPOCH_NS = 1_704_067_200 * NS_PER_S
@@ -99,6 +101,48 @@ def clear_abort() -> None:
     _abort_reason = None
 
 
+class _Handle(events.Handle):
+    """``events.Handle`` without the per-handle ``loop.get_debug()`` probe (the loop is never in debug
+    mode when it makes these: see ``VirtualLoop.call_soon``).  Same slots, same ``_run``."""
+
+    __slots__ = ()
+
+    def __init__(self, callback: Callable[..., Any], args: tuple[Any, ...], loop: asyncio.AbstractEventLoop,
+                 context: contextvars.Context | None = None) -> None:
+        self._context = context if context is not None else contextvars.copy_context()
+        self._loop = loop
+        self._callback = callback
+        self._args = args
+        self._cancelled = False
+        self._repr = None
+        self._source_traceback = None
+
+
+class _TimerHandle(events.TimerHandle):
+    """``events.TimerHandle`` made as cheaply as ``_Handle`` (ordered as its base: by ``_when`` only)."""
+
+    __slots__ = ()
+
+    def __init__(self, when: float, callback: Callable[..., Any], args: tuple[Any, ...],
+                 loop: asyncio.AbstractEventLoop, context: contextvars.Context | None = None) -> None:
+        self._context = context if context is not None else contextvars.copy_context()
+        self._loop = loop
+        self._callback = callback
+        self._args = args
+        self._cancelled = False
+        self._repr = None
+        self._source_traceback = None
+        self._when = when
+        self._scheduled = False
+
+
+
+# The stock loop's tuning, which ``VirtualLoop._run_once`` keeps so that the timer heap evolves identically.
+_stock: Any = base_events
+_MIN_SCHEDULED_TIMER_HANDLES: int = _stock._MIN_SCHEDULED_TIMER_HANDLES
+_MIN_CANCELLED_TIMER_HANDLES_FRACTION: float = _stock._MIN_CANCELLED_TIMER_HANDLES_FRACTION
+_MAXIMUM_SELECT_TIMEOUT: float = _stock.MAXIMUM_SELECT_TIMEOUT
+
 CURRENT_HOST: contextvars.ContextVar[Host | None] = contextvars.ContextVar("kvstore_sim_host", default=None)
 
 
@@ -107,7 +151,6 @@ class Host:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.tasks: dict[asyncio.Task[Any], None] = {}  # creation order (a dict, not a set)
         self.paused = False
         self.crashed = False
         self.held: list[events.Handle] = []
@@ -130,7 +173,7 @@ class Host:
         loop = asyncio.get_running_loop()
         assert isinstance(loop, VirtualLoop)
         loop.release(self)
-        for task in list(self.tasks):
+        for task in loop.tasks_of(self):
             task.cancel()
 
 
@@ -144,23 +187,7 @@ class VirtualSelector(selectors.SelectSelector):
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         loop = self.loop
         assert loop is not None
-        loop.steps += 1
-        if _abort_reason is not None:
-            raise SimAborted(_abort_reason)
-        if loop.steps > loop.max_steps:
-            raise SimLimitExceeded(f"more than {loop.max_steps} loop steps (simulated t={loop.now_ns / NS_PER_S:.3f} s)")
-        if timeout is None:
-            raise SimDeadlock(loop.now_ns, loop.describe_waiting())
-        if timeout > 0:
-            # +1 ns: the loop pops timers strictly earlier than now + resolution, and the
-            # float seconds of a timer's ``when`` may round a hair above the integer instant.
-            target = loop.now_ns + int(timeout * NS_PER_S) + 1
-            if target > loop.max_time_ns:
-                raise SimLimitExceeded(
-                    f"simulated time would pass its limit of {loop.max_time_ns / NS_PER_S:.0f} s; "
-                    f"waiting: {', '.join(loop.describe_waiting()[:10])}"
-                )
-            loop.now_ns = target
+        loop._advance(timeout)
         return []
 
 
@@ -176,10 +203,107 @@ class VirtualLoop(asyncio.SelectorEventLoop):
         self.max_time_ns = int(max_time_s * NS_PER_S)
         self.max_steps = max_steps
         self._paused: dict[Host, None] = {}
-        self._all_tasks: dict[asyncio.Task[Any], Host | None] = {}
+        self._all_tasks: dict[asyncio.Task[Any], Host | None] = {}  # creation order (a dict, not a set)
+        self._prune_at = PRUNE_TASKS_AT
 
     def time(self) -> float:
         return self.now_ns / NS_PER_S
+
+    # --- the loop's step, on simulated time ------------------------------------------------
+
+    def _advance(self, timeout: float | None) -> None:
+        """What ``select(timeout)`` means here: one more step, and the clock moves by ``timeout``."""
+        self.steps += 1
+        if _abort_reason is not None:
+            raise SimAborted(_abort_reason)
+        if self.steps > self.max_steps:
+            raise SimLimitExceeded(f"more than {self.max_steps} loop steps (simulated t={self.now_ns / NS_PER_S:.3f} s)")
+        if timeout is None:
+            raise SimDeadlock(self.now_ns, self.describe_waiting())
+        if timeout > 0:
+            # +1 ns: the loop pops timers strictly earlier than now + resolution, and the
+            # float seconds of a timer's ``when`` may round a hair above the integer instant.
+            target = self.now_ns + int(timeout * NS_PER_S) + 1
+            if target > self.max_time_ns:
+                raise SimLimitExceeded(
+                    f"simulated time would pass its limit of {self.max_time_ns / NS_PER_S:.0f} s; "
+                    f"waiting: {', '.join(self.describe_waiting()[:10])}"
+                )
+            self.now_ns = target
+
+    def _run_once(self) -> None:
+        """``BaseEventLoop._run_once`` without the selector, I/O events and debug timing: the same
+        steps in the same order (drop cancelled timers, advance the clock to the next timer when
+        nothing is ready, move the due timers to the ready queue, run what was ready), so a seed
+        makes exactly the steps it made on the stock loop, for a fraction of the cost.  In asyncio's
+        debug mode (decided when the loop is made, e.g. ``PYTHONASYNCIODEBUG``) the stock step and
+        timers run instead; switching debug mode on a running simulation is not supported."""
+        stock: Any = self  # the base loop's private state, which this method reimplements
+        if stock._debug:
+            super()._run_once()  # type: ignore[misc]
+            return
+        # The timer heap holds (when, handle) pairs: a pair compares its float in C, and for equal
+        # instants falls back to the handles, which never order equal instants -- so the heap makes
+        # exactly the comparisons, and keeps exactly the order, of the stock heap of handles.
+        scheduled: list[tuple[float, Any]] = stock._scheduled
+        sched_count = len(scheduled)
+        if (sched_count > _MIN_SCHEDULED_TIMER_HANDLES
+                and stock._timer_cancelled_count / sched_count > _MIN_CANCELLED_TIMER_HANDLES_FRACTION):
+            kept = []
+            for entry in scheduled:
+                if entry[1]._cancelled:
+                    entry[1]._scheduled = False
+                else:
+                    kept.append(entry)
+            heapq.heapify(kept)
+            stock._scheduled = scheduled = kept
+            stock._timer_cancelled_count = 0
+        else:
+            while scheduled and scheduled[0][1]._cancelled:
+                stock._timer_cancelled_count -= 1
+                heapq.heappop(scheduled)[1]._scheduled = False
+        ready = stock._ready
+        if ready or stock._stopping:
+            self._advance(0)
+        elif scheduled:
+            self._advance(min(max(0, scheduled[0][0] - self.now_ns / NS_PER_S), _MAXIMUM_SELECT_TIMEOUT))
+        else:
+            self._advance(None)
+        end_time = self.now_ns / NS_PER_S + stock._clock_resolution
+        while scheduled:
+            if scheduled[0][0] >= end_time:
+                break
+            timer = heapq.heappop(scheduled)[1]
+            timer._scheduled = False
+            ready.append(timer)
+        popleft = ready.popleft
+        for _ in range(len(ready)):
+            handle = popleft()
+            if not handle._cancelled:
+                handle._run()
+        handle = None  # break cycles when an exception occurred, as the stock loop does
+
+    def call_at(  # type: ignore[override]
+        self, when: float, callback: Callable[..., Any], *args: Any, context: contextvars.Context | None = None
+    ) -> events.TimerHandle:
+        stock: Any = self
+        if stock._debug:
+            return super().call_at(when, callback, *args, context=context)
+        if when is None:
+            raise TypeError("when cannot be None")
+        if stock._closed:
+            raise RuntimeError("Event loop is closed")
+        timer = _TimerHandle(when, callback, args, self, context)
+        heapq.heappush(stock._scheduled, (when, timer))
+        timer._scheduled = True
+        return timer
+
+    def call_later(  # type: ignore[override]
+        self, delay: float, callback: Callable[..., Any], *args: Any, context: contextvars.Context | None = None
+    ) -> events.TimerHandle:
+        if delay is None:
+            raise TypeError("delay must not be None")
+        return self.call_at(self.now_ns / NS_PER_S + delay, callback, *args, context=context)
 
     # --- task ownership -------------------------------------------------------------------
 
@@ -188,24 +312,30 @@ class VirtualLoop(asyncio.SelectorEventLoop):
     ) -> asyncio.Task[Any]:
         task = super().create_task(coro, name=name, context=context)
         host = context.get(CURRENT_HOST) if context is not None else CURRENT_HOST.get()
+        # Finished tasks are dropped in batches (when the table doubled), not by a done callback:
+        # that callback was one loop step per task, the most frequent step of a run.
         self._all_tasks[task] = host
-        if host is not None:
-            host.tasks[task] = None
-        task.add_done_callback(self._forget)
+        if len(self._all_tasks) > self._prune_at:
+            self._drop_finished()
         return task
 
-    def _forget(self, task: asyncio.Task[Any]) -> None:
-        host = self._all_tasks.pop(task, None)
-        if host is not None:
-            host.tasks.pop(task, None)
+    def _drop_finished(self) -> None:
+        self._all_tasks = {task: host for task, host in self._all_tasks.items() if not task.done()}
+        self._prune_at = max(PRUNE_TASKS_AT, 2 * len(self._all_tasks))
 
     def tasks_in_order(self) -> list[asyncio.Task[Any]]:
         """Every unfinished task, in creation order (``asyncio.all_tasks`` is a set)."""
-        return list(self._all_tasks)
+        return [task for task in self._all_tasks if not task.done()]
+
+    def tasks_of(self, host: Host) -> list[asyncio.Task[Any]]:
+        """The unfinished tasks of ``host``, in creation order."""
+        return [task for task, owner in self._all_tasks.items() if owner is host and not task.done()]
 
     def describe_waiting(self) -> list[str]:
         out = []
         for task, host in self._all_tasks.items():
+            if task.done():
+                continue
             coro = task.get_coro()
             where = getattr(coro, "__qualname__", type(coro).__name__)
             out.append(f"{host.name if host else 'harness'}:{task.get_name()}({where})")
@@ -234,10 +364,52 @@ class VirtualLoop(asyncio.SelectorEventLoop):
             if host is not None and host.paused:
                 if self.is_closed():
                     raise RuntimeError("Event loop is closed")
-                handle = events.Handle(callback, args, self, context)
+                handle = _Handle(callback, args, self, context)
                 host.held.append(handle)
                 return handle
-        return super().call_soon(callback, *args, context=context)
+        stock: Any = self
+        if stock._debug:
+            return super().call_soon(callback, *args, context=context)
+        if stock._closed:
+            raise RuntimeError("Event loop is closed")
+        handle = _Handle(callback, args, self, context)
+        stock._ready.append(handle)
+        return handle
+
+
+# Timers that belong to no simulated process (a reply's deadline): run them in an empty context.
+_NO_HOST = contextvars.Context()
+
+
+class _Expired(Exception):
+    """Set on a future whose deadline passed (``wait_answer``); never escapes it."""
+
+
+def _expire(future: asyncio.Future[Any]) -> None:
+    if not future.done():
+        future.set_exception(_Expired())
+
+
+async def wait_answer(future: asyncio.Future[T], timeout_s: float) -> T:
+    """``asyncio.wait_for(future, timeout_s)`` for a plain future that the simulator settles (a reply).
+
+    ``wait_for`` wraps the future in a waiter with its own done callback, so an answer wakes the
+    caller two loop steps after it arrives; here the deadline is a timer that fails the future
+    itself, and an answer wakes the caller at the next step.  The outcomes are ``wait_for``'s:
+    the result, the future's exception, ``TimeoutError`` once ``timeout_s`` passed (the future is
+    then done: a late answer is ignored), and a cancelled caller cancels the future."""
+    if timeout_s <= 0:
+        if future.done():
+            return future.result()
+        future.cancel()
+        raise TimeoutError
+    expiry = future.get_loop().call_later(timeout_s, _expire, future, context=_NO_HOST)
+    try:
+        return await future
+    except _Expired:
+        raise TimeoutError from None
+    finally:
+        expiry.cancel()
 
 
 def run(main: Coroutine[Any, Any, T], *, max_time_s: float = 24 * 3600.0, max_steps: int = 50_000_000) -> T:
@@ -254,6 +426,9 @@ def run(main: Coroutine[Any, Any, T], *, max_time_s: float = 24 * 3600.0, max_st
         try:
             _cancel_all(loop)
         finally:
+            # Release the finished tasks now, while the run's log handlers are still in place (a
+            # task whose exception nobody retrieved logs it when it is freed), not at some later GC.
+            loop._all_tasks.clear()
             asyncio.set_event_loop(None)
             loop.close()
 
