@@ -7,7 +7,7 @@ eventual/quorum path, as Dynamo coordinates it (DeCandia et al. 2007, §4.5-4.7;
 ``put_fsm``/``get_fsm``), without doing any I/O itself.  In the style of etcd-io/raft's
 ``Ready``/``Advance`` (and of ``kvstore.protocol.proposer``): the core is fed *inputs* and answers
 each one with a batch of *effects* that its driver carries out, in order, before the next
-input.  The production driver is ``kvstore.runtime.node.Node`` (asyncio, its Transport/Storage/Clock
+input.  The production driver is ``kvstore.runtime.coordinator`` (asyncio, its Transport/Storage/Clock
 seams); the unit tables in ``tests/test_coordinator.py`` step the cores by hand.  Every
 decision lives here: quorum arithmetic (``kvstore.protocol.quorum``), the sloppy-quorum plan and its
 stand-ins, the local read-modify-write (``versions.update``), the sibling merge of a read,
