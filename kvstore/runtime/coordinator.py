@@ -114,6 +114,7 @@ from kvstore.protocol.coordinator import (
     write_targets,
 )
 from kvstore.protocol.hints import NS_PER_S
+from kvstore.protocol.messages import CoordinateWrite, CoordinateWriteReply, serve
 from kvstore.protocol.ring import key_token
 from kvstore.protocol.versions import VersionedObject
 from kvstore.storage import StorageBusy, StorageFull
@@ -142,7 +143,7 @@ class Coordinator:
         self._fallback_seq = itertools.count(1)
 
     def handlers(self) -> dict[str, Handler]:
-        return {"coordinate_write": self._on_coordinate_write}
+        return {"coordinate_write": serve(CoordinateWrite, self._on_coordinate_write)}
 
     def write_targets(self, key: str, sloppy: bool) -> WriteTargets:
         """The key's primaries believed up and down, and its healthy fallbacks in ring order."""
@@ -212,19 +213,18 @@ class Coordinator:
             return RemoteFailed(forward.call, exc)
         return Reply(forward.call, reply)
 
-    async def _on_coordinate_write(self, sender: str, message: Message) -> Message:
-        deadline = self.node.now_s() + int(message["timeout_ms"]) / 1000.0
+    async def _on_coordinate_write(self, sender: str, message: CoordinateWrite) -> CoordinateWriteReply:
+        deadline = self.node.now_s() + message.timeout_ms / 1000.0
         try:
             outcome = await self.coordinate_write(
-                message["key"], message["value"], dict(message["context"]), int(message["w"]),
-                bool(message["sloppy"]), deadline, as_fallback=False,
+                message.key, message.value, dict(message.context), message.w, message.sloppy, deadline,
+                as_fallback=False,
             )
         except NodeError as exc:
-            return {"status": "error", "body": exc.body(), "http": exc.status}
-        return {
-            "status": "ok", "obj": versions.encode(outcome.obj),
-            "acknowledged": outcome.acknowledged, "hinted": outcome.hinted,
-        }
+            return CoordinateWriteReply("error", body=exc.body(), http=exc.status)
+        return CoordinateWriteReply(
+            "ok", obj=versions.encode(outcome.obj), acknowledged=outcome.acknowledged, hinted=outcome.hinted
+        )
 
     async def coordinate_write(
         self,

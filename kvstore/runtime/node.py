@@ -57,6 +57,7 @@ from kvstore.protocol.coordinator import (
 )
 from kvstore.protocol.hints import NS_PER_S, HintLedger, HintRecord
 from kvstore.protocol.membership import STALE_CONFIG, Address, ClusterConfig, Placement, fence
+from kvstore.protocol.messages import ErrorReply, MessageError, Ping, PingReply, encode, serve
 from kvstore.protocol.ring import Ring
 from kvstore.protocol.versions import VersionedObject
 from kvstore.runtime.coordinator import Coordinator
@@ -169,7 +170,7 @@ class Node:
         self.coordinator = Coordinator(self)
         self.parts = parts(self)
         self.handlers: dict[str, Handler] = {
-            "ping": self._on_ping, **self.replica.handlers(), **self.coordinator.handlers()
+            "ping": serve(Ping, self._on_ping), **self.replica.handlers(), **self.coordinator.handlers()
         }
         for mechanism in self.parts.mechanisms():
             for op, handler in mechanism.handlers().items():
@@ -318,7 +319,7 @@ class Node:
             started_s = self.now_s()
             with contextlib.suppress(PeerUnavailable, RemoteError):
                 reply = await self.transport.call(
-                    peer, {"op": "ping", "cv": self.config.version}, max(0.05, interval_s * 2)
+                    peer, encode(Ping(cv=self.config.version)), max(0.05, interval_s * 2)
                 )
                 if peer in self.membership.members:
                     self.membership.heartbeat(peer, self.clock.monotonic_ns())
@@ -372,46 +373,51 @@ class Node:
 
     async def handle_message(self, sender: str, message: Message) -> Message:
         if not isinstance(message, dict):
-            return {"error": "bad_request", "message": "an internal message is a map", "remote_error": True}
+            return encode(ErrorReply("bad_request", "an internal message is a map"))
         op = message.get("op")
         handler = self.handlers.get(op) if isinstance(op, str) else None
         if handler is None:
-            return {"error": "unknown_op", "message": f"unknown internal op {op!r}", "remote_error": True}
+            return encode(ErrorReply("unknown_op", f"unknown internal op {op!r}"))
         version = message.get("cv")
         if isinstance(version, int) and sender != self.node_id:
             verdict = fence(version, self.config.version)
             if verdict == "newer":
                 self.parts.reconfig.learn_from(sender)
             elif verdict == "stale" and op in FENCED_OPS:
-                return {
-                    "error": STALE_CONFIG, "remote_error": True, "cv": self.config.version,
-                    "message": f"{op} planned on membership version {version}; {self.node_id} is at "
-                    f"{self.config.version}",
-                }
+                return encode(ErrorReply(
+                    STALE_CONFIG, f"{op} planned on membership version {version}; {self.node_id} is at "
+                    f"{self.config.version}", cv=self.config.version,
+                ))
         elif isinstance(version, int) and op in FENCED_OPS and version < self.config.version:
             # Our own request, planned before we installed a newer version: refuse it the same way.
-            return {"error": STALE_CONFIG, "remote_error": True, "cv": self.config.version,
-                    "message": f"{op} planned on membership version {version}, now {self.config.version}"}
+            return encode(ErrorReply(
+                STALE_CONFIG, f"{op} planned on membership version {version}, now {self.config.version}",
+                cv=self.config.version,
+            ))
         try:
             return await handler(sender, message)
+        except MessageError as exc:
+            # A peer (or a holder of the secret) sent a message missing or mistyping a field: the
+            # codec refused it before the handler saw any of it (kvstore.protocol.messages).
+            log.warning("%s from %s", exc, sender)
+            return encode(ErrorReply("bad_request", str(exc)))
         except (KeyError, TypeError, ValueError) as exc:
-            # A peer (or a holder of the secret) sent a message missing or mistyping a field:
-            # refuse it clearly rather than failing inside the handler.
+            # The same refusal for the handlers that still parse their own maps.
             log.warning("malformed %s message from %s: %r", op, sender, exc)
-            return {"error": "bad_request", "message": f"malformed {op} message: {exc!r}", "remote_error": True}
+            return encode(ErrorReply("bad_request", f"malformed {op} message: {exc!r}"))
         except StorageBusy as exc:
-            return {"error": "overloaded", "message": str(exc), "remote_error": True}
+            return encode(ErrorReply("overloaded", str(exc)))
         except StorageFull as exc:
-            return {"error": "insufficient_storage", "message": str(exc), "remote_error": True}
+            return encode(ErrorReply("insufficient_storage", str(exc)))
         except StorageError as exc:
-            return {"error": "storage", "message": str(exc), "remote_error": True}
+            return encode(ErrorReply("storage", str(exc)))
 
-    async def _on_ping(self, sender: str, message: Message) -> Message:
+    async def _on_ping(self, sender: str, message: Ping) -> PingReply:
         if sender != self.node_id:
             # A non-member's ping raises UnknownMember (the HTTP route answers 400 unknown_member);
             # a member removed by a change learns it from the change's announcement instead.
             self.membership.heartbeat(sender, self.clock.monotonic_ns())
-        return {"ok": True, "cv": self.config.version}  # cv: the pinger fetches a newer membership
+        return PingReply(True, self.config.version)  # cv: the pinger fetches a newer membership
 
     async def holds_register(self, key: str, token: int) -> bool:
         """Whether the key is linearizable here (the register's): AP access to it is refused."""

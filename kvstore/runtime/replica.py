@@ -40,10 +40,11 @@ from kvstore.protocol.hints import (
     HintRecord,
     hint_storage_key,
 )
+from kvstore.protocol.messages import ErrorReply, Ok, ReplicaGet, ReplicaGetReply, ReplicaPut, serve
 from kvstore.protocol.ring import TOKEN_MIN
 from kvstore.protocol.versions import VersionedObject
 from kvstore.storage.base import scan_pages
-from kvstore.transport.base import Handler, Message
+from kvstore.transport.base import Handler
 
 if TYPE_CHECKING:
     from kvstore.runtime.node import Node
@@ -74,7 +75,7 @@ class Replica:
         self.node = node
 
     def handlers(self) -> dict[str, Handler]:
-        return {"replica_get": self._on_replica_get, "replica_put": self._on_replica_put}
+        return {"replica_get": serve(ReplicaGet, self._on_replica_get), "replica_put": serve(ReplicaPut, self._on_replica_put)}
 
     async def read_local(self, key: str, token: int) -> VersionedObject:
         """This node's knowledge of a key: its data plus any unexpired hints it holds for the key.
@@ -201,24 +202,24 @@ class Replica:
                 self.node.hint_ledger.record_existing(record.target, len(rec.blob))
         return self.node.hint_ledger.total_hints
 
-    async def _on_replica_get(self, sender: str, message: Message) -> Message:
-        key, token = message["key"], int(message["token"])
+    async def _on_replica_get(self, sender: str, message: ReplicaGet) -> ReplicaGetReply:
+        key, token = message.key, message.token
         obj = await self.read_local(key, token)
-        reply: Message = {"obj": versions.encode(obj) if obj.siblings or obj.clock else None}
-        if await self.node.holds_register(key, token):
-            reply["cp"] = True  # this key is linearizable: the coordinator refuses the mixed access
-        return reply
+        # cp: this key is linearizable; the coordinator refuses the mixed access.
+        return ReplicaGetReply(
+            versions.encode(obj) if obj.siblings or obj.clock else None, await self.node.holds_register(key, token)
+        )
 
-    async def _on_replica_put(self, sender: str, message: Message) -> Message:
-        key, token = message["key"], int(message["token"])
-        incoming = versions.decode(message["obj"])
-        hint_for = message.get("hint_for")
+    async def _on_replica_put(self, sender: str, message: ReplicaPut) -> Ok | ErrorReply:
+        key, token = message.key, message.token
+        incoming = versions.decode(message.obj)
+        hint_for = message.hint_for
         node = self.node
         if hint_for and hint_for != node.node_id and node.node_id not in node.ring.walk_token(token)[: node.n]:
             try:
                 await self.store_hint(hint_for, key, token, incoming)
             except Overloaded as exc:
-                return {"error": "overloaded", "message": exc.message, "remote_error": True}
+                return ErrorReply("overloaded", exc.message)
         else:
             await self.apply_local(key, token, incoming)
-        return {"ok": True}
+        return Ok()
