@@ -46,6 +46,8 @@ from kvstore.transport.base import Message
 OBJECTS_PER_MESSAGE = 256  # keys per pull/push/reap message
 SUMMARY_BATCH = 128  # ranges per anti-entropy summary message
 MAX_GROUP = paxos_wire.MAX_GROUP  # member ids named in one message
+# A linearizable change on the wire (kvstore.runtime.register): [kind, *args], args per kind.
+CHANGE_ARITY = {"read": 0, "write": 1, "delete": 0, "cas": 2, "put_if_absent": 1}
 
 
 class MessageError(ValueError):
@@ -216,9 +218,17 @@ class CpPropose:
 
     OP: ClassVar[str] = "cp_propose"
     key: str
-    change: Annotated[list[str | bytes | None], msgspec.Meta(min_length=1, max_length=3)]
+    change: Annotated[list[Any], msgspec.Meta(min_length=1, max_length=3)]
     timeout_ms: Positive
     cv: int | None = None
+
+    def __post_init__(self) -> None:  # msgspec calls it on decode: a ValueError is a validation error
+        kind, *args = self.change
+        arity = CHANGE_ARITY.get(kind) if isinstance(kind, str) else None
+        if arity is None or len(args) != arity:
+            raise ValueError(f"change must be [kind, args...] with kind one of {sorted(CHANGE_ARITY)}")
+        if not all(a is None or isinstance(a, str | bytes) for a in args):
+            raise ValueError("a change's arguments are strings, bytes or null")
 
 
 @dataclass(frozen=True, slots=True)
@@ -434,12 +444,14 @@ T = TypeVar("T")
 
 
 def _plain_fields(cls: type) -> tuple[tuple[str, bool, Any], ...]:
-    """(name, omitted at its default, default) per field, in wire order."""
+    """(name, omitted at its default, default) per field, in wire order.  Only an *absent*
+    default (None, False) is omitted: a field that defaults to a value (``remote_error: True``)
+    is always sent, as it always was."""
     always: frozenset[str] = getattr(cls, "ALWAYS", frozenset())
     out = []
     for f in dataclasses.fields(cls):
-        has_default = f.default is not dataclasses.MISSING
-        out.append((f.name, has_default and f.name not in always, f.default if has_default else None))
+        absent = f.default is None or f.default is False
+        out.append((f.name, absent and f.name not in always, f.default))
     return tuple(out)
 
 
@@ -458,7 +470,7 @@ def encode(message: Any) -> Message:
     out: Message = {"op": op} if op is not None else {}
     for name, omit_at_default, default in fields:
         value = getattr(message, name)
-        if omit_at_default and value == default:
+        if omit_at_default and value is default:
             continue
         out[name] = value
     return out
