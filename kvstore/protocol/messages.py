@@ -455,18 +455,18 @@ def _plain_fields(cls: type) -> tuple[tuple[str, bool, Any], ...]:
     return tuple(out)
 
 
-_FIELDS: dict[type, tuple[tuple[str, bool, Any], ...]] = {}
+_FIELDS: dict[type, tuple[str | None, tuple[tuple[str, bool, Any], ...]]] = {}  # per type: op, fields
 
 
 def encode(message: Any) -> Message:
     """The transport map of a request (with its ``op``) or a reply."""
     cls = type(message)
-    if cls in _ADAPTERS:
-        return _ADAPTERS[cls][0](message)
-    fields = _FIELDS.get(cls)
-    if fields is None:
-        fields = _FIELDS[cls] = _plain_fields(cls)
-    op = getattr(cls, "OP", None)
+    spec = _FIELDS.get(cls)
+    if spec is None:
+        if cls in _ADAPTERS:
+            return _ADAPTERS[cls][0](message)
+        spec = _FIELDS[cls] = (getattr(cls, "OP", None), _plain_fields(cls))
+    op, fields = spec
     out: Message = {"op": op} if op is not None else {}
     for name, omit_at_default, default in fields:
         value = getattr(message, name)
