@@ -33,6 +33,7 @@ Pure: no I/O, no clock, no randomness; table-tested in ``tests/test_messages.py`
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
@@ -443,36 +444,45 @@ assert set(REPLIES) == set(REGISTRY), "every op has its reply named"
 T = TypeVar("T")
 
 
-def _plain_fields(cls: type) -> tuple[tuple[str, bool, Any], ...]:
-    """(name, omitted at its default, default) per field, in wire order.  Only an *absent*
-    default (None, False) is omitted: a field that defaults to a value (``remote_error: True``)
-    is always sent, as it always was."""
+@dataclass(frozen=True, slots=True)
+class _Plain:
+    """How a plain message type is written: its op, field names in wire order, and which fields
+    are left out when absent (an absent default, None or False, that the old maps never sent)."""
+
+    op: str | None
+    names: tuple[str, ...]
+    values: Callable[[Any], tuple[Any, ...]]
+    omittable: tuple[tuple[str, Any], ...]
+
+
+def _plain(cls: type) -> _Plain:
     always: frozenset[str] = getattr(cls, "ALWAYS", frozenset())
-    out = []
-    for f in dataclasses.fields(cls):
-        absent = f.default is None or f.default is False
-        out.append((f.name, absent and f.name not in always, f.default))
-    return tuple(out)
+    fields = dataclasses.fields(cls)
+    names = tuple(f.name for f in fields)
+    getter = operator.attrgetter(*names)
+    values: Callable[[Any], tuple[Any, ...]] = getter if len(names) > 1 else (lambda message: (getter(message),))
+    omittable = tuple(
+        (f.name, f.default) for f in fields if (f.default is None or f.default is False) and f.name not in always
+    )
+    return _Plain(getattr(cls, "OP", None), names, values, omittable)
 
 
-_FIELDS: dict[type, tuple[str | None, tuple[tuple[str, bool, Any], ...]]] = {}  # per type: op, fields
+_PLAIN: dict[type, _Plain] = {}
 
 
 def encode(message: Any) -> Message:
     """The transport map of a request (with its ``op``) or a reply."""
     cls = type(message)
-    spec = _FIELDS.get(cls)
-    if spec is None:
+    plain = _PLAIN.get(cls)
+    if plain is None:
         if cls in _ADAPTERS:
             return _ADAPTERS[cls][0](message)
-        spec = _FIELDS[cls] = (getattr(cls, "OP", None), _plain_fields(cls))
-    op, fields = spec
-    out: Message = {"op": op} if op is not None else {}
-    for name, omit_at_default, default in fields:
-        value = getattr(message, name)
-        if omit_at_default and value is default:
-            continue
-        out[name] = value
+        plain = _PLAIN[cls] = _plain(cls)
+    out: Message = {"op": plain.op} if plain.op is not None else {}
+    out.update(zip(plain.names, plain.values(message), strict=True))
+    for name, default in plain.omittable:
+        if out[name] is default:
+            del out[name]
     return out
 
 
