@@ -293,6 +293,9 @@ class Ok:
     ok: bool = True
 
 
+OK = Ok()  # immutable: one instance serves every plain acknowledgement
+
+
 @dataclass(frozen=True, slots=True)
 class PingReply:
     ok: bool

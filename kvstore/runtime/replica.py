@@ -40,7 +40,7 @@ from kvstore.protocol.hints import (
     HintRecord,
     hint_storage_key,
 )
-from kvstore.protocol.messages import ErrorReply, Ok, ReplicaGet, ReplicaGetReply, ReplicaPut, serve
+from kvstore.protocol.messages import OK, ErrorReply, Ok, ReplicaGet, ReplicaGetReply, ReplicaPut, serve
 from kvstore.protocol.ring import TOKEN_MIN
 from kvstore.protocol.versions import VersionedObject
 from kvstore.storage.base import scan_pages
@@ -222,4 +222,4 @@ class Replica:
                 return ErrorReply("overloaded", exc.message)
         else:
             await self.apply_local(key, token, incoming)
-        return Ok()
+        return OK
