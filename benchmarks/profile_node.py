@@ -71,6 +71,8 @@ COMPONENTS: tuple[tuple[str, str], ...] = (
     ("prometheus_client", "metrics (prometheus_client)"),
     ("kvstore/server/api.py", "kvstore.server.api (validation, responses)"),
     ("kvstore/runtime/node.py", "kvstore.runtime.node (coordinator/replica)"),
+    ("kvstore/runtime/coordinator.py", "kvstore.runtime.node (coordinator/replica)"),
+    ("kvstore/runtime/replica.py", "kvstore.runtime.node (coordinator/replica)"),
     ("kvstore/", "kvstore (other modules)"),
     ("aiohttp/", "aiohttp (HTTP server/client)"),
     ("multidict", "aiohttp (HTTP server/client)"),

@@ -165,7 +165,8 @@ async def test_the_handler_table_is_the_nodes_own_plus_its_parts() -> None:
         node = trio[0]
         parts = node.parts
         owners = {
-            "ping": node, "replica_get": node, "replica_put": node, "coordinate_write": node,
+            "ping": node, "replica_get": node.replica, "replica_put": node.replica,
+            "coordinate_write": node.coordinator,
             "ae_summary": parts.anti_entropy, "ae_level": parts.anti_entropy, "ae_buckets": parts.anti_entropy,
             "ae_pull": parts.anti_entropy, "ae_push": parts.anti_entropy, "ae_status": parts.anti_entropy,
             "reap_check": parts.reaper, "reap": parts.reaper,

@@ -632,6 +632,23 @@ def test_a_non_primary_forwards_to_the_first_primary_up_with_a_margin_on_the_dea
     assert done.result.acknowledged == 2 and done.result.hinted == ["n5"]
 
 
+@pytest.mark.parametrize("reply", [
+    {"status": "ok", "acknowledged": 2},  # an ok answer without its object
+    {"status": "ok", "obj": b"not an object", "acknowledged": 2},
+    {"status": "maybe"},
+    {"status": "ok", "obj": None, "acknowledged": "2"},
+], ids=["no-obj", "undecodable-obj", "unknown-status", "str-acknowledged"])
+def test_an_illegible_answer_from_the_coordinating_primary_is_indeterminate(reply: dict[str, Any]) -> None:
+    # The primary answered, so it may have applied the write: never "certainly not applied",
+    # and never an exception out of the core (the old parser raised KeyError on the first row).
+    core = router()
+    [forward] = core.start(T0)
+    assert isinstance(forward, Send)
+    [failed] = core.on_answer(Reply(forward.call, reply), T0)
+    assert isinstance(failed, Failed) and failed.error.status == 503
+    assert failed.error.extra.get("indeterminate") is True and outcome_of(failed) == contract.INFO
+
+
 def test_a_certain_refusal_moves_on_to_the_next_primary_and_the_first_refusal_is_the_answer() -> None:
     core = router()
     [first] = core.start(T0)

@@ -7,7 +7,7 @@ eventual/quorum path, as Dynamo coordinates it (DeCandia et al. 2007, §4.5-4.7;
 ``put_fsm``/``get_fsm``), without doing any I/O itself.  In the style of etcd-io/raft's
 ``Ready``/``Advance`` (and of ``kvstore.protocol.proposer``): the core is fed *inputs* and answers
 each one with a batch of *effects* that its driver carries out, in order, before the next
-input.  The production driver is ``kvstore.runtime.node.Node`` (asyncio, its Transport/Storage/Clock
+input.  The production driver is ``kvstore.runtime.coordinator`` (asyncio, its Transport/Storage/Clock
 seams); the unit tables in ``tests/test_coordinator.py`` step the cores by hand.  Every
 decision lives here: quorum arithmetic (``kvstore.protocol.quorum``), the sloppy-quorum plan and its
 stand-ins, the local read-modify-write (``versions.update``), the sibling merge of a read,
@@ -100,7 +100,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from kvstore import contract
@@ -114,7 +114,7 @@ from kvstore.errors import (
     RequestTimeout,
     StorageUnavailable,
 )
-from kvstore.protocol import causal_context, versions
+from kvstore.protocol import causal_context, messages, versions
 from kvstore.protocol.calls import Abandon, Answer, CallFailed, Reply, Send, StartTimer
 from kvstore.protocol.membership import STALE_CONFIG, write_quorum_reached
 from kvstore.protocol.quorum import QuorumTracker
@@ -383,6 +383,7 @@ class WriteCoordinatorCore:
         self._phase: Literal["new", "register", "local", "replicating"] = "new"
         self._tracker: QuorumTracker | None = None
         self._spares = list(plan.spares)
+        self._put: messages.ReplicaPut | None = None  # the object sent to every replica
         self._message: Message = {}
         self._calls: dict[int, _WriteCall] = {}
         self._ids = itertools.count()
@@ -435,9 +436,8 @@ class WriteCoordinatorCore:
             return self._answer(Failed(self._local_error(result)))
         self._phase = "replicating"
         self.obj = result.obj
-        self._message = {"op": "replica_put", "key": self.key, "token": self.token, "obj": versions.encode(self.obj)}
-        if self.config_version is not None:
-            self._message["cv"] = self.config_version
+        self._put = messages.ReplicaPut(self.key, self.token, versions.encode(self.obj), cv=self.config_version)
+        self._message = messages.encode(self._put)
         self._tracker = QuorumTracker(needed=self.w, total=len(self.plan.slots))
         if self.as_fallback:
             self.hinted.append(self.node_id)
@@ -491,9 +491,11 @@ class WriteCoordinatorCore:
     def _send(self, call: _WriteCall, at_ns: int, deadline_only: bool = False) -> Send:
         number = next(self._ids)
         self._calls[number] = call
-        message = dict(self._message)
-        if call.hint_for is not None:
-            message["hint_for"] = call.hint_for
+        if call.hint_for is None:
+            message = dict(self._message)
+        else:
+            assert self._put is not None
+            message = messages.encode(replace(self._put, hint_for=call.hint_for))
         cap = None if deadline_only else self.replica_timeout_ns
         return Send(number, call.member, message, _call_timeout_at(at_ns, self.deadline_ns, cap))
 
@@ -643,7 +645,7 @@ class ReadCoordinatorCore:
             self.answered = self.failed = True
             return [Failed(QuorumUnavailable(self.r, 0, indeterminate=False, detail="not enough replicas believed up"))]
         self._tracker = QuorumTracker(needed=self.r, total=len(self.targets))
-        message: Message = {"op": "replica_get", "key": self.key, "token": self.token, **self._stamp()}
+        message = messages.encode(messages.ReplicaGet(self.key, self.token, cv=self.config_version))
         effects: list[Effect] = []
         for number, member in enumerate(self.targets):
             self._calls[number] = member
@@ -663,12 +665,12 @@ class ReadCoordinatorCore:
             member = self._calls.pop(answer.call, None)
             if member is None:
                 continue
-            obj = _replica_object(answer.message) if isinstance(answer, Reply) else None
-            ok = isinstance(answer, Reply) and obj is not False
-            if ok:
-                assert isinstance(answer, Reply) and obj is not False
+            parsed = _replica_reply(answer.message) if isinstance(answer, Reply) else None
+            ok = parsed is not None
+            if parsed is not None:
+                obj, linearizable = parsed
                 self.replies[member] = obj
-                if answer.message.get("cp"):
+                if linearizable:
                     self.mixed.append(member)
             if self.answered:
                 continue  # the read was answered; the reply is kept for the repair
@@ -722,9 +724,6 @@ class ReadCoordinatorCore:
         self.merged = versions.sync_all((o for o in self.replies.values() if o is not None), self.mode)
         return [Done(ReadOutcome(self.merged, tracker.acknowledged, list(self.replies)))]
 
-    def _stamp(self) -> Message:
-        return {} if self.config_version is None else {"cv": self.config_version}
-
     def _abandon(self) -> list[Effect]:
         if not self._calls:
             return []
@@ -740,9 +739,9 @@ class ReadCoordinatorCore:
             # to repair, and "repairing" would store an empty record on every primary per read.
             return []
         digest = versions.digest(merged)
-        message: Message = {
-            "op": "replica_put", "key": self.key, "token": self.token, "obj": versions.encode(merged), **self._stamp()
-        }
+        message = messages.encode(
+            messages.ReplicaPut(self.key, self.token, versions.encode(merged), cv=self.config_version)
+        )
         effects: list[Effect] = []
         for member in self.targets:
             if member not in self.primaries or member not in self.replies:
@@ -754,18 +753,17 @@ class ReadCoordinatorCore:
         return effects
 
 
-def _replica_object(reply: Message) -> VersionedObject | None | Literal[False]:
-    """The object of a ``replica_get`` reply (None: the replica holds nothing); False when
-    the reply is an error or cannot be decoded (counted as a failed call)."""
+def _replica_reply(reply: Message) -> tuple[VersionedObject | None, bool] | None:
+    """The object of a ``replica_get`` reply (None: the replica holds nothing) and whether the
+    key is linearizable there; None when the reply is an error or cannot be decoded (counted
+    as a failed call)."""
     if not isinstance(reply, dict) or reply.get("remote_error") or reply.get("error"):
-        return False
-    blob = reply.get("obj")
-    if blob is None:
         return None
     try:
-        return versions.decode(blob)
-    except (ValueError, TypeError, KeyError):
-        return False
+        parsed = messages.decode_reply(reply, messages.ReplicaGetReply, messages.ReplicaGet.OP)
+        return (None if parsed.obj is None else versions.decode(parsed.obj)), parsed.cp
+    except (ValueError, TypeError, KeyError):  # MessageError is a ValueError
+        return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -874,12 +872,20 @@ class WriteRouterCore:
         self._forward = None
         primary = self._current
         match answer:
-            case Reply(message=reply) if reply.get("status") == "ok":
-                return self._answer(Done(WriteOutcome(
-                    versions.decode(reply["obj"]), int(reply["acknowledged"]), list(reply.get("hinted", []))
-                )))
             case Reply(message=reply):
-                return self._refused_or_failed(error_from_body(reply.get("body") or {}, reply.get("http")), at_ns)
+                try:
+                    parsed = messages.decode_reply(reply, messages.CoordinateWriteReply, messages.CoordinateWrite.OP)
+                    if parsed.status == "ok":
+                        if parsed.obj is None or parsed.acknowledged is None:
+                            raise messages.MessageError(messages.CoordinateWrite.OP, "an ok answer has obj and acknowledged")
+                        outcome = WriteOutcome(versions.decode(parsed.obj), parsed.acknowledged, list(parsed.hinted or []))
+                        return self._answer(Done(outcome))
+                except (ValueError, TypeError, KeyError):  # MessageError is a ValueError
+                    # The primary answered, but not legibly: it may have applied the write.
+                    return self._answer(Failed(QuorumUnavailable(
+                        self.w, 0, indeterminate=True, detail=f"malformed answer from {primary}"
+                    )))
+                return self._refused_or_failed(error_from_body(parsed.body or {}, parsed.http), at_ns)
             case RemoteFailed(error=error):
                 return self._refused_or_failed(error_from_remote(error, self.w), at_ns)
             case CallFailed(maybe_delivered=True):
@@ -924,11 +930,10 @@ class WriteRouterCore:
             if primary == self.node_id:
                 return [CoordinateHere(as_fallback=False)]
             self._forward = next(self._ids)
-            message: Message = {
-                "op": "coordinate_write", "key": self.key, "value": self.value,
-                "context": sorted(self.context.items()), "w": self.w, "sloppy": self.sloppy,
-                "timeout_ms": max(1, remaining_ns // 1_000_000 - FORWARD_MARGIN_MS),
-            }
+            message = messages.encode(messages.CoordinateWrite(
+                self.key, self.value, sorted(self.context.items()), self.w, self.sloppy,
+                max(1, remaining_ns // 1_000_000 - FORWARD_MARGIN_MS),
+            ))
             return [Send(self._forward, primary, message, self.deadline_ns)]
         if self.refusals:
             return self._answer(Failed(self.refusals[0]))  # every primary tried refused for certain

@@ -46,7 +46,6 @@ from kvstore.protocol.merkle import (
     BucketReply,
     BucketRequest,
     LevelReply,
-    LevelRequest,
     MerkleError,
     MerkleExchange,
     MerkleTree,
@@ -54,6 +53,26 @@ from kvstore.protocol.merkle import (
     TreeShape,
     flat_root,
     keys_to_exchange,
+)
+from kvstore.protocol.messages import (
+    SUMMARY_BATCH,
+    AeBuckets,
+    AeBucketsReply,
+    AeLevel,
+    AeLevelReply,
+    AePull,
+    AePullReply,
+    AePush,
+    AePushReply,
+    AeStatus,
+    AeStatusReply,
+    AeSummary,
+    AeSummaryReply,
+    ErrorReply,
+    MessageError,
+    decode_reply,
+    encode,
+    serve,
 )
 from kvstore.protocol.ring import TokenRange, key_token
 from kvstore.runtime.reaper import MAX_REAP_CANDIDATES, ReapCandidate, TombstoneReaper
@@ -64,8 +83,6 @@ from kvstore.runtime.repair_messages import (
     RepairProtocolError,
     byte_chunks,
     call_peer,
-    remote_error,
-    token_key_list,
 )
 from kvstore.storage.base import StorageError, scan_pages
 from kvstore.transport.base import Handler, Message, PeerUnavailable, RemoteError
@@ -75,7 +92,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SUMMARY_BATCH = 128  # ranges per summary message
 KEYS_PER_BUCKET = 16  # the exchange's tree depth aims at about this many keys per bucket
 AE_MAX_DEPTH = 16  # 65536 buckets; also the deepest tree a peer may ask us to build
 BUCKETS_PER_REQUEST = 64
@@ -160,12 +176,12 @@ class AntiEntropy:
 
     def handlers(self) -> dict[str, Handler]:
         return {
-            "ae_summary": self._on_summary,
-            "ae_level": self._on_level,
-            "ae_buckets": self._on_buckets,
-            "ae_pull": self._on_pull,
-            "ae_push": self._on_push,
-            "ae_status": self._on_status,
+            "ae_summary": serve(AeSummary, self._on_summary),
+            "ae_level": serve(AeLevel, self._on_level),
+            "ae_buckets": serve(AeBuckets, self._on_buckets),
+            "ae_pull": serve(AePull, self._on_pull),
+            "ae_push": serve(AePush, self._on_push),
+            "ae_status": serve(AeStatus, self._on_status),
         }
 
     async def start(self) -> None:
@@ -200,8 +216,8 @@ class AntiEntropy:
             "last_round": self.last_round.as_dict() if self.last_round is not None else None,
         }
 
-    async def _on_status(self, sender: str, message: Message) -> Message:
-        return self.status()
+    async def _on_status(self, sender: str, message: AeStatus) -> AeStatusReply:
+        return AeStatusReply(**self.status())
 
     async def _anti_entropy_loop(self) -> None:
         interval_s = self.cfg.anti_entropy_interval_s
@@ -293,9 +309,9 @@ class AntiEntropy:
             metrics.ae_rounds.labels(result="peer_down").inc(len(shared))
             return
         try:
-            reply = await call_peer(self.node, peer, {"op": "ae_summary", "ranges": [[r.start, r.end] for r, _ in shared]})
+            reply = await call_peer(self.node, peer, encode(AeSummary([(r.start, r.end) for r, _ in shared])))
             summaries = _parse_summaries(reply, len(shared))
-        except (PeerUnavailable, RemoteError, RepairProtocolError) as exc:
+        except (PeerUnavailable, RemoteError, RepairProtocolError, MessageError) as exc:
             log.warning("anti-entropy summary with %s failed: %s", peer, exc)
             stats.exchanges_failed += len(shared)
             metrics.ae_rounds.labels(result="failed").inc(len(shared))
@@ -329,7 +345,7 @@ class AntiEntropy:
                 request = exchange.next_request()
                 if request is None:
                     break
-                reply = await call_peer(self.node, peer, {"op": "ae_level", **request.to_wire()})
+                reply = await call_peer(self.node, peer, encode(AeLevel(request)))
                 exchange.receive(LevelReply.from_wire(reply, request))
             assert exchange.done, "the level exchange did not finish within depth + 1 requests"
             differing = exchange.differing_buckets
@@ -337,12 +353,12 @@ class AntiEntropy:
             for offset in range(0, len(differing), BUCKETS_PER_REQUEST):
                 buckets = BucketRequest(tree.shape, tuple(differing[offset : offset + BUCKETS_PER_REQUEST]))
                 # Depth 0 skipped the level requests: the responder must build its tree now.
-                reply = await call_peer(self.node, peer, {"op": "ae_buckets", **buckets.to_wire(), "fresh": depth == 0})
+                reply = await call_peer(self.node, peer, encode(AeBuckets(buckets, fresh=depth == 0)))
                 remote_items += BucketReply.from_wire(reply, buckets).items()
             local_items = exchange.local_items()
             keys = keys_to_exchange(local_items, remote_items)
             await self._sync_keys(peer, keys, dict(remote_items))
-        except (PeerUnavailable, RemoteError, MerkleError, RepairProtocolError, StorageError) as exc:
+        except (PeerUnavailable, RemoteError, MerkleError, RepairProtocolError, MessageError, StorageError) as exc:
             log.warning("anti-entropy of (%d, %d] with %s failed: %s", token_range.start, token_range.end, peer, exc)
             stats.exchanges_failed += 1
             metrics.ae_rounds.labels(result="failed").inc()
@@ -367,7 +383,7 @@ class AntiEntropy:
             for _ in range(len(wanted)):  # each reply carries at least one object
                 if not wanted:
                     break
-                reply = await call_peer(node, peer, {"op": "ae_pull", "keys": [[t, k] for t, k in wanted]})
+                reply = await call_peer(node, peer, encode(AePull(wanted)))
                 answered, objects = _parse_pulled(reply, wanted)
                 merged = await asyncio.gather(
                     *(node.apply_local(key, token, versions.decode(blob)) for token, key, blob in objects)
@@ -379,9 +395,9 @@ class AntiEntropy:
         for offset in range(0, len(to_push), OBJECTS_PER_MESSAGE):
             batch = to_push[offset : offset + OBJECTS_PER_MESSAGE]
             blobs = [(t, k, await node.data.get(k, t)) for t, k in batch]
-            items: list[list[Any]] = [[t, k, b] for t, k, b in blobs if b is not None]
+            items = [(t, k, b) for t, k, b in blobs if b is not None]
             for chunk in byte_chunks(items, lambda o: len(o[1]) + len(o[2])):
-                await call_peer(node, peer, {"op": "ae_push", "objects": chunk})
+                await call_peer(node, peer, encode(AePush(chunk)))
 
     # --- responder --------------------------------------------------------------------------
 
@@ -395,22 +411,17 @@ class AntiEntropy:
             leaves += [(r.token, r.key, versions.digest(versions.decode(r.blob))) for r in page]
         return leaves
 
-    async def _on_summary(self, sender: str, message: Message) -> Message:
-        raw = message.get("ranges")
-        if not isinstance(raw, list) or len(raw) > SUMMARY_BATCH:
-            return remote_error("bad_request", f"ranges must be a list of at most {SUMMARY_BATCH}")
+    async def _on_summary(self, sender: str, message: AeSummary) -> AeSummaryReply | ErrorReply:
         summaries = []
-        for item in raw:
+        for start, end in message.ranges:
             try:
-                shape = TreeShape.from_wire([*item, 0]) if isinstance(item, list) else None
+                shape = TreeShape.from_wire([start, end, 0])
             except MerkleWireError as exc:
-                return remote_error("bad_request", str(exc))
-            if shape is None:
-                return remote_error("bad_request", "each range is [start, end]")
+                return ErrorReply("bad_request", str(exc))
             leaves = await self._scan_leaves(shape.start, shape.end)
             token_range = TokenRange(shape.start, shape.end, ())
-            summaries.append([len(leaves), _flat_hash(token_range, leaves)])
-        return {"summaries": summaries}
+            summaries.append((len(leaves), _flat_hash(token_range, leaves)))
+        return AeSummaryReply(summaries)
 
     async def _peer_tree(self, sender: str, shape: TreeShape, fresh: bool) -> MerkleTree:
         """The tree a peer's exchange is walking: rebuilt when the exchange starts (``fresh``: its
@@ -433,51 +444,41 @@ class AntiEntropy:
             self._peer_trees.popitem(last=False)
         return tree
 
-    async def _on_level(self, sender: str, message: Message) -> Message:
+    async def _on_level(self, sender: str, message: AeLevel) -> AeLevelReply | ErrorReply:
+        request = message.request
         try:
-            request = LevelRequest.from_wire(message)
             tree = await self._peer_tree(sender, request.shape, fresh=request.level == 0)
-            return tree.answer(request).to_wire()
+            return AeLevelReply(list(tree.answer(request).hashes))
         except MerkleError as exc:
-            return remote_error("bad_request", str(exc))
+            return ErrorReply("bad_request", str(exc))
 
-    async def _on_buckets(self, sender: str, message: Message) -> Message:
+    async def _on_buckets(self, sender: str, message: AeBuckets) -> AeBucketsReply | ErrorReply:
+        request = message.request
         try:
-            request = BucketRequest.from_wire(message)
-            tree = await self._peer_tree(sender, request.shape, fresh=bool(message.get("fresh")))
-            return tree.answer_buckets(request).to_wire()
+            tree = await self._peer_tree(sender, request.shape, fresh=message.fresh)
+            return AeBucketsReply(tree.answer_buckets(request).to_wire()["buckets"])
         except MerkleError as exc:
-            return remote_error("bad_request", str(exc))
+            return ErrorReply("bad_request", str(exc))
 
-    async def _on_pull(self, sender: str, message: Message) -> Message:
+    async def _on_pull(self, sender: str, message: AePull) -> AePullReply:
         """Our data-store objects of the asked keys, in order, up to the message byte budget."""
-        try:
-            wanted = token_key_list(message.get("keys"), "ae_pull")
-        except RepairProtocolError as exc:
-            return remote_error("bad_request", str(exc))
-        objects: list[list[Any]] = []
+        objects: list[tuple[str, bytes | None]] = []
         size = 0
-        for token, key in wanted:
+        for token, key in message.keys:
             blob = await self.node.data.get(key, token)
-            objects.append([key, blob])
+            objects.append((key, blob))
             size += len(key) + (len(blob) if blob is not None else 0)
             if size >= MESSAGE_BYTES_BUDGET:
                 break  # the caller asks again for the rest
-        return {"objects": objects}
+        return AePullReply(objects)
 
-    async def _on_push(self, sender: str, message: Message) -> Message:
-        raw = message.get("objects")
-        try:
-            entries = token_key_list(raw, "ae_push")
-            assert isinstance(raw, list)
-            blobs = [item[2] for item in raw]
-            if not all(isinstance(b, bytes) for b in blobs) or any(key_token(k) != t for t, k in entries):
-                raise RepairProtocolError("ae_push: entries are [token, key, object: bytes] with the key's token")
-        except RepairProtocolError as exc:
-            return remote_error("bad_request", str(exc))
-        owned = [(t, k, versions.decode(b)) for (t, k), b in zip(entries, blobs, strict=True) if self._owns(t)]
+    async def _on_push(self, sender: str, message: AePush) -> AePushReply | ErrorReply:
+        entries = message.objects
+        if any(key_token(k) != t for t, k, _ in entries):
+            return ErrorReply("bad_request", "ae_push: entries are [token, key, object: bytes] with the key's token")
+        owned = [(t, k, versions.decode(b)) for t, k, b in entries if self._owns(t)]
         await asyncio.gather(*(self.node.apply_local(k, t, obj) for t, k, obj in owned))
-        return {"applied": len(owned), "refused": len(entries) - len(owned)}
+        return AePushReply(len(owned), len(entries) - len(owned))
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -494,26 +495,21 @@ def _flat_hash(token_range: TokenRange, leaves: list[Leaf]) -> bytes:
 
 
 def _parse_summaries(reply: Message, count: int) -> list[tuple[int, bytes]]:
-    raw = reply.get("summaries")
-    if not isinstance(raw, list) or len(raw) != count:
+    summaries = decode_reply(reply, AeSummaryReply, AeSummary.OP).summaries
+    if len(summaries) != count:
         raise RepairProtocolError(f"expected {count} range summaries")
-    out = []
-    for item in raw:
-        if not (isinstance(item, list) and len(item) == 2 and type(item[0]) is int and isinstance(item[1], bytes)):
-            raise RepairProtocolError("a range summary is [count: int, hash: bytes]")
-        out.append((item[0], item[1]))
-    return out
+    return summaries
 
 
 def _parse_pulled(reply: Message, wanted: list[tuple[int, str]]) -> tuple[int, list[tuple[int, str, bytes]]]:
     """(how many of ``wanted`` the reply answered, the (token, key, blob) of those the peer holds)."""
-    raw = reply.get("objects")
-    if not isinstance(raw, list) or not 1 <= len(raw) <= len(wanted):
+    objects = decode_reply(reply, AePullReply, AePull.OP).objects
+    if not 1 <= len(objects) <= len(wanted):
         raise RepairProtocolError("ae_pull: the reply must answer a non-empty prefix of the keys asked")
     present = []
-    for (token, key), item in zip(wanted, raw, strict=False):
-        if not (isinstance(item, list) and len(item) == 2 and item[0] == key):
+    for (token, key), (answered_key, blob) in zip(wanted, objects, strict=False):
+        if answered_key != key:
             raise RepairProtocolError("ae_pull: replies are [key, object | None] in the order asked")
-        if isinstance(item[1], bytes):
-            present.append((token, key, item[1]))
-    return len(raw), present
+        if blob is not None:
+            present.append((token, key, blob))
+    return len(objects), present

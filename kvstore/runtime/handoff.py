@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from kvstore.protocol.hints import (
     NS_PER_S,
@@ -38,6 +38,7 @@ from kvstore.protocol.hints import (
     ReplayLimits,
     plan_replay,
 )
+from kvstore.protocol.messages import ReplicaPut, encode
 from kvstore.protocol.ring import TOKEN_MIN
 from kvstore.storage.base import StorageError
 from kvstore.transport.base import Handler, PeerUnavailable, RemoteError
@@ -158,9 +159,7 @@ class HintedHandoff:
     async def _deliver(self, record: HintRecord, blob: bytes) -> None:
         node = self.node
         try:
-            message: dict[str, Any] = {
-                "op": "replica_put", "key": record.key, "token": record.token, "obj": record.object_blob,
-            }
+            message = encode(ReplicaPut(record.key, record.token, record.object_blob))
             try:
                 await node.call(record.target, message, node.cfg.limits.replica_timeout_ms / 1000.0)
             except (PeerUnavailable, RemoteError) as exc:

@@ -27,7 +27,8 @@ from typing import TYPE_CHECKING
 from kvstore.transport.base import Handler, PeerUnavailable, RemoteError
 
 if TYPE_CHECKING:
-    from kvstore.runtime.node import Node, PendingRepair
+    from kvstore.runtime.coordinator import PendingRepair
+    from kvstore.runtime.node import Node
 
 
 class ReadRepair:

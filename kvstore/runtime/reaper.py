@@ -30,20 +30,29 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Literal
 
 from kvstore.protocol import versions
 from kvstore.protocol.hints import NS_PER_S
+from kvstore.protocol.messages import (
+    ErrorReply,
+    MessageError,
+    Reap,
+    ReapCheck,
+    ReapCheckReply,
+    ReapReply,
+    decode_reply,
+    encode,
+    serve,
+)
 from kvstore.protocol.tombstones import reap_verdict, tombstone_is_covered, tombstone_written_at_ns
 from kvstore.protocol.versions import VersionedObject
 from kvstore.runtime.repair_messages import (
     OBJECTS_PER_MESSAGE,
     RepairProtocolError,
     call_peer,
-    remote_error,
-    token_key_list,
 )
-from kvstore.transport.base import Handler, Message, PeerUnavailable, RemoteError
+from kvstore.transport.base import Handler, PeerUnavailable, RemoteError
 
 if TYPE_CHECKING:
     from kvstore.runtime.node import Node
@@ -68,7 +77,7 @@ class TombstoneReaper:
         self.cfg = node.cfg.ap
 
     def handlers(self) -> dict[str, Handler]:
-        return {"reap_check": self._on_reap_check, "reap": self._on_reap}
+        return {"reap_check": serve(ReapCheck, self._on_reap_check), "reap": serve(Reap, self._on_reap)}
 
     async def start(self) -> None:
         return None  # driven by anti-entropy's rounds
@@ -101,11 +110,11 @@ class TombstoneReaper:
         async def ask(peer: str) -> None:
             mine = [c for c in batch if peer in primaries[c.key]]
             try:
-                reply = await call_peer(node, peer, {"op": "reap_check", "keys": [[c.token, c.key, c.blob] for c in mine]})
-            except (PeerUnavailable, RemoteError):
-                return  # an unreachable primary cannot confirm: it blocks the reap
-            covered = reply.get("covered")
-            if isinstance(covered, list) and len(covered) == len(mine):
+                reply = await call_peer(node, peer, encode(ReapCheck([(c.token, c.key, c.blob) for c in mine])))
+                covered = decode_reply(reply, ReapCheckReply, ReapCheck.OP).covered
+            except (PeerUnavailable, RemoteError, MessageError):
+                return  # an unreachable (or illegible) primary cannot confirm: it blocks the reap
+            if len(covered) == len(mine):
                 for c, ok in zip(mine, covered, strict=True):
                     if ok is True:
                         holding[c.key].add(peer)
@@ -129,14 +138,15 @@ class TombstoneReaper:
             mine = [c for c in approved if peer in primaries[c.key]]
             if not mine:
                 return
-            message = {"op": "reap", "keys": [[c.token, c.key, c.blob, list(primaries[c.key])] for c in mine]}
+            message = encode(Reap([(c.token, c.key, c.blob, list(primaries[c.key])) for c in mine]))
+            done: list[str] | None
             try:
                 reply = await call_peer(node, peer, message)
-                done = reply.get("reaped")
-            except (PeerUnavailable, RemoteError):
+                done = list(decode_reply(reply, ReapReply, Reap.OP).reaped)
+            except (PeerUnavailable, RemoteError, MessageError):
                 done = None
             for i, c in enumerate(mine):
-                if not (isinstance(done, list) and len(done) == len(mine) and done[i] in ("reaped", "absent")):
+                if not (done is not None and len(done) == len(mine) and done[i] in ("reaped", "absent")):
                     remote_ok[c.key] = False
 
         await asyncio.gather(*(order(p) for p in peers))
@@ -157,35 +167,28 @@ class TombstoneReaper:
         log.info("reaped the tombstone of %r", key)
         return True
 
-    async def _on_reap_check(self, sender: str, message: Message) -> Message:
+    async def _on_reap_check(self, sender: str, message: ReapCheck) -> ReapCheckReply | ErrorReply:
         """Per key: does our copy descend the reaper's tombstone (``tombstone_is_covered``)?"""
-        raw = message.get("keys")
         try:
-            entries = token_key_list(raw, "reap_check")
-            assert isinstance(raw, list)
-            tombs = [_tombstone_of(item) for item in raw]
+            tombs = [_tombstone_of(blob) for _, _, blob in message.keys]
         except RepairProtocolError as exc:
-            return remote_error("bad_request", str(exc))
+            return ErrorReply("bad_request", str(exc))
         covered = []
-        for (token, key), tomb in zip(entries, tombs, strict=True):
+        for (token, key, _), tomb in zip(message.keys, tombs, strict=True):
             blob = await self.node.data.get(key, token)
             covered.append(blob is not None and tombstone_is_covered(versions.decode(blob), tomb))
-        return {"covered": covered}
+        return ReapCheckReply(covered)
 
-    async def _on_reap(self, sender: str, message: Message) -> Message:
+    async def _on_reap(self, sender: str, message: Reap) -> ReapReply | ErrorReply:
         """Delete our copy of each key if it is exactly the reaper's tombstone and ``can_reap`` agrees."""
-        raw = message.get("keys")
         try:
-            entries = token_key_list(raw, "reap")
-            assert isinstance(raw, list)
-            tombs = [_tombstone_of(item) for item in raw]
-            confirmed = [item[3] if len(item) > 3 and isinstance(item[3], list) else [] for item in raw]
+            tombs = [_tombstone_of(blob) for _, _, blob, _ in message.keys]
         except RepairProtocolError as exc:
-            return remote_error("bad_request", str(exc))
+            return ErrorReply("bad_request", str(exc))
         node = self.node
         grace_ns = int(self.cfg.tombstone_grace_s * NS_PER_S)
-        results = []
-        for (token, key), tomb, holding in zip(entries, tombs, confirmed, strict=True):
+        results: list[Literal["reaped", "absent", "kept"]] = []
+        for (token, key, _, holding), tomb in zip(message.keys, tombs, strict=True):
             primaries = tuple(node.ring.walk_token(token)[: node.n])
             async with node.locks.hold(key):
                 blob = await node.data.get(key, token)
@@ -202,14 +205,11 @@ class TombstoneReaper:
                 await node.data.delete(key, token)
             node.metrics.tombstones_reaped.inc()
             results.append("reaped")
-        return {"reaped": results}
+        return ReapReply(results)
 
 
-def _tombstone_of(item: list[Any]) -> VersionedObject:
+def _tombstone_of(blob: bytes) -> VersionedObject:
     """The tombstone object of a reap message entry ``[token, key, blob, ...]``."""
-    blob = item[2] if len(item) > 2 else None
-    if not isinstance(blob, bytes):
-        raise RepairProtocolError("reap entries are [token, key, tombstone: bytes, ...]")
     try:
         tomb = versions.decode(blob)
     except (ValueError, TypeError) as exc:

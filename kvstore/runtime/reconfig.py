@@ -48,6 +48,21 @@ from typing import TYPE_CHECKING, Any
 
 from kvstore.errors import NodeError
 from kvstore.protocol.membership import CONFIG_KEY, Address, ClusterConfig, MembershipError, segments
+from kvstore.protocol.messages import (
+    ConfigGet,
+    ConfigGetReply,
+    ConfigPush,
+    ConfigPushReply,
+    ErrorReply,
+    MbCatchup,
+    MbCatchupReply,
+    MbTransfer,
+    MbTransferReply,
+    MessageError,
+    decode_reply,
+    encode,
+    serve,
+)
 from kvstore.protocol.paxos import CompareAndSet, PutIfAbsent, Read, etag_of
 from kvstore.protocol.ring import TOKEN_MIN, TokenRange
 from kvstore.transport.base import Handler, Message, PeerUnavailable, RemoteError
@@ -82,10 +97,10 @@ class Reconfiguration:
 
     def handlers(self) -> dict[str, Handler]:
         return {
-            "config_get": self._on_config_get,
-            "config_push": self._on_config_push,
-            "mb_transfer": self._on_transfer,
-            "mb_catchup": self._on_catchup,
+            "config_get": serve(ConfigGet, self._on_config_get),
+            "config_push": serve(ConfigPush, self._on_config_push),
+            "mb_transfer": serve(MbTransfer, self._on_transfer),
+            "mb_catchup": serve(MbCatchup, self._on_catchup),
         }
 
     async def start(self) -> None:
@@ -114,9 +129,9 @@ class Reconfiguration:
 
     async def _fetch(self, peer: str) -> None:
         try:
-            reply = await self.node.transport.call(peer, {"op": "config_get"}, REGISTER_TIMEOUT_S)
-            await self.adopt(ClusterConfig.decode(reply["config"]))
-        except (PeerUnavailable, RemoteError, MembershipError, KeyError, TypeError) as exc:
+            reply = await self.node.transport.call(peer, encode(ConfigGet()), REGISTER_TIMEOUT_S)
+            await self.adopt(ClusterConfig.decode(decode_reply(reply, ConfigGetReply, ConfigGet.OP).config))
+        except (PeerUnavailable, RemoteError, MembershipError, MessageError, KeyError, TypeError) as exc:
             log.info("could not fetch the membership from %s: %s", peer, exc)
 
     async def adopt(self, config: ClusterConfig) -> bool:
@@ -131,15 +146,15 @@ class Reconfiguration:
             self._start_drop()
         return True
 
-    async def _on_config_get(self, sender: str, message: Message) -> Message:
-        return {"config": self.node.config.encode()}
+    async def _on_config_get(self, sender: str, message: ConfigGet) -> ConfigGetReply:
+        return ConfigGetReply(self.node.config.encode())
 
-    async def _on_config_push(self, sender: str, message: Message) -> Message:
+    async def _on_config_push(self, sender: str, message: ConfigPush) -> ConfigPushReply | ErrorReply:
         try:
-            await self.adopt(ClusterConfig.decode(message["config"]))
+            await self.adopt(ClusterConfig.decode(message.config))
         except MembershipError as exc:
-            return {"error": exc.code, "message": exc.message, "remote_error": True}
-        return {"version": self.node.config.version}
+            return ErrorReply(exc.code, exc.message)
+        return ConfigPushReply(self.node.config.version)
 
     # --- the register ------------------------------------------------------------------------
 
@@ -210,14 +225,14 @@ class Reconfiguration:
             self.progress["step"] = "transfer"
             transferred = 0
             for member in joint.new:
-                reply = await self._step(member, {"op": "mb_transfer", "version": joint.version}, TRANSFER_TIMEOUT_S)
-                transferred += int(reply.get("keys", 0))
+                reply = await self._step(member, encode(MbTransfer(joint.version)), TRANSFER_TIMEOUT_S)
+                transferred += decode_reply(reply, MbTransferReply, MbTransfer.OP).keys
             self.progress["keys_transferred"] = transferred
             self.progress["step"] = "catchup"
             registers = 0
             for member in joint.old:
-                reply = await self._step(member, {"op": "mb_catchup", "version": joint.version}, CATCHUP_TIMEOUT_S)
-                registers += int(reply.get("registers", 0))
+                reply = await self._step(member, encode(MbCatchup(joint.version)), CATCHUP_TIMEOUT_S)
+                registers += decode_reply(reply, MbCatchupReply, MbCatchup.OP).registers
             self.progress["registers_recommitted"] = registers
             self.progress["step"] = "commit"
             stable = joint.commit()
@@ -226,7 +241,7 @@ class Reconfiguration:
             await self._announce(stable, joint.members)
             self.progress = {**self.progress, "step": "done", "version": stable.version}
             log.warning("membership change done: version %d, members %s", stable.version, list(stable.new))
-        except (PeerUnavailable, RemoteError, MembershipError, NodeError, TimeoutError) as exc:
+        except (PeerUnavailable, RemoteError, MembershipError, MessageError, NodeError, TimeoutError) as exc:
             self.progress = {**self.progress, "error": f"{type(exc).__name__}: {exc}"}
             log.error("membership change stopped at %s: %s (resume or abort it)", self.progress.get("step"), exc)
 
@@ -255,10 +270,10 @@ class Reconfiguration:
             behind: list[str] = []
             for member in waiting:
                 try:
-                    reply = await self.node.call(member, {"op": "config_push", "config": config.encode()}, 2.0)
-                    if int(reply.get("version", -1)) < config.version:
+                    reply = await self.node.call(member, encode(ConfigPush(config.encode())), 2.0)
+                    if decode_reply(reply, ConfigPushReply, ConfigPush.OP).version < config.version:
                         behind.append(member)
-                except (PeerUnavailable, RemoteError):
+                except (PeerUnavailable, RemoteError, MessageError):
                     behind.append(member)
             waiting = behind
             if waiting:
@@ -274,23 +289,23 @@ class Reconfiguration:
             if member == self.node.node_id:
                 continue
             with contextlib.suppress(PeerUnavailable, RemoteError):
-                await self.node.transport.call(member, {"op": "config_push", "config": config.encode()}, 2.0)
+                await self.node.transport.call(member, encode(ConfigPush(config.encode())), 2.0)
 
     # --- the steps each member runs ------------------------------------------------------------
 
-    def _require_version(self, message: Message) -> None:
-        if int(message["version"]) != self.node.config.version or self.node.config.phase != "joint":
+    def _require_version(self, version: int) -> None:
+        if version != self.node.config.version or self.node.config.phase != "joint":
             raise MembershipError(
                 "wrong_version", f"{self.node.node_id} is at version {self.node.config.version}, asked for "
-                f"{message['version']}"
+                f"{version}"
             )
 
-    async def _on_transfer(self, sender: str, message: Message) -> Message:
+    async def _on_transfer(self, sender: str, message: MbTransfer) -> MbTransferReply | ErrorReply:
         """Pull every range this node gains from every old owner of it (Merkle exchange)."""
         try:
-            self._require_version(message)
+            self._require_version(message.version)
         except MembershipError as exc:
-            return {"error": exc.code, "message": exc.message, "remote_error": True}
+            return ErrorReply(exc.code, exc.message)
         me = self.node.node_id
         placement = self.node.placement
         by_source: dict[str, list[TokenRange]] = {}
@@ -302,17 +317,18 @@ class Reconfiguration:
         for source in sorted(by_source):
             stats = await self.node.parts.anti_entropy.sync_ranges(source, by_source[source])
             if stats.exchanges_failed:
-                return {"error": "transfer_failed", "remote_error": True,
-                        "message": f"{stats.exchanges_failed} ranges from {source} could not be compared"}
+                return ErrorReply(
+                    "transfer_failed", f"{stats.exchanges_failed} ranges from {source} could not be compared"
+                )
             keys += stats.keys_exchanged
-        return {"keys": keys, "sources": sorted(by_source)}
+        return MbTransferReply(keys, sorted(by_source))
 
-    async def _on_catchup(self, sender: str, message: Message) -> Message:
+    async def _on_catchup(self, sender: str, message: MbCatchup) -> MbCatchupReply | ErrorReply:
         """Re-commit, with joint quorums, every register held here whose acceptor set changes."""
         try:
-            self._require_version(message)
+            self._require_version(message.version)
         except MembershipError as exc:
-            return {"error": exc.code, "message": exc.message, "remote_error": True}
+            return ErrorReply(exc.code, exc.message)
         node = self.node
         register = node.parts.register
         slots = asyncio.Semaphore(CATCHUP_CONCURRENCY)
@@ -332,9 +348,8 @@ class Reconfiguration:
         results = await asyncio.gather(*(recommit(k) for k in moving[:CATCHUP_MAX_KEYS]), return_exceptions=True)
         failed = [k for k, r in zip(moving, results, strict=False) if isinstance(r, BaseException)]
         if failed:
-            return {"error": "catchup_failed", "remote_error": True,
-                    "message": f"{len(failed)} of {len(moving)} registers could not be re-committed"}
-        return {"registers": len(moving)}
+            return ErrorReply("catchup_failed", f"{len(failed)} of {len(moving)} registers could not be re-committed")
+        return MbCatchupReply(len(moving))
 
     # --- dropping what is no longer ours ------------------------------------------------------
 

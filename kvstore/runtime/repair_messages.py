@@ -5,34 +5,35 @@ Theory of operation
 Anti-entropy (``kvstore.runtime.anti_entropy``) and the tombstone reaper (``kvstore.runtime.reaper``) exchange
 lists of ``[token, key, ...]`` entries with the other replicas of a range.  Every list a peer
 may send is bounded (``OBJECTS_PER_MESSAGE`` entries, ``MESSAGE_BYTES_BUDGET`` bytes of
-objects) and checked entry by entry before any of it is used: a malformed message is
-answered with a ``bad_request`` error reply (``RepairProtocolError``), never a failure inside
-a handler.  ``call_peer`` is ``Node.call`` with the repair mechanisms' timeout.
+objects) and checked entry by entry by the message codec (``kvstore.protocol.messages``) before
+any of it is used; what the codec cannot know (a reply answering the wrong keys, an entry that
+is not a tombstone) is a ``RepairProtocolError``.  A malformed message is answered with a
+``bad_request`` error reply, never a failure inside a handler.  ``call_peer`` is ``Node.call``
+with the repair mechanisms' timeout.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, TypeVar
 
+from kvstore.protocol.messages import (
+    OBJECTS_PER_MESSAGE as OBJECTS_PER_MESSAGE,  # keys per pull/push/reap message
+)
 from kvstore.transport.base import Message, RemoteError
 
 if TYPE_CHECKING:
     from kvstore.runtime.node import Node
 
 SCAN_PAGE = 500  # records per storage scan call
-OBJECTS_PER_MESSAGE = 256  # keys per pull/push/reap message
 MESSAGE_BYTES_BUDGET = 4 * 1024 * 1024  # pull replies and pushes stop adding objects past this
 CALL_TIMEOUT_S = 10.0  # one anti-entropy or reap message to one peer
+
+T = TypeVar("T")
 
 
 class RepairProtocolError(Exception):
     """A peer's anti-entropy or reap message was malformed (answered as a remote error)."""
-
-
-def remote_error(code: str, message: str) -> Message:
-    """The error reply of a handler (``Node.call`` raises it as ``RemoteError`` at the caller)."""
-    return {"error": code, "message": message, "remote_error": True}
 
 
 async def call_peer(node: Node, peer: str, message: Message) -> Message:
@@ -43,22 +44,10 @@ async def call_peer(node: Node, peer: str, message: Message) -> Message:
     return reply
 
 
-def token_key_list(raw: Any, what: str) -> list[tuple[int, str]]:
-    """The ``(token, key)`` heads of a bounded list of ``[token, key, ...]`` entries."""
-    if not isinstance(raw, list) or len(raw) > OBJECTS_PER_MESSAGE:
-        raise RepairProtocolError(f"{what}: expected at most {OBJECTS_PER_MESSAGE} [token, key] pairs")
-    out: list[tuple[int, str]] = []
-    for item in raw:
-        if not (isinstance(item, list) and len(item) >= 2 and type(item[0]) is int and isinstance(item[1], str)):
-            raise RepairProtocolError(f"{what}: entries must start with [token: int, key: str]")
-        out.append((item[0], item[1]))
-    return out
-
-
-def byte_chunks(items: list[list[Any]], size_of: Callable[[list[Any]], int]) -> list[list[list[Any]]]:
+def byte_chunks(items: list[T], size_of: Callable[[T], int]) -> list[list[T]]:
     """Split ``items`` into chunks of at most ``MESSAGE_BYTES_BUDGET`` bytes (each at least one item)."""
-    chunks: list[list[list[Any]]] = []
-    current: list[list[Any]] = []
+    chunks: list[list[T]] = []
+    current: list[T] = []
     size = 0
     for item in items:
         item_size = size_of(item)

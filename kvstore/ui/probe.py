@@ -20,6 +20,7 @@ import aiohttp
 import msgpack
 
 from kvstore.protocol import versions
+from kvstore.protocol.messages import MessageError, ReplicaGet, ReplicaGetReply, decode_reply, encode
 from kvstore.protocol.ring import key_token
 
 PROBE_SENDER = "explorer"  # the X-Node of the probe's messages (a replica_get ignores its sender)
@@ -36,7 +37,7 @@ async def replica_copy(
     session: aiohttp.ClientSession, url: str, secret: str, key: str, timeout_s: float = 1.0
 ) -> dict[str, Any] | None:
     """The key's copy on the node at ``url``: {digest, values, siblings}, or None without an answer."""
-    body = msgpack.packb({"op": "replica_get", "key": key, "token": key_token(key)}, use_bin_type=True)
+    body = msgpack.packb(encode(ReplicaGet(key, key_token(key))), use_bin_type=True)
     headers = {"X-Cluster-Secret": secret, "X-Node": PROBE_SENDER, "Content-Type": "application/msgpack"}
     try:
         async with session.post(url + "/internal/msg", data=body, headers=headers,
@@ -48,8 +49,11 @@ async def replica_copy(
         return None
     if not isinstance(reply, dict) or reply.get("remote_error"):
         return None
-    blob = reply.get("obj")
-    obj = versions.decode(blob) if isinstance(blob, bytes) else versions.VersionedObject.empty()
+    try:
+        blob = decode_reply(reply, ReplicaGetReply, ReplicaGet.OP).obj
+    except MessageError:
+        return None
+    obj = versions.decode(blob) if blob is not None else versions.VersionedObject.empty()
     return {
         "digest": versions.digest(obj).hex()[:16],
         "values": [show_value(s.value) for s in obj.siblings],
