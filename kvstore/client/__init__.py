@@ -432,6 +432,7 @@ class AiohttpTransport:
         self.max_connections = max_connections
         self.ssl_context = ssl_context  # None: aiohttp's default verification (https with the system CAs)
         self.session: aiohttp.ClientSession | None = None
+        self._timeouts: dict[tuple[float, float], aiohttp.ClientTimeout] = {}
 
     def _ensure_session(self) -> aiohttp.ClientSession:
         if self.session is None:
@@ -452,10 +453,15 @@ class AiohttpTransport:
         session = self._ensure_session()
         # sock_connect is separate so a connect timeout is known to have sent nothing.
         connect_s = min(connect_timeout_s, timeout_s)
-        timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect_s)
+        timeout = self._timeouts.get((timeout_s, connect_s))
+        if timeout is None:  # a load loop sends thousands of requests with the same few timeouts
+            if len(self._timeouts) >= 64:
+                self._timeouts.clear()
+            timeout = self._timeouts[(timeout_s, connect_s)] = aiohttp.ClientTimeout(
+                total=timeout_s, sock_connect=connect_s)
         try:
             async with session.request(
-                method, URL(url, encoded=True), headers=dict(headers), data=body, timeout=timeout,
+                method, URL(url, encoded=True), headers=headers or None, data=body, timeout=timeout,
                 allow_redirects=False,
             ) as resp:
                 payload = await resp.read()

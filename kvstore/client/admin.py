@@ -26,7 +26,7 @@ from typing import Any
 
 from kvstore.client import AiohttpTransport, Client, ClientTransport, ServerError
 
-__all__ = ["AdminClient", "LinkRules", "Membership"]
+__all__ = ["AdminClient", "LinkRules", "Membership", "read_cluster"]
 
 LinkRules = dict[str, dict[str, Any]]  # peer id -> {drop_out, drop_in, delay_ms, jitter_ms, loss}
 
@@ -171,6 +171,13 @@ class AdminClient:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+async def read_cluster(url: str, timeout_s: float = 5.0) -> dict[str, Any]:
+    """``GET /cluster`` of the node at ``url`` (how a tool attaches to a running cluster: its members'
+    URLs, vnodes, N, conflict mode); a failure is the client's ``KVError``."""
+    async with Client(url, timeout_s=timeout_s) as client:
+        return await client.cluster()
 
 
 def _rules(doc: Mapping[str, Any]) -> LinkRules:
