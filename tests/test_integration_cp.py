@@ -8,15 +8,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
 from kvstore.checker import check
-from kvstore.client.http_session import client_session, no_answer_kind
-from kvstore.contract import answer_outcome, error_body, no_answer_outcome
+from kvstore.client import AiohttpTransport, Client, KVError
 from kvstore.contract import etag_of as etag
 from kvstore.harness.history import HistoryWriter, read_history
 from kvstore.harness.local_cluster import LocalCluster
+from kvstore.harness.workload import error_outcome, read_outcome
 from kvstore.protocol.ring import Ring
 from tests.conftest import http, kv_path
 
@@ -32,42 +31,52 @@ def primaries(cluster: LocalCluster, key: str) -> tuple[str, ...]:
 class CasCounter:
     """Clients add 1 to one key by linearizable read + compare-and-set, recording every op in a history.
 
-    Each op is one HTTP request (``client_session``), recorded with the outcome the answer proves
-    (``kvstore.contract``): ``ok`` / ``fail`` / ``info``; after an ``info`` the client takes a new
-    process id, as the harness does.  ``acked`` counts CAS that returned ok, ``unknown`` CAS whose
-    outcome is info: the final value must lie in [acked, acked + unknown].
+    Each op is one request through ``kvstore.Client`` (one per node, never re-sent), recorded with the
+    outcome it proves, by the chaos workload's own rules (``kvstore.harness.workload``, kvstore.contract):
+    ``ok`` / ``fail`` / ``info``; after an ``info`` the client takes a new process id, as the harness
+    does.  ``acked`` counts CAS that returned ok, ``unknown`` CAS whose outcome is info: the final value
+    must lie in [acked, acked + unknown].
     """
 
-    def __init__(self, cluster: LocalCluster, key: str, history: HistoryWriter, session: aiohttp.ClientSession,
-                 first_process: int) -> None:
+    def __init__(self, cluster: LocalCluster, key: str, history: HistoryWriter, first_process: int) -> None:
         self.cluster = cluster
         self.key = key
         self.history = history
-        self.session = session
+        self.transport = AiohttpTransport()
+        # timeout_ms=3000 of 5 s: the node answers a typed 503 before the client gives up.
+        self.clients = {n: Client(cluster.url(n), transport=self.transport, timeout_s=5.0, server_timeout_share=0.6)
+                        for n in cluster.node_ids}
         self._next_process = itertools.count(first_process)
         self.acked = 0
         self.unknown = 0
 
-    async def _op(self, process: int, node: str, f: str, value: Any, **request: Any) -> tuple[str, bytes, int]:
-        url = self.cluster.url(node) + kv_path(self.key, consistency=LIN, timeout_ms=3000)
+    async def __aenter__(self) -> CasCounter:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.transport.close()
+
+    async def _op(self, process: int, node: str, f: str, value: Any) -> tuple[str, int | None]:
+        """One op; (its outcome, the value a successful read saw)."""
         event = {"process": process, "f": f, "key": self.key, "value": value, "node": node}
         self.history.record({**event, "type": "invoke"})
-        status, raw = 0, b""
-        try:
-            async with self.session.request(request.pop("method"), url, **request) as resp:
-                status, raw = resp.status, await resp.read()
-            kind = answer_outcome(status, error_body(raw), read=f == "read")
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            what = no_answer_kind(exc)
-            assert what is not None, exc
-            kind = no_answer_outcome(what)
+        client = self.clients[node]
         extra: dict[str, Any] = {}
-        if kind == "ok" and f == "read":
-            extra["value"] = int(raw) if status == 200 else None
-        elif kind != "ok":
-            extra["error"] = str(error_body(raw).get("error") or f"http_{status}")
+        try:
+            if f == "read":
+                kind, extra = read_outcome(await client.get(self.key, consistency=LIN))
+            else:
+                current, new = value
+                if current is None:
+                    await client.put_if_absent(self.key, str(new).encode(), consistency=LIN)
+                else:
+                    await client.cas(self.key, str(current).encode(), str(new).encode(), consistency=LIN)
+                kind = "ok"
+        except KVError as exc:
+            kind, extra = error_outcome(exc)
         self.history.record({**event, "type": kind, **extra})
-        return kind, raw, status
+        seen = extra.get("value")
+        return kind, seen if isinstance(seen, int) else None
 
     async def client(self, node: str, increments: int, deadline: float, stop: asyncio.Event | None = None) -> int:
         """Add up to ``increments`` through ``node`` before ``deadline`` or ``stop``; returns how many were acked."""
@@ -75,17 +84,14 @@ class CasCounter:
         process = next(self._next_process)
         done = 0
         while done < increments and loop.time() < deadline and not (stop and stop.is_set()):
-            kind, raw, status = await self._op(process, node, "read", None, method="GET")
+            kind, current = await self._op(process, node, "read", None)
             if kind != "ok":
                 if kind == "info":
                     process = next(self._next_process)
                 await asyncio.sleep(0.05)  # the node is refusing or gone: do not spin
                 continue
-            current = int(raw) if status == 200 else None
-            headers = {"If-Match": etag(str(current).encode())} if current is not None else {"If-None-Match": "*"}
             new = (current or 0) + 1
-            kind, _raw, _status = await self._op(process, node, "cas", [current, new], method="PUT",
-                                                 data=str(new).encode(), headers=headers)
+            kind, _ = await self._op(process, node, "cas", [current, new])
             if kind == "ok":
                 self.acked += 1
                 done += 1
@@ -111,8 +117,7 @@ def test_concurrent_cas_increments_lose_nothing_and_are_linearizable(cluster5: L
     history = HistoryWriter(tmp_path / "history.jsonl")
 
     async def run() -> tuple[list[int], int, int]:
-        async with client_session(timeout=aiohttp.ClientTimeout(total=5)) as session:
-            counter = CasCounter(cluster5, key, history, session, first_process=0)
+        async with CasCounter(cluster5, key, history, first_process=0) as counter:
             deadline = asyncio.get_running_loop().time() + GENEROUS_S
             nodes = [cluster5.node_ids[i % len(cluster5.node_ids)] for i in range(6)]
             done = await asyncio.gather(*(counter.client(node, 8, deadline) for node in nodes))
@@ -142,8 +147,7 @@ def test_replica_killed_mid_run_still_available_and_linearizable(fresh_cluster: 
 
     async def run() -> tuple[list[int], int, int]:
         loop = asyncio.get_running_loop()
-        async with client_session(timeout=aiohttp.ClientTimeout(total=5)) as session:
-            counter = CasCounter(fresh_cluster, key, history, session, first_process=0)
+        async with CasCounter(fresh_cluster, key, history, first_process=0) as counter:
             # Before: clients on every node, the victim's included, run until they are stopped.
             stop_before = asyncio.Event()
             before = [asyncio.create_task(counter.client(n, 10**6, loop.time() + GENEROUS_S, stop_before))
