@@ -552,6 +552,32 @@ def run_load(spec: LoadSpec, generator: Generator = "auto") -> LoadResult:
     return _run_async(run_python_async(spec))
 
 
+# --- one request from synchronous code ----------------------------------------------------------
+
+
+def http_call(
+    url: str, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None,
+    timeout_s: float = 5.0,
+) -> tuple[int, bytes]:
+    """One request (a probe, an admin call) from synchronous benchmark code, through the client's
+    transport (sent once, never re-sent); ``(599, reason)`` when no answer came.  Not for load: each
+    call runs its own short event loop and connection."""
+
+    async def send() -> tuple[int, bytes]:
+        transport = AiohttpTransport(max_connections=1)
+        try:
+            status, _, raw = await transport.request(method, url.rstrip("/") + path, headers or {}, body, timeout_s,
+                                                     min(1.0, timeout_s))
+            return status, raw
+        finally:
+            await transport.close()
+
+    try:
+        return asyncio.run(send())
+    except (NotSent, Lost) as exc:
+        return 599, str(exc).encode()
+
+
 # --- loading key ranges ----------------------------------------------------------------------
 
 
