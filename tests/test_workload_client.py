@@ -18,9 +18,10 @@ from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 
-from kvstore.client import Lost, NotSent
+from kvstore.client import Lost, NotSent, ServerError
 from kvstore.client.admin import AdminClient
 from kvstore.contract import etag_of
+from kvstore.harness.endpoint import ApiRequest, ApiResponse, EndpointTransport, NoAnswerError, endpoint_urls
 from kvstore.harness.history import HistoryWriter, read_history
 from kvstore.harness.nemesis import ClusterControl, NemesisError
 from kvstore.harness.workload import Workload, WorkloadSpec
@@ -222,3 +223,60 @@ async def test_a_failed_nemesis_call_is_a_nemesis_error_sent_once(
     assert getattr(cause, "indeterminate", None) is indeterminate and getattr(cause, "code", None) == code
     assert len(transport.sent) == 1, "an admin call is never re-sent"
     assert control.skews_ms == {}, "a skew that was not confirmed is not recorded as in force"
+
+
+async def test_a_malformed_membership_answer_is_indeterminate_not_a_crash() -> None:
+    transport = ScriptedTransport([json_answer(202, {"config": "?"})])
+    async with AdminClient({"n1": "http://n1:7001"}, "s3cret", transport=transport) as admin:
+        with pytest.raises(ServerError) as info:
+            await admin.change_membership("n1", {"action": "leave", "id": "n3"})
+    assert info.value.code == "bad_response" and info.value.indeterminate, "a 202 may have started the change"
+    assert transport.sent[0].method == "POST" and json.loads(transport.sent[0].body or b"") == {
+        "action": "leave", "id": "n3"}
+
+
+# --------------------------------------------------------------------------- the simulator's endpoint
+
+
+@dataclass
+class ScriptedEndpoint:
+    """A simulated cluster's ``Endpoint``: raises or answers from ``answers``; records what arrived."""
+
+    answers: list[ApiResponse | NoAnswerError]
+    arrived: list[tuple[str, ApiRequest]] = field(default_factory=list)
+
+    async def request(self, node: str, request: ApiRequest, timeout_s: float) -> ApiResponse:
+        self.arrived.append((node, request))
+        answer = self.answers.pop(0)
+        if isinstance(answer, NoAnswerError):
+            raise answer
+        return answer
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    "answer,expected",
+    [
+        (ApiResponse(204, {"X-Context": "c", "X-Siblings": "1"}, b""), ("ok", None)),
+        (NoAnswerError("unreachable", "connection_refused"), ("fail", "connection_refused")),
+        (NoAnswerError("timeout", "timeout"), ("info", "timeout")),
+        (NoAnswerError("disconnected", "connection_reset"), ("info", "connection_reset")),
+    ],
+)
+async def test_a_simulated_node_is_reached_through_the_same_client(
+    tmp_path: Path, answer: ApiResponse | NoAnswerError, expected: tuple[str, str | None]
+) -> None:
+    """``EndpointTransport``: never sent (``unreachable``) is ``NotSent``, the rest ``Lost``."""
+    endpoint = ScriptedEndpoint([answer])
+    history = HistoryWriter(tmp_path / "history.jsonl")
+    async with Workload(WorkloadSpec(mode="eventual", keys=["a/b c"], clients=1), endpoint_urls(["n1"]), history, 1,
+                        transport=EndpointTransport(endpoint)) as workload:
+        kind = await workload.perform(0, "n1", "write", "a/b c", 5)
+    history.close()
+    event = read_history(tmp_path / "history.jsonl")[-1]
+    assert (kind, event.get("error")) == expected
+    [(node, request)] = endpoint.arrived
+    assert (node, request.method, request.raw_path, request.body) == ("n1", "PUT", "/kv/a%2Fb%20c", b"5")
+    assert request.query == {"consistency": "eventual", "w": "1", "sloppy": "true", "timeout_ms": "800"}

@@ -8,6 +8,11 @@ simulator inject their own -- and a list of node URLs.  Any node can coordinate 
 picks a starting node round-robin and walks the list from there, moving nodes
 that recently refused a connection to the back so a dead node costs one failed
 connect every ``down_cooldown_s`` rather than one per request.
+Everything else in the project that speaks to a node's public or admin API
+goes through this client and its transport too: the chaos workload (one
+``Client`` per node), the nemesis's and the membership commands' admin calls
+(``kvstore.client.admin.AdminClient``, a ``Client`` per node on a shared
+transport), the explorer's probes and the benchmarks' Python generators.
 
 What it guarantees, and what it refuses to hide:
 
