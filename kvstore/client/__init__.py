@@ -455,15 +455,15 @@ class AiohttpTransport:
         self, method: str, url: str, headers: Mapping[str, str], body: bytes | None,
         timeout_s: float, connect_timeout_s: float,
     ) -> tuple[int, Mapping[str, str], bytes]:
-        session = self._ensure_session()
-        # sock_connect is separate so a connect timeout is known to have sent nothing.
-        connect_s = min(connect_timeout_s, timeout_s)
-        timeout = self._timeouts.get((timeout_s, connect_s))
-        if timeout is None:  # a load loop sends thousands of requests with the same few timeouts
+        session = self.session or self._ensure_session()
+        # A load loop sends thousands of requests with the same few timeouts: build each once.
+        timeout = self._timeouts.get((timeout_s, connect_timeout_s))
+        if timeout is None:
             if len(self._timeouts) >= 64:
                 self._timeouts.clear()
-            timeout = self._timeouts[(timeout_s, connect_s)] = aiohttp.ClientTimeout(
-                total=timeout_s, sock_connect=connect_s)
+            # sock_connect is separate so a connect timeout is known to have sent nothing.
+            timeout = self._timeouts[(timeout_s, connect_timeout_s)] = aiohttp.ClientTimeout(
+                total=timeout_s, sock_connect=min(connect_timeout_s, timeout_s))
         try:
             async with session.request(
                 method, URL(url, encoded=True), headers=headers or None, data=body, timeout=timeout,
@@ -477,7 +477,7 @@ class AiohttpTransport:
             if no_answer_outcome(kind) != INFO:  # never connected: nothing was sent
                 if isinstance(exc, aiohttp.ClientConnectorError):
                     raise NotSent(f"cannot connect: {exc.os_error.strerror or exc.os_error}") from None
-                raise NotSent(f"connect timed out after {connect_s:g}s") from None
+                raise NotSent(f"connect timed out after {min(connect_timeout_s, timeout_s):g}s") from None
             if kind == "timeout":
                 raise Lost("timeout", f"no response within {timeout_s:g}s") from None
             raise Lost("disconnected", f"connection lost: {exc or type(exc).__name__}") from None
@@ -810,6 +810,8 @@ class Client:
         )
 
     def _order(self) -> list[str]:
+        if len(self.nodes) == 1:  # a client bound to one node (the chaos workload's, an admin call's)
+            return self.nodes
         start = next(self._rotation) % len(self.nodes)
         rotated = self.nodes[start:] + self.nodes[:start]
         now = time.monotonic()

@@ -66,7 +66,7 @@ class EndpointTransport:
         assert url.startswith(_SCHEME), url
         node, _, rest = url[len(_SCHEME):].partition("/")
         raw_path, _, query = rest.partition("?")
-        request = ApiRequest(method, "/" + raw_path, dict(parse_qsl(query, keep_blank_values=True)), headers, body)
+        request = ApiRequest(method, "/" + raw_path, _query(query), headers, body)
         try:
             answer = await self.endpoint.request(node, request, timeout_s)
         except NoAnswerError as exc:
@@ -77,3 +77,11 @@ class EndpointTransport:
 
     async def close(self) -> None:
         await self.endpoint.close()
+
+
+def _query(text: str) -> dict[str, str]:
+    """The query of a client URL; the simulator parses one per request, and the client's are plain
+    ``name=value`` pairs (numbers, mode names) that need no unquoting."""
+    if "%" in text or "+" in text:
+        return dict(parse_qsl(text, keep_blank_values=True))
+    return dict(pair.partition("=")[::2] for pair in text.split("&") if pair)
