@@ -30,15 +30,13 @@ Usage: ``python benchmarks/bench_anti_entropy.py [--keys 10000] [--runs 3] [--no
 from __future__ import annotations
 
 import argparse
-import http.client
+import asyncio
 import json
 import re
 import statistics
 import sys
 import tempfile
 import time
-import urllib.parse
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,7 +46,8 @@ import msgpack
 if __package__ in (None, ""):  # ``python benchmarks/bench_anti_entropy.py``: make the repo importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.loadgen import loadavg, machine_info  # noqa: E402
+from benchmarks.loadgen import http_call, loadavg, machine_info  # noqa: E402
+from kvstore.client import AiohttpTransport, Client, KVError  # noqa: E402
 from kvstore.config import APSettings  # noqa: E402
 from kvstore.harness.local_cluster import LocalCluster  # noqa: E402
 from kvstore.protocol import versions  # noqa: E402
@@ -59,14 +58,33 @@ PULL_BATCH = 256
 
 def request(url: str, method: str, path: str, body: bytes | None = None,
             headers: dict[str, str] | None = None) -> tuple[int, bytes]:
-    parsed = urllib.parse.urlparse(url)
-    conn = http.client.HTTPConnection(parsed.hostname or "127.0.0.1", parsed.port, timeout=30)
+    return http_call(url, method, path, body, headers, timeout_s=30.0)
+
+
+async def write_keys(urls: list[str], keys: list[str], writers: int) -> list[int]:
+    """Write each key (its own bytes as value, w=2, strict quorum) through ``kvstore.Client``, key ``i``
+    via ``urls[i % len(urls)]``, ``writers`` at a time; the status of each (599: no answer)."""
+    transport = AiohttpTransport(max_connections=writers)
+    clients = [Client(url, transport=transport, timeout_s=30.0) for url in urls]
+    statuses = [0] * len(keys)
+    next_index = 0
+
+    async def writer() -> None:
+        nonlocal next_index
+        while next_index < len(keys):
+            i = next_index
+            next_index += 1
+            try:
+                await clients[i % len(clients)].put(keys[i], keys[i].encode(), w=2, sloppy=False)
+                statuses[i] = 204
+            except KVError as exc:
+                statuses[i] = exc.status or 599
+
     try:
-        conn.request(method, path, body=body, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, resp.read()
+        await asyncio.gather(*(writer() for _ in range(writers)))
     finally:
-        conn.close()
+        await transport.close()
+    return statuses
 
 
 class Bench:
@@ -193,15 +211,8 @@ def run(b: Bench, args: argparse.Namespace) -> RunResult | None:
 
     keys = [f"bench-ae:{i:06d}" for i in range(args.keys)]
 
-    def write(i: int) -> int:
-        key = keys[i]
-        q = urllib.parse.urlencode({"w": 2, "sloppy": "false"})
-        return request(c.url(others[i % len(others)]), "PUT", f"/kv/{urllib.parse.quote(key, safe='')}?{q}",
-                       key.encode())[0]
-
     started = time.monotonic()
-    with ThreadPoolExecutor(args.writers) as pool:
-        statuses = list(pool.map(write, range(len(keys))))
+    statuses = asyncio.run(write_keys([c.url(o) for o in others], keys, args.writers))
     if statuses.count(204) != len(keys):
         print(f"writes failed: { {s: statuses.count(s) for s in set(statuses)} }", file=sys.stderr)
         return None

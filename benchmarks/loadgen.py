@@ -5,9 +5,12 @@ Why this module exists
 A benchmark of a Python server on a 2-core machine is only meaningful if the load generator
 costs much less CPU than the server it measures; a Python client at 10k req/s eats most of a
 core that the nodes then do not have.  So the preferred generator is ``wrk`` (C, epoll) driven
-by ``benchmarks/bench.lua``; a Python aiohttp generator is the fallback (with a loud warning,
+by ``benchmarks/bench.lua``; a Python generator is the fallback (with a loud warning,
 because its figures understate the store) and is also what measures ``kvstore.Client`` itself
-and what loads key ranges exactly before read runs.
+and what loads key ranges exactly before read runs.  The Python generators speak through the
+client's own transport (``kvstore.client.AiohttpTransport``: one pooled session, each request
+sent once, a failure typed ``NotSent`` -- never sent -- or ``Lost`` -- it may have landed), the
+``client`` generator through the whole ``kvstore.Client``.
 
 Every load loop here is bounded twice: by an operation count and by a time limit, whichever
 comes first.  wrk only knows ``-d``; ``bench.lua`` adds the count bound by sending SIGINT to
@@ -43,10 +46,8 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import parse_qsl, urlparse
 
-import aiohttp
-
-from kvstore.client.http_session import client_session, no_answer_kind
-from kvstore.contract import FAIL, OK, answer_outcome, no_answer_outcome
+from kvstore.client import AiohttpTransport, ClientTransport, Lost, NotSent
+from kvstore.contract import FAIL, INFO, OK, answer_outcome
 
 LUA_SCRIPT = Path(__file__).with_name("bench.lua")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -370,13 +371,19 @@ def b64(text: str | bytes) -> str:
 RequestFn = Callable[[int, int], Awaitable[int]]  # (worker, sequence) -> HTTP status
 
 
-def _aiohttp_request_fn(session: aiohttp.ClientSession, spec: LoadSpec) -> RequestFn:
+_JSON = {"Content-Type": "application/json"}
+_NO_HEADERS: dict[str, str] = {}
+
+
+def _transport_request_fn(transport: ClientTransport, spec: LoadSpec, timeout_s: float) -> RequestFn:
+    """Raw requests (any status is returned, never raised) through the client's transport."""
     value = b"v" * spec.value_size
     value_b64 = b64(value)
     urls = spec.urls
     import random
 
     rng = random.Random(1)
+    connect_s = min(1.0, timeout_s)
 
     def key_for(seq: int) -> str:
         return f"{spec.prefix}{seq}" if spec.op == "put" else f"{spec.prefix}{rng.randrange(max(1, spec.keys))}"
@@ -384,12 +391,10 @@ def _aiohttp_request_fn(session: aiohttp.ClientSession, spec: LoadSpec) -> Reque
     async def kv(worker: int, seq: int) -> int:
         url = urls[seq % len(urls)] + kv_path(key_for(seq), spec.query)
         if spec.op == "put":
-            async with session.put(url, data=value) as resp:
-                await resp.read()
-                return resp.status
-        async with session.get(url) as resp:
-            await resp.read()
-            return resp.status
+            status, _, _ = await transport.request("PUT", url, _NO_HEADERS, value, timeout_s, connect_s)
+        else:
+            status, _, _ = await transport.request("GET", url, _NO_HEADERS, None, timeout_s, connect_s)
+        return status
 
     async def etcd(worker: int, seq: int) -> int:
         base = urls[seq % len(urls)]
@@ -399,9 +404,9 @@ def _aiohttp_request_fn(session: aiohttp.ClientSession, spec: LoadSpec) -> Reque
             path = "/v3/kv/put"
         else:
             body, path = {"key": key}, "/v3/kv/range"
-        async with session.post(base + path, json=body) as resp:
-            await resp.read()
-            return resp.status
+        status, _, _ = await transport.request("POST", base + path, _JSON, json.dumps(body).encode(), timeout_s,
+                                               connect_s)
+        return status
 
     return etcd if spec.target == "etcd" else kv
 
@@ -450,7 +455,7 @@ async def _drive(fn: RequestFn, spec: LoadSpec, name: str) -> LoadResult:
         nonlocal transport_errors
         try:
             status = await fn(worker, seq)
-        except (aiohttp.ClientError, TimeoutError, OSError):
+        except (NotSent, Lost):
             transport_errors += 1
             return
         latencies.append(clock() - t0)
@@ -502,11 +507,12 @@ async def _drive(fn: RequestFn, spec: LoadSpec, name: str) -> LoadResult:
 
 
 async def run_python_async(spec: LoadSpec) -> LoadResult:
-    """The Python aiohttp generator (fallback for wrk; costs far more CPU per request)."""
-    connector = aiohttp.TCPConnector(limit=spec.connections, limit_per_host=spec.connections)
-    timeout = aiohttp.ClientTimeout(total=5.0)
-    async with client_session(connector=connector, timeout=timeout) as session:
-        return await _drive(_aiohttp_request_fn(session, spec), spec, "python")
+    """The Python generator (fallback for wrk; costs far more CPU per request)."""
+    transport = AiohttpTransport(max_connections=spec.connections)
+    try:
+        return await _drive(_transport_request_fn(transport, spec, 5.0), spec, "python")
+    finally:
+        await transport.close()
 
 
 async def run_client_async(spec: LoadSpec) -> LoadResult:
@@ -546,13 +552,39 @@ def run_load(spec: LoadSpec, generator: Generator = "auto") -> LoadResult:
     return _run_async(run_python_async(spec))
 
 
+# --- one request from synchronous code ----------------------------------------------------------
+
+
+def http_call(
+    url: str, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None,
+    timeout_s: float = 5.0,
+) -> tuple[int, bytes]:
+    """One request (a probe, an admin call) from synchronous benchmark code, through the client's
+    transport (sent once, never re-sent); ``(599, reason)`` when no answer came.  Not for load: each
+    call runs its own short event loop and connection."""
+
+    async def send() -> tuple[int, bytes]:
+        transport = AiohttpTransport(max_connections=1)
+        try:
+            status, _, raw = await transport.request(method, url.rstrip("/") + path, headers or {}, body, timeout_s,
+                                                     min(1.0, timeout_s))
+            return status, raw
+        finally:
+            await transport.close()
+
+    try:
+        return asyncio.run(send())
+    except (NotSent, Lost) as exc:
+        return 599, str(exc).encode()
+
+
 # --- loading key ranges ----------------------------------------------------------------------
 
 
 async def _prepopulate(spec: LoadSpec) -> LoadResult:
-    connector = aiohttp.TCPConnector(limit=spec.connections)
-    async with client_session(connector=connector, timeout=aiohttp.ClientTimeout(total=10.0)) as session:
-        fn = _aiohttp_request_fn(session, spec)
+    transport = AiohttpTransport(max_connections=spec.connections)
+    try:
+        fn = _transport_request_fn(transport, spec, 10.0)
         statuses: dict[str, int] = {}
         next_seq = 0
         started = time.monotonic()
@@ -569,14 +601,18 @@ async def _prepopulate(spec: LoadSpec) -> LoadResult:
                     try:
                         status = await fn(0, seq)
                         outcome = answer_outcome(status, None, read=False)
-                    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                        status, outcome = 599, no_answer_outcome(no_answer_kind(exc) or "disconnected")
+                    except NotSent:
+                        status, outcome = 599, FAIL
+                    except Lost:
+                        status, outcome = 599, INFO
                     if outcome != FAIL:
                         break
                 statuses[str(status)] = statuses.get(str(status), 0) + 1
 
         await asyncio.gather(*(worker() for _ in range(spec.connections)))
         return LoadResult("python", next_seq, count_ok(statuses, "put"), time.monotonic() - started, {}, statuses)
+    finally:
+        await transport.close()
 
 
 def prepopulate(

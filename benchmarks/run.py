@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import http.client
 import json
 import shlex
 import signal
@@ -57,7 +56,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 if __package__ in (None, ""):  # ``python benchmarks/run.py``: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -68,6 +66,7 @@ from benchmarks.loadgen import (  # noqa: E402
     LoadSpec,
     cpu_seconds,
     ensure_wrk,
+    http_call,
     loadavg,
     machine_info,
     prepopulate,
@@ -149,23 +148,6 @@ class Report:
 
 
 # --- small HTTP helpers ----------------------------------------------------------------------
-
-
-def http_call(
-    url: str, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None,
-    timeout_s: float = 5.0,
-) -> tuple[int, bytes]:
-    """One request on its own connection; (599, reason) when the node cannot be reached."""
-    parsed = urlparse(url)
-    conn = http.client.HTTPConnection(parsed.hostname or "127.0.0.1", parsed.port, timeout=timeout_s)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    except (OSError, http.client.HTTPException) as exc:
-        return 599, str(exc).encode()
-    finally:
-        conn.close()
 
 
 def probe_linearizable(url: str) -> tuple[bool, str]:

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from kvstore.checker import check
+from kvstore.client.admin import AdminClient
 from kvstore.explore.matrix import EXPLORE_AP, EXPLORE_LIMITS
 from kvstore.harness.history import read_history
 from kvstore.harness.local_cluster import LocalCluster, free_ports
@@ -183,9 +184,13 @@ def test_short_scenario_well_formed_and_leaves_nothing(fresh_cluster: LocalClust
     assert all(e["f"] == "read" for e in final_reads)
     run = json.loads(result.run_json_path.read_text())
     assert run["seed"] == 3 and run["schedule"][1]["faults"] == ["majority"]
-    for node in fresh_cluster.node_ids:
-        faults = http(fresh_cluster.url(node), "GET", "/admin/faults", headers={"X-Cluster-Secret": fresh_cluster.secret})
-        assert faults.json() == {"rules": {}}, f"{node} still has fault rules"
+
+    async def rules_left() -> dict[str, Any]:
+        urls = {n: fresh_cluster.url(n) for n in fresh_cluster.node_ids}
+        async with AdminClient(urls, fresh_cluster.secret) as admin:
+            return {node: await admin.link_rules(node) for node in urls}
+
+    assert asyncio.run(rules_left()) == {n: {} for n in fresh_cluster.node_ids}, "a node still has fault rules"
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])

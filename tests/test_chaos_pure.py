@@ -1,4 +1,5 @@
-"""Pure parts of the chaos harness: partition shapes (grudges), rules, schedules, outcome mapping."""
+"""Pure parts of the chaos harness: partition shapes (grudges), rules, schedules (the outcome mapping is in
+tests/test_workload_client.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from kvstore.harness.nemesis import (
     partition_grudge,
 )
 from kvstore.harness.runner import RunSpec, fixed_schedule, random_schedule
-from kvstore.harness.workload import classify
 
 NODES = ["n1", "n2", "n3", "n4", "n5"]
 
@@ -117,36 +117,3 @@ def test_random_schedule_is_seeded_contiguous_and_ends_healed(seed: int) -> None
 def test_run_spec_rejects_unknown_scenario() -> None:
     with pytest.raises(ValueError):
         RunSpec(scenario="meteor", mode="eventual").faults()
-
-
-@pytest.mark.parametrize(
-    "f,status,body,doc,expected",
-    [
-        ("read", 200, b"42", None, ("ok", {"value": 42})),
-        ("read", 404, b"", {"error": "not_found"}, ("ok", {"value": None})),
-        ("read", 300, b"", {"siblings": [{"value": "MQ=="}, {"value": "Mg=="}]},
-         ("ok", {"value": None, "siblings": [1, 2]})),
-        ("read", 503, b"", {"error": "quorum_unavailable", "indeterminate": False},
-         ("fail", {"error": "quorum_unavailable"})),
-        ("write", 204, b"", None, ("ok", {})),
-        ("write", 503, b"", {"error": "quorum_unavailable", "indeterminate": False},
-         ("fail", {"error": "quorum_unavailable"})),
-        ("write", 503, b"", {"error": "quorum_unavailable", "indeterminate": True},
-         ("info", {"error": "quorum_unavailable"})),
-        ("write", 500, b"", {"error": "internal"}, ("info", {"error": "internal"})),
-        ("cas", 412, b"", {"error": "precondition_failed"}, ("fail", {"error": "precondition_failed"})),
-        ("write", 400, b"", {"error": "invalid_key"}, ("fail", {"error": "invalid_key"})),
-        ("delete", 429, b"", {"error": "overloaded"}, ("fail", {"error": "overloaded"})),
-        ("write", 409, b"", {"error": "consistency_conflict"}, ("fail", {"error": "consistency_conflict"})),
-        # A 5xx that does not say "indeterminate": false may have written: unknown, for reads too.
-        ("write", 503, b"", {"error": "overloaded"}, ("info", {"error": "overloaded"})),
-        ("write", 502, b"Bad Gateway", None, ("info", {"error": "http_502"})),
-        ("read", 503, b"", {"error": "timeout"}, ("info", {"error": "timeout"})),
-        ("read", 500, b"", {"error": "internal"}, ("info", {"error": "internal"})),
-        ("read", 400, b"", {"error": "invalid_quorum"}, ("fail", {"error": "invalid_quorum"})),
-        ("read", 300, b"", {"siblings": "nope"}, ("info", {"error": "bad_response"})),
-        ("write", 300, b"", None, ("info", {"error": "http_300"})),
-    ],
-)
-def test_outcome_classification(f: str, status: int, body: bytes, doc: object, expected: tuple[str, dict]) -> None:
-    assert classify(f, status, body, doc) == expected

@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
 from pathlib import Path
-from typing import Any
 
-import aiohttp
 import pytest
 
 from kvstore.checker import check
-from kvstore.client.http_session import client_session, no_answer_kind
-from kvstore.contract import answer_outcome, error_body, no_answer_outcome
 from kvstore.contract import etag_of as etag
 from kvstore.harness.history import HistoryWriter, read_history
 from kvstore.harness.local_cluster import LocalCluster
 from kvstore.protocol.ring import Ring
+from tests.cas_counter import CasCounter
 from tests.conftest import http, kv_path
 
 pytestmark = pytest.mark.integration
@@ -27,72 +23,6 @@ GENEROUS_S = 90.0  # a bound on waiting for a condition, never an expectation of
 
 def primaries(cluster: LocalCluster, key: str) -> tuple[str, ...]:
     return Ring(cluster.node_ids, cluster.base_config.vnodes).preference_list(key, 3)
-
-
-class CasCounter:
-    """Clients add 1 to one key by linearizable read + compare-and-set, recording every op in a history.
-
-    Each op is one HTTP request (``client_session``), recorded with the outcome the answer proves
-    (``kvstore.contract``): ``ok`` / ``fail`` / ``info``; after an ``info`` the client takes a new
-    process id, as the harness does.  ``acked`` counts CAS that returned ok, ``unknown`` CAS whose
-    outcome is info: the final value must lie in [acked, acked + unknown].
-    """
-
-    def __init__(self, cluster: LocalCluster, key: str, history: HistoryWriter, session: aiohttp.ClientSession,
-                 first_process: int) -> None:
-        self.cluster = cluster
-        self.key = key
-        self.history = history
-        self.session = session
-        self._next_process = itertools.count(first_process)
-        self.acked = 0
-        self.unknown = 0
-
-    async def _op(self, process: int, node: str, f: str, value: Any, **request: Any) -> tuple[str, bytes, int]:
-        url = self.cluster.url(node) + kv_path(self.key, consistency=LIN, timeout_ms=3000)
-        event = {"process": process, "f": f, "key": self.key, "value": value, "node": node}
-        self.history.record({**event, "type": "invoke"})
-        status, raw = 0, b""
-        try:
-            async with self.session.request(request.pop("method"), url, **request) as resp:
-                status, raw = resp.status, await resp.read()
-            kind = answer_outcome(status, error_body(raw), read=f == "read")
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            what = no_answer_kind(exc)
-            assert what is not None, exc
-            kind = no_answer_outcome(what)
-        extra: dict[str, Any] = {}
-        if kind == "ok" and f == "read":
-            extra["value"] = int(raw) if status == 200 else None
-        elif kind != "ok":
-            extra["error"] = str(error_body(raw).get("error") or f"http_{status}")
-        self.history.record({**event, "type": kind, **extra})
-        return kind, raw, status
-
-    async def client(self, node: str, increments: int, deadline: float, stop: asyncio.Event | None = None) -> int:
-        """Add up to ``increments`` through ``node`` before ``deadline`` or ``stop``; returns how many were acked."""
-        loop = asyncio.get_running_loop()
-        process = next(self._next_process)
-        done = 0
-        while done < increments and loop.time() < deadline and not (stop and stop.is_set()):
-            kind, raw, status = await self._op(process, node, "read", None, method="GET")
-            if kind != "ok":
-                if kind == "info":
-                    process = next(self._next_process)
-                await asyncio.sleep(0.05)  # the node is refusing or gone: do not spin
-                continue
-            current = int(raw) if status == 200 else None
-            headers = {"If-Match": etag(str(current).encode())} if current is not None else {"If-None-Match": "*"}
-            new = (current or 0) + 1
-            kind, _raw, _status = await self._op(process, node, "cas", [current, new], method="PUT",
-                                                 data=str(new).encode(), headers=headers)
-            if kind == "ok":
-                self.acked += 1
-                done += 1
-            elif kind == "info":
-                self.unknown += 1
-                process = next(self._next_process)
-        return done
 
 
 def final_value(cluster: LocalCluster, key: str, node: str | None = None) -> int | None:
@@ -111,8 +41,7 @@ def test_concurrent_cas_increments_lose_nothing_and_are_linearizable(cluster5: L
     history = HistoryWriter(tmp_path / "history.jsonl")
 
     async def run() -> tuple[list[int], int, int]:
-        async with client_session(timeout=aiohttp.ClientTimeout(total=5)) as session:
-            counter = CasCounter(cluster5, key, history, session, first_process=0)
+        async with CasCounter(cluster5, key, history, first_process=0) as counter:
             deadline = asyncio.get_running_loop().time() + GENEROUS_S
             nodes = [cluster5.node_ids[i % len(cluster5.node_ids)] for i in range(6)]
             done = await asyncio.gather(*(counter.client(node, 8, deadline) for node in nodes))
@@ -142,8 +71,7 @@ def test_replica_killed_mid_run_still_available_and_linearizable(fresh_cluster: 
 
     async def run() -> tuple[list[int], int, int]:
         loop = asyncio.get_running_loop()
-        async with client_session(timeout=aiohttp.ClientTimeout(total=5)) as session:
-            counter = CasCounter(fresh_cluster, key, history, session, first_process=0)
+        async with CasCounter(fresh_cluster, key, history, first_process=0) as counter:
             # Before: clients on every node, the victim's included, run until they are stopped.
             stop_before = asyncio.Event()
             before = [asyncio.create_task(counter.client(n, 10**6, loop.time() + GENEROUS_S, stop_before))

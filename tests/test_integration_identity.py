@@ -20,17 +20,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import msgpack
 import pytest
 
 from kvstore.checker import check
-from kvstore.client.http_session import client_session
 from kvstore.harness.history import HistoryWriter, read_history
 from kvstore.harness.local_cluster import LocalCluster
 from kvstore.protocol.ring import Ring, key_token
+from tests.cas_counter import CasCounter
 from tests.conftest import FAST_AP, http, kv_path
-from tests.test_integration_cp import etag as etag_of
 from tests.test_integration_cp import final_value
 
 pytestmark = pytest.mark.integration
@@ -166,59 +164,16 @@ async def cas_workload(
     cluster: LocalCluster, key: str, per_client: int, history: HistoryWriter, deadline_s: float, during: Any
 ) -> tuple[int, int]:
     """One client per node adds ``per_client`` increments with read + compare-and-set, recording
-    a history, until done or ``deadline_s`` (bounded in time, not in attempts: a client keeps
-    trying while the register is unavailable).  Returns (acknowledged, indeterminate) CAS."""
+    a history (``tests.cas_counter``: through ``kvstore.Client``, the workload's outcome rules), until
+    done or ``deadline_s`` (bounded in time, not in attempts: a client keeps trying while the
+    register is unavailable).  Returns (acknowledged, indeterminate) CAS."""
     loop = asyncio.get_running_loop()
-    stop_at = loop.time() + deadline_s
-    next_process = [len(cluster.node_ids)]
-    counts = {"acked": 0, "unknown": 0}
-
-    async def client(index: int, node: str, session: aiohttp.ClientSession) -> None:
-        process = index
-        target = cluster.url(node) + kv_path(key, consistency=LIN, timeout_ms=2000)
-        done = 0
-        while done < per_client and loop.time() < stop_at:
-            history.record({"process": process, "type": "invoke", "f": "read", "key": key, "value": None, "node": node})
-            try:
-                async with session.get(target) as resp:
-                    body, status = await resp.read(), resp.status
-            except (aiohttp.ClientError, TimeoutError):
-                status, body = 0, b""
-            if status not in (200, 404):
-                history.record({"process": process, "type": "fail", "f": "read", "key": key, "value": None,
-                                "node": node, "error": f"http_{status}"})
-                await asyncio.sleep(0.05)
-                continue
-            current = int(body) if status == 200 else None
-            history.record({"process": process, "type": "ok", "f": "read", "key": key, "value": current, "node": node})
-            headers = {"If-Match": etag_of(str(current).encode())} if current is not None else {"If-None-Match": "*"}
-            op = {"process": process, "f": "cas", "key": key, "value": [current, (current or 0) + 1], "node": node}
-            history.record({**op, "type": "invoke"})
-            doc: Any = None
-            try:
-                async with session.put(target, data=str((current or 0) + 1).encode(), headers=headers) as resp:
-                    status = resp.status
-                    doc = await resp.json(content_type=None) if status != 204 else None
-            except (aiohttp.ClientError, TimeoutError, ValueError):
-                status = 0  # the request may have reached a node: indeterminate
-            if status == 204:
-                history.record({**op, "type": "ok"})
-                counts["acked"] += 1
-                done += 1
-            elif status == 412 or (status == 503 and isinstance(doc, dict) and doc.get("indeterminate") is False):
-                history.record({**op, "type": "fail", "error": f"http_{status}"})
-            else:
-                history.record({**op, "type": "info", "error": f"http_{status}"})
-                counts["unknown"] += 1
-                process = next_process[0]  # a process with an open operation never invokes again
-                next_process[0] += 1
-
-    timeout = aiohttp.ClientTimeout(total=5)
-    async with client_session(timeout=timeout) as session:
-        tasks = [asyncio.create_task(client(i, node, session)) for i, node in enumerate(cluster.node_ids)]
+    async with CasCounter(cluster, key, history, first_process=0, timeout_ms=2000) as counter:
+        tasks = [asyncio.create_task(counter.client(node, per_client, loop.time() + deadline_s))
+                 for node in cluster.node_ids]
         await during()
         await asyncio.gather(*tasks)
-    return counts["acked"], counts["unknown"]
+    return counter.acked, counter.unknown
 
 
 def test_cas_workload_survives_a_replica_losing_its_disk(cluster: LocalCluster, tmp_path: Path) -> None:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import random
+from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
+from kvstore.client.admin import AdminClient
 from kvstore.harness.nemesis import (
     ClusterControl,
     NemesisError,
@@ -162,15 +166,29 @@ class FakeLocal:
         pass
 
 
-async def test_resume_gives_the_node_the_rules_in_force_now(monkeypatch: pytest.MonkeyPatch) -> None:
+class RecordingTransport:
+    """A ``kvstore.client.ClientTransport`` that answers every admin call 200 ``{}`` and records
+    (node, method, path, JSON body)."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, str, str, Any]] = []
+
+    async def request(self, method: str, url: str, headers: Mapping[str, str], body: bytes | None,
+                      timeout_s: float, connect_timeout_s: float) -> tuple[int, Mapping[str, str], bytes]:
+        parts = urlsplit(url)
+        self.sent.append((parts.hostname, method, parts.path, json.loads(body) if body else None))
+        return 200, {"Content-Type": "application/json"}, b"{}"
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_resume_gives_the_node_the_rules_in_force_now() -> None:
     """A partition started (or healed) while a node was stopped must reach it when it resumes."""
     control = ClusterControl(urls={n: f"http://{n}" for n in NODES}, secret="s", local=FakeLocal())  # type: ignore[arg-type]
-    sent: list[tuple[str, str, str, Any]] = []
-
-    async def admin(node: str, method: str, path: str, body: Any = None) -> None:
-        sent.append((node, method, path, body))
-
-    monkeypatch.setattr(control, "_admin", admin)
+    transport = RecordingTransport()
+    control._admin_client = AdminClient(control.urls, control.secret, transport=transport)
+    sent = transport.sent
     await control.pause("n1")
     await control.partition(groups_grudge([["n1", "n2"], ["n3", "n4", "n5"]]))
     assert all(node != "n1" for node, *_ in sent), "a stopped node cannot take rules"

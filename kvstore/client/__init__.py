@@ -8,6 +8,11 @@ simulator inject their own -- and a list of node URLs.  Any node can coordinate 
 picks a starting node round-robin and walks the list from there, moving nodes
 that recently refused a connection to the back so a dead node costs one failed
 connect every ``down_cooldown_s`` rather than one per request.
+Everything else in the project that speaks to a node's public or admin API
+goes through this client and its transport too: the chaos workload (one
+``Client`` per node), the nemesis's and the membership commands' admin calls
+(``kvstore.client.admin.AdminClient``, a ``Client`` per node on a shared
+transport), the explorer's probes and the benchmarks' Python generators.
 
 What it guarantees, and what it refuses to hide:
 
@@ -432,6 +437,7 @@ class AiohttpTransport:
         self.max_connections = max_connections
         self.ssl_context = ssl_context  # None: aiohttp's default verification (https with the system CAs)
         self.session: aiohttp.ClientSession | None = None
+        self._timeouts: dict[tuple[float, float], aiohttp.ClientTimeout] = {}
 
     def _ensure_session(self) -> aiohttp.ClientSession:
         if self.session is None:
@@ -449,13 +455,18 @@ class AiohttpTransport:
         self, method: str, url: str, headers: Mapping[str, str], body: bytes | None,
         timeout_s: float, connect_timeout_s: float,
     ) -> tuple[int, Mapping[str, str], bytes]:
-        session = self._ensure_session()
-        # sock_connect is separate so a connect timeout is known to have sent nothing.
-        connect_s = min(connect_timeout_s, timeout_s)
-        timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect_s)
+        session = self.session or self._ensure_session()
+        # A load loop sends thousands of requests with the same few timeouts: build each once.
+        timeout = self._timeouts.get((timeout_s, connect_timeout_s))
+        if timeout is None:
+            if len(self._timeouts) >= 64:
+                self._timeouts.clear()
+            # sock_connect is separate so a connect timeout is known to have sent nothing.
+            timeout = self._timeouts[(timeout_s, connect_timeout_s)] = aiohttp.ClientTimeout(
+                total=timeout_s, sock_connect=min(connect_timeout_s, timeout_s))
         try:
             async with session.request(
-                method, URL(url, encoded=True), headers=dict(headers), data=body, timeout=timeout,
+                method, URL(url, encoded=True), headers=headers or None, data=body, timeout=timeout,
                 allow_redirects=False,
             ) as resp:
                 payload = await resp.read()
@@ -466,7 +477,7 @@ class AiohttpTransport:
             if no_answer_outcome(kind) != INFO:  # never connected: nothing was sent
                 if isinstance(exc, aiohttp.ClientConnectorError):
                     raise NotSent(f"cannot connect: {exc.os_error.strerror or exc.os_error}") from None
-                raise NotSent(f"connect timed out after {connect_s:g}s") from None
+                raise NotSent(f"connect timed out after {min(connect_timeout_s, timeout_s):g}s") from None
             if kind == "timeout":
                 raise Lost("timeout", f"no response within {timeout_s:g}s") from None
             raise Lost("disconnected", f"connection lost: {exc or type(exc).__name__}") from None
@@ -510,9 +521,12 @@ class Client:
         down_cooldown_s: float = 2.0,
         ca_file: str | None = None,
         transport: ClientTransport | None = None,
+        server_timeout_share: float = _SERVER_TIMEOUT_SHARE,
     ) -> None:
         """``ca_file``: the PEM CA that signed the nodes' certificates, for https:// nodes of a cluster
-        with TLS (docs/deployment.md); without it https:// is verified against the system's CAs."""
+        with TLS (docs/deployment.md); without it https:// is verified against the system's CAs.
+        ``server_timeout_share``: the share of ``timeout_s`` sent to the node as ``timeout_ms`` (the
+        chaos workload leaves its answers more headroom on a busy machine)."""
         urls = [nodes] if isinstance(nodes, str) else list(nodes)
         if not urls:
             raise ValueError("Client needs at least one node URL")
@@ -520,6 +534,9 @@ class Client:
             raise ValueError("timeouts must be positive")
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
+        if not 0 < server_timeout_share <= 1:
+            raise ValueError("server_timeout_share must be in (0, 1]")
+        self.server_timeout_share = server_timeout_share
         self.nodes: list[str] = [_normalize_url(u) for u in urls]
         self.timeout_s = timeout_s
         self.connect_timeout_s = connect_timeout_s
@@ -577,7 +594,8 @@ class Client:
     ) -> GetResult:
         """Read ``key``.  A missing key returns ``found=False``; see ``GetResult`` for siblings."""
         timeout = self._timeout(timeout_s)
-        query = _kv_query(r=r, w=None, consistency=consistency, sloppy=sloppy, timeout_s=timeout)
+        query = _kv_query(r=r, w=None, consistency=consistency, sloppy=sloppy, timeout_s=timeout,
+                          share=self.server_timeout_share)
         reply = await self._request("GET", key_path(key), query=query, timeout_s=timeout, write=False)
         context = reply.headers.get("X-Context") or None
         if reply.status == 200:
@@ -723,28 +741,35 @@ class Client:
             raise ValueError("timeout_s must be positive")
         return timeout
 
-    async def _json(self, method: str, path: str, *, timeout_s: float | None, admin: bool = False) -> dict[str, Any]:
+    async def _json(
+        self, method: str, path: str, *, timeout_s: float | None, admin: bool = False, body: Any = None,
+    ) -> dict[str, Any]:
+        """One request whose answer is a JSON object (``body``: a JSON document to send, None: none)."""
         timeout = self._timeout(timeout_s)
         headers: dict[str, str] = {}
         if admin:
             if not self.secret:
                 raise Unauthorized("this route needs the cluster secret: Client(..., secret=...)", code="unauthorized")
             headers["X-Cluster-Secret"] = self.secret
-        # An admin POST is not re-sent after a possible delivery: it has side effects.
+        payload = None
+        if body is not None:
+            payload = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        # An admin call is not re-sent after a possible delivery: a POST/PUT/DELETE has side effects.
         reply = await self._request(
-            method, path, query={}, timeout_s=timeout, write=admin, headers=headers, may_retry=False
+            method, path, query={}, timeout_s=timeout, write=admin and method != "GET", headers=headers,
+            body=payload, may_retry=False,
         )
         if not 200 <= reply.status < 300:
             raise error_from_response(reply.status, reply.body, reply.node, reply.attempts)
         try:
             data = json.loads(reply.body)
         except (ValueError, UnicodeDecodeError):
-            raise ServerError(
-                f"{path} did not return JSON", status=reply.status, code="bad_response", node=reply.node
-            ) from None
+            data = None
         if not isinstance(data, dict):
+            # A 2xx that is not our answer proves nothing about what happened (kvstore.contract).
             raise ServerError(f"{path} did not return a JSON object", status=reply.status, code="bad_response",
-                              node=reply.node)
+                              node=reply.node, attempts=reply.attempts, indeterminate=True)
         return data
 
     async def _write(
@@ -761,7 +786,8 @@ class Client:
         may_retry: bool,
     ) -> PutResult:
         timeout = self._timeout(timeout_s)
-        query = _kv_query(r=None, w=w, consistency=consistency, sloppy=sloppy, timeout_s=timeout)
+        query = _kv_query(r=None, w=w, consistency=consistency, sloppy=sloppy, timeout_s=timeout,
+                          share=self.server_timeout_share)
         reply = await self._request(
             method, key_path(key), query=query, timeout_s=timeout, write=True, headers=headers, body=body,
             may_retry=may_retry and self.retry_writes,
@@ -784,6 +810,8 @@ class Client:
         )
 
     def _order(self) -> list[str]:
+        if len(self.nodes) == 1:  # a client bound to one node (the chaos workload's, an admin call's)
+            return self.nodes
         start = next(self._rotation) % len(self.nodes)
         rotated = self.nodes[start:] + self.nodes[:start]
         now = time.monotonic()
@@ -843,7 +871,8 @@ def _indeterminate(attempts: list[Attempt]) -> RequestTimeout:
 
 
 def _kv_query(
-    *, r: Quorum | None, w: Quorum | None, consistency: str | None, sloppy: bool | None, timeout_s: float
+    *, r: Quorum | None, w: Quorum | None, consistency: str | None, sloppy: bool | None, timeout_s: float,
+    share: float = _SERVER_TIMEOUT_SHARE,
 ) -> dict[str, str]:
     query: dict[str, str] = {}
     for name, q in (("r", r), ("w", w)):
@@ -856,7 +885,7 @@ def _kv_query(
     if sloppy is not None:
         query["sloppy"] = "true" if sloppy else "false"
     low, high = _SERVER_TIMEOUT_MS
-    query["timeout_ms"] = str(min(high, max(low, int(timeout_s * 1000 * _SERVER_TIMEOUT_SHARE))))
+    query["timeout_ms"] = str(min(high, max(low, int(timeout_s * 1000 * share))))
     return query
 
 
@@ -875,8 +904,9 @@ def _error_code(body: bytes) -> str | None:
 
 def _parse_siblings(reply: _Reply) -> tuple[list[Sibling], str | None]:
     def bad(why: str) -> ServerError:
+        # A malformed answer proves nothing (kvstore.contract: when in doubt, info).
         return ServerError(f"malformed 300 response: {why}", status=300, code="bad_response", node=reply.node,
-                           attempts=reply.attempts)
+                           attempts=reply.attempts, indeterminate=True)
 
     try:
         data = json.loads(reply.body)

@@ -34,11 +34,12 @@ import shlex
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvstore.client import KvstoreError
+from kvstore.client.admin import read_cluster
 from kvstore.config import APSettings, Limits
 from kvstore.harness.local_cluster import ClusterError, LocalCluster
 from kvstore.harness.nemesis import ClusterControl
@@ -157,7 +158,7 @@ async def _explore(args: argparse.Namespace, modes: list[str], scenarios: list[s
     started = time.monotonic()
     try:
         if args.nodes:
-            control, conflict_mode = _attach(args)
+            control, conflict_mode = await _attach(args)
             if args.netns:  # a cluster started by `kvstore cluster up --netns`
                 control = attach_control(control.urls, control.secret)
             controls[conflict_mode] = control
@@ -212,14 +213,13 @@ def _finish(args: argparse.Namespace, out: Path, cells: list[Cell], meta: dict[s
     return 0
 
 
-def _attach(args: argparse.Namespace) -> tuple[ClusterControl, str]:
+async def _attach(args: argparse.Namespace) -> tuple[ClusterControl, str]:
     if not args.secret:
         raise SystemExit("kvstore explore: --nodes needs --secret (the cluster secret, for the nemesis)")
-    first = args.nodes.split(",")[0].strip().rstrip("/")
+    first = args.nodes.split(",")[0].strip()
     try:
-        with urllib.request.urlopen(first + "/cluster", timeout=5) as resp:
-            info = json.loads(resp.read())
-    except (OSError, ValueError) as exc:
+        info = await read_cluster(first)
+    except (KvstoreError, ValueError) as exc:
         raise ClusterError(f"cannot reach the cluster at {first}: {exc}") from None
     urls = {m["id"]: m["url"] for m in info["members"]}
     return ClusterControl(urls=urls, secret=args.secret), str(info.get("conflict_mode", "siblings"))
@@ -266,7 +266,7 @@ async def _run_cells(
                 result = await run_scenario(spec, control, cell.out_dir, cluster_info=info, progress=progress,
                                             command=f"{command}  # cell {cell.mode}/{cell.scenario}")
                 bar.update(task, status=f"{label}: checking")
-                members, vnodes, replicas = ring_info(control, cluster)
+                members, vnodes, replicas = await ring_info(control, cluster)
                 cell.summary = await asyncio.to_thread(judge, result.events, cell.mode, cell.out_dir, members,
                                                        vnodes, replicas)
             except Exception as exc:  # one broken run must not hide the others' results
@@ -277,13 +277,11 @@ async def _run_cells(
             bar.advance(task)
 
 
-def ring_info(control: ClusterControl, cluster: LocalCluster | None) -> tuple[list[str], int, int]:
+async def ring_info(control: ClusterControl, cluster: LocalCluster | None) -> tuple[list[str], int, int]:
     """Members, vnodes and N of the cluster, so the judge can tell each key's replica majority."""
     if cluster is not None:
         return cluster.node_ids, cluster.base_config.vnodes, cluster.base_config.replicas
-    first = next(iter(control.urls.values()))
-    with urllib.request.urlopen(first + "/cluster", timeout=5) as resp:
-        info = json.loads(resp.read())
+    info = await read_cluster(next(iter(control.urls.values())))
     return [m["id"] for m in info["members"]], int(info["vnodes"]), int(info["replicas"])
 
 

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import shlex
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
+from kvstore.client import KvstoreError
+from kvstore.client.admin import read_cluster
 from kvstore.harness.local_cluster import ClusterError, LocalCluster
 from kvstore.harness.nemesis import ClusterControl
 from kvstore.harness.netns import NetnsCluster
@@ -70,14 +70,14 @@ class ProgressLine:
             sys.stderr.write("\n")
 
 
-def _existing_cluster(urls: list[str], secret: str | None) -> ClusterControl:
+async def _existing_cluster(urls: list[str], secret: str | None) -> ClusterControl:
     if not secret:
         raise SystemExit("kvstore chaos: --nodes needs --secret (or $KVSTORE_SECRET) for the admin routes")
+    first = urls[0]
     try:
-        with urllib.request.urlopen(urls[0].rstrip("/") + "/cluster", timeout=5) as resp:
-            info = json.loads(resp.read())
-    except (OSError, ValueError) as exc:
-        raise ClusterError(f"cannot reach the cluster at {urls[0]}: {exc}") from None
+        info = await read_cluster(first)
+    except (KvstoreError, ValueError) as exc:
+        raise ClusterError(f"cannot reach the cluster at {first}: {exc}") from None
     members = {m["id"]: m["url"] for m in info["members"]}
     return ClusterControl(urls=members, secret=secret)
 
@@ -91,7 +91,7 @@ async def _run(args: argparse.Namespace, scenario: str) -> int:
     out = Path(args.out or f"runs/{scenario}-{args.mode}-{args.seed}")
     cluster: LocalCluster | None = None
     if args.nodes:
-        control = _existing_cluster([u.strip() for u in args.nodes.split(",") if u.strip()], args.secret)
+        control = await _existing_cluster([u.strip() for u in args.nodes.split(",") if u.strip()], args.secret)
         if args.netns:
             control = attach_control(control.urls, control.secret)
         info: dict[str, Any] = {"urls": control.urls, "external": True}

@@ -23,16 +23,14 @@ polls its children every 0.2 s: it says once that a node died, not once per poll
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
 import signal
-import ssl
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -222,12 +220,19 @@ def spawn_node(config: Path, log_path: Path, log_level: str = "INFO") -> subproc
 
 
 def health_ok(url: str, ca_file: str | None = None, timeout_s: float = 0.5) -> bool:
-    context = ssl.create_default_context(cafile=ca_file) if url.startswith("https:") else None
+    """Whether the node at ``url`` answers ``GET /health`` (through ``kvstore.Client``, from sync code)."""
+    from kvstore.client import Client, KvstoreError  # aiohttp: only for the commands that wait on a node
+
+    async def ask() -> None:
+        async with Client(url, timeout_s=timeout_s, connect_timeout_s=timeout_s,
+                          ca_file=ca_file if url.startswith("https:") else None) as client:
+            await client.health()
+
     try:
-        with urllib.request.urlopen(url + "/health", timeout=timeout_s, context=context) as resp:
-            return bool(resp.status == 200)
-    except (urllib.error.URLError, OSError, ValueError):
+        asyncio.run(ask())
+    except (KvstoreError, ValueError):  # no answer, or not a 2xx
         return False
+    return True
 
 
 def wait_healthy(rec: NodeRecord, timeout_s: float, ca_file: str | None = None,

@@ -1,35 +1,34 @@
-"""How the chaos workload reaches a node's kv API: over HTTP, or in-process in a simulation.
+"""How the chaos workload reaches a node's kv API in a simulation: an ``Endpoint`` under the one client.
 
 Theory of operation
 -------------------
-The workload (``kvstore.harness.workload``) decides *what* to send and how to classify the answer
-(``kvstore.contract``); an ``Endpoint`` only carries one request to one node and brings back
-either its answer (``ApiResponse``) or the proof that there was none (``NoAnswerError`` with the
-contract's ``NoAnswer`` kind: ``unreachable`` -- never sent, so certainly not applied --,
-``timeout`` or ``disconnected`` -- it may have been applied).  Two implementations:
+The workload (``kvstore.harness.workload``) sends every request through ``kvstore.client.Client``,
+the one client contract: what to send, what an answer proves (``kvstore.contract``), no re-sends.
+Over HTTP the client's own ``AiohttpTransport`` carries it.  A simulated cluster has no sockets;
+its nodes are reached through an ``Endpoint`` (``kvstore.sim.cluster.SimEndpoint``: the node's kv
+core, called in process after a simulated client-to-node delay), which carries one request to one
+node and brings back either its answer (``ApiResponse``) or the proof that there was none
+(``NoAnswerError`` with the contract's ``NoAnswer`` kind: ``unreachable`` -- never sent, so
+certainly not applied --, ``timeout`` or ``disconnected`` -- it may have been applied).
 
-* ``HttpEndpoint``: the real cluster, through the project's one aiohttp session factory
-  (``kvstore.client.http_session.client_session``: each request is sent exactly once).
-* ``kvstore.sim.cluster.SimEndpoint``: a simulated cluster, calling the node's kv core in
-  process after a simulated client-to-node delay.
-
-Both send exactly one request per call; neither retries.
+``EndpointTransport`` is the ``ClientTransport`` over an ``Endpoint``: node URLs are
+``http://<node id>`` (``endpoint_urls``), ``unreachable`` becomes the client's ``NotSent`` and the
+other two its ``Lost``.  It sends exactly one request per call and never retries.
 """
 
 from __future__ import annotations
 
-import urllib.parse
-from collections.abc import Mapping
-from typing import Any, Protocol
+from collections.abc import Iterable, Mapping
+from typing import Protocol
+from urllib.parse import parse_qsl
 
-import aiohttp
-from multidict import CIMultiDict
-
-from kvstore.client.http_session import client_session, no_answer_kind
+from kvstore.client import Lost, NotSent
 from kvstore.contract import NoAnswer
 from kvstore.server.kv_api import ApiRequest, ApiResponse
 
-__all__ = ["ApiRequest", "ApiResponse", "Endpoint", "HttpEndpoint", "NoAnswerError", "content_type"]
+__all__ = ["ApiRequest", "ApiResponse", "Endpoint", "EndpointTransport", "NoAnswerError", "endpoint_urls"]
+
+_SCHEME = "http://"
 
 
 class NoAnswerError(Exception):
@@ -49,40 +48,40 @@ class Endpoint(Protocol):
     async def close(self) -> None: ...
 
 
-def content_type(headers: Mapping[str, str]) -> str:
-    """The media type of an answer, without parameters (``application/json``)."""
-    return headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+def endpoint_urls(node_ids: Iterable[str]) -> dict[str, str]:
+    """The URL a ``Client`` over an ``EndpointTransport`` uses for each node id."""
+    return {node: _SCHEME + node for node in node_ids}
 
 
-class HttpEndpoint:
-    """Nodes reached over HTTP at their URLs, one aiohttp session (no hidden re-sends)."""
+class EndpointTransport:
+    """A ``kvstore.client.ClientTransport`` whose requests an ``Endpoint`` carries (URLs from ``endpoint_urls``)."""
 
-    def __init__(self, urls: Mapping[str, str]) -> None:
-        self.urls = dict(urls)
-        self._session: aiohttp.ClientSession | None = None
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
 
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = client_session(connector=aiohttp.TCPConnector(limit=0, force_close=False))
-        return self._session
-
-    async def request(self, node: str, request: ApiRequest, timeout_s: float) -> ApiResponse:
-        url = self.urls[node] + request.raw_path
-        if request.query:
-            url += "?" + urllib.parse.urlencode(dict(request.query))
-        timeout = aiohttp.ClientTimeout(total=timeout_s)
+    async def request(
+        self, method: str, url: str, headers: Mapping[str, str], body: bytes | None,
+        timeout_s: float, connect_timeout_s: float,
+    ) -> tuple[int, Mapping[str, str], bytes]:
+        assert url.startswith(_SCHEME), url
+        node, _, rest = url[len(_SCHEME):].partition("/")
+        raw_path, _, query = rest.partition("?")
+        request = ApiRequest(method, "/" + raw_path, _query(query), headers, body)
         try:
-            async with self._client().request(
-                request.method, url, data=request.body, headers=dict(request.headers), timeout=timeout
-            ) as resp:
-                raw = await resp.read()
-                return ApiResponse(resp.status, CIMultiDict(resp.headers), raw)
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            kind = no_answer_kind(exc)
-            assert kind is not None, exc
-            reason: Any = {"unreachable": "connection_refused", "timeout": "timeout"}.get(kind, type(exc).__name__)
-            raise NoAnswerError(kind, str(reason)) from exc
+            answer = await self.endpoint.request(node, request, timeout_s)
+        except NoAnswerError as exc:
+            if exc.kind == "unreachable":
+                raise NotSent(exc.reason) from None
+            raise Lost("timeout" if exc.kind == "timeout" else "disconnected", exc.reason) from None
+        return answer.status, answer.headers, answer.body
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        await self.endpoint.close()
+
+
+def _query(text: str) -> dict[str, str]:
+    """The query of a client URL; the simulator parses one per request, and the client's are plain
+    ``name=value`` pairs (numbers, mode names) that need no unquoting."""
+    if "%" in text or "+" in text:
+        return dict(parse_qsl(text, keep_blank_values=True))
+    return dict(pair.partition("=")[::2] for pair in text.split("&") if pair)

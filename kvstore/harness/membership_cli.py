@@ -1,6 +1,7 @@
 """``kvstore cluster join|leave|replace|resume|abort|membership``: membership changes from the shell.
 
-Each command sends one request (never re-sent) to a member (``--seed``) with the cluster secret,
+Each command sends one request (never re-sent; ``kvstore.client.admin.AdminClient``) to a member
+(``--seed``) with the cluster secret,
 then, unless ``--wait 0``, polls ``GET /admin/membership`` on that member until the change is
 committed (or stopped with an error), for at most ``--wait`` seconds.  The seed drives the range
 move; see docs/membership.md.  Exit codes: 0 done, 1 refused / stopped / unreachable / timed out,
@@ -10,13 +11,15 @@ move; see docs/membership.md.  Exit codes: 0 done, 1 refused / stopped / unreach
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import sys
 import time
-import urllib.error
-import urllib.request
 from typing import Any
+
+from kvstore.client import KVError
+from kvstore.client.admin import AdminClient
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
@@ -26,25 +29,22 @@ class MembershipCommandError(Exception):
 
 
 def _request(seed: str, secret: str, method: str, body: Any = None, timeout_s: float = 15.0) -> dict[str, Any]:
-    request = urllib.request.Request(
-        seed.rstrip("/") + "/admin/membership", method=method,
-        data=None if body is None else json.dumps(body).encode(),
-        headers={"X-Cluster-Secret": secret, "Content-Type": "application/json"},
-    )
+    """One ``/admin/membership`` call to ``seed`` through ``kvstore.client.admin`` (sent once)."""
+
+    async def call() -> dict[str, Any]:
+        async with AdminClient({"seed": seed}, secret, timeout_s=timeout_s) as admin:
+            if method == "GET":
+                return (await admin.membership("seed")).to_json()
+            return (await admin.change_membership("seed", body)).to_json()
+
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as resp:
-            doc = json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        try:
-            error = json.loads(exc.read())
-        except ValueError:
-            error = {"error": "http_error", "message": f"HTTP {exc.code}"}
-        raise MembershipCommandError(f"{error.get('error')}: {error.get('message', '')}") from None
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise MembershipCommandError(f"cannot reach {seed}: {exc}") from None
-    if not isinstance(doc, dict):
-        raise MembershipCommandError(f"unexpected answer {doc!r}")
-    return doc
+        return asyncio.run(call())
+    except KVError as exc:
+        if exc.status is None:
+            raise MembershipCommandError(f"cannot reach {seed}: {exc.message}") from None
+        raise MembershipCommandError(f"{exc.code}: {exc.message}") from None
+    except ValueError as exc:  # a seed that is not an http(s) URL
+        raise MembershipCommandError(str(exc)) from None
 
 
 def _wait(seed: str, secret: str, version: int, wait_s: float) -> dict[str, Any]:

@@ -22,23 +22,24 @@ fault on every node, and the runner calls it in a ``finally``.
 ``FaultControl`` keeps what is in force (rules, skews, disk faults, who is killed or paused)
 and reinstalls a node's faults when it restarts (a restarted process forgot them); the
 per-node primitives are all a cluster has to provide.  ``ClusterControl`` provides them for
-real node processes (admin HTTP routes, signals); ``kvstore.sim.control.SimControl`` for a
-simulated cluster, so both run the same fault logic.
+real node processes (the admin routes, through ``kvstore.client.admin.AdminClient``: sent once,
+typed errors; and signals); ``kvstore.sim.control.SimControl`` for a simulated cluster, so both
+run the same fault logic.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
-
-from kvstore.client.http_session import client_session
-from kvstore.harness.endpoint import Endpoint, HttpEndpoint
+from kvstore.client import ClientTransport, KvstoreError
+from kvstore.client.admin import AdminClient
+from kvstore.harness.endpoint import Endpoint, EndpointTransport, endpoint_urls
 from kvstore.harness.local_cluster import LocalCluster
 
 Grudge = dict[str, set[str]]
@@ -219,8 +220,13 @@ class FaultControl:
         raise NotImplementedError
 
     def endpoint(self) -> Endpoint:
-        """How clients reach the nodes' kv API."""
+        """How clients reach the nodes' kv API, where it is not over HTTP (a simulation)."""
         raise NotImplementedError
+
+    def client_nodes(self) -> tuple[dict[str, str], ClientTransport | None]:
+        """The URL of each node's kv API and the transport that reaches them, for the workload's
+        ``kvstore.client.Client``s (None: the client's own HTTP transport)."""
+        return endpoint_urls(self.node_ids), EndpointTransport(self.endpoint())
 
     def monotonic_ns(self) -> int:
         """The clock of the run's history."""
@@ -367,7 +373,7 @@ class ClusterControl(FaultControl):
     urls: dict[str, str]
     secret: str
     local: LocalCluster | None = None
-    _session: aiohttp.ClientSession | None = field(default=None, repr=False)
+    _admin_client: AdminClient | None = field(default=None, repr=False)
     rules: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     skews_ms: dict[str, float] = field(default_factory=dict)
     disk_faults: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -378,43 +384,37 @@ class ClusterControl(FaultControl):
     def node_ids(self) -> list[str]:
         return sorted(self.urls)
 
-    def endpoint(self) -> Endpoint:
-        return HttpEndpoint(self.urls)
+    def client_nodes(self) -> tuple[dict[str, str], ClientTransport | None]:
+        return dict(self.urls), None
 
     def monotonic_ns(self) -> int:
         return time.monotonic_ns()
 
-    async def session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = client_session(timeout=aiohttp.ClientTimeout(total=5))
-        return self._session
+    @property
+    def admin(self) -> AdminClient:
+        """The admin calls to the nodes (one pooled session, each call sent once)."""
+        if self._admin_client is None:
+            self._admin_client = AdminClient(self.urls, self.secret, timeout_s=5.0)
+        return self._admin_client
 
-    async def _admin(self, node: str, method: str, path: str, body: Any = None) -> None:
-        session = await self.session()
-        async with session.request(
-            method, self.urls[node] + path, json=body, headers={"X-Cluster-Secret": self.secret}
-        ) as resp:
-            if resp.status >= 400:
-                raise NemesisError(f"{method} {path} on {node}: HTTP {resp.status} {await resp.text()}")
+    async def _admin(self, node: str, what: str, call: Awaitable[Any]) -> None:
+        try:
+            await call
+        except KvstoreError as exc:
+            raise NemesisError(f"{what} on {node}: {exc}") from exc
 
     async def trigger_repair(self, node: str) -> None:
-        session = await self.session()
-        try:
-            async with session.post(
-                self.urls[node] + "/admin/repair", headers={"X-Cluster-Secret": self.secret}
-            ) as resp:
-                await resp.read()
-        except (aiohttp.ClientError, TimeoutError):
-            pass
+        with contextlib.suppress(KvstoreError):  # best effort: a node that cannot is skipped
+            await self.admin.repair(node)
 
     async def _put_rules(self, node: str, rules: dict[str, dict[str, Any]]) -> None:
-        await self._admin(node, "PUT", "/admin/faults", {"rules": rules})
+        await self._admin(node, "set link rules", self.admin.set_link_rules(node, rules))
 
     async def _put_skew(self, node: str, skew_ms: float) -> None:
-        await self._admin(node, "POST", "/admin/clock", {"skew_ms": skew_ms})
+        await self._admin(node, "skew the clock", self.admin.set_clock_skew(node, skew_ms))
 
     async def _put_disk(self, node: str, faults: dict[str, Any]) -> None:
-        await self._admin(node, "PUT", "/admin/storage-faults", faults)
+        await self._admin(node, "set disk faults", self.admin.set_disk_faults(node, faults))
 
     def _local(self) -> LocalCluster:
         if self.local is None:
@@ -460,13 +460,13 @@ class ClusterControl(FaultControl):
 
     async def _heal_node(self, node: str) -> str | None:
         try:
-            await self._admin(node, "DELETE", "/admin/faults")
-            await self._admin(node, "POST", "/admin/clock", {"skew_ms": 0})
-            await self._admin(node, "DELETE", "/admin/storage-faults")
-        except (NemesisError, aiohttp.ClientError, TimeoutError) as exc:
+            await self._admin(node, "clear link rules", self.admin.clear_link_rules(node))
+            await self._admin(node, "heal the clock", self.admin.set_clock_skew(node, 0))
+            await self._admin(node, "clear disk faults", self.admin.clear_disk_faults(node))
+        except NemesisError as exc:
             return str(exc)
         return None
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        if self._admin_client is not None:
+            await self._admin_client.close()

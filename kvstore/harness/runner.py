@@ -348,8 +348,8 @@ async def run_scenario(
     interrupted = False
     loop = asyncio.get_running_loop()
     started = loop.time()
-    endpoint = control.endpoint()
-    async with Workload(workload_spec, control.node_ids, history, spec.seed, endpoint=endpoint) as workload:
+    urls, transport = control.client_nodes()
+    async with Workload(workload_spec, urls, history, spec.seed, transport=transport) as workload:
         load = asyncio.create_task(workload.run())
         try:
             for phase in schedule:
@@ -382,7 +382,8 @@ async def run_scenario(
                                        "final_pids": {n: local.pid(n) for n in local.node_ids}}
             run_info["interrupted"] = interrupted
             history.close()
-            await endpoint.close()
+            if transport is not None:
+                await transport.close()
             (out_dir / "run.json").write_text(json.dumps(run_info, indent=2))
     return RunResult(out_dir, history.path, out_dir / "run.json", history.events, schedule, interrupted)
 

@@ -16,11 +16,14 @@ benchmarks): ``ok`` it happened; ``fail`` it certainly did not (a 4xx, a 5xx
 that says ``"indeterminate": false``, a connection never established);
 ``info`` anything else that may have reached a node (a timeout, a cut
 connection, any other 5xx).  That holds only if each operation is sent once:
-requests go through an ``Endpoint`` (``kvstore.harness.endpoint``) that never re-sends --
-over HTTP its session comes from ``kvstore.client.http_session.client_session``, which
-turns off aiohttp's hidden re-send of a dropped PUT/DELETE (a re-send that met a
-just-killed node once turned an applied write into a ``fail``); in a simulation
-it calls the node's kv core in process.  After an
+every request goes through ``kvstore.client.Client`` (one per node, bound to that
+node alone, so it never fails over), which never re-sends a write and whose
+transport never re-sends anything -- over HTTP its ``AiohttpTransport`` turns off
+aiohttp's hidden re-send of a dropped PUT/DELETE (a re-send that met a just-killed
+node once turned an applied write into a ``fail``); in a simulation an
+``EndpointTransport`` (``kvstore.harness.endpoint``) calls the node's kv core in
+process.  The client's typed outcome is the record: an answer (``ok``, or an error
+whose ``indeterminate`` is false) or ``NotSent`` prove it; ``Lost`` is ``info``.  After an
 ``info`` the client takes a fresh process id, because its old operation may
 still be in flight.  A timed-out or cut read is ``info`` too; the checker
 drops every read that did not return ``ok``, so it constrains nothing.
@@ -33,17 +36,15 @@ genuinely concurrent writes rather than every blind write.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import itertools
 import random
-import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvstore.contract import OK, answer_outcome, error_body, etag_of, no_answer_outcome
-from kvstore.harness.endpoint import ApiRequest, Endpoint, HttpEndpoint, NoAnswerError, content_type
+from kvstore.client import AiohttpTransport, Client, ClientTransport, GetResult, KVError, PutResult
+from kvstore.contract import FAIL, INFO, OK, etag_of
 from kvstore.harness.history import HistoryWriter
 
 MODES: dict[str, dict[str, Any]] = {
@@ -82,29 +83,43 @@ class Counters:
 
 
 class Workload:
-    """The clients of one run.  ``nodes`` maps node ids to URLs (reached over HTTP), or is a list of
-    node ids reached through ``endpoint`` (e.g. a simulated cluster's)."""
+    """The clients of one run.  ``nodes`` maps node ids to the URLs their kv API answers at; ``transport``
+    carries the requests (default: a real HTTP ``AiohttpTransport`` this workload owns; a simulated
+    cluster passes its ``EndpointTransport`` with ``endpoint_urls``)."""
 
     def __init__(
         self,
         spec: WorkloadSpec,
-        nodes: Mapping[str, str] | list[str],
+        nodes: Mapping[str, str],
         history: HistoryWriter,
         seed: int,
-        endpoint: Endpoint | None = None,
+        transport: ClientTransport | None = None,
     ) -> None:
         assert spec.mode in MODES, spec.mode
-        assert endpoint is not None or isinstance(nodes, Mapping), "node ids without an endpoint"
         self.spec = spec
         self.mode = MODES[spec.mode]
+        self.urls = dict(nodes)
         self.nodes = sorted(nodes)
         self.history = history
         self.seed = seed
         self.counters = Counters()
         self._next_process = itertools.count(spec.clients)
         self._stop = asyncio.Event()
-        self.endpoint: Endpoint = endpoint if endpoint is not None else HttpEndpoint(dict(nodes))  # type: ignore[arg-type]
-        self._owns_endpoint = endpoint is None
+        self._owns_transport = transport is None
+        # Each client has one request in flight; the final reads come after the clients stopped.
+        self.transport: ClientTransport = transport or AiohttpTransport(max_connections=max(64, 2 * spec.clients))
+        self._clients: dict[str, Client] = {}
+
+    def client(self, node: str) -> Client:
+        """The ``Client`` bound to ``node`` alone: a workload client never fails over to another node."""
+        client = self._clients.get(node)
+        if client is None:
+            client = Client(
+                self.urls[node], transport=self.transport, timeout_s=self.spec.timeout_s,
+                connect_timeout_s=self.spec.timeout_s, server_timeout_share=SERVER_TIMEOUT_SHARE,
+            )
+            self._clients[node] = client
+        return client
 
     def new_process(self) -> int:
         return next(self._next_process)
@@ -113,8 +128,10 @@ class Workload:
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
-        if self._owns_endpoint:
-            await self.endpoint.close()
+        for client in self._clients.values():
+            await client.close()
+        if self._owns_transport:
+            await self.transport.close()
 
     def stop(self) -> None:
         self._stop.set()
@@ -175,9 +192,8 @@ class Workload:
         self.history.record({**base, "type": "invoke", "value": value})
         try:
             kind, extra = await self._request(node, f, key, value, contexts, params_override)
-        except NoAnswerError as exc:
-            kind = no_answer_outcome(exc.kind)
-            extra = {"error": exc.reason}
+        except KVError as exc:
+            kind, extra = error_outcome(exc)
         event = {**base, "type": kind, "value": value, **extra}
         if kind == "ok" and f == "read" and last_read is not None:
             last_read[key] = extra.get("value")
@@ -195,33 +211,52 @@ class Workload:
         contexts: dict[str, str],
         params_override: dict[str, Any] | None,
     ) -> tuple[str, dict[str, Any]]:
+        """Send one op through the node's ``Client``; (``ok``, extra fields), or the client's ``KVError``."""
         section = "read" if f == "read" else "write"
         params = {**self.mode[section], **(params_override or {})}
-        timeout_ms = int(self.spec.timeout_s * 1000 * 0.8)
-        params["timeout_ms"] = timeout_ms
-        headers: dict[str, str] = {}
-        if key in contexts and self.spec.mode != "linearizable":
-            headers["X-Context"] = contexts[key]
-        method, body = "GET", None
+        consistency = params.get("consistency")
+        sloppy = _flag(params.get("sloppy"))
+        client = self.client(node)
+        if f == "read":
+            got = await client.get(key, r=params.get("r"), consistency=consistency, sloppy=sloppy)
+            # A read's context covers exactly what the client saw.
+            if got.context:
+                contexts[key] = got.context
+            return read_outcome(got)
+        context = contexts.get(key) if self.spec.mode != "linearizable" else None
+        put: PutResult
         if f == "write":
-            method, body = "PUT", str(value).encode()
+            put = await client.put(key, str(value).encode(), context=context, w=params.get("w"),
+                                   consistency=consistency, sloppy=sloppy)
         elif f == "delete":
-            method = "DELETE"
-        elif f == "cas":
-            method, body = "PUT", str(value[1]).encode()
-            headers["If-Match"] = etag_of(str(value[0]).encode())
-        request = ApiRequest(
-            method=method, raw_path="/kv/" + urllib.parse.quote(key, safe=""),
-            query={k: str(v) for k, v in params.items()}, headers=headers, body=body,
-        )
-        resp = await self.endpoint.request(node, request, self.spec.timeout_s)
-        raw, status = resp.body, resp.status
-        # A read's context covers exactly what the client saw.  A write's context covers all the
-        # coordinator knew; it is only safe to reuse when the write left no other sibling.
-        if resp.headers.get("X-Context") and (method == "GET" or resp.headers.get("X-Siblings") == "1"):
-            contexts[key] = resp.headers["X-Context"]
-        doc = error_body(raw) if content_type(resp.headers) == "application/json" else None
-        return classify(f, status, raw, doc)
+            put = await client.delete(key, context=context, w=params.get("w"), consistency=consistency,
+                                      sloppy=sloppy)
+        else:
+            assert f == "cas", f
+            put = await client.put(key, str(value[1]).encode(), context=context, w=params.get("w"),
+                                   consistency=consistency, sloppy=sloppy,
+                                   if_match=etag_of(str(value[0]).encode()))
+        # A write's context covers all the coordinator knew; it is only safe to reuse when the write
+        # left no other sibling.
+        if put.context and put.siblings == 1:
+            contexts[key] = put.context
+        return OK, {}
+
+
+# The share of the op timeout the node gets as ``timeout_ms``: a node that gives up first answers
+# with a typed 503 (it says whether a write may land) instead of the client cutting the request.
+SERVER_TIMEOUT_SHARE = 0.8
+
+# The history's ``error`` for an op that got no HTTP answer, by the client's last attempt.
+_NO_ANSWER_ERRORS = {"unreachable": "connection_refused", "timeout": "timeout"}
+
+
+def _flag(value: Any) -> bool | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return value
+    return str(value).lower() == "true"
 
 
 def _as_int(raw: bytes) -> int | str:
@@ -231,21 +266,21 @@ def _as_int(raw: bytes) -> int | str:
         return raw.decode(errors="replace")
 
 
-def classify(f: str, status: int, raw: bytes, doc: Any) -> tuple[str, dict[str, Any]]:
-    """Map an HTTP answer to (history type, extra fields), by ``kvstore.contract.answer_outcome``."""
-    body = doc if isinstance(doc, dict) else None
-    kind = answer_outcome(status, body, read=f == "read")
-    if kind != OK:
-        error = body.get("error") if body else None
-        return kind, {"error": str(error) if error else f"http_{status}"}
-    if f != "read":
-        return kind, {}
-    if status == 200:
-        return kind, {"value": _as_int(raw)}
-    if status == 404:
-        return kind, {"value": None}
-    try:  # 300: every sibling
-        siblings = [_as_int(base64.b64decode(s["value"], validate=True)) for s in (body or {})["siblings"]]
-    except (KeyError, TypeError, ValueError):
-        return "info", {"error": "bad_response"}  # a malformed answer proves nothing
-    return kind, {"value": None, "siblings": siblings}
+def read_outcome(got: GetResult) -> tuple[str, dict[str, Any]]:
+    """A read the client answered: the value it names (a 200), every sibling (a 300), or none (a 404)."""
+    if got.value is not None:
+        return OK, {"value": _as_int(got.value)}
+    if not got.found:
+        return OK, {"value": None}
+    return OK, {"value": None, "siblings": [_as_int(v) for v in got.values]}
+
+
+def error_outcome(exc: KVError) -> tuple[str, dict[str, Any]]:
+    """(history type, extra fields) of an op the client raised for, by ``kvstore.contract``: ``info`` when
+    it may have taken effect (``indeterminate``: Lost, a 5xx that does not deny it, a malformed answer),
+    ``fail`` when the answer or the never-made connection proves it did not."""
+    kind = INFO if exc.indeterminate else FAIL
+    if exc.status is not None or not exc.attempts:
+        return kind, {"error": exc.code}
+    last = exc.attempts[-1]
+    return kind, {"error": _NO_ANSWER_ERRORS.get(last.outcome, last.error or last.outcome)}

@@ -6,8 +6,8 @@ A client read merges what it finds and repairs stale replicas, so it cannot show
 replicas disagree.  The probe asks each replica for its own copy instead, with the peer
 protocol's ``replica_get`` (the message a coordinator sends; it returns the node's data
 plus the hints it holds for the key, and changes nothing), sent over the node's HTTP
-``/internal/msg`` route with the cluster secret -- as ``LocalCluster.acceptor_status`` asks
-for a node's Paxos status.  Two replicas *agree* when their objects have the same digest
+``/internal/msg`` route with the cluster secret, through the client's transport (sent once) --
+as ``LocalCluster.acceptor_status`` asks for a node's Paxos status.  Two replicas *agree* when their objects have the same digest
 (``versions.digest``: the same siblings and the same clock).  A probe that gets no answer
 says so (None): a node killed, paused or slow is not counted as agreeing.
 """
@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import aiohttp
 import msgpack
 
+from kvstore.client import ClientTransport, Lost, NotSent
 from kvstore.protocol import versions
 from kvstore.protocol.messages import MessageError, ReplicaGet, ReplicaGetReply, decode_reply, encode
 from kvstore.protocol.ring import key_token
@@ -34,18 +34,17 @@ def show_value(raw: bytes | None) -> str:
 
 
 async def replica_copy(
-    session: aiohttp.ClientSession, url: str, secret: str, key: str, timeout_s: float = 1.0
+    transport: ClientTransport, url: str, secret: str, key: str, timeout_s: float = 1.0
 ) -> dict[str, Any] | None:
     """The key's copy on the node at ``url``: {digest, values, siblings}, or None without an answer."""
     body = msgpack.packb(encode(ReplicaGet(key, key_token(key))), use_bin_type=True)
     headers = {"X-Cluster-Secret": secret, "X-Node": PROBE_SENDER, "Content-Type": "application/msgpack"}
     try:
-        async with session.post(url + "/internal/msg", data=body, headers=headers,
-                                timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
-            if resp.status != 200:
-                return None
-            reply = msgpack.unpackb(await resp.read(), raw=False)
-    except (aiohttp.ClientError, TimeoutError, ValueError, msgpack.ExtraData, msgpack.FormatError):
+        status, _, raw = await transport.request("POST", url + "/internal/msg", headers, body, timeout_s, timeout_s)
+        if status != 200:
+            return None
+        reply = msgpack.unpackb(raw, raw=False)
+    except (NotSent, Lost, ValueError, msgpack.ExtraData, msgpack.FormatError):
         return None
     if not isinstance(reply, dict) or reply.get("remote_error"):
         return None

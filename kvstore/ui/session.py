@@ -36,16 +36,13 @@ import random
 import secrets
 import tempfile
 import time
-import urllib.parse
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
-from kvstore.client.http_session import client_session
+from kvstore.client import AiohttpTransport, Client, KvstoreError
 from kvstore.explore.matrix import EXPLORE_AP, EXPLORE_LIMITS, MODE_HELP
 from kvstore.harness.history import HistoryTee, HistoryWriter
 from kvstore.harness.local_cluster import ClusterError, LocalCluster
@@ -160,7 +157,7 @@ class LiveSession:
         self.out_dir = cfg.out_dir or Path(tempfile.mkdtemp(prefix="kvstore-live-"))
         self.key_prefix = "" if not cfg.attach_urls else f"ui-{secrets.token_hex(3)}."
         self._tasks: list[asyncio.Task[None]] = []
-        self._session: aiohttp.ClientSession | None = None
+        self._transport: AiohttpTransport | None = None  # the probes' and placement look-ups' (sent once)
         self.unconfigured_modes: list[str] = []
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -190,7 +187,7 @@ class LiveSession:
             for conflict_mode, control in self.controls.items():
                 self.drivers[conflict_mode] = FaultDriver(
                     control, HistoryTee([]), random.Random(f"{self.cfg.seed}:nemesis"))
-            self._session = client_session(timeout=aiohttp.ClientTimeout(total=5))
+            self._transport = AiohttpTransport(max_connections=16)
             await self.new_run()
             self._tasks = [asyncio.create_task(self._check_loop(), name="ui-check"),
                            asyncio.create_task(self._probe_loop(), name="ui-probe"),
@@ -225,16 +222,13 @@ class LiveSession:
         self.status_text = f"reading the cluster at {self.cfg.attach_urls[0]}..."
         info: dict[str, Any] | None = None
         errors: list[str] = []
-        async with client_session(timeout=aiohttp.ClientTimeout(total=5)) as session:
-            for url in self.cfg.attach_urls:
-                try:
-                    async with session.get(url.rstrip("/") + "/cluster") as resp:
-                        if resp.status == 200:
-                            info = await resp.json()
-                            break
-                        errors.append(f"{url}: HTTP {resp.status}")
-                except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-                    errors.append(f"{url}: {exc or type(exc).__name__}")
+        for url in self.cfg.attach_urls:
+            try:
+                async with Client(url, timeout_s=5.0) as client:
+                    info = await client.cluster()
+                break
+            except (KvstoreError, ValueError) as exc:
+                errors.append(f"{url}: {exc}")
         if info is None:
             raise ClusterError("cannot reach the cluster: " + "; ".join(errors))
         conflict_mode = str(info.get("conflict_mode", "siblings"))
@@ -314,8 +308,8 @@ class LiveSession:
         for cluster in self.clusters.values():
             await asyncio.to_thread(cluster.stop)
         await asyncio.to_thread(self.checker.close)
-        if self._session is not None:
-            await self._session.close()
+        if self._transport is not None:
+            await self._transport.close()
         self.status, self.status_text = "stopped", "stopped"
 
     # --- events -----------------------------------------------------------------------------
@@ -382,7 +376,7 @@ class LiveSession:
             await self.probe_all()
 
     async def probe_all(self) -> None:
-        assert self.ring is not None and self._session is not None
+        assert self.ring is not None and self._transport is not None
         jobs = []
         for run in self.modes.values():
             if run.mode == "linearizable":
@@ -395,8 +389,8 @@ class LiveSession:
         async def one(run: ModeRun, key: str, node: str, control: ClusterControl) -> None:
             copy = None
             if node not in control.killed and node not in control.paused:
-                assert self._session is not None
-                copy = await probe.replica_copy(self._session, control.urls[node], control.secret, key)
+                assert self._transport is not None
+                copy = await probe.replica_copy(self._transport, control.urls[node], control.secret, key)
             run.copies.setdefault(key, {})[node] = copy
 
         await asyncio.gather(*(one(*job) for job in jobs))
@@ -435,7 +429,7 @@ class LiveSession:
             self.busy = name
             try:
                 message = await self._act(name, action)
-            except (NemesisError, ClusterError, aiohttp.ClientError, TimeoutError) as exc:
+            except (NemesisError, ClusterError, KvstoreError, TimeoutError) as exc:
                 self._refresh_topology()
                 self.note(f"{name} failed: {exc}")
                 raise ActionError(f"{name} failed: {exc}") from None
@@ -558,7 +552,7 @@ class LiveSession:
     async def placement_of(self, key: str, node: str | None) -> dict[str, Any]:
         """A key's placement as ``node`` sees it (the node's own /cluster/keys/{key}/placement),
         the ring picture of it, and what each replica holds."""
-        assert self.ring is not None and self._session is not None
+        assert self.ring is not None and self._transport is not None
         if not key or len(key.encode()) > 1024:
             raise ActionError("a key is 1 to 1024 bytes of UTF-8")
         asker = node or next((n for n in self.node_ids if self.topology.up(n)), self.node_ids[0])
@@ -570,14 +564,14 @@ class LiveSession:
         seen: dict[str, Any] | None = None
         error = None
         if self.topology.up(asker):
-            url = control.urls[asker] + "/cluster/keys/" + urllib.parse.quote(key, safe="") + "/placement"
             try:
-                async with self._session.get(url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
-                    seen = await resp.json() if resp.status == 200 else None
-                    if seen is None:
-                        error = f"{asker} answered HTTP {resp.status}"
-            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-                error = f"{asker} did not answer: {exc or type(exc).__name__}"
+                async with Client(control.urls[asker], transport=self._transport, timeout_s=2.0) as client:
+                    seen = await client.placement(key)
+            except KvstoreError as exc:
+                if getattr(exc, "status", None) is not None:
+                    error = f"{asker} answered HTTP {exc.status}"
+                else:
+                    error = f"{asker} did not answer: {exc}"
         else:
             error = f"{asker} is down"
         where = self._placement_from(key, seen)
