@@ -69,7 +69,8 @@ def core_for(
 ) -> ProposerCore:
     return ProposerCore(
         state or ProposerState("n0"),
-        config or ProposerConfig(clock_ballots=False),
+        # Reads here run the full protocol; the peek (quorum read) has its own tests below.
+        config or ProposerConfig(clock_ballots=False, peek_reads=False),
         random.Random(rng_seed),
         key,
         7,
@@ -177,7 +178,7 @@ def test_answers_of_one_batch_are_judged_together(batched: bool) -> None:
     refused connection, in one batch: nobody stored the change, a certain failure.  One at a
     time, the round ends at the second rejection, when the third accept is still in flight and
     may land: indeterminate."""
-    core = core_for(Write(b"v"), config=ProposerConfig(max_attempts=1, clock_ballots=False))
+    core = core_for(Write(b"v"), config=ProposerConfig(max_attempts=1, clock_ballots=False, peek_reads=False))
     accepts = sends(answer_all(core, sends(core.start(T0)), [promise(), promise()]))
     answers = as_answers(
         accepts,
@@ -286,7 +287,7 @@ def test_a_rejected_fast_accept_falls_back_to_the_full_protocol() -> None:
 def test_a_fast_path_entry_for_another_replica_set_is_not_used() -> None:
     state = ProposerState("n0")
     commit(core_for(Write(b"1"), state=state))
-    other = ProposerCore(state, ProposerConfig(clock_ballots=False), random.Random(1), "k", 7, ("n0", "n1", "n3"),
+    other = ProposerCore(state, ProposerConfig(clock_ballots=False, peek_reads=False), random.Random(1), "k", 7, ("n0", "n1", "n3"),
                          Read(), DEADLINE_NS)
     assert sends(other.start(T0))[0].message["op"] == OP_PREPARE
 
@@ -321,7 +322,7 @@ def test_a_fast_path_entry_for_another_replica_set_is_not_used() -> None:
 def test_a_failure_is_indeterminate_iff_a_changed_value_may_have_been_stored(
     change: Change, accept_answers: list[str], indeterminate: bool
 ) -> None:
-    core = core_for(change, config=ProposerConfig(max_attempts=1, clock_ballots=False))
+    core = core_for(change, config=ProposerConfig(max_attempts=1, clock_ballots=False, peek_reads=False))
     prepares = sends(core.start(T0))
     # Phase 1 finds a value, so a delete and a failed put-if-absent have something to see.
     before = Ballot(0, "n9")
@@ -348,7 +349,7 @@ def test_a_failure_is_indeterminate_iff_a_changed_value_may_have_been_stored(
 
 
 def test_a_change_found_applied_on_retry_is_recommitted_not_reapplied() -> None:
-    core = core_for(CompareAndSet(etag_of(b"old"), b"new"), config=ProposerConfig(clock_ballots=False))
+    core = core_for(CompareAndSet(etag_of(b"old"), b"new"), config=ProposerConfig(clock_ballots=False, peek_reads=False))
     before = Ballot(0, "n9")
     found = promise(before, b"old", (before,))
     accepts = sends(answer_all(core, sends(core.start(T0)), [found, found]))
@@ -376,7 +377,7 @@ def test_a_change_found_applied_on_retry_is_recommitted_not_reapplied() -> None:
 
 
 def test_a_lost_trail_fails_as_indeterminate() -> None:
-    core = core_for(Write(b"mine"), config=ProposerConfig(clock_ballots=False))
+    core = core_for(Write(b"mine"), config=ProposerConfig(clock_ballots=False, peek_reads=False))
     before = Ballot(0, "n9")
     found = promise(before, b"old", (before,))
     accepts = sends(answer_all(core, sends(core.start(T0)), [found, found]))
@@ -411,7 +412,7 @@ def test_a_lost_trail_fails_as_indeterminate() -> None:
 )
 def test_votes_of_a_lost_incarnation_do_not_count(tags: list[dict[str, Any]], counted: int) -> None:
     """Answer all three prepares in one batch; the round succeeds iff two votes still count."""
-    core = core_for(Write(b"v"), config=ProposerConfig(max_attempts=1, clock_ballots=False))
+    core = core_for(Write(b"v"), config=ProposerConfig(max_attempts=1, clock_ballots=False, peek_reads=False))
     prepares = sends(core.start(T0))
     replies = [promise(**tag) for tag in tags] + [rejected(Ballot(99, "n2"))]
     effects = core.on_answers([Reply(s.call, r) for s, r in zip(prepares, replies, strict=True)], T0)
@@ -425,7 +426,7 @@ def test_votes_of_a_lost_incarnation_do_not_count(tags: list[dict[str, Any]], co
 
 def test_a_stale_incarnations_accept_still_makes_the_failure_indeterminate() -> None:
     """Its vote does not count, but it did store the value."""
-    core = core_for(Write(b"v"), config=ProposerConfig(max_attempts=1, clock_ballots=False))
+    core = core_for(Write(b"v"), config=ProposerConfig(max_attempts=1, clock_ballots=False, peek_reads=False))
     accepts = sends(answer_all(core, sends(core.start(T0)), [promise(), promise()]))
     effects = answer_all(
         core,
@@ -445,7 +446,7 @@ def test_a_stale_incarnations_accept_still_makes_the_failure_indeterminate() -> 
 
 def test_ballots_are_never_below_the_wall_clock_and_never_repeat_across_keys() -> None:
     state = ProposerState("n0")
-    config = ProposerConfig(clock_ballots=True)
+    config = ProposerConfig(clock_ballots=True, peek_reads=False)
     wall = Instant(0, 1_700_000_000_000 * MS)
     first = core_for(Read(), state=state, config=config, key="a")
     second = core_for(Read(), state=state, config=config, key="b")
@@ -472,7 +473,7 @@ def joint_core(
     config: ProposerConfig | None = None,
 ) -> ProposerCore:
     return ProposerCore(
-        state or ProposerState("n0"), config or ProposerConfig(clock_ballots=False), random.Random(1), "k", 7, UNION,
+        state or ProposerState("n0"), config or ProposerConfig(clock_ballots=False, peek_reads=False), random.Random(1), "k", 7, UNION,
         change, DEADLINE_NS, acceptor_sets=sets, stamp={"cv": 4},
     )
 
