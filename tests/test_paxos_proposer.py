@@ -678,3 +678,9 @@ def test_a_peek_that_cannot_agree_ends_at_the_first_quorum_and_falls_back() -> N
     effects = answer_all(core, peeks, [peek_reply(voted(Ballot(6, "n2"), b"a")), CallFailed(peeks[1].call, True),
                                        peek_reply(voted(Ballot(4, "n1"), b"b"))])
     assert [s.message["op"] for s in sends(effects)] == [OP_PREPARE] * 3
+
+
+def test_a_read_asked_to_recommit_runs_the_full_protocol() -> None:
+    """Membership catch-up reads with ``peek=False``: the state must be accepted anew."""
+    core = ProposerCore(ProposerState("n0"), PEEKS, random.Random(1), "k", 7, GROUP, Read(), DEADLINE_NS, peek=False)
+    assert [s.message["op"] for s in sends(core.start(T0))] == [OP_PREPARE] * 3

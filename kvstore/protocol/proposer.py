@@ -430,9 +430,12 @@ class ProposerCore:
         acceptor_sets: tuple[tuple[str, ...], ...] | None = None,
         stamp: Message | None = None,
         fallback: bool = True,
+        peek: bool = True,
     ) -> None:
         """``fallback=False``: a read whose peek is inconclusive fails with ``PeekInconclusive``
-        instead of running the full protocol (see the module docstring).  ``acceptor_sets`` (default: ``replicas`` alone) are the sets each phase needs a majority
+        instead of running the full protocol (see the module docstring).  ``peek=False``: a read
+        runs the full protocol and so re-commits the state (membership catch-up needs exactly
+        that: the state accepted anew by joint quorums).  ``acceptor_sets`` (default: ``replicas`` alone) are the sets each phase needs a majority
         of: during a membership change the key's old and new acceptor sets (joint consensus,
         ``kvstore.protocol.membership``); ``replicas`` must be their union.  ``stamp`` is merged
         into every prepare and accept (``{"cv": version}``: the configuration version the sets were
@@ -455,6 +458,7 @@ class ProposerCore:
         self.joint = len(sets) > 1
         self.stamp: Message = dict(stamp or {})
         self.fallback = fallback
+        self.peek = peek and config.peek_reads
         # For reporting only (the error's ``needed``): a joint quorum is a majority of each set.
         self.need = majority(len(replicas)) if not self.joint else sum(majority(len(s)) for s in sets)
         self.attempt = 0
@@ -475,7 +479,7 @@ class ProposerCore:
     def start(self, at: Instant) -> list[Effect]:
         assert not self._started, "a core runs one proposal"
         self._started = True
-        if isinstance(self.change, Read) and self.config.peek_reads:
+        if isinstance(self.change, Read) and self.peek:
             return self._peek(at)  # the fast-path entry is left for the next change (or a fallback)
         # Popped here, before any effect: a concurrent proposal on this node cannot take it too.
         self._fast = self.state.take_fast(self.key, self.group, self.sets if self.joint else ())

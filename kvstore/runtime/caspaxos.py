@@ -363,12 +363,14 @@ class PaxosProposer:
         acceptor_sets: tuple[tuple[str, ...], ...] | None = None,
         stamp: Message | None = None,
         fallback: bool = True,
+        peek: bool = True,
     ) -> ProposeResult:
         """Linearizably apply ``change`` to ``key``'s register replicated on ``replicas``.
 
         ``acceptor_sets`` and ``stamp``: joint consensus during a membership change
         (``ProposerCore``); by default a majority of ``replicas``, unstamped.  ``fallback=False``:
-        a read whose quorum read is inconclusive raises ``PeekInconclusive`` (nothing changed).
+        a read whose quorum read is inconclusive raises ``PeekInconclusive`` (nothing changed);
+        ``peek=False``: a read runs the full protocol (it re-commits the state).
         Raises ``ConsensusUnavailable`` (see ``indeterminate``) or ``ConsensusOverloaded``.
         """
         assert replicas and len(set(replicas)) == len(replicas), "replicas must be distinct"
@@ -382,7 +384,7 @@ class PaxosProposer:
             deadline_ns = self.clock.monotonic_ns() + int(timeout_s * 1e9)
             core = ProposerCore(
                 self.state, self.config, self.rng, key, token, tuple(replicas), change, deadline_ns, self.stats,
-                acceptor_sets=acceptor_sets, stamp=stamp, fallback=fallback,
+                acceptor_sets=acceptor_sets, stamp=stamp, fallback=fallback, peek=peek,
             )
             result = await self._drive(core)
         except ConsensusUnavailable:

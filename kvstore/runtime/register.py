@@ -157,7 +157,7 @@ class LinearizableRegister:
     # --- proposing ------------------------------------------------------------------------
 
     async def propose_here(
-        self, key: str, change: Change, timeout_s: float, *, fallback: bool = True
+        self, key: str, change: Change, timeout_s: float, *, fallback: bool = True, peek: bool = True
     ) -> dict[str, Any]:
         node = self.node
         token = key_token(key)
@@ -177,7 +177,7 @@ class LinearizableRegister:
             raise ConsistencyConflict(AP_CONFLICT)
         result = await self.proposer.propose(
             key, token, replicas, change, timeout_s, acceptor_sets=acceptor_sets, stamp={"cv": version},
-            fallback=fallback,
+            fallback=fallback, peek=peek,
         )
         node.metrics.paxos_rounds.inc(result.round_trips)
         return {
