@@ -876,13 +876,23 @@ def test_production_proposer_is_linearizable_under_a_seeded_scheduler(nodes: int
 
 
 def _peek_trusting_the_highest(replies: Any, sets: Any) -> Observed | None:
-    """A wrong quorum read: answers the highest accepted state any reply reports."""
-    voted = [observed for _, observed in replies if observed.accepted is not None]
-    return max(voted, key=lambda o: o.accepted) if voted else None
+    """A wrong quorum read: answers the highest state a majority's replies report, as phase 1
+    would pick it, without the replies agreeing (a value a minority accepted may be lost later)."""
+    replies = list(replies)
+    if len(replies) < 2:
+        return None
+    return max((o for _, o in replies), key=lambda o: (o.accepted is not None, o.accepted or Ballot(0, "-")))
+
+
+def _peek_trusting_one_reply(replies: Any, sets: Any) -> Observed | None:
+    """A wrong quorum read: answers the first reply (a lagging acceptor's state is stale)."""
+    replies = list(replies)
+    return replies[0][1] if replies else None
 
 
 @pytest.mark.parametrize(
-    "bug", ["failures_called_certain", "retries_blind_to_pending", "peek_trusts_the_highest_reply"]
+    "bug",
+    ["failures_called_certain", "retries_blind_to_pending", "peek_trusts_the_highest_reply", "peek_trusts_one_reply"],
 )
 def test_the_seeded_check_catches_an_injected_proposer_bug(bug: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Not vacuous: make the core lie -- call every failure certain, re-apply a change on retry
@@ -894,9 +904,11 @@ def test_the_seeded_check_catches_an_injected_proposer_bug(bug: str, monkeypatch
         monkeypatch.setattr(ProposerCore, "_fail", lambda self, indeterminate, reason: original(self, False, reason))
     elif bug == "peek_trusts_the_highest_reply":
         monkeypatch.setattr("kvstore.protocol.proposer.agreed_read", _peek_trusting_the_highest)
+    elif bug == "peek_trusts_one_reply":
+        monkeypatch.setattr("kvstore.protocol.proposer.agreed_read", _peek_trusting_one_reply)
     else:
         monkeypatch.setattr("kvstore.protocol.proposer.change_status", lambda origin, lineage, parent: "not_applied")
-    for seed in range(60):
+    for seed in range(200):
         try:
             assert_linearizable(run_cores(seed * 7919 + 3))
         except AssertionError:
