@@ -11,9 +11,10 @@ Every proposal for a key is run by the key's *first primary believed up*: a
 receiving node that is not that primary forwards the operation (one extra hop),
 so one proposer keeps the key's one-round-trip fast path across requests.  Any
 node could propose safely; this is only about latency (two nodes that both believe
-they lead a key are safe, they only invalidate each other's fast path).  A read is
-first a *quorum read* from the receiving node (a peek at every replica, no write:
-``kvstore.protocol.proposer``); only if the replies do not agree is it forwarded.  If the forward may have
+they lead a key are safe, they only invalidate each other's fast path).  A read
+received by another replica of the key is first a *quorum read* from there (a peek
+at every replica, no write: ``kvstore.protocol.proposer``); only if the replies do
+not agree is it forwarded.  If the forward may have
 reached the proposer and no answer came back, a change is reported as
 indeterminate (it may still take effect), a read as a plain failure.
 
@@ -215,9 +216,11 @@ class LinearizableRegister:
         if len(up) < majority:
             raise QuorumUnavailable(majority, len(up), indeterminate=False,
                                     detail="fewer than a majority of the key's replicas are believed up")
-        if is_read and up[0] != node.node_id and self.proposer.config.peek_reads:
+        if is_read and node.node_id in up[1:] and self.proposer.config.peek_reads:
             # A quorum read needs no proposer (kvstore.protocol.proposer, "Quorum reads"): peek from
-            # here, and hand the read to the key's proposer only if the replies did not agree.
+            # here, and hand the read to the key's proposer only if the replies did not agree.  Only
+            # from a replica: the mixed-mode guard looks at this node's own eventual record, which
+            # only a replica of the key has (a non-replica forwards, as before).
             try:
                 return await self.propose_here(key, change, deadline - node.now_s(), fallback=False)
             except PeekInconclusive:
