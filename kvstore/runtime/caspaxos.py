@@ -49,7 +49,8 @@ virtual-time event loop the whole proposer is deterministic from a seed.
 Outcomes, the retry/lineage rule and the fast path are described in
 ``kvstore.protocol.proposer``.  Round trips and fsyncs per operation: 2 RTT and 2 fsyncs
 per acceptor normally, 1 RTT and 1 fsync per acceptor on the fast path; every
-retry adds a full round.
+retry adds a full round.  A read whose quorum read (peek) agrees: 1 RTT, no fsync
+(the acceptor answers a peek under the key's lock, from durable state, writing nothing).
 
 Assumptions: the node's ``call`` raises ``PeerUnavailable``/``RemoteError``
 (or returns an error reply) on failure.
