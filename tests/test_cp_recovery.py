@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -389,7 +390,8 @@ async def test_recovery_is_paged_bounded_and_takes_only_the_keys_it_replicates()
     await wait_for("n2 recovered", nodes["n2"].recovery.active.is_set)
     assert len(pages) > 10 and max(pages) <= 5  # 5 records of ~1 KB reach the 5000-byte bound
     assert await nodes["n2"].storage.count() == len(mine)  # not the keys of ranges without n2
-    assert await nodes["n2"].acceptor.load("k7", key_token("k7")) == state
+    # Taken from a peer, not voted here: flagged so that quorum reads do not count it.
+    assert await nodes["n2"].acceptor.load("k7", key_token("k7")) == replace(state, absorbed=True)
     await stop_all(nodes)
 
 
@@ -546,3 +548,29 @@ async def test_a_corrupt_identity_or_registry_means_recovering_again(record: str
     await wait_for("n2 recovered", nodes["n2"].recovery.active.is_set)
     assert (await nodes["n2"].acceptor.load("k", TOKEN)).value == v(b"v")
     await stop_all(nodes)
+
+
+async def test_a_peek_writes_nothing_and_an_absorbed_state_is_flagged_until_voted_again() -> None:
+    """The acceptor side of quorum reads: a peek is read-only, a state merged in from a peer is
+    reported as ``absorbed`` (never counted by a quorum read), and the acceptor's own next accept
+    makes it a vote again."""
+    acceptor = PaxosAcceptor(MemoryStorage())
+    token = key_token("k")
+    peek = {"op": "paxos_peek", "key": "k", "token": token}
+    assert await acceptor.handle(peek) == {"ok": True, "accepted": None, "value": None, "lineage": [],
+                                           "absorbed": False}
+    b1 = Ballot(1, "n2")
+    assert await acceptor.absorb("k", token, AcceptorState(b1, b1, RegisterValue.of(b"m"), (b1,)))
+    writes = acceptor.stats.writes
+    reply = await acceptor.handle(peek)
+    assert reply["accepted"] == [1, "n2"] and reply["value"] == b"m" and reply["absorbed"] is True
+    assert acceptor.stats.writes == writes and acceptor.stats.peeks == 2  # a peek persists nothing
+    b2 = Ballot(2, "n3")
+    accept = {"op": "paxos_accept", "key": "k", "token": token, "ballot": b2.to_wire(), "value": b"v",
+              "promise_next": None, "lineage": [b2.to_wire()]}
+    assert (await acceptor.handle(accept))["ok"] is True
+    reply = await acceptor.handle(peek)
+    assert reply["accepted"] == [2, "n3"] and reply["absorbed"] is False
+    # Absorbing a state no newer than its own vote keeps it a vote.
+    assert not await acceptor.absorb("k", token, AcceptorState(b2, b1, RegisterValue.of(b"m"), (b1,)))
+    assert (await acceptor.handle(peek))["absorbed"] is False

@@ -511,8 +511,9 @@ async def test_fast_path_round_trips_and_fsyncs() -> None:
 
     second, puts = await puts_during(propose(n1, Write(b"2"), r))
     assert second.round_trips == 1 and puts == [1, 1, 1]  # one round trip, one fsync
-    read = await propose(n1, Read(), r)
+    read, puts = await puts_during(propose(n1, Read(), r))
     assert read.round_trips == 1 and read.value.value == b"2"
+    assert puts == [0, 0, 0] and n1.proposer.stats.peek_hits == 1  # a quorum read: no write at all
 
     other = await propose(n2, Write(b"3"), r)  # another proposer intervenes
     assert other.round_trips == 2
@@ -527,13 +528,13 @@ async def test_fast_path_round_trips_and_fsyncs() -> None:
     again = await propose(n1, Write(b"5"), r)
     assert again.round_trips == 1
     assert (await propose(n2, Read(), r)).value.value == b"5"
-    assert n1.proposer.stats.fast_path_hits == 3
+    assert n1.proposer.stats.fast_path_hits == 2  # the read above took no fast-path promise
     await settle()
 
 
 @simulated
 async def test_fast_path_not_used_for_a_different_replica_set() -> None:
-    _, nodes = await make_cluster(5)
+    _, nodes = await make_cluster(5, peek_reads=False)  # reads here run the full protocol
     await propose(nodes[0], Write(b"1"), ["n1", "n2", "n3"])
     moved = await propose(nodes[0], Read(), ["n1", "n2", "n4"])
     assert moved.round_trips == 2
@@ -542,7 +543,7 @@ async def test_fast_path_not_used_for_a_different_replica_set() -> None:
 
 @simulated
 async def test_fast_path_lru_is_bounded() -> None:
-    _, nodes = await make_cluster(3, fast_path_capacity=4)
+    _, nodes = await make_cluster(3, fast_path_capacity=4, peek_reads=False)  # full-protocol reads
     for i in range(10):
         await propose(nodes[0], Write(b"v"), ids(nodes), key=f"k{i}")
     assert len(nodes[0].proposer.state.fast) == 4
@@ -588,7 +589,8 @@ async def test_partial_accept_makes_a_write_indeterminate_but_not_a_read() -> No
         return "deliver"
 
     proposer = PaxosProposer(
-        "n1", scripted(nodes[0], accept_only_locally), CLOCK, random.Random(1), max_attempts=2
+        "n1", scripted(nodes[0], accept_only_locally), CLOCK, random.Random(1), max_attempts=2,
+        peek_reads=False,  # a full-protocol read (a quorum read would answer "base" from n2 and n3)
     )
     with pytest.raises(ConsensusUnavailable) as write_err:
         await proposer.propose("k", TOKEN, r, Write(b"new"), 1.0)

@@ -21,7 +21,7 @@ from kvstore.config import Member, NodeConfig
 from kvstore.protocol import messages as m
 from kvstore.protocol.merkle import BucketRequest, LevelRequest, TreeShape
 from kvstore.protocol.paxos import Ballot, RegisterValue
-from kvstore.protocol.paxos_wire import PaxosRequest, accept_message, prepare_message
+from kvstore.protocol.paxos_wire import PaxosRequest, accept_message, peek_message, prepare_message
 from kvstore.runtime.assembly import NodeSeams, assemble_node
 from kvstore.storage import MemoryStorage
 from kvstore.transport.memory import MemoryNetwork
@@ -71,6 +71,7 @@ REQUESTS: list[tuple[Any, dict[str, Any]]] = [
     (m.PaxosPrepare(PREPARE, cv=1), {**prepare_message("k", 5, BALLOT, ("n1", "n2")), "cv": 1}),
     (m.PaxosAccept(ACCEPT),
      accept_message("k", 5, BALLOT, RegisterValue.of(b"v"), Ballot(8, "n1"), (Ballot(3, "n2"),))),
+    (m.PaxosPeek("k", 5, ("n1", "n2"), cv=2), {**peek_message("k", 5, ("n1", "n2")), "cv": 2}),
 ]
 
 REPLIES: list[tuple[Any, dict[str, Any]]] = [
@@ -259,7 +260,7 @@ async def test_a_served_handler_decodes_calls_and_encodes() -> None:
 
 # Ops whose handlers still parse their own maps (kvstore.runtime.register*, owned by the CP work):
 # registered here, and refused by their own checks.
-SELF_PARSED = {"cp_propose", "paxos_prepare", "paxos_accept", "paxos_register", "paxos_recover_scan", "paxos_status"}
+SELF_PARSED = {"cp_propose", "paxos_prepare", "paxos_accept", "paxos_peek", "paxos_register", "paxos_recover_scan", "paxos_status"}
 
 
 @pytest.mark.parametrize("op", sorted(set(m.REGISTRY) - SELF_PARSED))

@@ -9,6 +9,7 @@ that votes of a lost acceptor incarnation do not count.  No event loop, no clock
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -16,7 +17,10 @@ import pytest
 from kvstore.protocol.membership import STALE_CONFIG
 from kvstore.protocol.paxos import (
     ABSENT,
+    EMPTY_STATE,
     LINEAGE_DEPTH,
+    Accepted,
+    AcceptorState,
     Ballot,
     Change,
     CompareAndSet,
@@ -25,12 +29,18 @@ from kvstore.protocol.paxos import (
     PutIfAbsent,
     Read,
     RegisterValue,
+    Rejected,
     Write,
     ballot_to_wire,
+    choose_value,
     etag_of,
     lineage_to_wire,
+    merge_states,
+    on_accept,
+    on_peek,
+    on_prepare,
 )
-from kvstore.protocol.paxos_wire import OP_ACCEPT, OP_PREPARE
+from kvstore.protocol.paxos_wire import OP_ACCEPT, OP_PREPARE, reply_to_wire
 from kvstore.protocol.proposer import (
     Abandon,
     Answer,
@@ -39,7 +49,9 @@ from kvstore.protocol.proposer import (
     Detach,
     Done,
     Effect,
+    Failed,
     Instant,
+    PeekInconclusive,
     ProposerConfig,
     ProposerCore,
     ProposerState,
@@ -69,7 +81,8 @@ def core_for(
 ) -> ProposerCore:
     return ProposerCore(
         state or ProposerState("n0"),
-        config or ProposerConfig(clock_ballots=False),
+        # Reads here run the full protocol; the peek (quorum read) has its own tests below.
+        config or ProposerConfig(clock_ballots=False, peek_reads=False),
         random.Random(rng_seed),
         key,
         7,
@@ -177,7 +190,7 @@ def test_answers_of_one_batch_are_judged_together(batched: bool) -> None:
     refused connection, in one batch: nobody stored the change, a certain failure.  One at a
     time, the round ends at the second rejection, when the third accept is still in flight and
     may land: indeterminate."""
-    core = core_for(Write(b"v"), config=ProposerConfig(max_attempts=1, clock_ballots=False))
+    core = core_for(Write(b"v"), config=ProposerConfig(max_attempts=1, clock_ballots=False, peek_reads=False))
     accepts = sends(answer_all(core, sends(core.start(T0)), [promise(), promise()]))
     answers = as_answers(
         accepts,
@@ -286,7 +299,7 @@ def test_a_rejected_fast_accept_falls_back_to_the_full_protocol() -> None:
 def test_a_fast_path_entry_for_another_replica_set_is_not_used() -> None:
     state = ProposerState("n0")
     commit(core_for(Write(b"1"), state=state))
-    other = ProposerCore(state, ProposerConfig(clock_ballots=False), random.Random(1), "k", 7, ("n0", "n1", "n3"),
+    other = ProposerCore(state, ProposerConfig(clock_ballots=False, peek_reads=False), random.Random(1), "k", 7, ("n0", "n1", "n3"),
                          Read(), DEADLINE_NS)
     assert sends(other.start(T0))[0].message["op"] == OP_PREPARE
 
@@ -321,7 +334,7 @@ def test_a_fast_path_entry_for_another_replica_set_is_not_used() -> None:
 def test_a_failure_is_indeterminate_iff_a_changed_value_may_have_been_stored(
     change: Change, accept_answers: list[str], indeterminate: bool
 ) -> None:
-    core = core_for(change, config=ProposerConfig(max_attempts=1, clock_ballots=False))
+    core = core_for(change, config=ProposerConfig(max_attempts=1, clock_ballots=False, peek_reads=False))
     prepares = sends(core.start(T0))
     # Phase 1 finds a value, so a delete and a failed put-if-absent have something to see.
     before = Ballot(0, "n9")
@@ -348,7 +361,7 @@ def test_a_failure_is_indeterminate_iff_a_changed_value_may_have_been_stored(
 
 
 def test_a_change_found_applied_on_retry_is_recommitted_not_reapplied() -> None:
-    core = core_for(CompareAndSet(etag_of(b"old"), b"new"), config=ProposerConfig(clock_ballots=False))
+    core = core_for(CompareAndSet(etag_of(b"old"), b"new"), config=ProposerConfig(clock_ballots=False, peek_reads=False))
     before = Ballot(0, "n9")
     found = promise(before, b"old", (before,))
     accepts = sends(answer_all(core, sends(core.start(T0)), [found, found]))
@@ -376,7 +389,7 @@ def test_a_change_found_applied_on_retry_is_recommitted_not_reapplied() -> None:
 
 
 def test_a_lost_trail_fails_as_indeterminate() -> None:
-    core = core_for(Write(b"mine"), config=ProposerConfig(clock_ballots=False))
+    core = core_for(Write(b"mine"), config=ProposerConfig(clock_ballots=False, peek_reads=False))
     before = Ballot(0, "n9")
     found = promise(before, b"old", (before,))
     accepts = sends(answer_all(core, sends(core.start(T0)), [found, found]))
@@ -411,7 +424,7 @@ def test_a_lost_trail_fails_as_indeterminate() -> None:
 )
 def test_votes_of_a_lost_incarnation_do_not_count(tags: list[dict[str, Any]], counted: int) -> None:
     """Answer all three prepares in one batch; the round succeeds iff two votes still count."""
-    core = core_for(Write(b"v"), config=ProposerConfig(max_attempts=1, clock_ballots=False))
+    core = core_for(Write(b"v"), config=ProposerConfig(max_attempts=1, clock_ballots=False, peek_reads=False))
     prepares = sends(core.start(T0))
     replies = [promise(**tag) for tag in tags] + [rejected(Ballot(99, "n2"))]
     effects = core.on_answers([Reply(s.call, r) for s, r in zip(prepares, replies, strict=True)], T0)
@@ -425,7 +438,7 @@ def test_votes_of_a_lost_incarnation_do_not_count(tags: list[dict[str, Any]], co
 
 def test_a_stale_incarnations_accept_still_makes_the_failure_indeterminate() -> None:
     """Its vote does not count, but it did store the value."""
-    core = core_for(Write(b"v"), config=ProposerConfig(max_attempts=1, clock_ballots=False))
+    core = core_for(Write(b"v"), config=ProposerConfig(max_attempts=1, clock_ballots=False, peek_reads=False))
     accepts = sends(answer_all(core, sends(core.start(T0)), [promise(), promise()]))
     effects = answer_all(
         core,
@@ -445,7 +458,7 @@ def test_a_stale_incarnations_accept_still_makes_the_failure_indeterminate() -> 
 
 def test_ballots_are_never_below_the_wall_clock_and_never_repeat_across_keys() -> None:
     state = ProposerState("n0")
-    config = ProposerConfig(clock_ballots=True)
+    config = ProposerConfig(clock_ballots=True, peek_reads=False)
     wall = Instant(0, 1_700_000_000_000 * MS)
     first = core_for(Read(), state=state, config=config, key="a")
     second = core_for(Read(), state=state, config=config, key="b")
@@ -472,7 +485,7 @@ def joint_core(
     config: ProposerConfig | None = None,
 ) -> ProposerCore:
     return ProposerCore(
-        state or ProposerState("n0"), config or ProposerConfig(clock_ballots=False), random.Random(1), "k", 7, UNION,
+        state or ProposerState("n0"), config or ProposerConfig(clock_ballots=False, peek_reads=False), random.Random(1), "k", 7, UNION,
         change, DEADLINE_NS, acceptor_sets=sets, stamp={"cv": 4},
     )
 
@@ -544,3 +557,130 @@ def test_a_fast_path_entry_is_used_only_by_the_same_acceptor_sets() -> None:
     fast = joint_core(Read(), state=state)
     first = sends(fast.start(T0))
     assert first and first[0].message["op"] == OP_ACCEPT and first[0].message["cv"] == 4
+
+
+# --- quorum reads (peeks) ------------------------------------------------------------------------
+
+PEEKS = ProposerConfig(clock_ballots=False, peek_reads=True)
+
+
+def peek_reply(state: AcceptorState) -> Message:
+    """What an acceptor in ``state`` answers to a peek, through the production codec."""
+    return reply_to_wire(on_peek(state))
+
+
+def voted(ballot: Ballot, value: bytes, promised: Ballot | None = None) -> AcceptorState:
+    state, reply = on_accept(EMPTY_STATE, ballot, RegisterValue.of(value), promise_next=promised, lineage=(ballot,))
+    assert isinstance(reply, Accepted)
+    return state
+
+
+def test_a_read_is_answered_by_a_peek_a_majority_agrees_on() -> None:
+    b1 = Ballot(4, "n1")
+    state = ProposerState("n0")
+    core = core_for(Read(), config=PEEKS, state=state)
+    peeks = sends(core.start(T0))
+    assert [s.message["op"] for s in peeks] == ["paxos_peek"] * 3 and [s.peer for s in peeks] == list(GROUP)
+    assert all("ballot" not in s.message for s in peeks)  # no ballot: nothing is promised
+    effects = answer_all(core, peeks, [peek_reply(voted(b1, b"v", Ballot(5, "n1")))] * 2)
+    assert kinds(effects) == ["Abandon", "Done"]
+    done = effects[-1]
+    assert isinstance(done, Done) and done.result.value == RegisterValue.of(b"v")
+    assert done.result.round_trips == 1 and done.result.current_etag == etag_of(b"v")
+    assert core.stats.peek_hits == 1
+
+
+def test_a_read_of_a_never_written_key_agrees_on_nothing_accepted() -> None:
+    core = core_for(Read(), config=PEEKS)
+    effects = answer_all(core, sends(core.start(T0)), [peek_reply(EMPTY_STATE)] * 2)
+    assert isinstance(effects[-1], Done) and effects[-1].result.value == ABSENT
+
+
+def test_a_value_accepted_by_a_minority_is_never_returned_by_a_peek_and_may_be_lost() -> None:
+    """The dangerous case: n0 alone accepted ``minority`` (its proposer died mid-accept); n1 and
+    n2 hold the chosen ``chosen``.  A peek that reaches n0 and one other must not answer either
+    value on its own word; it falls back to the full protocol (a prepare).  A peek that reaches
+    n1 and n2 answers ``chosen``.  And ``minority`` is indeed losable: a proposer whose majority
+    is {n1, n2} overwrites it, and n0's stray accept can never be chosen after that."""
+    chosen_at, minority_at = Ballot(4, "n1"), Ballot(6, "n2")
+    states = [voted(minority_at, b"minority"), voted(chosen_at, b"chosen"), voted(chosen_at, b"chosen")]
+    core = core_for(Read(), config=PEEKS)
+    peeks = sends(core.start(T0))
+    effects = answer_all(core, peeks, [peek_reply(states[0]), peek_reply(states[1])])
+    assert [s.message["op"] for s in sends(effects)] == [OP_PREPARE] * 3  # the full protocol
+    assert not any(isinstance(e, Done) for e in effects) and core.stats.peek_misses == 1
+
+    core = core_for(Read(), config=PEEKS)
+    peeks = sends(core.start(T0))
+    effects = answer_all(core, peeks[1:], [peek_reply(states[1]), peek_reply(states[2])])
+    assert isinstance(effects[-1], Done) and effects[-1].result.value == RegisterValue.of(b"chosen")
+
+    # The minority value is then lost for good: Q's phase 1 on {n1, n2} does not see it.
+    q = Ballot(9, "n3")
+    promises = []
+    for i in (1, 2):
+        states[i], promised = on_prepare(states[i], q)
+        promises.append(promised)
+    assert choose_value(promises) == RegisterValue.of(b"chosen")  # type: ignore[arg-type]
+    for i in (1, 2):
+        states[i], reply = on_accept(states[i], q, RegisterValue.of(b"q"), promise_next=None, lineage=(q,))
+        assert isinstance(reply, Accepted)
+    _, late = on_accept(states[1], minority_at, RegisterValue.of(b"minority"), promise_next=None, lineage=(minority_at,))
+    assert late == Rejected(q)
+
+
+def test_a_state_merged_in_by_recovery_never_counts_towards_a_peek() -> None:
+    """n1 lost its disk and merged n0's minority accept: n0 and n1 both report ``minority`` at one
+    ballot, but n1 never voted for it (and its lost incarnation may have promised a proposer that
+    will overwrite it), so the peek does not answer it."""
+    chosen_at, minority_at = Ballot(4, "n1"), Ballot(6, "n2")
+    recovered = replace(merge_states(EMPTY_STATE, voted(minority_at, b"minority")), absorbed=True)
+    assert recovered.absorbed and AcceptorState.decode(recovered.encode()) == recovered
+    core = core_for(Read(), config=PEEKS)
+    peeks = sends(core.start(T0))
+    effects = answer_all(
+        core, peeks, [peek_reply(voted(minority_at, b"minority")), peek_reply(recovered), peek_reply(voted(chosen_at, b"c"))]
+    )
+    assert [s.message["op"] for s in sends(effects)] == [OP_PREPARE] * 3
+    # Once it votes again itself, its state counts: an accept clears the flag.
+    revoted, _ = on_accept(recovered, Ballot(7, "n2"), RegisterValue.of(b"x"), promise_next=None)
+    assert not revoted.absorbed
+
+
+def test_an_inconclusive_peek_without_fallback_is_a_certain_failure() -> None:
+    core = ProposerCore(
+        ProposerState("n0"), PEEKS, random.Random(1), "k", 7, GROUP, Read(), DEADLINE_NS, fallback=False
+    )
+    peeks = sends(core.start(T0))
+    effects = answer_all(
+        core, peeks, [peek_reply(voted(Ballot(6, "n2"), b"a")), peek_reply(voted(Ballot(4, "n1"), b"b"))]
+    )
+    failed = effects[-1]
+    assert isinstance(failed, Failed) and isinstance(failed.error, PeekInconclusive)
+    assert failed.error.indeterminate is False
+
+
+def test_a_peek_leaves_the_fast_path_promise_for_the_next_change() -> None:
+    state = ProposerState("n0")
+    writer = core_for(Write(b"v"), config=PEEKS, state=state)
+    commit(writer, b"v")
+    assert state.holds_fast_path("k")
+    reader = core_for(Read(), config=PEEKS, state=state)
+    effects = answer_all(reader, sends(reader.start(T0)), [peek_reply(voted(Ballot(1, "n0"), b"v"))] * 2)
+    assert isinstance(effects[-1], Done)
+    assert state.holds_fast_path("k")  # a peek promised nothing: the next write skips phase 1
+
+
+def test_a_peek_that_cannot_agree_ends_at_the_first_quorum_and_falls_back() -> None:
+    """Waiting for a third reply could wait for an unreachable replica until the deadline."""
+    core = core_for(Read(), config=PEEKS)
+    peeks = sends(core.start(T0))
+    effects = answer_all(core, peeks, [peek_reply(voted(Ballot(6, "n2"), b"a")), CallFailed(peeks[1].call, True),
+                                       peek_reply(voted(Ballot(4, "n1"), b"b"))])
+    assert [s.message["op"] for s in sends(effects)] == [OP_PREPARE] * 3
+
+
+def test_a_read_asked_to_recommit_runs_the_full_protocol() -> None:
+    """Membership catch-up reads with ``peek=False``: the state must be accepted anew."""
+    core = ProposerCore(ProposerState("n0"), PEEKS, random.Random(1), "k", 7, GROUP, Read(), DEADLINE_NS, peek=False)
+    assert [s.message["op"] for s in sends(core.start(T0))] == [OP_PREPARE] * 3

@@ -28,6 +28,7 @@ from kvstore.protocol.paxos import (
     CorruptState,
     Delete,
     Lineage,
+    Observed,
     Promise,
     PutIfAbsent,
     Read,
@@ -46,9 +47,10 @@ from kvstore.protocol.paxos import (
     majority,
     next_ballot,
     on_accept,
+    on_peek,
     on_prepare,
 )
-from kvstore.protocol.paxos_wire import parse_request, reply_to_wire
+from kvstore.protocol.paxos_wire import parse_peek, parse_request, reply_to_wire
 from kvstore.protocol.proposer import (
     Abandon,
     Answer,
@@ -612,7 +614,11 @@ def run_cores(seed: int, nodes: int = 3, clients_per_node: int = 2, ops_per_clie
         backoff_cap_s=0.05,
         fast_path=rng.random() < 0.7,
         clock_ballots=rng.random() < 0.5,
+        peek_reads=rng.random() < 0.7,
     )
+    # Reads of a node that is not the key's proposer peek only (the register hands an
+    # inconclusive peek to the key's proposer); here: some reads never fall back.
+    peek_only = rng.random() < 0.3
     names = [f"n{i}" for i in range(nodes)]
     group = tuple(names)
     skew_ns = [rng.randrange(0, 50 * MS) for _ in names]
@@ -668,8 +674,12 @@ def run_cores(seed: int, nodes: int = 3, clients_per_node: int = 2, ops_per_clie
         def deliver() -> None:
             if rng.random() < 0.01:
                 acc.restart(rng.randrange(nodes))
+            reply: Promise | Accepted | Rejected | Observed
+            if message["op"] == "paxos_peek":
+                parse_peek(message)
+                answer(client, core, Reply(effect.call, _wire(reply_to_wire(on_peek(acc.states[target])))))
+                return
             request = parse_request(message)
-            reply: Promise | Accepted | Rejected
             if request.op == "paxos_prepare":
                 reply = acc.prepare(target, request.ballot)
             else:
@@ -740,6 +750,7 @@ def run_cores(seed: int, nodes: int = 3, clients_per_node: int = 2, ops_per_clie
             change,
             now + rng.choice([40, 150, 500]) * MS,
             sim.stats,
+            fallback=not (peek_only and rng.random() < 0.5),
         )
         client.core, client.op, client.change, client.inbox = core, op, change, []
         sim.history.append(op)
@@ -854,22 +865,50 @@ def test_production_proposer_is_linearizable_under_a_seeded_scheduler(nodes: int
         stats.retries += sim.stats.retries
         stats.fast_path_hits += sim.stats.fast_path_hits
         stats.fast_path_misses += sim.stats.fast_path_misses
+        stats.peek_hits += sim.stats.peek_hits
+        stats.peek_misses += sim.stats.peek_misses
     # The runs do exercise what the check is about (else it would pass vacuously).
     assert totals["ok"] > 300
     assert totals["precondition_failed"] > 0 and totals["indeterminate"] > 0 and totals["failed"] > 0
     assert stats.retries > 0 and stats.fast_path_hits > 0 and stats.fast_path_misses > 0
+    # Reads answered by a peek, and peeks that saw a change in flight and fell back (or gave up).
+    assert stats.peek_hits > 0 and stats.peek_misses > 0
 
 
-@pytest.mark.parametrize("bug", ["failures_called_certain", "retries_blind_to_pending"])
+def _peek_trusting_the_highest(replies: Any, sets: Any) -> Observed | None:
+    """A wrong quorum read: answers the highest state a majority's replies report, as phase 1
+    would pick it, without the replies agreeing (a value a minority accepted may be lost later)."""
+    replies = list(replies)
+    if len(replies) < 2:
+        return None
+    return max((o for _, o in replies), key=lambda o: (o.accepted is not None, o.accepted or Ballot(0, "-")))
+
+
+def _peek_trusting_one_reply(replies: Any, sets: Any) -> Observed | None:
+    """A wrong quorum read: answers the first reply (a lagging acceptor's state is stale)."""
+    replies = list(replies)
+    return replies[0][1] if replies else None
+
+
+@pytest.mark.parametrize(
+    "bug",
+    ["failures_called_certain", "retries_blind_to_pending", "peek_trusts_the_highest_reply", "peek_trusts_one_reply"],
+)
 def test_the_seeded_check_catches_an_injected_proposer_bug(bug: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Not vacuous: make the core lie -- call every failure certain, or re-apply a change on retry
-    without looking for it in the lineage -- and the same harness finds a non-linearizable run."""
+    """Not vacuous: make the core lie -- call every failure certain, re-apply a change on retry
+    without looking for it in the lineage, or let a peek answer a state only some acceptor holds
+    (possibly accepted by a minority and later lost) -- and the same harness finds a
+    non-linearizable run."""
     if bug == "failures_called_certain":
         original = ProposerCore._fail
         monkeypatch.setattr(ProposerCore, "_fail", lambda self, indeterminate, reason: original(self, False, reason))
+    elif bug == "peek_trusts_the_highest_reply":
+        monkeypatch.setattr("kvstore.protocol.proposer.agreed_read", _peek_trusting_the_highest)
+    elif bug == "peek_trusts_one_reply":
+        monkeypatch.setattr("kvstore.protocol.proposer.agreed_read", _peek_trusting_one_reply)
     else:
         monkeypatch.setattr("kvstore.protocol.proposer.change_status", lambda origin, lineage, parent: "not_applied")
-    for seed in range(60):
+    for seed in range(200):
         try:
             assert_linearizable(run_cores(seed * 7919 + 3))
         except AssertionError:

@@ -275,6 +275,17 @@ class PaxosAccept:
     cv: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class PaxosPeek:
+    """Adapter: a CASPaxos quorum read's peek (changes nothing) in ``kvstore.protocol.paxos_wire``'s format."""
+
+    OP: ClassVar[str] = paxos_wire.OP_PEEK
+    key: str
+    token: int
+    group: tuple[str, ...] = ()
+    cv: int | None = None
+
+
 # --- replies -----------------------------------------------------------------------------------
 
 
@@ -428,7 +439,7 @@ REQUEST_TYPES: tuple[type, ...] = (
     Ping, ReplicaGet, ReplicaPut, CoordinateWrite,
     AeSummary, AeLevel, AeBuckets, AePull, AePush, AeStatus, ReapCheck, Reap,
     ConfigGet, ConfigPush, MbTransfer, MbCatchup,
-    CpPropose, PaxosRegister, PaxosRecoverScan, PaxosStatus, PaxosPrepare, PaxosAccept,
+    CpPropose, PaxosRegister, PaxosRecoverScan, PaxosStatus, PaxosPrepare, PaxosAccept, PaxosPeek,
 )
 REGISTRY: Mapping[str, type] = {t.OP: t for t in REQUEST_TYPES}  # type: ignore[attr-defined]
 # The reply each op's handler answers with when it does not refuse (an ``ErrorReply``); None: the
@@ -440,7 +451,7 @@ REPLIES: Mapping[str, type | None] = {
     "config_get": ConfigGetReply, "config_push": ConfigPushReply, "mb_transfer": MbTransferReply,
     "mb_catchup": MbCatchupReply, "cp_propose": CpProposeReply, "paxos_register": PaxosRegisterReply,
     "paxos_recover_scan": PaxosRecoverScanReply, "paxos_status": PaxosStatusReply,
-    "paxos_prepare": None, "paxos_accept": None,
+    "paxos_prepare": None, "paxos_accept": None, "paxos_peek": None,
 }
 assert set(REPLIES) == set(REGISTRY), "every op has its reply named"
 
@@ -565,6 +576,20 @@ def _decode_accept(raw: Any) -> PaxosAccept:
     return PaxosAccept(_decode_paxos(raw, PaxosAccept.OP), _cv_of(raw, PaxosAccept.OP))
 
 
+def _encode_peek(m: PaxosPeek) -> Message:
+    return _stamped(paxos_wire.peek_message(m.key, m.token, m.group), m.cv)
+
+
+def _decode_peek(raw: Any) -> PaxosPeek:
+    if not isinstance(raw, dict):
+        raise MessageError(PaxosPeek.OP, "a message is a map")
+    try:
+        key, token, group = paxos_wire.parse_peek({**raw, "op": PaxosPeek.OP})
+    except (ValueError, TypeError) as exc:
+        raise MessageError(PaxosPeek.OP, str(exc)) from None
+    return PaxosPeek(key, token, group, _cv_of(raw, PaxosPeek.OP))
+
+
 def _encode_level(m: AeLevel) -> Message:
     return _stamped({"op": AeLevel.OP, **m.request.to_wire()}, m.cv)
 
@@ -595,6 +620,7 @@ def _decode_buckets(raw: Any) -> AeBuckets:
 _ADAPTERS: dict[type, tuple[Callable[[Any], Message], Callable[[Any], Any]]] = {
     PaxosPrepare: (_encode_prepare, _decode_prepare),
     PaxosAccept: (_encode_accept, _decode_accept),
+    PaxosPeek: (_encode_peek, _decode_peek),
     AeLevel: (_encode_level, _decode_level),
     AeBuckets: (_encode_buckets, _decode_buckets),
 }

@@ -40,6 +40,37 @@ prepare requires a ballot *strictly* greater than the promise).
 
 The one-round-trip fast path (paper §2.2.1) is described in ``on_accept``.
 
+**Quorum reads without a write round** (``on_peek``, ``agreed_reads``).  The paper's read is the
+identity change: a full round that re-commits the state, an fsync per acceptor.  We add a
+read-only *peek*: each acceptor reports its accepted ballot and state and changes nothing (no
+promise, no fsync).  If a majority reports the *same* accepted ballot ``b`` (each from its own
+vote, see below), the peek answers ``b``'s state; otherwise the proposer falls back to the full
+round.  This is the quorum-read argument of *Linearizable Quorum Reads in Paxos* (Charapko,
+Ailijiang, Demirbas, HotStorage 2019) in the simple form where the replies must already agree
+(no "rinse" phase: disagreement falls back to a CASPaxos round).  Why it is linearizable:
+
+1. *The state is chosen.*  A majority M accepted ``(b, v)`` (a reply is sent after its state is
+   durable, and acceptors never forget), which is Paxos's definition of ``v`` chosen at ``b``: by
+   the classic invariant every proposal at a higher ballot builds on ``v``, so ``v`` is never
+   lost, whatever happens after the read.  A value a *minority* accepted (a proposer that died
+   mid-accept) can appear in at most a minority of replies, so a peek never returns it: it may
+   still be superseded, and returning it is exactly what the paper's re-commit prevents.
+2. *It is not stale.*  Let a change ``w`` complete before the read is invoked: a majority M'
+   accepted its ballot ``b' `` before that.  M and M' share an acceptor, whose peek was answered
+   after the invocation, so it reports an accepted ballot >= ``b' ``; all of M report ``b``, so
+   ``b >= b' ``: ``v`` is ``w``'s state or one built on it.
+3. *Reads are ordered.*  If read R1 completed (returning the state chosen at ``b1``) before read
+   R2 was invoked, R2's majority shares an acceptor with R1's, which reports at least ``b1``.
+
+The read's linearization point is its last counted reply.  Only acceptors' *own* votes count:
+an acceptor that lost its storage rebuilds each key's state by merging its peers' states
+(``merge_states``), and may then report an accepted ballot that only a minority ever voted for
+-- possibly below a promise its lost incarnation gave -- so a merged state is flagged
+``absorbed`` and its peek replies never count towards agreement (they still make the replies
+disagree).  A peek counts the same quorums as a round (a majority of each acceptor set while
+the key's replicas move) and is stamped and fenced like a prepare, so it sees what a prepare
+at that moment would see.  Safety never depends on who runs the peek or on any lease.
+
 An addition to the paper: each accepted state carries its *lineage*, the ballots at which
 its last few changes were made (see ``change_status``).  It lets a proposer whose accept
 reached only some acceptors find out, on retry, whether its change is already part of the
@@ -228,6 +259,7 @@ class AcceptorState:
     ``promised``: the highest ballot this acceptor promised (it takes part in no lower ballot).
     ``accepted``/``value``/``lineage``: the last accepted ballot, the register state accepted
     with it and that state's lineage; None (and empty) until the first accept.
+    ``absorbed``: that accepted state came from a merge (recovery), not from a vote here.
     Invariant: ``accepted <= promised`` (an accept also promises its own ballot).
     """
 
@@ -235,6 +267,9 @@ class AcceptorState:
     accepted: Ballot | None = None
     value: RegisterValue | None = None
     lineage: Lineage = ()
+    # The accepted state was merged in from other acceptors (recovery), not voted here: a peek
+    # must not count it (see "Quorum reads" above).  Cleared by this acceptor's next accept.
+    absorbed: bool = False
 
     def __post_init__(self) -> None:
         assert (self.accepted is None) == (self.value is None), "a value is accepted with a ballot"
@@ -245,17 +280,17 @@ class AcceptorState:
 
     def encode(self) -> bytes:
         wire_value = None if self.value is None else [self.value.value]
-        return msgpack.packb(
-            {
-                "f": _STATE_FORMAT,
-                "p": ballot_to_wire(self.promised),
-                "a": ballot_to_wire(self.accepted),
-                # [bytes | None] when something was accepted (None inside = absent), else None.
-                "v": wire_value,
-                "l": lineage_to_wire(self.lineage),
-            },
-            use_bin_type=True,
-        )
+        obj: dict[str, Any] = {
+            "f": _STATE_FORMAT,
+            "p": ballot_to_wire(self.promised),
+            "a": ballot_to_wire(self.accepted),
+            # [bytes | None] when something was accepted (None inside = absent), else None.
+            "v": wire_value,
+            "l": lineage_to_wire(self.lineage),
+        }
+        if self.absorbed:
+            obj["x"] = True  # only when set: states written before the flag existed decode as votes
+        return msgpack.packb(obj, use_bin_type=True)
 
     @staticmethod
     def decode(blob: bytes) -> AcceptorState:
@@ -281,7 +316,10 @@ class AcceptorState:
             lineage = lineage_from_wire(obj.get("l"))
             if lineage and accepted is None:
                 raise ValueError("lineage without an accepted value")
-            return AcceptorState(promised, accepted, value, lineage)
+            absorbed = obj.get("x", False)
+            if not isinstance(absorbed, bool):
+                raise ValueError("malformed absorbed flag")
+            return AcceptorState(promised, accepted, value, lineage, absorbed)
         except CorruptState:
             raise
         except Exception as exc:  # msgpack raises several unrelated types on garbage
@@ -307,6 +345,17 @@ class Accepted:
 
     ballot: Ballot
     promised_next: Ballot | None
+
+
+@dataclass(frozen=True, slots=True)
+class Observed:
+    """A peek's answer: the acceptor's accepted ballot, state and lineage, changed nothing.
+    ``voted``: that state is this acceptor's own vote (False for a state merged in by recovery)."""
+
+    accepted: Ballot | None
+    value: RegisterValue | None
+    lineage: Lineage = ()
+    voted: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -341,6 +390,49 @@ def on_prepare(state: AcceptorState, ballot: Ballot) -> tuple[AcceptorState, Pre
     conflict = _highest(state)
     assert conflict is not None and conflict >= ballot
     return state, Rejected(conflict)
+
+
+def on_peek(state: AcceptorState) -> Observed:
+    """A read-only look at an acceptor's state (see "Quorum reads" in the module docstring):
+    nothing changes, so nothing is persisted."""
+    return Observed(state.accepted, state.value, state.lineage, voted=not state.absorbed)
+
+
+def agreed_read(
+    replies: Iterable[tuple[str, Observed]], sets: tuple[tuple[str, ...], ...]
+) -> Observed | None:
+    """The state a majority of every acceptor set reports as accepted at one ballot, each from its
+    own vote; None if there is none (yet).  ``replies`` are (acceptor, its peek answer)."""
+    from kvstore.protocol.membership import quorum_reached  # membership imports this module
+
+    by_ballot: dict[Ballot | None, set[str]] = {}
+    first: dict[Ballot | None, Observed] = {}
+    for acceptor, observed in replies:
+        if not observed.voted:
+            continue
+        by_ballot.setdefault(observed.accepted, set()).add(acceptor)
+        seen = first.setdefault(observed.accepted, observed)
+        # One ballot carries one state (ballots are unique and accepts are strict).
+        assert (seen.value, seen.lineage) == (observed.value, observed.lineage), "two values accepted at one ballot"
+    for ballot, acceptors in by_ballot.items():
+        if quorum_reached(acceptors, sets):
+            return first[ballot]
+    return None
+
+
+def agreement_possible(
+    replies: Iterable[tuple[str, Observed]], waiting: Iterable[str], sets: tuple[tuple[str, ...], ...]
+) -> bool:
+    """Whether the acceptors still to answer could still make ``agreed_read`` succeed."""
+    from kvstore.protocol.membership import quorum_possible
+
+    waiting_set = set(waiting)
+    by_ballot: dict[Ballot | None, set[str]] = {}
+    for acceptor, observed in replies:
+        if observed.voted:
+            by_ballot.setdefault(observed.accepted, set()).add(acceptor)
+    candidates = [*by_ballot.values(), set()]  # set(): a ballot none of the answers reported yet
+    return any(quorum_possible(acceptors, waiting_set, sets) for acceptors in candidates)
 
 
 def on_accept(
@@ -406,7 +498,8 @@ def merge_states(a: AcceptorState, b: AcceptorState) -> AcceptorState:
     that a counted quorum relied on is then dominated (see ``kvstore.runtime.register_recovery``), and every
     (ballot, state) it reports was really accepted at that ballot by someone, which is all phase 1
     needs.  Commutative, associative, idempotent.  Raises ``ValueError`` when the two states
-    claim different values at one ballot (impossible between correct acceptors).
+    claim different values at one ballot (impossible between correct acceptors).  The result is
+    not flagged ``absorbed``: the merging acceptor sets that flag (``PaxosAcceptor.absorb``).
     """
     promises = [x for x in (a.promised, b.promised) if x is not None]
     promised = max(promises) if promises else None

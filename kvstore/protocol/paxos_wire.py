@@ -22,6 +22,10 @@ Messages::
             "group": [member, ...]}
     reply: {"ok": True, "promised_next": [counter, node] | None, "inc": str, "view": {member: str}}
          | {"ok": False, "conflict": [counter, node]}
+  peek:    {"op": "paxos_peek", "key": str, "token": int, "group": [member, ...]}  (changes nothing)
+    reply: {"ok": True, "accepted": [counter, node] | None, "value": bytes | None,
+            "lineage": [[counter, node], ...], "absorbed": bool (merged in by recovery, not a vote),
+            "inc": str, "view": {member: str}}
 
 "inc" is the answering acceptor's incarnation, "view" the incarnations it has registered for
 the other members of "group" (``kvstore.runtime.register_recovery``); both absent when it has no identity.
@@ -41,6 +45,7 @@ from kvstore.protocol.paxos import (
     Accepted,
     Ballot,
     Lineage,
+    Observed,
     Promise,
     RegisterValue,
     Rejected,
@@ -53,6 +58,7 @@ from kvstore.transport.base import Message
 
 OP_PREPARE = "paxos_prepare"
 OP_ACCEPT = "paxos_accept"
+OP_PEEK = "paxos_peek"
 RECOVERING = "recovering"  # error code: the acceptor lost its storage and has not recovered yet
 
 MAX_GROUP = 64  # acceptors named in one message (a key has N of them)
@@ -93,6 +99,26 @@ def accept_message(
     if group:
         message["group"] = list(group)
     return message
+
+
+def peek_message(key: str, token: int, group: Iterable[str] = ()) -> Message:
+    message: Message = {"op": OP_PEEK, "key": key, "token": token}
+    if group:
+        message["group"] = list(group)
+    return message
+
+
+def parse_peek(message: Message) -> tuple[str, int, tuple[str, ...]]:
+    """Parse a peek (untrusted): (key, token, group); raises ``PaxosMessageError``."""
+    if message.get("op") != OP_PEEK:
+        raise PaxosMessageError(f"not a peek: {message.get('op')!r}")
+    key = message.get("key")
+    token = message.get("token")
+    if not isinstance(key, str):
+        raise PaxosMessageError("key must be a string")
+    if not isinstance(token, int) or isinstance(token, bool):
+        raise PaxosMessageError("token must be an integer")
+    return key, token, _parse_group(message.get("group"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,9 +179,17 @@ def _bytes_or_none(obj: Any, what: str) -> bytes | None:
 # --- replies -----------------------------------------------------------------------------------
 
 
-def reply_to_wire(reply: Promise | Accepted | Rejected) -> Message:
+def reply_to_wire(reply: Promise | Accepted | Rejected | Observed) -> Message:
     """An acceptor's answer (without the incarnation tags, which the acceptor adds)."""
     match reply:
+        case Observed(accepted=accepted, value=value, lineage=lineage, voted=voted):
+            return {
+                "ok": True,
+                "accepted": ballot_to_wire(accepted),
+                "value": None if value is None else value.value,
+                "lineage": lineage_to_wire(lineage),
+                "absorbed": not voted,
+            }
         case Promise(accepted=accepted, value=value, lineage=lineage):
             return {
                 "ok": True,
@@ -186,6 +220,25 @@ def parse_prepare_reply(reply: Message, ballot: Ballot) -> Promise | Rejected:
     if reply.get("ok") is False:
         return Rejected(Ballot.from_wire(reply.get("conflict")))
     raise ValueError(f"malformed prepare reply {reply!r}")
+
+
+def parse_peek_reply(reply: Message) -> Observed:
+    """Parse a peer's answer to our peek (untrusted); ``ValueError`` when malformed."""
+    if reply.get("ok") is not True:
+        raise ValueError(f"malformed peek reply {reply!r}")
+    absorbed = reply.get("absorbed", False)
+    if not isinstance(absorbed, bool):
+        raise ValueError("absorbed must be a boolean")
+    accepted = ballot_from_wire(reply.get("accepted"))
+    raw = _bytes_or_none(reply.get("value"), "value")
+    if accepted is None:
+        return Observed(None, None, (), voted=not absorbed)
+    if "value" not in reply:
+        raise ValueError("a peek reply with an accepted ballot must carry its value")
+    lineage = lineage_from_wire(reply.get("lineage"))
+    if lineage and lineage[0] > accepted:
+        raise ValueError("a state's latest change cannot be newer than its accepted ballot")
+    return Observed(accepted, RegisterValue.of(raw), lineage, voted=not absorbed)
 
 
 def parse_accept_reply(reply: Message, ballot: Ballot) -> Accepted | Rejected:

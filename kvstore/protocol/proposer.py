@@ -86,6 +86,17 @@ full protocol.  A fast accept reaches the local acceptor only after a peer took 
 the local acceptor answers first and is the likeliest to hold a stale fast-path
 promise, and a stale partial accept would be hard to trace on retry.
 
+**Quorum reads** (``ProposerConfig.peek_reads``).  A read first sends a *peek* to every
+replica: a read-only look at the acceptor's accepted state (no promise, no fsync).  If a
+majority of every acceptor set reports one accepted ballot, each from its own vote, that state
+is chosen and no later change had completed when the read began, so the read answers it: 1
+round trip, no fsync, no promise taken -- the key's fast-path promise stays valid (the
+argument is in ``kvstore.protocol.paxos``, "Quorum reads").  If the first quorum of replies does
+not agree (a change in flight, a lagging or recovered acceptor), the read falls back to the full protocol
+below (the identity change, re-committed), or, with ``fallback=False``, fails with
+``PeekInconclusive`` (certain: a read changes nothing) so that its caller can hand it to the
+key's proposer.  A peek needs no ballot and no lease: any node may run one.
+
 **Outcomes.**  ``Done`` carries a ``ProposeResult``; a failed precondition is a
 *successful* proposal re-committing the unchanged value (a linearizable
 observation).  ``Failed`` carries ``ConsensusUnavailable``, *indeterminate* iff an
@@ -128,10 +139,14 @@ from kvstore.protocol.paxos import (
     Change,
     ChangeOutcome,
     Lineage,
+    Observed,
     OutcomeStatus,
     Promise,
+    Read,
     RegisterValue,
     Rejected,
+    agreed_read,
+    agreement_possible,
     apply_change,
     backoff_s,
     change_status,
@@ -145,8 +160,10 @@ from kvstore.protocol.paxos_wire import (
     RECOVERING,
     accept_message,
     parse_accept_reply,
+    parse_peek_reply,
     parse_prepare_reply,
     parse_tags,
+    peek_message,
     prepare_message,
 )
 from kvstore.transport.base import Message
@@ -169,6 +186,11 @@ class ConsensusUnavailable(QuorumUnavailable):
         self.reason = reason
 
 
+class PeekInconclusive(ConsensusUnavailable):
+    """A peek-only read (``fallback=False``) whose replies did not agree: nothing was decided,
+    nothing changed (never indeterminate); the full protocol may still answer it."""
+
+
 @dataclass(frozen=True, slots=True)
 class ProposeResult:
     """A committed proposal.  ``value`` is the register state after it (never None: an absent
@@ -188,6 +210,8 @@ class ProposerStats:
     retries: int = 0
     fast_path_hits: int = 0  # fast accept committed
     fast_path_misses: int = 0  # fast accept rejected: fell back to the full protocol
+    peek_hits: int = 0  # reads answered by a peek (1 round trip, no fsync)
+    peek_misses: int = 0  # peeks whose replies did not agree (fell back, or inconclusive)
     overloaded: int = 0
 
 
@@ -312,6 +336,7 @@ class ProposerConfig:
     backoff_cap_s: float = 0.2
     fast_path: bool = True
     clock_ballots: bool = True
+    peek_reads: bool = True
 
     def __post_init__(self) -> None:
         assert self.max_attempts >= 1 and self.backoff_base_s >= 0 and self.backoff_cap_s >= 0
@@ -333,8 +358,8 @@ class _Pending:
 
 @dataclass
 class _Round:
-    phase: Literal["prepare", "accept"]
-    ballot: Ballot
+    phase: Literal["prepare", "accept", "peek"]
+    ballot: Ballot | None  # None for a peek
     message: Message
     undecided: dict[int, str] = field(default_factory=dict)  # call -> peer, in send order
     deferred: str | None = None  # sent only once another replica said ok
@@ -404,8 +429,13 @@ class ProposerCore:
         *,
         acceptor_sets: tuple[tuple[str, ...], ...] | None = None,
         stamp: Message | None = None,
+        fallback: bool = True,
+        peek: bool = True,
     ) -> None:
-        """``acceptor_sets`` (default: ``replicas`` alone) are the sets each phase needs a majority
+        """``fallback=False``: a read whose peek is inconclusive fails with ``PeekInconclusive``
+        instead of running the full protocol (see the module docstring).  ``peek=False``: a read
+        runs the full protocol and so re-commits the state (membership catch-up needs exactly
+        that: the state accepted anew by joint quorums).  ``acceptor_sets`` (default: ``replicas`` alone) are the sets each phase needs a majority
         of: during a membership change the key's old and new acceptor sets (joint consensus,
         ``kvstore.protocol.membership``); ``replicas`` must be their union.  ``stamp`` is merged
         into every prepare and accept (``{"cv": version}``: the configuration version the sets were
@@ -427,6 +457,8 @@ class ProposerCore:
         self.sets = sets
         self.joint = len(sets) > 1
         self.stamp: Message = dict(stamp or {})
+        self.fallback = fallback
+        self.peek = peek and config.peek_reads
         # For reporting only (the error's ``needed``): a joint quorum is a majority of each set.
         self.need = majority(len(replicas)) if not self.joint else sum(majority(len(s)) for s in sets)
         self.attempt = 0
@@ -447,6 +479,8 @@ class ProposerCore:
     def start(self, at: Instant) -> list[Effect]:
         assert not self._started, "a core runs one proposal"
         self._started = True
+        if isinstance(self.change, Read) and self.peek:
+            return self._peek(at)  # the fast-path entry is left for the next change (or a fallback)
         # Popped here, before any effect: a concurrent proposal on this node cannot take it too.
         self._fast = self.state.take_fast(self.key, self.group, self.sets if self.joint else ())
         return self._attempt(at)
@@ -506,6 +540,30 @@ class ProposerCore:
         message = {**prepare_message(self.key, self.token, ballot, self.group), **self.stamp}
         return self._start_round("prepare", ballot, message)
 
+    def _peek(self, at: Instant) -> list[Effect]:
+        if self._remaining_ns(at) <= 0:
+            return self._fail(False, "timed out before the read started")
+        self.round_trips += 1
+        message = {**peek_message(self.key, self.token, self.group), **self.stamp}
+        return self._start_round("peek", None, message)
+
+    def _after_peek(self, r: _Round, at: Instant) -> list[Effect]:
+        self.acknowledged = len(r.oks)
+        agreed = agreed_read(r.ok_peers, self.sets)
+        if agreed is not None:
+            self.stats.peek_hits += 1
+            self.finished = True
+            value = ABSENT if agreed.value is None else agreed.value
+            return [Done(ProposeResult(value, "ok", value.etag, self.round_trips))]
+        self.stats.peek_misses += 1
+        self.reason = f"{r.reason(self.need)}, no majority reported one accepted state"
+        if not self.fallback:
+            self.finished = True
+            return [Failed(PeekInconclusive(self.need, self.acknowledged, False, self.reason))]
+        # Taken only now: a read answered by its peek leaves the key's promise for the next change.
+        self._fast = self.state.take_fast(self.key, self.group, self.sets if self.joint else ())
+        return self._attempt(at)
+
     def _after_prepare(self, r: _Round, at: Instant) -> list[Effect]:
         oks = r.oks
         self.acknowledged = len(oks)
@@ -527,6 +585,7 @@ class ProposerCore:
                 "an attempt of this request was partially accepted and too many changes "
                 "followed to tell whether it took effect",
             )
+        assert r.ballot is not None
         return self._accept(at, r.ballot, current, lineage, found[0] if found else None, used_fast=False)
 
     def _accept(
@@ -593,6 +652,7 @@ class ProposerCore:
         if plan.applied is None and plan.new_value != plan.current and (r.replies or r.maybe_delivered):
             # Some acceptor may hold the changed value: anyone's phase 1 may still pick it up.
             # Remember its origin so that a retry can tell whether it took effect.
+            assert r.ballot is not None
             self.pending[r.ballot] = _Pending(plan.new_value, plan.outcome, plan.parent)
         return self._retry(at)
 
@@ -618,7 +678,11 @@ class ProposerCore:
     # --- rounds ---------------------------------------------------------------------------
 
     def _start_round(
-        self, phase: Literal["prepare", "accept"], ballot: Ballot, message: Message, defer: str | None = None
+        self,
+        phase: Literal["prepare", "accept", "peek"],
+        ballot: Ballot | None,
+        message: Message,
+        defer: str | None = None,
     ) -> list[Effect]:
         assert self._round is None and (defer is None or defer in self.group)
         r = self._round = _Round(phase, ballot, message, deferred=defer)
@@ -640,9 +704,13 @@ class ProposerCore:
         try:
             if not isinstance(reply, dict) or reply.get("error"):
                 raise ValueError(f"error reply {reply!r}")
-            parsed: Promise | Accepted | Rejected = (
-                parse_prepare_reply(reply, r.ballot) if r.phase == "prepare" else parse_accept_reply(reply, r.ballot)
-            )
+            parsed: Promise | Accepted | Rejected | Observed
+            if r.ballot is None:
+                parsed = parse_peek_reply(reply)
+            elif r.phase == "prepare":
+                parsed = parse_prepare_reply(reply, r.ballot)
+            else:
+                parsed = parse_accept_reply(reply, r.ballot)
             incarnation, view = parse_tags(reply)
         except ValueError:
             # Malformed or an error: it may have been applied before the answer went wrong.
@@ -659,8 +727,17 @@ class ProposerCore:
         """After an answer: end the round if it is decided, else maybe send the deferred accept."""
         r = self._round
         assert r is not None
-        acked = {peer for peer, _ in r.ok_peers}
         outstanding = set(r.undecided.values()) | ({r.deferred} if r.deferred is not None else set())
+        if r.phase == "peek":
+            # Decided once a quorum answered (agreeing or not): waiting for more replies could
+            # only wait on an unreachable replica until the deadline, leaving no time to fall back.
+            peeked = r.ok_peers
+            if quorum_reached({peer for peer, _ in peeked}, self.sets) or not agreement_possible(
+                peeked, outstanding, self.sets
+            ):
+                return self._end_round(at)
+            return []
+        acked = {peer for peer, _ in r.ok_peers}
         if quorum_reached(acked, self.sets) or not quorum_possible(acked, outstanding, self.sets):
             return self._end_round(at)
         if r.deferred is not None and acked:
@@ -684,7 +761,12 @@ class ProposerCore:
             r.maybe_delivered += len(r.undecided)  # in flight: it may have been applied
             release.append(Abandon(tuple(r.undecided)))
         self._round = None
-        after = self._after_prepare(r, at) if r.phase == "prepare" else self._after_accept(r, at)
+        if r.phase == "peek":
+            after = self._after_peek(r, at)
+        elif r.phase == "prepare":
+            after = self._after_prepare(r, at)
+        else:
+            after = self._after_accept(r, at)
         # The documented order: sends, then this round's calls released, then timer / outcome.
         sends.extend(e for e in after if isinstance(e, Send))
         return [*sends, *release, *(e for e in after if not isinstance(e, Send))]

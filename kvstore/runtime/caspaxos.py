@@ -49,7 +49,8 @@ virtual-time event loop the whole proposer is deterministic from a seed.
 Outcomes, the retry/lineage rule and the fast path are described in
 ``kvstore.protocol.proposer``.  Round trips and fsyncs per operation: 2 RTT and 2 fsyncs
 per acceptor normally, 1 RTT and 1 fsync per acceptor on the fast path; every
-retry adds a full round.
+retry adds a full round.  A read whose quorum read (peek) agrees: 1 RTT, no fsync
+(the acceptor answers a peek under the key's lock, from durable state, writing nothing).
 
 Assumptions: the node's ``call`` raises ``PeerUnavailable``/``RemoteError``
 (or returns an error reply) on failure.
@@ -61,7 +62,7 @@ import asyncio
 import random
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from kvstore.clock import Clock
@@ -77,16 +78,19 @@ from kvstore.protocol.paxos import (
     Rejected,
     merge_states,
     on_accept,
+    on_peek,
     on_prepare,
 )
 from kvstore.protocol.paxos_wire import (
     MAX_GROUP,
     OP_ACCEPT,
+    OP_PEEK,
     OP_PREPARE,
     RECOVERING,
     PaxosMessageError,
     PaxosRequest,
     accept_message,
+    parse_peek,
     parse_request,
     prepare_message,
     reply_to_wire,
@@ -118,6 +122,7 @@ from kvstore.transport.base import Message, PeerUnavailable, RemoteError
 __all__ = [
     "MAX_GROUP",
     "OP_ACCEPT",
+    "OP_PEEK",
     "OP_PREPARE",
     "RECOVERING",
     "AcceptorGate",
@@ -150,6 +155,7 @@ class ConsensusOverloaded(Overloaded):
 class AcceptorStats:
     prepares: int = 0
     accepts: int = 0
+    peeks: int = 0  # read-only looks (quorum reads): no write
     rejects: int = 0
     writes: int = 0  # durable state writes (one fsync each under fsync="always")
     malformed: int = 0
@@ -193,11 +199,14 @@ class PaxosAcceptor:
         (including an undecodable stored state) raise ``StorageError`` -- never a reply that
         could forget a promise."""
         try:
-            request = parse_request(message)
+            request: PaxosRequest | tuple[str, int, tuple[str, ...]] = (
+                parse_peek(message) if message.get("op") == OP_PEEK else parse_request(message)
+            )
         except (PaxosMessageError, ValueError) as exc:
             self.stats.malformed += 1
             return {"error": "bad_request", "message": str(exc), "remote_error": True}
-        if self.gate is not None and not self.gate.votable(request.token):
+        token = request[1] if isinstance(request, tuple) else request.token
+        if self.gate is not None and not self.gate.votable(token):
             # Our storage was lost and this key's range is not recovered yet: a vote from empty
             # state could contradict a promise or accept the lost state held.
             self.stats.refused_recovering += 1
@@ -206,6 +215,8 @@ class PaxosAcceptor:
                 "message": "this acceptor lost its storage and is recovering the key's state from its peers",
                 "remote_error": True,
             }
+        if isinstance(request, tuple):
+            return await self._peek(*request)
         # Shielded: if the caller gives up (a cancelled straggler, a local call abandoned at the
         # deadline), the read-modify-write still finishes under the lock.  Without this, a put
         # still running in a storage thread could land after a later message's put and roll back
@@ -244,6 +255,21 @@ class PaxosAcceptor:
                 wire["view"] = self.gate.view(request.group)
             return wire
 
+    async def _peek(self, key: str, token: int, group: tuple[str, ...]) -> Message:
+        """A read-only look at the key's state (``paxos.on_peek``): no write, no fsync.
+
+        Under the key's lock, so it is ordered with the votes on the key: it reports the state
+        of every vote already answered, and only durable state (a vote's state is stored before
+        the lock is released)."""
+        async with self.locks.hold(key):
+            state = await self.load(key, token)
+            self.stats.peeks += 1
+            wire = reply_to_wire(on_peek(state))
+            if self.gate is not None:
+                wire["inc"] = self.gate.incarnation
+                wire["view"] = self.gate.view(group)
+            return wire
+
     async def absorb(self, key: str, token: int, remote: AcceptorState) -> bool:
         """Merge another acceptor's state for a key into ours (recovery); True if it changed.
 
@@ -257,6 +283,9 @@ class PaxosAcceptor:
         async with self.locks.hold(key):
             local = await self.load(key, token)
             merged = merge_states(local, remote)
+            # A state taken from a peer is not a vote of ours: peeks must not count it
+            # (kvstore.protocol.paxos, "Quorum reads").  A state we voted for stays a vote.
+            merged = replace(merged, absorbed=merged.accepted != local.accepted or local.absorbed)
             if merged == local:
                 return False
             await self.storage.put(key, token, merged.encode())
@@ -299,6 +328,7 @@ class PaxosProposer:
         fast_path: bool = True,
         clock_ballots: bool = True,
         fast_path_capacity: int = 10_000,
+        peek_reads: bool = True,
         sleep: Sleep = asyncio.sleep,
     ) -> None:
         assert node_id and max_attempts >= 1 and max_in_flight >= 1 and fast_path_capacity >= 0
@@ -312,6 +342,7 @@ class PaxosProposer:
             backoff_cap_s=backoff_cap_s,
             fast_path=fast_path,
             clock_ballots=clock_ballots,
+            peek_reads=peek_reads,
         )
         self.max_in_flight = max_in_flight
         self.sleep = sleep
@@ -332,11 +363,15 @@ class PaxosProposer:
         *,
         acceptor_sets: tuple[tuple[str, ...], ...] | None = None,
         stamp: Message | None = None,
+        fallback: bool = True,
+        peek: bool = True,
     ) -> ProposeResult:
         """Linearizably apply ``change`` to ``key``'s register replicated on ``replicas``.
 
         ``acceptor_sets`` and ``stamp``: joint consensus during a membership change
-        (``ProposerCore``); by default a majority of ``replicas``, unstamped.
+        (``ProposerCore``); by default a majority of ``replicas``, unstamped.  ``fallback=False``:
+        a read whose quorum read is inconclusive raises ``PeekInconclusive`` (nothing changed);
+        ``peek=False``: a read runs the full protocol (it re-commits the state).
         Raises ``ConsensusUnavailable`` (see ``indeterminate``) or ``ConsensusOverloaded``.
         """
         assert replicas and len(set(replicas)) == len(replicas), "replicas must be distinct"
@@ -350,7 +385,7 @@ class PaxosProposer:
             deadline_ns = self.clock.monotonic_ns() + int(timeout_s * 1e9)
             core = ProposerCore(
                 self.state, self.config, self.rng, key, token, tuple(replicas), change, deadline_ns, self.stats,
-                acceptor_sets=acceptor_sets, stamp=stamp,
+                acceptor_sets=acceptor_sets, stamp=stamp, fallback=fallback, peek=peek,
             )
             result = await self._drive(core)
         except ConsensusUnavailable:

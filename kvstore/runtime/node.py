@@ -84,7 +84,7 @@ log = logging.getLogger(__name__)
 # Requests stamped with an older configuration version than the receiver's are refused
 # (``stale_config``): they were planned on a placement that no longer holds.
 FENCED_OPS = frozenset(
-    {"replica_put", "replica_get", "coordinate_write", "paxos_prepare", "paxos_accept", "cp_propose"}
+    {"replica_put", "replica_get", "coordinate_write", "paxos_prepare", "paxos_accept", "paxos_peek", "cp_propose"}
 )
 
 

@@ -343,7 +343,8 @@ class Reconfiguration:
 
         async def recommit(key: str) -> None:
             async with slots:
-                await register.propose_here(key, Read(), REGISTER_TIMEOUT_S)
+                # peek=False: a full round, so the state is accepted anew by joint quorums.
+                await register.propose_here(key, Read(), REGISTER_TIMEOUT_S, peek=False)
 
         results = await asyncio.gather(*(recommit(k) for k in moving[:CATCHUP_MAX_KEYS]), return_exceptions=True)
         failed = [k for k, r in zip(moving, results, strict=False) if isinstance(r, BaseException)]

@@ -10,7 +10,11 @@ answer, so on the minority side of a partition a request fails with 503
 Every proposal for a key is run by the key's *first primary believed up*: a
 receiving node that is not that primary forwards the operation (one extra hop),
 so one proposer keeps the key's one-round-trip fast path across requests.  Any
-node could propose safely; this is only about latency.  If the forward may have
+node could propose safely; this is only about latency (two nodes that both believe
+they lead a key are safe, they only invalidate each other's fast path).  A read
+received by another replica of the key is first a *quorum read* from there (a peek
+at every replica, no write: ``kvstore.protocol.proposer``); only if the replies do
+not agree is it forwarded.  If the forward may have
 reached the proposer and no answer came back, a change is reported as
 indeterminate (it may still take effect), a read as a plain failure.
 
@@ -46,6 +50,7 @@ from kvstore.errors import (
 )
 from kvstore.protocol import versions
 from kvstore.protocol.paxos import Change, CompareAndSet, Delete, PutIfAbsent, Read, Write
+from kvstore.protocol.proposer import PeekInconclusive
 from kvstore.protocol.ring import TOKEN_MIN, key_token
 from kvstore.runtime.caspaxos import PaxosAcceptor, PaxosProposer
 from kvstore.runtime.node import FORWARD_MARGIN_MS, Node, _error_from_body, _error_from_remote
@@ -113,6 +118,7 @@ class LinearizableRegister:
         return {
             "paxos_prepare": self.on_paxos,
             "paxos_accept": self.on_paxos,
+            "paxos_peek": self.on_paxos,
             "cp_propose": self.on_cp_propose,
             OP_REGISTER: self.recovery.on_register,
             OP_RECOVER_SCAN: self.recovery.on_scan,
@@ -151,7 +157,9 @@ class LinearizableRegister:
 
     # --- proposing ------------------------------------------------------------------------
 
-    async def propose_here(self, key: str, change: Change, timeout_s: float) -> dict[str, Any]:
+    async def propose_here(
+        self, key: str, change: Change, timeout_s: float, *, fallback: bool = True, peek: bool = True
+    ) -> dict[str, Any]:
         node = self.node
         token = key_token(key)
         # The acceptor sets of the membership in force: while the key's replicas move, a majority of
@@ -169,7 +177,8 @@ class LinearizableRegister:
         if blob is not None and not versions.decode(blob).is_deleted:
             raise ConsistencyConflict(AP_CONFLICT)
         result = await self.proposer.propose(
-            key, token, replicas, change, timeout_s, acceptor_sets=acceptor_sets, stamp={"cv": version}
+            key, token, replicas, change, timeout_s, acceptor_sets=acceptor_sets, stamp={"cv": version},
+            fallback=fallback, peek=peek,
         )
         node.metrics.paxos_rounds.inc(result.round_trips)
         return {
@@ -207,6 +216,15 @@ class LinearizableRegister:
         if len(up) < majority:
             raise QuorumUnavailable(majority, len(up), indeterminate=False,
                                     detail="fewer than a majority of the key's replicas are believed up")
+        if is_read and node.node_id in up[1:] and self.proposer.config.peek_reads:
+            # A quorum read needs no proposer (kvstore.protocol.proposer, "Quorum reads"): peek from
+            # here, and hand the read to the key's proposer only if the replies did not agree.  Only
+            # from a replica: the mixed-mode guard looks at this node's own eventual record, which
+            # only a replica of the key has (a non-replica forwards, as before).
+            try:
+                return await self.propose_here(key, change, deadline - node.now_s(), fallback=False)
+            except PeekInconclusive:
+                pass  # certain: a peek changes nothing; the proposer runs the full read below
         for primary in up:
             remaining = deadline - node.now_s()
             if remaining <= 0:
