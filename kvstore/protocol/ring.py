@@ -35,7 +35,8 @@ Guarantees:
 * O(log V*M) lookup: a bisection on a sorted token list, then the walk from that vnode,
   computed once and kept in a bounded cache (``walk_cache_size`` vnodes, least recently
   used out).  A ring never changes in place: a membership change builds a new ``Ring``,
-  so a cached walk can never answer for another member set.
+  so a cached walk can never answer for another member set.  The range lists
+  (``ranges``, ``ranges_of``: anti-entropy's every round) are computed once per ring too.
 
 Assumes the member list (and machines) is the same on every node: the membership version
 in force (kvstore.protocol.membership), whose ``Placement`` holds one ring per member set.
@@ -121,6 +122,10 @@ class Ring:
         # is bounded (a 64-member ring of 4096 vnodes would otherwise hold 262,144 walks).
         self._walk_cache_size = min(walk_cache_size, len(self._tokens))
         self._walk_cache: OrderedDict[int, tuple[str, ...]] = OrderedDict()
+        # Range lists by N and by (member, N): anti-entropy asks for its ranges every round, and a
+        # ring never changes, so each is computed once (at most members * (members + 1) lists).
+        self._ranges_cache: dict[int, tuple[TokenRange, ...]] = {}
+        self._ranges_of_cache: dict[tuple[str, int], tuple[TokenRange, ...]] = {}
 
     def machine_of(self, member: str) -> str:
         return self._machine_of[member]
@@ -192,15 +197,34 @@ class Ring:
 
     def ranges(self, n: int) -> list[TokenRange]:
         """Every vnode range with its N replicas, in ring order."""
-        count = len(self._tokens)
-        return [
-            TokenRange(self._tokens[i - 1] if i else self._tokens[-1], self._tokens[i], self._walk_at(i)[:n])
-            for i in range(count)
-        ]
+        cached = self._ranges_cache.get(n)
+        if cached is None:
+            cached = tuple(
+                TokenRange(self._tokens[i - 1] if i else self._tokens[-1], self._tokens[i], self._walk_at(i)[:n])
+                for i in range(len(self._tokens))
+            )
+            self._ranges_cache[n] = cached
+        return list(cached)
 
     def ranges_of(self, member: str, n: int) -> list[TokenRange]:
         """The ranges ``member`` replicates (as one of the N)."""
-        return [r for r in self.ranges(n) if member in r.owners]
+        cached = self._ranges_of_cache.get((member, n))
+        if cached is None:
+            cached = tuple(r for r in self.ranges(n) if member in r.owners)
+            self._ranges_of_cache[(member, n)] = cached
+        return list(cached)
+
+    def vnode_range_of(self, token: int) -> tuple[int, int]:
+        """The ``(start, end]`` of the vnode range holding ``token``."""
+        index = self._vnode_index(token)
+        return self._tokens[index - 1], self._tokens[index]  # index 0: wraps from the last token
+
+    def is_vnode_range(self, start: int, end: int) -> bool:
+        """Whether ``(start, end]`` is exactly one vnode's range of this ring."""
+        index = bisect_left(self._tokens, end)
+        if index == len(self._tokens) or self._tokens[index] != end:
+            return False
+        return self._tokens[index - 1] == start  # index 0: the range that wraps from the last token
 
     def ownership(self, n: int = 1) -> dict[str, float]:
         """Fraction of the ring each member replicates (n=1: as primary). Sums to n."""
