@@ -36,7 +36,8 @@ Guarantees:
   computed once and kept in a bounded cache (``walk_cache_size`` vnodes, least recently
   used out).  A ring never changes in place: a membership change builds a new ``Ring``,
   so a cached walk can never answer for another member set.  The range lists
-  (``ranges``, ``ranges_of``: anti-entropy's every round) are computed once per ring too.
+  (``ranges``, ``ranges_of``: anti-entropy's every round) are computed once per ring too,
+  and ``shared_ring`` hands every caller in a process one ring per member set.
 
 Assumes the member list (and machines) is the same on every node: the membership version
 in force (kvstore.protocol.membership), whose ``Placement`` holds one ring per member set.
@@ -58,6 +59,28 @@ DEFAULT_VNODES = 256
 # Walks cached per ring: every vnode of 16 members at 256 vnodes fits, so a node's ring is
 # computed once per vnode; bigger rings keep the most recently used.
 WALK_CACHE_SIZE = 4096
+
+
+SHARED_RINGS = 16  # rings kept by ``shared_ring`` (least recently used out)
+_shared_rings: OrderedDict[tuple[object, ...], Ring] = OrderedDict()
+
+
+def shared_ring(members: list[str], vnodes: int = DEFAULT_VNODES, machines: Mapping[str, str] | None = None) -> Ring:
+    """The ``Ring`` of this member set, built once per process and shared by every caller asking
+    for the same one (a ring never changes in place, and its answers depend only on these
+    arguments): a node rebuilds its placement at every start and membership change, and a
+    simulated cluster's nodes all build the same rings.  Bounded by ``SHARED_RINGS``."""
+    given = machines or {}
+    key = (tuple(sorted(members)), vnodes, tuple(given.get(m) or m for m in sorted(members)))
+    ring = _shared_rings.get(key)
+    if ring is None:
+        ring = Ring(members, vnodes, machines)
+        _shared_rings[key] = ring
+        while len(_shared_rings) > SHARED_RINGS:
+            _shared_rings.popitem(last=False)
+    else:
+        _shared_rings.move_to_end(key)
+    return ring
 
 
 def key_token(key: str) -> int:
