@@ -137,6 +137,9 @@ class PhiAccrualDetector:
         self._sum_squares_ns2 = 0
         self._last_heard_ns: int | None = None
         self._last_sampled_ns: int | None = None
+        # (mean + acceptable pause, floored std) of the window: phi is asked far more often than
+        # the window changes (every request's placement asks), so it is kept until the next sample.
+        self._phi_params: tuple[float, float] | None = None
 
     # --- observations ---------------------------------------------------------------------
 
@@ -149,6 +152,7 @@ class PhiAccrualDetector:
         return len(self._intervals_ns)
 
     def _push(self, interval_ns: int) -> None:
+        self._phi_params = None
         self._intervals_ns.append(interval_ns)
         self._sum_ns += interval_ns
         self._sum_squares_ns2 += interval_ns * interval_ns
@@ -204,9 +208,10 @@ class PhiAccrualDetector:
         if self._last_heard_ns is None:
             return 0.0
         elapsed_ms = max(0, now_ns - self._last_heard_ns) / NS_PER_MS
-        mean_ms = self.mean_ms() + self.acceptable_pause_ms
-        std_ms = max(self.std_ms(), self.min_std_ms)
-        return phi_normal(elapsed_ms, mean_ms, std_ms)
+        params = self._phi_params
+        if params is None:
+            params = self._phi_params = (self.mean_ms() + self.acceptable_pause_ms, max(self.std_ms(), self.min_std_ms))
+        return phi_normal(elapsed_ms, params[0], params[1])
 
     def is_available(self, now_ns: int) -> bool:
         return self.phi(now_ns) < self.threshold

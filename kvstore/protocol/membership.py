@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from kvstore.protocol.paxos import majority
-from kvstore.protocol.ring import Ring
+from kvstore.protocol.ring import Ring, shared_ring
 
 CONFIG_KEY = "\x00kvstore/cluster-config"  # client keys never hold a NUL (kv_api refuses them)
 MAX_MEMBERS = 64
@@ -293,8 +293,8 @@ class Placement:
         self.config = config
         self.replicas = replicas
         machines = config.machines
-        self.old_ring = Ring(list(config.old), vnodes, machines)
-        self.new_ring = self.old_ring if config.phase == "stable" else Ring(list(config.new), vnodes, machines)
+        self.old_ring = shared_ring(list(config.old), vnodes, machines)
+        self.new_ring = self.old_ring if config.phase == "stable" else shared_ring(list(config.new), vnodes, machines)
         assert replicas <= min(len(config.old), len(config.new)), "fewer members than replicas"
 
     @property

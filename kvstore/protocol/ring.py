@@ -35,7 +35,9 @@ Guarantees:
 * O(log V*M) lookup: a bisection on a sorted token list, then the walk from that vnode,
   computed once and kept in a bounded cache (``walk_cache_size`` vnodes, least recently
   used out).  A ring never changes in place: a membership change builds a new ``Ring``,
-  so a cached walk can never answer for another member set.
+  so a cached walk can never answer for another member set.  The range lists
+  (``ranges``, ``ranges_of``: anti-entropy's every round) are computed once per ring too,
+  and ``shared_ring`` hands every caller in a process one ring per member set.
 
 Assumes the member list (and machines) is the same on every node: the membership version
 in force (kvstore.protocol.membership), whose ``Placement`` holds one ring per member set.
@@ -57,6 +59,28 @@ DEFAULT_VNODES = 256
 # Walks cached per ring: every vnode of 16 members at 256 vnodes fits, so a node's ring is
 # computed once per vnode; bigger rings keep the most recently used.
 WALK_CACHE_SIZE = 4096
+
+
+SHARED_RINGS = 16  # rings kept by ``shared_ring`` (least recently used out)
+_shared_rings: OrderedDict[tuple[object, ...], Ring] = OrderedDict()
+
+
+def shared_ring(members: list[str], vnodes: int = DEFAULT_VNODES, machines: Mapping[str, str] | None = None) -> Ring:
+    """The ``Ring`` of this member set, built once per process and shared by every caller asking
+    for the same one (a ring never changes in place, and its answers depend only on these
+    arguments): a node rebuilds its placement at every start and membership change, and a
+    simulated cluster's nodes all build the same rings.  Bounded by ``SHARED_RINGS``."""
+    given = machines or {}
+    key = (tuple(sorted(members)), vnodes, tuple(given.get(m) or m for m in sorted(members)))
+    ring = _shared_rings.get(key)
+    if ring is None:
+        ring = Ring(members, vnodes, machines)
+        _shared_rings[key] = ring
+        while len(_shared_rings) > SHARED_RINGS:
+            _shared_rings.popitem(last=False)
+    else:
+        _shared_rings.move_to_end(key)
+    return ring
 
 
 def key_token(key: str) -> int:
@@ -121,6 +145,10 @@ class Ring:
         # is bounded (a 64-member ring of 4096 vnodes would otherwise hold 262,144 walks).
         self._walk_cache_size = min(walk_cache_size, len(self._tokens))
         self._walk_cache: OrderedDict[int, tuple[str, ...]] = OrderedDict()
+        # Range lists by N and by (member, N): anti-entropy asks for its ranges every round, and a
+        # ring never changes, so each is computed once (at most members * (members + 1) lists).
+        self._ranges_cache: dict[int, tuple[TokenRange, ...]] = {}
+        self._ranges_of_cache: dict[tuple[str, int], tuple[TokenRange, ...]] = {}
 
     def machine_of(self, member: str) -> str:
         return self._machine_of[member]
@@ -192,15 +220,34 @@ class Ring:
 
     def ranges(self, n: int) -> list[TokenRange]:
         """Every vnode range with its N replicas, in ring order."""
-        count = len(self._tokens)
-        return [
-            TokenRange(self._tokens[i - 1] if i else self._tokens[-1], self._tokens[i], self._walk_at(i)[:n])
-            for i in range(count)
-        ]
+        cached = self._ranges_cache.get(n)
+        if cached is None:
+            cached = tuple(
+                TokenRange(self._tokens[i - 1] if i else self._tokens[-1], self._tokens[i], self._walk_at(i)[:n])
+                for i in range(len(self._tokens))
+            )
+            self._ranges_cache[n] = cached
+        return list(cached)
 
     def ranges_of(self, member: str, n: int) -> list[TokenRange]:
         """The ranges ``member`` replicates (as one of the N)."""
-        return [r for r in self.ranges(n) if member in r.owners]
+        cached = self._ranges_of_cache.get((member, n))
+        if cached is None:
+            cached = tuple(r for r in self.ranges(n) if member in r.owners)
+            self._ranges_of_cache[(member, n)] = cached
+        return list(cached)
+
+    def vnode_range_of(self, token: int) -> tuple[int, int]:
+        """The ``(start, end]`` of the vnode range holding ``token``."""
+        index = self._vnode_index(token)
+        return self._tokens[index - 1], self._tokens[index]  # index 0: wraps from the last token
+
+    def is_vnode_range(self, start: int, end: int) -> bool:
+        """Whether ``(start, end]`` is exactly one vnode's range of this ring."""
+        index = bisect_left(self._tokens, end)
+        if index == len(self._tokens) or self._tokens[index] != end:
+            return False
+        return self._tokens[index - 1] == start  # index 0: the range that wraps from the last token
 
     def ownership(self, n: int = 1) -> dict[str, float]:
         """Fraction of the ring each member replicates (n=1: as primary). Sums to n."""

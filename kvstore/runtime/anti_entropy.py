@@ -13,8 +13,15 @@ level-by-level Merkle exchange of ``kvstore.protocol.merkle`` with a depth chose
 (about ``KEYS_PER_BUCKET`` keys per bucket; a depth-0 tree needs no level request, since the
 summary's hash is its root), then only the objects of differing keys: pulled from the peer,
 merged into our data store, and pushed back when the peer lacks the merge.  Trees are built
-from the *data* store only, from a fresh scan each round (hints are handed off, not
-anti-entropied).  The responder side keeps the tree a peer's exchange is walking for that
+from the *data* store only (hints are handed off, not anti-entropied).
+
+Summaries are cached.  Each vnode range's count, flat hash, tombstones (for the reaper) and,
+when few, leaves are kept (``SummaryCache``) and dropped when a write or delete lands in the
+range (the node's data store reports each by token: ``kvstore.storage.tracked``), when the ring
+changes, and after ``SUMMARY_MAX_ROUNDS`` rounds; a scan that a write raced is not kept.  So a
+round over unchanged ranges costs no scan and no hash, both for our own summaries and for the
+answers to a peer's; what is compared is exactly what a fresh scan would give.  A range that
+differs is rescanned for its exchange unless its leaves were kept.  The responder side keeps the tree a peer's exchange is walking for that
 exchange's deeper levels (bounded in number and age), so one exchange sees one snapshot.
 
 Rounds are periodic (every ``ap.anti_entropy_interval_s``, jittered by the node's injected
@@ -74,7 +81,8 @@ from kvstore.protocol.messages import (
     encode,
     serve,
 )
-from kvstore.protocol.ring import TokenRange, key_token
+from kvstore.protocol.ring import Ring, TokenRange, key_token
+from kvstore.protocol.versions import VersionedObject
 from kvstore.runtime.reaper import MAX_REAP_CANDIDATES, ReapCandidate, TombstoneReaper
 from kvstore.runtime.repair_messages import (
     MESSAGE_BYTES_BUDGET,
@@ -99,6 +107,9 @@ AE_CONCURRENCY = 4  # range exchanges in flight in one round
 PEER_TREE_CACHE = 64  # trees built for peers' exchanges, kept between their level requests
 PEER_TREE_TTL_S = 30.0  # ... and never reused after this long
 JITTER = 0.25  # a round starts every interval * [1 - JITTER, 1 + JITTER]
+SUMMARY_MAX_ROUNDS = 8  # a cached summary is rescanned after this many rounds (see SummaryCache)
+CACHED_LEAVES_MAX = 2 * KEYS_PER_BUCKET  # a summary keeps its range's leaves up to this many
+CACHED_TOMBSTONES_MAX = 64  # a range with more tombstones than this is not cached (bounds memory)
 
 Leaf = tuple[int, str, bytes]  # (token, key, versions.digest)
 
@@ -160,6 +171,75 @@ class RoundStats:
         }
 
 
+@dataclass(slots=True)
+class RangeSummary:
+    """What a scan of one range gives anti-entropy: its key count and flat hash (the summary), its
+    tombstones in scan order (the reaper's candidates are chosen from them each round, on that
+    round's clock), and its leaves when there are few (``None`` otherwise: rescanned if needed)."""
+
+    count: int
+    flat: bytes
+    leaves: list[Leaf] | None
+    tombstones: list[tuple[int, str, bytes, VersionedObject]]
+    round: int  # the round counter when scanned
+    cacheable: bool = True
+
+
+class SummaryCache:
+    """Range summaries of one ring's vnode ranges, by ``(start, end)``, dropped when their range changes.
+
+    Only exact vnode ranges of the ring in force are cached (a range asked for under another
+    ring, or a custom range, is scanned each time).  ``invalidate`` (a write or delete landed at a
+    token) drops that token's range and stamps it, so a scan that started before the stamp is
+    not stored (``put`` with the ``seq`` read when the scan began).  Bounded by the ring's vnodes.
+
+    A write whose caller was cancelled may land after it was reported (kvstore.storage.tracked);
+    summaries older than ``SUMMARY_MAX_ROUNDS`` rounds are rescanned, which bounds how long such a
+    write can hide from anti-entropy.
+    """
+
+    def __init__(self) -> None:
+        self._ring: Ring | None = None
+        self._entries: dict[tuple[int, int], RangeSummary] = {}
+        self._touched: dict[tuple[int, int], int] = {}  # range -> seq of the last change in it
+        self.seq = 0
+        self._ring_since = 0  # seq when the ring in use was adopted: older scans are not kept
+
+    def _use(self, ring: Ring) -> None:
+        if ring is not self._ring:  # a ring never changes in place: a new one is a new member set
+            self._ring = ring
+            self._entries.clear()
+            self._touched.clear()
+            self.seq += 1
+            self._ring_since = self.seq
+
+    def get(self, ring: Ring, start: int, end: int, now_round: int) -> RangeSummary | None:
+        if ring is not self._ring:
+            self._use(ring)
+        entry = self._entries.get((start, end))  # only vnode ranges of this ring are ever put
+        if entry is None or now_round - entry.round >= SUMMARY_MAX_ROUNDS:
+            return None
+        return entry
+
+    def put(self, ring: Ring, start: int, end: int, entry: RangeSummary, seq: int) -> None:
+        """Keep ``entry``, scanned under ``ring`` from a scan that began at ``seq``, unless it cannot be trusted."""
+        if (
+            ring is not self._ring or not entry.cacheable or self._touched.get((start, end), 0) > seq
+            or seq < self._ring_since or not ring.is_vnode_range(start, end)
+        ):
+            return
+        self._entries[(start, end)] = entry
+
+    def invalidate(self, token: int) -> None:
+        ring = self._ring
+        if ring is None:
+            return
+        self.seq += 1
+        token_range = ring.vnode_range_of(token)
+        self._entries.pop(token_range, None)
+        self._touched[token_range] = self.seq
+
+
 class AntiEntropy:
     """Periodic (or triggered) Merkle rounds of one node, and the answers to its peers' rounds."""
 
@@ -171,6 +251,8 @@ class AntiEntropy:
         self._limiter = KeyRateLimiter(self.cfg.anti_entropy_keys_per_s, node.clock)
         self._round_task: asyncio.Task[RoundStats] | None = None
         self._peer_trees: OrderedDict[tuple[str, TreeShape], tuple[MerkleTree, int]] = OrderedDict()
+        self.summaries = SummaryCache()
+        node.data.add_listener(self.summaries.invalidate)
         self.rounds_completed = 0
         self.last_round: RoundStats | None = None
 
@@ -246,9 +328,9 @@ class AntiEntropy:
         try:
             for offset in range(0, len(ranges), SUMMARY_BATCH):
                 chunk = ranges[offset : offset + SUMMARY_BATCH]
-                leaves = [await self._local_leaves(r, candidates, stats) for r in chunk]
+                summaries = [await self._local_summary(r, candidates, stats) for r in chunk]
                 peers = sorted({o for r in chunk for o in r.owners if o != node.node_id})
-                await asyncio.gather(*(self._sync_with_peer(p, chunk, leaves, stats, slots) for p in peers))
+                await asyncio.gather(*(self._sync_with_peer(p, chunk, summaries, stats, slots) for p in peers))
             stats.tombstones_reaped = await self.reaper.reap(candidates)
         except Exception as exc:  # a background round must log, not vanish with its task
             node.metrics.ae_rounds.labels(result="error").inc()
@@ -270,40 +352,73 @@ class AntiEntropy:
         for offset in range(0, len(ranges), SUMMARY_BATCH):
             chunk = [TokenRange(r.start, r.end, (self.node.node_id, peer)) for r in ranges[offset : offset + SUMMARY_BATCH]]
             unused: list[ReapCandidate] = []  # reaping is left to the periodic rounds
-            leaves = [await self._local_leaves(r, unused, stats) for r in chunk]
-            await self._sync_with_peer(peer, chunk, leaves, stats, slots)
+            summaries = [await self._local_summary(r, unused, stats) for r in chunk]
+            await self._sync_with_peer(peer, chunk, summaries, stats, slots)
         return stats
 
     # --- initiator --------------------------------------------------------------------------
 
-    async def _local_leaves(
+    async def _local_summary(
         self, token_range: TokenRange, candidates: list[ReapCandidate], stats: RoundStats
-    ) -> list[Leaf]:
-        """Our (token, key, digest) leaves of a range (rate-limited); collects reap candidates."""
-        node = self.node
-        now_ns = node.clock.wall_ns()
+    ) -> RangeSummary:
+        """Our summary of a range (cached, or scanned rate-limited); collects reap candidates."""
+        now_ns = self.node.clock.wall_ns()  # before a scan, which may wait for the rate limiter
+        summary = self.summaries.get(self.node.ring, token_range.start, token_range.end, self.rounds_completed)
+        if summary is None:
+            summary = await self._summary(token_range.start, token_range.end, stats)
+        if not summary.tombstones:
+            return summary
+        for token, key, blob, obj in summary.tombstones:
+            if len(candidates) >= MAX_REAP_CANDIDATES:
+                break
+            if self.reaper.is_candidate(token, obj, now_ns):
+                candidates.append(ReapCandidate(token, key, blob))
+        return summary
+
+    async def _summary(self, start: int, end: int, stats: RoundStats | None) -> RangeSummary:
+        """The range's summary from the cache, or from a scan (kept when it can be trusted).  A
+        round's own scans (``stats`` given) are charged to the rate limiter; a peer's are not."""
+        ring = self.node.ring
+        cached = self.summaries.get(ring, start, end, self.rounds_completed)
+        if cached is not None:
+            return cached
+        seq = self.summaries.seq
         leaves: list[Leaf] = []
-        async for page in scan_pages(node.data, token_range.start, token_range.end, SCAN_PAGE):
-            await self._limiter.acquire(len(page))
+        tombstones: list[tuple[int, str, bytes, VersionedObject]] = []
+        async for page in scan_pages(self.node.data, start, end, SCAN_PAGE):
+            if stats is not None:
+                await self._limiter.acquire(len(page))
             for rec in page:
                 obj = versions.decode(rec.blob)
                 leaves.append((rec.token, rec.key, versions.digest(obj)))
-                if len(candidates) < MAX_REAP_CANDIDATES and self.reaper.is_candidate(rec.token, obj, now_ns):
-                    candidates.append(ReapCandidate(rec.token, rec.key, rec.blob))
-        stats.keys_scanned += len(leaves)
-        return leaves
+                if obj.is_deleted:
+                    tombstones.append((rec.token, rec.key, rec.blob, obj))
+        if stats is not None:
+            stats.keys_scanned += len(leaves)
+        summary = RangeSummary(
+            count=len(leaves),
+            flat=flat_root(start, end, leaves),
+            leaves=leaves if len(leaves) <= CACHED_LEAVES_MAX else None,
+            tombstones=tombstones,
+            round=self.rounds_completed,
+            cacheable=len(tombstones) <= CACHED_TOMBSTONES_MAX,
+        )
+        self.summaries.put(ring, start, end, summary, seq)
+        if summary.leaves is None:
+            return RangeSummary(summary.count, summary.flat, leaves, tombstones, summary.round, False)
+        return summary
 
     async def _sync_with_peer(
         self,
         peer: str,
         chunk: list[TokenRange],
-        chunk_leaves: list[list[Leaf]],
+        chunk_summaries: list[RangeSummary],
         stats: RoundStats,
         slots: asyncio.Semaphore,
     ) -> None:
         """Summaries of the chunk's ranges shared with ``peer``, then an exchange per differing range."""
         metrics = self.node.metrics
-        shared = [(r, leaves) for r, leaves in zip(chunk, chunk_leaves, strict=True) if peer in r.owners]
+        shared = [(r, s) for r, s in zip(chunk, chunk_summaries, strict=True) if peer in r.owners]
         if not self.node.is_up(peer):
             stats.exchanges_failed += len(shared)
             metrics.ae_rounds.labels(result="peer_down").inc(len(shared))
@@ -317,22 +432,28 @@ class AntiEntropy:
             metrics.ae_rounds.labels(result="failed").inc(len(shared))
             return
         jobs = []
-        for (token_range, leaves), (remote_count, remote_flat) in zip(shared, summaries, strict=True):
-            if _flat_hash(token_range, leaves) == remote_flat:
-                stats.exchanges_in_sync += 1
-                metrics.ae_rounds.labels(result="in_sync").inc()
+        in_sync = 0
+        for (token_range, local), (remote_count, remote_flat) in zip(shared, summaries, strict=True):
+            if local.flat == remote_flat:
+                in_sync += 1
                 continue
-            exchange = self._exchange(peer, token_range, leaves, remote_count, remote_flat, stats)
+            exchange = self._exchange(peer, token_range, local, remote_count, remote_flat, stats)
             jobs.append(_bounded(slots, exchange))
+        if in_sync:  # counted once per summary message (most ranges agree; the total is the same)
+            stats.exchanges_in_sync += in_sync
+            metrics.ae_rounds.labels(result="in_sync").inc(in_sync)
         await asyncio.gather(*jobs)
 
     async def _exchange(
-        self, peer: str, token_range: TokenRange, leaves: list[Leaf], remote_count: int, remote_flat: bytes,
+        self, peer: str, token_range: TokenRange, local: RangeSummary, remote_count: int, remote_flat: bytes,
         stats: RoundStats,
     ) -> None:
         """The Merkle exchange of one range with one peer, then the sync of the differing keys."""
         metrics = self.node.metrics
         try:
+            leaves = local.leaves
+            if leaves is None:  # too many to keep: scan again (later, so no older than the summary)
+                leaves = await self._scan_leaves(token_range.start, token_range.end)
             depth = choose_depth(max(len(leaves), remote_count))
             tree = MerkleTree.build(token_range.start, token_range.end, leaves, depth)
             exchange = MerkleExchange(tree)
@@ -413,14 +534,17 @@ class AntiEntropy:
 
     async def _on_summary(self, sender: str, message: AeSummary) -> AeSummaryReply | ErrorReply:
         summaries = []
+        cached, ring, rounds = self.summaries.get, self.node.ring, self.rounds_completed
         for start, end in message.ranges:
-            try:
-                shape = TreeShape.from_wire([start, end, 0])
-            except MerkleWireError as exc:
-                return ErrorReply("bad_request", str(exc))
-            leaves = await self._scan_leaves(shape.start, shape.end)
-            token_range = TokenRange(shape.start, shape.end, ())
-            summaries.append((len(leaves), _flat_hash(token_range, leaves)))
+            # A cached range is one of our ring's vnode ranges: valid bounds, no check needed.
+            summary = cached(ring, start, end, rounds) if type(start) is int and type(end) is int else None
+            if summary is None:
+                try:
+                    shape = TreeShape.from_wire([start, end, 0])
+                except MerkleWireError as exc:
+                    return ErrorReply("bad_request", str(exc))
+                summary = await self._summary(shape.start, shape.end, None)
+            summaries.append((summary.count, summary.flat))
         return AeSummaryReply(summaries)
 
     async def _peer_tree(self, sender: str, shape: TreeShape, fresh: bool) -> MerkleTree:
@@ -487,11 +611,6 @@ class AntiEntropy:
 async def _bounded(slots: asyncio.Semaphore, job: Awaitable[None]) -> None:
     async with slots:
         await job
-
-
-def _flat_hash(token_range: TokenRange, leaves: list[Leaf]) -> bytes:
-    """The root of a depth-0 tree of the range: one hash of every (key, digest) pair."""
-    return flat_root(token_range.start, token_range.end, leaves)
 
 
 def _parse_summaries(reply: Message, count: int) -> list[tuple[int, bytes]]:

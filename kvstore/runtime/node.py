@@ -69,6 +69,7 @@ from kvstore.runtime.replica import HintStoreFull as HintStoreFull  # raised by 
 from kvstore.runtime.replica import Replica, hint_policy
 from kvstore.storage import StorageBusy, StorageFull
 from kvstore.storage.base import Storage, StorageError
+from kvstore.storage.tracked import TrackedStorage
 from kvstore.transport.base import Handler, Message, PeerUnavailable, RemoteError, Transport
 
 if TYPE_CHECKING:  # the collaborators' modules import this one; assembly.py imports them all
@@ -136,7 +137,10 @@ class Node:
         self.cfg = cfg
         self.node_id = cfg.node_id
         self.transport = transport
-        self.data = data
+        # Record writes and deletes are reported by token, so anti-entropy can keep range summaries
+        # cached; ``data_engine`` is the seam as given (its fault layer, if any).
+        self.data_engine = data
+        self.data = TrackedStorage(data)
         self.hints = hints
         self.hint_ledger = HintLedger(hint_policy(cfg))  # bounds of the hint store, rebuilt at start
         self.paxos_storage = paxos

@@ -160,7 +160,7 @@ class NoFaultLayer(NodeError):
 
 
 def _disk_faults(request: web.Request) -> DiskFaults:
-    data = request.app[NODE_KEY].data
+    data = request.app[NODE_KEY].data_engine
     if not isinstance(data, FaultyStorage):
         raise NoFaultLayer("this node's storage has no fault layer")
     return data.faults

@@ -44,7 +44,7 @@ from typing import Any
 
 from kvstore.config import APSettings, Limits, Member, NodeConfig, validate
 from kvstore.harness.endpoint import NoAnswerError
-from kvstore.protocol.ring import Ring, key_token
+from kvstore.protocol.ring import key_token, shared_ring
 from kvstore.protocol.versions import VersionedObject, decode
 from kvstore.runtime.assembly import NodeSeams, assemble_node
 from kvstore.runtime.node import Node
@@ -121,7 +121,7 @@ class SimCluster:
         self.disk_rng = random.Random(f"{seed}:disk")
         self.client_rng = random.Random(f"{seed}:clients")
         self.network = SimNetwork(self.net_rng, spec.latency)
-        self.ring = Ring([f"n{i + 1}" for i in range(spec.nodes)], spec.vnodes)  # the nodes' own ring
+        self.ring = shared_ring([f"n{i + 1}" for i in range(spec.nodes)], spec.vnodes)  # the nodes' own ring
         self.members: dict[str, SimMember] = {}
         for i in range(spec.nodes):
             node_id = f"n{i + 1}"
