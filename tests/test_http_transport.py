@@ -1,18 +1,24 @@
-"""The HTTP baseline transport turns every answer from a peer into a reply or a typed RemoteError."""
+"""The HTTP baseline transport: every answer from a peer becomes a reply or a typed RemoteError,
+calls work before ``start`` (as the stream transport's do), and a real cluster runs on it."""
 
 from __future__ import annotations
 
 import json
+import socket
+from pathlib import Path
 
 import msgpack
 import pytest
 from aiohttp import web
 
-from kvstore.transport.base import Message, RemoteError
+from kvstore.harness.local_cluster import LocalCluster
+from kvstore.transport.base import Message, PeerUnavailable, RemoteError
 from kvstore.transport.http import HttpTransport, decode_reply
+from tests.conftest import http, kv_path
 
 JSON = "application/json"
 MSGPACK = "application/msgpack"
+GENEROUS_S = 90.0  # a bound on waiting for a condition, never an expectation of speed
 
 
 @pytest.mark.parametrize(
@@ -66,3 +72,76 @@ async def test_a_json_refusal_from_the_peers_http_layer_is_a_remote_error() -> N
             await transport.close()
     finally:
         await runner.cleanup()
+
+
+async def serve_echo() -> tuple[web.AppRunner, str]:
+    async def answer(request: web.Request) -> web.Response:
+        message = msgpack.unpackb(await request.read(), raw=False)
+        reply = {"echo": message, "from": request.headers.get("X-Node")}
+        return web.Response(body=msgpack.packb(reply, use_bin_type=True), content_type=MSGPACK)
+
+    app = web.Application()
+    app.router.add_post("/internal/msg", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+
+async def test_a_call_before_start_is_sent() -> None:
+    """A node's mechanisms call peers before its transport starts (the acceptor registers its
+    incarnation from its own start): the stream transport allows it, so must this one.  Before
+    the fix this call failed an assertion, which silently ended the acceptor's recovery tasks."""
+    runner, url = await serve_echo()
+    transport = HttpTransport("n1", "s", {"n2": url})
+    try:
+        reply = await transport.call("n2", {"op": "paxos_register", "incarnation": "ab12"}, timeout_s=30.0)
+        assert reply == {"echo": {"op": "paxos_register", "incarnation": "ab12"}, "from": "n1"}
+        await transport.start(echo)
+        assert (await transport.call("n2", {"op": "ping"}, timeout_s=30.0))["echo"] == {"op": "ping"}
+    finally:
+        await transport.close()
+        await runner.cleanup()
+
+
+async def test_unknown_peer_and_closed_transport_are_refused_as_unavailable() -> None:
+    runner, url = await serve_echo()
+    transport = HttpTransport("n1", "s", {"n2": url})
+    try:
+        with pytest.raises(PeerUnavailable) as unknown:
+            await transport.call("n9", {"op": "ping"}, timeout_s=30.0)
+        assert unknown.value.reason == "unknown peer" and not unknown.value.maybe_delivered
+        transport.add_peers({"n9": ("127.0.0.1", 1, int(url.rsplit(":", 1)[1]))})
+        assert (await transport.call("n9", {"op": "ping"}, timeout_s=30.0))["echo"] == {"op": "ping"}
+    finally:
+        await transport.close()
+        await runner.cleanup()
+    with pytest.raises(PeerUnavailable) as closed:
+        await transport.call("n2", {"op": "ping"}, timeout_s=30.0)
+    assert closed.value.reason == "transport closed" and not closed.value.maybe_delivered
+
+
+@pytest.mark.integration
+def test_a_cluster_on_the_http_transport_votes_and_serves(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three real nodes started with KVSTORE_TRANSPORT=http (benchmarks/bench_transport.py's
+    baseline): their acceptors finish the bootstrap registration, a linearizable write is read
+    back from another node, a quorum write succeeds.  Before the fix ``start`` timed out with
+    "acceptors of [n1, n2, n3] not voting"."""
+    monkeypatch.setenv("KVSTORE_TRANSPORT", "http")  # read by the node processes LocalCluster spawns
+    cluster = LocalCluster(3, 3, data_dir=str(tmp_path / "cluster"))
+    try:
+        cluster.start(timeout_s=GENEROUS_S)  # waits for every acceptor to vote, within the bound
+        peer_port = cluster.base_config.members[0].peer_port
+        with socket.socket() as probe:  # only the stream transport listens on the peer port
+            probe.settimeout(2.0)
+            assert probe.connect_ex(("127.0.0.1", peer_port)) != 0, "the nodes did not pick the http transport"
+        first, second = cluster.urls[0], cluster.urls[1]
+        put = http(first, "PUT", kv_path("cp:http-baseline", consistency="linearizable", timeout_ms=10000), body=b"v1")
+        assert put.status == 204, put.body
+        got = http(second, "GET", kv_path("cp:http-baseline", consistency="linearizable", timeout_ms=10000))
+        assert (got.status, got.body) == (200, b"v1")
+        assert http(second, "PUT", kv_path("ap:http-baseline", w=2), body=b"e").status == 204
+        assert http(first, "GET", kv_path("ap:http-baseline", r=2)).body == b"e"
+    finally:
+        cluster.stop()
+
