@@ -3,7 +3,10 @@ calls work before ``start`` (as the stream transport's do), and a real cluster r
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import random
 import socket
 from pathlib import Path
 
@@ -12,6 +15,9 @@ import pytest
 from aiohttp import web
 
 from kvstore.harness.local_cluster import LocalCluster
+from kvstore.runtime.caspaxos import PaxosAcceptor
+from kvstore.runtime.register_recovery import AcceptorRecovery
+from kvstore.storage import MemoryStorage
 from kvstore.transport.base import Message, PeerUnavailable, RemoteError
 from kvstore.transport.http import HttpTransport, decode_reply
 from tests.conftest import http, kv_path
@@ -145,3 +151,25 @@ def test_a_cluster_on_the_http_transport_votes_and_serves(tmp_path: Path, monkey
     finally:
         cluster.stop()
 
+
+async def test_a_recovery_task_ended_by_a_programmer_error_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """The failure mode of this bug: the acceptor's registration task died of an exception it does
+    not retry and the node stayed ``recovering`` with nothing in its log.  Now it says so."""
+
+    async def not_started(peer: str, message: Message, timeout_s: float) -> Message:
+        raise AssertionError("transport not started")
+
+    storage = MemoryStorage()
+    recovery = AcceptorRecovery("n1", ["n1", "n2"], storage, random.Random(1), not_started,
+                                replicas_of=lambda token: ["n1", "n2"], cluster_state="new")
+    recovery.acceptor = PaxosAcceptor(storage, gate=recovery)
+    await recovery.load()
+    with caplog.at_level(logging.ERROR, logger="kvstore.runtime.register_recovery"):
+        recovery.start()
+        for _ in range(100):  # the task fails at its first call; its done callback runs a step later
+            if caplog.records:
+                break
+            await asyncio.sleep(0)
+    await recovery.stop()
+    assert recovery.status()["status"] == "recovering"
+    assert "paxos-recovery-n2 ended by AssertionError('transport not started')" in caplog.text
