@@ -4,19 +4,24 @@ calls work before ``start`` (as the stream transport's do), and a real cluster r
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import logging
 import random
 import socket
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import pytest
 from aiohttp import web
 
+from kvstore.config import ConfigError, TLSSettings, from_dict, to_toml
 from kvstore.harness.local_cluster import LocalCluster
 from kvstore.runtime.caspaxos import PaxosAcceptor
 from kvstore.runtime.register_recovery import AcceptorRecovery
+from kvstore.server.app import chosen_transport, run_node
 from kvstore.storage import MemoryStorage
 from kvstore.transport.base import Message, PeerUnavailable, RemoteError
 from kvstore.transport.http import HttpTransport, decode_reply
@@ -173,3 +178,46 @@ async def test_a_recovery_task_ended_by_a_programmer_error_is_logged(caplog: pyt
     await recovery.stop()
     assert recovery.status()["status"] == "recovering"
     assert "paxos-recovery-n2 ended by AssertionError('transport not started')" in caplog.text
+
+
+NODE_CONFIG: dict[str, Any] = {
+    "node_id": "n1",
+    "secret": "s3cret-s3cret",
+    "cluster": {"replicas": 3, "r": 2, "w": 2},
+    "members": [{"id": f"n{i}", "host": "127.0.0.1", "http_port": 7000 + i, "peer_port": 7100 + i} for i in (1, 2, 3)],
+}
+WITH_TLS = TLSSettings(cert_file="node.pem", key_file="node.key", ca_file="ca.pem")
+
+
+@pytest.mark.parametrize(
+    ("env_value", "tls", "chosen"),
+    [
+        (None, False, "stream"),
+        ("", False, "stream"),
+        ("stream", True, "stream"),
+        ("http", False, "http"),
+        ("http", True, "refused"),  # no TLS client in the baseline: its peers would never answer
+        ("HTTP", False, "refused"),  # a misspelt name would silently measure the stream transport
+        ("tcp", False, "refused"),
+    ],
+)
+def test_the_transport_choice_is_checked(env_value: str | None, tls: bool, chosen: str) -> None:
+    cfg = from_dict(copy.deepcopy(NODE_CONFIG))
+    if tls:
+        cfg = replace(cfg, tls=WITH_TLS)
+    if chosen == "refused":
+        with pytest.raises(ConfigError) as refused:
+            chosen_transport(cfg, env_value)
+        assert refused.value.field == "KVSTORE_TRANSPORT"
+    else:
+        assert chosen_transport(cfg, env_value) == chosen
+
+
+def test_a_node_with_an_unknown_transport_exits_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text(to_toml(from_dict(copy.deepcopy(NODE_CONFIG))))
+    monkeypatch.setenv("KVSTORE_TRANSPORT", "htp")
+    assert run_node(str(path)) == 2
+    assert "KVSTORE_TRANSPORT" in capsys.readouterr().err
