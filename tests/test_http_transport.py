@@ -21,6 +21,7 @@ from kvstore.config import ConfigError, TLSSettings, from_dict, to_toml
 from kvstore.harness.local_cluster import LocalCluster
 from kvstore.runtime.caspaxos import PaxosAcceptor
 from kvstore.runtime.register_recovery import AcceptorRecovery
+from kvstore.server.api import MAX_HOLD_S, held_for_s
 from kvstore.server.app import chosen_transport, run_node
 from kvstore.storage import MemoryStorage
 from kvstore.transport.base import Message, PeerUnavailable, RemoteError
@@ -88,7 +89,8 @@ async def test_a_json_refusal_from_the_peers_http_layer_is_a_remote_error() -> N
 async def serve_echo() -> tuple[web.AppRunner, str]:
     async def answer(request: web.Request) -> web.Response:
         message = msgpack.unpackb(await request.read(), raw=False)
-        reply = {"echo": message, "from": request.headers.get("X-Node")}
+        reply = {"echo": message, "from": request.headers.get("X-Node"),
+                 "timeout_ms": request.headers.get("X-Call-Timeout-Ms")}
         return web.Response(body=msgpack.packb(reply, use_bin_type=True), content_type=MSGPACK)
 
     app = web.Application()
@@ -107,7 +109,7 @@ async def test_a_call_before_start_is_sent() -> None:
     transport = HttpTransport("n1", "s", {"n2": url})
     try:
         reply = await transport.call("n2", {"op": "paxos_register", "incarnation": "ab12"}, timeout_s=30.0)
-        assert reply == {"echo": {"op": "paxos_register", "incarnation": "ab12"}, "from": "n1"}
+        assert reply == {"echo": {"op": "paxos_register", "incarnation": "ab12"}, "from": "n1", "timeout_ms": "30000"}
         await transport.start(echo)
         assert (await transport.call("n2", {"op": "ping"}, timeout_s=30.0))["echo"] == {"op": "ping"}
     finally:
@@ -153,6 +155,20 @@ def test_a_cluster_on_the_http_transport_votes_and_serves(tmp_path: Path, monkey
         assert (got.status, got.body) == (200, b"v1")
         assert http(second, "PUT", kv_path("ap:http-baseline", w=2), body=b"e").status == 204
         assert http(first, "GET", kv_path("ap:http-baseline", r=2)).body == b"e"
+        # An incoming fault rule at n1 (drop what n2 sends) holds n2's messages unanswered for the
+        # caller's declared timeout, as the stream transport's receiver drops them; n3's still pass.
+        secret = {"X-Cluster-Secret": cluster.secret}
+        rules = json.dumps({"rules": {"n2": {"drop_in": True}}}).encode()
+        assert http(first, "PUT", "/admin/faults", body=rules, headers=secret).status == 200
+        status_msg = msgpack.packb({"op": "paxos_status"})
+        dropped = http(first, "POST", "/internal/msg", body=status_msg,
+                       headers={**secret, "X-Node": "n2", "X-Call-Timeout-Ms": "200"})
+        assert dropped.status == 503 and dropped.json() == {
+            "error": "timeout", "message": "dropped by an incoming fault rule (its caller has stopped waiting)",
+            "indeterminate": False,
+        }
+        passed = http(first, "POST", "/internal/msg", body=status_msg, headers={**secret, "X-Node": "n3"})
+        assert passed.status == 200 and msgpack.unpackb(passed.body)["status"] == "active"
     finally:
         cluster.stop()
 
@@ -221,3 +237,12 @@ def test_a_node_with_an_unknown_transport_exits_at_once(
     monkeypatch.setenv("KVSTORE_TRANSPORT", "htp")
     assert run_node(str(path)) == 2
     assert "KVSTORE_TRANSPORT" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("declared", "held_s"),
+    [("250", 0.25), ("0", 0.0), ("-5", 0.0), (None, MAX_HOLD_S), ("", MAX_HOLD_S), ("soon", MAX_HOLD_S),
+     ("nan", MAX_HOLD_S), ("inf", MAX_HOLD_S), ("1e12", MAX_HOLD_S)],
+)
+def test_a_dropped_message_is_held_for_the_callers_timeout_capped(declared: str | None, held_s: float) -> None:
+    assert held_for_s(declared) == held_s

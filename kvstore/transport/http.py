@@ -14,8 +14,11 @@ acceptor registers its incarnation at every peer from its own ``start``, which r
 transport's).  So the client session is made by the first outgoing call.  After ``close`` a call
 is refused with ``PeerUnavailable`` (nothing sent).  What the stream transport does and this one
 does not: no link handshake (so no ``links`` table, no protocol-version check: ``/cluster``
-shows no link state) and no TLS client context; the cluster secret and the sender's member id
-ride on every request's headers instead.
+shows no link state) and no TLS client (a node refuses to start with ``http`` and ``[tls]``);
+the cluster secret and the sender's member id ride on every request's headers instead.
+Fault rules: outgoing ones here, incoming ones at the receiving route (``/internal/msg`` holds a
+dropped message unanswered for the caller's declared ``X-Call-Timeout-Ms``, so the caller times
+out as in a partition).
 """
 
 from __future__ import annotations
@@ -72,7 +75,11 @@ class HttpTransport:
             async with self._client().post(
                 base_url + "/internal/msg",
                 data=msgpack.packb(message, use_bin_type=True),
-                headers={"X-Cluster-Secret": self._secret, "X-Node": self.node_id},
+                headers={
+                    "X-Cluster-Secret": self._secret, "X-Node": self.node_id,
+                    # a receiver that drops this message (its incoming fault rule) holds it this long
+                    "X-Call-Timeout-Ms": str(max(0, int(timeout_s * 1000))),
+                },
                 timeout=aiohttp.ClientTimeout(total=timeout_s),
             ) as resp:
                 body = await resp.read()
