@@ -233,6 +233,13 @@ class Registry:
             raise CorruptIdentity(f"undecodable incarnation registry: {exc}") from exc
 
 
+def _log_unexpected_end(task: asyncio.Task[None]) -> None:
+    """A peer task ends only by finishing or by ``stop``; any other end (a programmer error it does
+    not retry) would leave the acceptor recovering for good with nothing in the log, so say so."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("%s ended by %r: this acceptor stays recovering for that peer", task.get_name(), task.exception())
+
+
 class AcceptorRecovery:
     """The acceptor's identity, its vote gate (``cp.AcceptorGate``) and the recovery protocol."""
 
@@ -354,7 +361,9 @@ class AcceptorRecovery:
         assert self.identity is not None and self.acceptor is not None
         self._maybe_decide()
         for peer in self.peers:
-            self._tasks.append(asyncio.create_task(self._peer_task(peer), name=f"paxos-recovery-{peer}"))
+            task = asyncio.create_task(self._peer_task(peer), name=f"paxos-recovery-{peer}")
+            task.add_done_callback(_log_unexpected_end)
+            self._tasks.append(task)
 
     async def stop(self) -> None:
         for task in self._tasks:

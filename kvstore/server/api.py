@@ -32,7 +32,7 @@ from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.web_request import BaseRequest
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from kvstore.errors import BadRequest, BodyTimeout, NodeError, Unauthorized, ValueTooLarge
+from kvstore.errors import BadRequest, BodyTimeout, NodeError, RequestTimeout, Unauthorized, ValueTooLarge
 from kvstore.protocol.failure import UnknownMember
 from kvstore.protocol.placement import placement
 from kvstore.runtime.node import Node
@@ -344,6 +344,22 @@ async def openapi_handler(request: web.Request) -> web.Response:
     return web.Response(text=_openapi_text(), content_type="application/json")
 
 
+CALL_TIMEOUT_HEADER = "X-Call-Timeout-Ms"  # the caller's timeout (kvstore.transport.http)
+MAX_HOLD_S = 60.0  # a dropped message is held at most this long, whatever its caller says
+
+
+def held_for_s(declared_ms: str | None) -> float:
+    """How long to hold a dropped message: the caller's declared timeout, capped; a missing or
+    unreadable one is held for the cap (the caller's own timeout ends its wait first)."""
+    try:
+        declared_s = float(declared_ms or "nan") / 1000.0
+    except ValueError:
+        return MAX_HOLD_S
+    if declared_s != declared_s:  # NaN: nothing declared
+        return MAX_HOLD_S
+    return min(max(declared_s, 0.0), MAX_HOLD_S)
+
+
 async def internal_handler(request: web.Request) -> web.Response:
     """The HTTP-per-message internal route (baseline transport for benchmarks)."""
     require_secret(request)
@@ -355,6 +371,11 @@ async def internal_handler(request: web.Request) -> web.Response:
         message = msgpack.unpackb(await request.read(), raw=False)
     except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
         raise BadRequest("invalid_body", "expected one msgpack-encoded message") from None
+    if node.transport.faults.incoming_dropped(sender):
+        # The message vanishes, as on the stream transport: not handled, not answered while the
+        # caller waits (its declared timeout, capped), so the caller times out as in a partition.
+        await asyncio.sleep(held_for_s(request.headers.get(CALL_TIMEOUT_HEADER)))
+        raise RequestTimeout("dropped by an incoming fault rule (its caller has stopped waiting)", indeterminate=False)
     try:
         reply = await node.handle_message(sender, message)
     except UnknownMember:

@@ -59,6 +59,25 @@ from kvstore.transport.stream import StreamTransport
 log = logging.getLogger("kvstore.server.app")
 
 
+TRANSPORTS = ("stream", "http")
+
+
+def chosen_transport(cfg: NodeConfig, env_value: str | None) -> str:
+    """The transport ``KVSTORE_TRANSPORT`` names (unset or empty: stream), or ``ConfigError``.
+
+    Refused rather than run: a misspelt name (it would silently measure the stream transport as
+    the baseline) and ``http`` with TLS (the baseline has no TLS client and dials plain http: its
+    peers would never answer, and the acceptors would wait forever to vote)."""
+    name = env_value or "stream"
+    if name not in TRANSPORTS:
+        raise config_mod.ConfigError("KVSTORE_TRANSPORT", f"{name!r} is not one of {', '.join(TRANSPORTS)}")
+    if name == "http" and cfg.tls.enabled:
+        raise config_mod.ConfigError(
+            "KVSTORE_TRANSPORT", "the http baseline transport has no TLS: run it without [tls] (or use stream)"
+        )
+    return name
+
+
 def build_node(cfg: NodeConfig) -> Node:
     node_dir = Path(cfg.data_dir) / cfg.node_id
     node_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # holds the data; only the owner may enter
@@ -70,7 +89,7 @@ def build_node(cfg: NodeConfig) -> Node:
     paxos = FaultyStorage(open_storage("sqlite", str(node_dir / "paxos.db"), "always", cfg.batch_window_ms), disk)
     peers = {m.id: (m.host, m.peer_port) for m in cfg.members if m.id != cfg.node_id}
     transport: Any
-    if os.environ.get("KVSTORE_TRANSPORT") == "http":  # the benchmark's baseline only
+    if chosen_transport(cfg, os.environ.get("KVSTORE_TRANSPORT")) == "http":  # the benchmark's baseline only
         peer_urls = {m.id: m.url for m in cfg.members if m.id != cfg.node_id}
         transport = HttpTransport(cfg.node_id, cfg.secret, peer_urls)
     else:
@@ -288,6 +307,7 @@ def run_node(config_path: str) -> int:
         cfg = config_mod.load(config_path)
         tls.http_server_context(cfg.tls)  # certificate files are checked now, not at the first connection
         tls.peer_contexts(cfg.tls)
+        chosen_transport(cfg, os.environ.get("KVSTORE_TRANSPORT"))
     except config_mod.ConfigError as exc:
         print(f"kvstore node: {exc}", file=sys.stderr)
         return 2

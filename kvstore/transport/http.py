@@ -7,6 +7,18 @@ Every internal message is one HTTP POST of a msgpack body to the peer's
 client would do).  Same contract and fault rules as ``StreamTransport``; it
 exists so ``benchmarks/bench_transport.py`` can compare the two in one run.
 Nodes use it only when started with ``KVSTORE_TRANSPORT=http``.
+
+As with the stream transport, ``call`` does not wait for ``start``: ``start`` only means
+"incoming messages may arrive now", and a node's mechanisms call peers before it (the Paxos
+acceptor registers its incarnation at every peer from its own ``start``, which runs before the
+transport's).  So the client session is made by the first outgoing call.  After ``close`` a call
+is refused with ``PeerUnavailable`` (nothing sent).  What the stream transport does and this one
+does not: no link handshake (so no ``links`` table, no protocol-version check: ``/cluster``
+shows no link state) and no TLS client (a node refuses to start with ``http`` and ``[tls]``);
+the cluster secret and the sender's member id ride on every request's headers instead.
+Fault rules: outgoing ones here, incoming ones at the receiving route (``/internal/msg`` holds a
+dropped message unanswered for the caller's declared ``X-Call-Timeout-Ms``, so the caller times
+out as in a partition).
 """
 
 from __future__ import annotations
@@ -30,6 +42,7 @@ class HttpTransport:
         self._peer_urls = peer_urls
         self.faults = faults or FaultRules()
         self._session: aiohttp.ClientSession | None = None
+        self._closed = False
 
     def add_peers(self, peers: Mapping[str, tuple[str, int, int]]) -> None:
         for member, (host, _peer_port, http_port) in sorted(peers.items()):
@@ -38,22 +51,35 @@ class HttpTransport:
 
     async def start(self, handler: Handler) -> None:
         # Incoming messages arrive through the node's HTTP app (/internal/msg), not here.
-        self._session = client_session(connector=aiohttp.TCPConnector(limit=256))
+        pass
+
+    def _client(self) -> aiohttp.ClientSession:
+        # Made by the first call, not by start(): see the module docstring.
+        if self._session is None:
+            self._session = client_session(connector=aiohttp.TCPConnector(limit=256))
+        return self._session
 
     async def call(self, peer: str, message: Message, timeout_s: float) -> Message:
-        assert self._session is not None, "transport not started"
+        if self._closed:
+            raise PeerUnavailable(peer, "transport closed", maybe_delivered=False)
+        base_url = self._peer_urls.get(peer)
+        if base_url is None:
+            raise PeerUnavailable(peer, "unknown peer", maybe_delivered=False)
         delay_s = self.faults.outgoing_delay_s(peer)
         if delay_s is None:
             await asyncio.sleep(timeout_s)
             raise PeerUnavailable(peer, "timeout (link cut)", maybe_delivered=False)
         if delay_s:
             await asyncio.sleep(delay_s)
-        url = self._peer_urls[peer] + "/internal/msg"
         try:
-            async with self._session.post(
-                url,
+            async with self._client().post(
+                base_url + "/internal/msg",
                 data=msgpack.packb(message, use_bin_type=True),
-                headers={"X-Cluster-Secret": self._secret, "X-Node": self.node_id},
+                headers={
+                    "X-Cluster-Secret": self._secret, "X-Node": self.node_id,
+                    # a receiver that drops this message (its incoming fault rule) holds it this long
+                    "X-Call-Timeout-Ms": str(max(0, int(timeout_s * 1000))),
+                },
                 timeout=aiohttp.ClientTimeout(total=timeout_s),
             ) as resp:
                 body = await resp.read()
@@ -65,6 +91,7 @@ class HttpTransport:
         return decode_reply(peer, resp.status, content_type, body)
 
     async def close(self) -> None:
+        self._closed = True
         if self._session is not None:
             await self._session.close()
 
