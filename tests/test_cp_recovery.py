@@ -26,6 +26,15 @@ from typing import Any
 import pytest
 
 import kvstore.protocol.proposer as proposer_mod
+from kvstore.protocol.messages import (
+    ErrorReply,
+    MessageError,
+    PaxosRecoverScan,
+    PaxosRecoverScanReply,
+    PaxosRegister,
+    PaxosStatus,
+    serve,
+)
 from kvstore.protocol.paxos import (
     AcceptorState,
     Ballot,
@@ -228,14 +237,15 @@ class RecNode:
     async def handle(self, sender: str, message: Message) -> Message:
         op = message.get("op")
         try:
+            # As the node serves them (LinearizableRegister.handlers): decoded by the one codec first.
             if op == OP_REGISTER:
-                return await self.recovery.on_register(sender, message)
+                return await serve(PaxosRegister, self.recovery.on_register)(sender, message)
             if op == OP_RECOVER_SCAN:
-                return await self.recovery.on_scan(sender, message)
+                return await serve(PaxosRecoverScan, self.recovery.on_scan)(sender, message)
             if op == OP_STATUS:
-                return await self.recovery.on_status(sender, message)
+                return await serve(PaxosStatus, self.recovery.on_status)(sender, message)
             return await self.acceptor.handle(message)
-        except (StorageError, ValueError) as exc:
+        except (StorageError, ValueError) as exc:  # MessageError is a ValueError
             return {"error": "bad_request", "message": str(exc), "remote_error": True}
 
     async def call(self, peer: str, message: Message, timeout_s: float) -> Message:
@@ -377,9 +387,10 @@ async def test_recovery_is_paged_bounded_and_takes_only_the_keys_it_replicates()
     pages: list[int] = []
     original = nodes["n1"].recovery.on_scan
 
-    async def counting_scan(sender: str, message: Message) -> Message:
-        reply = await original(sender, message)
-        pages.append(len(reply["records"]))
+    async def counting_scan(sender: str, request: PaxosRecoverScan) -> PaxosRecoverScanReply | ErrorReply:
+        reply = await original(sender, request)
+        assert isinstance(reply, PaxosRecoverScanReply), reply
+        pages.append(len(reply.records))
         return reply
 
     nodes["n1"].recovery.on_scan = counting_scan  # type: ignore[method-assign]
@@ -420,11 +431,16 @@ async def test_registration_and_scan_are_for_registered_members_only() -> None:
     _, nodes = await make_cluster(GROUP)
     await wait_for("fresh", lambda: all(n.recovery.active.is_set() for n in nodes.values()))
     recovery = nodes["n1"].recovery
-    assert (await recovery.on_register("stranger", {"incarnation": "abc"}))["error"] == "bad_request"
-    refused = await recovery.on_scan("n2", {"incarnation": "notregistered", "after": None, "limit": 5, "max_bytes": 10})
-    assert refused["error"] == "not_registered"
-    with pytest.raises(ValueError):
-        await recovery.on_register("n2", {"incarnation": "not an id!"})
+    stranger = await recovery.on_register("stranger", PaxosRegister("abc"))
+    assert isinstance(stranger, ErrorReply) and stranger.error == "bad_request"
+    refused = await recovery.on_scan("n2", PaxosRecoverScan("notregistered", None, 5, 10))
+    assert isinstance(refused, ErrorReply) and refused.error == "not_registered"
+    # A malformed registration never reaches the handler: the codec refuses it, nothing is registered.
+    before = dict(recovery.registry.current)
+    with pytest.raises(MessageError):
+        await serve(PaxosRegister, recovery.on_register)("n2", {"op": OP_REGISTER, "incarnation": "not an id!"})
+    reply = await nodes["n1"].handle("n2", {"op": OP_REGISTER, "incarnation": "not an id!"})
+    assert reply["error"] == "bad_request" and recovery.registry.current == before
     await stop_all(nodes)
 
 

@@ -98,9 +98,10 @@ REPLIES: list[tuple[Any, dict[str, Any]]] = [
     (m.ConfigPushReply(4), {"version": 4}),
     (m.MbTransferReply(10, ["n1"]), {"keys": 10, "sources": ["n1"]}),
     (m.MbCatchupReply(2), {"registers": 2}),
-    (m.CpProposeReply("ok", outcome="ok", value=None, etag=None), {"status": "ok", "outcome": "ok", "value": None}),
+    (m.CpProposeReply("ok", outcome="ok", value=None, etag=None), {"status": "ok", "outcome": "ok", "value": None,
+                                                                                 "etag": None}),
     (m.CpProposeReply("error", body={"error": "timeout"}, http=503),
-     {"status": "error", "value": None, "body": {"error": "timeout"}, "http": 503}),
+     {"status": "error", "value": None, "etag": None, "body": {"error": "timeout"}, "http": 503}),
     (m.PaxosRegisterReply(True, None, "abc"), {"ok": True, "previous": None, "incarnation": "abc"}),
     (m.PaxosRecoverScanReply([(1, "k", b"s")], (1, "k"), False),
      {"records": [[1, "k", b"s"]], "next": [1, "k"], "done": False}),
@@ -258,21 +259,44 @@ async def test_a_served_handler_decodes_calls_and_encodes() -> None:
     assert len(seen) == 1  # a malformed request never reaches the handler
 
 
-# Ops whose handlers still parse their own maps (kvstore.runtime.register*, owned by the CP work):
-# registered here, and refused by their own checks.
-SELF_PARSED = {"cp_propose", "paxos_prepare", "paxos_accept", "paxos_peek", "paxos_register", "paxos_recover_scan", "paxos_status"}
+# Ops whose handlers parse their own maps: the CASPaxos votes, through paxos_wire (registered here
+# as adapters; the acceptor refuses a malformed one with its own typed error).
+SELF_PARSED = {"paxos_prepare", "paxos_accept", "paxos_peek"}
 
 
 @pytest.mark.parametrize("op", sorted(set(m.REGISTRY) - SELF_PARSED))
 async def test_the_node_answers_a_malformed_message_bad_request_before_any_handler_runs(op: str) -> None:
-    members = tuple(Member(f"n{i}", "127.0.0.1", 7000 + i, 8000 + i) for i in (1, 2, 3))
-    cfg = NodeConfig(node_id="n1", members=members, secret="s", replicas=3, storage="memory",
-                     initial_cluster_state="new")
-    seams = NodeSeams(transport=MemoryNetwork().endpoint("n1"), data=MemoryStorage(), hints=MemoryStorage(),
-                      paxos=MemoryStorage(), clock=SystemClock(), rng=random.Random(1))
-    node = assemble_node(cfg, seams)
+    node = _unstarted_node()
     sample = next(expected for message, expected in REQUESTS if op == type(message).OP)
     malformed = {**{k: WRONG for k in sample}, "cv": WRONG, "op": op}  # every field, cv too, of the wrong type
     reply = await node.handle_message("n2", malformed)
     assert reply["error"] == "bad_request" and reply["remote_error"] is True, reply
     assert f"malformed {op} message" in reply["message"]
+
+
+@pytest.mark.parametrize("change", [["write", "text"], ["put_if_absent", None], ["cas", None, b"v"], ["cas", "e", "v"]])
+async def test_a_cp_propose_whose_change_arguments_are_mistyped_is_bad_request_and_proposes_nothing(
+    change: list[Any],
+) -> None:
+    node = _unstarted_node()
+    proposed: list[Any] = []
+
+    async def propose_here(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        proposed.append(args)
+        return {"outcome": "ok", "value": None, "etag": None}
+
+    node.parts.register.propose_here = propose_here  # type: ignore[method-assign]
+    reply = await node.handle_message("n2", {"op": "cp_propose", "key": "k", "change": change, "timeout_ms": 500})
+    assert reply["error"] == "bad_request" and reply["remote_error"] is True, reply
+    assert proposed == []
+    ok = await node.handle_message("n2", {"op": "cp_propose", "key": "k", "change": ["write", b"v"], "timeout_ms": 500})
+    assert ok == {"status": "ok", "outcome": "ok", "value": None, "etag": None} and len(proposed) == 1
+
+
+def _unstarted_node() -> Any:
+    members = tuple(Member(f"n{i}", "127.0.0.1", 7000 + i, 8000 + i) for i in (1, 2, 3))
+    cfg = NodeConfig(node_id="n1", members=members, secret="s", replicas=3, storage="memory",
+                     initial_cluster_state="new")
+    seams = NodeSeams(transport=MemoryNetwork().endpoint("n1"), data=MemoryStorage(), hints=MemoryStorage(),
+                      paxos=MemoryStorage(), clock=SystemClock(), rng=random.Random(1))
+    return assemble_node(cfg, seams)

@@ -47,6 +47,7 @@ from kvstore.transport.base import Message
 OBJECTS_PER_MESSAGE = 256  # keys per pull/push/reap message
 SUMMARY_BATCH = 128  # ranges per anti-entropy summary message
 MAX_GROUP = paxos_wire.MAX_GROUP  # member ids named in one message
+PAGE_RECORDS = 256  # records per acceptor recovery scan page (kvstore.runtime.register_recovery)
 # A linearizable change on the wire (kvstore.runtime.register): [kind, *args], args per kind.
 CHANGE_ARITY = {"read": 0, "write": 1, "delete": 0, "cas": 2, "put_if_absent": 1}
 
@@ -69,6 +70,8 @@ Objects = Annotated[list[tuple[int, str, bytes]], msgspec.Meta(max_length=OBJECT
 MemberIds = Annotated[list[str], msgspec.Meta(max_length=MAX_GROUP)]
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+# An acceptor incarnation (``kvstore.runtime.identity.new_incarnation``: hex digits).
+Incarnation = Annotated[str, msgspec.Meta(pattern=r"^[0-9A-Za-z]{1,64}$")]
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,14 +240,14 @@ class PaxosRegister:
     """An acceptor's new incarnation, registered at a peer (``kvstore.runtime.register_recovery``)."""
 
     OP: ClassVar[str] = "paxos_register"
-    incarnation: str
+    incarnation: Incarnation
     cv: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class PaxosRecoverScan:
     OP: ClassVar[str] = "paxos_recover_scan"
-    incarnation: str
+    incarnation: Incarnation
     after: tuple[int, str] | None
     limit: Positive
     max_bytes: Positive
@@ -405,20 +408,21 @@ class CpProposeReply:
     body: dict[str, Any] | None = None
     http: int | None = None
 
-    # ``value`` is part of an ok answer even when None (the register is empty).
-    ALWAYS: ClassVar[frozenset[str]] = frozenset({"value"})
+    # ``value`` and ``etag`` are part of an ok answer even when None (the register is empty): the
+    # old map always sent both, and older nodes read ``etag`` by key.
+    ALWAYS: ClassVar[frozenset[str]] = frozenset({"value", "etag"})
 
 
 @dataclass(frozen=True, slots=True)
 class PaxosRegisterReply:
     ok: bool
-    previous: str | None
-    incarnation: str
+    previous: Incarnation | None  # the incarnation of the registering node the peer knew before
+    incarnation: Incarnation  # the peer's own
 
 
 @dataclass(frozen=True, slots=True)
 class PaxosRecoverScanReply:
-    records: list[tuple[int, str, bytes]]
+    records: Annotated[list[tuple[int, str, bytes]], msgspec.Meta(max_length=PAGE_RECORDS)]
     next: tuple[int, str] | None
     done: bool
 

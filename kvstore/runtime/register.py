@@ -49,12 +49,23 @@ from kvstore.errors import (
     StorageUnavailable,
 )
 from kvstore.protocol import versions
+from kvstore.protocol.messages import (
+    CpPropose,
+    CpProposeReply,
+    MessageError,
+    PaxosRecoverScan,
+    PaxosRegister,
+    PaxosStatus,
+    decode_reply,
+    encode,
+    serve,
+)
 from kvstore.protocol.paxos import Change, CompareAndSet, Delete, PutIfAbsent, Read, Write
 from kvstore.protocol.proposer import PeekInconclusive
 from kvstore.protocol.ring import TOKEN_MIN, key_token
 from kvstore.runtime.caspaxos import PaxosAcceptor, PaxosProposer
 from kvstore.runtime.node import FORWARD_MARGIN_MS, Node, _error_from_body, _error_from_remote
-from kvstore.runtime.register_recovery import OP_RECOVER_SCAN, OP_REGISTER, OP_STATUS, AcceptorRecovery
+from kvstore.runtime.register_recovery import AcceptorRecovery
 from kvstore.storage import StorageError
 from kvstore.storage.base import scan_pages
 from kvstore.transport.base import Handler, Message, PeerUnavailable, RemoteError
@@ -77,18 +88,21 @@ def _change_to_wire(change: Change) -> list[Any]:
     raise AssertionError(f"unknown change {change!r}")
 
 
-def _change_from_wire(raw: Any) -> Change:
-    kind = raw[0]
-    if kind == "read":
-        return Read()
-    if kind == "write":
-        return Write(raw[1])
-    if kind == "delete":
-        return Delete()
+def _change_from_wire(raw: list[Any]) -> Change:
+    """A change the codec checked for shape (``CpPropose``: kind, arity, str/bytes/None arguments);
+    ValueError (answered ``bad_request``) when an argument is not the one its kind takes."""
+    kind, *args = raw
+    if kind in ("read", "delete"):
+        return Read() if kind == "read" else Delete()
+    if kind in ("write", "put_if_absent"):
+        if not isinstance(args[0], bytes):
+            raise ValueError(f"a {kind} change's value is bytes")
+        return Write(args[0]) if kind == "write" else PutIfAbsent(args[0])
     if kind == "cas":
-        return CompareAndSet(raw[1], raw[2])
-    if kind == "put_if_absent":
-        return PutIfAbsent(raw[1])
+        expected, new_value = args
+        if not isinstance(expected, str) or not (new_value is None or isinstance(new_value, bytes)):
+            raise ValueError("a cas change is [cas, etag (str), new value (bytes or null)]")
+        return CompareAndSet(expected, new_value)
     raise ValueError(f"unknown change {kind!r}")
 
 
@@ -119,10 +133,10 @@ class LinearizableRegister:
             "paxos_prepare": self.on_paxos,
             "paxos_accept": self.on_paxos,
             "paxos_peek": self.on_paxos,
-            "cp_propose": self.on_cp_propose,
-            OP_REGISTER: self.recovery.on_register,
-            OP_RECOVER_SCAN: self.recovery.on_scan,
-            OP_STATUS: self.recovery.on_status,
+            CpPropose.OP: serve(CpPropose, self.on_cp_propose),
+            PaxosRegister.OP: serve(PaxosRegister, self.recovery.on_register),
+            PaxosRecoverScan.OP: serve(PaxosRecoverScan, self.recovery.on_scan),
+            PaxosStatus.OP: serve(PaxosStatus, self.recovery.on_status),
         }
 
     async def start(self) -> None:
@@ -144,13 +158,13 @@ class LinearizableRegister:
             self.register_keys.add(key)
         return await self.acceptor.handle(message)
 
-    async def on_cp_propose(self, sender: str, message: Message) -> Message:
+    async def on_cp_propose(self, sender: str, request: CpPropose) -> CpProposeReply:
+        change = _change_from_wire(request.change)  # before anything runs: a bad change is bad_request
         try:
-            outcome = await self.propose_here(message["key"], _change_from_wire(message["change"]),
-                                              int(message["timeout_ms"]) / 1000.0)
+            outcome = await self.propose_here(request.key, change, request.timeout_ms / 1000.0)
         except NodeError as exc:
-            return {"status": "error", "body": exc.body(), "http": exc.status}
-        return {"status": "ok", **outcome}
+            return CpProposeReply("error", body=exc.body(), http=exc.status)
+        return CpProposeReply("ok", outcome=outcome["outcome"], value=outcome["value"], etag=outcome["etag"])
 
     async def has_register(self, key: str, token: int) -> bool:
         return key in self.register_keys
@@ -231,13 +245,14 @@ class LinearizableRegister:
                 break
             if primary == node.node_id:
                 return await self.propose_here(key, change, remaining)
+            request = CpPropose(key, _change_to_wire(change), max(1, int(remaining * 1000) - FORWARD_MARGIN_MS))
             try:
-                reply = await node.call(
-                    primary,
-                    {"op": "cp_propose", "key": key, "change": _change_to_wire(change),
-                     "timeout_ms": max(1, int(remaining * 1000) - FORWARD_MARGIN_MS)},
-                    remaining,
-                )
+                raw = await node.call(primary, encode(request), remaining)
+                reply = decode_reply(raw, CpProposeReply, CpPropose.OP)
+            except MessageError as exc:
+                # The proposer answered, but not a reply we can read: the change may have run.
+                raise QuorumUnavailable(majority, 0, indeterminate=not is_read,
+                                        detail=f"proposer {primary} answered a malformed reply: {exc}") from None
             except PeerUnavailable as exc:
                 if exc.maybe_delivered:
                     raise QuorumUnavailable(majority, 0, indeterminate=not is_read,
@@ -249,7 +264,10 @@ class LinearizableRegister:
                 if is_read and err.extra.get("indeterminate"):
                     err.extra["indeterminate"] = False  # a read changes nothing
                 raise err from None
-            if reply.get("status") == "ok":
-                return reply
-            raise _error_from_body(reply["body"], reply.get("http"))
+            if reply.status == "ok" and reply.outcome is not None:
+                return {"outcome": reply.outcome, "value": reply.value, "etag": reply.etag}
+            if reply.status == "error" and reply.body is not None:
+                raise _error_from_body(reply.body, reply.http)
+            raise QuorumUnavailable(majority, 0, indeterminate=not is_read,
+                                    detail=f"proposer {primary} answered {reply.status} without its fields")
         raise QuorumUnavailable(majority, 0, indeterminate=False, detail="no replica of the key reachable")

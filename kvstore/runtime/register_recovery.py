@@ -85,6 +85,18 @@ from typing import Any, Literal
 import msgpack
 
 from kvstore.config import INITIAL_CLUSTER_STATES as CLUSTER_STATES
+from kvstore.protocol.messages import (
+    PAGE_RECORDS,
+    ErrorReply,
+    PaxosRecoverScan,
+    PaxosRecoverScanReply,
+    PaxosRegister,
+    PaxosRegisterReply,
+    PaxosStatus,
+    PaxosStatusReply,
+    decode_reply,
+    encode,
+)
 from kvstore.protocol.paxos import AcceptorState, backoff_s, majority
 from kvstore.protocol.ring import TOKEN_MIN
 from kvstore.runtime.caspaxos import PaxosAcceptor
@@ -94,13 +106,12 @@ from kvstore.transport.base import Message, PeerUnavailable, RemoteError
 
 log = logging.getLogger(__name__)
 
-OP_REGISTER = "paxos_register"
-OP_RECOVER_SCAN = "paxos_recover_scan"
-OP_STATUS = "paxos_status"
+OP_REGISTER = PaxosRegister.OP
+OP_RECOVER_SCAN = PaxosRecoverScan.OP
+OP_STATUS = PaxosStatus.OP
 ACCEPTOR_META = "acceptor_identity"
 REGISTRY_META = "peer_incarnations"
 MAX_RETIRED = 16
-PAGE_RECORDS = 256
 PAGE_BYTES = 4 * 1024 * 1024
 _FORMAT = 1
 
@@ -115,6 +126,7 @@ class RetiredIncarnation(ValueError):
 
 
 def _check_incarnation(raw: Any, what: str = "incarnation") -> str:
+    """An incarnation read from our own store (messages are checked by the codec's ``Incarnation``)."""
     if not isinstance(raw, str) or not raw.isalnum() or len(raw) > 64:
         raise ValueError(f"{what} must be an alphanumeric id")
     return raw
@@ -401,15 +413,12 @@ class AcceptorRecovery:
                 await self.sleep(backoff_s(min(attempt, 8), self.rng, self.backoff_base_s, self.backoff_cap_s))
 
     async def _register_at(self, peer: str) -> None:
-        reply = await self.call(peer, {"op": OP_REGISTER, "incarnation": self.incarnation}, self.call_timeout_s)
-        previous = reply.get("previous")
-        theirs = reply.get("incarnation")
-        if previous is not None:
-            _check_incarnation(previous, "previous")
-        if theirs is not None:
-            async with self._registry_lock:
-                if self.registry.learn(peer, _check_incarnation(theirs)):
-                    await self.storage.meta_put(REGISTRY_META, self.registry.encode())
+        raw = await self.call(peer, encode(PaxosRegister(self.incarnation)), self.call_timeout_s)
+        reply = decode_reply(raw, PaxosRegisterReply, OP_REGISTER)  # MessageError is a ValueError: retried
+        previous = reply.previous
+        async with self._registry_lock:
+            if self.registry.learn(peer, reply.incarnation):
+                await self.storage.meta_put(REGISTRY_META, self.registry.encode())
         self.answers[peer] = None if previous == self.incarnation else previous
         if self.answers[peer] is not None and self.decision == "fresh" and self.identity is not None \
                 and self.identity.bootstrap == "new":
@@ -453,17 +462,16 @@ class AcceptorRecovery:
     async def _scan(self, peer: str) -> None:
         acceptor = self.acceptor
         assert acceptor is not None
-        after: list[Any] | None = None
+        after: tuple[int, str] | None = None
         pages = 0
         merged = 0
         while True:
-            reply = await self.call(
-                peer,
-                {"op": OP_RECOVER_SCAN, "incarnation": self.incarnation, "after": after,
-                 "limit": self.page_records, "max_bytes": self.page_bytes},
-                self.call_timeout_s,
-            )
-            records, cursor, done = _parse_page(reply, after)
+            request = PaxosRecoverScan(self.incarnation, after, self.page_records, self.page_bytes)
+            raw = await self.call(peer, encode(request), self.call_timeout_s)
+            page = decode_reply(raw, PaxosRecoverScanReply, OP_RECOVER_SCAN)  # a MessageError is retried
+            records, cursor, done = page.records, page.next, page.done
+            if not done and (cursor is None or cursor == after):
+                raise ValueError("a recovery scan page that does not advance")
             pages += 1
             mine = [(t, k, b) for t, k, b in records if self.node_id in self.replicas_of(t)]
             states = [(t, k, AcceptorState.decode(b)) for t, k, b in mine]  # CorruptState is a ValueError
@@ -503,87 +511,45 @@ class AcceptorRecovery:
 
     # --- the serving side ---------------------------------------------------------------------
 
-    async def on_register(self, sender: str, message: Message) -> Message:
+    async def on_register(self, sender: str, request: PaxosRegister) -> PaxosRegisterReply | ErrorReply:
         if sender not in self.peers:
-            return _refusal("bad_request", f"{sender!r} is not a peer of {self.node_id}")
-        incarnation = _check_incarnation(message.get("incarnation"))
+            return ErrorReply("bad_request", f"{sender!r} is not a peer of {self.node_id}")
+        incarnation = request.incarnation
         async with self._registry_lock:
             try:
                 changed, previous = self.registry.register(sender, incarnation)
             except RetiredIncarnation as exc:
-                return _refusal("retired_incarnation", str(exc))
+                return ErrorReply("retired_incarnation", str(exc))
             if changed:
                 # Durable before the reply: the registering node scans us only after it, and our
                 # votes name the new incarnation from now on (see the module docstring).
                 await self.storage.meta_put(REGISTRY_META, self.registry.encode())
         if changed and previous is not None:
             log.warning("peer %s has a new acceptor incarnation %s (was %s)", sender, incarnation, previous)
-        return {"ok": True, "previous": previous, "incarnation": self.incarnation}
+        return PaxosRegisterReply(True, previous, self.incarnation)
 
-    async def on_scan(self, sender: str, message: Message) -> Message:
+    async def on_scan(self, sender: str, request: PaxosRecoverScan) -> PaxosRecoverScanReply | ErrorReply:
         if sender not in self.peers:
-            return _refusal("bad_request", f"{sender!r} is not a peer of {self.node_id}")
-        if self.registry.current.get(sender) != _check_incarnation(message.get("incarnation")):
-            return _refusal("not_registered", "register this incarnation before scanning")
-        after = _parse_cursor(message.get("after"))
-        limit = message.get("limit")
-        max_bytes = message.get("max_bytes")
-        if not isinstance(limit, int) or not isinstance(max_bytes, int) or limit < 1 or max_bytes < 1:
-            raise ValueError("limit and max_bytes must be positive integers")
-        limit, max_bytes = min(limit, PAGE_RECORDS), min(max_bytes, PAGE_BYTES)
+            return ErrorReply("bad_request", f"{sender!r} is not a peer of {self.node_id}")
+        if self.registry.current.get(sender) != request.incarnation:
+            return ErrorReply("not_registered", "register this incarnation before scanning")
+        after = request.after
+        limit, max_bytes = min(request.limit, PAGE_RECORDS), min(request.max_bytes, PAGE_BYTES)
         page = await self.storage.scan(TOKEN_MIN, TOKEN_MIN, limit, after)
-        records: list[list[Any]] = []
+        records: list[tuple[int, str, bytes]] = []
         size = 0
         cursor = after
         complete = True
         for record in page:
             cursor = (record.token, record.key)
             if sender in self.replicas_of(record.token):
-                records.append([record.token, record.key, record.blob])
+                records.append((record.token, record.key, record.blob))
                 size += len(record.blob) + len(record.key) + 32
                 if size >= max_bytes:
                     complete = False
                     break
-        return {
-            "records": records,
-            "next": None if cursor is None else list(cursor),
-            "done": complete and len(page) < limit,
-        }
+        return PaxosRecoverScanReply(records, cursor, complete and len(page) < limit)
 
-    async def on_status(self, sender: str, message: Message) -> Message:
-        return self.status()
+    async def on_status(self, sender: str, request: PaxosStatus) -> PaxosStatusReply:
+        return PaxosStatusReply(**self.status())
 
-
-def _refusal(code: str, message: str) -> Message:
-    return {"error": code, "message": message, "remote_error": True}
-
-
-def _parse_cursor(raw: Any) -> tuple[int, str] | None:
-    if raw is None:
-        return None
-    if (
-        not isinstance(raw, list | tuple) or len(raw) != 2 or not isinstance(raw[0], int)
-        or isinstance(raw[0], bool) or not isinstance(raw[1], str)
-    ):
-        raise ValueError(f"malformed scan cursor {raw!r}")
-    return (raw[0], raw[1])
-
-
-def _parse_page(reply: Message, after: list[Any] | None) -> tuple[list[tuple[int, str, bytes]], list[Any], bool]:
-    """A scan page from a peer (untrusted): ValueError when malformed or not advancing."""
-    records = reply.get("records")
-    done = reply.get("done")
-    if not isinstance(records, list) or len(records) > PAGE_RECORDS or not isinstance(done, bool):
-        raise ValueError("malformed recovery page")
-    out: list[tuple[int, str, bytes]] = []
-    for item in records:
-        if (
-            not isinstance(item, list) or len(item) != 3 or not isinstance(item[0], int)
-            or not isinstance(item[1], str) or not isinstance(item[2], bytes)
-        ):
-            raise ValueError("malformed recovery record")
-        out.append((item[0], item[1], item[2]))
-    cursor = _parse_cursor(reply.get("next"))
-    if not done and (cursor is None or cursor == _parse_cursor(after)):
-        raise ValueError("a recovery scan page that does not advance")
-    return out, [] if cursor is None else list(cursor), done
