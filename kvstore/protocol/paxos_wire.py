@@ -112,13 +112,19 @@ def parse_peek(message: Message) -> tuple[str, int, tuple[str, ...]]:
     """Parse a peek (untrusted): (key, token, group); raises ``PaxosMessageError``."""
     if message.get("op") != OP_PEEK:
         raise PaxosMessageError(f"not a peek: {message.get('op')!r}")
+    key, token = _parse_key_token(message)
+    return key, token, _parse_group(message.get("group"))
+
+
+def _parse_key_token(message: Message) -> tuple[str, int]:
+    """The key and token every paxos request names (untrusted); raises ``PaxosMessageError``."""
     key = message.get("key")
     token = message.get("token")
     if not isinstance(key, str):
         raise PaxosMessageError("key must be a string")
     if not isinstance(token, int) or isinstance(token, bool):
         raise PaxosMessageError("token must be an integer")
-    return key, token, _parse_group(message.get("group"))
+    return key, token
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,12 +146,7 @@ def parse_request(message: Message) -> PaxosRequest:
     op = message.get("op")
     if op not in (OP_PREPARE, OP_ACCEPT):
         raise PaxosMessageError(f"not a paxos op: {op!r}")
-    key = message.get("key")
-    token = message.get("token")
-    if not isinstance(key, str):
-        raise PaxosMessageError("key must be a string")
-    if not isinstance(token, int) or isinstance(token, bool):
-        raise PaxosMessageError("token must be an integer")
+    key, token = _parse_key_token(message)
     ballot = Ballot.from_wire(message.get("ballot"))
     group = _parse_group(message.get("group"))
     if op == OP_PREPARE:
