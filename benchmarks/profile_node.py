@@ -57,6 +57,7 @@ from kvstore.harness.local_cluster import LocalCluster  # noqa: E402
 QUERIES = {
     ("eventual", "put"): "w=1", ("eventual", "get"): "r=1",
     ("quorum", "put"): "consistency=quorum&w=2", ("quorum", "get"): "consistency=quorum&r=2",
+    ("linearizable", "put"): "consistency=linearizable", ("linearizable", "get"): "consistency=linearizable",
 }
 
 FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^():]*)(?::(?P<line>\d+))?\)$")
@@ -70,6 +71,12 @@ COMPONENTS: tuple[tuple[str, str], ...] = (
     ("kvstore/protocol/versions.py", "versions (DVV merge/encode)"),
     ("prometheus_client", "metrics (prometheus_client)"),
     ("kvstore/server/api.py", "kvstore.server.api (validation, responses)"),
+    ("kvstore/runtime/caspaxos.py", "kvstore.runtime.caspaxos (CP proposer)"),
+    ("kvstore/runtime/register.py", "kvstore.runtime.caspaxos (CP proposer)"),
+    ("paxos", "kvstore paxos (acceptor, wire)"),
+    ("kvstore/protocol/messages.py", "kvstore.protocol.messages (codec)"),
+    ("msgspec", "kvstore.protocol.messages (codec)"),
+    ("kvstore/server/http_front.py", "kvstore.server.http_front (httptools front end)"),
     ("kvstore/runtime/node.py", "kvstore.runtime.node (coordinator/replica)"),
     ("kvstore/runtime/coordinator.py", "kvstore.runtime.node (coordinator/replica)"),
     ("kvstore/runtime/replica.py", "kvstore.runtime.node (coordinator/replica)"),
@@ -141,7 +148,7 @@ def aggregate(paths: list[Path], top: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--op", choices=("put", "get"), default="put")
-    parser.add_argument("--mode", choices=("eventual", "quorum"), default="quorum")
+    parser.add_argument("--mode", choices=("eventual", "quorum", "linearizable"), default="quorum")
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--storage", choices=("memory", "sqlite"), default="sqlite")
     parser.add_argument("--fsync", choices=("always", "batch", "never"), default="batch")
@@ -175,7 +182,10 @@ def main(argv: list[str] | None = None) -> int:
         cluster.start()
         query = QUERIES[(args.mode, args.op)]
         if args.op == "get":
-            prepopulate(cluster.urls, "prof-", 2000, args.value_size, query="w=3")
+            # A key belongs to one mode: linearizable reads need keys written through CASPaxos.
+            load_query = query if args.mode == "linearizable" else "w=3"
+            keys = 500 if args.mode == "linearizable" else 2000
+            prepopulate(cluster.urls, "prof-", keys, args.value_size, query=load_query)
         paths = []
         for node_id in cluster.node_ids:
             path = out_dir / f"{node_id}.txt"
@@ -189,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         cpu0 = cpu_seconds(pids)
         result = run_load(LoadSpec(
             urls=cluster.urls, op=args.op, query=query, value_size=args.value_size, prefix="prof-",
-            keys=2000, duration_s=args.duration + 2, connections=64,
+            keys=500 if args.mode == "linearizable" else 2000, duration_s=args.duration + 2, connections=64,
         ))
         cpu = cpu_seconds(pids) - cpu0
         for spy in spies:
