@@ -24,8 +24,9 @@ import asyncio
 import random
 import statistics
 import time
-from dataclasses import replace
 from typing import Any
+
+import msgspec
 
 from kvstore.clock import SystemClock
 from kvstore.config import Member, NodeConfig
@@ -56,7 +57,7 @@ def new_replica_puts(hints: tuple[str | None, ...]) -> None:
     put = m.ReplicaPut("key-1", 12345, OBJ, cv=1)
     encoded = m.encode(put)
     for hint in hints:
-        message = dict(encoded) if hint is None else m.encode(replace(put, hint_for=hint))
+        message = dict(encoded) if hint is None else m.encode(msgspec.structs.replace(put, hint_for=hint))
         got = m.decode_as(message, m.ReplicaPut)
         _ = (got.key, got.token, got.obj, got.hint_for)
         reply = m.encode(m.OK)
