@@ -100,8 +100,10 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Literal
+
+import msgspec
 
 from kvstore import contract
 from kvstore.errors import (
@@ -495,7 +497,7 @@ class WriteCoordinatorCore:
             message = dict(self._message)
         else:
             assert self._put is not None
-            message = messages.encode(replace(self._put, hint_for=call.hint_for))
+            message = messages.encode(msgspec.structs.replace(self._put, hint_for=call.hint_for))
         cap = None if deadline_only else self.replica_timeout_ns
         return Send(number, call.member, message, _call_timeout_at(at_ns, self.deadline_ns, cap))
 
