@@ -29,6 +29,10 @@ SLOW_MS = 300.0  # a one-way delay well inside every timeout (1000 ms) and far b
 async def _write_then_read_at_once(sloppy: str, seed: int) -> tuple[int, int]:
     """(status of the w=2 write, status of an r=2 read through a non-primary right after it)."""
     cluster = await started(ClusterSpec(ap=NO_AE), seed=seed)
+    # Every Paxos acceptor has saved its identity (a new cluster's acceptors decide that just after
+    # start): a disk filled before would refuse that save, which is not what this test is about.
+    await cluster.wait_until("every acceptor votes", lambda: all(
+        cluster.node(n).parts.register.recovery.active.is_set() for n in cluster.node_ids), deadline_s=30.0)
     key = key_where(cluster, "full-disk-", lambda walk: True)
     coordinator, full, lagging, fallback, reader = cluster.walk(key)
     cluster.set_disk_faults(full, {"disk_full": True})
