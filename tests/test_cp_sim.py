@@ -57,7 +57,7 @@ from kvstore.runtime.caspaxos import (
     prepare_message,
 )
 from kvstore.storage import open_storage
-from kvstore.storage.base import Storage, StorageError
+from kvstore.storage.base import Storage, StorageError, StorageWrapper
 from kvstore.transport.base import FaultRules, LinkRule, Message, PeerUnavailable
 from kvstore.transport.memory import MemoryNetwork
 from tests.vtime import CLOCK, elapsed_s, run_simulated, simulated, virtual_loop
@@ -65,11 +65,11 @@ from tests.vtime import CLOCK, elapsed_s, run_simulated, simulated, virtual_loop
 TOKEN = 42
 
 
-class CountingStorage:
+class CountingStorage(StorageWrapper):
     """Wraps a storage: counts durable writes and yields on I/O like a real engine would."""
 
     def __init__(self, inner: Storage) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.puts = 0
 
     async def get(self, key: str, token: int) -> bytes | None:
@@ -80,21 +80,6 @@ class CountingStorage:
         await asyncio.sleep(0)
         self.puts += 1
         await self.inner.put(key, token, blob)
-
-    async def delete(self, key: str, token: int) -> None:
-        await self.inner.delete(key, token)
-
-    async def scan(self, start_token: int, end_token: int, limit: int, after: Any = None) -> Any:
-        return await self.inner.scan(start_token, end_token, limit, after)
-
-    async def count(self) -> int:
-        return await self.inner.count()
-
-    async def size_bytes(self) -> int:
-        return await self.inner.size_bytes()
-
-    async def close(self) -> None:
-        await self.inner.close()
 
 
 class SimNode:

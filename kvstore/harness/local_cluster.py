@@ -15,7 +15,8 @@ ever signals those PIDs: ``stop()`` sends SIGTERM, waits, then SIGKILLs straggle
 harness.  Ports are picked free by the OS unless a base port is given.
 
 It is a context manager and also registers an ``atexit`` hook, so a failing
-test or an interrupted run does not leave node processes behind.
+test or an interrupted run does not leave node processes behind; and each node watches
+this process (``kvstore.lifeline``), so not even a SIGKILL of it does.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from typing import Any
 
 import msgpack
 
+from kvstore import lifeline
 from kvstore.config import (
     APSettings,
     Limits,
@@ -137,8 +139,11 @@ class LocalCluster:
         tls: TLSSettings | None = None,
         front_end: str | None = None,  # None: ServerSettings' default
         nodes_per_machine: int = 1,
+        exit_with_parent: bool = True,
     ) -> None:
-        """``spares``: extra node ids (n{nodes+1}...) with ports reserved, not members yet: they
+        """``exit_with_parent``: each node exits when this process dies, even by SIGKILL
+        (``kvstore.lifeline``); off only for nodes meant to outlive it (``cluster up --detach``).
+        ``spares``: extra node ids (n{nodes+1}...) with ports reserved, not members yet: they
         enter with ``join`` (a membership change, kvstore.runtime.reconfig).  ``nodes_per_machine``
         > 1 names machines m1, m2, ... for consecutive nodes (n1, n2 on m1 ...), as a deployment
         with one node per core does (docs/deployment.md, "Using more cores"): a key's replicas then
@@ -196,6 +201,7 @@ class LocalCluster:
             if self.base_config.scheme == "https" else None
         )
         self.log_level = log_level
+        self.exit_with_parent = exit_with_parent
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.paused: set[str] = set()
         self._atexit_registered = False
@@ -249,7 +255,7 @@ class LocalCluster:
         os.chmod(path.parent, PRIVATE_DIR_MODE)  # also when an older run created it readable
         write_private(path, to_toml(cfg))
         log = open(path.parent / "node.log", "ab")  # noqa: SIM115 - handed to the child process
-        env = {**os.environ, "KVSTORE_LOG": self.log_level}
+        env = lifeline.child_environment({**os.environ, "KVSTORE_LOG": self.log_level}, self.exit_with_parent)
         self.procs[node_id] = subprocess.Popen(
             self.node_command(node_id, path),
             stdout=log,
@@ -547,6 +553,7 @@ def cluster_up(args: Any) -> int:
             vnodes=getattr(args, "vnodes", 256),
             log_level="INFO",
             nodes_per_machine=getattr(args, "nodes_per_machine", 1),
+            exit_with_parent=not detach,  # detached nodes outlive this command; foreground ones die with it
         )
     except (ClusterError, ValueError, cluster_control.ControlError) as exc:
         print(f"kvstore cluster up: {exc}", file=sys.stderr)

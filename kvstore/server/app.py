@@ -33,7 +33,7 @@ from typing import Any
 from aiohttp import web
 
 from kvstore import config as config_mod
-from kvstore import tls
+from kvstore import lifeline, tls
 from kvstore.clock import SystemClock
 from kvstore.config import NodeConfig
 from kvstore.errors import BadRequest, NodeError
@@ -315,6 +315,7 @@ def run_node(config_path: str) -> int:
         level=os.environ.get("KVSTORE_LOG", "INFO"),
         format=f"%(asctime)s {cfg.node_id} %(levelname)s %(name)s: %(message)s",
     )
+    lifeline.exit_with_parent_from_env()  # started by a harness that may be killed: exit with it
     try:
         import uvloop
 

@@ -20,7 +20,8 @@ and step budgets bound everything else).  Each broken seed is reported with its 
 and its history is kept (``--out``); the histories of seeds that kept their promise are deleted.
 
 Seeds run in a ``ProcessPoolExecutor`` (``--jobs``, default ``os.cpu_count()``; processes are
-spawned, not forked, so a worker never inherits the parent's progress thread).  A seed's result
+spawned, not forked, so a worker never inherits the parent's progress thread; each exits if the
+parent is killed: ``kvstore.lifeline``).  A seed's result
 does not depend on which worker ran it or what ran there before: ``run_sim`` builds a fresh
 loop, cluster and rngs per run.
 """
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import multiprocessing
+import os
 import random
 import re
 import shutil
@@ -43,6 +45,7 @@ from typing import Any
 
 from kvstore.harness.runner import SCENARIOS
 from kvstore.harness.workload import MODES
+from kvstore.lifeline import exit_with_parent
 from kvstore.sim import vloop
 from kvstore.sim.run import SimConfig, replay_command, run_sim
 from kvstore.sim.vloop import SimDeadlock, SimError
@@ -220,7 +223,9 @@ def sweep(
     started = time.perf_counter()
     outcomes: dict[int, SeedOutcome] = {}
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+    # Workers exit if this process is killed (kvstore.lifeline): else they run on, orphaned.
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context, initializer=exit_with_parent,
+                                                initargs=(os.getpid(),)) as pool:
         futures = {pool.submit(run_seed, seed, config, str(out_root), wall_limit_s): (seed, config)
                    for seed, config in seed_configs(seeds, base, modes, scenarios)}
         for future in concurrent.futures.as_completed(futures):

@@ -108,6 +108,49 @@ class Storage(Protocol):
         ...
 
 
+class StorageWrapper:
+    """A ``Storage`` that passes every operation to ``inner``: the base of the wrappers
+    (``kvstore.storage.tracked``, ``kvstore.storage.faulty``), each of which overrides only the
+    operations it changes.  Reads and writes it does not override cost one method call more than
+    the engine's own."""
+
+    def __init__(self, inner: Storage) -> None:
+        self.inner = inner
+
+    @property
+    def durable(self) -> bool:
+        return self.inner.durable
+
+    async def get(self, key: str, token: int) -> bytes | None:
+        return await self.inner.get(key, token)
+
+    async def put(self, key: str, token: int, blob: bytes) -> None:
+        await self.inner.put(key, token, blob)
+
+    async def delete(self, key: str, token: int) -> None:
+        await self.inner.delete(key, token)
+
+    async def scan(
+        self, start_token: int, end_token: int, limit: int, after: tuple[int, str] | None = None
+    ) -> list[Record]:
+        return await self.inner.scan(start_token, end_token, limit, after)
+
+    async def meta_get(self, name: str) -> bytes | None:
+        return await self.inner.meta_get(name)
+
+    async def meta_put(self, name: str, blob: bytes) -> None:
+        await self.inner.meta_put(name, blob)
+
+    async def count(self) -> int:
+        return await self.inner.count()
+
+    async def size_bytes(self) -> int:
+        return await self.inner.size_bytes()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
 async def scan_pages(
     storage: Storage, start_token: int, end_token: int, page_size: int
 ) -> AsyncIterator[list[Record]]:

@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from kvstore.storage._common import StorageFull
-from kvstore.storage.base import Record, Storage, StorageError
+from kvstore.storage.base import Record, Storage, StorageError, StorageWrapper
 
 MAX_DELAY_MS = 600_000.0  # a hold longer than ten minutes is a typo, not a test
 
@@ -156,18 +156,14 @@ class DiskFaults:
             await asyncio.wait_for(release.wait(), delay_ms / 1000.0)
 
 
-class FaultyStorage:
+class FaultyStorage(StorageWrapper):
     """A ``Storage`` that passes every operation to ``inner`` unless ``faults`` say otherwise."""
 
     def __init__(self, inner: Storage, faults: DiskFaults) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.faults = faults
         # A dict, not a set: cancelled in the order they were held (a set of tasks iterates by id).
         self._held: dict[asyncio.Task[None], None] = {}
-
-    @property
-    def durable(self) -> bool:
-        return self.inner.durable
 
     async def get(self, key: str, token: int) -> bytes | None:
         if self.faults.settings.active:
@@ -204,12 +200,6 @@ class FaultyStorage:
             await self._write(self.inner.meta_put(name, blob))
             return
         await self.inner.meta_put(name, blob)
-
-    async def count(self) -> int:
-        return await self.inner.count()
-
-    async def size_bytes(self) -> int:
-        return await self.inner.size_bytes()
 
     async def close(self) -> None:
         for task in list(self._held):

@@ -12,23 +12,23 @@ What it guarantees: when a write's caller sees it return, every listener has bee
 it cannot see: a write handed to an engine that lands *after* its caller was cancelled (the
 fault layer's slow fsync, the simulator's disk) is reported at the cancellation, possibly
 before it lands; a listener bounds how long it trusts a cached value for that case.  Meta blobs
-are not records and are not reported.  Reads go straight through: one method call more.
+are not records and are not reported.  Everything else is ``StorageWrapper``'s pass-through.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from kvstore.storage.base import Record, Storage
+from kvstore.storage.base import Storage, StorageWrapper
 
 ChangeListener = Callable[[int], None]  # called with the token of the record written or deleted
 
 
-class TrackedStorage:
+class TrackedStorage(StorageWrapper):
     """``Storage`` around another, reporting every record write and delete by token."""
 
     def __init__(self, inner: Storage) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self._listeners: list[ChangeListener] = []
 
     def add_listener(self, listener: ChangeListener) -> None:
@@ -37,13 +37,6 @@ class TrackedStorage:
     def _changed(self, token: int) -> None:
         for listener in self._listeners:
             listener(token)
-
-    @property
-    def durable(self) -> bool:
-        return self.inner.durable
-
-    async def get(self, key: str, token: int) -> bytes | None:
-        return await self.inner.get(key, token)
 
     async def put(self, key: str, token: int, blob: bytes) -> None:
         try:
@@ -56,23 +49,3 @@ class TrackedStorage:
             await self.inner.delete(key, token)
         finally:
             self._changed(token)
-
-    async def scan(
-        self, start_token: int, end_token: int, limit: int, after: tuple[int, str] | None = None
-    ) -> list[Record]:
-        return await self.inner.scan(start_token, end_token, limit, after)
-
-    async def meta_get(self, name: str) -> bytes | None:
-        return await self.inner.meta_get(name)
-
-    async def meta_put(self, name: str, blob: bytes) -> None:
-        await self.inner.meta_put(name, blob)
-
-    async def count(self) -> int:
-        return await self.inner.count()
-
-    async def size_bytes(self) -> int:
-        return await self.inner.size_bytes()
-
-    async def close(self) -> None:
-        await self.inner.close()
