@@ -4,7 +4,10 @@ Theory of operation
 -------------------
 Each node keeps at most one outgoing TCP connection per peer and sends every
 call on it, tagged with a request id; the peer answers out of order as its
-handlers finish, and a reader task matches replies to waiting futures.  This
+handlers finish, and a reader task resolves each call's future with its reply
+(a call is that one future and a ``loop.call_at`` deadline timer: no task or
+``wait_for`` per call; ``start_call`` hands the future itself to a caller that
+waits for many calls at once, such as the coordinator).  This
 is the shape of Cassandra's and Riak's internode messaging: no connection set-up
 or HTTP parsing per message, and many replica writes in flight on one socket.
 
