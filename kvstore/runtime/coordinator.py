@@ -56,8 +56,8 @@ which replicas read repair brings up to date, and each outcome's status and ``in
 ``ReadCoordinatorCore`` (inputs in, effects out, in the manner of etcd-io/raft's
 ``Ready``/``Advance``).  ``coordinate_write`` and ``get`` are their thin asyncio driver
 (``_drive``): they carry out the effects in order through the seams -- ``CheckRegister``,
-``PersistLocal`` (the lock, read and durable write, bounded by the deadline), ``Send`` (a task
-running ``call``), ``Abandon``, ``StartTimer`` -- and feed the answers back in the order the
+``PersistLocal`` (the lock, read and durable write, bounded by the deadline), ``Send`` (one future
+per call, ``Node.start_call``), ``Abandon``, ``StartTimer`` -- and feed the answers back in the order the
 calls completed.  After a write's answer its remaining replica calls are driven in the
 background; after a read's, ``PendingRepair`` hands them to read repair.  Which node
 coordinates a client write (here, forwarded to a primary, the next primary after a certain
@@ -71,10 +71,11 @@ through the node's ``Transport`` (``Node.call``) and ``Storage`` seams.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -344,14 +345,20 @@ class Coordinator:
                     await self.node.store_hint(hint_for, key, token, updated)
             return updated
 
-        task = asyncio.ensure_future(step())
-        timeout_s = max(0.0, (persist.timeout_at_ns - self.clock.monotonic_ns()) / NS_PER_S)
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(step())
+        # Woken by the step's end or the deadline, whichever is first (asyncio.wait's work, without its sets).
+        waiter: asyncio.Future[bool] = loop.create_future()
+        timer = loop.call_later(max(0.0, (persist.timeout_at_ns - self.clock.monotonic_ns()) / NS_PER_S), _fire, waiter)
+        task.add_done_callback(functools.partial(_wake, waiter))
         try:
-            done, _ = await asyncio.wait({task}, timeout=timeout_s)
+            await waiter
         except asyncio.CancelledError:
             self._abandon(task, progress)
             raise
-        if not done:
+        finally:
+            timer.cancel()
+        if not task.done():
             self._abandon(task, progress)
             return LocalFailed("timeout", progress.writing)
         try:
@@ -402,33 +409,37 @@ class Coordinator:
 class _CoreCalls:
     """The calls a coordinator core started (its ``Send`` effects), answered back to it in the
     order they completed: queued by the futures' done callbacks, never by iterating a set of
-    futures (whose order depends on object ids)."""
+    futures (whose order depends on object ids).
+
+    Each call is one future (``Node.start_call``: resolved by the transport's reader where it
+    can, without a task); the driver waits on one waiter future, woken by the first completion
+    or by its timer (``loop.call_later``), not on an ``asyncio.Event`` under ``asyncio.timeout``.
+    """
 
     def __init__(self, node: Node) -> None:
         self.node = node
-        self.futures: dict[int, asyncio.Task[Message]] = {}
+        self.futures: dict[int, asyncio.Future[Message]] = {}
         self.completed: deque[int] = deque()
-        self.wake = asyncio.Event()
+        self._waiter: asyncio.Future[bool] | None = None
 
     def send(self, send: Send) -> None:
         timeout_ns = max(MIN_CALL_TIMEOUT_NS, send.timeout_at_ns - self.node.clock.monotonic_ns())
-        task = asyncio.ensure_future(self.node.call(send.peer, send.message, timeout_ns / NS_PER_S))
-        task.add_done_callback(_consume_outcome)
-        task.add_done_callback(self._completed(send.call))
-        self.futures[send.call] = task
+        fut = self.node.start_call(send.peer, send.message, timeout_ns / NS_PER_S)
+        fut.add_done_callback(functools.partial(self._completed, send.call))
+        self.futures[send.call] = fut
 
-    def _completed(self, call: int) -> Callable[[asyncio.Future[Message]], None]:
-        def done(_: asyncio.Future[Message]) -> None:
-            self.completed.append(call)
-            self.wake.set()
-
-        return done
+    def _completed(self, call: int, fut: asyncio.Future[Message]) -> None:
+        _consume_outcome(fut)  # an abandoned call that fails later must not log "never retrieved"
+        self.completed.append(call)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(False)
 
     def abandon(self, calls: Iterable[int]) -> None:
         for call in calls:
-            task = self.futures.pop(call, None)
-            if task is not None:
-                task.cancel()
+            fut = self.futures.pop(call, None)
+            if fut is not None:
+                fut.cancel()
 
     def release(self) -> None:
         """Stop listening: the calls still in flight finish on their own (tracked by the node)."""
@@ -442,37 +453,52 @@ class _CoreCalls:
         answers: list[Answer] = []
         while self.completed:
             call = self.completed.popleft()
-            task = self.futures.pop(call, None)
-            if task is not None:  # else abandoned since it completed
-                answers.append(_answer(call, task))
+            fut = self.futures.pop(call, None)
+            if fut is not None:  # else abandoned since it completed
+                answers.append(_answer(call, fut))
         # Calls that completed but whose done callback has not run yet: in send order, so an
         # answer at hand is never taken for a call still in flight.
-        for call in [call for call, task in self.futures.items() if task.done()]:
+        for call in [call for call, fut in self.futures.items() if fut.done()]:
             answers.append(_answer(call, self.futures.pop(call)))
         return answers
 
     async def wait(self, timer_at_ns: int | None) -> list[Answer] | None:
         """The answers in so far, in completion order; None when the timer fired first; [] when
         there is no timer and nothing in flight."""
+        loop = asyncio.get_running_loop()
         while True:
             answers = self._drain()
             if answers:
                 return answers
+            timer: asyncio.TimerHandle | None = None
+            waiter: asyncio.Future[bool] = loop.create_future()
             if timer_at_ns is None:
                 if not self.futures:
                     return []
-                self.wake.clear()
-                await self.wake.wait()
-                continue
-            remaining_s = (timer_at_ns - self.node.clock.monotonic_ns()) / NS_PER_S
-            if remaining_s <= 0:
-                return None
-            self.wake.clear()
+            else:
+                remaining_s = (timer_at_ns - self.node.clock.monotonic_ns()) / NS_PER_S
+                if remaining_s <= 0:
+                    return None
+                timer = loop.call_later(remaining_s, _fire, waiter)
+            self._waiter = waiter
             try:
-                async with asyncio.timeout(remaining_s):
-                    await self.wake.wait()
-            except TimeoutError:
+                fired = await waiter
+            finally:
+                self._waiter = None
+                if timer is not None:
+                    timer.cancel()
+            if fired:
                 return self._drain() or None
+
+
+def _fire(waiter: asyncio.Future[bool]) -> None:
+    if not waiter.done():
+        waiter.set_result(True)
+
+
+def _wake(waiter: asyncio.Future[bool], _: asyncio.Future[Any]) -> None:
+    if not waiter.done():
+        waiter.set_result(False)
 
 
 class PendingRepair:

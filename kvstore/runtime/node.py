@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -165,13 +166,17 @@ class Node:
         self.durable_data = data.durable
         self.identity: DataIdentity | None = None  # loaded by start(), before anything is served
         # A dict, not a set: iterated in insertion order (a set of tasks iterates by id).
-        self._background: dict[asyncio.Task[Any], None] = {}
+        self._background: dict[asyncio.Future[Any], None] = {}
         self._background_slots = asyncio.Semaphore(cfg.limits.max_background_tasks)
         self._inflight = asyncio.Semaphore(cfg.limits.max_inflight_requests)
         self._loops: list[asyncio.Task[Any]] = []
         self.membership = self._make_membership()
         self.replica = Replica(self)
         self.coordinator = Coordinator(self)
+        # A transport that can resolve a call's future itself saves the coordinator a task per call.
+        self._start_remote: Callable[[str, Message, float], asyncio.Future[Message] | None] | None = getattr(
+            transport, "start_call", None
+        )
         self.parts = parts(self)
         self.handlers: dict[str, Handler] = {
             "ping": serve(Ping, self._on_ping), **self.replica.handlers(), **self.coordinator.handlers()
@@ -257,11 +262,11 @@ class Node:
         self._track(task)
         return task
 
-    def _track(self, task: asyncio.Task[Any]) -> None:
+    def _track(self, task: asyncio.Future[Any]) -> None:
         self._background[task] = None
         task.add_done_callback(self._untrack)
 
-    def _untrack(self, task: asyncio.Task[Any]) -> None:
+    def _untrack(self, task: asyncio.Future[Any]) -> None:
         self._background.pop(task, None)
 
     def now_s(self) -> float:
@@ -342,18 +347,28 @@ class Node:
         if "cv" not in message:  # the version this message was planned on (see FENCED_OPS)
             message = {**message, "cv": self.config.version}
         if peer == self.node_id:
-            work = asyncio.ensure_future(self.handle_message(self.node_id, message))
-            try:
-                reply = await asyncio.wait_for(asyncio.shield(work), max(0.0, timeout_s))
-            except TimeoutError:
-                self._adopt([work])
-                raise PeerUnavailable(peer, "timeout (local handler)", maybe_delivered=True) from None
-            except asyncio.CancelledError:
-                self._adopt([work])  # the caller gave up; the handler finishes, as a remote one would
-                raise
-            if isinstance(reply, dict) and reply.get("remote_error"):
-                raise RemoteError(peer, str(reply.get("error")), str(reply.get("message", "")))
-            return reply
+            return await self._call_local(message, timeout_s)
+        return await self._call_remote(peer, message, timeout_s)
+
+    def start_call(self, peer: str, message: Message, timeout_s: float) -> asyncio.Future[Message]:
+        """``call`` as a future, for a caller waiting for many calls at once (the coordinator).
+
+        The outcomes are ``call``'s, and cancelling the future gives up on the call as cancelling
+        ``call`` does.  It costs no task where none is needed: a transport that resolves a call's
+        future itself (``StreamTransport.start_call``) and a local call need only their futures;
+        any other call runs ``call``'s coroutine in a task.
+        """
+        if "cv" not in message:
+            message = {**message, "cv": self.config.version}
+        if peer == self.node_id:
+            return self._call_local(message, timeout_s)
+        fut = self._start_remote(peer, message, timeout_s) if self._start_remote is not None else None
+        if fut is None:
+            return asyncio.ensure_future(self._call_remote(peer, message, timeout_s))
+        fut.add_done_callback(functools.partial(self._remote_done, peer))
+        return fut
+
+    async def _call_remote(self, peer: str, message: Message, timeout_s: float) -> Message:
         try:
             reply = await self.transport.call(peer, message, timeout_s)
         except PeerUnavailable as exc:
@@ -368,6 +383,60 @@ class Node:
             self.membership.heartbeat(peer, self.clock.monotonic_ns())
         self._gossip(peer, reply)
         return reply
+
+    def _remote_done(self, peer: str, fut: asyncio.Future[Message]) -> None:
+        """What ``_call_remote`` does with an outcome, for a call made by ``start_call``."""
+        if fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is None:
+            if peer in self.membership.members:
+                self.membership.heartbeat(peer, self.clock.monotonic_ns())
+            self._gossip(peer, fut.result())
+        elif isinstance(exc, PeerUnavailable):
+            self.metrics.replica_errors.labels(peer=peer, reason="unavailable").inc()
+            log.debug("call to %s failed: %s", peer, exc)
+        elif isinstance(exc, RemoteError) and exc.code == STALE_CONFIG:
+            self.parts.reconfig.learn_from(peer)
+
+    def _call_local(self, message: Message, timeout_s: float) -> asyncio.Future[Message]:
+        """This node's handler as a call: a future settled by the handler's task or its deadline.
+
+        At the deadline, or when the caller cancels the future, the handler is not interrupted:
+        it finishes in the background (tracked), as a remote handler would.
+        """
+        loop = asyncio.get_running_loop()
+        work = loop.create_task(self.handle_message(self.node_id, message))
+        outcome: asyncio.Future[Message] = loop.create_future()
+        timer = loop.call_later(max(0.0, timeout_s), self._local_timeout, outcome)
+        work.add_done_callback(functools.partial(self._local_done, outcome, timer))
+        outcome.add_done_callback(functools.partial(self._local_given_up, work))
+        return outcome
+
+    def _local_timeout(self, outcome: asyncio.Future[Message]) -> None:
+        if not outcome.done():
+            outcome.set_exception(PeerUnavailable(self.node_id, "timeout (local handler)", maybe_delivered=True))
+
+    def _local_done(self, outcome: asyncio.Future[Message], timer: asyncio.TimerHandle, work: asyncio.Task[Message]) -> None:
+        timer.cancel()
+        if outcome.done():
+            return  # timed out or given up: the handler was adopted
+        if work.cancelled():
+            outcome.cancel()
+            return
+        exc = work.exception()
+        if exc is not None:
+            outcome.set_exception(exc)
+            return
+        reply = work.result()
+        if isinstance(reply, dict) and reply.get("remote_error"):
+            outcome.set_exception(RemoteError(self.node_id, str(reply.get("error")), str(reply.get("message", ""))))
+        else:
+            outcome.set_result(reply)
+
+    def _local_given_up(self, work: asyncio.Task[Message], _: asyncio.Future[Message]) -> None:
+        if not work.done():
+            self._adopt([work])  # the caller gave up (or its deadline passed); the handler finishes
 
     def _gossip(self, peer: str, reply: Any) -> None:
         """A reply stamped with a newer configuration version makes this node fetch it."""
@@ -427,7 +496,7 @@ class Node:
         """Whether the key is linearizable here (the register's): AP access to it is refused."""
         return await self.parts.register.has_register(key, token)
 
-    def _adopt(self, tasks: Iterable[asyncio.Task[Any]]) -> None:
+    def _adopt(self, tasks: Iterable[asyncio.Future[Any]]) -> None:
         """Let replica writes still in flight finish after the reply (bounded: cancelled at stop)."""
         for task in tasks:
             self._track(task)

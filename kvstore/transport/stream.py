@@ -4,7 +4,10 @@ Theory of operation
 -------------------
 Each node keeps at most one outgoing TCP connection per peer and sends every
 call on it, tagged with a request id; the peer answers out of order as its
-handlers finish, and a reader task matches replies to waiting futures.  This
+handlers finish, and a reader task resolves each call's future with its reply
+(a call is that one future and a ``loop.call_at`` deadline timer: no task or
+``wait_for`` per call; ``start_call`` hands the future itself to a caller that
+waits for many calls at once, such as the coordinator).  This
 is the shape of Cassandra's and Riak's internode messaging: no connection set-up
 or HTTP parsing per message, and many replica writes in flight on one socket.
 
@@ -41,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import itertools
 import logging
@@ -153,23 +157,76 @@ class _FrameWriter:
 
 
 class _PeerConnection:
-    """One outgoing connection and its table of pending calls."""
+    """One outgoing connection and its table of pending calls.
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    A call is one future, resolved (or failed) directly by the connection's reader, by its
+    deadline timer (``loop.call_at``) or by the connection's loss: no task, no ``wait_for``.
+    Whoever finishes it first wins; a cancelled call (its caller gave up) is forgotten at
+    once, so the table holds exactly the calls someone still waits for.
+    """
+
+    def __init__(self, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.peer = peer
+        self.loop = asyncio.get_running_loop()
         self.reader = reader
         self.writer = writer
         self.out = _FrameWriter(writer)
-        self.pending: dict[int, asyncio.Future[Any]] = {}
+        self.pending: dict[int, tuple[asyncio.Future[Any], asyncio.TimerHandle]] = {}
         self.ids = itertools.count(1)
         self.reader_task: asyncio.Task[None] | None = None
         self.closed = False
 
+    def start(self, message: Message, timeout_s: float) -> asyncio.Future[Any]:
+        """Send one call and return its future (a reply, ``RemoteError`` or ``PeerUnavailable``)."""
+        loop = self.loop
+        fut: asyncio.Future[Any] = loop.create_future()
+        if len(self.pending) >= MAX_INFLIGHT_PER_PEER:
+            fut.set_exception(PeerUnavailable(self.peer, "too many calls in flight", maybe_delivered=False))
+            return fut
+        request_id = next(self.ids)
+        try:
+            self.out.send(_pack([request_id, message]))
+        except (ConnectionError, RuntimeError) as exc:
+            fut.set_exception(PeerUnavailable(self.peer, f"send failed: {exc!r}", maybe_delivered=False))
+            return fut
+        timer = loop.call_at(loop.time() + max(0.001, timeout_s), self._expire, request_id)
+        self.pending[request_id] = (fut, timer)
+        fut.add_done_callback(functools.partial(self._forget, request_id))
+        return fut
+
+    def _expire(self, request_id: int) -> None:
+        entry = self.pending.pop(request_id, None)
+        if entry is not None and not entry[0].done():
+            entry[0].set_exception(PeerUnavailable(self.peer, "timeout", maybe_delivered=True))
+
+    def _forget(self, request_id: int, fut: asyncio.Future[Any]) -> None:
+        # Only a cancelled call is still in the table here (every other way out pops it first).
+        if fut.cancelled():
+            entry = self.pending.pop(request_id, None)
+            if entry is not None:
+                entry[1].cancel()
+
+    def resolve(self, request_id: int, reply: Any) -> None:
+        """The reply to a call: its future's result (or ``RemoteError``); a late one is ignored."""
+        entry = self.pending.pop(request_id, None)
+        if entry is None:
+            return  # timed out, cancelled or never ours
+        fut, timer = entry
+        timer.cancel()
+        if fut.done():
+            return
+        if isinstance(reply, dict) and reply.get("remote_error"):
+            fut.set_exception(RemoteError(self.peer, str(reply.get("error")), str(reply.get("message", ""))))
+        else:
+            fut.set_result(reply)
+
     def fail_all(self, exc_factory: Callable[[], Exception]) -> None:
         self.closed = True
-        for fut in self.pending.values():
+        pending, self.pending = self.pending, {}
+        for fut, timer in pending.values():
+            timer.cancel()
             if not fut.done():
                 fut.set_exception(exc_factory())
-        self.pending.clear()
 
 
 class StreamTransport:
@@ -415,7 +472,7 @@ class StreamTransport:
                 self.links.handshake_failed(peer)
                 raise PeerUnavailable(peer, f"connect failed: {exc!r}", maybe_delivered=False) from None
             self.links.handshake_succeeded(peer)
-            conn = _PeerConnection(reader, writer)
+            conn = _PeerConnection(peer, reader, writer)
             conn.reader_task = asyncio.create_task(self._read_replies(peer, conn))
             self._conns[peer] = conn
             return conn
@@ -424,9 +481,7 @@ class StreamTransport:
         try:
             while True:
                 request_id, reply = await _read_frame(conn.reader)
-                fut = conn.pending.pop(request_id, None)
-                if fut is not None and not fut.done():
-                    fut.set_result(reply)
+                conn.resolve(request_id, reply)
         except (asyncio.IncompleteReadError, ConnectionError, ValueError, TypeError):
             pass
         finally:
@@ -435,39 +490,40 @@ class StreamTransport:
             if self._conns.get(peer) is conn:
                 del self._conns[peer]
 
+    def start_call(self, peer: str, message: Message, timeout_s: float) -> asyncio.Future[Message] | None:
+        """``call`` as a future the connection's reader resolves, without a task per call.
+
+        Only on the fast path: an open connection and no fault rule for the peer (a rule's delay,
+        loss or cut, and connecting, need the waiting ``call`` does).  None means: use ``call``.
+        The future fails as ``call`` raises; cancelling it forgets the call.
+        """
+        if peer in self.faults.links:
+            return None
+        conn = self._conns.get(peer)
+        if conn is None or conn.closed:
+            return None
+        return conn.start(message, timeout_s)
+
     async def call(self, peer: str, message: Message, timeout_s: float) -> Message:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        delay_s = self.faults.outgoing_delay_s(peer)
-        if delay_s is None:
-            # Cut: the message is never sent.  Waiting out the timeout (rather than failing at
-            # once) is what a real partition looks like to the caller.
-            await asyncio.sleep(max(0.0, timeout_s))
-            raise PeerUnavailable(peer, "timeout (link cut)", maybe_delivered=False)
-        if delay_s:
-            await asyncio.sleep(min(delay_s, max(0.0, timeout_s)))
-        try:
-            conn = await asyncio.wait_for(self._connection(peer), max(0.001, deadline - loop.time()))
-        except TimeoutError:
-            raise PeerUnavailable(peer, "connect timeout", maybe_delivered=False) from None
-        if len(conn.pending) >= MAX_INFLIGHT_PER_PEER:
-            raise PeerUnavailable(peer, "too many calls in flight", maybe_delivered=False)
-        request_id = next(conn.ids)
-        fut: asyncio.Future[Any] = loop.create_future()
-        conn.pending[request_id] = fut
-        try:
-            conn.out.send(_pack([request_id, message]))
-        except (ConnectionError, RuntimeError) as exc:
-            conn.pending.pop(request_id, None)
-            raise PeerUnavailable(peer, f"send failed: {exc!r}", maybe_delivered=False) from None
-        try:
-            reply = await asyncio.wait_for(fut, max(0.001, deadline - loop.time()))
-        except TimeoutError:
-            conn.pending.pop(request_id, None)
-            raise PeerUnavailable(peer, "timeout", maybe_delivered=True) from None
-        if isinstance(reply, dict) and reply.get("remote_error"):
-            raise RemoteError(peer, str(reply.get("error")), str(reply.get("message", "")))
-        return reply  # type: ignore[no-any-return]
+        if peer in self.faults.links:
+            delay_s = self.faults.outgoing_delay_s(peer)
+            if delay_s is None:
+                # Cut: the message is never sent.  Waiting out the timeout (rather than failing at
+                # once) is what a real partition looks like to the caller.
+                await asyncio.sleep(max(0.0, timeout_s))
+                raise PeerUnavailable(peer, "timeout (link cut)", maybe_delivered=False)
+            if delay_s:
+                await asyncio.sleep(min(delay_s, max(0.0, timeout_s)))
+        conn = self._conns.get(peer)
+        if conn is None or conn.closed:
+            try:
+                conn = await asyncio.wait_for(self._connection(peer), max(0.001, deadline - loop.time()))
+            except TimeoutError:
+                raise PeerUnavailable(peer, "connect timeout", maybe_delivered=False) from None
+        # Awaiting the future directly: a cancelled caller cancels it, which forgets the call.
+        return await conn.start(message, deadline - loop.time())  # type: ignore[no-any-return]
 
     async def close(self) -> None:
         if self._server is not None:
