@@ -9,7 +9,10 @@ answer, so on the minority side of a partition a request fails with 503
 
 Every proposal for a key is run by the key's *first primary believed up*: a
 receiving node that is not that primary forwards the operation (one extra hop),
-so one proposer keeps the key's one-round-trip fast path across requests.  Any
+so one proposer keeps the key's one-round-trip fast path across requests.  The
+exception is a change of a key the receiving replica has never seen Paxos traffic
+for (a new key, e.g. every insert): no proposer has a fast path for it yet, so the
+replica proposes itself and saves the hop.  Any
 node could propose safely; this is only about latency (two nodes that both believe
 they lead a key are safe, they only invalidate each other's fast path).  A read
 received by another replica of the key is first a *quorum read* from there (a peek
@@ -141,8 +144,13 @@ class LinearizableRegister:
 
     async def start(self) -> None:
         # Loaded before serving: the node starts its transport after its collaborators.
+        stored: set[str] = set()
         async for page in scan_pages(self.node.paxos_storage, TOKEN_MIN, TOKEN_MIN, 1000):
-            self.register_keys.update(r.key for r in page)
+            stored.update(r.key for r in page)
+        self.register_keys.update(stored)
+        # The acceptor's own copy: it grows only when a record is written, so a key outside it
+        # needs no storage read (register_keys grows on arrival, before the acceptor's lock).
+        self.acceptor.index_keys(stored)
         await self.recovery.load()  # before any vote: a new store must not answer from empty state
         self.recovery.start()
 
@@ -239,6 +247,12 @@ class LinearizableRegister:
                 return await self.propose_here(key, change, deadline - node.now_s(), fallback=False)
             except PeekInconclusive:
                 pass  # certain: a peek changes nothing; the proposer runs the full read below
+        elif not is_read and node.node_id in up and key not in self.register_keys:
+            # A key this replica never saw Paxos traffic for is (almost surely) new: no proposer
+            # holds a fast-path promise for it that forwarding would use, so the hop would buy
+            # nothing.  Propose here (any replica may; the key's proposer takes over from the
+            # next request on, which this node then forwards).
+            return await self.propose_here(key, change, deadline - node.now_s())
         for primary in up:
             remaining = deadline - node.now_s()
             if remaining <= 0:
