@@ -430,13 +430,15 @@ class PaxosProposer:
         stamp: Message | None = None,
         fallback: bool = True,
         peek: bool = True,
+        first_write: bool = False,
     ) -> ProposeResult:
         """Linearizably apply ``change`` to ``key``'s register replicated on ``replicas``.
 
         ``acceptor_sets`` and ``stamp``: joint consensus during a membership change
         (``ProposerCore``); by default a majority of ``replicas``, unstamped.  ``fallback=False``:
         a read whose quorum read is inconclusive raises ``PeekInconclusive`` (nothing changed);
-        ``peek=False``: a read runs the full protocol (it re-commits the state).
+        ``peek=False``: a read runs the full protocol (it re-commits the state).  ``first_write``: the
+        caller believes the key new: a write is first tried at the zero ballot, without phase 1.
         Raises ``ConsensusUnavailable`` (see ``indeterminate``) or ``ConsensusOverloaded``.
         """
         assert replicas and len(set(replicas)) == len(replicas), "replicas must be distinct"
@@ -450,7 +452,7 @@ class PaxosProposer:
             deadline_ns = self.clock.monotonic_ns() + int(timeout_s * 1e9)
             core = ProposerCore(
                 self.state, self.config, self.rng, key, token, tuple(replicas), change, deadline_ns, self.stats,
-                acceptor_sets=acceptor_sets, stamp=stamp, fallback=fallback, peek=peek,
+                acceptor_sets=acceptor_sets, stamp=stamp, fallback=fallback, peek=peek, first_write=first_write,
             )
             result = await self._drive(core)
         except ConsensusUnavailable:

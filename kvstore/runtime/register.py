@@ -198,9 +198,17 @@ class LinearizableRegister:
                                  indeterminate=False)
         if blob is not None and not versions.decode(blob).is_deleted:
             raise ConsistencyConflict(AP_CONFLICT)
+        # A key this acceptor never saw Paxos traffic for is most likely new: try its first write
+        # without phase 1 (a zero ballot, kvstore.protocol.paxos), which needs every replica, so
+        # only with every one believed up.  A wrong guess is safe (one rejected round trip).
+        first_write = (
+            isinstance(change, Write | PutIfAbsent)
+            and key not in self.register_keys
+            and all(node.is_up(peer) for peer in replicas if peer != node.node_id)
+        )
         result = await self.proposer.propose(
             key, token, replicas, change, timeout_s, acceptor_sets=acceptor_sets, stamp={"cv": version},
-            fallback=fallback, peek=peek,
+            fallback=fallback, peek=peek, first_write=first_write,
         )
         node.metrics.paxos_rounds.inc(result.round_trips)
         return {
