@@ -223,7 +223,9 @@ class LinearizableRegister:
         A read cancelled at the deadline changes nothing, and no proposal has started yet: both a
         slow and a failing disk are certain failures here."""
         try:
-            return await asyncio.wait_for(self.node.data.get(key, token), max(0.0, timeout_s))
+            # asyncio.timeout, not wait_for: no task of its own per proposal (wait_for makes one).
+            async with asyncio.timeout(max(0.0, timeout_s)):
+                return await self.node.data.get(key, token)
         except TimeoutError:
             raise RequestTimeout(f"{self.node.node_id}'s storage did not answer within timeout_ms; "
                                  "nothing was changed", indeterminate=False) from None
