@@ -629,7 +629,7 @@ def run_cores(
         fast_path=rng.random() < 0.7,
         clock_ballots=rng.random() < 0.5,
         peek_reads=rng.random() < 0.7,
-        unanimity_wait_s=rng.choice([0.0, 0.003, 0.05]),
+        unanimity_wait_s=rng.choice([0.0, 0.003, 0.05, 0.5]),
     )
     # Reads of a node that is not the key's proposer peek only (the register hands an
     # inconclusive peek to the key's proposer); here: some reads never fall back.
@@ -771,6 +771,7 @@ def run_cores(
             fallback=not (peek_only and rng.random() < 0.5),
             # The register's belief that the key is new is a guess: right or wrong, safe.
             first_write=rng.random() < first_writes,
+            all_up=rng.random() < 0.8,  # else a zero ballot's last acceptor is not waited for
         )
         client.core, client.op, client.change, client.inbox = core, op, change, []
         sim.history.append(op)

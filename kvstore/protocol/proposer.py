@@ -345,9 +345,12 @@ class ProposerConfig:
     peek_reads: bool = True
     first_writes: bool = True  # zero-ballot first writes when the caller believes the key new
     # How long a zero-ballot accept (or a peek of a zero-ballot state) waits for the last
-    # acceptors once a majority answered: unanimity is what makes a zero-ballot state chosen.
-    # After it, the write re-commits at its next ballot (one more round trip), the read falls back.
-    unanimity_wait_s: float = 0.05
+    # acceptors once a majority answered (at most a third of the time left): unanimity is what
+    # makes a zero-ballot state chosen.  After it the write re-commits at its next ballot (one
+    # more round trip), the read falls back to the full protocol -- both cost CPU, while waiting
+    # for a reply that is only late costs nothing, so the wait is generous.  Not at all when the
+    # caller says a replica is believed down (``all_up=False``).
+    unanimity_wait_s: float = 0.5
 
     def __post_init__(self) -> None:
         assert self.max_attempts >= 1 and self.backoff_base_s >= 0 and self.backoff_cap_s >= 0
@@ -450,11 +453,13 @@ class ProposerCore:
         fallback: bool = True,
         peek: bool = True,
         first_write: bool = False,
+        all_up: bool = True,
     ) -> None:
         """``first_write``: the caller believes the key has no state (no acceptor saw it): a
         write or put-if-absent is then first tried at the proposer's zero ballot, without phase 1
         (``kvstore.protocol.paxos``, "First writes without phase 1"); a wrong belief costs one
-        rejected round trip.  ``fallback=False``: a read whose peek is inconclusive fails with ``PeekInconclusive``
+        rejected round trip.  ``all_up``: the caller believes every replica up, so waiting a little
+        for the last one (``ProposerConfig.unanimity_wait_s``) is worth it.  ``fallback=False``: a read whose peek is inconclusive fails with ``PeekInconclusive``
         instead of running the full protocol (see the module docstring).  ``peek=False``: a read
         runs the full protocol and so re-commits the state (membership catch-up needs exactly
         that: the state accepted anew by joint quorums).  ``acceptor_sets`` (default: ``replicas`` alone) are the sets each phase needs a majority
@@ -482,6 +487,7 @@ class ProposerCore:
         self.fallback = fallback
         self.peek = peek and config.peek_reads
         self.first_write = first_write and config.first_writes
+        self.all_up = all_up
         # For reporting only (the error's ``needed``): a joint quorum is a majority of each set.
         self.need = majority(len(replicas)) if not self.joint else sum(majority(len(s)) for s in sets)
         self.attempt = 0
@@ -857,11 +863,15 @@ class ProposerCore:
         return []
 
     def _wait_for_unanimity(self, r: _Round, at: Instant) -> list[Effect]:
-        """A majority answered, every acceptor is needed: the rest get ``unanimity_wait_s``."""
+        """A majority answered, every acceptor is needed: the rest get ``unanimity_wait_s``, at most
+        a third of the time left (the rest is for the fallback), none if one is believed down."""
         if r.waiting_since_ns is not None:
             return []
         r.waiting_since_ns = at.monotonic_ns
-        return [StartTimer(min(self.deadline_ns, at.monotonic_ns + int(self.config.unanimity_wait_s * 1e9)))]
+        wait_ns = min(int(self.config.unanimity_wait_s * 1e9), self._remaining_ns(at) // 3) if self.all_up else 0
+        if wait_ns <= 0:
+            return self._end_round(at)
+        return [StartTimer(at.monotonic_ns + wait_ns)]
 
     def _end_round(self, at: Instant) -> list[Effect]:
         r = self._round

@@ -431,6 +431,7 @@ class PaxosProposer:
         fallback: bool = True,
         peek: bool = True,
         first_write: bool = False,
+        all_up: bool = True,
     ) -> ProposeResult:
         """Linearizably apply ``change`` to ``key``'s register replicated on ``replicas``.
 
@@ -438,7 +439,8 @@ class PaxosProposer:
         (``ProposerCore``); by default a majority of ``replicas``, unstamped.  ``fallback=False``:
         a read whose quorum read is inconclusive raises ``PeekInconclusive`` (nothing changed);
         ``peek=False``: a read runs the full protocol (it re-commits the state).  ``first_write``: the
-        caller believes the key new: a write is first tried at the zero ballot, without phase 1.
+        caller believes the key new: a write is first tried at the zero ballot, without phase 1;
+        ``all_up``: it believes every replica up (worth waiting a little for the last answer).
         Raises ``ConsensusUnavailable`` (see ``indeterminate``) or ``ConsensusOverloaded``.
         """
         assert replicas and len(set(replicas)) == len(replicas), "replicas must be distinct"
@@ -453,6 +455,7 @@ class PaxosProposer:
             core = ProposerCore(
                 self.state, self.config, self.rng, key, token, tuple(replicas), change, deadline_ns, self.stats,
                 acceptor_sets=acceptor_sets, stamp=stamp, fallback=fallback, peek=peek, first_write=first_write,
+                all_up=all_up,
             )
             result = await self._drive(core)
         except ConsensusUnavailable:

@@ -201,14 +201,12 @@ class LinearizableRegister:
         # A key this acceptor never saw Paxos traffic for is most likely new: try its first write
         # without phase 1 (a zero ballot, kvstore.protocol.paxos), which needs every replica, so
         # only with every one believed up.  A wrong guess is safe (one rejected round trip).
-        first_write = (
-            isinstance(change, Write | PutIfAbsent)
-            and key not in self.register_keys
-            and all(node.is_up(peer) for peer in replicas if peer != node.node_id)
-        )
+        all_up = all(node.is_up(peer) for peer in replicas if peer != node.node_id)
+        first_write = isinstance(change, Write | PutIfAbsent) and key not in self.register_keys and all_up
         result = await self.proposer.propose(
             key, token, replicas, change, timeout_s, acceptor_sets=acceptor_sets, stamp={"cv": version},
             fallback=fallback, peek=peek, first_write=first_write,
+            all_up=all_up,
         )
         node.metrics.paxos_rounds.inc(result.round_trips)
         return {
