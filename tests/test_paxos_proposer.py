@@ -684,3 +684,72 @@ def test_a_read_asked_to_recommit_runs_the_full_protocol() -> None:
     """Membership catch-up reads with ``peek=False``: the state must be accepted anew."""
     core = ProposerCore(ProposerState("n0"), PEEKS, random.Random(1), "k", 7, GROUP, Read(), DEADLINE_NS, peek=False)
     assert [s.message["op"] for s in sends(core.start(T0))] == [OP_PREPARE] * 3
+
+
+# --- first writes at the zero ballot (no phase 1) -----------------------------------------------
+
+
+def first_write_core(change: Change, state: ProposerState | None = None) -> ProposerCore:
+    return ProposerCore(
+        state or ProposerState("n0"), ProposerConfig(clock_ballots=False, unanimity_wait_s=0.01),
+        random.Random(1), "k", 7, GROUP, change, DEADLINE_NS, first_write=True,
+    )
+
+
+def test_a_first_write_takes_one_round_trip_local_acceptor_first() -> None:
+    state = ProposerState("n0")
+    core = first_write_core(Write(b"v"), state)
+    first = sends(core.start(T0))
+    zero = Ballot(0, "n0")
+    assert [s.peer for s in first] == ["n0"] and first[0].message["op"] == OP_ACCEPT
+    assert first[0].message["ballot"] == zero.to_wire() and first[0].message["lineage"] == [zero.to_wire()]
+    nxt = Ballot.from_wire(first[0].message["promise_next"])
+    peers = sends(core.on_reply(first[0].call, accepted(nxt), at_ms(1)))
+    assert [s.peer for s in peers] == ["n1", "n2"]  # only once the local acceptor took it
+    assert kinds(core.on_reply(peers[0].call, accepted(nxt), at_ms(2))) == ["StartTimer"]  # a majority: wait
+    done = core.on_reply(peers[1].call, accepted(nxt), at_ms(3))
+    assert kinds(done) == ["Done"]
+    result = done[-1].result  # type: ignore[union-attr]
+    assert result.round_trips == 1 and result.value == RegisterValue.of(b"v") and result.outcome == "ok"
+    assert state.holds_fast_path("k")  # and the next write is one round trip too
+
+
+def test_a_first_write_short_of_unanimity_recommits_at_its_next_ballot() -> None:
+    core = first_write_core(PutIfAbsent(b"v"))
+    first = sends(core.start(T0))
+    nxt = Ballot.from_wire(first[0].message["promise_next"])
+    peers = sends(core.on_reply(first[0].call, accepted(nxt), at_ms(1)))
+    core.on_reply(peers[0].call, accepted(nxt), at_ms(2))
+    # n2 had voted on the key already: the zero ballot is out of reach, but {n0, n1} promised nxt
+    # with (zero, v) as their highest accepted state: a phase 1 for nxt.
+    effects = core.on_reply(peers[1].call, rejected(Ballot(5, "n9")), at_ms(3))
+    recommit = sends(effects)
+    assert [s.peer for s in recommit] == list(GROUP)
+    assert recommit[0].message["ballot"] == nxt.to_wire() and recommit[0].message["value"] == b"v"
+    done = core.on_answers(as_answers(recommit, [accepted(), accepted(), accepted()]), at_ms(4))
+    result = done[-1].result  # type: ignore[union-attr]
+    # The change was applied once (put-if-absent reports ok, not precondition_failed on its own value).
+    assert kinds(done) == ["Done"] and result.outcome == "ok" and result.round_trips == 2
+
+
+def test_a_first_write_of_a_key_the_local_acceptor_knows_falls_back_to_phase_1() -> None:
+    core = first_write_core(Write(b"v"))
+    first = sends(core.start(T0))
+    effects = core.on_reply(first[0].call, rejected(Ballot(3, "n1")), at_ms(1))
+    assert kinds(effects) == ["StartTimer"]  # nothing was sent elsewhere: a plain retry (backoff)
+    prepare = sends(core.on_timer(at_ms(20)))
+    assert [s.message["op"] for s in prepare] == [OP_PREPARE] * 3
+
+
+def test_a_first_write_whose_local_answer_is_lost_is_never_claimed_from_the_lineage() -> None:
+    """The zero ballot names the node, not the proposal: an origin found in the state may be
+    another proposal's of this node, unless the local acceptor said it took ours."""
+    core = first_write_core(PutIfAbsent(b"mine"))
+    first = sends(core.start(T0))
+    core.on_failure(first[0].call, at_ms(1), maybe_delivered=True)
+    prepare = sends(core.on_timer(at_ms(20)))
+    zero = Ballot(0, "n0")
+    theirs = [promise(zero, b"theirs", (zero,)), promise(zero, b"theirs", (zero,)), promise()]
+    effects = core.on_answers(as_answers(prepare, theirs), at_ms(21))
+    assert kinds(effects)[-1] == "Failed"
+    assert effects[-1].error.indeterminate  # type: ignore[union-attr]

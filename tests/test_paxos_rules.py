@@ -15,6 +15,7 @@ import msgpack
 import pytest
 
 from kvstore.checker import check
+from kvstore.protocol.membership import quorum_reached
 from kvstore.protocol.paxos import (
     ABSENT,
     EMPTY_STATE,
@@ -35,6 +36,8 @@ from kvstore.protocol.paxos import (
     RegisterValue,
     Rejected,
     Write,
+    agreed_read,
+    agreement_possible,
     apply_change,
     backoff_s,
     change_status,
@@ -42,6 +45,7 @@ from kvstore.protocol.paxos import (
     etag_of,
     extend_lineage,
     highest_accepted,
+    is_zero,
     lineage_from_wire,
     lineage_to_wire,
     majority,
@@ -49,6 +53,7 @@ from kvstore.protocol.paxos import (
     on_accept,
     on_peek,
     on_prepare,
+    zero_agreement_pending,
 )
 from kvstore.protocol.paxos_wire import parse_peek, parse_request, reply_to_wire
 from kvstore.protocol.proposer import (
@@ -406,8 +411,13 @@ class Acceptors:
         self.states[i] = AcceptorState.decode(self.states[i].encode())
 
     def chosen(self) -> dict[Ballot, RegisterValue]:
+        """Chosen: accepted by a majority at a classic ballot, by every acceptor at a zero ballot
+        (a first write without phase 1, see kvstore.protocol.paxos)."""
         need = majority(len(self.states))
-        return {b: v for b, (v, who) in self.accepted_by.items() if len(who) >= need}
+        return {
+            b: v for b, (v, who) in self.accepted_by.items()
+            if len(who) >= (len(self.states) if is_zero(b) else need)
+        }
 
 
 def test_two_proposers_interleaving_later_ballot_wins() -> None:
@@ -601,13 +611,17 @@ def _wire(message: Message) -> Message:
     return decoded
 
 
-def run_cores(seed: int, nodes: int = 3, clients_per_node: int = 2, ops_per_client: int = 4) -> CoreSim:
+def run_cores(
+    seed: int, nodes: int = 3, clients_per_node: int = 2, ops_per_client: int = 4, new_keys: bool = False
+) -> CoreSim:
+    """``new_keys``: many keys, each client's first op a first write racing the others' (zero
+    ballots contend: the case where a majority is not enough to choose)."""
     rng = random.Random(seed)
     drop = rng.choice([0.0, 0.05, 0.15])
     silent = rng.choice([0.0, 0.5, 1.0])  # share of losses that never answer (vs. failing at once)
     dup = rng.choice([0.0, 0.05])
     abandon = rng.choice([0.0, 0.001])
-    keys = ["k0", "k1"][: rng.choice([1, 2])]
+    keys = [f"k{i}" for i in range(rng.choice([2, 3]))] if new_keys else ["k0", "k1"][: rng.choice([1, 2])]
     config = ProposerConfig(
         max_attempts=rng.choice([3, 20]),
         backoff_base_s=0.005,
@@ -615,10 +629,12 @@ def run_cores(seed: int, nodes: int = 3, clients_per_node: int = 2, ops_per_clie
         fast_path=rng.random() < 0.7,
         clock_ballots=rng.random() < 0.5,
         peek_reads=rng.random() < 0.7,
+        unanimity_wait_s=rng.choice([0.0, 0.003, 0.05, 0.5]),
     )
     # Reads of a node that is not the key's proposer peek only (the register hands an
     # inconclusive peek to the key's proposer); here: some reads never fall back.
     peek_only = rng.random() < 0.3
+    first_writes = 1.0 if new_keys else rng.choice([0.0, 0.5, 1.0])  # changes tried at a zero ballot first
     names = [f"n{i}" for i in range(nodes)]
     group = tuple(names)
     skew_ns = [rng.randrange(0, 50 * MS) for _ in names]
@@ -725,6 +741,8 @@ def run_cores(seed: int, nodes: int = 3, clients_per_node: int = 2, ops_per_clie
         key = rng.choice(keys)
         value = f"{client.name}.{next(values)}"
         kind = rng.choice(["read", "write", "cas", "cas", "put_if_absent", "delete"])
+        if new_keys and client.todo == ops_per_client:
+            kind = rng.choice(["write", "put_if_absent"])
         change: Change
         op: dict[str, Any] = {"f": kind, "key": key, "value": None, "invoke": next(seq)}
         if kind == "read":
@@ -751,6 +769,9 @@ def run_cores(seed: int, nodes: int = 3, clients_per_node: int = 2, ops_per_clie
             now + rng.choice([40, 150, 500]) * MS,
             sim.stats,
             fallback=not (peek_only and rng.random() < 0.5),
+            # The register's belief that the key is new is a guess: right or wrong, safe.
+            first_write=rng.random() < first_writes,
+            all_up=rng.random() < 0.8,  # else a zero ballot's last acceptor is not waited for
         )
         client.core, client.op, client.change, client.inbox = core, op, change, []
         sim.history.append(op)
@@ -796,7 +817,7 @@ def run_cores(seed: int, nodes: int = 3, clients_per_node: int = 2, ops_per_clie
         for c in range(clients_per_node)
     ]
     for client in clients:
-        at(rng.randint(0, 5) * MS, functools.partial(begin, client))
+        at(rng.randint(0, 1 if new_keys else 5) * MS, functools.partial(begin, client))
     for _ in range(200_000):
         if not events:
             break
@@ -867,12 +888,50 @@ def test_production_proposer_is_linearizable_under_a_seeded_scheduler(nodes: int
         stats.fast_path_misses += sim.stats.fast_path_misses
         stats.peek_hits += sim.stats.peek_hits
         stats.peek_misses += sim.stats.peek_misses
+        stats.first_write_hits += sim.stats.first_write_hits
+        stats.first_write_misses += sim.stats.first_write_misses
     # The runs do exercise what the check is about (else it would pass vacuously).
+    # First writes without phase 1: chosen (every acceptor took it), and short of unanimity (in
+    # 5-node runs the two keys are rarely still empty when a zero-ballot accept reaches all five).
+    assert stats.first_write_misses > 0 and (stats.first_write_hits > 0 or nodes == 5)
     assert totals["ok"] > 300
     assert totals["precondition_failed"] > 0 and totals["indeterminate"] > 0 and totals["failed"] > 0
     assert stats.retries > 0 and stats.fast_path_hits > 0 and stats.fast_path_misses > 0
     # Reads answered by a peek, and peeks that saw a change in flight and fell back (or gave up).
     assert stats.peek_hits > 0 and stats.peek_misses > 0
+
+
+def test_racing_first_writes_are_linearizable() -> None:
+    """Every client starts with a first write (zero ballot, no phase 1) of one of a few new keys,
+    at once: zero ballots contend, majorities without unanimity, re-commits at the next ballot."""
+    stats = ProposerStats()
+    for seed in range(300):
+        sim = run_cores(seed * 7919 + 3, new_keys=True)
+        assert_chosen_chain(sim)
+        assert_linearizable(sim)
+        stats.first_write_hits += sim.stats.first_write_hits
+        stats.first_write_misses += sim.stats.first_write_misses
+    assert stats.first_write_hits > 50 and stats.first_write_misses > 50
+
+
+def _zero_chosen_by_a_majority(self: ProposerCore, r: Any, plan: Any, at: Instant) -> list[Effect]:
+    """A wrong first write: done once a majority took the zero ballot (not every acceptor)."""
+    if quorum_reached({peer for peer, _ in r.ok_peers}, self.sets):
+        self.finished = True
+        return [Done(ProposeResult(plan.reported, plan.outcome.status, plan.outcome.current_etag, 1))]
+    return _after_zero_accept(self, r, plan, at)
+
+
+_after_zero_accept = ProposerCore._after_zero_accept
+
+
+def _peek_trusting_a_zero_majority(replies: Any, sets: Any) -> Observed | None:
+    """A wrong quorum read: a majority agreeing on a zero ballot (not every acceptor) is enough."""
+    by_ballot: dict[Any, list[Observed]] = {}
+    for _, observed in replies:
+        if observed.voted:
+            by_ballot.setdefault(observed.accepted, []).append(observed)
+    return next((o[0] for o in by_ballot.values() if len(o) >= majority(len(sets[0]))), None)
 
 
 def _peek_trusting_the_highest(replies: Any, sets: Any) -> Observed | None:
@@ -892,7 +951,11 @@ def _peek_trusting_one_reply(replies: Any, sets: Any) -> Observed | None:
 
 @pytest.mark.parametrize(
     "bug",
-    ["failures_called_certain", "retries_blind_to_pending", "peek_trusts_the_highest_reply", "peek_trusts_one_reply"],
+    [
+        "failures_called_certain", "retries_blind_to_pending", "peek_trusts_the_highest_reply",
+        "peek_trusts_one_reply", "zero_chosen_by_a_majority", "peek_trusts_a_zero_majority",
+        "zero_ballot_taken_by_a_voted_acceptor",
+    ],
 )
 def test_the_seeded_check_catches_an_injected_proposer_bug(bug: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Not vacuous: make the core lie -- call every failure certain, re-apply a change on retry
@@ -906,11 +969,22 @@ def test_the_seeded_check_catches_an_injected_proposer_bug(bug: str, monkeypatch
         monkeypatch.setattr("kvstore.protocol.proposer.agreed_read", _peek_trusting_the_highest)
     elif bug == "peek_trusts_one_reply":
         monkeypatch.setattr("kvstore.protocol.proposer.agreed_read", _peek_trusting_one_reply)
+    elif bug == "zero_chosen_by_a_majority":
+        monkeypatch.setattr(ProposerCore, "_after_zero_accept", _zero_chosen_by_a_majority)
+    elif bug == "peek_trusts_a_zero_majority":
+        monkeypatch.setattr("kvstore.protocol.proposer.agreed_read", _peek_trusting_a_zero_majority)
+    elif bug == "zero_ballot_taken_by_a_voted_acceptor":
+        # The acceptor and the quorum rules forget zero ballots (they become the lowest classic ones).
+        monkeypatch.setattr("kvstore.protocol.paxos.is_zero", lambda ballot: False)
     else:
         monkeypatch.setattr("kvstore.protocol.proposer.change_status", lambda origin, lineage, parent: "not_applied")
+    zero_bug = "zero" in bug
     for seed in range(200):
         try:
-            assert_linearizable(run_cores(seed * 7919 + 3))
+            sim = run_cores(seed * 7919 + 3, new_keys=zero_bug)
+            assert_linearizable(sim)
+            if zero_bug:
+                assert_chosen_chain(sim)
         except AssertionError:
             return
     pytest.fail(f"no seed caught the injected bug {bug}")
@@ -1022,3 +1096,60 @@ def test_prepare_reports_the_lineage() -> None:
     assert promise == Promise(B(2), B(1), V(b"x"), (B(1),))
     with pytest.raises(AssertionError):
         on_accept(S(B(1)), B(1), V(b"x"), promise_next=None, lineage=(B(2),))  # change after its accept
+
+
+# --- first writes without phase 1 (zero ballots) ----------------------------------------------------
+
+Z = Ballot(0, "p")
+
+
+@pytest.mark.parametrize(
+    ("state", "taken"),
+    [
+        (EMPTY_STATE, True),
+        (AcceptorState(promised=B(1)), False),  # promised a classic ballot: voted on the key
+        (AcceptorState(promised=Ballot(0, "a")), False),  # even a zero promise: not empty
+        (AcceptorState(promised=B(3), accepted=B(2), value=V(b"x"), lineage=(B(2),)), False),
+        (AcceptorState(promised=B(9), accepted=Ballot(0, "a"), value=V(b"x"), lineage=(Ballot(0, "a"),)), False),
+    ],
+)
+def test_a_zero_ballot_is_taken_only_by_an_acceptor_that_never_voted(state: AcceptorState, taken: bool) -> None:
+    new_state, reply = on_accept(state, Z, V(b"v"), promise_next=Ballot(7, "p"), lineage=(Z,))
+    if taken:
+        assert reply == Accepted(Z, Ballot(7, "p"))
+        assert new_state == AcceptorState(promised=Ballot(7, "p"), accepted=Z, value=V(b"v"), lineage=(Z,))
+    else:
+        assert isinstance(reply, Rejected) and new_state == state
+
+
+def test_zero_ballots_are_below_every_classic_ballot() -> None:
+    state, _ = on_accept(EMPTY_STATE, Z, V(b"v"), promise_next=None, lineage=(Z,))
+    assert isinstance(on_prepare(state, Ballot(1, "a"))[1], Promise)  # the lowest classic ballot wins
+    assert is_zero(Z) and not is_zero(Ballot(1, "p")) and not is_zero(None)
+
+
+def _obs(ballot: Ballot | None, value: bytes = b"v") -> Observed:
+    return Observed(ballot, None if ballot is None else V(value), (ballot,) if ballot else ())
+
+
+@pytest.mark.parametrize(
+    ("replies", "agreed"),
+    [
+        ([("a", _obs(Z)), ("b", _obs(Z))], None),  # a majority at a zero ballot is not chosen
+        ([("a", _obs(Z)), ("b", _obs(Z)), ("c", _obs(Z))], Z),  # every acceptor: chosen
+        ([("a", _obs(Z)), ("b", _obs(Z)), ("c", _obs(None))], None),
+        ([("a", _obs(B(4))), ("b", _obs(B(4)))], B(4)),  # classic: a majority
+    ],
+)
+def test_a_peek_needs_every_acceptor_for_a_zero_ballot(replies: list[tuple[str, Observed]], agreed: Ballot | None) -> None:
+    result = agreed_read(replies, (("a", "b", "c"),))
+    assert (None if result is None else result.accepted) == agreed
+
+
+def test_zero_agreement_pending_only_while_unanimity_is_possible() -> None:
+    sets = (("a", "b", "c"),)
+    two = [("a", _obs(Z)), ("b", _obs(Z))]
+    assert zero_agreement_pending(two, ["c"], sets)
+    assert not zero_agreement_pending(two, [], sets)  # c answered otherwise (or failed)
+    assert not zero_agreement_pending([("a", _obs(B(4))), ("b", _obs(B(4)))], ["c"], sets)
+    assert agreement_possible(two, ["c"], sets) and not agreement_possible([*two, ("c", _obs(None))], [], sets)

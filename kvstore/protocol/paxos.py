@@ -71,6 +71,33 @@ disagree).  A peek counts the same quorums as a round (a majority of each accept
 the key's replicas move) and is stamped and fenced like a prepare, so it sees what a prepare
 at that moment would see.  Safety never depends on who runs the peek or on any lease.
 
+**First writes without phase 1** (``ZERO``, ``is_zero``; a Fast Paxos "fast round", Lamport
+2006, restricted to the register's first state).  Ballots with counter 0 (*zero ballots*, one per
+proposer: ``(0, node)``) are never prepared; a proposer may send ``accept((0, P), f(absent))``
+straight away.  An acceptor takes a zero ballot only while its state for the key is *empty*
+(nothing promised, nothing accepted; ``on_accept``), so each acceptor accepts at most one zero
+ballot per key, ever.  A state accepted at a zero ballot is *chosen* only when **every** acceptor
+of the key accepted it (a fast quorum of N: any two fast quorums and a majority intersect), not
+when a majority did.  Why the rest of the protocol stays safe unchanged:
+
+* *Phase 1 keeps the highest-accepted rule.*  If ``v`` was chosen at a zero ballot Z, every
+  acceptor accepted Z and, being non-empty since, never accepted another zero ballot; a later
+  prepare's majority all report Z or a classic ballot above it (an acceptor that promised a
+  classic ballot first would have refused Z), so phase 1 picks ``v`` or a state built on it.  If
+  nothing was chosen at any zero ballot, any choice among them is safe.  Classic ballots are all
+  above zero ballots (counters >= 1), so the classic induction is untouched: a state accepted at a
+  zero ballot is below every classic ballot and never outranks a classic chosen state.
+* *Ballots stay unique.*  The proposer's own acceptor must accept Z (durably) before the accept
+  goes to any other acceptor (``kvstore.protocol.proposer``): that acceptor is then non-empty, so
+  the same proposer -- later, after a restart, or in a concurrent proposal -- can never send a
+  second state at Z.  (A lost disk rebuilds that state from every other replica before voting.)
+* *Peeks need unanimity for a zero ballot* (``agreed_read``): a majority reporting Z may be
+  outvoted by a competing first write's zero ballot at the remaining acceptor.
+* *The fast path after it.*  The zero accept carries ``promise_next = c`` like any accept; if a
+  majority took it, that majority's promise of ``c`` with ``(Z, v)`` as its highest accepted
+  state is a classic phase 1 for ``c``, so a proposer short of unanimity re-commits ``v`` at
+  ``c`` (its second round trip) instead of starting over.
+
 An addition to the paper: each accepted state carries its *lineage*, the ballots at which
 its last few changes were made (see ``change_status``).  It lets a proposer whose accept
 reached only some acceptors find out, on retry, whether its change is already part of the
@@ -181,6 +208,18 @@ ABSENT = RegisterValue(None, None)
 # change blindly -- another proposer may already have picked the partial value up and built on
 # it, and applying it again would apply it twice (a compare-and-set would then spuriously fail).
 # ``change_status`` tells from the lineage of the latest state whether the change is in it.
+
+ZERO = 0  # the counter of zero ballots: never prepared, taken only by empty acceptors
+
+
+def is_zero(ballot: Ballot | None) -> bool:
+    """A first-write ballot (see "First writes without phase 1" above)."""
+    return ballot is not None and ballot.counter == ZERO
+
+
+def zero_ballot(node: str) -> Ballot:
+    return Ballot(ZERO, node)
+
 
 LINEAGE_DEPTH = 8
 
@@ -414,10 +453,32 @@ def agreed_read(
         seen = first.setdefault(observed.accepted, observed)
         # One ballot carries one state (ballots are unique and accepts are strict).
         assert (seen.value, seen.lineage) == (observed.value, observed.lineage), "two values accepted at one ballot"
+    everyone = set().union(*sets)
     for ballot, acceptors in by_ballot.items():
-        if quorum_reached(acceptors, sets):
+        if is_zero(ballot):
+            if acceptors >= everyone:  # chosen at a zero ballot only by every acceptor
+                return first[ballot]
+        elif quorum_reached(acceptors, sets):
             return first[ballot]
     return None
+
+
+def zero_agreement_pending(
+    replies: Iterable[tuple[str, Observed]], waiting: Iterable[str], sets: tuple[tuple[str, ...], ...]
+) -> bool:
+    """Whether a quorum reported one zero ballot and the acceptors still to answer could make it
+    unanimous (``agreed_read``): a peek may then wait for them a little."""
+    from kvstore.protocol.membership import quorum_reached
+
+    everyone = set().union(*sets)
+    waiting_set = set(waiting)
+    by_ballot: dict[Ballot, set[str]] = {}
+    for acceptor, observed in replies:
+        if observed.voted and observed.accepted is not None and is_zero(observed.accepted):
+            by_ballot.setdefault(observed.accepted, set()).add(acceptor)
+    return any(
+        quorum_reached(acceptors, sets) and acceptors | waiting_set >= everyone for acceptors in by_ballot.values()
+    )
 
 
 def agreement_possible(
@@ -431,7 +492,11 @@ def agreement_possible(
     for acceptor, observed in replies:
         if observed.voted:
             by_ballot.setdefault(observed.accepted, set()).add(acceptor)
-    candidates = [*by_ballot.values(), set()]  # set(): a ballot none of the answers reported yet
+    everyone = set().union(*sets)
+    if any(is_zero(ballot) and acceptors | waiting_set >= everyone for ballot, acceptors in by_ballot.items()):
+        return True
+    candidates = [a for ballot, a in by_ballot.items() if not is_zero(ballot)]
+    candidates.append(set())  # set(): a classic ballot none of the answers reported yet
     return any(quorum_possible(acceptors, waiting_set, sets) for acceptors in candidates)
 
 
@@ -473,6 +538,11 @@ def on_accept(
         "promise_next must be a later ballot of the same proposer"
     )
     assert _check_lineage(lineage) and (not lineage or lineage[0] <= ballot), "a change precedes its accept"
+    if is_zero(ballot) and (state.promised is not None or state.accepted is not None):
+        # A zero ballot skipped phase 1: only an acceptor that never voted on the key may take it.
+        conflict = _highest(state)
+        assert conflict is not None
+        return state, Rejected(conflict)
     if (state.promised is None or ballot >= state.promised) and (
         state.accepted is None or ballot > state.accepted
     ):

@@ -142,9 +142,11 @@ from kvstore.protocol.paxos import (
     Observed,
     OutcomeStatus,
     Promise,
+    PutIfAbsent,
     Read,
     RegisterValue,
     Rejected,
+    Write,
     agreed_read,
     agreement_possible,
     apply_change,
@@ -155,6 +157,8 @@ from kvstore.protocol.paxos import (
     majority,
     next_ballot,
     stale_acceptors,
+    zero_agreement_pending,
+    zero_ballot,
 )
 from kvstore.protocol.paxos_wire import (
     RECOVERING,
@@ -212,6 +216,8 @@ class ProposerStats:
     fast_path_misses: int = 0  # fast accept rejected: fell back to the full protocol
     peek_hits: int = 0  # reads answered by a peek (1 round trip, no fsync)
     peek_misses: int = 0  # peeks whose replies did not agree (fell back, or inconclusive)
+    first_write_hits: int = 0  # first writes chosen at a zero ballot (1 round trip, no prepare)
+    first_write_misses: int = 0  # zero-ballot accepts short of unanimity (re-committed, or retried)
     overloaded: int = 0
 
 
@@ -337,9 +343,18 @@ class ProposerConfig:
     fast_path: bool = True
     clock_ballots: bool = True
     peek_reads: bool = True
+    first_writes: bool = True  # zero-ballot first writes when the caller believes the key new
+    # How long a zero-ballot accept (or a peek of a zero-ballot state) waits for the last
+    # acceptors once a majority answered (at most a third of the time left): unanimity is what
+    # makes a zero-ballot state chosen.  After it the write re-commits at its next ballot (one
+    # more round trip), the read falls back to the full protocol -- both cost CPU, while waiting
+    # for a reply that is only late costs nothing, so the wait is generous.  Not at all when the
+    # caller says a replica is believed down (``all_up=False``).
+    unanimity_wait_s: float = 0.5
 
     def __post_init__(self) -> None:
         assert self.max_attempts >= 1 and self.backoff_base_s >= 0 and self.backoff_cap_s >= 0
+        assert self.unanimity_wait_s >= 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -354,6 +369,9 @@ class _Pending:
     value: RegisterValue  # the state right after the change
     outcome: ChangeOutcome
     parent: Ballot | None  # origin of the state the change was applied to
+    # A zero-ballot attempt whose local acceptor did not say it took it: its origin (this node's
+    # zero ballot) may then be another proposal's of this node, so finding it proves nothing.
+    ambiguous: bool = False
 
 
 @dataclass
@@ -362,7 +380,9 @@ class _Round:
     ballot: Ballot | None  # None for a peek
     message: Message
     undecided: dict[int, str] = field(default_factory=dict)  # call -> peer, in send order
-    deferred: str | None = None  # sent only once another replica said ok
+    deferred: tuple[str, ...] = ()  # sent only once another replica said ok
+    unanimous: bool = False  # a zero-ballot accept: chosen only if every acceptor took it
+    waiting_since_ns: int | None = None  # a majority answered; waiting a little for the rest
     # (acceptor, Promise or Accepted, its incarnation, its view of the group's incarnations)
     replies: list[tuple[str, Any, str | None, dict[str, str]]] = field(default_factory=list)
     conflicts: list[Ballot] = field(default_factory=list)
@@ -410,6 +430,7 @@ class _AcceptPlan:
     applied: _Pending | None  # an earlier attempt found in the state: re-committed, not re-applied
     used_fast: bool
     promise_next: Ballot | None
+    zero: bool = False  # sent at this proposer's zero ballot (a first write without phase 1)
 
 
 class ProposerCore:
@@ -431,8 +452,14 @@ class ProposerCore:
         stamp: Message | None = None,
         fallback: bool = True,
         peek: bool = True,
+        first_write: bool = False,
+        all_up: bool = True,
     ) -> None:
-        """``fallback=False``: a read whose peek is inconclusive fails with ``PeekInconclusive``
+        """``first_write``: the caller believes the key has no state (no acceptor saw it): a
+        write or put-if-absent is then first tried at the proposer's zero ballot, without phase 1
+        (``kvstore.protocol.paxos``, "First writes without phase 1"); a wrong belief costs one
+        rejected round trip.  ``all_up``: the caller believes every replica up, so waiting a little
+        for the last one (``ProposerConfig.unanimity_wait_s``) is worth it.  ``fallback=False``: a read whose peek is inconclusive fails with ``PeekInconclusive``
         instead of running the full protocol (see the module docstring).  ``peek=False``: a read
         runs the full protocol and so re-commits the state (membership catch-up needs exactly
         that: the state accepted anew by joint quorums).  ``acceptor_sets`` (default: ``replicas`` alone) are the sets each phase needs a majority
@@ -459,6 +486,8 @@ class ProposerCore:
         self.stamp: Message = dict(stamp or {})
         self.fallback = fallback
         self.peek = peek and config.peek_reads
+        self.first_write = first_write and config.first_writes
+        self.all_up = all_up
         # For reporting only (the error's ``needed``): a joint quorum is a majority of each set.
         self.need = majority(len(replicas)) if not self.joint else sum(majority(len(s)) for s in sets)
         self.attempt = 0
@@ -483,6 +512,15 @@ class ProposerCore:
             return self._peek(at)  # the fast-path entry is left for the next change (or a fallback)
         # Popped here, before any effect: a concurrent proposal on this node cannot take it too.
         self._fast = self.state.take_fast(self.key, self.group, self.sets if self.joint else ())
+        if (
+            self._fast is None
+            and self.first_write
+            and not self.joint
+            and self.state.node_id in self.group
+            and len(self.group) > 1
+            and isinstance(self.change, Write | PutIfAbsent)
+        ):
+            return self._zero_accept(at)
         return self._attempt(at)
 
     def on_answers(self, answers: Iterable[Answer], at: Instant) -> list[Effect]:
@@ -522,7 +560,7 @@ class ProposerCore:
             self._backing_off = False
             return self._attempt(at)
         assert self._round is not None, "a timer only runs during a round or a backoff"
-        return self._end_round(at)  # the deadline passed
+        return self._end_round(at)  # the deadline passed, or the wait for unanimity ended
 
     # --- attempts -------------------------------------------------------------------------
 
@@ -539,6 +577,27 @@ class ProposerCore:
         self.round_trips += 1
         message = {**prepare_message(self.key, self.token, ballot, self.group), **self.stamp}
         return self._start_round("prepare", ballot, message)
+
+    def _zero_accept(self, at: Instant) -> list[Effect]:
+        """A first write at this proposer's zero ballot, no phase 1: to the local acceptor
+        first, to the others once it took it (that durable vote is what keeps the zero ballot
+        single-use: the local acceptor never takes it again, after a restart neither)."""
+        self.attempt += 1
+        ballot = zero_ballot(self.state.node_id)
+        new_value, outcome = apply_change(self.change, ABSENT)
+        assert new_value != ABSENT, "only writes that create a value use the zero ballot"
+        new_lineage = extend_lineage((), ballot)
+        # Always asked: with it a majority short of unanimity is still a phase 1 for the next ballot.
+        promise_next = self._reserve_next(ballot, at)
+        self._plan = _AcceptPlan(ABSENT, new_value, new_lineage, outcome, new_value, None, None, False, promise_next, True)
+        self.round_trips += 1
+        node = self.state.node_id
+        message = {
+            **accept_message(self.key, self.token, ballot, new_value, promise_next, new_lineage, self.group),
+            **self.stamp,
+        }
+        others = tuple(peer for peer in self.group if peer != node)
+        return self._start_round("accept", ballot, message, others, unanimous=True)
 
     def _peek(self, at: Instant) -> list[Effect]:
         if self._remaining_ns(at) <= 0:
@@ -575,6 +634,11 @@ class ProposerCore:
         lineage = () if best is None else best.lineage
         statuses = {origin: change_status(origin, lineage, p.parent) for origin, p in self.pending.items()}
         found = [self.pending[origin] for origin, status in statuses.items() if status == "applied"]
+        if any(p.ambiguous for p in found):
+            return self._fail(
+                True, "a first write of this request may have been taken by its own acceptor, "
+                "and another change of this node at the same zero ballot is in the state",
+            )
         # Two attempts of one proposal are never both in one chain: each fresh attempt was made
         # only after proving the earlier ones absent from the state it extended.  So one found
         # applied settles it, even if older attempts' trails are lost.
@@ -624,13 +688,15 @@ class ProposerCore:
         # outside the majorities other proposers used meanwhile); if it alone took a stale fast
         # accept, that partial value's origin would be far behind the chain and a retry could
         # not tell whether it took effect.
-        defer = node if used_fast and node in self.group and len(self.group) > 1 else None
+        defer = (node,) if used_fast and node in self.group and len(self.group) > 1 else ()
         return self._start_round("accept", ballot, message, defer)
 
     def _after_accept(self, r: _Round, at: Instant) -> list[Effect]:
         plan = self._plan
         assert plan is not None
         self.acknowledged = len(r.oks)
+        if plan.zero:
+            return self._after_zero_accept(r, plan, at)
         if self._quorum(r):
             if plan.used_fast:
                 self.stats.fast_path_hits += 1
@@ -654,6 +720,36 @@ class ProposerCore:
             # Remember its origin so that a retry can tell whether it took effect.
             assert r.ballot is not None
             self.pending[r.ballot] = _Pending(plan.new_value, plan.outcome, plan.parent)
+        return self._retry(at)
+
+    def _after_zero_accept(self, r: _Round, plan: _AcceptPlan, at: Instant) -> list[Effect]:
+        assert r.ballot is not None and plan.promise_next is not None
+        acked = {peer for peer, _ in r.ok_peers}
+        if acked >= set(self.group):
+            # Every acceptor took it: chosen (a zero ballot's quorum is all of them).
+            self.stats.first_write_hits += 1
+            promised = {peer for peer, ok in r.ok_peers if ok.promised_next == plan.promise_next}
+            if self.config.fast_path and quorum_reached(promised, self.sets):
+                self.state.remember_fast(
+                    self.key, FastPath(plan.promise_next, plan.new_value, plan.new_lineage, self.group)
+                )
+            self.finished = True
+            return [Done(ProposeResult(plan.reported, plan.outcome.status, plan.outcome.current_etag, self.round_trips))]
+        self.stats.first_write_misses += 1
+        self.reason = r.reason(self.need)
+        # Not chosen (yet): some acceptors may hold it, so it is pending like any partial accept.
+        # The zero ballot names this node, not this proposal: only when the local acceptor took
+        # it (it takes one zero ballot per key, ever) is a state with that origin surely ours.
+        if r.replies or r.maybe_delivered:
+            local_took = any(peer == self.state.node_id for peer, _, _, _ in r.replies)
+            self.pending[r.ballot] = _Pending(plan.new_value, plan.outcome, None, ambiguous=not local_took)
+        promised = {peer for peer, ok in r.ok_peers if ok.promised_next == plan.promise_next}
+        if quorum_reached(promised, self.sets):
+            # That majority promised promise_next together with accepting (zero, v), each from an
+            # empty state: a phase 1 for promise_next whose highest accepted state is ours.  Make
+            # it chosen there (it is our change, applied: re-committed, not applied again).
+            applied = self.pending[r.ballot]
+            return self._accept(at, plan.promise_next, plan.new_value, plan.new_lineage, applied, used_fast=False)
         return self._retry(at)
 
     def _retry(self, at: Instant) -> list[Effect]:
@@ -682,11 +778,13 @@ class ProposerCore:
         phase: Literal["prepare", "accept", "peek"],
         ballot: Ballot | None,
         message: Message,
-        defer: str | None = None,
+        defer: tuple[str, ...] = (),
+        *,
+        unanimous: bool = False,
     ) -> list[Effect]:
-        assert self._round is None and (defer is None or defer in self.group)
-        r = self._round = _Round(phase, ballot, message, deferred=defer)
-        effects: list[Effect] = [self._send(r, peer) for peer in self.group if peer != defer]
+        assert self._round is None and set(defer) <= set(self.group) and len(defer) < len(self.group)
+        r = self._round = _Round(phase, ballot, message, deferred=defer, unanimous=unanimous)
+        effects: list[Effect] = [self._send(r, peer) for peer in self.group if peer not in defer]
         effects.append(StartTimer(self.deadline_ns))
         return effects
 
@@ -727,23 +825,53 @@ class ProposerCore:
         """After an answer: end the round if it is decided, else maybe send the deferred accept."""
         r = self._round
         assert r is not None
-        outstanding = set(r.undecided.values()) | ({r.deferred} if r.deferred is not None else set())
+        outstanding = set(r.undecided.values()) | set(r.deferred)
         if r.phase == "peek":
             # Decided once a quorum answered (agreeing or not): waiting for more replies could
             # only wait on an unreachable replica until the deadline, leaving no time to fall back.
+            # Except a zero-ballot state a quorum reported: it needs every acceptor, so wait for
+            # the rest a little (then the read falls back to the full protocol).
             peeked = r.ok_peers
-            if quorum_reached({peer for peer, _ in peeked}, self.sets) or not agreement_possible(
-                peeked, outstanding, self.sets
-            ):
+            if agreed_read(peeked, self.sets) is not None or not agreement_possible(peeked, outstanding, self.sets):
+                return self._end_round(at)
+            if quorum_reached({peer for peer, _ in peeked}, self.sets):
+                if zero_agreement_pending(peeked, outstanding, self.sets):
+                    return self._wait_for_unanimity(r, at)
                 return self._end_round(at)
             return []
         acked = {peer for peer, _ in r.ok_peers}
+        if r.unanimous:
+            if acked >= set(self.group) or not quorum_possible(acked, outstanding, self.sets):
+                return self._end_round(at)
+            if r.deferred and acked:
+                deferred, r.deferred = r.deferred, ()
+                return [self._send(r, peer) for peer in deferred]
+            if not r.undecided and not acked:
+                return self._end_round(at)  # the local acceptor refused: nothing else is sent
+            if quorum_reached(acked, self.sets):
+                if acked | outstanding >= set(self.group):
+                    return self._wait_for_unanimity(r, at)
+                return self._end_round(at)  # someone refused or failed: unanimity is out of reach
+            return []
         if quorum_reached(acked, self.sets) or not quorum_possible(acked, outstanding, self.sets):
             return self._end_round(at)
-        if r.deferred is not None and acked:
-            peer, r.deferred = r.deferred, None
-            return [self._send(r, peer)]
+        if r.deferred and acked:
+            deferred, r.deferred = r.deferred, ()
+            return [self._send(r, peer) for peer in deferred]
+        if not r.undecided and not acked:
+            return self._end_round(at)  # nothing in flight, and the deferred calls wait for an ok
         return []
+
+    def _wait_for_unanimity(self, r: _Round, at: Instant) -> list[Effect]:
+        """A majority answered, every acceptor is needed: the rest get ``unanimity_wait_s``, at most
+        a third of the time left (the rest is for the fallback), none if one is believed down."""
+        if r.waiting_since_ns is not None:
+            return []
+        r.waiting_since_ns = at.monotonic_ns
+        wait_ns = min(int(self.config.unanimity_wait_s * 1e9), self._remaining_ns(at) // 3) if self.all_up else 0
+        if wait_ns <= 0:
+            return self._end_round(at)
+        return [StartTimer(at.monotonic_ns + wait_ns)]
 
     def _end_round(self, at: Instant) -> list[Effect]:
         r = self._round
@@ -751,10 +879,9 @@ class ProposerCore:
         sends: list[Effect] = []
         release: list[Effect] = []
         if r.phase == "accept" and self._quorum(r):
-            if r.deferred is not None:
-                # The round succeeded without it: bring it up to date all the same.
-                sends.append(self._send(r, r.deferred))
-                r.deferred = None
+            # The round succeeded without them: bring them up to date all the same.
+            sends.extend(self._send(r, peer) for peer in r.deferred)
+            r.deferred = ()
             if r.undecided:
                 release.append(Detach(tuple(r.undecided)))
         elif r.undecided:

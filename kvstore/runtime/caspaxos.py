@@ -60,7 +60,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -188,11 +188,37 @@ class PaxosAcceptor:
     is never lost) it always votes and tags nothing.
     """
 
-    def __init__(self, storage: Storage, gate: AcceptorGate | None = None) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        gate: AcceptorGate | None = None,
+        *,
+        cached_states: int = 10_000,
+        cached_bytes: int = 16 << 20,
+    ) -> None:
+        assert cached_states >= 0 and cached_bytes >= 0
         self.storage = storage
         self.gate = gate
         self.locks = KeyLocks()
         self.stats = AcceptorStats()
+        # Keys that may have a record in ``storage`` (None: unknown, always read).  Loaded from the
+        # store before the first message (``index_keys``) and grown before every write, so a key
+        # outside it, looked up under the key's lock, certainly has no record: its state is empty
+        # without a storage read (a first write of a new key then costs no read at any acceptor).
+        self.stored_keys: set[str] | None = None
+        # The durable state of recently used keys, decoded (bounded LRU, by count and value bytes).
+        # Written only under the key's lock, after the put returned, and dropped before a put
+        # starts: an entry is always exactly what the store holds, as this acceptor is the only
+        # writer of its key records (register_recovery merges through ``absorb``).
+        self._states: OrderedDict[str, tuple[AcceptorState, int]] = OrderedDict()
+        self._states_bytes = 0
+        self._max_states = cached_states
+        self._max_states_bytes = cached_bytes
+
+    def index_keys(self, keys: set[str]) -> None:
+        """Every key with a record in the store, read before the acceptor answers anything: from
+        now on a key outside the set (and not written since) is known to be empty."""
+        self.stored_keys = keys
 
     async def handle(self, message: Message) -> Message:
         """Answer one Paxos message.  Malformed messages get an error reply; storage failures
@@ -228,7 +254,7 @@ class PaxosAcceptor:
     async def _apply(self, request: PaxosRequest) -> Message:
         key, token = request.key, request.token
         async with self.locks.hold(key):
-            state = await self.load(key, token)
+            state = await self._load(key, token)
             reply: Promise | Accepted | Rejected
             if request.op == OP_PREPARE:
                 self.stats.prepares += 1
@@ -244,8 +270,7 @@ class PaxosAcceptor:
                 assert new_state == state
             else:
                 # Durable before the reply leaves: the promise/accept is now unforgettable.
-                await self.storage.put(key, token, new_state.encode())
-                self.stats.writes += 1
+                await self._store(key, token, new_state)
             wire = reply_to_wire(reply)
             if self.gate is not None:
                 # The view is read after the state is durable, with no await in between: if it
@@ -262,7 +287,7 @@ class PaxosAcceptor:
         of every vote already answered, and only durable state (a vote's state is stored before
         the lock is released)."""
         async with self.locks.hold(key):
-            state = await self.load(key, token)
+            state = await self._load(key, token)
             self.stats.peeks += 1
             wire = reply_to_wire(on_peek(state))
             if self.gate is not None:
@@ -281,27 +306,67 @@ class PaxosAcceptor:
 
     async def _absorb(self, key: str, token: int, remote: AcceptorState) -> bool:
         async with self.locks.hold(key):
-            local = await self.load(key, token)
+            local = await self._load(key, token)
             merged = merge_states(local, remote)
             # A state taken from a peer is not a vote of ours: peeks must not count it
             # (kvstore.protocol.paxos, "Quorum reads").  A state we voted for stays a vote.
             merged = replace(merged, absorbed=merged.accepted != local.accepted or local.absorbed)
             if merged == local:
                 return False
-            await self.storage.put(key, token, merged.encode())
-            self.stats.writes += 1
+            await self._store(key, token, merged)
             self.stats.absorbed += 1
             return True
 
     async def load(self, key: str, token: int) -> AcceptorState:
+        """The key's durable state (under the key's lock, so never half-way through a vote)."""
+        async with self.locks.hold(key):
+            return await self._load(key, token)
+
+    async def _load(self, key: str, token: int) -> AcceptorState:
+        """The key's state; the caller holds the key's lock (the cache is only coherent so)."""
+        cached = self._states.get(key)
+        if cached is not None:
+            self._states.move_to_end(key)
+            return cached[0]
+        if self.stored_keys is not None and key not in self.stored_keys:
+            return EMPTY_STATE  # no record was ever stored for it (see ``stored_keys``)
         blob = await self.storage.get(key, token)
         if blob is None:
             return EMPTY_STATE
         try:
-            return AcceptorState.decode(blob)
+            state = AcceptorState.decode(blob)
         except CorruptState as exc:
             # Answering from an empty state would break promises: refuse instead.
             raise StorageError(f"corrupt paxos state for key {key!r}: {exc}") from exc
+        self._remember(key, state)
+        return state
+
+    async def _store(self, key: str, token: int, state: AcceptorState) -> None:
+        """Write the key's new state durably; the caller holds the key's lock."""
+        if self.stored_keys is not None:
+            self.stored_keys.add(key)  # before the put: a put that fails may still have landed
+        self._forget(key)  # a failed put leaves the store unknown: read it again next time
+        await self.storage.put(key, token, state.encode())
+        self.stats.writes += 1
+        self._remember(key, state)
+
+    def _remember(self, key: str, state: AcceptorState) -> None:
+        if self._max_states == 0:
+            return
+        self._forget(key)
+        size = 256 + (len(state.value.value) if state.value is not None and state.value.value is not None else 0)
+        if size > self._max_states_bytes:
+            return
+        self._states[key] = (state, size)
+        self._states_bytes += size
+        while len(self._states) > self._max_states or self._states_bytes > self._max_states_bytes:
+            _, (_, evicted) = self._states.popitem(last=False)
+            self._states_bytes -= evicted
+
+    def _forget(self, key: str) -> None:
+        entry = self._states.pop(key, None)
+        if entry is not None:
+            self._states_bytes -= entry[1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,13 +430,17 @@ class PaxosProposer:
         stamp: Message | None = None,
         fallback: bool = True,
         peek: bool = True,
+        first_write: bool = False,
+        all_up: bool = True,
     ) -> ProposeResult:
         """Linearizably apply ``change`` to ``key``'s register replicated on ``replicas``.
 
         ``acceptor_sets`` and ``stamp``: joint consensus during a membership change
         (``ProposerCore``); by default a majority of ``replicas``, unstamped.  ``fallback=False``:
         a read whose quorum read is inconclusive raises ``PeekInconclusive`` (nothing changed);
-        ``peek=False``: a read runs the full protocol (it re-commits the state).
+        ``peek=False``: a read runs the full protocol (it re-commits the state).  ``first_write``: the
+        caller believes the key new: a write is first tried at the zero ballot, without phase 1;
+        ``all_up``: it believes every replica up (worth waiting a little for the last answer).
         Raises ``ConsensusUnavailable`` (see ``indeterminate``) or ``ConsensusOverloaded``.
         """
         assert replicas and len(set(replicas)) == len(replicas), "replicas must be distinct"
@@ -385,7 +454,8 @@ class PaxosProposer:
             deadline_ns = self.clock.monotonic_ns() + int(timeout_s * 1e9)
             core = ProposerCore(
                 self.state, self.config, self.rng, key, token, tuple(replicas), change, deadline_ns, self.stats,
-                acceptor_sets=acceptor_sets, stamp=stamp, fallback=fallback, peek=peek,
+                acceptor_sets=acceptor_sets, stamp=stamp, fallback=fallback, peek=peek, first_write=first_write,
+                all_up=all_up,
             )
             result = await self._drive(core)
         except ConsensusUnavailable:

@@ -9,7 +9,10 @@ answer, so on the minority side of a partition a request fails with 503
 
 Every proposal for a key is run by the key's *first primary believed up*: a
 receiving node that is not that primary forwards the operation (one extra hop),
-so one proposer keeps the key's one-round-trip fast path across requests.  Any
+so one proposer keeps the key's one-round-trip fast path across requests.  The
+exception is a change of a key the receiving replica has never seen Paxos traffic
+for (a new key, e.g. every insert): no proposer has a fast path for it yet, so the
+replica proposes itself and saves the hop.  Any
 node could propose safely; this is only about latency (two nodes that both believe
 they lead a key are safe, they only invalidate each other's fast path).  A read
 received by another replica of the key is first a *quorum read* from there (a peek
@@ -141,8 +144,13 @@ class LinearizableRegister:
 
     async def start(self) -> None:
         # Loaded before serving: the node starts its transport after its collaborators.
+        stored: set[str] = set()
         async for page in scan_pages(self.node.paxos_storage, TOKEN_MIN, TOKEN_MIN, 1000):
-            self.register_keys.update(r.key for r in page)
+            stored.update(r.key for r in page)
+        self.register_keys.update(stored)
+        # The acceptor's own copy: it grows only when a record is written, so a key outside it
+        # needs no storage read (register_keys grows on arrival, before the acceptor's lock).
+        self.acceptor.index_keys(stored)
         await self.recovery.load()  # before any vote: a new store must not answer from empty state
         self.recovery.start()
 
@@ -190,9 +198,15 @@ class LinearizableRegister:
                                  indeterminate=False)
         if blob is not None and not versions.decode(blob).is_deleted:
             raise ConsistencyConflict(AP_CONFLICT)
+        # A key this acceptor never saw Paxos traffic for is most likely new: try its first write
+        # without phase 1 (a zero ballot, kvstore.protocol.paxos), which needs every replica, so
+        # only with every one believed up.  A wrong guess is safe (one rejected round trip).
+        all_up = all(node.is_up(peer) for peer in replicas if peer != node.node_id)
+        first_write = isinstance(change, Write | PutIfAbsent) and key not in self.register_keys and all_up
         result = await self.proposer.propose(
             key, token, replicas, change, timeout_s, acceptor_sets=acceptor_sets, stamp={"cv": version},
-            fallback=fallback, peek=peek,
+            fallback=fallback, peek=peek, first_write=first_write,
+            all_up=all_up,
         )
         node.metrics.paxos_rounds.inc(result.round_trips)
         return {
@@ -207,7 +221,9 @@ class LinearizableRegister:
         A read cancelled at the deadline changes nothing, and no proposal has started yet: both a
         slow and a failing disk are certain failures here."""
         try:
-            return await asyncio.wait_for(self.node.data.get(key, token), max(0.0, timeout_s))
+            # asyncio.timeout, not wait_for: no task of its own per proposal (wait_for makes one).
+            async with asyncio.timeout(max(0.0, timeout_s)):
+                return await self.node.data.get(key, token)
         except TimeoutError:
             raise RequestTimeout(f"{self.node.node_id}'s storage did not answer within timeout_ms; "
                                  "nothing was changed", indeterminate=False) from None
@@ -239,6 +255,12 @@ class LinearizableRegister:
                 return await self.propose_here(key, change, deadline - node.now_s(), fallback=False)
             except PeekInconclusive:
                 pass  # certain: a peek changes nothing; the proposer runs the full read below
+        elif not is_read and node.node_id in up and key not in self.register_keys:
+            # A key this replica never saw Paxos traffic for is (almost surely) new: no proposer
+            # holds a fast-path promise for it that forwarding would use, so the hop would buy
+            # nothing.  Propose here (any replica may; the key's proposer takes over from the
+            # next request on, which this node then forwards).
+            return await self.propose_here(key, change, deadline - node.now_s())
         for primary in up:
             remaining = deadline - node.now_s()
             if remaining <= 0:
