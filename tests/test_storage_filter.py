@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import random
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from kvstore.storage import StorageError
 from kvstore.storage.keyfilter import KeyFilter, bloom_bits, bloom_capacity
 from kvstore.storage.sqlite import SqliteStorage
 
@@ -194,3 +197,70 @@ async def test_a_large_file_is_filtered_from_its_open_scan(tmp_path: Path, monke
         assert len(reads) < 100, f"{len(reads)} of 2000 absent reads went to the file (1% expected)"
     finally:
         await reopened.close()
+
+
+# --- one writer per file: what the cache and the filter rest on ----------------------------------
+
+
+async def test_a_second_store_on_the_same_file_is_refused(tmp_path: Path) -> None:
+    path = str(tmp_path / "owned.db")
+    first = SqliteStorage(path, "always")
+    try:
+        await first.put("k", 1, b"v")
+        with pytest.raises(StorageError, match="another store"):
+            SqliteStorage(path, "always")
+        child = subprocess.run(
+            [sys.executable, "-c", CHILD_OPENS, path], capture_output=True, text=True, timeout=60,
+            cwd=REPO_ROOT,
+        )
+        assert child.returncode == 3, (child.returncode, child.stderr)
+        assert await first.get("k", 1) == b"v", "the refused opener changed nothing"
+    finally:
+        await first.close()
+    second = SqliteStorage(path, "always")  # closed: the file is free again
+    try:
+        assert await second.get("k", 1) == b"v"
+    finally:
+        await second.close()
+
+
+async def test_a_killed_owner_leaves_the_file_free(tmp_path: Path) -> None:
+    path = str(tmp_path / "killed.db")
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD_HOLDS, path], stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "open"
+        with pytest.raises(StorageError, match="another store"):
+            SqliteStorage(path, "always")
+    finally:
+        child.kill()
+        child.wait(timeout=60)
+    reopened = SqliteStorage(path, "always")  # the kernel released the dead owner's lock
+    try:
+        assert await reopened.get("held", 1) == b"v"
+    finally:
+        await reopened.close()
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CHILD_OPENS = r"""
+import sys
+from kvstore.storage import StorageError
+from kvstore.storage.sqlite import SqliteStorage
+try:
+    SqliteStorage(sys.argv[1], "always")
+except StorageError:
+    sys.exit(3)
+sys.exit(0)
+"""
+CHILD_HOLDS = r"""
+import asyncio, sys, time
+from kvstore.storage.sqlite import SqliteStorage
+async def main():
+    store = SqliteStorage(sys.argv[1], "always")
+    await store.put("held", 1, b"v")
+    print("open", flush=True)
+    time.sleep(120)  # killed by the test long before
+asyncio.run(main())
+"""

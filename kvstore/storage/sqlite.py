@@ -40,8 +40,10 @@ The event loop never calls SQLite (a commit with ``synchronous=FULL`` is an fsyn
     (towards "every read goes to the thread", the behaviour without a filter), never its answers.
 
   Both rest on one assumption: **this object is the only writer of the file** (rows appear only
-  through its writer).  Two stores on one file, in one process or two, are not supported (the
-  cache would serve overwritten blobs, the filter would deny other writers' records).  Point
+  through its writer).  A second writer (another store on the file, in this process or another)
+  would make the cache serve overwritten blobs and the filter deny the other writer's records,
+  so it is refused at open: the store holds an exclusive ``flock`` on ``<path>-owner`` until it is
+  closed (``_lock_owner``).  Read-only readers of the file (``sqlite3`` in ``mode=ro``) are fine.  Point
   reads on the loop thread were the alternative considered: they would serve present records too,
   but a read on the loop can block it (a page not in the OS cache, a WAL lock held by a
   checkpoint: up to the busy timeout), which is why reads moved to a thread in the first place;
@@ -88,6 +90,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import fcntl
 import logging
 import os
 import sqlite3
@@ -142,8 +145,33 @@ _SCAN_EXCLUSIVE = (
     "SELECT token, key, blob FROM kv WHERE (token, key) > (?, ?) AND token <= ? ORDER BY token, key LIMIT ?"
 )
 
-# SQLite waits this long for a lock held by another connection (another process on the file).
+# SQLite waits this long for a lock held by another connection (e.g. a read-only reader process).
 _BUSY_TIMEOUT_S = 5.0
+# The file next to the database whose lock says which store owns it (see _lock_owner).
+OWNER_LOCK_SUFFIX = "-owner"
+
+
+def _lock_owner(path: str) -> int:
+    """Take the exclusive lock that makes this store the file's only writer; its fd, held until close.
+
+    The cache and the key filter answer reads from what *this* store wrote, so a second writer on
+    the file (another store, in this process or another) would make them wrong: it is refused.
+    A separate lock file, not the database: closing any descriptor of the database would drop the
+    POSIX locks SQLite holds on it in this process.  ``flock`` is released by the kernel when the
+    process dies, so a crashed owner never blocks the next start.
+    """
+    try:
+        fd = os.open(path + OWNER_LOCK_SUFFIX, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise StorageError(f"cannot open {path}: {exc}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if isinstance(exc, BlockingIOError):
+            raise StorageError(f"cannot open {path}: another store (in this or another process) has it open") from None
+        raise StorageError(f"cannot lock {path}{OWNER_LOCK_SUFFIX}: {exc}") from exc
+    return fd
 
 
 class _WriteCache:
@@ -258,6 +286,7 @@ class SqliteStorage:
         self._exited: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._rconn: sqlite3.Connection | None = None
 
+        self._owner_fd = _lock_owner(path)
         ready: concurrent.futures.Future[None] = concurrent.futures.Future()
         name = os.path.basename(path)
         self._writer = threading.Thread(
@@ -268,6 +297,7 @@ class SqliteStorage:
             ready.result()
         except Exception as exc:
             self._writer.join()
+            os.close(self._owner_fd)
             raise StorageError(f"cannot open {path}: {exc}") from exc
         self._reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"sqlite-reader:{name}")
         try:
@@ -278,6 +308,7 @@ class SqliteStorage:
                 self._stopping = True
                 self._cond.notify()
             self._writer.join()
+            os.close(self._owner_fd)
             raise StorageError(f"cannot open {path} for reading: {exc}") from exc
 
     # --- public API (event loop side) ------------------------------------------------------
@@ -385,6 +416,7 @@ class SqliteStorage:
         # Queued behind any read still in flight, so those finish first.
         await loop.run_in_executor(self._reader, self._close_reader)
         self._reader.shutdown(wait=True)  # the worker is idle now: returns at once
+        os.close(self._owner_fd)  # both connections are closed: the next owner may open the file
 
     # --- reader thread -------------------------------------------------------------------
 
