@@ -38,6 +38,9 @@ The event loop never calls SQLite (a commit with ``synchronous=FULL`` is an fsyn
     from the file), costs only the thread read it would have cost anyway.  Its memory is
     bounded by ``filter_bytes``; past that it stops growing and its false positive rate rises
     (towards "every read goes to the thread", the behaviour without a filter), never its answers.
+    The Paxos store (acceptor states, also a ``SqliteStorage``) gets the same: an acceptor's
+    ``load`` of a key never proposed is answered on the loop.  The cost is one key scan at open
+    (about 1.2 us of CPU per record: 0.25-0.28 s for 200,000 records on a busy 2-core machine).
 
   Both rest on one assumption: **this object is the only writer of the file** (rows appear only
   through its writer).  A second writer (another store on the file, in this process or another)
