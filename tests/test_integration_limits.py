@@ -30,6 +30,8 @@ from tests.conftest import FAST_AP, FRONT_ENDS, http, kv_path
 pytestmark = pytest.mark.integration
 
 MARGIN_S = 10.0  # how late a timer may fire on a busy machine before a test calls it a failure
+# How early a timer may seem to fire: the event loop's clock is read once per loop iteration.
+TIMER_SLACK_S = 0.1
 HEADER_TIMEOUT_S = 1.0
 MAX_HTTP_CONNECTIONS = 8
 MAX_UNAUTHENTICATED = 4
@@ -261,6 +263,47 @@ def test_slow_headers_are_cut_after_the_header_timeout(guarded: LocalCluster) ->
     assert after >= before + 1
 
 
+def read_answer(sock: socket.socket, deadline: float) -> bytes:
+    """One whole answer (head and its Content-Length body) from a keep-alive connection."""
+    received = b""
+    while time.monotonic() < deadline:
+        head, sep, rest = received.partition(b"\r\n\r\n")
+        if sep:
+            length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length:")), 0)
+            if len(rest) >= length:
+                return received
+        ready, _, _ = select.select([sock], [], [], 0.5)
+        if ready:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed before the whole answer")
+            received += chunk
+    raise TimeoutError("no whole answer before the deadline")
+
+
+def test_a_slow_head_after_a_quick_request_gets_its_own_header_timeout(guarded: LocalCluster) -> None:
+    """The header timer is not re-armed per request: one armed for an earlier head must not cut a
+    later one before that one's own timeout."""
+    port = guarded.base_config.member("n1").http_port
+    with connect(port) as sock:
+        sock.sendall(f"GET {kv_path('quick-then-slow', r=1)} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        assert read_answer(sock, time.monotonic() + MARGIN_S).startswith(b"HTTP/1.1 404")
+        time.sleep(HEADER_TIMEOUT_S / 2)
+        started = time.monotonic()
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        deadline = started + HEADER_TIMEOUT_S + MARGIN_S
+        closed = False
+        try:
+            while not closed and time.monotonic() < deadline:
+                sock.sendall(b"a")
+                _, closed = read_until_closed(sock, min(deadline, time.monotonic() + 0.1))
+        except ConnectionError:
+            closed = True
+    assert closed
+    assert time.monotonic() - started >= HEADER_TIMEOUT_S - TIMER_SLACK_S
+
+
 def test_the_rest_of_an_unread_body_is_not_taken_for_slow_headers(guarded: LocalCluster) -> None:
     """A request refused before its body was read: aiohttp drains the body, the connection lives on."""
     port = guarded.base_config.member("n1").http_port
@@ -377,6 +420,28 @@ def test_idle_connections_are_closed_after_the_idle_timeout(impatient: LocalClus
         received, closed = read_until_closed(sock, started + IDLE_TIMEOUT_S + MARGIN_S)
     assert closed and time.monotonic() - started >= IDLE_TIMEOUT_S
     assert received.startswith(b"HTTP/1.1 200") and b'"status": "ok"' in received
+
+
+def test_the_idle_timeout_counts_from_the_last_answer(impatient: LocalCluster) -> None:
+    """The idle timer is not re-armed per request: one armed after an earlier answer must not close
+    the connection before it has been idle for the whole timeout after the last one."""
+    port = impatient.base_config.member("n1").http_port
+    request = f"GET {kv_path('idle-probe', r=1)} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+    for _attempt in range(5):  # a machine too slow to ask again within the timeout gets another try
+        with connect(port) as sock:
+            try:
+                sock.sendall(request)
+                read_answer(sock, time.monotonic() + MARGIN_S)
+                time.sleep(IDLE_TIMEOUT_S / 3)
+                asked = time.monotonic()  # the node is idle again only after this request's answer
+                sock.sendall(request)
+                assert read_answer(sock, time.monotonic() + MARGIN_S).startswith(b"HTTP/1.1 404")
+            except ConnectionError:
+                continue  # closed as idle before the second request arrived
+            _, closed = read_until_closed(sock, asked + IDLE_TIMEOUT_S + MARGIN_S)
+            assert closed and time.monotonic() - asked >= IDLE_TIMEOUT_S - TIMER_SLACK_S
+            return
+    raise AssertionError("no attempt sent two requests within the idle timeout")
 
 
 # --- no 500 for a bad secret header or an anonymous internal message ----------------------------

@@ -37,3 +37,19 @@ def test_remove_and_clear_forget_the_remembered_children() -> None:
 def test_wrong_label_names_are_still_refused() -> None:
     with pytest.raises(ValueError):
         Metrics().requests.labels(op="get")
+
+
+def test_count_request_counts_as_labels_would_and_forgets_on_clear() -> None:
+    metrics = Metrics()
+    metrics.count_request("put", 204, 0.002)
+    metrics.count_request("put", 204, 0.3)
+    metrics.requests.labels(op="put", status="204").inc()  # the same child, asked the usual way
+    metrics.count_request("get", 404, 0.001)
+    sample = metrics.registry.get_sample_value
+    assert sample("kvstore_requests_total", {"op": "put", "status": "204"}) == 3.0
+    assert sample("kvstore_requests_total", {"op": "get", "status": "404"}) == 1.0
+    assert sample("kvstore_request_latency_seconds_count", {"op": "put"}) == 2.0
+    assert sample("kvstore_request_latency_seconds_bucket", {"op": "put", "le": "0.0025"}) == 1.0
+    metrics.requests.clear()
+    metrics.count_request("put", 204, 0.002)  # a new child, registered again
+    assert sample("kvstore_requests_total", {"op": "put", "status": "204"}) == 1.0

@@ -32,6 +32,17 @@ class _RememberedLabels:
                 self._children[key] = child
         return child
 
+    def labels_by(self, key: Any, *labelvalues: str) -> Any:
+        """The child of ``labelvalues`` remembered under the caller's own ``key`` (e.g. an int status,
+        not its string): no label strings are built when it is known.  ``key`` must not be a
+        tuple starting with a tuple (the keys ``labels`` remembers under)."""
+        child = self._children.get(key)
+        if child is None:
+            child = super().labels(*labelvalues)  # type: ignore[misc]
+            if len(self._children) < MAX_REMEMBERED_CHILDREN:
+                self._children[key] = child
+        return child
+
     def remove(self, *labelvalues: Any) -> None:
         self._children.clear()
         super().remove(*labelvalues)  # type: ignore[misc]
@@ -89,3 +100,8 @@ class Metrics:
         self.loop_lag = Histogram(
             "kvstore_event_loop_lag_seconds", "Event loop scheduling lag", buckets=LATENCY_BUCKETS_S, registry=r
         )
+
+    def count_request(self, op: str, status: int, latency_s: float) -> None:
+        """One client request answered: ``kvstore_requests{op,status}`` and its latency."""
+        self.requests.labels_by((op, status), op, str(status)).inc()
+        self.latency.labels_by(op, op).observe(latency_s)

@@ -16,11 +16,20 @@ change a running node: ``/admin/faults`` (per-link drop/delay/loss rules),
 ``/admin/storage-faults`` (a full disk, a slow fsync, failing I/O: the node's
 stores are wrapped in ``FaultyStorage``, which costs nothing while no fault is
 set) and ``/admin/clock`` (skew the wall clock, which moves LWW timestamps).
+
+Once serving, a node process tunes Python's cyclic garbage collector (``tune_gc``): what
+start-up made is frozen out of every collection, and the youngest generation is collected
+after ``GC_GEN0_THRESHOLD`` net allocations instead of 700.  Measured under load (issue 15):
+with the defaults, collections took 2-5% of a node's CPU and an occasional full collection
+paused the event loop for 30+ ms of CPU, which every request in flight waits out; tuned, there
+were none in the same runs.  Reference counting still frees every acyclic object at once; only
+garbage cycles wait a little longer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import math
 import os
@@ -265,6 +274,18 @@ def warn_if_few_file_descriptors(cfg: NodeConfig) -> None:
         )
 
 
+GC_GEN0_THRESHOLD = 10_000  # net container allocations between young collections (Python's default: 700)
+
+
+def tune_gc() -> None:
+    """Freeze what start-up made (modules, config, the app) out of all later collections, and
+    collect the young generation less often (see the module docstring)."""
+    gc.collect()
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(GC_GEN0_THRESHOLD, gen1, gen2)
+
+
 async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
     node = build_node(cfg)
     app = build_app(node, admin_routes())
@@ -288,6 +309,7 @@ async def serve(cfg: NodeConfig, stop: asyncio.Event) -> None:
         site = http_guard.GuardedSite(runner, guard, cfg.bind, cfg.me.http_port, reuse_address=True,
                                       ssl_context=ssl_context)
         await site.start()
+    tune_gc()
     log.info("node %s serving %s://%s:%d (peer port %d%s, front end %s)", cfg.node_id, cfg.scheme, cfg.bind,
              cfg.me.http_port, cfg.me.peer_port, ", mutual TLS" if cfg.tls.enabled and cfg.tls.peer else "",
              cfg.server.front_end)

@@ -55,22 +55,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import functools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from http import HTTPStatus
+from types import MappingProxyType
 from typing import Any, cast
 from urllib.parse import parse_qsl
 
 import httptools
-from multidict import CIMultiDict, MultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from kvstore.config import Limits
 from kvstore.errors import BadRequest, BodyTimeout, ValueTooLarge
 from kvstore.server.api import MAX_HEADER_COUNT, MAX_HEADER_FIELD_BYTES, MAX_REQUEST_LINE_BYTES
 from kvstore.server.http_guard import LINGER_S, ConnectionGuard, canned_response
-from kvstore.server.kv_api import KV_METHODS, ApiRequest, ApiResponse, KvApi
+from kvstore.server.kv_api import CORE_HEADERS, KV_METHODS, ApiRequest, ApiResponse, KvApi
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,11 @@ CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 STATUS_LINES = {s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode("ascii") for s in HTTPStatus}
 # Request headers a forwarded request is re-framed without (its body is re-sent as it arrives).
 HOP_BY_HOP = {b"content-length", b"transfer-encoding"}
+# The request header fields the kv core reads (kvstore.server.kv_api): only these are decoded for it.
+CORE_HEADER_NAMES = frozenset(name.lower().encode("ascii") for name in CORE_HEADERS)
+NO_HEADERS: Mapping[str, str] = CIMultiDictProxy(CIMultiDict())
+NO_QUERY: Mapping[str, str] = MappingProxyType({})
+MAX_REMEMBERED_QUERIES = 256
 
 ProtocolFactory = Callable[[], asyncio.Protocol]
 
@@ -114,6 +121,30 @@ class _DateCache:
         return self._line
 
 
+class _QueryCache:
+    """Query strings parsed once: clients send the same few (``?consistency=quorum&w=2``) again and again.
+
+    A query is what ``parse_qsl(keep_blank_values=True)`` makes of it, first value of a repeated
+    name winning (as ``MultiDict.get``, what the aiohttp route gives the core); the mappings are
+    read-only, as they are shared.  At most ``MAX_REMEMBERED_QUERIES`` are kept; others are parsed
+    each time.
+    """
+
+    def __init__(self) -> None:
+        self._parsed: dict[str, Mapping[str, str]] = {}
+
+    def parse(self, query_string: str) -> Mapping[str, str]:
+        query = self._parsed.get(query_string)
+        if query is None:
+            fields: dict[str, str] = {}
+            for name, value in parse_qsl(query_string, keep_blank_values=True):
+                fields.setdefault(name, value)
+            query = MappingProxyType(fields)
+            if len(self._parsed) < MAX_REMEMBERED_QUERIES:
+                self._parsed[query_string] = query
+        return query
+
+
 class FrontEnd:
     """The listener-wide parts: the kv core, the aiohttp server to forward to, the guard."""
 
@@ -127,6 +158,7 @@ class FrontEnd:
         self.body_idle_timeout_ms = limits.body_idle_timeout_ms
         self.idle_timeout_s = limits.http_idle_timeout_ms / 1000.0
         self.dates = _DateCache()
+        self.queries = _QueryCache()
         self.connections: set[KvConnection] = set()
 
     def protocol_factory(self) -> ProtocolFactory:
@@ -144,7 +176,7 @@ class _Request:
     __slots__ = ("method", "url", "headers", "header_bytes", "keep_alive", "fast", "expect_continue",
                  "content_length", "chunked", "parts", "size", "complete", "overflow", "broken", "progress",
                  "sink", "refusal", "http_version", "dispatched", "queued_bytes",
-                 "transfer_encoding")
+                 "transfer_encoding", "core_headers")
 
     def __init__(self) -> None:
         self.method = ""
@@ -168,6 +200,7 @@ class _Request:
         self.http_version = "1.1"
         self.dispatched = False  # its head is complete: it is queued or being answered
         self.queued_bytes = 0  # its body bytes counted in KvConnection.queued_body_bytes
+        self.core_headers: list[tuple[bytes, bytes]] | None = None  # the fields the kv core reads
 
     def wake(self) -> None:
         if self.progress is not None and not self.progress.done():
@@ -190,8 +223,13 @@ class KvConnection(asyncio.Protocol):
         self.worker: asyncio.Task[None] | None = None
         self.wakeup: asyncio.Future[None] | None = None
         self.paused_by: set[str] = set()
+        # Both timers are lazy (one TimerHandle per connection, not one per request): a request
+        # only notes when its head began or when the connection became idle, and a timer that
+        # fires early re-arms itself for the deadline that time gives.
         self.header_timer: asyncio.TimerHandle | None = None
+        self.head_started: float | None = None  # loop time the incomplete head began
         self.idle_timer: asyncio.TimerHandle | None = None
+        self.idle_since: float | None = None  # loop time the connection became idle
         self.linger_timer: asyncio.TimerHandle | None = None
         self.link: _AiohttpLink | None = None
         self.tunnel = False  # after an Upgrade: every byte goes to aiohttp
@@ -295,12 +333,12 @@ class KvConnection(asyncio.Protocol):
         request = _Request()
         self.parsing = request
         self.head_bytes = 0
-        self._cancel_idle()
+        self.idle_since = None
         self.front.guard.mark_busy(self)
+        loop = asyncio.get_running_loop()
+        self.head_started = loop.time()
         if self.header_timer is None:
-            self.header_timer = asyncio.get_running_loop().call_later(
-                self.front.guard.header_timeout_s, self._header_timeout
-            )
+            self.header_timer = loop.call_later(self.front.guard.header_timeout_s, self._header_timeout)
 
     def on_url(self, url: bytes) -> None:
         request = self.parsing
@@ -325,9 +363,7 @@ class KvConnection(asyncio.Protocol):
         request.method = parser.get_method().decode("ascii")
         request.keep_alive = parser.should_keep_alive()
         request.http_version = parser.get_http_version()
-        if self.header_timer is not None:
-            self.header_timer.cancel()
-            self.header_timer = None
+        self.head_started = None
         url = request.url
         fast = (
             request.method in KV_METHODS
@@ -358,6 +394,10 @@ class KvConnection(asyncio.Protocol):
                     request.refusal = _refusal(
                         417, "expectation_failed", "the only Expect this node meets is 100-continue"
                     ).answer
+            elif lname in CORE_HEADER_NAMES:
+                if request.core_headers is None:
+                    request.core_headers = []
+                request.core_headers.append((name, value))
         request.fast = fast
         self._enqueue(request)
 
@@ -467,16 +507,14 @@ class KvConnection(asyncio.Protocol):
             return await self._forward(request)
         url = request.url.decode("ascii")
         path, _, query_string = url.partition("?")
-        headers: CIMultiDict[str] = CIMultiDict(
+        fields = request.core_headers
+        headers: Mapping[str, str] = NO_HEADERS if fields is None else CIMultiDict(
             (name.decode("ascii", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
-            for name, value in request.headers
+            for name, value in fields
         )
-        query = MultiDict(parse_qsl(query_string, keep_blank_values=True)) if query_string else MultiDict()
+        query = self.front.queries.parse(query_string) if query_string else NO_QUERY
         core_request = ApiRequest(request.method, path, query, headers)
-
-        async def read_value(limit: int) -> bytes:
-            return await self._read_body(request, limit)
-
+        read_value = functools.partial(self._read_body, request) if request.method == "PUT" else None
         response = await self.front.kv_api.handle(core_request, read_value)
         if transport.is_closing():
             return False
@@ -538,21 +576,19 @@ class KvConnection(asyncio.Protocol):
         return b"".join(request.parts)
 
     def _encode(self, response: ApiResponse, keep_open: bool, request: _Request) -> bytes:
-        status_line = STATUS_LINES.get(response.status) or f"HTTP/1.1 {response.status} Unknown\r\n".encode()
-        head = [status_line]
+        """The whole answer, head and body, as one bytes (one write, one send)."""
+        fields = ""
         for name, value in response.headers.items():
-            head.append(f"{name}: {value}\r\n".encode())
+            fields += f"{name}: {value}\r\n"
         body = response.body
         if body or "Content-Type" in response.headers:  # a 204 has neither, as from aiohttp
-            head.append(b"Content-Length: %d\r\n" % len(body))
+            fields += f"Content-Length: {len(body)}\r\n"
         if not keep_open:
-            head.append(b"Connection: close\r\n")
+            fields += "Connection: close\r\n"
         elif request.http_version == "1.0":
-            head.append(b"Connection: keep-alive\r\n")
-        head.append(self.front.dates.line())
-        head.append(b"\r\n")
-        head.append(body)
-        return b"".join(head)
+            fields += "Connection: keep-alive\r\n"
+        status_line = STATUS_LINES.get(response.status) or f"HTTP/1.1 {response.status} Unknown\r\n".encode()
+        return b"".join((status_line, fields.encode(), self.front.dates.line(), b"\r\n", body))
 
     # --- forwarding to aiohttp -----------------------------------------------------------------
 
@@ -622,28 +658,36 @@ class KvConnection(asyncio.Protocol):
             self._arm_idle()
 
     def _arm_idle(self) -> None:
-        self._cancel_idle()
-        self.idle_timer = asyncio.get_running_loop().call_later(self.front.idle_timeout_s, self._idle_timeout)
-
-    def _cancel_idle(self) -> None:
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
-            self.idle_timer = None
+        loop = asyncio.get_running_loop()
+        self.idle_since = loop.time()
+        if self.idle_timer is None:
+            self.idle_timer = loop.call_later(self.front.idle_timeout_s, self._idle_timeout)
 
     def _idle_timeout(self) -> None:
         self.idle_timer = None
+        if self.idle_since is None:  # busy since: the next idle period arms it again
+            return
+        loop = asyncio.get_running_loop()
+        deadline = self.idle_since + self.front.idle_timeout_s
+        if loop.time() < deadline:  # idle again since the timer was armed: not long enough yet
+            self.idle_timer = loop.call_at(deadline, self._idle_timeout)
+            return
         if self.parsing is None and not self.busy and not self.queue:
             self.close_transport()
 
     def _header_timeout(self) -> None:
         self.header_timer = None
         transport = self.transport
-        if transport is None or transport.is_closing() or self.parsing is None:
+        started = self.head_started
+        if transport is None or transport.is_closing() or self.parsing is None or started is None:
+            return  # no head is incomplete: the next one arms it again
+        loop = asyncio.get_running_loop()
+        deadline = started + self.front.guard.header_timeout_s
+        if loop.time() < deadline:  # armed for an earlier head: this one's time has not come
+            self.header_timer = loop.call_at(deadline, self._header_timeout)
             return
         if self.busy or self.queue:  # bytes that arrive while answering do not count against it
-            self.header_timer = asyncio.get_running_loop().call_later(
-                self.front.guard.header_timeout_s, self._header_timeout
-            )
+            self.header_timer = loop.call_later(self.front.guard.header_timeout_s, self._header_timeout)
             return
         self.front.guard.header_timed_out()
         transport.write(self.front.guard.too_slow_response)
@@ -672,6 +716,7 @@ class KvConnection(asyncio.Protocol):
         self.parsing = None
         self.failed = True
         self._pause("failed", True)
+        self.head_started = None
         if self.header_timer is not None:
             self.header_timer.cancel()
             self.header_timer = None

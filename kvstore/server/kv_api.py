@@ -53,6 +53,11 @@ log = logging.getLogger(__name__)
 
 KV_PREFIX = "/kv/"
 KV_METHODS = ("DELETE", "GET", "PUT")
+OP_LABELS = {method: method.lower() for method in KV_METHODS}  # the metrics' ``op`` label
+# The only request headers the core reads: an adapter may pass just these (kvstore.server.http_front).
+CORE_HEADERS = ("If-Match", "If-None-Match", "X-Context")
+KNOWN_PARAMETERS = frozenset({"r", "w", "consistency", "sloppy", "timeout_ms"})
+MAX_REMEMBERED_PARAMS = 256
 JSON_CONTENT_TYPE = "application/json; charset=utf-8"
 VALUE_CONTENT_TYPE = "application/octet-stream"
 NS_PER_S = 1_000_000_000
@@ -122,11 +127,13 @@ def _bool_param(query: Mapping[str, str], name: str, default: bool) -> bool:
 
 
 class RequestParams:
-    """The consistency parameters of one request, resolved against the node's defaults."""
+    """The consistency parameters of one request, resolved against the node's defaults (read-only:
+    ``KvApi`` shares one among the requests with the same query)."""
+
+    __slots__ = ("consistency", "quorum", "sloppy", "timeout_s")
 
     def __init__(self, query: Mapping[str, str], quorum_name: str, cfg: NodeConfig) -> None:
-        known = {"r", "w", "consistency", "sloppy", "timeout_ms"}
-        unknown = sorted(set(query) - known)
+        unknown = sorted(set(query) - KNOWN_PARAMETERS)
         if unknown:
             raise BadRequest("invalid_parameter", f"unknown query parameter(s): {', '.join(unknown)}")
         self.consistency = query.get("consistency", cfg.consistency)
@@ -218,6 +225,8 @@ class KvApi:
         self.signer = signer or causal_context.ContextSigner(node.cfg.secret)
         self.max_inflight = node.cfg.limits.max_inflight_requests
         self.inflight = 0
+        # Valid parameters by (quorum name, query items): the config they resolve against is fixed.
+        self._params: dict[tuple[str, tuple[tuple[str, str], ...]], RequestParams] = {}
 
     async def handle(self, request: ApiRequest, read_body: BodyReader | None = None) -> ApiResponse:
         """Every /kv request: validation, the node call, typed errors -> JSON (never raises for
@@ -245,11 +254,19 @@ class KvApi:
         except Exception:  # a bug: never show a client the traceback
             log.exception("unhandled error on %s %s", request.method, request.raw_path)
             response = json_error(500, "internal", "internal error; see the node's log")
-        if request.method in KV_METHODS and request.raw_path.startswith(KV_PREFIX):
-            op = request.method.lower()
-            metrics.requests.labels(op=op, status=str(response.status)).inc()
-            metrics.latency.labels(op=op).observe((self.node.clock.monotonic_ns() - started_ns) / NS_PER_S)
+        op = OP_LABELS.get(request.method)
+        if op is not None and request.raw_path.startswith(KV_PREFIX):
+            metrics.count_request(op, response.status, (self.node.clock.monotonic_ns() - started_ns) / NS_PER_S)
         return response
+
+    def _request_params(self, query: Mapping[str, str], quorum_name: str) -> RequestParams:
+        key = (quorum_name, tuple(query.items()))
+        params = self._params.get(key)
+        if params is None:
+            params = RequestParams(query, quorum_name, self.cfg)  # raises BadRequest: never remembered
+            if len(self._params) < MAX_REMEMBERED_PARAMS:
+                self._params[key] = params
+        return params
 
     async def _handle(self, request: ApiRequest, read_body: BodyReader | None) -> ApiResponse:
         if not request.raw_path.startswith(KV_PREFIX):
@@ -271,12 +288,12 @@ class KvApi:
         node = self.node
         key = parse_key(request.raw_path, self.cfg)
         if request.method == "GET":
-            params = RequestParams(request.query, "r", self.cfg)
+            params = self._request_params(request.query, "r")
             if params.consistency == "linearizable":
                 return await self._linearizable_get(key, params)
             read = await node.get(key, params.quorum, params.sloppy, params.timeout_s)
             return object_response(read.obj, self.signer.sign(key, read.obj.vector()) if read.obj.clock else None)
-        params = RequestParams(request.query, "w", self.cfg)
+        params = self._request_params(request.query, "w")
         if params.consistency == "linearizable":
             value = await self._value(request, read_body) if request.method == "PUT" else None
             return await self._linearizable_write(request.method, headers, key, value, params)
