@@ -91,6 +91,11 @@ when a majority did.  Why the rest of the protocol stays safe unchanged:
   goes to any other acceptor (``kvstore.protocol.proposer``): that acceptor is then non-empty, so
   the same proposer -- later, after a restart, or in a concurrent proposal -- can never send a
   second state at Z.  (A lost disk rebuilds that state from every other replica before voting.)
+* *Not during a membership change.*  An acceptor joining a key's set is empty until catch-up,
+  so it could take a zero ballot that the old acceptors (holding a chosen zero-ballot state)
+  refuse, and a later phase 1 meeting both zero ballots could pick the wrong one.  Proposers
+  never send zero ballots in a joint configuration (``ProposerCore.start``), and catch-up
+  re-commits every moving register at a classic ballot, which outranks any zero ballot.
 * *Peeks need unanimity for a zero ballot* (``agreed_read``): a majority reporting Z may be
   outvoted by a competing first write's zero ballot at the remaining acceptor.
 * *The fast path after it.*  The zero accept carries ``promise_next = c`` like any accept; if a
