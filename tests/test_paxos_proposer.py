@@ -753,3 +753,16 @@ def test_a_first_write_whose_local_answer_is_lost_is_never_claimed_from_the_line
     effects = core.on_answers(as_answers(prepare, theirs), at_ms(21))
     assert kinds(effects)[-1] == "Failed"
     assert effects[-1].error.indeterminate  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("change", [Write(b"v"), PutIfAbsent(b"v")])
+def test_no_first_write_at_a_zero_ballot_during_a_membership_change(change: Change) -> None:
+    """A joining acceptor (n3) is empty until catch-up: a zero ballot it took could compete in a
+    later phase 1 with a zero-ballot state the old acceptors chose, so joint rounds use phase 1."""
+    core = ProposerCore(
+        ProposerState("n0"), ProposerConfig(clock_ballots=False, unanimity_wait_s=0.01), random.Random(1), "k", 7,
+        UNION, change, DEADLINE_NS, acceptor_sets=(OLD_SET, NEW_SET), stamp={"cv": 4}, first_write=True,
+    )
+    first = sends(core.start(T0))
+    assert [s.message["op"] for s in first] == [OP_PREPARE] * len(UNION)
+    assert all(Ballot.from_wire(s.message["ballot"]).counter >= 1 for s in first)
