@@ -212,7 +212,7 @@ class RecNode:
         self.boots += 1
         self.recovery = AcceptorRecovery(
             self.node_id, self.members, self.storage, random.Random(self.seed * 1000 + self.boots), self.call,
-            replicas_of=lambda token: GROUP, cluster_state=cluster_state,
+            replicas_of=lambda token: GROUP, cluster_state=cluster_state, clock=CLOCK,
             backoff_base_s=0.005, backoff_cap_s=0.05, call_timeout_s=CALL_TIMEOUT_S, **kw,
         )
         self.acceptor = PaxosAcceptor(self.storage, gate=self.recovery)
