@@ -42,7 +42,8 @@ async def _write_then_read_at_once(sloppy: str, seed: int) -> tuple[int, int]:
     """(status of the w=2 write, status of an r=2 read through a non-primary right after it)."""
     cluster = await started(ClusterSpec(ap=NO_AE), seed=seed)
     # Every Paxos acceptor has saved its identity (a new cluster's acceptors decide that just after
-    # start): a disk filled before would refuse that save, which is not what this test is about.
+    # start): a disk filled before would refuse that save (retried until the disk is freed: the
+    # last test here), which is not what this test is about.
     await cluster.wait_until("every acceptor votes", lambda: all(
         cluster.node(n).parts.register.recovery.active.is_set() for n in cluster.node_ids), deadline_s=30.0)
     key = key_where(cluster, "full-disk-", lambda walk: True)

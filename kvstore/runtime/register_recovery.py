@@ -58,10 +58,11 @@ identity) is intact by definition and gets an incarnation without recovering.
 
 **A store that refuses the write.**  A change of the identity (the bootstrap decision, a
 peer marked recovered) takes effect only once it is durable.  If the Paxos store refuses it (a
-full disk, an I/O error) the acceptor keeps its previous, durable identity -- so a recovering
-one keeps refusing votes -- and retries the save with the same bounded randomized backoff
-until it lands or the acceptor stops: a disk that frees up lets the acceptor vote without a
-restart.  The failure is logged at ERROR (again at most every ``SAVE_ERROR_LOG_EVERY_S`` of the
+full disk, an I/O error) the acceptor acts on its previous identity -- so a recovering one
+keeps refusing votes -- and retries the save with the same bounded randomized backoff until it
+lands or the acceptor stops: a disk that frees up lets the acceptor vote without a restart.
+(After an I/O error the write may have landed anyway; that is safe, since every change saved
+this way was already earned -- a majority's answers, a merged scan -- and only its effect waits.)  The failure is logged at ERROR (again at most every ``SAVE_ERROR_LOG_EVERY_S`` of the
 injected clock while it lasts) and shown in ``status()`` (``paxos_status``): failed attempts,
 the last error and since when the change waits.  Only loading the identity at start-up is not
 retried: a store that refuses it fails the node's start, loudly.
