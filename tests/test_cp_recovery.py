@@ -62,8 +62,8 @@ from kvstore.runtime.register_recovery import (
     bootstrap_decision,
     may_vote,
 )
-from kvstore.storage import MemoryStorage
-from kvstore.storage.base import StorageError
+from kvstore.storage import MemoryStorage, StorageFull
+from kvstore.storage.base import StorageError, StorageWrapper
 from kvstore.transport.base import FaultRules, Message, PeerUnavailable
 from kvstore.transport.memory import MemoryNetwork
 from tests.vtime import CLOCK, elapsed_s, run_simulated, simulated, virtual_loop
@@ -212,7 +212,7 @@ class RecNode:
         self.boots += 1
         self.recovery = AcceptorRecovery(
             self.node_id, self.members, self.storage, random.Random(self.seed * 1000 + self.boots), self.call,
-            replicas_of=lambda token: GROUP, cluster_state=cluster_state,
+            replicas_of=lambda token: GROUP, cluster_state=cluster_state, clock=CLOCK,
             backoff_base_s=0.005, backoff_cap_s=0.05, call_timeout_s=CALL_TIMEOUT_S, **kw,
         )
         self.acceptor = PaxosAcceptor(self.storage, gate=self.recovery)
@@ -338,6 +338,78 @@ async def test_a_wiped_node_restarted_as_new_is_told_by_its_peers() -> None:
 
 
 # --- the refusal and the recovery -------------------------------------------------------------
+
+
+class RefusingIdentity(StorageWrapper):
+    """A Paxos store that, once armed, refuses every save of the acceptor identity (a full disk for
+    that record; the merged states still land)."""
+
+    def __init__(self, inner: MemoryStorage) -> None:
+        super().__init__(inner)
+        self.armed = False
+        self.refused = 0
+
+    async def meta_put(self, name: str, blob: bytes) -> None:
+        if self.armed and name == ACCEPTOR_META:
+            self.refused += 1
+            raise StorageFull("disk full (test): the identity was not saved")
+        await self.inner.meta_put(name, blob)
+
+
+async def wipe_onto_a_store_refusing_identity_saves(node: RecNode, cluster_state: str) -> RefusingIdentity:
+    """``wipe_and_restart``, with every identity save after ``load()``'s refused until disarmed."""
+    await node.stop()
+    store = RefusingIdentity(MemoryStorage())
+    node.storage = store  # type: ignore[assignment]  # the node's store, behind the refusing layer
+    node.build(cluster_state)
+    await node.recovery.load()
+    store.armed = True  # load() saved the new incarnation; every later identity save is refused
+    await node.transport.start(node.handle)
+    node.recovery.start()
+    return store
+
+
+@simulated
+async def test_a_refused_wiped_decision_is_retried_and_the_node_recovers_once_it_lands() -> None:
+    """Started with the wrong flag (``new``) after a wipe: saving ``bootstrap=existing`` used to die
+    in an unawaited task, and the recovery waited for that decision for ever."""
+    _, nodes = await make_cluster(GROUP)
+    await wait_for("fresh", lambda: all(n.recovery.active.is_set() for n in nodes.values()))
+    assert (await propose(nodes["n1"], Write(b"kept"))).outcome == "ok"
+    wiped = nodes["n2"]
+    store = await wipe_onto_a_store_refusing_identity_saves(wiped, "new")
+    await wait_for("the wiped decision's save refused, more than once", lambda: store.refused >= 3)
+    assert wiped.recovery.decision == "wiped" and not wiped.recovery.decided.is_set()  # not durable yet
+    assert not wiped.recovery.votable(TOKEN)
+    store.armed = False
+    await wait_for("recovered", wiped.recovery.active.is_set, timeout_s=1.0)  # backoff cap: 0.05 s
+    identity = wiped.recovery.identity
+    assert identity is not None and identity.bootstrap == "existing"
+    assert (await wiped.acceptor.load("k", TOKEN)).value == v(b"kept")
+    await stop_all(nodes)
+
+
+@simulated
+async def test_a_refused_recovered_mark_is_retried_and_the_acceptor_votes_once_it_lands() -> None:
+    _, nodes = await make_cluster(GROUP)
+    await wait_for("fresh", lambda: all(n.recovery.active.is_set() for n in nodes.values()))
+    assert (await propose(nodes["n1"], Write(b"chosen"))).outcome == "ok"
+    wiped = nodes["n2"]
+    store = await wipe_onto_a_store_refusing_identity_saves(wiped, "existing")
+    await wait_for("the recovered marks refused, more than once", lambda: store.refused >= 3)
+    status = wiped.recovery.status()
+    assert status["status"] == "recovering" and status["recovered_from"] == []  # nothing durable: no votes
+    assert status["identity_save_failures"] >= 3 and "StorageFull" in status["identity_save_error"]
+    assert not wiped.recovery.votable(TOKEN)
+    store.armed = False
+    await wait_for("the retried mark landed", wiped.recovery.active.is_set, timeout_s=1.0)  # backoff cap: 0.05 s
+    assert wiped.recovery.status()["identity_save_error"] is None
+    identity = wiped.recovery.identity
+    assert identity is not None and await store.meta_get(ACCEPTOR_META) == identity.encode()  # durable
+    await nodes["n1"].stop()  # {n2, n3}: n2's recovered state answers
+    assert (await propose(nodes["n3"], Read())).value.value == b"chosen"
+    await stop_all(nodes)
+
 
 
 @simulated

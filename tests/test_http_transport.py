@@ -17,6 +17,7 @@ import msgpack
 import pytest
 from aiohttp import web
 
+from kvstore.clock import ManualClock
 from kvstore.config import ConfigError, TLSSettings, from_dict, to_toml
 from kvstore.harness.local_cluster import LocalCluster
 from kvstore.runtime.caspaxos import PaxosAcceptor
@@ -182,7 +183,7 @@ async def test_a_recovery_task_ended_by_a_programmer_error_is_logged(caplog: pyt
 
     storage = MemoryStorage()
     recovery = AcceptorRecovery("n1", ["n1", "n2"], storage, random.Random(1), not_started,
-                                replicas_of=lambda token: ["n1", "n2"], cluster_state="new")
+                                replicas_of=lambda token: ["n1", "n2"], cluster_state="new", clock=ManualClock())
     recovery.acceptor = PaxosAcceptor(storage, gate=recovery)
     await recovery.load()
     with caplog.at_level(logging.ERROR, logger="kvstore.runtime.register_recovery"):

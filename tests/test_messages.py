@@ -108,6 +108,10 @@ REPLIES: list[tuple[Any, dict[str, Any]]] = [
     (m.PaxosStatusReply("abc", "active", "new", "fresh", [], ["n2"]),
      {"incarnation": "abc", "status": "active", "bootstrap": "new", "decision": "fresh", "recovered_from": [],
       "peers": ["n2"]}),
+    (m.PaxosStatusReply("abc", "recovering", "new", "fresh", [], ["n2"], 3, "StorageFull: disk full", 1500),
+     {"incarnation": "abc", "status": "recovering", "bootstrap": "new", "decision": "fresh", "recovered_from": [],
+      "peers": ["n2"], "identity_save_failures": 3, "identity_save_error": "StorageFull: disk full",
+      "identity_unsaved_ms": 1500}),
 ]
 
 

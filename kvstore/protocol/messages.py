@@ -389,6 +389,11 @@ class PaxosStatusReply(msgspec.Struct, frozen=True):
     decision: str
     recovered_from: list[str]
     peers: list[str]
+    # Present once an identity save failed since start (register_recovery retries it): how many
+    # failed, and while a change still waits, the last error and for how long.
+    identity_save_failures: int | None = None
+    identity_save_error: str | None = None
+    identity_unsaved_ms: int | None = None
 
 
 # --- the codec ---------------------------------------------------------------------------------

@@ -92,6 +92,7 @@ def _register(node: Node) -> LinearizableRegister:
         node.call,
         replicas_of=lambda token: node.ring.walk_token(token)[: node.n],
         cluster_state=node.cfg.initial_cluster_state,
+        clock=node.clock,
         on_key=register_keys.add,
     )
     acceptor = PaxosAcceptor(node.paxos_storage, gate=recovery)

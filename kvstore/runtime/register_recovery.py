@@ -56,6 +56,17 @@ The flag only matters for a new store: a node restarting with its Paxos store in
 incarnation and votes at once.  A store written before incarnations existed (state but no
 identity) is intact by definition and gets an incarnation without recovering.
 
+**A store that refuses the write.**  A change of the identity (the bootstrap decision, a
+peer marked recovered) takes effect only once it is durable.  If the Paxos store refuses it (a
+full disk, an I/O error) the acceptor acts on its previous identity -- so a recovering one
+keeps refusing votes -- and retries the save with the same bounded randomized backoff until it
+lands or the acceptor stops: a disk that frees up lets the acceptor vote without a restart.
+(After an I/O error the write may have landed anyway; that is safe, since every change saved
+this way was already earned -- a majority's answers, a merged scan -- and only its effect waits.)  The failure is logged at ERROR (again at most every ``SAVE_ERROR_LOG_EVERY_S`` of the
+injected clock while it lasts) and shown in ``status()`` (``paxos_status``): failed attempts,
+the last error and since when the change waits.  Only loading the identity at start-up is not
+retried: a store that refuses it fails the node's start, loudly.
+
 **Bounds.**  A scan page holds at most ``page_records`` records and about ``page_bytes``
 bytes (the transport's frames stop at 16 MiB); the serving side sends only the keys the
 requester replicates.  One recovery task per peer, retried with bounded randomized backoff
@@ -84,6 +95,7 @@ from typing import Any, Literal
 
 import msgpack
 
+from kvstore.clock import Clock
 from kvstore.config import INITIAL_CLUSTER_STATES as CLUSTER_STATES
 from kvstore.protocol.messages import (
     PAGE_RECORDS,
@@ -114,6 +126,8 @@ REGISTRY_META = "peer_incarnations"
 MAX_RETIRED = 16
 PAGE_BYTES = 4 * 1024 * 1024
 _FORMAT = 1
+SAVE_ERROR_LOG_EVERY_S = 60.0  # while an identity save keeps failing: one ERROR line per this much time
+NS_PER_S = 1_000_000_000
 
 Status = Literal["active", "recovering"]
 Decision = Literal["fresh", "wiped", "undecided"]
@@ -246,10 +260,10 @@ class Registry:
 
 
 def _log_unexpected_end(task: asyncio.Task[None]) -> None:
-    """A peer task ends only by finishing or by ``stop``; any other end (a programmer error it does
-    not retry) would leave the acceptor recovering for good with nothing in the log, so say so."""
+    """A recovery task ends only by finishing or by ``stop``; any other end (a programmer error it
+    does not retry) would leave the acceptor recovering for good with nothing in the log, so say so."""
     if not task.cancelled() and task.exception() is not None:
-        log.error("%s ended by %r: this acceptor stays recovering for that peer", task.get_name(), task.exception())
+        log.error("%s ended by %r: this acceptor may stay recovering", task.get_name(), task.exception())
 
 
 class AcceptorRecovery:
@@ -265,6 +279,7 @@ class AcceptorRecovery:
         replicas_of: Callable[[int], Sequence[str]],
         cluster_state: str = "existing",
         *,
+        clock: Clock,
         on_key: Callable[[str], None] | None = None,
         sleep: Sleep = asyncio.sleep,
         page_records: int = PAGE_RECORDS,
@@ -280,6 +295,7 @@ class AcceptorRecovery:
         self.peers = [m for m in members if m != node_id]
         self.storage = storage
         self.rng = rng
+        self.clock = clock
         self.call = call
         self.replicas_of = replicas_of
         self.cluster_state = cluster_state
@@ -300,6 +316,11 @@ class AcceptorRecovery:
         self._registry_lock = asyncio.Lock()
         self._identity_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
+        # An identity change the store refused (module docstring): visible in status() until saved.
+        self.save_failures = 0  # failed identity saves since start
+        self.save_error: str | None = None  # the last one's error, while a change waits to be saved
+        self._save_failing_since_ns: int | None = None
+        self._save_error_logged_ns: int | None = None
 
     # --- the gate the acceptor asks (cp.AcceptorGate) -----------------------------------------
 
@@ -387,11 +408,18 @@ class AcceptorRecovery:
 
     def status(self) -> dict[str, Any]:
         assert self.identity is not None
-        return {
+        status: dict[str, Any] = {
             "incarnation": self.identity.incarnation, "status": self.identity.status,
             "bootstrap": self.identity.bootstrap, "decision": self.decision,
             "recovered_from": list(self.identity.recovered_from), "peers": list(self.peers),
         }
+        if self.save_failures:
+            since_ns = self._save_failing_since_ns
+            status.update(
+                identity_save_failures=self.save_failures, identity_save_error=self.save_error,
+                identity_unsaved_ms=None if since_ns is None else (self.clock.monotonic_ns() - since_ns) // 1_000_000,
+            )
+        return status
 
     # --- the recovering side ------------------------------------------------------------------
 
@@ -452,12 +480,14 @@ class AcceptorRecovery:
 
     def _spawn_update(self, change: Callable[[AcceptorIdentity], AcceptorIdentity]) -> None:
         async def save() -> None:
-            identity = await self._update_identity(change)
+            identity = await self._update_identity_until_saved(change)
             if identity.status == "active":
                 self.active.set()
             self.decided.set()  # only once durable: a fresh start must survive a restart as fresh
 
-        self._tasks.append(asyncio.create_task(save(), name="paxos-identity"))
+        task = asyncio.create_task(save(), name="paxos-identity")
+        task.add_done_callback(_log_unexpected_end)
+        self._tasks.append(task)
 
     async def _scan(self, peer: str) -> None:
         acceptor = self.acceptor
@@ -492,7 +522,8 @@ class AcceptorRecovery:
             status: Status = "active" if all(p in done for p in self.peers) else identity.status
             return replace(identity, recovered_from=done, status=status)
 
-        identity = await self._update_identity(add)
+        # Retried here, not by the peer task: the merged state is durable, only this record is missing.
+        identity = await self._update_identity_until_saved(add)
         if identity.status == "active" and not self.active.is_set():
             log.warning("acceptor %s recovered from every peer: voting on every range again", self.node_id)
             self.active.set()
@@ -503,6 +534,46 @@ class AcceptorRecovery:
             identity = change(self.identity)
             await self._save_identity(identity)
             return identity
+
+    async def _update_identity_until_saved(
+        self, change: Callable[[AcceptorIdentity], AcceptorIdentity]
+    ) -> AcceptorIdentity:
+        """``_update_identity``, retried with bounded randomized backoff while the store refuses it
+        (ends only saved or cancelled by ``stop``); ``change`` is applied to the identity in force
+        at each attempt, so a change saved meanwhile by another task is kept."""
+        attempt = 0
+        while True:
+            try:
+                identity = await self._update_identity(change)
+            except StorageError as exc:
+                attempt += 1
+                self._note_save_failure(exc)
+                await self.sleep(backoff_s(min(attempt, 8), self.rng, self.backoff_base_s, self.backoff_cap_s))
+                continue
+            if self._save_failing_since_ns is not None:
+                log.warning(
+                    "acceptor %s saved its identity (%s) after %.1f s of failed attempts", self.node_id,
+                    identity.status, (self.clock.monotonic_ns() - self._save_failing_since_ns) / NS_PER_S,
+                )
+                self.save_error = None
+                self._save_failing_since_ns = self._save_error_logged_ns = None
+            return identity
+
+    def _note_save_failure(self, exc: StorageError) -> None:
+        now_ns = self.clock.monotonic_ns()
+        self.save_failures += 1
+        self.save_error = f"{type(exc).__name__}: {exc}"
+        if self._save_failing_since_ns is None:
+            self._save_failing_since_ns = now_ns
+        logged_ns = self._save_error_logged_ns
+        if logged_ns is None or now_ns - logged_ns >= SAVE_ERROR_LOG_EVERY_S * NS_PER_S:
+            self._save_error_logged_ns = now_ns
+            assert self.identity is not None
+            log.error(
+                "acceptor %s cannot save its identity (%s; %d failed attempts over %.1f s): it stays %s "
+                "until the save lands, retrying", self.node_id, self.save_error, self.save_failures,
+                (now_ns - self._save_failing_since_ns) / NS_PER_S, self.identity.status,
+            )
 
     async def _save_identity(self, identity: AcceptorIdentity) -> None:
         # Durable before it takes effect: votes are only allowed from a state that is on disk.
