@@ -237,12 +237,7 @@ def test_fields_a_newer_peer_adds_are_ignored() -> None:
 
 
 def test_every_op_a_node_serves_is_in_the_registry() -> None:
-    members = tuple(Member(f"n{i}", "127.0.0.1", 7000 + i, 8000 + i) for i in (1, 2, 3))
-    cfg = NodeConfig(node_id="n1", members=members, secret="s", replicas=3, storage="memory",
-                     initial_cluster_state="new")
-    seams = NodeSeams(transport=MemoryNetwork().endpoint("n1"), data=MemoryStorage(), hints=MemoryStorage(),
-                      paxos=MemoryStorage(), clock=SystemClock(), rng=random.Random(1))
-    node = assemble_node(cfg, seams)
+    node = _unstarted_node()
     assert sorted(node.handlers) == sorted(m.REGISTRY)
     assert set(m.REPLIES) == set(m.REGISTRY)
     for op, cls in m.REGISTRY.items():
