@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 
+from kvstore.protocol.calls import CallFailed, Reply
+from kvstore.runtime.calls import answer_of
 from kvstore.runtime.node import Node
 from kvstore.transport.base import PeerUnavailable, RemoteError
 from tests.test_coordinator_driver import Cluster, start
@@ -109,3 +111,39 @@ async def test_start_call_through_a_transport_without_a_fast_path_runs_call_in_a
         assert exc.value.maybe_delivered
         with pytest.raises(RemoteError):
             await node.start_call(peer.node_id, {"op": "test_held", "fail": True}, 5.0)
+
+
+
+# --- answer_of: how both drivers read a finished call (kvstore.runtime.calls) --------------------
+
+_CANCELLED = object()
+
+
+@pytest.mark.parametrize(
+    ("outcome", "refusals", "recovering", "expected"),
+    [
+        ({"ok": 1}, (), False, Reply(7, {"ok": 1})),
+        (_CANCELLED, ("x",), False, CallFailed(7, maybe_delivered=True)),
+        (PeerUnavailable("n2", "refused", maybe_delivered=False), (), False, CallFailed(7, maybe_delivered=False)),
+        (PeerUnavailable("n2", "timeout", maybe_delivered=True), (), False, CallFailed(7, maybe_delivered=True)),
+        (RemoteError("n2", "overloaded", "busy"), ("overloaded",), False, CallFailed(7, maybe_delivered=False)),
+        (RemoteError("n2", "recovering", "lost disk"), ("recovering",), True,
+         CallFailed(7, maybe_delivered=False, recovering=True)),
+        (RemoteError("n2", "storage_error", "mid-write"), ("overloaded",), True,
+         CallFailed(7, maybe_delivered=True)),  # may have landed
+        (ValueError("bug"), ("overloaded",), False, CallFailed(7, maybe_delivered=True)),
+    ],
+)
+def test_answer_of_a_finished_call(outcome: object, refusals: tuple[str, ...], recovering: bool, expected: object) -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        fut: asyncio.Future[Any] = loop.create_future()
+        if outcome is _CANCELLED:
+            fut.cancel()
+        elif isinstance(outcome, BaseException):
+            fut.set_exception(outcome)
+        else:
+            fut.set_result(outcome)
+        assert answer_of(7, fut, refusals, refusal_is_recovering=recovering) == expected
+    finally:
+        loop.close()

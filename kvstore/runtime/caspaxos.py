@@ -63,7 +63,7 @@ import random
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import Protocol
 
 from kvstore.clock import Clock
 from kvstore.errors import Overloaded
@@ -98,7 +98,6 @@ from kvstore.protocol.paxos_wire import (
 from kvstore.protocol.proposer import (
     Abandon,
     Answer,
-    CallFailed,
     ConsensusUnavailable,
     Detach,
     Done,
@@ -110,13 +109,17 @@ from kvstore.protocol.proposer import (
     ProposeResult,
     ProposerState,
     ProposerStats,
-    Reply,
     Send,
     StartTimer,
 )
+from kvstore.runtime.calls import answer_of, consume_outcome
 from kvstore.runtime.locks import KeyLocks
 from kvstore.storage.base import Storage, StorageError
-from kvstore.transport.base import Message, PeerUnavailable, RemoteError
+from kvstore.transport.base import Message
+
+# Typed refusals an acceptor sends before doing anything (lost its storage, or fenced a stale
+# configuration): a certain failure of that call, not a maybe-delivered one.
+CERTAIN_REFUSALS = (RECOVERING, STALE_CONFIG)
 
 # Re-exported: the acceptor's and proposer's public names as callers knew them.
 __all__ = [
@@ -248,7 +251,7 @@ class PaxosAcceptor:
         # still running in a storage thread could land after a later message's put and roll back
         # a promise that was already replied.
         work = asyncio.ensure_future(self._apply(request))
-        work.add_done_callback(_consume_outcome)  # abandoned by a cancelled caller: no warning
+        work.add_done_callback(consume_outcome)  # abandoned by a cancelled caller: no warning
         return await asyncio.shield(work)
 
     async def _apply(self, request: PaxosRequest) -> Message:
@@ -301,7 +304,7 @@ class PaxosAcceptor:
         Runs under the key's lock like a vote, shielded from cancellation, durable on return.
         Raises ``ValueError`` for a state that contradicts ours at one ballot."""
         work = asyncio.ensure_future(self._absorb(key, token, remote))
-        work.add_done_callback(_consume_outcome)
+        work.add_done_callback(consume_outcome)
         return await asyncio.shield(work)
 
     async def _absorb(self, key: str, token: int, remote: AcceptorState) -> bool:
@@ -497,7 +500,7 @@ class PaxosProposer:
                         case Send(call=call, peer=peer, message=message, timeout_at_ns=timeout_at_ns):
                             timeout_s = (timeout_at_ns - self.clock.monotonic_ns()) / 1e9
                             sent = asyncio.ensure_future(self.call(peer, message, timeout_s))
-                            sent.add_done_callback(_consume_outcome)
+                            sent.add_done_callback(consume_outcome)
                             sent.add_done_callback(on_done(call))
                             calls[call] = sent
                         case Abandon(calls=abandoned):
@@ -533,12 +536,12 @@ class PaxosProposer:
                 call = completed.popleft()
                 task = calls.pop(call, None)
                 if task is not None:  # else abandoned or detached since it completed
-                    answers.append(self._answer(call, task))
+                    answers.append(answer_of(call, task, CERTAIN_REFUSALS, refusal_is_recovering=True))
             # Calls that completed but whose done callback has not run yet (it runs one loop
             # iteration later) are answered too, in send order: an answer at hand must not be
             # counted as still in flight (a certain refusal would look maybe-delivered).
             for call in [call for call, task in calls.items() if task.done()]:
-                answers.append(self._answer(call, calls.pop(call)))
+                answers.append(answer_of(call, calls.pop(call), CERTAIN_REFUSALS, refusal_is_recovering=True))
             if answers:
                 # Everything already in, as one batch: the core judges the round once, after all.
                 return core.on_answers(answers, self._now())
@@ -557,20 +560,6 @@ class PaxosProposer:
             except TimeoutError:
                 return core.on_timer(self._now())
 
-    @staticmethod
-    def _answer(call: int, task: asyncio.Future[Message]) -> Answer:
-        if task.cancelled():
-            return CallFailed(call, maybe_delivered=True)
-        exc = task.exception()
-        if exc is None:
-            return Reply(call, task.result())
-        if isinstance(exc, RemoteError) and exc.code in (RECOVERING, STALE_CONFIG):
-            # A typed refusal sent before anything was done: a certain failure of this call.
-            return CallFailed(call, maybe_delivered=False, recovering=True)
-        # Timeouts, lost replies and remote errors (e.g. a storage error mid-write) may have
-        # been applied; only a refused connection certainly was not.
-        return CallFailed(call, maybe_delivered=not isinstance(exc, PeerUnavailable) or exc.maybe_delivered)
-
     def _keep_straggler(self, task: asyncio.Future[Message]) -> None:
         """An accept of a successful round still in flight: let it finish so its replica keeps
         up -- bounded (each call's timeout ends at the proposal's deadline, and at most
@@ -583,9 +572,3 @@ class PaxosProposer:
 
     def _now(self) -> Instant:
         return Instant(self.clock.monotonic_ns(), self.clock.wall_ns())
-
-
-def _consume_outcome(task: asyncio.Future[Any]) -> None:
-    # A straggler that fails after its round was decided must not log "exception never retrieved".
-    if not task.cancelled():
-        task.exception()

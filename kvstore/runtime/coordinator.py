@@ -118,6 +118,7 @@ from kvstore.protocol.hints import NS_PER_S
 from kvstore.protocol.messages import CoordinateWrite, CoordinateWriteReply, serve
 from kvstore.protocol.ring import key_token
 from kvstore.protocol.versions import VersionedObject
+from kvstore.runtime.calls import answer_of, consume_outcome
 from kvstore.storage import StorageBusy, StorageFull
 from kvstore.storage.base import StorageError
 from kvstore.transport.base import Handler, Message, PeerUnavailable, RemoteError
@@ -378,7 +379,7 @@ class Coordinator:
         """Stop waiting for a local step: cancel it if it wrote nothing yet, else let it land."""
         if not progress.writing:
             task.cancel()
-        task.add_done_callback(_consume_outcome)
+        task.add_done_callback(consume_outcome)
         self.node._adopt([task])
 
     # --- reads ----------------------------------------------------------------------------
@@ -429,7 +430,7 @@ class _CoreCalls:
         self.futures[send.call] = fut
 
     def _completed(self, call: int, fut: asyncio.Future[Message]) -> None:
-        _consume_outcome(fut)  # an abandoned call that fails later must not log "never retrieved"
+        consume_outcome(fut)  # an abandoned call that fails later must not log "never retrieved"
         self.completed.append(call)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -455,11 +456,11 @@ class _CoreCalls:
             call = self.completed.popleft()
             fut = self.futures.pop(call, None)
             if fut is not None:  # else abandoned since it completed
-                answers.append(_answer(call, fut))
+                answers.append(answer_of(call, fut, REFUSED_REMOTE_CODES))
         # Calls that completed but whose done callback has not run yet: in send order, so an
         # answer at hand is never taken for a call still in flight.
         for call in [call for call, fut in self.futures.items() if fut.done()]:
-            answers.append(_answer(call, self.futures.pop(call)))
+            answers.append(answer_of(call, self.futures.pop(call), REFUSED_REMOTE_CODES))
         return answers
 
     async def wait(self, timer_at_ns: int | None) -> list[Answer] | None:
@@ -544,23 +545,3 @@ class PendingRepair:
                 effects = core.on_timer(now_ns) if answers is None else core.on_answers(answers, now_ns)
         finally:
             calls.cancel()  # nothing outlives the repair wait
-
-
-def _answer(call: int, task: asyncio.Future[Message]) -> Answer:
-    if task.cancelled():
-        return CallFailed(call, maybe_delivered=True)
-    exc = task.exception()
-    if exc is None:
-        return Reply(call, task.result())
-    if isinstance(exc, PeerUnavailable):
-        return CallFailed(call, maybe_delivered=exc.maybe_delivered)
-    if isinstance(exc, RemoteError):
-        return CallFailed(call, maybe_delivered=exc.code not in REFUSED_REMOTE_CODES)
-    log.error("a coordinator's call %d failed unexpectedly", call, exc_info=exc)
-    return CallFailed(call, maybe_delivered=True)
-
-
-def _consume_outcome(task: asyncio.Future[Any]) -> None:
-    # An abandoned local step that fails later must not log "exception was never retrieved".
-    if not task.cancelled():
-        task.exception()
